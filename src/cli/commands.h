@@ -1,0 +1,13 @@
+#pragma once
+// Each subcommand lives in its own cmd_*.cpp and registers itself on the app.
+#include <CLI/CLI.hpp>
+
+namespace dsv4::cli {
+
+// Subcommands set this to run after parsing; main() catches dsv4::Error and prints it.
+using Action = std::function<int()>;
+
+void register_make_tiny(CLI::App& app, Action& action);
+void register_inspect(CLI::App& app, Action& action);
+
+}  // namespace dsv4::cli
