@@ -17,6 +17,7 @@ float f16_to_f32(uint16_t h) {
 // the caller handles sign, NaN and saturation policy.
 static uint32_t encode_small_float(float a, int man_bits, int bias, float max_val, uint32_t max_code) {
   if (!(a < max_val)) return max_code;  // a >= max (caller handled NaN)
+  if (a == 0) return 0;
   int e;
   std::frexp(a, &e);  // a = f * 2^e, f in [0.5, 1)
   int exp_unbiased = e - 1;

@@ -1,0 +1,79 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "tensor/numeric.h"
+#include "tensor/quant.h"
+#include "util/random.h"
+
+using namespace dsv4;
+
+namespace {
+std::vector<float> random_matrix(int64_t rows, int64_t cols, uint64_t seed) {
+  Rng r(seed);
+  std::vector<float> v(rows * cols);
+  for (int64_t i = 0; i < rows * cols; ++i) v[i] = r.normal() * std::ldexp(1.f, int(i / cols % 9) - 4);
+  return v;
+}
+}  // namespace
+
+TEST(Quant, Fp8BlocksRoundTripWithPartialBlocks) {
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {129, 300}, {256, 128}, {77, 513}}) {
+    auto x = random_matrix(rows, cols, rows * 1000 + cols);
+    std::vector<uint8_t> w(rows * cols), s(ceil_div(rows, 128) * ceil_div(cols, 128));
+    quant_fp8_blocks(x.data(), rows, cols, w.data(), s.data());
+    std::vector<float> y(rows * cols, NAN);
+    dequant_fp8_blocks(w.data(), DType::F8_E8M0, s.data(), rows, cols, y.data());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        float scale = e8m0_to_f32(s[(r / 128) * ceil_div(cols, 128) + c / 128]);
+        float q = x[r * cols + c] / scale;
+        ASSERT_LE(std::fabs(q), 448.f);
+        // y must be exactly the e4m3 value nearest to x/scale, times scale.
+        ASSERT_EQ(y[r * cols + c], e4m3_to_f32(f32_to_e4m3(q)) * scale) << r << "," << c;
+        // relative error of e4m3 is at most 2^-4 for normal values
+        if (std::fabs(q) >= std::ldexp(1.f, -6)) ASSERT_LE(std::fabs(y[r * cols + c] - x[r * cols + c]), std::fabs(x[r * cols + c]) / 16);
+      }
+    // Scales are the smallest power of two that fits the block's amax.
+    for (int64_t br = 0; br < ceil_div(rows, 128); ++br)
+      for (int64_t bc = 0; bc < ceil_div(cols, 128); ++bc) {
+        float amax = 0;
+        for (int64_t r = br * 128; r < std::min(rows, br * 128 + 128); ++r)
+          for (int64_t c = bc * 128; c < std::min(cols, bc * 128 + 128); ++c) amax = std::max(amax, std::fabs(x[r * cols + c]));
+        float sc = e8m0_to_f32(s[br * ceil_div(cols, 128) + bc]);
+        EXPECT_LE(amax / sc, 448.f);
+        EXPECT_GT(amax / (sc / 2), 448.f);
+      }
+  }
+}
+
+TEST(Quant, Fp4GroupsPackLowNibbleFirst) {
+  const int64_t rows = 3, cols = 64;
+  auto x = random_matrix(rows, cols, 11);
+  std::vector<uint8_t> w(rows * cols / 2), s(rows * cols / 32);
+  quant_fp4_groups(x.data(), rows, cols, w.data(), s.data());
+  std::vector<float> y(rows * cols, NAN);
+  dequant_fp4_groups(w.data(), DType::F8_E8M0, s.data(), rows, cols, y.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      float scale = e8m0_to_f32(s[r * 2 + c / 32]);
+      uint8_t byte = w[r * 32 + c / 2];
+      uint8_t code = (c % 2 == 0) ? (byte & 15) : (byte >> 4);
+      ASSERT_EQ(code, f32_to_e2m1(x[r * cols + c] / scale));
+      ASSERT_EQ(y[r * cols + c], e2m1_to_f32(code) * scale);
+      ASSERT_LE(std::fabs(x[r * cols + c] / scale), 6.f);
+    }
+}
+
+TEST(Quant, F32ScalesAreAccepted) {
+  const int64_t rows = 2, cols = 130;
+  auto x = random_matrix(rows, cols, 5);
+  std::vector<uint8_t> w(rows * cols), s8(2);
+  quant_fp8_blocks(x.data(), rows, cols, w.data(), s8.data());
+  std::vector<float> s32 = {e8m0_to_f32(s8[0]), e8m0_to_f32(s8[1])};
+  std::vector<float> a(rows * cols), b(rows * cols);
+  dequant_fp8_blocks(w.data(), DType::F8_E8M0, s8.data(), rows, cols, a.data());
+  dequant_fp8_blocks(w.data(), DType::F32, s32.data(), rows, cols, b.data());
+  EXPECT_EQ(a, b);
+}
