@@ -1,0 +1,234 @@
+// Output parsing: the strict parser against the official
+// parse_message_from_completion_text, and the streaming parser against the
+// strict one for every split point of every completion.
+#include <map>
+#include <set>
+
+#include "chat_test_util.h"
+#include "text/chat_format.h"
+#include "text/output_parser.h"
+#include "util/error.h"
+
+using namespace dsv4;
+using namespace dsv4::testing_chat;
+
+namespace {
+
+struct PCase {
+  std::string name, text;
+  bool thinking = false;
+  ojson vec;
+};
+
+std::vector<PCase> parse_cases() {
+  std::map<std::string, ojson> texts;
+  for (const auto& c : cases()["parse"]) texts[c["name"].get<std::string>()] = c;
+  std::vector<PCase> out;
+  for (const auto& v : vectors()["parse"]) {
+    PCase p;
+    p.name = v["name"];
+    p.thinking = v["thinking"];
+    p.text = v.contains("text") ? v["text"].get<std::string>() : texts.at(p.name)["text"].get<std::string>();
+    p.vec = v;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+ojson to_json(const ParsedMessage& m) {
+  ojson calls = ojson::array();
+  for (const auto& t : m.tool_calls) calls.push_back({{"name", t.name}, {"arguments", t.arguments_json}});
+  return {{"reasoning_content", m.reasoning_content}, {"content", m.content}, {"tool_calls", calls}};
+}
+
+bool complete_utf8(const std::string& s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    auto c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+    i += n;
+  }
+  return true;
+}
+
+// Feeds `text` cut at `cuts` (sorted offsets); checks the delta invariants.
+ParsedMessage stream(const std::string& text, bool thinking, const std::vector<size_t>& cuts, std::string* err,
+                     bool check_utf8) {
+  StreamParser p(thinking);
+  ParsedMessage m;
+  size_t prev = 0;
+  auto take = [&](const std::vector<StreamDelta>& ds, bool final) {
+    for (const auto& d : ds) {
+      if (check_utf8 && !final && d.kind != StreamDelta::Kind::ToolCallStart)
+        EXPECT_TRUE(complete_utf8(d.text)) << "delta splits a UTF-8 character";
+      apply_delta(m, d);
+    }
+  };
+  for (size_t c : cuts) {
+    take(p.feed(std::string_view(text).substr(prev, c - prev)), false);
+    prev = c;
+  }
+  take(p.feed(std::string_view(text).substr(prev)), false);
+  take(p.finish(), true);
+  if (err) *err = p.error();
+  return m;
+}
+
+}  // namespace
+
+TEST(ParserStrict, MatchesOfficialParser) {
+  int ok = 0, errors = 0;
+  for (const auto& p : parse_cases()) {
+    if (p.vec.contains("error")) {
+      EXPECT_THROW(parse_completion(p.text, p.thinking), Error) << p.name << ": official: " << p.vec["error"];
+      ++errors;
+      continue;
+    }
+    try {
+      EXPECT_EQ(p.vec["result"], to_json(parse_completion(p.text, p.thinking))) << p.name;
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << p.name << ": threw " << e.what();
+    }
+    ++ok;
+  }
+  EXPECT_GE(ok, 100);
+  EXPECT_GE(errors, 20);
+}
+
+TEST(ParserStrict, ErrorMessagesNameTheFault) {
+  for (const auto& p : parse_cases()) {
+    if (!p.vec.contains("error")) continue;
+    std::string official = p.vec["error"];
+    try {
+      parse_completion(p.text, p.thinking);
+    } catch (const Error& e) {
+      // "ValueError: <message>": same message text as the official parser.
+      EXPECT_EQ(official.substr(official.find(": ") + 2), e.what()) << p.name;
+    }
+  }
+}
+
+TEST(ParserStream, EverySplitPointMatchesStrictParse) {
+  size_t runs = 0;
+  for (const auto& p : parse_cases()) {
+    if (!p.vec.contains("result")) continue;
+    const ojson want = p.vec["result"];
+    for (size_t i = 0; i <= p.text.size(); ++i) {
+      std::string err;
+      ParsedMessage m = stream(p.text, p.thinking, {i}, &err, true);
+      ASSERT_EQ(want, to_json(m)) << p.name << " split at " << i;
+      EXPECT_EQ(err, "") << p.name;
+      ++runs;
+    }
+    std::vector<size_t> bytes;
+    for (size_t i = 1; i < p.text.size(); ++i) bytes.push_back(i);
+    EXPECT_EQ(want, to_json(stream(p.text, p.thinking, bytes, nullptr, true))) << p.name << " byte by byte";
+  }
+  EXPECT_GT(runs, 10000u);
+}
+
+TEST(ParserStream, TwoSplitPointsOnShortCompletions) {
+  for (const auto& p : parse_cases()) {
+    if (!p.vec.contains("result") || p.text.size() > 260) continue;
+    const ojson want = p.vec["result"];
+    for (size_t i = 0; i <= p.text.size(); i += 1)
+      for (size_t j = i; j <= p.text.size(); j += 3)
+        ASSERT_EQ(want, to_json(stream(p.text, p.thinking, {i, j}, nullptr, true))) << p.name << " " << i << "," << j;
+  }
+}
+
+// Malformed completions: never throws, and the result does not depend on how
+// the text was split.
+TEST(ParserStream, MalformedIsSplitInvariant) {
+  for (const auto& p : parse_cases()) {
+    if (!p.vec.contains("error")) continue;
+    std::string err0;
+    ojson whole = to_json(stream(p.text, p.thinking, {}, &err0, false));
+    for (size_t i = 0; i <= p.text.size(); ++i) {
+      std::string err;
+      ASSERT_EQ(whole, to_json(stream(p.text, p.thinking, {i}, &err, false))) << p.name << " split at " << i;
+    }
+  }
+}
+
+TEST(ParserStream, NoMarkerTextInContent) {
+  for (const auto& p : parse_cases()) {
+    ParsedMessage m = stream(p.text, p.thinking, {}, nullptr, false);
+    for (std::string_view mk : {std::string_view("｜DSML｜"), kEos, kThinkEnd}) {
+      if (p.text.find(mk) == std::string::npos) continue;
+      // Only texts that misuse markers inside content may keep them (e.g. a
+      // second </think>); a well-formed one never does.
+      if (p.vec.contains("result")) {
+        EXPECT_EQ(m.content.find(mk), std::string::npos) << p.name;
+        EXPECT_EQ(m.reasoning_content.find(mk), std::string::npos) << p.name;
+      }
+    }
+  }
+}
+
+TEST(ParserStream, LenientBehaviour) {
+  std::string err;
+  // Thinking without </think>: all reasoning.
+  ParsedMessage m = parse_completion_lenient("just thinking", true, &err);
+  EXPECT_EQ(m.reasoning_content, "just thinking");
+  EXPECT_EQ(m.content, "");
+  // No EOS (server stripped it): fine, no error.
+  m = parse_completion_lenient("hello", false, &err);
+  EXPECT_EQ(m.content, "hello");
+  EXPECT_EQ(err, "");
+  // A trailing partial marker is content when the text ends.
+  m = parse_completion_lenient("a\n\n<｜DS", false, &err);
+  EXPECT_EQ(m.content, "a\n\n<｜DS");
+  // Unterminated DSML: the started call is kept, the rest dropped, error set.
+  m = parse_completion_lenient("x\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" "
+                               "string=\"true\">abc",
+                               false, &err);
+  EXPECT_EQ(m.content, "x");
+  ASSERT_EQ(m.tool_calls.size(), 1u);
+  EXPECT_EQ(m.tool_calls[0].name, "f");
+  EXPECT_EQ(m.tool_calls[0].arguments_json, "{\"a\": \"abc");
+  EXPECT_NE(err, "");
+  // Garbage inside the block: abandoned, nothing leaks into content.
+  m = parse_completion_lenient("x\n\n<｜DSML｜tool_calls>\nGARBAGE <｜DSML｜ more", false, &err);
+  EXPECT_EQ(m.content, "x");
+  EXPECT_TRUE(m.tool_calls.empty());
+  EXPECT_NE(err, "");
+  // Text after EOS is ignored.
+  m = parse_completion_lenient("a<｜end▁of▁sentence｜>b", false, &err);
+  EXPECT_EQ(m.content, "a");
+}
+
+TEST(ParserStream, DeltaShapes) {
+  StreamParser p(true);
+  std::vector<StreamDelta> all;
+  std::string text =
+      "r1</think>c1\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get\">\n<｜DSML｜parameter name=\"k\" "
+      "string=\"true\">v\"</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>";
+  for (char ch : text)
+    for (auto& d : p.feed(std::string(1, ch))) all.push_back(d);
+  for (auto& d : p.finish()) all.push_back(d);
+  EXPECT_TRUE(p.eos_seen());
+  std::string reasoning, content, args;
+  int starts = 0;
+  for (const auto& d : all) {
+    if (d.kind == StreamDelta::Kind::Reasoning) reasoning += d.text;
+    if (d.kind == StreamDelta::Kind::Content) content += d.text;
+    if (d.kind == StreamDelta::Kind::ToolCallStart) {
+      ++starts;
+      EXPECT_EQ(d.text, "get");
+      EXPECT_EQ(d.index, 0);
+      EXPECT_TRUE(args.empty()) << "name comes before arguments";
+    }
+    if (d.kind == StreamDelta::Kind::ToolCallArgs) {
+      EXPECT_EQ(d.index, 0);
+      args += d.text;
+    }
+  }
+  EXPECT_EQ(reasoning, "r1");
+  EXPECT_EQ(content, "c1");
+  EXPECT_EQ(starts, 1);
+  EXPECT_EQ(args, "{\"k\": \"v\\\"\"}");
+}
