@@ -9,6 +9,7 @@ using Action = std::function<int()>;
 
 void register_make_tiny(CLI::App& app, Action& action);
 void register_inspect(CLI::App& app, Action& action);
+void register_logits(CLI::App& app, Action& action);
 void register_tokenize(CLI::App& app, Action& action);
 void register_detokenize(CLI::App& app, Action& action);
 void register_chat_template(CLI::App& app, Action& action);

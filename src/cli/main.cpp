@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   dsv4::cli::Action action;
   dsv4::cli::register_make_tiny(app, action);
   dsv4::cli::register_inspect(app, action);
+  dsv4::cli::register_logits(app, action);
   dsv4::cli::register_tokenize(app, action);
   dsv4::cli::register_detokenize(app, action);
   dsv4::cli::register_chat_template(app, action);

@@ -1,5 +1,7 @@
 #include "model/config.h"
 
+#include <cmath>
+
 #include "util/error.h"
 #include "util/mapped_file.h"
 
@@ -168,6 +170,12 @@ ModelConfig parse_model_config(const nlohmann::json& j, const std::string& path)
       c.yarn.original_max_position_embeddings = y.int_field("original_max_position_embeddings", 1, kBig);
       c.yarn.beta_fast = y.num_field("beta_fast", 32);
       c.yarn.beta_slow = y.num_field("beta_slow", 1);
+      // transformers derives the factor from these two fields, the official code reads `factor`:
+      // a checkpoint where they disagree would run differently in the two, so reject it.
+      const double derived = double(c.max_position_embeddings) / double(c.yarn.original_max_position_embeddings);
+      if (std::abs(derived - c.yarn.factor) > 1e-6 * c.yarn.factor)
+        fail("{}: 'rope_scaling.factor' ({}) must equal max_position_embeddings / original_max_position_embeddings ({})",
+             path, c.yarn.factor, derived);
     } else if (type != "default") {
       fail("{}: 'rope_scaling.type' = '{}' is not supported (yarn or default)", path, type);
     }

@@ -1,0 +1,86 @@
+#pragma once
+// The operations the DeepSeek-V4 forward pass is written against. The CPU backend is the FP32
+// reference; the CUDA backend implements the same ops and is tested op by op against it.
+// Activations are F32 (index lists I32); weights are the checkpoint's own tensors.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "backend/tensor.h"
+#include "model/config.h"
+#include "model/weights.h"
+
+namespace dsv4 {
+
+// RoPE frequencies of one layer kind (one per rotated pair).
+struct RopeTable {
+  std::vector<float> inv_freq;
+};
+RopeTable make_rope_table(const ModelConfig& cfg, bool compressed_layer);
+
+// Pending-window state of one compressor (see docs/MODEL.md §2.6 and §2.10).
+struct CompressorState {
+  Tensor kv, gate;            // [ratio, coff*d]: rows of the current, incomplete window (ape added)
+  Tensor prev_kv, prev_gate;  // [ratio, d]: first halves of the last complete window (CSA only)
+  bool has_prev = false;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  virtual Tensor alloc(std::vector<int64_t> shape, ElemType type = ElemType::F32) = 0;
+  virtual void upload(const Tensor& dst, const void* src) = 0;    // numel elements
+  virtual void download(const Tensor& src, void* dst) = 0;        // numel elements
+  virtual void fill(const Tensor& t, float value) = 0;
+  virtual void copy(const Tensor& src, const Tensor& dst) = 0;    // same numel
+  virtual void synchronize() {}
+
+  // out[t] = table[ids[t]]
+  virtual void embed(const TensorData& table, const Tensor& ids, const Tensor& out) = 0;
+  // Row-wise RMSNorm over the last dim; weight may be null (unweighted). In place allowed.
+  virtual void rms_norm(const Tensor& x, const TensorData* weight, float eps, const Tensor& out) = 0;
+  // out[r] = W x[r] for any weight format (FP8 blocks, FP4 groups, BF16/F32).
+  virtual void linear(const Tensor& x, const Linear& w, const Tensor& out) = 0;
+  // Grouped projection: x [T, G, in], w [G*R, in] -> out [T, G, R] (group g uses rows gR..gR+R).
+  virtual void grouped_linear(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) = 0;
+  // In-place interleaved RoPE on the last rope_dim columns of each row of x [T, heads, dim],
+  // row t rotated by positions[t] (inverse: by -positions[t]).
+  virtual void rope(const Tensor& x, const Tensor& positions, const RopeTable& table, int64_t rope_dim, bool inverse) = 0;
+  // mHC pre: X [T, m, D] -> u [T, D], post [T, m], comb [T, m, m] (Sinkhorn-normalised).
+  virtual void hc_pre(const Tensor& X, const HyperConn& hc, int64_t iters, float hc_eps, float norm_eps,
+                      const Tensor& u, const Tensor& post, const Tensor& comb) = 0;
+  // mHC post: out[t, k] = post[t, k] * y[t] + sum_j comb[t, j, k] * X[t, j].
+  virtual void hc_post(const Tensor& y, const Tensor& X, const Tensor& post, const Tensor& comb, const Tensor& out) = 0;
+  // Final collapse: u[t] = sum_k (sigmoid(scale * mu_k + base_k) + eps) X[t, k].
+  virtual void hc_head(const Tensor& X, const HyperConn& hc, float hc_eps, float norm_eps, const Tensor& u) = 0;
+  // Shared-KV attention with sinks: q [T, H, d], pool [N, d] (keys = values); query t attends to
+  // the pool rows listed in idx_a[t] and idx_b[t] (-1 = none; idx_b may be empty); one softmax
+  // over them plus the per-head sink logit (whose value is zero) -> out [T, H, d].
+  virtual void attend(const Tensor& q, const Tensor& pool, const Tensor& idx_a, const Tensor& idx_b,
+                      const TensorData& sinks, float scale, const Tensor& out) = 0;
+  // Feeds projected rows kv/gate [T, coff*d] of positions start_pos.. into the compressor; writes
+  // each window completed by them (pooled, before norm/RoPE) to entries [n, d]; returns n.
+  virtual int64_t compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, int64_t start_pos,
+                           int64_t ratio, bool overlap, CompressorState& state, const Tensor& entries) = 0;
+  // Lightning Indexer: score[t, j] = w_scale * sum_h w[t, h] * relu(q[t, h] . keys[j]) for
+  // j < usable[t]; idx[t] = the top-k j by score (ties: lower j first), padded with -1.
+  virtual void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& usable,
+                          const Tensor& idx) = 0;
+  // Router: expert weights [T, k] and ids [T, k] (hash layers read tid2eid[token]).
+  virtual void route(const Tensor& x, const MoEWeights& moe, const Tensor& tokens, const ModelConfig& cfg,
+                     const Tensor& weights, const Tensor& experts) = 0;
+  // out[t] = sum_i weights[t,i] * expert_{experts[t,i]}(x[t]) + shared(x[t]) (clamped SwiGLU).
+  virtual void moe(const Tensor& x, const MoEWeights& moe, const Tensor& weights, const Tensor& experts,
+                   float swiglu_limit, const Tensor& out) = 0;
+  // out[i] = src[rows[i]]
+  virtual void gather_rows(const Tensor& src, const Tensor& rows, const Tensor& out) = 0;
+  // X[t, k] = v[t] (accumulate: X[t, k] += v[t]) for every stream k of X [T, m, D].
+  virtual void broadcast_streams(const Tensor& v, const Tensor& X, bool accumulate) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+
+}  // namespace dsv4

@@ -1,0 +1,473 @@
+// The FP32 reference backend: every op written plainly, parallel over rows with OpenMP.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "backend/backend.h"
+#include "tensor/numeric.h"
+#include "tensor/quant.h"
+
+namespace dsv4 {
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// A weight row as float32, whatever the storage format.
+void weight_row(const Linear& w, int64_t r, float* out) {
+  switch (w.format) {
+    case WeightFormat::FP8:
+      dequant_fp8_rows(w.weight->data, w.scale->dtype, w.scale->data, w.out, w.in, r, r + 1, out);
+      break;
+    case WeightFormat::FP4:
+      dequant_fp4_rows(w.weight->data, w.scale->dtype, w.scale->data, w.in, r, r + 1, out);
+      break;
+    case WeightFormat::BF16:
+      if (w.weight->dtype == DType::F32) {
+        std::memcpy(out, w.weight->data + r * w.in * 4, w.in * 4);
+      } else {
+        const auto* p = reinterpret_cast<const uint16_t*>(w.weight->data) + r * w.in;
+        for (int64_t i = 0; i < w.in; ++i) out[i] = bf16_to_f32(p[i]);
+      }
+      break;
+  }
+}
+
+Linear dense(const TensorData& t) {
+  Linear l;
+  l.format = WeightFormat::BF16;
+  l.weight = &t;
+  l.out = t.shape[0];
+  l.in = t.shape.size() > 1 ? t.shape[1] : 1;
+  return l;
+}
+
+float tensor_value(const TensorData& t, int64_t i) {
+  switch (t.dtype) {
+    case DType::F32: return reinterpret_cast<const float*>(t.data)[i];
+    case DType::BF16: return bf16_to_f32(reinterpret_cast<const uint16_t*>(t.data)[i]);
+    default: fail("tensor '{}': expected F32 or BF16, got {}", t.name, dtype_name(t.dtype));
+  }
+}
+
+int64_t tensor_int(const TensorData& t, int64_t i) {
+  switch (t.dtype) {
+    case DType::I32: return reinterpret_cast<const int32_t*>(t.data)[i];
+    case DType::I64: return reinterpret_cast<const int64_t*>(t.data)[i];
+    default: fail("tensor '{}': expected I32 or I64, got {}", t.name, dtype_name(t.dtype));
+  }
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  float s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+// y[r] = W x[r] for rows r; W dequantised row by row (each output row once).
+void matmul(const float* x, int64_t rows, const Linear& w, float* y, int64_t y_stride) {
+#pragma omp parallel
+  {
+    std::vector<float> wr(w.in);
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < w.out; ++o) {
+      weight_row(w, o, wr.data());
+      for (int64_t r = 0; r < rows; ++r) y[r * y_stride + o] = dot(x + r * w.in, wr.data(), w.in);
+    }
+  }
+}
+
+// Mixing logits mu = rsqrt(mean(x^2) + eps) * (fn x) for the flattened streams of one token.
+void hc_mix(const float* x, int64_t n, const HyperConn& hc, int64_t mix, float norm_eps, float* mu) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+  const float rs = 1.f / std::sqrt(float(ss / double(n)) + norm_eps);
+  const float* fn = reinterpret_cast<const float*>(hc.fn->data);
+  for (int64_t j = 0; j < mix; ++j) mu[j] = dot(fn + j * n, x, n) * rs;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+
+  Tensor alloc(std::vector<int64_t> shape, ElemType type) override {
+    Tensor t;
+    t.type = type;
+    t.shape = std::move(shape);
+    const size_t bytes = size_t(std::max<int64_t>(t.numel(), 1)) * 4;
+    t.storage = std::shared_ptr<uint8_t>(new uint8_t[bytes], std::default_delete<uint8_t[]>());
+    // Poison: any element an op forgets to write shows up as NaN (or a wild index).
+    std::memset(t.storage.get(), 0xff, bytes);
+    return t;
+  }
+  void upload(const Tensor& dst, const void* src) override { std::memcpy(dst.storage.get() + dst.offset, src, dst.numel() * 4); }
+  void download(const Tensor& src, void* dst) override { std::memcpy(dst, src.storage.get() + src.offset, src.numel() * 4); }
+  void fill(const Tensor& t, float v) override { std::fill_n(t.f32(), t.numel(), v); }
+  void copy(const Tensor& src, const Tensor& dst) override {
+    DSV4_CHECK(src.numel() == dst.numel());
+    std::memmove(dst.storage.get() + dst.offset, src.storage.get() + src.offset, src.numel() * 4);
+  }
+
+  void embed(const TensorData& table, const Tensor& ids, const Tensor& out) override {
+    const int64_t d = table.shape[1], n = ids.numel();
+#pragma omp parallel for
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t i = 0; i < d; ++i) out.f32()[t * d + i] = tensor_value(table, int64_t(ids.i32()[t]) * d + i);
+  }
+
+  void rms_norm(const Tensor& x, const TensorData* w, float eps, const Tensor& out) override {
+    const int64_t d = x.cols(), rows = x.rows();
+#pragma omp parallel for
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xi = x.f32() + r * d;
+      float* yo = out.f32() + r * d;
+      float ss = 0;
+      for (int64_t i = 0; i < d; ++i) ss += xi[i] * xi[i];
+      const float rs = 1.f / std::sqrt(ss / float(d) + eps);
+      for (int64_t i = 0; i < d; ++i) yo[i] = xi[i] * rs * (w ? tensor_value(*w, i) : 1.f);
+    }
+  }
+
+  void linear(const Tensor& x, const Linear& w, const Tensor& out) override {
+    DSV4_CHECK(x.cols() == w.in && out.cols() == w.out && x.rows() == out.rows());
+    matmul(x.f32(), x.rows(), w, out.f32(), w.out);
+  }
+
+  void grouped_linear(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) override {
+    const int64_t T = x.dim(0), in = w.in, R = w.out / groups;
+    DSV4_CHECK(x.numel() == T * groups * in && out.numel() == T * groups * R);
+#pragma omp parallel
+    {
+      std::vector<float> wr(in);
+#pragma omp for schedule(static)
+      for (int64_t o = 0; o < w.out; ++o) {
+        weight_row(w, o, wr.data());
+        const int64_t g = o / R, r = o % R;
+        for (int64_t t = 0; t < T; ++t)
+          out.f32()[(t * groups + g) * R + r] = dot(x.f32() + (t * groups + g) * in, wr.data(), in);
+      }
+    }
+  }
+
+  void rope(const Tensor& x, const Tensor& pos, const RopeTable& table, int64_t rope_dim, bool inverse) override {
+    const int64_t T = x.dim(0), heads = x.shape.size() == 3 ? x.dim(1) : 1, dim = x.cols();
+    const int64_t off = dim - rope_dim;
+#pragma omp parallel for
+    for (int64_t t = 0; t < T; ++t) {
+      const float p = float(pos.i32()[t]);
+      for (int64_t i = 0; i < rope_dim / 2; ++i) {
+        const float theta = p * table.inv_freq[i];
+        const float c = std::cos(theta), s = inverse ? -std::sin(theta) : std::sin(theta);
+        for (int64_t h = 0; h < heads; ++h) {
+          float* v = x.f32() + (t * heads + h) * dim + off + 2 * i;
+          const float a = v[0], b = v[1];
+          v[0] = a * c - b * s;
+          v[1] = a * s + b * c;
+        }
+      }
+    }
+  }
+
+  void hc_pre(const Tensor& X, const HyperConn& hc, int64_t iters, float hc_eps, float norm_eps, const Tensor& u,
+              const Tensor& post, const Tensor& comb) override {
+    const int64_t T = X.dim(0), m = X.dim(1), D = X.dim(2), mix = (2 + m) * m;
+    const float* base = reinterpret_cast<const float*>(hc.base->data);
+    const float* scale = reinterpret_cast<const float*>(hc.scale->data);
+#pragma omp parallel for
+    for (int64_t t = 0; t < T; ++t) {
+      const float* x = X.f32() + t * m * D;
+      std::vector<float> mu(mix), C(m * m);
+      hc_mix(x, m * D, hc, mix, norm_eps, mu.data());
+      std::vector<float> pre(m);
+      for (int64_t k = 0; k < m; ++k) {
+        pre[k] = sigmoid(scale[0] * mu[k] + base[k]) + hc_eps;
+        post.f32()[t * m + k] = 2.f * sigmoid(scale[1] * mu[m + k] + base[m + k]);
+      }
+      for (int64_t i = 0; i < m * m; ++i) C[i] = scale[2] * mu[2 * m + i] + base[2 * m + i];
+      // Sinkhorn: row softmax (+eps), column normalise, then (row, column) iters-1 times.
+      for (int64_t j = 0; j < m; ++j) {
+        float mx = kNegInf, s = 0;
+        for (int64_t k = 0; k < m; ++k) mx = std::max(mx, C[j * m + k]);
+        for (int64_t k = 0; k < m; ++k) s += (C[j * m + k] = std::exp(C[j * m + k] - mx));
+        for (int64_t k = 0; k < m; ++k) C[j * m + k] = C[j * m + k] / s + hc_eps;
+      }
+      auto col_norm = [&] {
+        for (int64_t k = 0; k < m; ++k) {
+          float s = 0;
+          for (int64_t j = 0; j < m; ++j) s += C[j * m + k];
+          for (int64_t j = 0; j < m; ++j) C[j * m + k] /= s + hc_eps;
+        }
+      };
+      auto row_norm = [&] {
+        for (int64_t j = 0; j < m; ++j) {
+          float s = 0;
+          for (int64_t k = 0; k < m; ++k) s += C[j * m + k];
+          for (int64_t k = 0; k < m; ++k) C[j * m + k] /= s + hc_eps;
+        }
+      };
+      col_norm();
+      for (int64_t it = 1; it < iters; ++it) {
+        row_norm();
+        col_norm();
+      }
+      std::copy(C.begin(), C.end(), comb.f32() + t * m * m);
+      float* uo = u.f32() + t * D;
+      for (int64_t d = 0; d < D; ++d) {
+        float s = 0;
+        for (int64_t k = 0; k < m; ++k) s += pre[k] * x[k * D + d];
+        uo[d] = s;
+      }
+    }
+  }
+
+  void hc_post(const Tensor& y, const Tensor& X, const Tensor& post, const Tensor& comb, const Tensor& out) override {
+    const int64_t T = X.dim(0), m = X.dim(1), D = X.dim(2);
+    DSV4_CHECK(out.storage != X.storage || out.offset != X.offset);
+#pragma omp parallel for
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < m; ++k)
+        for (int64_t d = 0; d < D; ++d) {
+          float s = post.f32()[t * m + k] * y.f32()[t * D + d];
+          for (int64_t j = 0; j < m; ++j) s += comb.f32()[(t * m + j) * m + k] * X.f32()[(t * m + j) * D + d];
+          out.f32()[(t * m + k) * D + d] = s;
+        }
+  }
+
+  void hc_head(const Tensor& X, const HyperConn& hc, float hc_eps, float norm_eps, const Tensor& u) override {
+    const int64_t T = X.dim(0), m = X.dim(1), D = X.dim(2);
+    const float* base = reinterpret_cast<const float*>(hc.base->data);
+    const float scale = reinterpret_cast<const float*>(hc.scale->data)[0];
+#pragma omp parallel for
+    for (int64_t t = 0; t < T; ++t) {
+      const float* x = X.f32() + t * m * D;
+      std::vector<float> mu(m);
+      hc_mix(x, m * D, hc, m, norm_eps, mu.data());
+      for (int64_t k = 0; k < m; ++k) mu[k] = sigmoid(scale * mu[k] + base[k]) + hc_eps;
+      for (int64_t d = 0; d < D; ++d) {
+        float s = 0;
+        for (int64_t k = 0; k < m; ++k) s += mu[k] * x[k * D + d];
+        u.f32()[t * D + d] = s;
+      }
+    }
+  }
+
+  void attend(const Tensor& q, const Tensor& pool, const Tensor& idx_a, const Tensor& idx_b, const TensorData& sinks,
+              float scale, const Tensor& out) override {
+    const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), N = pool.rows();
+    const int64_t Ka = idx_a.cols(), Kb = idx_b.empty() ? 0 : idx_b.cols(), K = Ka + Kb;
+#pragma omp parallel for collapse(2)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qh = q.f32() + (t * H + h) * d;
+        std::vector<int32_t> ix(K);
+        std::copy_n(idx_a.i32() + t * Ka, Ka, ix.begin());
+        if (Kb) std::copy_n(idx_b.i32() + t * Kb, Kb, ix.begin() + Ka);
+        std::vector<float> s(K, kNegInf);
+        float mx = tensor_value(sinks, h);
+        for (int64_t k = 0; k < K; ++k)
+          if (ix[k] >= 0) {
+            DSV4_CHECK(ix[k] < N);
+            s[k] = dot(qh, pool.f32() + int64_t(ix[k]) * d, d) * scale;
+            mx = std::max(mx, s[k]);
+          }
+        float denom = std::exp(tensor_value(sinks, h) - mx);
+        float* o = out.f32() + (t * H + h) * d;
+        std::fill_n(o, d, 0.f);
+        for (int64_t k = 0; k < K; ++k)
+          if (ix[k] >= 0) {
+            const float p = std::exp(s[k] - mx);
+            denom += p;
+            const float* v = pool.f32() + int64_t(ix[k]) * d;
+            for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
+          }
+        for (int64_t i = 0; i < d; ++i) o[i] /= denom;
+      }
+  }
+
+  int64_t compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, int64_t start_pos, int64_t ratio,
+                   bool overlap, CompressorState& st, const Tensor& entries) override {
+    const int64_t T = kv.dim(0), width = kv.cols(), coff = overlap ? 2 : 1, d = width / coff;
+    int64_t produced = 0;
+    std::vector<float> slot_kv(2 * ratio), slot_g(2 * ratio);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t pos = start_pos + t, slot = pos % ratio;
+      float* skv = st.kv.f32() + slot * width;
+      float* sg = st.gate.f32() + slot * width;
+      for (int64_t i = 0; i < width; ++i) {
+        skv[i] = kv.f32()[t * width + i];
+        sg[i] = gate.f32()[t * width + i] + tensor_value(ape, slot * width + i);
+      }
+      if (slot != ratio - 1) continue;
+      // Window complete: per channel softmax over [previous window's first halves | own second halves].
+      float* e = entries.f32() + produced * d;
+      for (int64_t n = 0; n < d; ++n) {
+        int64_t S = 0;
+        if (overlap && st.has_prev)
+          for (int64_t r = 0; r < ratio; ++r) {
+            slot_kv[S] = st.prev_kv.f32()[r * d + n];
+            slot_g[S++] = st.prev_gate.f32()[r * d + n];
+          }
+        const int64_t own = overlap ? d : 0;
+        for (int64_t r = 0; r < ratio; ++r) {
+          slot_kv[S] = st.kv.f32()[r * width + own + n];
+          slot_g[S++] = st.gate.f32()[r * width + own + n];
+        }
+        float mx = kNegInf, den = 0, acc = 0;
+        for (int64_t s = 0; s < S; ++s) mx = std::max(mx, slot_g[s]);
+        for (int64_t s = 0; s < S; ++s) {
+          const float p = std::exp(slot_g[s] - mx);
+          den += p;
+          acc += p * slot_kv[s];
+        }
+        e[n] = acc / den;
+      }
+      if (overlap) {
+        for (int64_t r = 0; r < ratio; ++r)
+          for (int64_t n = 0; n < d; ++n) {
+            st.prev_kv.f32()[r * d + n] = st.kv.f32()[r * width + n];
+            st.prev_gate.f32()[r * d + n] = st.gate.f32()[r * width + n];
+          }
+        st.has_prev = true;
+      }
+      ++produced;
+    }
+    return produced;
+  }
+
+  void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& usable,
+                  const Tensor& idx) override {
+    const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), K = idx.cols();
+#pragma omp parallel for
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t n = usable.i32()[t];
+      DSV4_CHECK(n <= keys.rows());
+      std::vector<float> score(n, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float* kj = keys.f32() + j * d;
+        float s = 0;
+        for (int64_t h = 0; h < H; ++h) s += w.f32()[t * H + h] * std::max(0.f, dot(q.f32() + (t * H + h) * d, kj, d));
+        score[j] = s * w_scale;
+      }
+      std::vector<int32_t> order(n);
+      std::iota(order.begin(), order.end(), 0);
+      const int64_t k = std::min(K, n);
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+        return score[a] > score[b] || (score[a] == score[b] && a < b);
+      });
+      for (int64_t i = 0; i < K; ++i) idx.i32()[t * K + i] = i < k ? order[i] : -1;
+    }
+  }
+
+  void route(const Tensor& x, const MoEWeights& moe, const Tensor& tokens, const ModelConfig& cfg,
+             const Tensor& weights, const Tensor& experts) override {
+    const int64_t T = x.dim(0), E = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
+    const Linear gate = dense(*moe.gate);
+    std::vector<float> logits(T * E);
+    matmul(x.f32(), T, gate, logits.data(), E);
+#pragma omp parallel for
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<float> score(E), biased(E);
+      const float* l = logits.data() + t * E;
+      if (cfg.scoring_func == "softmax") {
+        float mx = *std::max_element(l, l + E), s = 0;
+        for (int64_t e = 0; e < E; ++e) s += (score[e] = std::exp(l[e] - mx));
+        for (auto& v : score) v /= s;
+      } else {
+        for (int64_t e = 0; e < E; ++e)
+          score[e] = cfg.scoring_func == "sigmoid" ? sigmoid(l[e])
+                                                   : std::sqrt(l[e] > 20.f ? l[e] : std::log1p(std::exp(l[e])));
+      }
+      std::vector<int32_t> chosen(k);
+      if (moe.hash_routed) {
+        for (int64_t i = 0; i < k; ++i) chosen[i] = int32_t(tensor_int(*moe.tid2eid, int64_t(tokens.i32()[t]) * k + i));
+      } else {
+        for (int64_t e = 0; e < E; ++e) biased[e] = score[e] + (moe.bias ? tensor_value(*moe.bias, e) : 0.f);
+        std::vector<int32_t> order(E);
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+          return biased[a] > biased[b] || (biased[a] == biased[b] && a < b);
+        });
+        std::copy_n(order.begin(), k, chosen.begin());
+      }
+      float sum = 0;
+      for (int64_t i = 0; i < k; ++i) sum += score[chosen[i]];
+      for (int64_t i = 0; i < k; ++i) {
+        float g = score[chosen[i]];
+        if (cfg.scoring_func != "softmax" && cfg.norm_topk_prob) g /= (sum + 1e-20f);
+        weights.f32()[t * k + i] = g * float(cfg.routed_scaling_factor);
+        experts.i32()[t * k + i] = chosen[i];
+      }
+    }
+  }
+
+  void moe(const Tensor& x, const MoEWeights& moe, const Tensor& weights, const Tensor& experts, float limit,
+           const Tensor& out) override {
+    const int64_t T = x.dim(0), D = x.cols(), k = experts.cols();
+    std::vector<float> acc(T * D, 0.f);
+    auto run_expert = [&](const ExpertWeights& e, const std::vector<int64_t>& toks, const std::vector<float>& g) {
+      const int64_t n = int64_t(toks.size()), F = e.w1.out;
+      std::vector<float> xin(n * D), h1(n * F), h3(n * F), y(n * D);
+      for (int64_t i = 0; i < n; ++i) std::copy_n(x.f32() + toks[i] * D, D, xin.data() + i * D);
+      matmul(xin.data(), n, e.w1, h1.data(), F);
+      matmul(xin.data(), n, e.w3, h3.data(), F);
+      for (int64_t i = 0; i < n * F; ++i) {
+        float gt = h1[i], up = h3[i];
+        if (limit > 0) {
+          gt = std::min(gt, limit);
+          up = std::clamp(up, -limit, limit);
+        }
+        h1[i] = gt / (1.f + std::exp(-gt)) * up;
+      }
+      matmul(h1.data(), n, e.w2, y.data(), D);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t c = 0; c < D; ++c) acc[toks[i] * D + c] += g[i] * y[i * D + c];
+    };
+    // Group tokens by expert so each expert's weights are read once per call.
+    std::vector<std::vector<int64_t>> toks(moe.experts.size());
+    std::vector<std::vector<float>> gates(moe.experts.size());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < k; ++i) {
+        const int32_t e = experts.i32()[t * k + i];
+        DSV4_CHECK(e >= 0 && e < int64_t(moe.experts.size()));
+        toks[e].push_back(t);
+        gates[e].push_back(weights.f32()[t * k + i]);
+      }
+    for (size_t e = 0; e < moe.experts.size(); ++e)
+      if (!toks[e].empty()) run_expert(moe.experts[e], toks[e], gates[e]);
+    if (moe.has_shared) {
+      std::vector<int64_t> all(T);
+      std::iota(all.begin(), all.end(), 0);
+      run_expert(moe.shared, all, std::vector<float>(T, 1.f));
+    }
+    std::copy(acc.begin(), acc.end(), out.f32());
+  }
+
+  void gather_rows(const Tensor& src, const Tensor& rows, const Tensor& out) override {
+    const int64_t d = src.cols(), n = rows.numel();
+    for (int64_t i = 0; i < n; ++i) {
+      DSV4_CHECK(rows.i32()[i] >= 0 && rows.i32()[i] < src.rows());
+      std::copy_n(src.f32() + int64_t(rows.i32()[i]) * d, d, out.f32() + i * d);
+    }
+  }
+
+  void broadcast_streams(const Tensor& v, const Tensor& X, bool accumulate) override {
+    const int64_t T = X.dim(0), m = X.dim(1), D = X.dim(2);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < m; ++k)
+        for (int64_t i = 0; i < D; ++i) {
+          float& x = X.f32()[(t * m + k) * D + i];
+          x = (accumulate ? x : 0.f) + v.f32()[t * D + i];
+        }
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace dsv4

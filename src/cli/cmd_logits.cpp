@@ -1,0 +1,58 @@
+#include <charconv>
+
+#include "cli/commands.h"
+#include "model/checkpoint.h"
+#include "model/forward.h"
+#include "util/npy.h"
+
+namespace dsv4::cli {
+
+namespace {
+
+template <class T>
+std::vector<T> parse_list(const std::string& s, const char* flag) {
+  std::vector<T> out;
+  size_t i = 0;
+  while (i < s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    T v{};
+    auto [p, ec] = std::from_chars(s.data() + i, s.data() + j, v);
+    if (ec != std::errc() || p != s.data() + j) fail("{}: '{}' is not an integer", flag, s.substr(i, j - i));
+    out.push_back(v);
+    i = j + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_logits(CLI::App& app, Action& action) {
+  struct Opts {
+    std::string model, tokens, chunks, backend = "cpu", out;
+    bool mtp = false;
+  };
+  auto o = std::make_shared<Opts>();
+  auto* cmd = app.add_subcommand("logits", "Write FP32 logits for every position of a token list (.npy)");
+  cmd->add_option("--model", o->model, "Model directory")->required();
+  cmd->add_option("--tokens", o->tokens, "Comma-separated token ids")->required();
+  cmd->add_option("--chunks", o->chunks, "Comma-separated chunk sizes summing to the token count (default: one chunk)");
+  cmd->add_option("--backend", o->backend, "cpu")->check(CLI::IsMember({"cpu"}));
+  cmd->add_option("--out", o->out, "Output .npy: [T, vocab], or [T-1, vocab] with --mtp")->required();
+  cmd->add_flag("--mtp", o->mtp, "Write the MTP block's draft logits (row t uses position t and token t+1)");
+  cmd->callback([o, &action] {
+    action = [o] {
+      auto tokens = parse_list<int32_t>(o->tokens, "--tokens");
+      auto chunks = o->chunks.empty() ? std::vector<int64_t>{} : parse_list<int64_t>(o->chunks, "--chunks");
+      auto ck = Checkpoint::open(o->model);
+      auto backend = make_cpu_backend();
+      Model model(ck->config(), ck->weights(), *backend);
+      auto out = run_chunked(model, tokens, chunks, o->mtp);
+      const int64_t V = ck->config().vocab_size;
+      write_npy_f32(o->out, out.data(), {int64_t(out.size()) / V, V});
+      return 0;
+    };
+  });
+}
+
+}  // namespace dsv4::cli

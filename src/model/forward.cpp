@@ -1,0 +1,297 @@
+#include "model/forward.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "util/error.h"
+
+namespace dsv4 {
+
+namespace {
+float eps(double e) { return float(e); }
+}  // namespace
+
+Model::Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend)
+    : cfg_(cfg), w_(w), be_(backend), rope_main_(make_rope_table(cfg, false)), rope_compressed_(make_rope_table(cfg, true)) {}
+
+LayerState Model::new_layer_state(int64_t layer, int64_t capacity) const {
+  LayerState s;
+  s.window = be_.alloc({cfg_.sliding_window, cfg_.head_dim});
+  const int64_t ratio = cfg_.compress_ratio(layer);
+  if (!ratio) return s;
+  const int64_t cap = capacity / ratio + 1;
+  auto comp_state = [&](int64_t d, bool overlap) {
+    CompressorState c;
+    const int64_t coff = overlap ? 2 : 1;
+    c.kv = be_.alloc({ratio, coff * d});
+    c.gate = be_.alloc({ratio, coff * d});
+    if (overlap) {
+      c.prev_kv = be_.alloc({ratio, d});
+      c.prev_gate = be_.alloc({ratio, d});
+    }
+    return c;
+  };
+  const bool csa = cfg_.attn_kind(layer) == AttnKind::CSA;
+  s.entries = be_.alloc({cap, cfg_.head_dim});
+  s.compressor = comp_state(cfg_.head_dim, csa);
+  if (csa) {
+    s.index_keys = be_.alloc({cap, cfg_.index_head_dim});
+    s.index_compressor = comp_state(cfg_.index_head_dim, true);
+  }
+  return s;
+}
+
+SequenceState Model::new_sequence(int64_t capacity) const {
+  if (capacity <= 0) fail("sequence capacity must be positive, got {}", capacity);
+  SequenceState s;
+  s.capacity = capacity;
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, capacity));
+  for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
+    s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, capacity));
+  return s;
+}
+
+Tensor Model::int_tensor(const std::vector<int32_t>& v, std::vector<int64_t> shape) {
+  Tensor t = be_.alloc(std::move(shape), ElemType::I32);
+  DSV4_CHECK(t.numel() == int64_t(v.size()));
+  if (!v.empty()) be_.upload(t, v.data());
+  return t;
+}
+
+// Runs one compressor over the chunk and appends its finished entries (normed, RoPE'd at the
+// position of each window's first token) to `store`. Returns the new entries as a view.
+Tensor Model::compress(const CompressorWeights& c, CompressorState& cs, const Tensor& x, int64_t start, Tensor& store,
+                       int64_t first_entry) {
+  const int64_t T = x.dim(0), width = (c.overlap ? 2 : 1) * c.head_dim;
+  Tensor kv = be_.alloc({T, width}), gate = be_.alloc({T, width});
+  Linear wkv{WeightFormat::BF16, c.wkv, nullptr, width, cfg_.hidden_size};
+  Linear wgate{WeightFormat::BF16, c.wgate, nullptr, width, cfg_.hidden_size};
+  be_.linear(x, wkv, kv);
+  be_.linear(x, wgate, gate);
+  Tensor fresh = be_.alloc({T / c.ratio + 1, c.head_dim});
+  const int64_t n = be_.compress(kv, gate, *c.ape, start, c.ratio, c.overlap, cs, fresh);
+  if (!n) return {};
+  if (first_entry + n > store.dim(0)) fail("sequence longer than its state capacity ({} tokens)", store.dim(0) * c.ratio);
+  Tensor out = store.rows_view(first_entry, first_entry + n);
+  be_.rms_norm(fresh.rows_view(0, n), c.norm, eps(cfg_.rms_norm_eps), out);
+  std::vector<int32_t> pos(n);
+  for (int64_t j = 0; j < n; ++j) pos[j] = int32_t((first_entry + j) * c.ratio);
+  be_.rope(out.reshaped({n, 1, c.head_dim}), int_tensor(pos, {n}), rope_compressed_, cfg_.rope_dim(), false);
+  return out;
+}
+
+Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Tensor& x, const Tensor& pos, int64_t start) {
+  const int64_t T = x.dim(0), H = cfg_.num_attention_heads, hd = cfg_.head_dim, W = cfg_.sliding_window;
+  const RopeTable& rope = a.has_compressor ? rope_compressed_ : rope_main_;
+
+  // Queries: low-rank latent, per-head unweighted RMSNorm, RoPE on the last rope dims.
+  Tensor cq = be_.alloc({T, cfg_.q_lora_rank});
+  be_.linear(x, a.wq_a, cq);
+  be_.rms_norm(cq, a.q_norm, eps(cfg_.rms_norm_eps), cq);
+  Tensor q = be_.alloc({T, H, hd});
+  be_.linear(cq, a.wq_b, q.reshaped({T, H * hd}));
+  be_.rms_norm(q, nullptr, eps(cfg_.rms_norm_eps), q);
+  be_.rope(q, pos, rope, cfg_.rope_dim(), false);
+
+  // The single shared key/value head.
+  Tensor kv = be_.alloc({T, hd});
+  be_.linear(x, a.wkv, kv);
+  be_.rms_norm(kv, a.kv_norm, eps(cfg_.rms_norm_eps), kv);
+  be_.rope(kv.reshaped({T, 1, hd}), pos, rope, cfg_.rope_dim(), false);
+
+  // Compressed entries completed by this chunk; the indexer picks among them per query.
+  const int64_t n_before = st.num_entries;
+  Tensor compressed_idx;
+  if (a.has_compressor) {
+    Tensor fresh = compress(a.compressor, st.compressor, x, start, st.entries, n_before);
+    const int64_t n_new = fresh.empty() ? 0 : fresh.dim(0);
+    if (a.has_indexer) {
+      const auto& ix = a.indexer;
+      Tensor fresh_keys = compress(ix.compressor, st.index_compressor, x, start, st.index_keys, n_before);
+      DSV4_CHECK((fresh_keys.empty() ? 0 : fresh_keys.dim(0)) == n_new);
+      const int64_t Hi = cfg_.index_n_heads, di = cfg_.index_head_dim;
+      Tensor qi = be_.alloc({T, Hi, di});
+      be_.linear(cq, ix.wq_b, qi.reshaped({T, Hi * di}));
+      be_.rope(qi, pos, rope_compressed_, cfg_.rope_dim(), false);
+      Tensor wi = be_.alloc({T, Hi});
+      be_.linear(x, Linear{WeightFormat::BF16, ix.weights_proj, nullptr, Hi, cfg_.hidden_size}, wi);
+      std::vector<int32_t> usable(T);
+      for (int64_t t = 0; t < T; ++t) usable[t] = int32_t((start + t + 1) / a.compressor.ratio);
+      const int64_t k = std::min<int64_t>(cfg_.index_topk, std::max<int64_t>(usable.back(), 1));
+      compressed_idx = be_.alloc({T, k}, ElemType::I32);
+      const float w_scale = 1.f / std::sqrt(float(Hi)) / std::sqrt(float(di));
+      be_.index_topk(qi, wi, w_scale, st.index_keys.rows_view(0, n_before + n_new), int_tensor(usable, {T}),
+                     compressed_idx);
+    } else {
+      // HCA: every complete window is visible.
+      const int64_t total = n_before + n_new;
+      std::vector<int32_t> idx(T * std::max<int64_t>(total, 1), -1);
+      const int64_t K = std::max<int64_t>(total, 1);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t usable = (start + t + 1) / a.compressor.ratio;
+        for (int64_t j = 0; j < usable; ++j) idx[t * K + j] = int32_t(j);
+      }
+      compressed_idx = int_tensor(idx, {T, K});
+    }
+    st.num_entries = n_before + n_new;
+  }
+
+  // Key pool: [compressed entries | window keys before this chunk | this chunk's keys].
+  const int64_t n_entries = st.num_entries, prior = std::min(start, W - 1);
+  Tensor pool = be_.alloc({n_entries + prior + T, hd});
+  if (n_entries) be_.copy(st.entries.rows_view(0, n_entries), pool.rows_view(0, n_entries));
+  if (prior) {
+    std::vector<int32_t> slots(prior);
+    for (int64_t i = 0; i < prior; ++i) slots[i] = int32_t((start - prior + i) % W);
+    be_.gather_rows(st.window, int_tensor(slots, {prior}), pool.rows_view(n_entries, n_entries + prior));
+  }
+  be_.copy(kv, pool.rows_view(n_entries + prior, n_entries + prior + T));
+  // Window: positions max(0, p - W + 1) .. p, the current token included.
+  std::vector<int32_t> widx(T * W, -1);
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t p = start + t, lo = std::max<int64_t>(0, p - W + 1);
+    for (int64_t s = lo; s <= p; ++s) widx[t * W + (s - lo)] = int32_t(n_entries + (s - (start - prior)));
+  }
+  Tensor o = be_.alloc({T, H, hd});
+  be_.attend(q, pool, int_tensor(widx, {T, W}), compressed_idx, *a.attn_sink, 1.f / std::sqrt(float(hd)), o);
+
+  // Keep the last W keys for the next chunk.
+  for (int64_t t = std::max<int64_t>(0, T - W); t < T; ++t) be_.copy(kv.rows_view(t, t + 1), st.window.rows_view((start + t) % W, (start + t) % W + 1));
+
+  // Undo the rotation of the values' RoPE dims at the query position, then the grouped projection.
+  be_.rope(o, pos, rope, cfg_.rope_dim(), true);
+  const int64_t G = cfg_.o_groups;
+  Tensor z = be_.alloc({T, G, cfg_.o_lora_rank});
+  be_.grouped_linear(o.reshaped({T, G, H / G * hd}), a.wo_a, G, z);
+  Tensor out = be_.alloc({T, cfg_.hidden_size});
+  be_.linear(z.reshaped({T, G * cfg_.o_lora_rank}), a.wo_b, out);
+  return out;
+}
+
+Tensor Model::block(const BlockWeights& b, LayerState& st, const Tensor& X, const Tensor& tokens, const Tensor& pos,
+                    int64_t start) {
+  const int64_t T = X.dim(0), m = cfg_.hc_mult, D = cfg_.hidden_size;
+  const float ne = eps(cfg_.rms_norm_eps), he = eps(cfg_.hc_eps);
+  Tensor u = be_.alloc({T, D}), post = be_.alloc({T, m}), comb = be_.alloc({T, m, m});
+  be_.hc_pre(X, b.hc_attn, cfg_.hc_sinkhorn_iters, he, ne, u, post, comb);
+  be_.rms_norm(u, b.attn_norm, ne, u);
+  Tensor y = attention(b.attn, st, u, pos, start);
+  Tensor X1 = be_.alloc({T, m, D});
+  be_.hc_post(y, X, post, comb, X1);
+
+  be_.hc_pre(X1, b.hc_ffn, cfg_.hc_sinkhorn_iters, he, ne, u, post, comb);
+  be_.rms_norm(u, b.ffn_norm, ne, u);
+  const int64_t k = cfg_.num_experts_per_tok;
+  Tensor gw = be_.alloc({T, k}), ge = be_.alloc({T, k}, ElemType::I32);
+  be_.route(u, b.ffn, tokens, cfg_, gw, ge);
+  Tensor f = be_.alloc({T, D});
+  be_.moe(u, b.ffn, gw, ge, float(cfg_.swiglu_limit), f);
+  Tensor X2 = be_.alloc({T, m, D});
+  be_.hc_post(f, X1, post, comb, X2);
+  return X2;
+}
+
+Tensor Model::logits(const Tensor& X, const HyperConn& hc, const TensorData& norm) {
+  const int64_t T = X.dim(0);
+  Tensor u = be_.alloc({T, cfg_.hidden_size});
+  be_.hc_head(X, hc, eps(cfg_.hc_eps), eps(cfg_.rms_norm_eps), u);
+  be_.rms_norm(u, &norm, eps(cfg_.rms_norm_eps), u);
+  Tensor out = be_.alloc({T, cfg_.vocab_size});
+  be_.linear(u, Linear{WeightFormat::BF16, w_.head, nullptr, cfg_.vocab_size, cfg_.hidden_size}, out);
+  return out;
+}
+
+Tensor Model::forward(SequenceState& st, std::span<const int32_t> tokens, Tensor* streams) {
+  const int64_t T = int64_t(tokens.size()), start = st.num_tokens;
+  if (T == 0) fail("forward: empty token list");
+  if (start + T > st.capacity) fail("forward: {} tokens exceed the sequence capacity of {}", start + T, st.capacity);
+  for (int64_t t = 0; t < T; ++t)
+    if (tokens[t] < 0 || tokens[t] >= cfg_.vocab_size)
+      fail("token id {} at position {} is out of range (vocab size {})", tokens[t], start + t, cfg_.vocab_size);
+  Tensor ids = int_tensor(std::vector<int32_t>(tokens.begin(), tokens.end()), {T});
+  std::vector<int32_t> p(T);
+  for (int64_t t = 0; t < T; ++t) p[t] = int32_t(start + t);
+  Tensor pos = int_tensor(p, {T});
+
+  Tensor e = be_.alloc({T, cfg_.hidden_size});
+  be_.embed(*w_.embed, ids, e);
+  Tensor X = be_.alloc({T, cfg_.hc_mult, cfg_.hidden_size});
+  be_.broadcast_streams(e, X, false);
+  for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], st.layers[l], X, ids, pos, start);
+  st.num_tokens += T;
+  if (streams) *streams = X;
+  return logits(X, w_.hc_head, *w_.norm);
+}
+
+Tensor Model::forward_mtp(SequenceState& st, const Tensor& streams, std::span<const int32_t> next_tokens) {
+  if (w_.mtp.empty()) fail("this model has no MTP block (num_nextn_predict_layers = 0)");
+  const int64_t n = int64_t(next_tokens.size()), start = st.mtp_tokens, m = cfg_.hc_mult, D = cfg_.hidden_size;
+  DSV4_CHECK(streams.dim(0) == n);
+  if (start + n > st.num_tokens) fail("forward_mtp: positions {}..{} have not been run by the main model", start, start + n - 1);
+  for (int64_t t = 0; t < n; ++t)
+    if (next_tokens[t] < 0 || next_tokens[t] >= cfg_.vocab_size)
+      fail("token id {} is out of range (vocab size {})", next_tokens[t], cfg_.vocab_size);
+  const MtpWeights& mw = w_.mtp[0];
+  const float ne = eps(cfg_.rms_norm_eps);
+  Tensor ids = int_tensor(std::vector<int32_t>(next_tokens.begin(), next_tokens.end()), {n});
+  std::vector<int32_t> p(n);
+  for (int64_t t = 0; t < n; ++t) p[t] = int32_t(start + t);
+  Tensor pos = int_tensor(p, {n});
+
+  // X_k = e_proj(enorm(embed(next))) + h_proj(hnorm(streams_k)).
+  Tensor e = be_.alloc({n, D}), ep = be_.alloc({n, D});
+  be_.embed(*w_.embed, ids, e);
+  be_.rms_norm(e, mw.enorm, ne, e);
+  be_.linear(e, mw.e_proj, ep);
+  Tensor h = be_.alloc({n * m, D}), X = be_.alloc({n, m, D});
+  be_.rms_norm(streams.reshaped({n * m, D}), mw.hnorm, ne, h);
+  be_.linear(h, mw.h_proj, X.reshaped({n * m, D}));
+  be_.broadcast_streams(ep, X, true);
+  X = block(mw.block, st.mtp_layers[0], X, ids, pos, start);
+  st.mtp_tokens += n;
+  return logits(X, mw.hc_head, *mw.norm);
+}
+
+}  // namespace dsv4
+
+namespace dsv4 {
+
+std::vector<float> run_chunked(Model& model, std::span<const int32_t> tokens, std::span<const int64_t> chunks,
+                               bool mtp) {
+  const int64_t T = int64_t(tokens.size()), V = model.config().vocab_size;
+  if (T == 0) fail("--tokens: the token list is empty");
+  std::vector<int64_t> sizes(chunks.begin(), chunks.end());
+  if (sizes.empty()) sizes.push_back(T);
+  int64_t sum = 0;
+  for (auto c : sizes) {
+    if (c <= 0) fail("--chunks: chunk sizes must be positive, got {}", c);
+    sum += c;
+  }
+  if (sum != T) fail("--chunks: chunk sizes sum to {} but there are {} tokens", sum, T);
+  if (mtp && T < 2) fail("--mtp needs at least 2 tokens (the MTP block reads the token after each position)");
+  Backend& be = model.backend();
+  SequenceState st = model.new_sequence(T);
+  std::vector<float> out(size_t((mtp ? T - 1 : T) * V));
+  std::vector<Tensor> streams;
+  int64_t at = 0;
+  for (auto c : sizes) {
+    Tensor X;
+    Tensor lg = model.forward(st, tokens.subspan(at, c), mtp ? &X : nullptr);
+    if (!mtp) be.download(lg, out.data() + at * V);
+    else streams.push_back(X);
+    at += c;
+  }
+  if (!mtp) return out;
+  // The MTP block runs on the same chunk boundaries, one position behind the main model.
+  at = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const int64_t n = std::min(sizes[i], T - 1 - at);
+    if (n <= 0) break;
+    Tensor lg = model.forward_mtp(st, streams[i].rows_view(0, n), tokens.subspan(at + 1, n));
+    be.download(lg, out.data() + at * V);
+    at += n;
+  }
+  return out;
+}
+
+}  // namespace dsv4

@@ -1,0 +1,137 @@
+// The CPU reference forward pass is one function of the token sequence: prefill, any chunk
+// schedule and token-by-token feeding must give the same logits (main model and MTP block).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <numeric>
+
+#include "backend/backend.h"
+#include "model/forward.h"
+#include "model/tiny.h"
+#include "util/random.h"
+
+using namespace dsv4;
+
+namespace {
+
+std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t seed) {
+  Rng r(seed);
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = int32_t(r.below(vocab));
+  return t;
+}
+
+std::vector<int64_t> random_schedule(int64_t T, uint64_t seed) {
+  Rng r(seed);
+  std::vector<int64_t> s;
+  for (int64_t left = T; left > 0;) {
+    int64_t c = std::min<int64_t>(left, 1 + int64_t(r.below(uint64_t(std::min<int64_t>(left, 23)))));
+    s.push_back(c);
+    left -= c;
+  }
+  return s;
+}
+
+void expect_same_logits(const std::vector<float>& a, const std::vector<float>& b, int64_t vocab, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  float scale = 0;
+  for (float x : a) scale = std::max(scale, std::fabs(x));
+  ASSERT_GT(scale, 0.1f) << what << ": logits are degenerate";
+  const int64_t rows = int64_t(a.size()) / vocab;
+  for (int64_t r = 0; r < rows; ++r) {
+    float err = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+      ASSERT_FALSE(std::isnan(a[r * vocab + i]) || std::isnan(b[r * vocab + i])) << what << " row " << r;
+      err = std::max(err, std::fabs(a[r * vocab + i] - b[r * vocab + i]));
+    }
+    EXPECT_LE(err, 1e-5f * scale) << what << " row " << r;
+    auto am = [&](const std::vector<float>& v) {
+      return std::max_element(v.begin() + r * vocab, v.begin() + (r + 1) * vocab) - (v.begin() + r * vocab);
+    };
+    EXPECT_EQ(am(a), am(b)) << what << " row " << r;
+  }
+}
+
+class ForwardSchedules : public ::testing::TestWithParam<std::string> {};
+
+}  // namespace
+
+TEST_P(ForwardSchedules, PrefillChunksAndTokenByTokenAgree) {
+  GeneratedModel gm(tiny_preset_config(GetParam()), 21);
+  auto be = make_cpu_backend();
+  Model model(gm.config(), gm.weights(), *be);
+  const auto& c = gm.config();
+  // Long enough to pass the window several times, close many CSA/HCA windows and hold more
+  // compressed entries than index_topk.
+  const int64_t T = std::max<int64_t>(3 * c.sliding_window + 7, (c.index_topk + 3) * c.compress_rate_csa);
+  auto tokens = random_tokens(T, c.vocab_size, 5);
+  auto ref = run_chunked(model, tokens, {}, false);
+  std::vector<int64_t> ones(T, 1);
+  expect_same_logits(ref, run_chunked(model, tokens, ones, false), c.vocab_size, "token by token");
+  for (uint64_t seed : {1, 2, 3}) {
+    auto sched = random_schedule(T, seed);
+    expect_same_logits(ref, run_chunked(model, tokens, sched, false), c.vocab_size, "schedule " + std::to_string(seed));
+  }
+  // Prefixes: the logits of a prefix do not depend on what follows.
+  auto half = run_chunked(model, std::span(tokens).subspan(0, T / 2), {}, false);
+  expect_same_logits(std::vector<float>(ref.begin(), ref.begin() + half.size()), half, c.vocab_size, "prefix");
+
+  auto mtp_ref = run_chunked(model, tokens, {}, true);
+  expect_same_logits(mtp_ref, run_chunked(model, tokens, ones, true), c.vocab_size, "mtp token by token");
+  expect_same_logits(mtp_ref, run_chunked(model, tokens, random_schedule(T, 9), true), c.vocab_size, "mtp schedule");
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, ForwardSchedules, ::testing::Values("tiny", "tiny-fp8", "small"));
+
+TEST(Forward, DifferentContextsGiveDifferentLogits) {
+  // Guards against a forward pass that ignores context (which would pass the schedule tests).
+  GeneratedModel gm(tiny_preset_config("tiny"), 3);
+  auto be = make_cpu_backend();
+  Model model(gm.config(), gm.weights(), *be);
+  auto a = random_tokens(40, gm.config().vocab_size, 1);
+  auto b = a;
+  b[0] = (b[0] + 1) % int32_t(gm.config().vocab_size);
+  auto la = run_chunked(model, a, {}, false), lb = run_chunked(model, b, {}, false);
+  const int64_t V = gm.config().vocab_size;
+  float diff = 0;
+  for (int64_t i = 39 * V; i < 40 * V; ++i) diff = std::max(diff, std::fabs(la[i] - lb[i]));
+  EXPECT_GT(diff, 1e-3f);
+}
+
+TEST(Forward, BadInputIsRejectedWithClearErrors) {
+  GeneratedModel gm(tiny_preset_config("tiny"), 3);
+  auto be = make_cpu_backend();
+  Model model(gm.config(), gm.weights(), *be);
+  auto expect_msg = [&](std::vector<int32_t> toks, std::vector<int64_t> chunks, bool mtp, const char* needle) {
+    try {
+      run_chunked(model, toks, chunks, mtp);
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_msg({1, 2, 1024}, {}, false, "token id 1024 at position 2 is out of range");
+  expect_msg({1, -1}, {}, false, "token id -1");
+  expect_msg({}, {}, false, "empty");
+  expect_msg({1, 2, 3}, {1, 1}, false, "sum to 2 but there are 3 tokens");
+  expect_msg({1, 2, 3}, {3, 0}, false, "must be positive");
+  expect_msg({1}, {}, true, "at least 2 tokens");
+}
+
+TEST(CpuOps, IndexerTopKBreaksTiesByLowestIndex) {
+  auto be = make_cpu_backend();
+  const int64_t T = 2, H = 2, d = 4, N = 10, K = 4;
+  Tensor q = be->alloc({T, H, d}), w = be->alloc({T, H}), keys = be->alloc({N, d});
+  be->fill(q, 1.f);
+  be->fill(w, 1.f);
+  be->fill(keys, -1.f);  // every relu(q.k) = 0: all scores tie
+  std::vector<float> k7(d, 2.f);
+  be->upload(keys.rows_view(7, 8), k7.data());  // key 7 scores highest
+  std::vector<int32_t> usable = {10, 3};
+  Tensor u = be->alloc({T}, ElemType::I32), idx = be->alloc({T, K}, ElemType::I32);
+  be->upload(u, usable.data());
+  be->index_topk(q, w, 0.5f, keys, u, idx);
+  std::vector<int32_t> got(T * K);
+  be->download(idx, got.data());
+  EXPECT_EQ(got, (std::vector<int32_t>{7, 0, 1, 2, 0, 1, 2, -1}));
+}
