@@ -400,6 +400,15 @@ def make_checkpoint(cfg, seed):
     stored, deq = {}, {}
     for name, fmt, shape, init, fan_in in tensor_plan(cfg):
         v = random_values(gen, shape, init, fan_in, cfg)
+        if fmt in ("fp8", "fp4"):
+            # vary the magnitude per 128x128 block (and per 1x32 group for FP4) so that the block
+            # scales differ and a mis-indexed / transposed scale lookup changes the result
+            out, inn = shape
+            blk = torch.pow(2.0, torch.rand(-(-out // FP8_BLOCK), -(-inn // FP8_BLOCK), generator=gen) * 3 - 1.5)
+            v = v * blk.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:out, :inn]
+            if fmt == "fp4":
+                grp = torch.pow(2.0, torch.rand(out, inn // FP4_GROUP, generator=gen) * 2 - 1)
+                v = v * grp.repeat_interleave(FP4_GROUP, 1)
         base = name[: -len(".weight")] if name.endswith(".weight") else None
         if fmt == "fp8":
             q, s, d = quant_fp8(v)
