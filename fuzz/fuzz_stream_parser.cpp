@@ -1,0 +1,99 @@
+// libFuzzer target for the DeepSeek-V4 streaming output parser.
+//
+// Input: byte 0 = flags (bit 0: thinking mode), bytes 1..2 = seed of the way the
+// text is cut into deltas, the rest = the completion text. Checks:
+//   * nothing crashes or trips a sanitizer (strict and streaming parsers);
+//   * the streamed result does not depend on how the text is split;
+//   * whenever the strict parser (the official semantics) accepts the text, the
+//     streaming parser yields exactly its result and reports no error;
+//   * for valid UTF-8 input, no delta emitted before finish() splits a character.
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "text/output_parser.h"
+#include "util/error.h"
+
+using namespace dsv4;
+
+namespace {
+
+bool complete_utf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    auto c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
+    i += n;
+  }
+  return true;
+}
+
+bool same(const ParsedMessage& a, const ParsedMessage& b) {
+  if (a.reasoning_content != b.reasoning_content || a.content != b.content) return false;
+  if (a.tool_calls.size() != b.tool_calls.size()) return false;
+  for (size_t i = 0; i < a.tool_calls.size(); ++i)
+    if (a.tool_calls[i].name != b.tool_calls[i].name || a.tool_calls[i].arguments_json != b.tool_calls[i].arguments_json)
+      return false;
+  return true;
+}
+
+ParsedMessage stream(std::string_view text, bool thinking, uint32_t seed, bool check_utf8, std::string* err) {
+  StreamParser p(thinking);
+  ParsedMessage m;
+  size_t pos = 0;
+  uint32_t x = seed * 2654435761u + 1;
+  while (pos < text.size()) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    size_t n = seed == 0 ? text.size() : 1 + (x % 8 == 0 ? x % 97 : x % 5);
+    n = std::min(n, text.size() - pos);
+    for (const auto& d : p.feed(text.substr(pos, n))) {
+      if (check_utf8 && d.kind != StreamDelta::Kind::ToolCallStart && !complete_utf8(d.text)) std::abort();
+      apply_delta(m, d);
+    }
+    pos += n;
+  }
+  for (const auto& d : p.finish()) apply_delta(m, d);
+  if (err) *err = p.error();
+  return m;
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size < 3) return 0;
+  const bool thinking = data[0] & 1;
+  const uint32_t seed = 1 + (data[1] | (data[2] << 8));
+  std::string_view text(reinterpret_cast<const char*>(data) + 3, size - 3);
+  const bool utf8 = complete_utf8(text);
+
+  std::string err_whole;
+  ParsedMessage whole = stream(text, thinking, 0, false, &err_whole);
+  std::string err_split;
+  ParsedMessage split = stream(text, thinking, seed, utf8, &err_split);
+  if (!same(whole, split)) std::abort();
+  // Byte-by-byte as well for short inputs.
+  if (text.size() < 512) {
+    StreamParser p(thinking);
+    ParsedMessage m;
+    for (char c : text)
+      for (const auto& d : p.feed(std::string_view(&c, 1))) apply_delta(m, d);
+    for (const auto& d : p.finish()) apply_delta(m, d);
+    if (!same(whole, m)) std::abort();
+  }
+
+  ParsedMessage strict;
+  bool ok = true;
+  try {
+    strict = parse_completion(text, thinking);
+  } catch (const Error&) {
+    ok = false;
+  }
+  if (ok && (!same(strict, whole) || !err_whole.empty())) std::abort();
+  return 0;
+}
