@@ -20,7 +20,38 @@ namespace dsv4 {
 
 std::vector<std::string> tiny_preset_names() { return {"tiny", "tiny-fp8", "small"}; }
 
-nlohmann::json tiny_preset_config(const std::string& preset) {
+namespace {
+
+// transformers reads the layer kinds from layer_types/compress_rates (its legacy
+// compress_ratios mapping only knows 0/4/128), so generated configs carry both.
+nlohmann::json with_hf_layer_types(nlohmann::json c) {
+  const auto ratios = c["compress_ratios"].get<std::vector<int64_t>>();
+  const int64_t layers = c["num_hidden_layers"].get<int64_t>();
+  int64_t hca = 128;
+  nlohmann::json types = nlohmann::json::array();
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t r = ratios[l];
+    if (r <= 1) types.push_back("sliding_attention");
+    else if (r == 4) types.push_back("compressed_sparse_attention");
+    else {
+      types.push_back("heavily_compressed_attention");
+      hca = r;
+    }
+  }
+  c["layer_types"] = types;
+  c["compress_rates"] = {{"compressed_sparse_attention", 4}, {"heavily_compressed_attention", hca}};
+  return c;
+}
+
+nlohmann::json base_preset(const std::string& preset);
+
+}  // namespace
+
+nlohmann::json tiny_preset_config(const std::string& preset) { return with_hf_layer_types(base_preset(preset)); }
+
+namespace {
+
+nlohmann::json base_preset(const std::string& preset) {
   // Short prompts must cross every boundary: window 16, CSA ratio 4, HCA ratio 16, top-k 8.
   // 16 index heads: with fewer, relu-sum scores tie at the top-k boundary (see docs/TESTING.md).
   nlohmann::json c = {
@@ -47,8 +78,6 @@ nlohmann::json tiny_preset_config(const std::string& preset) {
       {"swiglu_limit", 10.0},
       {"sliding_window", 16},
       {"compress_ratios", {4, 16, 0, 4, 0}},
-      {"compress_rate_csa", 4},
-      {"compress_rate_hca", 16},
       {"index_n_heads", 16},
       {"index_head_dim", 32},
       {"index_topk", 8},
@@ -93,7 +122,6 @@ nlohmann::json tiny_preset_config(const std::string& preset) {
     c["num_hash_layers"] = 3;
     c["sliding_window"] = 32;
     c["compress_ratios"] = {0, 0, 4, 32, 4, 32, 0};
-    c["compress_rate_hca"] = 32;
     c["index_head_dim"] = 64;
     c["index_topk"] = 16;
     return c;
@@ -102,6 +130,8 @@ nlohmann::json tiny_preset_config(const std::string& preset) {
   for (const auto& n : tiny_preset_names()) names += (names.empty() ? "" : ", ") + n;
   fail("--preset: unknown preset '{}' (known: {})", preset, names);
 }
+
+}  // namespace
 
 class GeneratingProvider : public TensorProvider {
  public:
