@@ -261,6 +261,8 @@ constexpr const char* kGpt2Pattern =
 
 // ---------------------------------------------------------------------------------------------
 // JSON access with errors that name the file and field.
+constexpr int64_t kMaxId = int64_t(1) << 22;
+
 struct Ctx {
   const std::string& origin;
   [[noreturn]] void bad(const std::string& field, const std::string& what) const {
@@ -289,7 +291,8 @@ struct Ctx {
   int32_t id(const json& v, const std::string& field) const {
     if (!v.is_number_integer()) bad(field, fmt::format("expected an integer id, got {}", v.type_name()));
     int64_t x = v.get<int64_t>();
-    if (x < 0 || x >= (int64_t(1) << 30)) bad(field, fmt::format("id {} is out of range [0, 2^30)", x));
+    // Ids index dense tables; the bound keeps a hostile file from asking for gigabytes.
+    if (x < 0 || x >= kMaxId) bad(field, fmt::format("id {} is out of range [0, {})", x, kMaxId));
     return int32_t(x);
   }
 };

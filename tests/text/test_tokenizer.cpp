@@ -130,6 +130,8 @@ TEST(TokenizerLoad, ErrorsNameFileAndField) {
     EXPECT_NE(e.find("model.vocab[\"x\"]"), std::string::npos) << e;
     j["model"]["vocab"]["x"] = -1;
     EXPECT_NE(bad(j.dump()).find("model.vocab[\"x\"]"), std::string::npos);
+    j["model"]["vocab"]["x"] = 1 << 22;  // absurd ids are refused, not allocated
+    EXPECT_NE(bad(j.dump()).find("out of range"), std::string::npos);
     j["model"]["vocab"]["x"] = 5;  // id 5 already belongs to a byte symbol
     EXPECT_NE(bad(j.dump()).find("used by both"), std::string::npos);
   }
