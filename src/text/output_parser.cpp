@@ -489,6 +489,7 @@ bool StreamParser::step(std::vector<StreamDelta>& out, bool final) {
       }
       size_t end = value_end(b.substr(0, p));
       if (end == std::string_view::npos) {
+        emit_value(out, p, true);  // what a split feed would have emitted already
         broken("Parameter format error");
         return false;
       }

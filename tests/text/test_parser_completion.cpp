@@ -143,7 +143,18 @@ TEST(ParserStream, TwoSplitPointsOnShortCompletions) {
 // Malformed completions: never throws, and the result does not depend on how
 // the text was split.
 TEST(ParserStream, MalformedIsSplitInvariant) {
-  for (const auto& p : parse_cases()) {
+  std::vector<PCase> all = parse_cases();
+  // Found by fuzz_stream_parser: a long value whose end tag lacks the '<'.
+  const std::string head = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"a\" string=\"";
+  for (std::string tail : {"true\">a long value without the lt/｜DSML｜parameter>\n</｜DSML｜invoke>",
+                           "false\">[1, 2, 3, 4, 5, 6]</｜DSML｜parameter>x\n", "true\">\xE4\xB8\xAD\xE6\x96\x87 tail <"}) {
+    PCase p;
+    p.name = "fuzz-found";
+    p.text = head + tail;
+    p.vec = {{"error", "malformed"}};
+    all.push_back(p);
+  }
+  for (const auto& p : all) {
     if (!p.vec.contains("error")) continue;
     std::string err0;
     ojson whole = to_json(stream(p.text, p.thinking, {}, &err0, false));
