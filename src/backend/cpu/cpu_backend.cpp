@@ -1,5 +1,6 @@
 // The FP32 reference backend: every op written plainly, parallel over rows with OpenMP.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -15,6 +16,8 @@ namespace dsv4 {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr int64_t kParallelWork = 1 << 15;
 
 // A weight row as float32, whatever the storage format.
 void weight_row(const Linear& w, int64_t r, float* out) {
@@ -69,9 +72,17 @@ float dot(const float* a, const float* b, int64_t n) {
 
 float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
+constexpr int64_t kKvBlock = 64;
+// 2^ceil(log2(amax / 448)) from the bit pattern, as the official act_quant's fast_round_scale.
+float kv_block_scale(float amax) {
+  const uint32_t b = std::bit_cast<uint32_t>(amax * (1.f / kE4M3Max));
+  const uint32_t e = ((b >> 23) & 0xff) + ((b & 0x7fffff) ? 1 : 0);
+  return std::bit_cast<float>(e << 23);
+}
+
 // y[r] = W x[r] for rows r; W dequantised row by row (each output row once).
 void matmul(const float* x, int64_t rows, const Linear& w, float* y, int64_t y_stride) {
-#pragma omp parallel
+#pragma omp parallel if (rows * w.out * w.in > kParallelWork)
   {
     std::vector<float> wr(w.in);
 #pragma omp for schedule(static)
@@ -260,7 +271,7 @@ class CpuBackend final : public Backend {
               float scale, const Tensor& out) override {
     const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), N = pool.rows();
     const int64_t Ka = idx_a.cols(), Kb = idx_b.empty() ? 0 : idx_b.cols(), K = Ka + Kb;
-#pragma omp parallel for collapse(2)
+#pragma omp parallel for collapse(2) if (T * H * (Ka + Kb) * d > kParallelWork)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < H; ++h) {
         const float* qh = q.f32() + (t * H + h) * d;
@@ -464,6 +475,23 @@ class CpuBackend final : public Backend {
           x = (accumulate ? x : 0.f) + v.f32()[t * D + i];
         }
   }
+
+  void quantize_kv(const Tensor& x, int64_t nope) override {
+    const int64_t d = x.cols(), rows = x.rows();
+    DSV4_CHECK(nope <= d);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* v = x.f32() + r * d;
+      for (int64_t b = 0; b < nope; b += kKvBlock) {
+        const int64_t e = std::min(nope, b + kKvBlock);
+        float amax = 1e-4f;
+        for (int64_t i = b; i < e; ++i) amax = std::max(amax, std::fabs(v[i]));
+        const float scale = kv_block_scale(amax);
+        for (int64_t i = b; i < e; ++i)
+          v[i] = e4m3_to_f32(f32_to_e4m3(std::clamp(v[i] / scale, -kE4M3Max, kE4M3Max))) * scale;
+      }
+      for (int64_t i = nope; i < d; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
+    }
+  }
 };
 
 }  // namespace
@@ -471,3 +499,9 @@ class CpuBackend final : public Backend {
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
 }  // namespace dsv4
+
+#ifndef DSV4_HAVE_CUDA
+namespace dsv4 {
+bool cuda_device_available() { return false; }
+}  // namespace dsv4
+#endif
