@@ -12,7 +12,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -162,29 +164,39 @@ void mode_features(std::string_view data) {
     b["model"]["merges"] = merges;
     return b;
   }();
-  nlohmann::json j = base;
-  const char* behaviors[] = {"Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"};
-  nlohmann::json seq = nlohmann::json::array();
-  size_t pick = regex.empty() ? 0 : size_t(uint8_t(regex[0]));
   if (!dsv4::utf8::valid(regex)) return;  // JSON strings are UTF-8
-  seq.push_back({{"type", "Split"},
-                 {"pattern", {{"Regex", std::string(regex)}}},
-                 {"behavior", behaviors[pick % 5]},
-                 {"invert", (pick / 5) % 2 == 1}});
-  seq.push_back(
-      {{"type", "Split"}, {"pattern", {{"String", "-"}}}, {"behavior", behaviors[(pick / 10) % 5]}, {"invert", true}});
-  seq.push_back({{"type", "ByteLevel"}, {"add_prefix_space", (pick & 1) != 0}, {"use_regex", (pick & 2) != 0}});
-  j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", seq}};
-  j["added_tokens"][3]["lstrip"] = true;
-  j["added_tokens"][4]["rstrip"] = true;
-  j["added_tokens"][5]["single_word"] = true;
-  j["added_tokens"][6]["normalized"] = true;
-  j["added_tokens"][6]["special"] = false;
-  try {
-    Tokenizer tok = Tokenizer::from_json(j.dump(), "features");
-    exercise(tok, text);
-  } catch (const Error&) {
+  // Loading (JSON + regex JIT) dominates; reuse tokenizers across inputs that differ only in text.
+  static std::map<std::string, std::optional<Tokenizer>, std::less<>> cache;
+  auto it = cache.find(regex);
+  if (it == cache.end()) {
+    nlohmann::json j = base;
+    const char* behaviors[] = {"Removed", "Isolated", "MergedWithPrevious", "MergedWithNext", "Contiguous"};
+    nlohmann::json seq = nlohmann::json::array();
+    size_t pick = regex.empty() ? 0 : size_t(uint8_t(regex[0]));
+    seq.push_back({{"type", "Split"},
+                   {"pattern", {{"Regex", std::string(regex)}}},
+                   {"behavior", behaviors[pick % 5]},
+                   {"invert", (pick / 5) % 2 == 1}});
+    seq.push_back({{"type", "Split"},
+                   {"pattern", {{"String", "-"}}},
+                   {"behavior", behaviors[(pick / 10) % 5]},
+                   {"invert", true}});
+    seq.push_back({{"type", "ByteLevel"}, {"add_prefix_space", (pick & 1) != 0}, {"use_regex", (pick & 2) != 0}});
+    j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", seq}};
+    j["added_tokens"][3]["lstrip"] = true;
+    j["added_tokens"][4]["rstrip"] = true;
+    j["added_tokens"][5]["single_word"] = true;
+    j["added_tokens"][6]["normalized"] = true;
+    j["added_tokens"][6]["special"] = false;
+    if (cache.size() >= 512) cache.clear();
+    std::optional<Tokenizer> tok;
+    try {
+      tok = Tokenizer::from_json(j.dump(), "features");
+    } catch (const Error&) {
+    }
+    it = cache.emplace(std::string(regex), std::move(tok)).first;
   }
+  if (it->second) exercise(*it->second, text);
 }
 
 }  // namespace
