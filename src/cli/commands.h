@@ -13,5 +13,7 @@ void register_logits(CLI::App& app, Action& action);
 void register_tokenize(CLI::App& app, Action& action);
 void register_detokenize(CLI::App& app, Action& action);
 void register_chat_template(CLI::App& app, Action& action);
+void register_serve(CLI::App& app, Action& action);
+void register_bench(CLI::App& app, Action& action);
 
 }  // namespace dsv4::cli

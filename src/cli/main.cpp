@@ -16,6 +16,8 @@ int main(int argc, char** argv) {
   dsv4::cli::register_tokenize(app, action);
   dsv4::cli::register_detokenize(app, action);
   dsv4::cli::register_chat_template(app, action);
+  dsv4::cli::register_serve(app, action);
+  dsv4::cli::register_bench(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
