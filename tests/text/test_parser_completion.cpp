@@ -62,8 +62,9 @@ ParsedMessage stream(const std::string& text, bool thinking, const std::vector<s
   size_t prev = 0;
   auto take = [&](const std::vector<StreamDelta>& ds, bool final) {
     for (const auto& d : ds) {
-      if (check_utf8 && !final && d.kind != StreamDelta::Kind::ToolCallStart)
+      if (check_utf8 && !final && d.kind != StreamDelta::Kind::ToolCallStart) {
         EXPECT_TRUE(complete_utf8(d.text)) << "delta splits a UTF-8 character";
+      }
       apply_delta(m, d);
     }
   };
