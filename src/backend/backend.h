@@ -37,6 +37,9 @@ class Backend {
   virtual void fill(const Tensor& t, float value) = 0;
   virtual void copy(const Tensor& src, const Tensor& dst) = 0;    // same numel
   virtual void synchronize() {}
+  // Called once by Model's constructor: a device backend uploads every weight tensor here
+  // (the CPU backend reads the mmapped checkpoint directly and does nothing).
+  virtual void prepare_weights(const ModelWeights&) {}
 
   // out[t] = table[ids[t]]
   virtual void embed(const TensorData& table, const Tensor& ids, const Tensor& out) = 0;
@@ -79,8 +82,18 @@ class Backend {
   virtual void gather_rows(const Tensor& src, const Tensor& rows, const Tensor& out) = 0;
   // X[t, k] = v[t] (accumulate: X[t, k] += v[t]) for every stream k of X [T, m, D].
   virtual void broadcast_streams(const Tensor& v, const Tensor& X, bool accumulate) = 0;
+  // Production KV format, simulated in FP32 storage (--kv fp8): per row of x [rows, dim], the
+  // first nope_dims values are round-tripped through E4M3 in blocks of 64 with a power-of-two
+  // scale 2^ceil(log2(amax/448)) (amax >= 1e-4), the remaining (RoPE) dims through BF16 (RNE).
+  virtual void quantize_kv(const Tensor& x, int64_t nope_dims) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+
+// True when the CUDA backend is compiled in and a CUDA device can be used.
+bool cuda_device_available();
+#ifdef DSV4_HAVE_CUDA
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);  // see backend/cuda/cuda_backend.h for options
+#endif
 
 }  // namespace dsv4

@@ -15,5 +15,6 @@ void register_detokenize(CLI::App& app, Action& action);
 void register_chat_template(CLI::App& app, Action& action);
 void register_serve(CLI::App& app, Action& action);
 void register_bench(CLI::App& app, Action& action);
+void register_bench_model(CLI::App& app, Action& action);  // dsv4 bench model (cmd_bench_model.cpp)
 
 }  // namespace dsv4::cli

@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   dsv4::cli::register_chat_template(app, action);
   dsv4::cli::register_serve(app, action);
   dsv4::cli::register_bench(app, action);
+  dsv4::cli::register_bench_model(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

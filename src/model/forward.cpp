@@ -12,7 +12,9 @@ float eps(double e) { return float(e); }
 }  // namespace
 
 Model::Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend)
-    : cfg_(cfg), w_(w), be_(backend), rope_main_(make_rope_table(cfg, false)), rope_compressed_(make_rope_table(cfg, true)) {}
+    : cfg_(cfg), w_(w), be_(backend), rope_main_(make_rope_table(cfg, false)), rope_compressed_(make_rope_table(cfg, true)) {
+  be_.prepare_weights(w_);
+}
 
 LayerState Model::new_layer_state(int64_t layer, int64_t capacity) const {
   LayerState s;
@@ -98,6 +100,7 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Tensor&
   be_.linear(x, a.wkv, kv);
   be_.rms_norm(kv, a.kv_norm, eps(cfg_.rms_norm_eps), kv);
   be_.rope(kv.reshaped({T, 1, hd}), pos, rope, cfg_.rope_dim(), false);
+  if (kv_fp8_) be_.quantize_kv(kv, cfg_.nope_dim());
 
   // Compressed entries completed by this chunk; the indexer picks among them per query.
   const int64_t n_before = st.num_entries;
@@ -105,6 +108,7 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Tensor&
   if (a.has_compressor) {
     Tensor fresh = compress(a.compressor, st.compressor, x, start, st.entries, n_before);
     const int64_t n_new = fresh.empty() ? 0 : fresh.dim(0);
+    if (kv_fp8_ && n_new) be_.quantize_kv(fresh, cfg_.nope_dim());
     if (a.has_indexer) {
       const auto& ix = a.indexer;
       Tensor fresh_keys = compress(ix.compressor, st.index_compressor, x, start, st.index_keys, n_before);

@@ -42,6 +42,8 @@ class Model {
   // streams of that position with the token that follows it (next_tokens[i]).
   Tensor forward_mtp(SequenceState& state, const Tensor& streams, std::span<const int32_t> next_tokens);
 
+  // Production KV format simulation (Backend::quantize_kv on window keys and compressed entries).
+  void set_kv_fp8(bool on) { kv_fp8_ = on; }
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() const { return be_; }
 
@@ -59,6 +61,7 @@ class Model {
   const ModelWeights& w_;
   Backend& be_;
   RopeTable rope_main_, rope_compressed_;
+  bool kv_fp8_ = false;
 };
 
 }  // namespace dsv4

@@ -96,6 +96,9 @@ void PrintTo(const GoldenCase& c, std::ostream* os) { *os << c.config << "/" << 
 }  // namespace
 
 TEST(GoldenFixtures, Present) {
+#ifdef DSV4_GOLDEN_CUDA
+  if (!cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+#endif
   EXPECT_GE(discover().size(), 6u) << "golden fixtures missing under " << kRoot
                                    << " (regenerate: see docs/TESTING.md, 'Golden fixtures')";
 }
@@ -104,7 +107,12 @@ TEST_P(Golden, MatchesTransformers) {
   const GoldenCase& gc = GetParam();
   const fs::path dir = kRoot / gc.config;
   auto ck = Checkpoint::open(dir.string());
+#ifdef DSV4_GOLDEN_CUDA  // tests/cuda builds this file a second time for the CUDA backend (label gpu)
+  if (!cuda_device_available()) GTEST_SKIP() << "no CUDA device";
+  auto be = make_cuda_backend(0);
+#else
   auto be = make_cpu_backend();
+#endif
   Model model(ck->config(), ck->weights(), *be);
   const int64_t T = int64_t(gc.tokens.size());
   NpyArray ref = read_npy((dir / (gc.name + ".logits.npy")).string());

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call: build the CUDA code for sm_90a, run the gpu ctest label (op tests, whole-model
+# CUDA vs CPU, golden fixtures on CUDA), `dsv4 logits --backend cuda` on a fixture, and the
+# full-width random-model benchmark. Logs go to $OUT (gpu-tests.log, bench.log).
+#   run: bash scripts/device/gpu-tests.sh   (carry: [".deps"])
+# Env: BENCH_LAYERS (default 30), BENCH_ARGS (extra), SKIP_BENCH=1, SKIP_TESTS=1, JOBS (16).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+log="$OUT/gpu-tests.log"
+exec > >(tee -a "$log") 2>&1
+echo "== $(date -u +%FT%TZ) commit ${GIT_COMMIT:-unknown}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+eval "$(bash scripts/device/setup-deps.sh)" || exit 1
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a >"$OUT/configure.log" 2>&1 \
+  || { tail -40 "$OUT/configure.log"; exit 1; }
+cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden 2>&1 | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
+echo "== build: $(( $(date +%s) - t0 )) s"
+rc=0
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  t0=$(date +%s)
+  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900 -j1) || rc=1
+  echo "== ctest -L gpu: $(( $(date +%s) - t0 )) s, rc=$rc"
+  for b in test_cuda_ops test_cuda_model; do ./build-gpu/tests/cuda/$b 2>&1 | grep -E '^\[maxerr\]|^\[model\]' ; done \
+    > "$OUT/maxerr.log" || true
+  # CLI: logits on CUDA (exact and fp8 KV) for one fixture.
+  g=tests/data/golden/tiny
+  toks=$(python3 -c "import json;print(','.join(map(str,json.load(open('$g/cases.json'))['cases'][1]['tokens'] if isinstance(json.load(open('$g/cases.json')),dict) else json.load(open('$g/cases.json'))[1]['tokens'])))")
+  ./build-gpu/dsv4 logits --model $g --tokens "$toks" --backend cuda --out /tmp/l_cuda.npy && \
+  ./build-gpu/dsv4 logits --model $g --tokens "$toks" --backend cuda --kv fp8 --out /tmp/l_cuda_fp8.npy && \
+  python3 - <<'PY' || rc=1
+import numpy as np
+a = np.load('/tmp/l_cuda.npy'); r = np.load('tests/data/golden/tiny/len40.logits.npy'); f = np.load('/tmp/l_cuda_fp8.npy')
+e = np.abs(a - r).max() / np.abs(r).max()
+print(f"dsv4 logits --backend cuda tiny/len40: rel err vs transformers {e:.3e}, argmax agree {np.mean(a.argmax(1)==r.argmax(1)):.3f}")
+print(f"  --kv fp8: rel diff vs exact {np.abs(f-a).max()/np.abs(a).max():.3e}, argmax agree {np.mean(f.argmax(1)==a.argmax(1)):.3f}")
+assert e <= 1e-4
+PY
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  ./build-gpu/dsv4 bench model --random --layers "${BENCH_LAYERS:-30}" --batch 1,8,64 --ctx 1024,8192 ${BENCH_ARGS:-} \
+    2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+echo "== done rc=$rc"
+exit $rc

@@ -1,0 +1,147 @@
+#pragma once
+// Device helpers shared by the kernel families: weight element loaders per format, reductions.
+#include <cstdint>
+#include <cstdio>
+
+#include <cuda_runtime.h>
+
+#include "backend/cuda/dequant.cuh"
+#include "backend/cuda/kernels.h"
+
+namespace dsv4::cuda {
+
+#define DSV4_LAUNCH_CHECK()                                                                              \
+  do {                                                                                                   \
+    cudaError_t e_ = cudaGetLastError();                                                                 \
+    if (e_ != cudaSuccess) {                                                                             \
+      std::fprintf(stderr, "CUDA launch error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::abort();                                                                                      \
+    }                                                                                                    \
+  } while (0)
+
+inline int blocks_for(int64_t n, int threads = 256) {
+  const int64_t b = (n + threads - 1) / threads;
+  return int(b < 1 ? 1 : (b > 1048576 ? 1048576 : b));
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
+
+__device__ __forceinline__ float vec_at(Vec v, int64_t i) {
+  return v.bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(v.p)[i]) : static_cast<const float*>(v.p)[i];
+}
+
+template <bool F32>
+__device__ __forceinline__ float scale_at(const uint8_t* s, int64_t i) {
+  if constexpr (F32) return reinterpret_cast<const float*>(s)[i];
+  else return e8m0_to_float(s[i]);
+}
+
+// One weight element W[r, c].
+template <int FMT, bool SF32>
+__device__ __forceinline__ float wload1(const WeightDesc& w, int64_t r, int64_t c) {
+  if constexpr (FMT == kFP8) {
+    const int64_t sc = (w.in + 127) / 128;
+    return e4m3_to_float(w.w[r * w.in + c]) * scale_at<SF32>(w.s, (r / 128) * sc + c / 128);
+  } else if constexpr (FMT == kFP4) {
+    const int64_t i = r * w.in + c;
+    const uint8_t b = w.w[i >> 1];
+    return e2m1_to_float((i & 1) ? (b >> 4) : (b & 0xf)) * scale_at<SF32>(w.s, r * (w.in / 32) + c / 32);
+  } else if constexpr (FMT == kBF16) {
+    return bf16_bits_to_float(reinterpret_cast<const uint16_t*>(w.w)[r * w.in + c]);
+  } else {
+    return reinterpret_cast<const float*>(w.w)[r * w.in + c];
+  }
+}
+
+// Sixteen consecutive elements W[r, c0 .. c0+16), c0 % 16 == 0, in % 16 == 0 (vector loads).
+template <int FMT, bool SF32>
+__device__ __forceinline__ void wload16(const WeightDesc& w, int64_t r, int64_t c0, float* v) {
+  if constexpr (FMT == kFP8) {
+    const int64_t sc = (w.in + 127) / 128;
+    const float s = scale_at<SF32>(w.s, (r / 128) * sc + c0 / 128);
+    const uint4 q = *reinterpret_cast<const uint4*>(w.w + r * w.in + c0);
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = e4m3_to_float(uint8_t(words[i / 4] >> (8 * (i % 4)))) * s;
+  } else if constexpr (FMT == kFP4) {
+    const float s = scale_at<SF32>(w.s, r * (w.in / 32) + c0 / 32);
+    const uint2 q = *reinterpret_cast<const uint2*>(w.w + (r * w.in + c0) / 2);
+    const uint32_t words[2] = {q.x, q.y};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) v[i] = e2m1_to_float(uint8_t(words[i / 8] >> (4 * (i % 8))) & 0xf) * s;
+  } else if constexpr (FMT == kBF16) {
+    const uint4* p = reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(w.w) + r * w.in + c0);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint4 q = p[h];
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[h * 8 + i] = bf16_bits_to_float(uint16_t(words[i / 2] >> (16 * (i % 2))));
+    }
+  } else {
+    const float4* p = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(w.w) + r * w.in + c0);
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {
+      const float4 q = p[h];
+      v[4 * h] = q.x;
+      v[4 * h + 1] = q.y;
+      v[4 * h + 2] = q.z;
+      v[4 * h + 3] = q.w;
+    }
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* red /* >= 33 floats */) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[wid] = v;
+  __syncthreads();
+  if (wid == 0) {
+    float t = lane < nw ? red[lane] : 0.f;
+    t = warp_sum(t);
+    if (lane == 0) red[32] = t;
+  }
+  __syncthreads();
+  return red[32];
+}
+__device__ __forceinline__ float block_max(float v, float* red) {
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) red[wid] = v;
+  __syncthreads();
+  if (wid == 0) {
+    float t = lane < nw ? red[lane] : -INFINITY;
+    t = warp_max(t);
+    if (lane == 0) red[32] = t;
+  }
+  __syncthreads();
+  return red[32];
+}
+
+// Calls f.template operator()<FMT, SF32>() for a runtime format.
+template <class F>
+void dispatch_format(const WeightDesc& w, F&& f) {
+  const bool sf = w.scale_f32 != 0;
+  switch (w.fmt) {
+    case kFP8: sf ? f.template operator()<kFP8, true>() : f.template operator()<kFP8, false>(); break;
+    case kFP4: sf ? f.template operator()<kFP4, true>() : f.template operator()<kFP4, false>(); break;
+    case kBF16: f.template operator()<kBF16, false>(); break;
+    default: f.template operator()<kF32, false>(); break;
+  }
+}
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,646 @@
+// The CUDA backend: the same ops as the FP32 CPU reference (backend/cpu/cpu_backend.cpp), with
+// weights kept in their checkpoint formats in one device arena and dequantised inside the
+// kernels, FP32 activations and accumulation ("exact mode"). Activations and sequence state live
+// in a second arena, sub-allocated per tensor (no cudaMalloc per step). Everything runs on one
+// stream; host reads (download) synchronise it.
+#include "backend/cuda/cuda_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <cuda_runtime.h>
+
+#include "backend/cuda/kernels.h"
+#include "util/error.h"
+#include "util/log.h"
+
+namespace dsv4 {
+
+#define DSV4_CK(expr)                                                                                      \
+  do {                                                                                                     \
+    cudaError_t e_ = (expr);                                                                               \
+    if (e_ != cudaSuccess) ::dsv4::fail("CUDA error at {}:{}: {} ({})", __FILE__, __LINE__, cudaGetErrorString(e_), #expr); \
+  } while (0)
+
+namespace {
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// One cudaMalloc, best-fit sub-allocation with coalescing. Reuse is safe without events because
+// every kernel runs on the backend's single stream in issue order.
+class Arena {
+ public:
+  explicit Arena(size_t bytes) : size_(bytes) {
+    DSV4_CK(cudaMalloc(&base_, bytes));
+    free_[0] = bytes;
+  }
+  ~Arena() { cudaFree(base_); }
+  uint8_t* allocate(size_t bytes) {
+    bytes = align_up(std::max<size_t>(bytes, 1));
+    std::lock_guard<std::mutex> g(mu_);
+    auto best = free_.end();
+    for (auto it = free_.begin(); it != free_.end(); ++it)
+      if (it->second >= bytes && (best == free_.end() || it->second < best->second)) best = it;
+    if (best == free_.end())
+      fail("CUDA activation arena exhausted: {} bytes requested, {} of {} bytes in use (raise DSV4_CUDA_ARENA_MB)",
+           bytes, used_, size_);
+    const size_t off = best->first, sz = best->second;
+    free_.erase(best);
+    if (sz > bytes) free_[off + bytes] = sz - bytes;
+    used_ += bytes;
+    peak_ = std::max(peak_, used_);
+    return base_ + off;
+  }
+  void release(uint8_t* p, size_t bytes) {
+    bytes = align_up(std::max<size_t>(bytes, 1));
+    std::lock_guard<std::mutex> g(mu_);
+    used_ -= bytes;
+    auto it = free_.emplace(size_t(p - base_), bytes).first;
+    auto nx = std::next(it);
+    if (nx != free_.end() && it->first + it->second == nx->first) {
+      it->second += nx->second;
+      free_.erase(nx);
+    }
+    if (it != free_.begin()) {
+      auto pv = std::prev(it);
+      if (pv->first + pv->second == it->first) {
+        pv->second += it->second;
+        free_.erase(it);
+      }
+    }
+  }
+  size_t peak() const { return peak_; }
+
+ private:
+  uint8_t* base_ = nullptr;
+  size_t size_, used_ = 0, peak_ = 0;
+  std::map<size_t, size_t> free_;
+  std::mutex mu_;
+};
+
+void collect(const Linear& l, std::vector<const TensorData*>& v) {
+  v.push_back(l.weight);
+  v.push_back(l.scale);
+}
+void collect(const HyperConn& h, std::vector<const TensorData*>& v) {
+  v.insert(v.end(), {h.fn, h.base, h.scale});
+}
+void collect(const CompressorWeights& c, std::vector<const TensorData*>& v) {
+  v.insert(v.end(), {c.ape, c.wkv, c.wgate, c.norm});
+}
+void collect(const ExpertWeights& e, std::vector<const TensorData*>& v) {
+  collect(e.w1, v);
+  collect(e.w2, v);
+  collect(e.w3, v);
+}
+void collect(const BlockWeights& b, std::vector<const TensorData*>& v) {
+  v.insert(v.end(), {b.attn_norm, b.ffn_norm});
+  collect(b.hc_attn, v);
+  collect(b.hc_ffn, v);
+  const auto& a = b.attn;
+  for (const Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b}) collect(*l, v);
+  v.insert(v.end(), {a.q_norm, a.kv_norm, a.attn_sink});
+  if (a.has_compressor) collect(a.compressor, v);
+  if (a.has_indexer) {
+    collect(a.indexer.wq_b, v);
+    v.push_back(a.indexer.weights_proj);
+    collect(a.indexer.compressor, v);
+  }
+  const auto& m = b.ffn;
+  v.insert(v.end(), {m.gate, m.bias, m.tid2eid});
+  for (const auto& e : m.experts) collect(e, v);
+  if (m.has_shared) collect(m.shared, v);
+}
+std::vector<const TensorData*> all_tensors(const ModelWeights& w) {
+  std::vector<const TensorData*> v{w.embed, w.head, w.norm};
+  collect(w.hc_head, v);
+  for (const auto& b : w.layers) collect(b, v);
+  for (const auto& m : w.mtp) {
+    collect(m.block, v);
+    collect(m.e_proj, v);
+    collect(m.h_proj, v);
+    v.insert(v.end(), {m.enorm, m.hnorm, m.norm});
+    collect(m.hc_head, v);
+  }
+  std::vector<const TensorData*> out;
+  std::unordered_set<const TensorData*> seen;
+  for (auto* t : v)
+    if (t && seen.insert(t).second) out.push_back(t);
+  return out;
+}
+
+Linear dense(const TensorData& t) {
+  Linear l;
+  l.format = WeightFormat::BF16;
+  l.weight = &t;
+  l.out = t.shape[0];
+  l.in = t.shape.size() > 1 ? t.shape[1] : 1;
+  return l;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(int device, const CudaOptions& o) : device_(device), opts_(o) {
+    DSV4_CK(cudaSetDevice(device));
+    DSV4_CK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking));
+    DSV4_CK(cudaMallocHost(&ring_, kRing));
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(s_);
+    for (void* p : extra_) cudaFree(p);
+    if (weights_) cudaFree(weights_);
+    cudaFreeHost(ring_);
+    cudaStreamDestroy(s_);
+  }
+  std::string name() const override { return "cuda"; }
+
+  // ---- memory ----
+  Tensor alloc(std::vector<int64_t> shape, ElemType type = ElemType::F32) override {
+    if (!arena_) make_arena();
+    Tensor t;
+    t.type = type;
+    t.shape = std::move(shape);
+    const size_t bytes = size_t(std::max<int64_t>(t.numel(), 1)) * 4;
+    uint8_t* p = arena_->allocate(bytes);
+    std::shared_ptr<Arena> arena = arena_;
+    t.storage = std::shared_ptr<uint8_t>(p, [arena, bytes](uint8_t* q) { arena->release(q, bytes); });
+    if (opts_.poison) DSV4_CK(cudaMemsetAsync(p, 0xff, bytes, s_));
+    return t;
+  }
+  void upload(const Tensor& dst, const void* src) override {
+    const size_t bytes = size_t(dst.numel()) * 4;
+    if (!bytes) return;
+    uint8_t* d = dst.storage.get() + dst.offset;
+    if (bytes > kRing / 4) {
+      DSV4_CK(cudaMemcpyAsync(d, src, bytes, cudaMemcpyHostToDevice, s_));
+      DSV4_CK(cudaStreamSynchronize(s_));
+      return;
+    }
+    if (ring_pos_ + bytes > kRing) {  // every earlier staged copy must have landed before reuse
+      DSV4_CK(cudaStreamSynchronize(s_));
+      ring_pos_ = 0;
+    }
+    std::memcpy(ring_ + ring_pos_, src, bytes);
+    DSV4_CK(cudaMemcpyAsync(d, ring_ + ring_pos_, bytes, cudaMemcpyHostToDevice, s_));
+    ring_pos_ += align_up(bytes);
+  }
+  void download(const Tensor& src, void* dst) override {
+    const size_t bytes = size_t(src.numel()) * 4;
+    if (bytes) DSV4_CK(cudaMemcpyAsync(dst, src.storage.get() + src.offset, bytes, cudaMemcpyDeviceToHost, s_));
+    synchronize();
+  }
+  void fill(const Tensor& t, float v) override { cuda::fill(t.f32(), t.numel(), v, s_); }
+  void copy(const Tensor& src, const Tensor& dst) override {
+    DSV4_CHECK(src.numel() == dst.numel());
+    if (src.numel())
+      DSV4_CK(cudaMemcpyAsync(dst.storage.get() + dst.offset, src.storage.get() + src.offset, size_t(src.numel()) * 4,
+                              cudaMemcpyDeviceToDevice, s_));
+  }
+  void synchronize() override {
+    DSV4_CK(cudaStreamSynchronize(s_));
+    ring_pos_ = 0;
+  }
+
+  // ---- weights ----
+  void prepare_weights(const ModelWeights& w) override {
+    auto ts = all_tensors(w);
+    size_t total = 0, payload = 0;
+    for (auto* t : ts)
+      if (!map_.count(t)) {
+        total += align_up(t->nbytes);
+        payload += t->nbytes;
+      }
+    if (!total) return;
+    DSV4_CHECK(!weights_);
+    DSV4_CK(cudaMalloc(&weights_, total));
+    constexpr size_t kChunk = 32 << 20;
+    uint8_t* stage[2];
+    cudaEvent_t ev[2];
+    cudaStream_t up;
+    DSV4_CK(cudaStreamCreateWithFlags(&up, cudaStreamNonBlocking));
+    for (int i = 0; i < 2; ++i) {
+      DSV4_CK(cudaMallocHost(&stage[i], kChunk));
+      DSV4_CK(cudaEventCreateWithFlags(&ev[i], cudaEventDisableTiming));
+      DSV4_CK(cudaEventRecord(ev[i], up));
+    }
+    ProgressBar bar("uploading weights", payload);
+    size_t at = 0;
+    int turn = 0;
+    for (auto* t : ts) {
+      if (map_.count(t)) continue;
+      uint8_t* dst = weights_ + at;
+      map_[t] = dst;
+      at += align_up(t->nbytes);
+      for (size_t off = 0; off < t->nbytes; off += kChunk) {
+        const size_t n = std::min(kChunk, t->nbytes - off);
+        DSV4_CK(cudaEventSynchronize(ev[turn]));
+        std::memcpy(stage[turn], t->data + off, n);  // reads the mmapped file (page faults here)
+        DSV4_CK(cudaMemcpyAsync(dst + off, stage[turn], n, cudaMemcpyHostToDevice, up));
+        DSV4_CK(cudaEventRecord(ev[turn], up));
+        turn ^= 1;
+        bar.advance(n);
+      }
+    }
+    DSV4_CK(cudaStreamSynchronize(up));
+    bar.finish();
+    for (int i = 0; i < 2; ++i) {
+      cudaFreeHost(stage[i]);
+      cudaEventDestroy(ev[i]);
+    }
+    cudaStreamDestroy(up);
+  }
+
+  void random_weights(const std::vector<RandomTensorSpec>& ts, uint64_t seed) {
+    size_t total = 0;
+    for (const auto& r : ts) total += align_up(r.t->nbytes);
+    DSV4_CHECK(!weights_);
+    DSV4_CK(cudaMalloc(&weights_, std::max<size_t>(total, 1)));
+    size_t at = 0;
+    uint64_t k = seed;
+    for (const auto& r : ts) {
+      const TensorData& t = *r.t;
+      uint8_t* p = weights_ + at;
+      map_[&t] = p;
+      at += align_up(t.nbytes);
+      const int64_t n = t.numel();
+      ++k;
+      const float dense = std::sqrt(3.f / float(std::max<int64_t>(r.fan_in, 1)));
+      int kind = 0;
+      float a = dense;
+      switch (r.init) {
+        case Init::Dense: break;
+        case Init::Embedding: a = 1.f; break;
+        case Init::NormWeight: kind = 1; a = 1.f; break;
+        case Init::Sink: a = 0.5f; break;
+        case Init::RouterBias: a = 0.1f; break;
+        case Init::Ape: a = 0.5f; break;
+        case Init::HcFn: break;
+        case Init::HcBase: a = 0.5f; break;
+        case Init::HcScale: kind = 1; a = 1.f; break;
+        case Init::TokenToExpert: break;
+      }
+      switch (t.dtype) {
+        case DType::F32: cuda::random_fill_f32(reinterpret_cast<float*>(p), n, kind, a, k, s_); break;
+        case DType::BF16: cuda::random_fill_bf16(reinterpret_cast<uint16_t*>(p), n, kind, a, k, s_); break;
+        case DType::F8_E4M3: cuda::random_fill_bytes(p, n, 0, k, s_); break;
+        case DType::FP4_E2M1:
+        case DType::I8: cuda::random_fill_bytes(p, int64_t(t.nbytes), 1, k, s_); break;
+        case DType::F8_E8M0: cuda::fill_u8(p, n, uint8_t(127 - 7), s_); break;  // 2^-7 ~ 1/sqrt(fan_in)
+        case DType::I32:
+        case DType::I64: {
+          const int64_t below = r.fan_in > 1 ? r.fan_in : 1;
+          cuda::random_ids(p, n, t.dtype == DType::I64, below, k, s_);
+          break;
+        }
+        default: fail("random weights: tensor '{}' has unsupported dtype {}", t.name, dtype_name(t.dtype));
+      }
+    }
+    synchronize();
+  }
+
+  size_t arena_peak() const { return arena_ ? arena_->peak() : 0; }
+
+  // ---- ops ----
+  void embed(const TensorData& table, const Tensor& ids, const Tensor& out) override {
+    cuda::embed(vec(table), table.shape[1], ids.i32(), ids.numel(), out.f32(), s_);
+  }
+  void rms_norm(const Tensor& x, const TensorData* w, float eps, const Tensor& out) override {
+    cuda::rms_norm(x.f32(), w ? vec(*w) : cuda::Vec{}, eps, x.rows(), x.cols(), out.f32(), s_);
+  }
+  void linear(const Tensor& x, const Linear& w, const Tensor& out) override {
+    DSV4_CHECK(x.cols() == w.in && out.cols() == w.out && x.rows() == out.rows());
+    cuda::GemmArgs a;
+    a.x = x.f32();
+    a.ldx = w.in;
+    a.y = out.f32();
+    a.ldy = w.out;
+    a.M = a.max_rows = x.rows();
+    a.N = w.out;
+    a.K = w.in;
+    a.wd = desc(w);
+    cuda::gemm(a, s_);
+  }
+  void grouped_linear(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) override {
+    const int64_t T = x.dim(0), in = w.in, R = w.out / groups;
+    DSV4_CHECK(x.numel() == T * groups * in && out.numel() == T * groups * R);
+    cuda::GemmArgs a;
+    a.x = x.f32();
+    a.ldx = groups * in;
+    a.x_z_off = in;
+    a.y = out.f32();
+    a.ldy = groups * R;
+    a.y_z_off = R;
+    a.M = a.max_rows = T;
+    a.N = R;
+    a.K = in;
+    a.wd = desc(w);
+    a.w_z_row_off = R;
+    a.Z = int(groups);
+    cuda::gemm(a, s_);
+  }
+  void rope(const Tensor& x, const Tensor& pos, const RopeTable& table, int64_t rope_dim, bool inverse) override {
+    const int64_t T = x.dim(0), heads = x.shape.size() == 3 ? x.dim(1) : 1;
+    cuda::rope(x.f32(), pos.i32(), rope_table(table), T, heads, x.cols(), rope_dim, inverse, s_);
+  }
+  void hc_pre(const Tensor& X, const HyperConn& hc, int64_t iters, float hc_eps, float norm_eps, const Tensor& u,
+              const Tensor& post, const Tensor& comb) override {
+    cuda::hc_pre(X.f32(), X.dim(0), X.dim(1), X.dim(2), f32p(*hc.fn), f32p(*hc.base), f32p(*hc.scale), iters, hc_eps,
+                 norm_eps, u.f32(), post.f32(), comb.f32(), s_);
+  }
+  void hc_post(const Tensor& y, const Tensor& X, const Tensor& post, const Tensor& comb, const Tensor& out) override {
+    DSV4_CHECK(out.storage != X.storage || out.offset != X.offset);
+    cuda::hc_post(y.f32(), X.f32(), post.f32(), comb.f32(), X.dim(0), X.dim(1), X.dim(2), out.f32(), s_);
+  }
+  void hc_head(const Tensor& X, const HyperConn& hc, float hc_eps, float norm_eps, const Tensor& u) override {
+    cuda::hc_head(X.f32(), X.dim(0), X.dim(1), X.dim(2), f32p(*hc.fn), f32p(*hc.base), f32p(*hc.scale), hc_eps,
+                  norm_eps, u.f32(), s_);
+  }
+  void attend(const Tensor& q, const Tensor& pool, const Tensor& idx_a, const Tensor& idx_b, const TensorData& sinks,
+              float scale, const Tensor& out) override {
+    const int64_t Kb = idx_b.empty() ? 0 : idx_b.cols();
+    cuda::attend(q.f32(), q.dim(0), q.dim(1), q.dim(2), pool.f32(), pool.rows(), idx_a.i32(), idx_a.cols(),
+                 Kb ? idx_b.i32() : nullptr, Kb, vec(sinks), scale, out.f32(), s_);
+  }
+  int64_t compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, int64_t start_pos, int64_t ratio,
+                   bool overlap, CompressorState& st, const Tensor& entries) override {
+    const int64_t T = kv.dim(0), coff = overlap ? 2 : 1, d = kv.cols() / coff;
+    const int64_t n = (start_pos + T) / ratio - start_pos / ratio;
+    DSV4_CHECK(n <= entries.dim(0));
+    cuda::CompressArgs a{kv.f32(), gate.f32(), vec(ape), T, start_pos, ratio, d, overlap, st.has_prev,
+                         st.kv.f32(), st.gate.f32(), overlap ? st.prev_kv.f32() : nullptr,
+                         overlap ? st.prev_gate.f32() : nullptr, entries.f32(), n};
+    cuda::compress(a, s_);
+    if (overlap && n > 0) st.has_prev = true;
+    return n;
+  }
+  void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& usable,
+                  const Tensor& idx) override {
+    const int64_t T = q.dim(0), N = keys.rows();
+    if (N > cuda::kTopkMaxKeys) fail("index_topk: {} compressed keys exceed the CUDA limit of {}", N, cuda::kTopkMaxKeys);
+    Tensor scratch = alloc({std::max<int64_t>(T * N, 1)}, ElemType::F32);
+    cuda::index_topk(q.f32(), w.f32(), w_scale, T, q.dim(1), q.dim(2), keys.f32(), N, usable.i32(), idx.cols(),
+                     scratch.f32(), idx.i32(), s_);
+  }
+  void route(const Tensor& x, const MoEWeights& moe, const Tensor& tokens, const ModelConfig& cfg, const Tensor& weights,
+             const Tensor& experts) override {
+    const int64_t T = x.dim(0), E = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
+    if (k > 64) fail("CUDA router: top-{} exceeds 64", k);
+    Tensor logits = alloc({T, E});
+    linear(x, dense(*moe.gate), logits);
+    cuda::RouteArgs a;
+    a.logits = logits.f32();
+    a.T = T;
+    a.E = E;
+    a.k = k;
+    a.scoring = cfg.scoring_func == "softmax" ? 0 : cfg.scoring_func == "sigmoid" ? 1 : 2;
+    a.norm_topk = cfg.norm_topk_prob;
+    a.routed_scale = float(cfg.routed_scaling_factor);
+    if (moe.bias) a.bias = vec(*moe.bias);
+    if (moe.hash_routed) {
+      a.tid2eid = dev(*moe.tid2eid);
+      if (moe.tid2eid->dtype != DType::I32 && moe.tid2eid->dtype != DType::I64)
+        fail("tensor '{}': expected I32 or I64, got {}", moe.tid2eid->name, dtype_name(moe.tid2eid->dtype));
+      a.tid_i64 = moe.tid2eid->dtype == DType::I64;
+    }
+    a.tokens = tokens.i32();
+    a.weights = weights.f32();
+    a.experts = experts.i32();
+    cuda::route(a, s_);
+  }
+  void moe(const Tensor& x, const MoEWeights& moe, const Tensor& weights, const Tensor& experts, float limit,
+           const Tensor& out) override {
+    const int64_t T = x.dim(0), D = x.cols(), k = experts.cols(), E = int64_t(moe.experts.size());
+    const MoeTables& tb = moe_tables(moe);
+    const int64_t F = moe.experts.at(0).w1.out, n = T * k;
+    Tensor counts = alloc({E}, ElemType::I32), offsets = alloc({E}, ElemType::I32), cursor = alloc({E}, ElemType::I32);
+    Tensor perm = alloc({n}, ElemType::I32), slot = alloc({n}, ElemType::I32);
+    cuda::moe_group(experts.i32(), T, k, E, counts.i32(), offsets.i32(), cursor.i32(), perm.i32(), slot.i32(), s_);
+    // Rows per expert: at most T for learned routing (distinct experts), T*k for hash tables.
+    int64_t max_rows = moe.hash_routed ? n : T;
+    if (max_rows > 64) {
+      std::vector<int32_t> c(E);
+      download(counts, c.data());
+      max_rows = E ? *std::max_element(c.begin(), c.end()) : 0;
+    }
+    Tensor h1 = alloc({n, F}), h3 = alloc({n, F}), y = alloc({n, D});
+    auto expert_gemm = [&](const cuda::WeightDesc* descs, const float* xin, const int32_t* rows, int64_t ldx,
+                           float* yout, int64_t N, int64_t K) {
+      cuda::GemmArgs a;
+      a.x = xin;
+      a.ldx = ldx;
+      a.x_rows = rows;
+      a.y = yout;
+      a.ldy = N;
+      a.N = N;
+      a.K = K;
+      a.counts = counts.i32();
+      a.offsets = offsets.i32();
+      a.max_rows = max_rows;
+      a.descs = descs;
+      a.wd = tb.first;
+      a.Z = int(E);
+      cuda::gemm(a, s_);
+    };
+    if (max_rows > 0) {
+      expert_gemm(tb.w1, x.f32(), perm.i32(), D, h1.f32(), F, D);
+      expert_gemm(tb.w3, x.f32(), perm.i32(), D, h3.f32(), F, D);
+      cuda::swiglu(h1.f32(), h3.f32(), n * F, limit, s_);
+      expert_gemm(tb.w2, h1.f32(), nullptr, F, y.f32(), D, F);
+    }
+    Tensor shared;
+    if (moe.has_shared) {
+      const int64_t Fs = moe.shared.w1.out;
+      Tensor s1 = alloc({T, Fs}), s3 = alloc({T, Fs});
+      shared = alloc({T, D});
+      linear(x, moe.shared.w1, s1);
+      linear(x, moe.shared.w3, s3);
+      cuda::swiglu(s1.f32(), s3.f32(), T * Fs, limit, s_);
+      linear(s1, moe.shared.w2, shared);
+    }
+    cuda::moe_combine(y.f32(), slot.i32(), weights.f32(), moe.has_shared ? shared.f32() : nullptr, T, k, D, out.f32(),
+                      s_);
+  }
+  void gather_rows(const Tensor& src, const Tensor& rows, const Tensor& out) override {
+    cuda::gather_rows(src.f32(), src.rows(), src.cols(), rows.i32(), rows.numel(), out.f32(), s_);
+  }
+  void broadcast_streams(const Tensor& v, const Tensor& X, bool accumulate) override {
+    cuda::broadcast_streams(v.f32(), X.f32(), X.dim(0), X.dim(1), X.dim(2), accumulate, s_);
+  }
+  void quantize_kv(const Tensor& x, int64_t nope) override {
+    DSV4_CHECK(nope <= x.cols());
+    cuda::quantize_kv(x.f32(), x.rows(), x.cols(), nope, s_);
+  }
+
+ private:
+  static constexpr size_t kRing = 16 << 20;
+
+  struct MoeTables {
+    std::vector<cuda::WeightDesc> host;  // w1 | w2 | w3, E each
+    cuda::WeightDesc* devp = nullptr;
+    cuda::WeightDesc first;
+    const cuda::WeightDesc *w1 = nullptr, *w2 = nullptr, *w3 = nullptr;
+  };
+
+  void make_arena() {
+    size_t bytes = opts_.arena_bytes;
+    if (!bytes) {
+      if (const char* e = std::getenv("DSV4_CUDA_ARENA_MB")) bytes = size_t(std::atoll(e)) << 20;
+    }
+    if (!bytes || bytes == SIZE_MAX) {
+      size_t free_b = 0, total_b = 0;
+      DSV4_CK(cudaMemGetInfo(&free_b, &total_b));
+      const size_t most = free_b > (size_t(2) << 30) ? size_t(double(free_b - (size_t(1) << 30)) * 0.95) : free_b / 2;
+      bytes = bytes == SIZE_MAX ? most : std::min<size_t>(size_t(8) << 30, most);
+    }
+    arena_ = std::make_shared<Arena>(bytes);
+  }
+
+  const uint8_t* dev(const TensorData& t) {
+    auto it = map_.find(&t);
+    if (it != map_.end()) return it->second;
+    // Not part of prepare_weights (op tests, ad-hoc weights): upload it on its own, once.
+    if (!t.data) fail("tensor '{}' has no data and was not prepared on the device", t.name);
+    void* p = nullptr;
+    DSV4_CK(cudaMalloc(&p, std::max<size_t>(t.nbytes, 1)));
+    DSV4_CK(cudaMemcpy(p, t.data, t.nbytes, cudaMemcpyHostToDevice));
+    extra_.push_back(p);
+    map_[&t] = static_cast<uint8_t*>(p);
+    return static_cast<uint8_t*>(p);
+  }
+  const float* f32p(const TensorData& t) {
+    if (t.dtype != DType::F32) fail("tensor '{}': expected F32, got {}", t.name, dtype_name(t.dtype));
+    return reinterpret_cast<const float*>(dev(t));
+  }
+  cuda::Vec vec(const TensorData& t) {
+    if (t.dtype != DType::F32 && t.dtype != DType::BF16)
+      fail("tensor '{}': expected F32 or BF16, got {}", t.name, dtype_name(t.dtype));
+    return cuda::Vec{dev(t), t.dtype == DType::BF16};
+  }
+  cuda::WeightDesc desc(const Linear& w) {
+    cuda::WeightDesc d;
+    d.w = dev(*w.weight);
+    d.out = w.out;
+    d.in = w.in;
+    switch (w.format) {
+      case WeightFormat::FP8: d.fmt = cuda::kFP8; break;
+      case WeightFormat::FP4: d.fmt = cuda::kFP4; break;
+      case WeightFormat::BF16:
+        if (w.weight->dtype == DType::F32) d.fmt = cuda::kF32;
+        else if (w.weight->dtype == DType::BF16) d.fmt = cuda::kBF16;
+        else fail("tensor '{}': expected BF16 or F32, got {}", w.weight->name, dtype_name(w.weight->dtype));
+        break;
+    }
+    if (d.fmt == cuda::kFP8 || d.fmt == cuda::kFP4) {
+      d.s = dev(*w.scale);
+      d.scale_f32 = w.scale->dtype == DType::F32;
+    }
+    return d;
+  }
+  const float* rope_table(const RopeTable& t) {
+    auto& e = ropes_[&t];
+    if (e.first != t.inv_freq) {
+      e.first = t.inv_freq;
+      if (!e.second) {
+        void* p = nullptr;
+        DSV4_CK(cudaMalloc(&p, 4 * std::max<size_t>(t.inv_freq.size(), 64)));
+        extra_.push_back(p);
+        e.second = static_cast<float*>(p);
+      }
+      DSV4_CHECK(t.inv_freq.size() <= 64);
+      DSV4_CK(cudaMemcpyAsync(e.second, t.inv_freq.data(), 4 * t.inv_freq.size(), cudaMemcpyHostToDevice, s_));
+      DSV4_CK(cudaStreamSynchronize(s_));
+    }
+    return e.second;
+  }
+  const MoeTables& moe_tables(const MoEWeights& m) {
+    std::vector<cuda::WeightDesc> host;
+    auto it = moes_.find(&m);
+    if (it != moes_.end() && it->second.host.size() == 3 * m.experts.size() &&
+        it->second.host[0].w == (m.experts.empty() ? nullptr : dev(*m.experts[0].w1.weight)))
+      return it->second;
+    if (m.experts.empty()) fail("MoE layer without routed experts");
+    for (int which = 0; which < 3; ++which)
+      for (const auto& e : m.experts) host.push_back(desc(which == 0 ? e.w1 : which == 1 ? e.w2 : e.w3));
+    for (const auto& d : host)
+      if (d.fmt != host[0].fmt || d.scale_f32 != host[0].scale_f32) fail("MoE experts of one layer mix weight formats");
+    MoeTables& t = moes_[&m];
+    t.host = host;
+    if (!t.devp) {
+      void* p = nullptr;
+      DSV4_CK(cudaMalloc(&p, host.size() * sizeof(cuda::WeightDesc)));
+      extra_.push_back(p);
+      t.devp = static_cast<cuda::WeightDesc*>(p);
+    }
+    DSV4_CK(cudaMemcpy(t.devp, host.data(), host.size() * sizeof(cuda::WeightDesc), cudaMemcpyHostToDevice));
+    const size_t E = m.experts.size();
+    t.w1 = t.devp;
+    t.w2 = t.devp + E;
+    t.w3 = t.devp + 2 * E;
+    t.first = host[0];
+    return t;
+  }
+
+  int device_;
+  CudaOptions opts_;
+  cudaStream_t s_ = nullptr;
+  std::shared_ptr<Arena> arena_;
+  uint8_t* weights_ = nullptr;
+  std::unordered_map<const TensorData*, uint8_t*> map_;
+  std::vector<void*> extra_;
+  std::unordered_map<const RopeTable*, std::pair<std::vector<float>, float*>> ropes_;
+  std::unordered_map<const MoEWeights*, MoeTables> moes_;
+  uint8_t* ring_ = nullptr;
+  size_t ring_pos_ = 0;
+};
+
+CudaBackend& as_cuda(Backend& be) {
+  auto* c = dynamic_cast<CudaBackend*>(&be);
+  if (!c) fail("backend '{}' is not the CUDA backend", be.name());
+  return *c;
+}
+
+}  // namespace
+
+bool cuda_device_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device, const CudaOptions& opts) {
+  if (!cuda_device_available()) fail("no CUDA device is available");
+  return std::make_unique<CudaBackend>(device, opts);
+}
+std::unique_ptr<Backend> make_cuda_backend(int device) { return make_cuda_backend(device, CudaOptions{}); }
+
+void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, uint64_t seed) {
+  as_cuda(be).random_weights(ts, seed);
+}
+
+size_t cuda_arena_peak(Backend& be) { return as_cuda(be).arena_peak(); }
+
+CudaDeviceInfo cuda_device_info(int device) {
+  CudaDeviceInfo d;
+  cudaDeviceProp p{};
+  DSV4_CK(cudaGetDeviceProperties(&p, device));
+  d.name = p.name;
+  d.sm_major = p.major;
+  d.sm_minor = p.minor;
+  d.sms = p.multiProcessorCount;
+  DSV4_CK(cudaSetDevice(device));
+  DSV4_CK(cudaMemGetInfo(&d.free_bytes, &d.total_bytes));
+  int clock_khz = 0, bus_bits = 0;
+  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device);
+  cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device);
+  d.mem_bandwidth_gbs = 2.0 * double(clock_khz) * 1e3 * double(bus_bits) / 8.0 / 1e9;
+  return d;
+}
+
+}  // namespace dsv4

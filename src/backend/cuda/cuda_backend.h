@@ -1,0 +1,40 @@
+#pragma once
+// CUDA-only extras beyond the Backend interface: options, random on-device weights for the
+// benchmark, device facts, and cuBLASLt reference timings.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace dsv4 {
+
+struct CudaOptions {
+  size_t arena_bytes = 0;  // activation/state arena; 0: DSV4_CUDA_ARENA_MB, else min(8 GiB, ~95% of free);
+                           // SIZE_MAX: ~95% of what is free at the first allocation
+  bool poison = true;      // fill every new tensor with 0xff (NaN / -1) like the CPU reference
+};
+std::unique_ptr<Backend> make_cuda_backend(int device, const CudaOptions& opts);
+
+struct RandomTensorSpec {
+  const TensorData* t = nullptr;  // data may be null: only name, dtype and shape are used
+  Init init = Init::Dense;
+  int64_t fan_in = 1;
+};
+// Allocates one weight arena for these tensors and fills them on the device (no host copy).
+void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, uint64_t seed);
+
+struct CudaDeviceInfo {
+  std::string name;
+  int sm_major = 0, sm_minor = 0, sms = 0;
+  size_t total_bytes = 0, free_bytes = 0;
+  double mem_bandwidth_gbs = 0;  // theoretical, from the memory clock and bus width
+};
+CudaDeviceInfo cuda_device_info(int device);
+size_t cuda_arena_peak(Backend& be);  // bytes of the activation arena ever in use at once
+
+// Median milliseconds of cuBLASLt BF16 x BF16 -> FP32 (FP32 accumulate) for y[M,N] = x[M,K] W[N,K]^T.
+double cublaslt_bf16_gemm_ms(int64_t M, int64_t N, int64_t K, int reps);
+
+}  // namespace dsv4

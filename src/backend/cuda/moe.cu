@@ -1,0 +1,179 @@
+// MoE family: router (softmax / sigmoid / sqrt-softplus scores, bias-corrected top-k or hash
+// table), grouping of token-expert assignments by expert, clamped SwiGLU and the weighted combine.
+// The expert GEMMs themselves run through gemm() (linear.cu) with one problem per expert.
+#include "backend/cuda/common.cuh"
+
+namespace dsv4::cuda {
+
+namespace {
+
+__device__ __forceinline__ void better(float& v, int& i, float v2, int i2) {
+  if (v2 > v || (v2 == v && i2 < i) || (i < 0 && i2 >= 0)) {
+    v = v2;
+    i = i2;
+  }
+}
+
+// Block per token; shared: score[E], biased[E], taken[E].
+__global__ void route_kernel(RouteArgs a) {
+  extern __shared__ float sm[];
+  float* score = sm;
+  float* biased = sm + a.E;
+  int* taken = reinterpret_cast<int*>(sm + 2 * a.E);
+  __shared__ float red[33];
+  __shared__ float rv[32];
+  __shared__ int ri[32];
+  __shared__ int chosen[64];
+  const int64_t t = blockIdx.x;
+  const float* l = a.logits + t * a.E;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  if (a.scoring == 0) {
+    float mx = -INFINITY;
+    for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x) mx = fmaxf(mx, l[e]);
+    mx = block_max(mx, red);
+    float s = 0.f;
+    for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x) s += (score[e] = expf(l[e] - mx));
+    s = block_sum(s, red);
+    for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x) score[e] /= s;
+  } else {
+    for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x) {
+      const float x = l[e];
+      score[e] = a.scoring == 1 ? 1.f / (1.f + expf(-x)) : sqrtf(x > 20.f ? x : log1pf(expf(x)));
+    }
+  }
+  for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x) taken[e] = 0;
+  __syncthreads();
+  if (a.tid2eid) {
+    if (threadIdx.x < a.k) {
+      const int64_t i = int64_t(a.tokens[t]) * a.k + threadIdx.x;
+      chosen[threadIdx.x] = a.tid_i64 ? int(static_cast<const int64_t*>(a.tid2eid)[i])
+                                      : static_cast<const int32_t*>(a.tid2eid)[i];
+    }
+  } else {
+    for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x) biased[e] = score[e] + (a.bias.p ? vec_at(a.bias, e) : 0.f);
+    __syncthreads();
+    for (int64_t r = 0; r < a.k; ++r) {
+      float v = -INFINITY;
+      int i = -1;
+      for (int64_t e = threadIdx.x; e < a.E; e += blockDim.x)
+        if (!taken[e]) better(v, i, biased[e], int(e));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) better(v, i, __shfl_xor_sync(0xffffffffu, v, o), __shfl_xor_sync(0xffffffffu, i, o));
+      if (lane == 0) {
+        rv[warp] = v;
+        ri[warp] = i;
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float bv = rv[0];
+        int bi = ri[0];
+        for (int w = 1; w < nw; ++w) better(bv, bi, rv[w], ri[w]);
+        chosen[r] = bi;
+        taken[bi] = 1;
+      }
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < a.k; ++i) sum += score[chosen[i]];
+    for (int64_t i = 0; i < a.k; ++i) {
+      float g = score[chosen[i]];
+      if (a.scoring != 0 && a.norm_topk) g /= (sum + 1e-20f);
+      a.weights[t * a.k + i] = g * a.routed_scale;
+      a.experts[t * a.k + i] = chosen[i];
+    }
+  }
+}
+
+__global__ void count_kernel(const int32_t* experts, int64_t n, int64_t E, int32_t* counts) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t e = experts[i];
+    if (e >= 0 && e < E) atomicAdd(&counts[e], 1);
+  }
+}
+
+__global__ void scan_kernel(const int32_t* counts, int64_t E, int32_t* offsets, int32_t* cursor) {
+  if (threadIdx.x == 0) {
+    int32_t s = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      offsets[e] = s;
+      cursor[e] = 0;
+      s += counts[e];
+    }
+  }
+}
+
+__global__ void place_kernel(const int32_t* experts, int64_t n, int64_t k, int64_t E, const int32_t* offsets,
+                             int32_t* cursor, int32_t* perm, int32_t* slot) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t e = experts[i];
+    if (e < 0 || e >= E) {
+      slot[i] = -1;
+      continue;
+    }
+    const int32_t at = offsets[e] + atomicAdd(&cursor[e], 1);
+    perm[at] = int32_t(i / k);
+    slot[i] = at;
+  }
+}
+
+__global__ void swiglu_kernel(float* h1, const float* h3, int64_t n, float limit) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float g = h1[i], u = h3[i];
+    if (limit > 0) {
+      g = fminf(g, limit);
+      u = fminf(fmaxf(u, -limit), limit);
+    }
+    h1[i] = g / (1.f + expf(-g)) * u;
+  }
+}
+
+__global__ void combine_kernel(const float* Y, const int32_t* slot, const float* w, const float* shared, int64_t T,
+                               int64_t k, int64_t D, float* out) {
+  const int64_t n = T * D;
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n; g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = g / D, c = g % D;
+    float s = 0.f;
+    for (int64_t i = 0; i < k; ++i) {
+      const int32_t r = slot[t * k + i];
+      s += r >= 0 ? w[t * k + i] * Y[int64_t(r) * D + c] : __int_as_float(0x7fc00000);
+    }
+    out[g] = shared ? s + shared[g] : s;
+  }
+}
+
+}  // namespace
+
+void route(const RouteArgs& a, cudaStream_t s) {
+  if (a.T <= 0) return;
+  const size_t smem = size_t(3 * a.E) * 4;
+  route_kernel<<<unsigned(a.T), 256, smem, s>>>(a);
+  DSV4_LAUNCH_CHECK();
+}
+
+void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* offsets,
+               int32_t* cursor, int32_t* perm, int32_t* slot, cudaStream_t s) {
+  cudaMemsetAsync(counts, 0, size_t(E) * 4, s);
+  const int64_t n = T * k;
+  count_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, E, counts);
+  scan_kernel<<<1, 32, 0, s>>>(counts, E, offsets, cursor);
+  place_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, k, E, offsets, cursor, perm, slot);
+  DSV4_LAUNCH_CHECK();
+}
+
+void swiglu(float* h1, const float* h3, int64_t n, float limit, cudaStream_t s) {
+  if (n <= 0) return;
+  swiglu_kernel<<<blocks_for(n), 256, 0, s>>>(h1, h3, n, limit);
+  DSV4_LAUNCH_CHECK();
+}
+
+void moe_combine(const float* Y, const int32_t* slot, const float* weights, const float* shared, int64_t T, int64_t k,
+                 int64_t D, float* out, cudaStream_t s) {
+  if (T * D <= 0) return;
+  combine_kernel<<<blocks_for(T * D), 256, 0, s>>>(Y, slot, weights, shared, T, k, D, out);
+  DSV4_LAUNCH_CHECK();
+}
+
+}  // namespace dsv4::cuda

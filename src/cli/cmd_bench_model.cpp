@@ -1,0 +1,371 @@
+// dsv4 bench model --random: a full-width DeepSeek-V4-Flash model with N layers of random weights
+// built directly on the GPU (no checkpoint), timed for prefill and decode, with the bytes/FLOPs
+// roofline of the same shapes and per-op times next to cuBLASLt.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <deque>
+
+#include "cli/commands.h"
+#include "model/config.h"
+#include "model/forward.h"
+#include "model/tiny.h"
+#include "util/log.h"
+#include "util/random.h"
+#ifdef DSV4_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+namespace dsv4::cli {
+
+#ifdef DSV4_HAVE_CUDA
+namespace {
+
+template <class... A>
+void out(fmt::format_string<A...> f, A&&... a) {
+  std::fputs((fmt::format(f, std::forward<A>(a)...) + "\n").c_str(), stdout);
+  std::fflush(stdout);
+}
+
+nlohmann::json flash_config(int64_t layers) {
+  nlohmann::json c = tiny_preset_config("tiny");
+  c.erase("layer_types");
+  c["vocab_size"] = 129280;
+  c["hidden_size"] = 4096;
+  c["num_hidden_layers"] = layers;
+  c["num_attention_heads"] = 64;
+  c["head_dim"] = 512;
+  c["qk_rope_head_dim"] = 64;
+  c["q_lora_rank"] = 1024;
+  c["o_lora_rank"] = 1024;
+  c["o_groups"] = 8;
+  c["moe_intermediate_size"] = 2048;
+  c["n_routed_experts"] = 256;
+  c["num_experts_per_tok"] = 6;
+  c["num_hash_layers"] = std::min<int64_t>(3, layers);
+  c["sliding_window"] = 128;
+  c["index_n_heads"] = 64;
+  c["index_head_dim"] = 128;
+  c["index_topk"] = 512;
+  c["num_nextn_predict_layers"] = 0;
+  c["max_position_embeddings"] = 1048576;
+  c["rope_scaling"] = {{"type", "yarn"}, {"factor", 16.0}, {"original_max_position_embeddings", 65536},
+                       {"beta_fast", 32}, {"beta_slow", 1}};
+  std::vector<int64_t> ratios;
+  for (int64_t i = 0; i < layers; ++i) ratios.push_back(i < 2 ? 0 : (i % 2 == 0 ? 4 : 128));
+  c["compress_ratios"] = ratios;
+  return c;
+}
+
+// Hands out tensors without host data; remembers how to fill them on the device.
+class RandomProvider final : public TensorProvider {
+ public:
+  explicit RandomProvider(int64_t experts) : experts_(experts) {}
+  const TensorData* provide(const TensorRequest& r) override {
+    TensorData t;
+    t.name = r.name;
+    t.dtype = r.dtypes.at(0);
+    t.shape = r.shape;
+    int64_t n = 1;
+    for (auto d : r.shape) n *= d;
+    t.nbytes = t.dtype == DType::FP4_E2M1 ? size_t(n) : dtype_bytes(t.dtype, size_t(n));
+    views_.push_back(t);
+    specs.push_back({&views_.back(), r.init, r.init == Init::TokenToExpert ? experts_ : r.fan_in});
+    bytes += t.nbytes;
+    return &views_.back();
+  }
+  std::vector<RandomTensorSpec> specs;
+  size_t bytes = 0;
+
+ private:
+  int64_t experts_;
+  std::deque<TensorData> views_;
+};
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+size_t linear_bytes(const Linear& l) { return (l.weight ? l.weight->nbytes : 0) + (l.scale ? l.scale->nbytes : 0); }
+
+struct LayerCost {
+  size_t fixed = 0;   // attention + shared expert + router + mHC: read once per step
+  size_t expert = 0;  // one routed expert
+  double macs = 0;    // per token, excluding attention scores
+};
+
+LayerCost layer_cost(const BlockWeights& b, const ModelConfig& c) {
+  LayerCost k;
+  const auto& a = b.attn;
+  for (const Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b}) {
+    k.fixed += linear_bytes(*l);
+    k.macs += double(l->out) * double(l->in);
+  }
+  if (a.has_compressor) {
+    const auto& cw = a.compressor;
+    k.fixed += cw.wkv->nbytes + cw.wgate->nbytes;
+    k.macs += 2.0 * double(cw.wkv->shape[0]) * double(c.hidden_size);
+  }
+  if (a.has_indexer) {
+    const auto& ix = a.indexer;
+    k.fixed += linear_bytes(ix.wq_b) + ix.weights_proj->nbytes + ix.compressor.wkv->nbytes + ix.compressor.wgate->nbytes;
+    k.macs += double(ix.wq_b.out) * double(ix.wq_b.in) + 2.0 * double(ix.compressor.wkv->shape[0]) * double(c.hidden_size);
+  }
+  k.fixed += b.hc_attn.fn->nbytes + b.hc_ffn.fn->nbytes + b.ffn.gate->nbytes;
+  k.macs += double(b.ffn.gate->shape[0]) * double(c.hidden_size);
+  const auto& e = b.ffn.experts.at(0);
+  k.expert = linear_bytes(e.w1) + linear_bytes(e.w2) + linear_bytes(e.w3);
+  const double emacs = 3.0 * double(e.w1.out) * double(e.w1.in);
+  k.macs += emacs * double(c.num_experts_per_tok);
+  if (b.ffn.has_shared) {
+    k.fixed += linear_bytes(b.ffn.shared.w1) + linear_bytes(b.ffn.shared.w2) + linear_bytes(b.ffn.shared.w3);
+    k.macs += emacs;
+  }
+  return k;
+}
+
+// Keys each query attends to at context position p (window + compressed selection).
+double attended_keys(const ModelConfig& c, int64_t layer, double p) {
+  const int64_t r = c.compress_ratio(layer);
+  double k = std::min<double>(double(c.sliding_window), p + 1);
+  if (r == c.compress_rate_csa) k += std::min<double>(double(c.index_topk), std::floor((p + 1) / r));
+  else if (r) k += std::floor((p + 1) / r);
+  return k;
+}
+
+// Median ms of fn() over reps (after one warm-up), device synchronised around each call.
+template <class F>
+double time_ms(Backend& be, int reps, F&& fn) {
+  fn();
+  be.synchronize();
+  std::vector<double> v;
+  for (int i = 0; i < reps; ++i) {
+    const double t0 = now_s();
+    fn();
+    be.synchronize();
+    v.push_back((now_s() - t0) * 1e3);
+  }
+  return median(v);
+}
+
+int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, int steps, bool kv_fp8,
+              bool ops) {
+  const CudaDeviceInfo dev = cuda_device_info(0);
+  const double bw = dev.mem_bandwidth_gbs * 1e9;
+  // H200 SXM dense peaks (datasheet): FP8 tensor 1979 TFLOP/s, FP32 (non-tensor) 67 TFLOP/s.
+  const double peak_fp8 = 1979e12, peak_fp32 = 67e12;
+  out("device: {} (sm_{}{}, {} SMs, {:.1f} GiB, {:.0f} GB/s theoretical)", dev.name, dev.sm_major, dev.sm_minor,
+      dev.sms, double(dev.total_bytes) / (1 << 30), dev.mem_bandwidth_gbs);
+  auto cj = flash_config(layers);
+  ModelConfig cfg = parse_model_config(cj, "bench:flash");
+  RandomProvider prov(cfg.n_routed_experts);
+  ModelWeights w = bind_weights(cfg, prov);
+  out("model: {} layers full width (DeepSeek-V4-Flash shapes), random weights: {:.2f} GiB", layers,
+      double(prov.bytes) / (1 << 30));
+  CudaOptions opts;
+  opts.arena_bytes = SIZE_MAX;
+  opts.poison = false;
+  auto be = make_cuda_backend(0, opts);
+  double t0 = now_s();
+  cuda_random_weights(*be, prov.specs, 1234);
+  out("weights generated on the device in {:.2f} s", now_s() - t0);
+  Model model(cfg, w, *be);
+  model.set_kv_fp8(kv_fp8);
+
+  // Roofline inputs.
+  std::vector<LayerCost> lc;
+  for (const auto& b : w.layers) lc.push_back(layer_cost(b, cfg));
+  const size_t head_bytes = w.head->nbytes + w.hc_head.fn->nbytes;
+  const double head_macs = double(cfg.vocab_size) * double(cfg.hidden_size);
+  const double E = double(cfg.n_routed_experts), K = double(cfg.num_experts_per_tok);
+  auto step_roofline = [&](int64_t B, double ctx, double& bytes, double& flops) {
+    bytes = double(head_bytes);
+    flops = 2.0 * head_macs * double(B);
+    const double distinct = E * (1.0 - std::pow(1.0 - K / E, double(B)));
+    for (size_t l = 0; l < lc.size(); ++l) {
+      const double keys = attended_keys(cfg, int64_t(l), ctx);
+      bytes += double(lc[l].fixed) + distinct * double(lc[l].expert) + double(B) * keys * double(cfg.head_dim) * 4.0;
+      flops += double(B) * (2.0 * lc[l].macs + 4.0 * double(cfg.num_attention_heads * cfg.head_dim) * keys);
+      if (cfg.compress_ratio(int64_t(l)) == cfg.compress_rate_csa)
+        flops += double(B) * 2.0 * double(cfg.index_n_heads * cfg.index_head_dim) * std::floor(ctx / 4);
+    }
+  };
+  auto prefill_roofline = [&](int64_t C, double& bytes, double& flops) {
+    bytes = double(head_bytes) + double(C) * double(cfg.vocab_size) * 4.0;
+    flops = 2.0 * head_macs * double(C);
+    for (size_t l = 0; l < lc.size(); ++l) {
+      bytes += double(lc[l].fixed) + E * double(lc[l].expert);
+      for (int64_t p = 0; p < C; p += 64) {
+        const double keys = attended_keys(cfg, int64_t(l), double(p));
+        double f = 2.0 * lc[l].macs + 4.0 * double(cfg.num_attention_heads * cfg.head_dim) * keys;
+        if (cfg.compress_ratio(int64_t(l)) == cfg.compress_rate_csa)
+          f += 2.0 * double(cfg.index_n_heads * cfg.index_head_dim) * std::floor(double(p) / 4);
+        flops += 64.0 * f;
+      }
+    }
+  };
+
+  // Warm-up (kernel attributes, arena).
+  {
+    SequenceState st = model.new_sequence(64);
+    std::vector<int32_t> tok(16, 7);
+    model.forward(st, tok);
+    be->synchronize();
+  }
+  Rng rng(7);
+  const int64_t max_b = *std::max_element(batches.begin(), batches.end());
+  out("");
+  out("| phase | tokens | ctx | time ms (median) | tok/s | per layer ms | roofline ms (bytes / FP8 FLOPs / FP32 FLOPs) | "
+      "ratio to BW roofline | ratio to FP32 roofline |");
+  out("|---|---|---|---|---|---|---|---|---|");
+  for (int64_t C : ctxs) {
+    SequenceState st = model.new_sequence(C + int64_t(steps + 1) * max_b + 8);
+    std::vector<int32_t> tok(C);
+    for (auto& x : tok) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+    be->synchronize();
+    t0 = now_s();
+    model.forward(st, tok);
+    be->synchronize();
+    const double pms = (now_s() - t0) * 1e3;
+    double by, fl;
+    prefill_roofline(C, by, fl);
+    const double rb = by / bw * 1e3, r8 = fl / peak_fp8 * 1e3, r32 = fl / peak_fp32 * 1e3;
+    out("| prefill | {} | 0 | {:.1f} | {:.0f} | {:.2f} | {:.2f} / {:.2f} / {:.1f} | {:.3f} | {:.3f} |", C, pms,
+        double(C) / pms * 1e3, pms / double(layers), rb, r8, r32, std::max(rb, r8) / pms, std::max(rb, r32) / pms);
+    for (int64_t B : batches) {
+      std::vector<double> v;
+      for (int s = 0; s <= steps; ++s) {
+        std::vector<int32_t> t(B);
+        for (auto& x : t) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+        be->synchronize();
+        const double a = now_s();
+        model.forward(st, t);
+        be->synchronize();
+        if (s > 0) v.push_back((now_s() - a) * 1e3);
+      }
+      const double ms = median(v);
+      step_roofline(B, double(st.num_tokens), by, fl);
+      const double db = by / bw * 1e3, d8 = fl / peak_fp8 * 1e3, d32 = fl / peak_fp32 * 1e3;
+      out("| decode B={} | {} | {} | {:.2f} | {:.0f} | {:.3f} | {:.2f} / {:.3f} / {:.2f} | {:.3f} | {:.3f} |", B, B,
+          st.num_tokens, ms, double(B) / ms * 1e3, ms / double(layers), db, d8, d32, std::max(db, d8) / ms,
+          std::max(db, d32) / ms);
+    }
+  }
+  out("");
+  out("decode B = B tokens appended to one sequence per step (same GEMM/MoE shapes as B single-token sequences).");
+  out("arena peak: {:.2f} GiB", double(cuda_arena_peak(*be)) / (1 << 30));
+  if (!ops) return 0;
+
+  // Per-op: our exact-mode kernels vs cuBLASLt BF16 (dequantised weights) on the same shapes.
+  out("");
+  out("| op | weight | M x N x K | ours ms | cuBLASLt BF16 ms | ours / cuBLASLt | ours GB/s (weight read) |");
+  out("|---|---|---|---|---|---|---|");
+  const BlockWeights& b = w.layers.at(std::min<int64_t>(2, layers - 1));
+  struct Op {
+    const char* name;
+    Linear l;
+  };
+  std::vector<Op> list = {{"attn.wq_b", b.attn.wq_b}, {"attn.wo_b", b.attn.wo_b}, {"attn.wq_a", b.attn.wq_a},
+                          {"expert.w1", b.ffn.experts[0].w1}, {"expert.w2", b.ffn.experts[0].w2},
+                          {"head", Linear{WeightFormat::BF16, w.head, nullptr, cfg.vocab_size, cfg.hidden_size}}};
+  for (const auto& op : list)
+    for (int64_t M : {int64_t(1), int64_t(64), int64_t(1024)}) {
+      Tensor x = be->alloc({M, op.l.in}), y = be->alloc({M, op.l.out});
+      be->fill(x, 0.01f);
+      const double ours = time_ms(*be, 5, [&] { be->linear(x, op.l, y); });
+      const double ref = cublaslt_bf16_gemm_ms(M, op.l.out, op.l.in, 5);
+      const char* f = op.l.format == WeightFormat::FP8 ? "FP8" : op.l.format == WeightFormat::FP4 ? "FP4" : "BF16";
+      out("| {} | {} | {} x {} x {} | {:.3f} | {:.3f} | {:.2f} | {:.0f} |", op.name, f, M, op.l.out, op.l.in, ours, ref,
+          ours / ref, double(linear_bytes(op.l)) / (ours * 1e-3) / 1e9);
+    }
+  // Grouped output projection and the whole MoE layer at decode and prefill sizes.
+  for (int64_t M : {int64_t(1), int64_t(64), int64_t(1024)}) {
+    Tensor x = be->alloc({M, cfg.o_groups, cfg.num_attention_heads / cfg.o_groups * cfg.head_dim});
+    Tensor y = be->alloc({M, cfg.o_groups, cfg.o_lora_rank});
+    be->fill(x, 0.01f);
+    const double ours = time_ms(*be, 5, [&] { be->grouped_linear(x, b.attn.wo_a, cfg.o_groups, y); });
+    const double ref = cublaslt_bf16_gemm_ms(M * cfg.o_groups, cfg.o_lora_rank, b.attn.wo_a.in, 5);
+    out("| attn.wo_a (grouped x{}) | FP8 | {} x {} x {} | {:.3f} | {:.3f} (as {}x{}x{}) | {:.2f} | {:.0f} |", cfg.o_groups,
+        M, b.attn.wo_a.out, b.attn.wo_a.in, ours, ref, M * cfg.o_groups, cfg.o_lora_rank, b.attn.wo_a.in, ours / ref,
+        double(linear_bytes(b.attn.wo_a)) / (ours * 1e-3) / 1e9);
+  }
+  for (int64_t M : {int64_t(1), int64_t(8), int64_t(64), int64_t(1024)}) {
+    Tensor x = be->alloc({M, cfg.hidden_size}), y = be->alloc({M, cfg.hidden_size});
+    Tensor gw = be->alloc({M, cfg.num_experts_per_tok}), ge = be->alloc({M, cfg.num_experts_per_tok}, ElemType::I32);
+    Tensor ids = be->alloc({M}, ElemType::I32);
+    std::vector<int32_t> idv(M);
+    for (auto& v : idv) v = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+    be->upload(ids, idv.data());
+    std::vector<float> xv(M * cfg.hidden_size);
+    for (auto& v : xv) v = rng.normal();
+    be->upload(x, xv.data());
+    const BlockWeights& lb = w.layers.back();
+    be->route(x, lb.ffn, ids, cfg, gw, ge);
+    const double ours = time_ms(*be, 5, [&] { be->moe(x, lb.ffn, gw, ge, float(cfg.swiglu_limit), y); });
+    const double distinct = E * (1.0 - std::pow(1.0 - K / E, double(M)));
+    const double bytes = distinct * double(lc.back().expert) + double(linear_bytes(lb.ffn.shared.w1)) * 3;
+    out("| moe layer (routed top-6 + shared) | FP4 + FP8 | {} tokens | {:.3f} | - | - | {:.0f} |", M, ours,
+        bytes / (ours * 1e-3) / 1e9);
+  }
+  return 0;
+}
+
+}  // namespace
+#endif
+
+void register_bench_model(CLI::App& app, Action& action) {
+  struct Opts {
+    int64_t layers = 4, tp = 1;
+    std::string batch = "1,8,64", ctx = "1024,8192";
+    int steps = 5;
+    bool random = false, kv_fp8 = false, ops = true;
+  };
+  auto o = std::make_shared<Opts>();
+  CLI::App* bench = nullptr;
+  try {
+    bench = app.get_subcommand("bench");
+  } catch (const CLI::OptionNotFound&) {
+    bench = app.add_subcommand("bench", "Benchmarks");
+    bench->require_subcommand(1);
+  }
+  auto* cmd = bench->add_subcommand("model", "Time prefill and decode of a full-width model (CUDA)");
+  cmd->add_flag("--random", o->random, "Random weights generated on the device (no checkpoint)")->required();
+  cmd->add_option("--layers", o->layers, "Number of layers N (all 43 do not fit one H200 in FP4: N <= 30)");
+  cmd->add_option("--tp", o->tp, "Tensor-parallel GPUs (only 1 is implemented)");
+  cmd->add_option("--batch", o->batch, "Decode batch sizes, comma-separated");
+  cmd->add_option("--ctx", o->ctx, "Prefill lengths / decode contexts, comma-separated");
+  cmd->add_option("--steps", o->steps, "Timed decode steps per batch size");
+  cmd->add_flag("--kv-fp8", o->kv_fp8, "Production KV format (FP8 nope dims, BF16 rope dims)");
+  cmd->add_flag("!--no-ops", o->ops, "Skip the per-op table");
+  cmd->callback([o, &action] {
+    action = [o] {
+      auto list = [](const std::string& s) {
+        std::vector<int64_t> v;
+        size_t i = 0;
+        while (i < s.size()) {
+          size_t j = s.find(',', i);
+          if (j == std::string::npos) j = s.size();
+          v.push_back(std::stoll(s.substr(i, j - i)));
+          i = j + 1;
+        }
+        if (v.empty()) fail("empty list '{}'", s);
+        return v;
+      };
+      if (o->tp != 1) fail("--tp {}: only --tp 1 is implemented", o->tp);
+      if (o->layers < 1) fail("--layers must be >= 1");
+#ifdef DSV4_HAVE_CUDA
+      if (!cuda_device_available()) fail("bench model needs a CUDA device");
+      return run_bench(o->layers, list(o->batch), list(o->ctx), o->steps, o->kv_fp8, o->ops);
+#else
+      fail("bench model needs the CUDA backend (built without CUDA)");
+      return 1;
+#endif
+    };
+  });
+}
+
+}  // namespace dsv4::cli
