@@ -12,10 +12,14 @@
 #
 #   scripts/fuzz.sh stream_parser [RUNS] [flags...]        # the streaming output parser instead:
 #   seeds are the completions of tests/data/text/chat_vectors.json; log build-fuzz/fuzz_stream_parser.log
+#
+#   scripts/fuzz.sh request_parser [RUNS] [flags...]       # the OpenAI request parser (JSON -> request):
+#   seeds are the request bodies of tests/data/server/requests/; log build-fuzz/fuzz_request_parser.log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=tokenizer
 if [[ ${1:-} == stream_parser ]]; then target=stream_parser; shift; fi
+if [[ ${1:-} == request_parser ]]; then target=request_parser; shift; fi
 runs=${1:-1000000}
 [[ $# -gt 0 ]] && shift
 build=${DSV4_FUZZ_BUILD:-build-fuzz}
@@ -23,6 +27,26 @@ build=${DSV4_FUZZ_BUILD:-build-fuzz}
 CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B "$build" -G Ninja -DDSV4_FUZZ=ON -DDSV4_CUDA=OFF \
   -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" --target fuzz_$target -j"$(nproc)"
+
+if [[ $target == request_parser ]]; then
+  seeds=$build/fuzz-seeds/request_parser corpus=$build/fuzz-corpus/request_parser artifacts=$build/fuzz-artifacts
+  mkdir -p "$seeds" "$corpus" "$artifacts"
+  i=0
+  for f in tests/data/server/requests/*.json; do
+    # byte 0: 0 = chat, 1 = completions (files named completion_*)
+    if [[ $(basename "$f") == completion_* ]]; then printf '\x01'; else printf '\x00'; fi >"$seeds/r$i"
+    cat "$f" >>"$seeds/r$i"
+    i=$((i + 1))
+  done
+  echo "fuzz.sh: $runs runs; log in $build/fuzz_request_parser.log"
+  set +e
+  "$build/fuzz/fuzz_request_parser" -runs="$runs" -max_len=8192 -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
+    -artifact_prefix="$artifacts/" -dict=fuzz/request_parser.dict "$@" "$corpus" "$seeds" 2>&1 |
+    tee "$build/fuzz_request_parser.log" | grep -E "^#|Done|ERROR|stat::" | tail -20
+  rc=${PIPESTATUS[0]}
+  echo "fuzz.sh: libFuzzer exit status $rc"
+  exit "$rc"
+fi
 
 if [[ $target == stream_parser ]]; then
   seeds=$build/fuzz-seeds/stream_parser corpus=$build/fuzz-corpus/stream_parser artifacts=$build/fuzz-artifacts
