@@ -14,19 +14,28 @@ echo "== $(date -u +%FT%TZ) commit ${GIT_COMMIT:-unknown}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 eval "$(bash scripts/device/setup-deps.sh)" || exit 1
 t0=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a >"$OUT/configure.log" 2>&1 \
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a -DCMAKE_CUDA_FLAGS=-lineinfo >"$OUT/configure.log" 2>&1 \
   || { tail -40 "$OUT/configure.log"; exit 1; }
 cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden test_golden test_model 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
 echo "== build: $(( $(date +%s) - t0 )) s"
 rc=0
+if [ -n "${SANITIZE:-}" ]; then  # e.g. SANITIZE='CudaOps.Route' : memcheck + racecheck, first reports only
+  g=tests/data/golden/tiny
+  timeout 120 compute-sanitizer --tool memcheck --print-limit 3 ./build-gpu/dsv4 logits --model $g --tokens 1,2,3,4,5,6,7,8,9 \
+    --backend cuda --out /tmp/s.npy 2>&1 | head -60
+  for tool in memcheck racecheck; do
+    timeout 150 compute-sanitizer --tool $tool --print-limit 3 ./build-gpu/tests/cuda/test_cuda_ops --gtest_filter="$SANITIZE" \
+      2>&1 | grep -v '^\[maxerr\]' | head -60
+  done
+fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
   (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900 -j1) || rc=1
   echo "== ctest -L gpu: $(( $(date +%s) - t0 )) s, rc=$rc"
   # The CPU reference must be unchanged: its golden and model tests.
   (cd build-gpu && ctest -R '^(golden|model)\.' -j16 --timeout 600 2>&1 | tail -4) || rc=1
-  for b in test_cuda_ops test_cuda_model; do ./build-gpu/tests/cuda/$b 2>&1 | grep -E '^\[maxerr\]|^\[model\]' ; done \
+  for b in test_cuda_ops test_cuda_model; do ./build-gpu/tests/cuda/$b 2>&1 | grep -E '^\[maxerr\]|^\[model\]|^\[diag\]' ; done \
     > "$OUT/maxerr.log" || true
   # CLI: logits on CUDA (exact and fp8 KV) for one fixture.
   g=tests/data/golden/tiny

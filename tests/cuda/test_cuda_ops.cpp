@@ -176,6 +176,15 @@ TEST_F(CudaOps, HyperConnections) {
     expect_close(m->host_c(u.c), m->host_g(u.g), 5e-5f, "hc_pre u " + tag);
     expect_close(m->host_c(post.c), m->host_g(post.g), 5e-5f, "hc_pre post " + tag);
     expect_close(m->host_c(comb.c), m->host_g(comb.g), 5e-5f, "hc_pre comb " + tag);
+    {
+      auto cc = m->host_c(comb.c), cg = m->host_g(comb.g);
+      for (int64_t t = 0; t < T; ++t) {
+        float e = 0;
+        for (int64_t i = 0; i < mm * mm; ++i) e = std::max(e, std::fabs(cc[t * 16 + i] - cg[t * 16 + i]));
+        if (e > 1e-4f) std::printf("[diag] hc_pre comb token %lld err %.3e cpu[0..3] %g %g %g %g gpu %g %g %g %g\n", (long long)t, e,
+                                   cc[t * 16], cc[t * 16 + 1], cc[t * 16 + 2], cc[t * 16 + 3], cg[t * 16], cg[t * 16 + 1], cg[t * 16 + 2], cg[t * 16 + 3]);
+      }
+    }
     // hc_post: identical arithmetic per element (same summation order): 1e-6.
     Pair y = m->f32({T, D}, normal(T * D, ++seed)), out = m->out({T, mm, D});
     cpu->hc_post(y.c, X.c, post.c, comb.c, out.c);
@@ -352,6 +361,13 @@ TEST_F(CudaOps, Route) {
       }
       Pair x = m->f32({T, D}, normal(T * D, ++seed)), tok = m->i32({T}, rand_ints(T, V, ++seed));
       Pair w = m->out({T, 6}), e = m->out({T, 6}, ElemType::I32);
+      {  // the router's logits alone (diagnoses a score bug vs a GEMM bug)
+        Linear gl{WeightFormat::BF16, moe.gate, nullptr, 256, D};
+        Pair lg = m->out({T, 256});
+        cpu->linear(x.c, gl, lg.c);
+        gpu->linear(x.g, gl, lg.g);
+        expect_close(m->host_c(lg.c), m->host_g(lg.g), 1e-4f, fmt::format("route {} hash={} logits", scoring, hash));
+      }
       cpu->route(x.c, moe, tok.c, cfg, w.c, e.c);
       gpu->route(x.g, moe, tok.g, cfg, w.g, e.g);
       const std::string tag = fmt::format("route {} hash={}", scoring, hash);

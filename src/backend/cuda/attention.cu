@@ -22,6 +22,7 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
   __shared__ float inv_den[kHG];
   __shared__ int bad;
   if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
   for (int64_t i = threadIdx.x; i < kHG * d; i += blockDim.x) {
     const int h = int(i / d);
     qs[i] = h < nh ? q[(t * H + h0 + h) * d + i % d] : 0.f;
