@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "util/error.h"
 
@@ -16,12 +17,11 @@ Model::Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend)
   be_.prepare_weights(w_);
 }
 
-LayerState Model::new_layer_state(int64_t layer, int64_t capacity) const {
+LayerState Model::new_layer_state(int64_t layer, int64_t block_tokens, bool pools) const {
   LayerState s;
   s.window = be_.alloc({cfg_.sliding_window, cfg_.head_dim});
   const int64_t ratio = cfg_.compress_ratio(layer);
   if (!ratio) return s;
-  const int64_t cap = capacity / ratio + 1;
   auto comp_state = [&](int64_t d, bool overlap) {
     CompressorState c;
     const int64_t coff = overlap ? 2 : 1;
@@ -34,23 +34,68 @@ LayerState Model::new_layer_state(int64_t layer, int64_t capacity) const {
     return c;
   };
   const bool csa = cfg_.attn_kind(layer) == AttnKind::CSA;
-  s.entries = be_.alloc({cap, cfg_.head_dim});
+  if (pools) s.entries = be_.alloc({block_tokens / ratio, cfg_.head_dim});
   s.compressor = comp_state(cfg_.head_dim, csa);
   if (csa) {
-    s.index_keys = be_.alloc({cap, cfg_.index_head_dim});
+    if (pools) s.index_keys = be_.alloc({block_tokens / ratio, cfg_.index_head_dim});
     s.index_compressor = comp_state(cfg_.index_head_dim, true);
   }
   return s;
 }
 
+int64_t Model::block_granularity() const {
+  int64_t g = 1;
+  for (int64_t l = 0; l < cfg_.total_layers(); ++l)
+    if (int64_t r = cfg_.compress_ratio(l)) g = std::lcm(g, r);
+  return g;
+}
+
 SequenceState Model::new_sequence(int64_t capacity) const {
   if (capacity <= 0) fail("sequence capacity must be positive, got {}", capacity);
+  const int64_t g = block_granularity();
   SequenceState s;
   s.capacity = capacity;
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, capacity));
+  s.block_tokens = (capacity + g - 1) / g * g;
+  s.blocks = {0};
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, s.block_tokens, true));
   for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
-    s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, capacity));
+    s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, s.block_tokens, true));
   return s;
+}
+
+SequenceState Model::new_sequence_tail(bool mtp) const {
+  SequenceState s;
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, 0, false));
+  if (mtp)
+    for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
+      s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, 0, false));
+  return s;
+}
+
+Tensor Model::read_paged(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n) {
+  if (n == 0) return store.rows_view(0, 0);
+  const int64_t per = pg.block_tokens / ratio;
+  const int64_t nb = (n + per - 1) / per;
+  if (nb > int64_t(pg.blocks.size())) fail("sequence longer than its state capacity ({} blocks)", pg.blocks.size());
+  bool contiguous = true;
+  for (int64_t i = 1; i < nb; ++i) contiguous = contiguous && pg.blocks[i] == pg.blocks[0] + i;
+  if (contiguous) return store.rows_view(int64_t(pg.blocks[0]) * per, int64_t(pg.blocks[0]) * per + n);
+  std::vector<int32_t> rows(n);
+  for (int64_t j = 0; j < n; ++j) rows[j] = int32_t(int64_t(pg.blocks[j / per]) * per + j % per);
+  Tensor out = be_.alloc({n, store.cols()});
+  be_.gather_rows(store, int_tensor(rows, {n}), out);
+  return out;
+}
+
+void Model::write_paged(const Tensor& rows, const Tensor& store, const Paging& pg, int64_t ratio, int64_t first) {
+  const int64_t per = pg.block_tokens / ratio, n = rows.dim(0);
+  for (int64_t j = 0; j < n;) {
+    const int64_t b = (first + j) / per, off = (first + j) % per, len = std::min(n - j, per - off);
+    if (b >= int64_t(pg.blocks.size())) fail("sequence longer than its state capacity ({} tokens)", pg.blocks.size() * pg.block_tokens);
+    const int64_t row = int64_t(pg.blocks[b]) * per + off;
+    be_.copy(rows.rows_view(j, j + len), store.rows_view(row, row + len));
+    j += len;
+  }
 }
 
 Tensor Model::int_tensor(const std::vector<int32_t>& v, std::vector<int64_t> shape) {
@@ -60,9 +105,9 @@ Tensor Model::int_tensor(const std::vector<int32_t>& v, std::vector<int64_t> sha
   return t;
 }
 
-// Runs one compressor over the chunk and appends its finished entries (normed, RoPE'd at the
-// position of each window's first token) to `store`. Returns the new entries as a view.
-Tensor Model::compress(const CompressorWeights& c, CompressorState& cs, const Tensor& x, int64_t start, Tensor& store,
+// Runs one compressor over the chunk and returns its finished entries (normed, RoPE'd at the
+// position of each window's first token); the caller stores them.
+Tensor Model::compress(const CompressorWeights& c, CompressorState& cs, const Tensor& x, int64_t start,
                        int64_t first_entry) {
   const int64_t T = x.dim(0), width = (c.overlap ? 2 : 1) * c.head_dim;
   Tensor kv = be_.alloc({T, width}), gate = be_.alloc({T, width});
@@ -73,16 +118,16 @@ Tensor Model::compress(const CompressorWeights& c, CompressorState& cs, const Te
   Tensor fresh = be_.alloc({T / c.ratio + 1, c.head_dim});
   const int64_t n = be_.compress(kv, gate, *c.ape, start, c.ratio, c.overlap, cs, fresh);
   if (!n) return {};
-  if (first_entry + n > store.dim(0)) fail("sequence longer than its state capacity ({} tokens)", store.dim(0) * c.ratio);
-  Tensor out = store.rows_view(first_entry, first_entry + n);
-  be_.rms_norm(fresh.rows_view(0, n), c.norm, eps(cfg_.rms_norm_eps), out);
+  Tensor out = fresh.rows_view(0, n);
+  be_.rms_norm(out, c.norm, eps(cfg_.rms_norm_eps), out);
   std::vector<int32_t> pos(n);
   for (int64_t j = 0; j < n; ++j) pos[j] = int32_t((first_entry + j) * c.ratio);
   be_.rope(out.reshaped({n, 1, c.head_dim}), int_tensor(pos, {n}), rope_compressed_, cfg_.rope_dim(), false);
   return out;
 }
 
-Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Tensor& x, const Tensor& pos, int64_t start) {
+Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging& pg, const Tensor& x, const Tensor& pos,
+                        int64_t start) {
   const int64_t T = x.dim(0), H = cfg_.num_attention_heads, hd = cfg_.head_dim, W = cfg_.sliding_window;
   const RopeTable& rope = a.has_compressor ? rope_compressed_ : rope_main_;
 
@@ -106,13 +151,16 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Tensor&
   const int64_t n_before = st.num_entries;
   Tensor compressed_idx;
   if (a.has_compressor) {
-    Tensor fresh = compress(a.compressor, st.compressor, x, start, st.entries, n_before);
+    const int64_t ratio = a.compressor.ratio;
+    Tensor fresh = compress(a.compressor, st.compressor, x, start, n_before);
     const int64_t n_new = fresh.empty() ? 0 : fresh.dim(0);
     if (kv_fp8_ && n_new) be_.quantize_kv(fresh, cfg_.nope_dim());
+    if (n_new) write_paged(fresh, st.entries, pg, ratio, n_before);
     if (a.has_indexer) {
       const auto& ix = a.indexer;
-      Tensor fresh_keys = compress(ix.compressor, st.index_compressor, x, start, st.index_keys, n_before);
+      Tensor fresh_keys = compress(ix.compressor, st.index_compressor, x, start, n_before);
       DSV4_CHECK((fresh_keys.empty() ? 0 : fresh_keys.dim(0)) == n_new);
+      if (n_new) write_paged(fresh_keys, st.index_keys, pg, ratio, n_before);
       const int64_t Hi = cfg_.index_n_heads, di = cfg_.index_head_dim;
       Tensor qi = be_.alloc({T, Hi, di});
       be_.linear(cq, ix.wq_b, qi.reshaped({T, Hi * di}));
@@ -124,8 +172,8 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Tensor&
       const int64_t k = std::min<int64_t>(cfg_.index_topk, std::max<int64_t>(usable.back(), 1));
       compressed_idx = be_.alloc({T, k}, ElemType::I32);
       const float w_scale = 1.f / std::sqrt(float(Hi)) / std::sqrt(float(di));
-      be_.index_topk(qi, wi, w_scale, st.index_keys.rows_view(0, n_before + n_new), int_tensor(usable, {T}),
-                     compressed_idx);
+      be_.index_topk(qi, wi, w_scale, read_paged(st.index_keys, pg, ratio, n_before + n_new),
+                     int_tensor(usable, {T}), compressed_idx);
     } else {
       // HCA: every complete window is visible.
       const int64_t total = n_before + n_new;
@@ -143,7 +191,7 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Tensor&
   // Key pool: [compressed entries | window keys before this chunk | this chunk's keys].
   const int64_t n_entries = st.num_entries, prior = std::min(start, W - 1);
   Tensor pool = be_.alloc({n_entries + prior + T, hd});
-  if (n_entries) be_.copy(st.entries.rows_view(0, n_entries), pool.rows_view(0, n_entries));
+  if (n_entries) be_.copy(read_paged(st.entries, pg, a.compressor.ratio, n_entries), pool.rows_view(0, n_entries));
   if (prior) {
     std::vector<int32_t> slots(prior);
     for (int64_t i = 0; i < prior; ++i) slots[i] = int32_t((start - prior + i) % W);
@@ -172,14 +220,14 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Tensor&
   return out;
 }
 
-Tensor Model::block(const BlockWeights& b, LayerState& st, const Tensor& X, const Tensor& tokens, const Tensor& pos,
-                    int64_t start) {
+Tensor Model::block(const BlockWeights& b, LayerState& st, const Paging& pg, const Tensor& X, const Tensor& tokens,
+                    const Tensor& pos, int64_t start) {
   const int64_t T = X.dim(0), m = cfg_.hc_mult, D = cfg_.hidden_size;
   const float ne = eps(cfg_.rms_norm_eps), he = eps(cfg_.hc_eps);
   Tensor u = be_.alloc({T, D}), post = be_.alloc({T, m}), comb = be_.alloc({T, m, m});
   be_.hc_pre(X, b.hc_attn, cfg_.hc_sinkhorn_iters, he, ne, u, post, comb);
   be_.rms_norm(u, b.attn_norm, ne, u);
-  Tensor y = attention(b.attn, st, u, pos, start);
+  Tensor y = attention(b.attn, st, pg, u, pos, start);
   Tensor X1 = be_.alloc({T, m, D});
   be_.hc_post(y, X, post, comb, X1);
 
@@ -221,7 +269,8 @@ Tensor Model::forward(SequenceState& st, std::span<const int32_t> tokens, Tensor
   be_.embed(*w_.embed, ids, e);
   Tensor X = be_.alloc({T, cfg_.hc_mult, cfg_.hidden_size});
   be_.broadcast_streams(e, X, false);
-  for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], st.layers[l], X, ids, pos, start);
+  const Paging pg{st.blocks, st.block_tokens};
+  for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], st.layers[l], pg, X, ids, pos, start);
   st.num_tokens += T;
   if (streams) *streams = X;
   return logits(X, w_.hc_head, *w_.norm);
@@ -251,7 +300,8 @@ Tensor Model::forward_mtp(SequenceState& st, const Tensor& streams, std::span<co
   be_.rms_norm(streams.reshaped({n * m, D}), mw.hnorm, ne, h);
   be_.linear(h, mw.h_proj, X.reshaped({n * m, D}));
   be_.broadcast_streams(ep, X, true);
-  X = block(mw.block, st.mtp_layers[0], X, ids, pos, start);
+  const Paging pg{st.blocks, st.block_tokens};
+  X = block(mw.block, st.mtp_layers[0], pg, X, ids, pos, start);
   st.mtp_tokens += n;
   return logits(X, mw.hc_head, *mw.norm);
 }

@@ -11,12 +11,16 @@
 
 namespace dsv4 {
 
-// Everything one layer keeps between steps. Sizes are fixed at creation (capacity in tokens),
-// so the engine can page and snapshot it.
+// Everything one layer keeps between steps. The compressed state is paged: a sequence's
+// compressed entries and indexer keys live in pool tensors of fixed-size blocks (block_tokens
+// tokens each, so block b holds rows [b * block_tokens / ratio, (b+1) * block_tokens / ratio)),
+// addressed through the sequence's block table. Pools may be shared between sequences (the
+// engine's prefix cache shares full blocks); a sequence only ever writes rows of its own blocks.
+// The window ring and the compressor partial windows are private to the sequence.
 struct LayerState {
   Tensor window;           // [W, head_dim]: keys of the last W positions, slot = pos % W
-  Tensor entries;          // [cap / ratio, head_dim]: compressed entries (normed, RoPE'd)
-  Tensor index_keys;       // [cap / ratio, index_head_dim]: Lightning Indexer keys (CSA)
+  Tensor entries;          // [blocks * block_tokens / ratio, head_dim]: compressed entries (normed, RoPE'd)
+  Tensor index_keys;       // [blocks * block_tokens / ratio, index_head_dim]: Lightning Indexer keys (CSA)
   int64_t num_entries = 0;
   CompressorState compressor, index_compressor;
 };
@@ -24,7 +28,9 @@ struct LayerState {
 struct SequenceState {
   int64_t num_tokens = 0;       // main model positions processed
   int64_t mtp_tokens = 0;       // MTP positions processed
-  int64_t capacity = 0;         // max positions
+  int64_t capacity = 0;         // max positions (at most blocks.size() * block_tokens)
+  int64_t block_tokens = 0;     // tokens per block: a multiple of every compress ratio
+  std::vector<int32_t> blocks;  // block table: logical block i lives in pool block blocks[i]
   std::vector<LayerState> layers, mtp_layers;
 };
 
@@ -32,7 +38,13 @@ class Model {
  public:
   Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend);
 
+  // A self-contained sequence: private pools of one block covering capacity_tokens.
   SequenceState new_sequence(int64_t capacity_tokens) const;
+  // The private part of a sequence (window rings, compressor states) with empty pools, for an
+  // engine that attaches shared pools and a block table (docs/ENGINE.md).
+  SequenceState new_sequence_tail(bool mtp) const;
+  // Tokens per block must be a multiple of this (the lcm of every compress ratio).
+  int64_t block_granularity() const;
 
   // Feeds tokens at positions state.num_tokens... and returns logits [T, vocab]. When streams is
   // given it receives the final residual streams [T, hc_mult, hidden] (the MTP block's input).
@@ -48,13 +60,20 @@ class Model {
   Backend& backend() const { return be_; }
 
  private:
-  Tensor block(const BlockWeights& b, LayerState& st, const Tensor& X, const Tensor& tokens, const Tensor& pos,
-               int64_t start);
-  Tensor attention(const AttentionWeights& a, LayerState& st, const Tensor& x, const Tensor& pos, int64_t start);
-  Tensor compress(const CompressorWeights& c, CompressorState& cs, const Tensor& x, int64_t start, Tensor& store,
-                  int64_t first_entry);
+  struct Paging {
+    const std::vector<int32_t>& blocks;
+    int64_t block_tokens;
+  };
+  Tensor block(const BlockWeights& b, LayerState& st, const Paging& pg, const Tensor& X, const Tensor& tokens,
+               const Tensor& pos, int64_t start);
+  Tensor attention(const AttentionWeights& a, LayerState& st, const Paging& pg, const Tensor& x, const Tensor& pos,
+                   int64_t start);
+  Tensor compress(const CompressorWeights& c, CompressorState& cs, const Tensor& x, int64_t start, int64_t first_entry);
+  // Rows [0, n) / [first, first + rows) of a paged store of the given compress ratio.
+  Tensor read_paged(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n);
+  void write_paged(const Tensor& rows, const Tensor& store, const Paging& pg, int64_t ratio, int64_t first);
+  LayerState new_layer_state(int64_t layer, int64_t pool_rows_per_ratio, bool pools) const;
   Tensor logits(const Tensor& X, const HyperConn& hc, const TensorData& norm);
-  LayerState new_layer_state(int64_t layer, int64_t capacity) const;
   Tensor int_tensor(const std::vector<int32_t>& v, std::vector<int64_t> shape);
 
   const ModelConfig& cfg_;

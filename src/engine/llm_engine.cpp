@@ -1,0 +1,688 @@
+#include "engine/llm_engine.h"
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <list>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <unordered_map>
+
+#include "engine/sampler.h"
+#include "engine/state_manager.h"
+#include "model/checkpoint.h"
+#include "model/memory.h"
+#include "model/tiny.h"
+#include "text/tiny_tokenizer.h"
+#include "util/error.h"
+#include "util/log.h"
+
+namespace dsv4 {
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::None: return "none";
+    case FinishReason::Stop: return "stop";
+    case FinishReason::Length: return "length";
+    case FinishReason::Abort: return "abort";
+    case FinishReason::Error: return "error";
+  }
+  return "?";
+}
+
+LoadedModel::~LoadedModel() {
+  model.reset();  // references the weights and the backend
+  backend.reset();
+}
+
+std::shared_ptr<LoadedModel> LoadedModel::load(const std::string& dir, const std::string& backend) {
+  auto m = std::make_shared<LoadedModel>();
+  m->checkpoint = Checkpoint::open(dir);
+  if (backend == "cpu") {
+    m->backend = make_cpu_backend();
+  } else {
+#ifdef DSV4_HAVE_CUDA
+    if (backend == "cuda") m->backend = make_cuda_backend();
+#endif
+    if (!m->backend) fail("--backend: '{}' is not available in this build (cpu{})", backend,
+#ifdef DSV4_HAVE_CUDA
+                          ", cuda"
+#else
+                          ""
+#endif
+      );
+  }
+  m->model = std::make_unique<Model>(m->checkpoint->config(), m->checkpoint->weights(), *m->backend);
+  const auto tok = std::filesystem::path(dir) / "tokenizer.json";
+  if (std::filesystem::exists(tok)) m->tokenizer = Tokenizer::load(tok.string());
+  m->name = std::filesystem::path(dir).filename().string();
+  if (m->name.empty()) m->name = dir;
+  return m;
+}
+
+std::shared_ptr<LoadedModel> LoadedModel::demo(const std::string& preset, uint64_t seed) {
+  auto m = std::make_shared<LoadedModel>();
+  m->generated = std::make_unique<GeneratedModel>(tiny_preset_config(preset), seed);
+  m->backend = make_cpu_backend();
+  const ModelConfig& c = m->generated->config();
+  m->model = std::make_unique<Model>(c, m->generated->weights(), *m->backend);
+  m->tokenizer = Tokenizer::from_json(tiny_tokenizer_json(c.vocab_size, c.bos_token_id, c.eos_token_id),
+                                      "<tiny tokenizer>");
+  m->name = "dsv4-demo-" + preset;
+  return m;
+}
+
+int64_t parse_memory_size(const std::string& text, const std::string& flag) {
+  size_t i = 0;
+  while (i < text.size() && (std::isdigit(uint8_t(text[i])) || text[i] == '.')) ++i;
+  if (i == 0) fail("{}: '{}' is not a size (e.g. 4G, 512M, 1073741824)", flag, text);
+  double v = 0;
+  try {
+    v = std::stod(text.substr(0, i));
+  } catch (...) {
+    fail("{}: '{}' is not a size", flag, text);
+  }
+  std::string unit = text.substr(i);
+  for (auto& ch : unit) ch = char(std::toupper(uint8_t(ch)));
+  double mul = 1;
+  if (unit.empty() || unit == "B") mul = 1;
+  else if (unit == "K" || unit == "KB" || unit == "KIB") mul = 1024.0;
+  else if (unit == "M" || unit == "MB" || unit == "MIB") mul = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GB" || unit == "GIB") mul = 1024.0 * 1024 * 1024;
+  else if (unit == "T" || unit == "TB" || unit == "TIB") mul = 1024.0 * 1024 * 1024 * 1024;
+  else fail("{}: unknown unit '{}' in '{}' (use K, M, G or T)", flag, text.substr(i), text);
+  const double bytes = v * mul;
+  if (!(bytes >= 1) || bytes > 9e18) fail("{}: '{}' is out of range", flag, text);
+  return int64_t(bytes);
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct RequestRec;
+
+struct SeqRec {
+  RequestRec* req = nullptr;
+  int32_t index = 0;
+  std::vector<int32_t> tokens;  // prompt, then generated (the last one not yet fed)
+  int64_t prompt_len = 0;
+  StateManager::Seq state;
+  bool has_state = false;
+  bool fork_pending = false;  // n > 1: waits for sample 0's prompt logits
+  int64_t cached_tokens = -1;
+  SamplerState sampler{0};
+  int32_t completion = 0;
+  std::optional<IncrementalDecoder> decoder;
+  std::string text;
+  size_t emitted = 0;
+  bool finished = false;
+  int64_t computed() const { return has_state ? state.st.num_tokens : 0; }
+};
+
+struct RequestRec {
+  Request req;
+  EventSink sink;
+  uint64_t arrival = 0;
+  std::vector<std::unique_ptr<SeqRec>> samples;
+  int32_t live = 0;
+};
+
+// Ordering of the waiting queue: priority (higher first), then arrival, then sample index.
+struct WaitKey {
+  int32_t neg_priority;
+  uint64_t arrival;
+  int32_t index;
+  auto operator<=>(const WaitKey&) const = default;
+};
+
+class EngineImpl final : public LLMEngine {
+ public:
+  EngineImpl(const EngineConfig& cfg, std::shared_ptr<LoadedModel> lm) : cfg_(cfg), lm_(std::move(lm)) {
+    if (!lm_ || !lm_->model) fail("make_engine: no model");
+    Model& model = *lm_->model;
+    const ModelConfig& mc = model.config();
+    const int64_t g = model.block_granularity();
+    int64_t B = cfg_.block_size;
+    if (B <= 0) B = std::max<int64_t>(256 / g * g, g);
+    if (B % g) fail("--block-size: {} must be a multiple of {} (every compress ratio of the model)", B, g);
+    if (cfg_.max_running_requests <= 0) fail("--max-running-requests must be positive, got {}", cfg_.max_running_requests);
+    if (cfg_.max_batched_tokens <= 0) fail("--max-batched-tokens must be positive, got {}", cfg_.max_batched_tokens);
+    const StateLayout layout = state_layout(mc, B);
+    StatePlan plan;
+    plan.num_slots = cfg_.max_running_requests;
+    if (cfg_.num_blocks > 0) {
+      plan.num_blocks = cfg_.num_blocks;
+      plan.num_snapshots = cfg_.num_snapshots >= 0 ? cfg_.num_snapshots : cfg_.num_blocks;
+    } else {
+      int64_t budget = cfg_.kv_memory_bytes;
+      if (budget <= 0) budget = int64_t(256) << 20;
+      plan = plan_state(layout, budget, plan.num_slots, cfg_.enable_prefix_caching ? cfg_.snapshot_fraction : 0.0);
+      if (cfg_.num_snapshots >= 0) plan.num_snapshots = cfg_.num_snapshots;
+    }
+    if (!cfg_.enable_prefix_caching) plan.num_snapshots = 0;
+    mgr_ = std::make_unique<StateManager>(model, B, plan.num_blocks, plan.num_slots, plan.num_snapshots);
+    mgr_->set_caching(cfg_.enable_prefix_caching);
+    capacity_tokens_ = plan.num_blocks * B;
+    max_model_len_ = cfg_.max_model_len > 0 ? cfg_.max_model_len : mc.max_position_embeddings;
+    if (max_model_len_ <= 0) max_model_len_ = capacity_tokens_;
+    eos_.insert(int32_t(mc.eos_token_id));
+    if (lm_->tokenizer)
+      if (auto e = lm_->tokenizer->eos_id()) eos_.insert(*e);
+    if (cfg_.log_startup)
+      log_info(
+          "engine: block {} tokens, {} blocks ({} B each, {:.1f} B/token stored as f32; production format {:.1f} "
+          "B/token), capacity {} tokens; {} sequence slots ({} B each), {} prefix snapshots ({} B each)",
+          B, plan.num_blocks, layout.block_bytes, layout.bytes_per_token(), kv_bytes_per_token(mc), capacity_tokens_,
+          plan.num_slots, layout.tail_bytes, plan.num_snapshots, layout.snapshot_bytes);
+    publish_metrics();
+    thread_ = std::thread([this] { loop(); });
+  }
+
+  ~EngineImpl() override { shutdown(false); }
+
+  int64_t block_size() const override { return mgr_->block_tokens(); }
+  int64_t block_bytes() const override { return mgr_->layout().block_bytes; }
+
+  std::string submit(Request req, EventSink sink) override {
+    const ModelConfig& mc = lm_->config();
+    const SamplingParams& sp = req.sampling;
+    if (req.prompt.empty()) fail("prompt: the prompt is empty");
+    for (size_t i = 0; i < req.prompt.size(); ++i)
+      if (req.prompt[i] < 0 || req.prompt[i] >= mc.vocab_size)
+        fail("prompt: token id {} at position {} is out of range (vocab size {})", req.prompt[i], i, mc.vocab_size);
+    if (sp.n < 1) fail("n: must be at least 1, got {}", sp.n);
+    if (sp.n > cfg_.max_running_requests)
+      fail("n: {} samples exceed --max-running-requests ({})", sp.n, cfg_.max_running_requests);
+    if (sp.max_tokens < 1) fail("max_tokens: must be at least 1, got {}", sp.max_tokens);
+    if (!(sp.temperature >= 0)) fail("temperature: must be >= 0, got {}", sp.temperature);
+    if (!(sp.top_p > 0 && sp.top_p <= 1)) fail("top_p: must be in (0, 1], got {}", sp.top_p);
+    if (sp.top_k < 0 && sp.top_k != -1) fail("top_k: must be >= 0 (or -1 for off), got {}", sp.top_k);
+    if (!(sp.min_p >= 0 && sp.min_p <= 1)) fail("min_p: must be in [0, 1], got {}", sp.min_p);
+    if (!(sp.repetition_penalty > 0)) fail("repetition_penalty: must be > 0, got {}", sp.repetition_penalty);
+    if (sp.logprobs > 20) fail("logprobs: at most 20 alternatives, got {}", sp.logprobs);
+    for (int32_t t : sp.stop_token_ids)
+      if (t < 0 || t >= mc.vocab_size) fail("stop_token_ids: {} is out of range (vocab size {})", t, mc.vocab_size);
+    for (const auto& s : sp.stop)
+      if (s.empty()) fail("stop: stop strings must not be empty");
+    if (!sp.stop.empty() && !lm_->tokenizer) fail("stop: stop strings need a tokenizer (the model has none)");
+    const int64_t P = int64_t(req.prompt.size());
+    if (P >= max_model_len_)
+      fail("prompt: {} tokens do not fit the context of {} tokens (--max-model-len)", P, max_model_len_);
+    const int64_t total = std::min<int64_t>(P + sp.max_tokens, max_model_len_);
+    if (total > capacity_tokens_)
+      fail("prompt: the request needs state for {} tokens ({} prompt + {} max_tokens) but the whole pool holds {} "
+           "tokens (raise --kv-memory)",
+           total, P, sp.max_tokens, capacity_tokens_);
+    auto rec = std::make_unique<RequestRec>();
+    rec->sink = std::move(sink);
+    std::unique_lock lk(mu_);
+    if (stopping_) fail("engine: shutting down, not accepting requests");
+    if (req.id.empty()) req.id = fmt::format("req-{}", next_id_++);
+    if (ids_.count(req.id)) fail("request id '{}' is already in flight", req.id);
+    ids_.insert(req.id);
+    rec->req = std::move(req);
+    rec->arrival = next_arrival_++;
+    const std::string id = rec->req.id;
+    ++inflight_;
+    inbox_.push_back(std::move(rec));
+    cv_.notify_all();
+    return id;
+  }
+
+  void abort(const std::string& id) override {
+    std::unique_lock lk(mu_);
+    aborts_.push_back(id);
+    cv_.notify_all();
+  }
+
+  EngineMetrics metrics() const override {
+    std::unique_lock lk(mu_);
+    return metrics_;
+  }
+
+  void shutdown(bool drain) override {
+    {
+      std::unique_lock lk(mu_);
+      stopping_ = true;
+      drain_ = drain;
+      cv_.notify_all();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+  void wait_idle() override {
+    std::unique_lock lk(mu_);
+    idle_cv_.wait(lk, [&] { return inflight_ == 0; });
+  }
+
+  void clear_prefix_cache() override {
+    std::unique_lock lk(mu_);
+    const uint64_t want = ++clear_requests_;
+    cv_.notify_all();
+    idle_cv_.wait(lk, [&] { return clear_done_ >= want || !thread_.joinable(); });
+  }
+
+ private:
+  // ---- engine thread ----
+  void loop() {
+    for (;;) {
+      std::vector<std::unique_ptr<RequestRec>> incoming;
+      std::vector<std::string> aborts;
+      bool stop = false, drain = false;
+      uint64_t clears = 0;
+      {
+        std::unique_lock lk(mu_);
+        cv_.wait(lk, [&] {
+          return !inbox_.empty() || !aborts_.empty() || stopping_ || has_work_ || clear_requests_ > clear_done_;
+        });
+        incoming.swap(inbox_);
+        aborts.swap(aborts_);
+        stop = stopping_;
+        drain = drain_;
+        clears = clear_requests_;
+      }
+      for (auto& r : incoming) accept(std::move(r));
+      for (const auto& id : aborts) abort_request(id, FinishReason::Abort, "");
+      if (stop && !drain) {
+        std::vector<std::string> all;
+        for (auto& [id, r] : requests_) all.push_back(id);
+        for (const auto& id : all) abort_request(id, FinishReason::Abort, "");
+      }
+      if (!running_.empty() || !waiting_.empty()) {
+        try {
+          step();
+        } catch (const std::exception& e) {
+          // A bug, not bad input: fail every request in flight rather than the process.
+          std::vector<std::string> all;
+          for (auto& [id, r] : requests_) all.push_back(id);
+          for (const auto& id : all) abort_request(id, FinishReason::Error, e.what());
+        }
+      }
+      graveyard_.clear();
+      if (clears) mgr_->clear_cache();
+      const bool work = !running_.empty() || !waiting_.empty();
+      {
+        std::unique_lock lk(mu_);
+        has_work_ = work;
+        clear_done_ = clears;
+        for (const auto& id : done_ids_) ids_.erase(id);
+        inflight_ -= int64_t(done_ids_.size());
+        done_ids_.clear();
+        fill_metrics();
+        idle_cv_.notify_all();
+        if (stop && !work && inbox_.empty()) break;
+      }
+    }
+    std::unique_lock lk(mu_);
+    // Requests submitted after the last pass (cannot happen once stopping_ is set) are dropped.
+    idle_cv_.notify_all();
+  }
+
+  void accept(std::unique_ptr<RequestRec> r) {
+    RequestRec* rp = r.get();
+    const SamplingParams& sp = rp->req.sampling;
+    const uint64_t fallback = Rng(cfg_.seed ^ (0x51ed2701ull * (rp->arrival + 1))).next_u64();
+    for (int32_t i = 0; i < sp.n; ++i) {
+      auto s = std::make_unique<SeqRec>();
+      s->req = rp;
+      s->index = i;
+      s->tokens = rp->req.prompt;
+      s->prompt_len = int64_t(rp->req.prompt.size());
+      s->sampler = SamplerState(sample_seed(sp, i, fallback));
+      if (sp.repetition_penalty != 1.0f) s->sampler.add_prompt(rp->req.prompt, lm_->config().vocab_size);
+      if (lm_->tokenizer) s->decoder.emplace(*lm_->tokenizer, true);
+      s->fork_pending = i > 0;
+      rp->samples.push_back(std::move(s));
+    }
+    rp->live = sp.n;
+    enqueue(rp->samples[0].get());
+    prompt_tokens_total_ += int64_t(rp->req.prompt.size()) * sp.n;
+    requests_.emplace(rp->req.id, std::move(r));
+  }
+
+  WaitKey key(const SeqRec* s) const { return {-s->req->req.priority, s->req->arrival, s->index}; }
+  void enqueue(SeqRec* s) { waiting_.emplace(key(s), s); }
+
+  void finish_request_if_done(RequestRec* r) {
+    if (r->live > 0) return;
+    const std::string id = r->req.id;
+    auto it = requests_.find(id);
+    graveyard_.push_back(std::move(it->second));  // work items of this step may still point at it
+    requests_.erase(it);
+    done_ids_.push_back(id);  // released to callers with the metrics at the end of the pass
+  }
+
+  void drop_state(SeqRec* s) {
+    if (s->has_state) {
+      mgr_->release(s->state);
+      s->has_state = false;
+    }
+    running_.erase(std::remove(running_.begin(), running_.end(), s), running_.end());
+    waiting_.erase(key(s));
+  }
+
+  void finish_seq(SeqRec* s, FinishReason why, const std::string& error, Event ev) {
+    drop_state(s);
+    s->finished = true;
+    s->fork_pending = false;
+    ev.request_id = s->req->req.id;
+    ev.index = s->index;
+    ev.finish = why;
+    ev.error = error;
+    ev.prompt_tokens = int32_t(s->prompt_len);
+    ev.completion_tokens = s->completion;
+    ev.cached_prompt_tokens = int32_t(std::max<int64_t>(0, s->cached_tokens));
+    emit(s->req, ev);
+    --s->req->live;
+  }
+
+  void emit(RequestRec* r, const Event& ev) {
+    if (!r->sink) return;
+    try {
+      r->sink(ev);
+    } catch (...) {
+      // A sink must not take the engine down.
+    }
+  }
+
+  void abort_request(const std::string& id, FinishReason why, const std::string& error) {
+    auto it = requests_.find(id);
+    if (it == requests_.end()) return;
+    RequestRec* r = it->second.get();
+    for (auto& s : r->samples)
+      if (!s->finished) finish_seq(s.get(), why, error, Event{});
+    if (why == FinishReason::Abort) ++requests_aborted_;
+    ++requests_finished_;
+    finish_request_if_done(r);
+  }
+
+  void preempt(SeqRec* s) {
+    mgr_->release(s->state);
+    s->has_state = false;
+    running_.erase(std::remove(running_.begin(), running_.end(), s), running_.end());
+    enqueue(s);
+    ++preemptions_;
+  }
+
+  // The running sequence to give up first: lowest priority, latest arrival.
+  SeqRec* victim() const {
+    SeqRec* v = nullptr;
+    for (SeqRec* s : running_)
+      if (!v || key(v) < key(s)) v = s;
+    return v;
+  }
+
+  struct Work {
+    SeqRec* seq;
+    int64_t n;
+  };
+
+  // Reserves blocks for n more tokens of s, shrinking a prefill chunk or preempting other
+  // sequences (latest first) when the pool runs out. Returns the tokens granted (0: s itself
+  // was preempted or cannot run now).
+  int64_t grant(SeqRec* s, int64_t n, std::vector<Work>& work, int64_t& budget, bool may_preempt) {
+    const int64_t B = mgr_->block_tokens();
+    for (;;) {
+      const int64_t have = s->computed();
+      if (mgr_->reserve(s->state, have + n)) return n;
+      const int64_t fit = (int64_t(s->state.st.blocks.size()) + mgr_->available_blocks()) * B - have;
+      if (fit > 0) {
+        n = std::min(n, fit);
+        continue;
+      }
+      if (!may_preempt) return 0;
+      SeqRec* v = victim();
+      if (!v) return 0;
+      for (size_t i = 0; i < work.size(); ++i)
+        if (work[i].seq == v) {
+          budget += work[i].n;
+          work.erase(work.begin() + long(i));
+          break;
+        }
+      preempt(v);
+      if (v == s) return 0;
+    }
+  }
+
+  std::vector<Work> schedule() {
+    std::vector<Work> work;
+    int64_t budget = cfg_.max_batched_tokens;
+    // Running sequences in arrival order: decodes first, then prefill chunks.
+    for (int pass = 0; pass < 2; ++pass) {
+      std::vector<SeqRec*> order = running_;
+      std::sort(order.begin(), order.end(), [&](SeqRec* a, SeqRec* b) { return key(a) < key(b); });
+      for (SeqRec* s : order) {
+        if (!s->has_state || budget <= 0) continue;
+        if (std::find(running_.begin(), running_.end(), s) == running_.end()) continue;  // preempted
+        const int64_t remaining = int64_t(s->tokens.size()) - s->computed();
+        if ((remaining == 1) != (pass == 0)) continue;
+        const int64_t n = grant(s, std::min(remaining, budget), work, budget, true);
+        if (n > 0) {
+          work.push_back({s, n});
+          budget -= n;
+        }
+      }
+    }
+    // Admit waiting sequences in priority/arrival order.
+    while (!waiting_.empty() && budget > 0 && mgr_->free_slots() > 0 &&
+           int64_t(running_.size()) < cfg_.max_running_requests) {
+      SeqRec* s = waiting_.begin()->second;
+      const int64_t B = mgr_->block_tokens(), len = int64_t(s->tokens.size());
+      // Nothing can run if the pool cannot take even one more block for it.
+      StateManager::Seq st = mgr_->acquire();
+      const int64_t hit = mgr_->lookup(s->tokens, (len - 1) / B);
+      mgr_->attach(st, s->tokens, hit);
+      s->state = std::move(st);
+      s->has_state = true;
+      const int64_t n = grant(s, std::min(len - s->computed(), budget), work, budget, false);
+      if (n == 0) {
+        mgr_->release(s->state);
+        s->has_state = false;
+        break;
+      }
+      waiting_.erase(waiting_.begin());
+      if (s->cached_tokens < 0) {
+        s->cached_tokens = std::min<int64_t>(hit * B, s->prompt_len);
+        cached_prompt_tokens_total_ += s->cached_tokens;
+      }
+      running_.push_back(s);
+      work.push_back({s, n});
+      budget -= n;
+    }
+    return work;
+  }
+
+  void step() {
+    std::vector<Work> work = schedule();
+    if (work.empty()) {
+      // Running sequences exist but none could be scheduled: only possible transiently.
+      return;
+    }
+    Model& model = *lm_->model;
+    Backend& be = model.backend();
+    const int64_t B = mgr_->block_tokens(), V = lm_->config().vocab_size;
+    std::vector<float> row(static_cast<size_t>(V));
+    for (const Work& w : work) {
+      SeqRec* s = w.seq;
+      if (s->finished || !s->has_state) continue;
+      RequestRec* r = s->req;
+      try {
+        int64_t pos = s->computed();
+        const int64_t end = pos + w.n;
+        Tensor logits;
+        while (pos < end) {
+          const int64_t next = std::min(end, (pos / B + 1) * B);
+          logits = model.forward(s->state.st, std::span(s->tokens).subspan(size_t(pos), size_t(next - pos)));
+          pos = next;
+          if (pos % B == 0) mgr_->register_blocks(s->state, s->tokens);
+        }
+        if (end < int64_t(s->tokens.size())) continue;  // a prefill chunk that did not reach the end
+        be.download(logits.rows_view(logits.dim(0) - 1, logits.dim(0)), row.data());
+      } catch (const std::exception& e) {
+        abort_request(r->req.id, FinishReason::Error, e.what());
+        continue;
+      }
+      const bool first = s->completion == 0 && s->index == 0;
+      sample_and_emit(s, row);
+      if (first) start_forks(r, s, row);
+    }
+  }
+
+  // n > 1: the other samples share sample 0's prompt state (its full blocks; a copy of the rest).
+  void start_forks(RequestRec* r, SeqRec* parent, const std::vector<float>& row) {
+    for (auto& c : r->samples) {
+      SeqRec* s = c.get();
+      if (!s->fork_pending) continue;
+      s->fork_pending = false;
+      // The parent has already appended its first token: fork the prompt state only.
+      const bool parent_live = parent->has_state && parent->state.st.num_tokens == s->prompt_len;
+      if (parent_live && mgr_->free_slots() > 0 && int64_t(running_.size()) < cfg_.max_running_requests &&
+          mgr_->fork(parent->state, s->state)) {
+        s->has_state = true;
+        s->cached_tokens = s->prompt_len;  // the whole prompt state is reused
+        cached_prompt_tokens_total_ += s->cached_tokens;
+        running_.push_back(s);
+        sample_and_emit(s, row);
+      } else {
+        enqueue(s);  // recomputes its prompt (mostly from the prefix cache)
+      }
+    }
+  }
+
+  void sample_and_emit(SeqRec* s, const std::vector<float>& row) {
+    RequestRec* r = s->req;
+    const SamplingParams& sp = r->req.sampling;
+    const int64_t V = int64_t(row.size());
+    if (cfg_.on_logits) cfg_.on_logits(r->req.id, s->index, int64_t(s->tokens.size()) - 1, row);
+    const int32_t tok = sample_token(row, sp, s->sampler);
+    Event ev;
+    if (sp.logprobs >= 0) ev.logprobs.push_back(token_logprobs(row, tok, sp.logprobs));
+    s->sampler.add_generated(tok, V);
+    s->tokens.push_back(tok);
+    ++s->completion;
+    ++generation_tokens_total_;
+    gen_window_.emplace_back(Clock::now(), 1);
+    FinishReason fin = FinishReason::None;
+    bool by_string = false;
+    const bool stop_tok = (!sp.ignore_eos && eos_.count(tok)) ||
+                          std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), tok) != sp.stop_token_ids.end();
+    if (stop_tok) {
+      fin = FinishReason::Stop;
+    } else {
+      ev.tokens.push_back(tok);
+      if (s->decoder && lm_->tokenizer->contains(tok)) s->decoder->push(tok, s->text);  // no text for unknown ids
+      if (!sp.stop.empty()) {
+        size_t maxlen = 0;
+        for (const auto& st : sp.stop) maxlen = std::max(maxlen, st.size());
+        const size_t from = s->emitted > maxlen ? s->emitted - maxlen : 0;
+        size_t best = std::string::npos;
+        for (const auto& st : sp.stop) best = std::min(best, s->text.find(st, from));
+        if (best != std::string::npos) {
+          s->text.resize(best);
+          fin = FinishReason::Stop;
+          by_string = true;
+        }
+      }
+    }
+    if (fin == FinishReason::None &&
+        (s->completion >= sp.max_tokens || int64_t(s->tokens.size()) >= max_model_len_))
+      fin = FinishReason::Length;
+    if (fin != FinishReason::None && !by_string && s->decoder) s->text += s->decoder->flush();
+    // Emit complete text, holding back what could still turn into a stop string.
+    size_t upto = s->text.size();
+    if (fin == FinishReason::None) {
+      size_t hold = 0;
+      for (const auto& st : sp.stop) hold = std::max(hold, st.size() - 1);
+      upto = s->text.size() > hold ? s->text.size() - hold : 0;
+      while (upto > s->emitted && upto < s->text.size() && (uint8_t(s->text[upto]) & 0xC0) == 0x80) --upto;
+    }
+    if (upto > s->emitted) {
+      ev.text = s->text.substr(s->emitted, upto - s->emitted);
+      s->emitted = upto;
+    }
+    if (fin == FinishReason::None) {
+      ev.request_id = r->req.id;
+      ev.index = s->index;
+      emit(r, ev);
+      return;
+    }
+    finish_seq(s, fin, "", std::move(ev));
+    if (r->live == 0) {
+      ++requests_finished_;
+      finish_request_if_done(r);
+    }
+  }
+
+  void fill_metrics() {  // under mu_
+    EngineMetrics m;
+    m.waiting = int64_t(waiting_.size());
+    for (auto& [id, r] : requests_)
+      for (auto& s : r->samples)
+        if (s->fork_pending) ++m.waiting;
+    m.running = int64_t(running_.size());
+    m.blocks_total = mgr_->num_blocks();
+    m.blocks_free = mgr_->free_blocks();
+    m.blocks_cached = mgr_->evictable_blocks();
+    m.capacity_tokens = capacity_tokens_;
+    m.prompt_tokens_total = prompt_tokens_total_;
+    m.generation_tokens_total = generation_tokens_total_;
+    m.prefix_hit_rate = prompt_tokens_total_ ? double(cached_prompt_tokens_total_) / double(prompt_tokens_total_) : 0;
+    m.requests_finished = requests_finished_;
+    m.requests_aborted = requests_aborted_;
+    m.preemptions = preemptions_;
+    const auto now = Clock::now();
+    while (!gen_window_.empty() && now - gen_window_.front().first > std::chrono::seconds(10)) gen_window_.pop_front();
+    if (!gen_window_.empty()) {
+      const double span = std::max(1e-3, std::chrono::duration<double>(now - gen_window_.front().first).count());
+      m.tokens_per_second = double(gen_window_.size()) / span;
+    }
+    metrics_ = m;
+  }
+  void publish_metrics() {
+    std::unique_lock lk(mu_);
+    fill_metrics();
+  }
+
+  EngineConfig cfg_;
+  std::shared_ptr<LoadedModel> lm_;
+  std::unique_ptr<StateManager> mgr_;
+  int64_t capacity_tokens_ = 0, max_model_len_ = 0;
+  std::set<int32_t> eos_;
+
+  // Engine thread only.
+  std::map<std::string, std::unique_ptr<RequestRec>> requests_;
+  std::map<WaitKey, SeqRec*> waiting_;
+  std::vector<SeqRec*> running_;
+  int64_t prompt_tokens_total_ = 0, cached_prompt_tokens_total_ = 0, generation_tokens_total_ = 0;
+  int64_t requests_finished_ = 0, requests_aborted_ = 0, preemptions_ = 0;
+  std::deque<std::pair<Clock::time_point, int>> gen_window_;
+  std::vector<std::unique_ptr<RequestRec>> graveyard_;
+  std::vector<std::string> done_ids_;
+
+  // Shared with callers.
+  mutable std::mutex mu_;
+  std::condition_variable cv_, idle_cv_;
+  std::vector<std::unique_ptr<RequestRec>> inbox_;
+  std::vector<std::string> aborts_;
+  std::set<std::string> ids_;
+  int64_t inflight_ = 0;
+  uint64_t next_id_ = 0, next_arrival_ = 0, clear_requests_ = 0, clear_done_ = 0;
+  bool stopping_ = false, drain_ = false, has_work_ = false;
+  EngineMetrics metrics_;
+  std::thread thread_;
+};
+
+}  // namespace
+
+std::unique_ptr<LLMEngine> make_engine(const EngineConfig& cfg, std::shared_ptr<LoadedModel> model) {
+  return std::make_unique<EngineImpl>(cfg, std::move(model));
+}
+
+}  // namespace dsv4

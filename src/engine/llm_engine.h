@@ -1,0 +1,76 @@
+#pragma once
+// The engine implementation: a model bundle (weights + backend + forward + tokenizer), the
+// engine configuration and the factory. See docs/ENGINE.md.
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "engine/engine.h"
+#include "model/forward.h"
+#include "text/tokenizer.h"
+
+namespace dsv4 {
+
+class Checkpoint;
+class GeneratedModel;
+
+// Everything the engine runs: owns the weights (a checkpoint or a generated model), the
+// backend and the forward pass; the tokenizer is optional (no text, no stop strings without it).
+struct LoadedModel {
+  std::unique_ptr<Checkpoint> checkpoint;
+  std::unique_ptr<GeneratedModel> generated;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+  std::optional<Tokenizer> tokenizer;
+  std::string name;  // model id reported to clients
+
+  const ModelConfig& config() const { return model->config(); }
+  ~LoadedModel();
+
+  // A model directory (config.json, safetensors, tokenizer.json when present); backend "cpu"
+  // (or "cuda" when compiled in).
+  static std::shared_ptr<LoadedModel> load(const std::string& dir, const std::string& backend = "cpu");
+  // The built-in demo: a GeneratedModel of a tiny preset with tiny_tokenizer_json.
+  static std::shared_ptr<LoadedModel> demo(const std::string& preset = "tiny", uint64_t seed = 1);
+};
+
+struct EngineConfig {
+  // State memory budget in bytes (--kv-memory); 0: 256 MiB on the CPU backend, or
+  // gpu_memory_utilization of the free device memory on a device backend.
+  int64_t kv_memory_bytes = 0;
+  double gpu_memory_utilization = 0.9;
+  int64_t num_blocks = 0;                // > 0: overrides the budget (tests)
+  int64_t block_size = 0;                // tokens per block; 0: 256 (must be a multiple of every ratio)
+  int64_t max_running_requests = 64;     // running sequences (samples)
+  int64_t max_batched_tokens = 2048;     // tokens fed per scheduler step
+  int64_t max_model_len = 0;             // 0: max_position_embeddings
+  bool enable_prefix_caching = true;
+  double snapshot_fraction = 0.15;       // share of the budget for prefix-cache boundary snapshots
+  int64_t num_snapshots = -1;            // >= 0: overrides the share (tests)
+  uint64_t seed = 0;                     // seeds of requests without one
+  bool log_startup = true;               // print the state layout and capacity to stderr
+  // Test/diagnostic hook, engine thread: every logits row a token is sampled from (raw model
+  // output), with the request id, sample index and the position whose logits these are.
+  std::function<void(const std::string& id, int32_t index, int64_t position, std::span<const float> logits)>
+      on_logits;
+};
+
+// "1073741824", "512M", "4G", "1.5GiB" -> bytes; Error naming `flag` otherwise.
+int64_t parse_memory_size(const std::string& text, const std::string& flag = "--kv-memory");
+
+// The concrete engine exposes a few extras for tests and the CLI.
+class LLMEngine : public Engine {
+ public:
+  // Blocks until every request in flight has finished (test helper; engine keeps running).
+  virtual void wait_idle() = 0;
+  // Drops unreferenced prefix-cache blocks (engine thread, synchronously).
+  virtual void clear_prefix_cache() = 0;
+  virtual int64_t block_size() const = 0;
+  virtual int64_t block_bytes() const = 0;  // state bytes of one block (all layers)
+};
+
+std::unique_ptr<LLMEngine> make_engine(const EngineConfig& cfg, std::shared_ptr<LoadedModel> model);
+
+}  // namespace dsv4

@@ -1,0 +1,106 @@
+#pragma once
+// Shared helpers for the engine tests: one demo model per binary, an engine wrapper that
+// records events and logits rows, random prompts.
+#include <gtest/gtest.h>
+
+#include <map>
+#include <mutex>
+
+#include "engine/llm_engine.h"
+#include "util/random.h"
+
+namespace dsv4::test {
+
+inline std::shared_ptr<LoadedModel> tiny_model() {
+  static std::shared_ptr<LoadedModel> m = LoadedModel::demo("tiny", 7);
+  return m;
+}
+
+inline std::vector<int32_t> random_prompt(int64_t n, uint64_t seed, int64_t vocab = 1024) {
+  Rng r(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = int32_t(2 + r.below(uint64_t(vocab - 2)));  // no BOS/EOS
+  return t;
+}
+
+struct Output {
+  std::vector<int32_t> tokens;
+  std::string text;
+  FinishReason finish = FinishReason::None;
+  Event final;
+  int events = 0;
+  std::vector<TokenLogprob> logprobs;
+};
+
+class Harness {
+ public:
+  explicit Harness(EngineConfig c, std::shared_ptr<LoadedModel> m = tiny_model()) {
+    c.log_startup = false;
+    c.on_logits = [this](const std::string& id, int32_t index, int64_t, std::span<const float> row) {
+      std::lock_guard lk(mu_);
+      logits_[{id, index}].emplace_back(row.begin(), row.end());
+    };
+    engine_ = make_engine(c, std::move(m));
+  }
+  ~Harness() { engine_->shutdown(false); }
+
+  LLMEngine& engine() { return *engine_; }
+
+  // on_event runs on the engine thread after the event is recorded.
+  std::string submit(Request r, std::function<void(const Event&)> on_event = {}) {
+    return engine_->submit(std::move(r), [this, on_event](const Event& e) {
+      {
+        std::lock_guard lk(mu_);
+        Output& o = out_[{e.request_id, e.index}];
+        ++o.events;
+        o.tokens.insert(o.tokens.end(), e.tokens.begin(), e.tokens.end());
+        o.text += e.text;
+        o.logprobs.insert(o.logprobs.end(), e.logprobs.begin(), e.logprobs.end());
+        if (e.finish != FinishReason::None) {
+          EXPECT_EQ(o.finish, FinishReason::None) << "two final events for " << e.request_id;
+          o.finish = e.finish;
+          o.final = e;
+        }
+      }
+      if (on_event) on_event(e);
+    });
+  }
+  void wait() { engine_->wait_idle(); }
+  Output output(const std::string& id, int32_t index = 0) {
+    std::lock_guard lk(mu_);
+    return out_[{id, index}];
+  }
+  std::vector<std::vector<float>> logits(const std::string& id, int32_t index = 0) {
+    std::lock_guard lk(mu_);
+    return logits_[{id, index}];
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<std::pair<std::string, int32_t>, Output> out_;
+  std::map<std::pair<std::string, int32_t>, std::vector<std::vector<float>>> logits_;
+  std::unique_ptr<LLMEngine> engine_;
+};
+
+inline Request greedy(std::string id, std::vector<int32_t> prompt, int32_t max_tokens) {
+  Request r;
+  r.id = std::move(id);
+  r.prompt = std::move(prompt);
+  r.sampling.temperature = 0;
+  r.sampling.max_tokens = max_tokens;
+  r.sampling.ignore_eos = true;
+  return r;
+}
+
+inline void expect_rows_near(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
+                             float tol, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t r = 0; r < a.size(); ++r) {
+    ASSERT_EQ(a[r].size(), b[r].size()) << what;
+    float err = 0;
+    for (size_t i = 0; i < a[r].size(); ++i) err = std::max(err, std::fabs(a[r][i] - b[r][i]));
+    EXPECT_LE(err, tol) << what << " row " << r;
+  }
+}
+
+}  // namespace dsv4::test

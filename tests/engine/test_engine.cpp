@@ -1,0 +1,342 @@
+// The serving engine on the CPU backend with the tiny demo model: batch invariance,
+// preemption, prefix caching (exactness, hit rates, eviction), aborts, stops, n > 1, seeds.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <thread>
+
+#include "engine_test_util.h"
+
+using namespace dsv4;
+using namespace dsv4::test;
+
+namespace {
+
+EngineConfig small_blocks(int64_t num_blocks = 256, bool caching = false) {
+  EngineConfig c;
+  c.block_size = 16;
+  c.num_blocks = num_blocks;
+  c.enable_prefix_caching = caching;
+  c.max_running_requests = 32;
+  c.max_batched_tokens = 64;
+  return c;
+}
+
+void expect_pool_full(LLMEngine& e) {
+  const EngineMetrics m = e.metrics();
+  EXPECT_EQ(m.running, 0);
+  EXPECT_EQ(m.waiting, 0);
+  EXPECT_EQ(m.blocks_free + m.blocks_cached, m.blocks_total);
+}
+
+}  // namespace
+
+TEST(Engine, BatchInvariance) {
+  const auto target = random_prompt(13, 1);
+  std::vector<std::vector<float>> alone_logits;
+  Output alone;
+  {
+    Harness h(small_blocks());
+    h.submit(greedy("t", target, 4));
+    h.wait();
+    alone = h.output("t");
+    alone_logits = h.logits("t");
+  }
+  ASSERT_EQ(alone.tokens.size(), 4u);
+  EXPECT_EQ(alone.finish, FinishReason::Length);
+
+  EngineConfig c = small_blocks();
+  c.max_batched_tokens = 12;  // longer prompts prefill in chunks, mixed with decodes
+  Harness h(c);
+  Rng r(3);
+  std::vector<std::string> others;
+  for (int i = 0; i < 16; ++i) {
+    if (i == 5) h.submit(greedy("t", target, 4));
+    const int64_t len = 2 + int64_t(r.below(12));
+    others.push_back(h.submit(greedy("o" + std::to_string(i), random_prompt(len, 100 + i), 1 + int32_t(r.below(3)))));
+  }
+  h.wait();
+  const Output batched = h.output("t");
+  EXPECT_EQ(batched.tokens, alone.tokens);
+  expect_rows_near(h.logits("t"), alone_logits, 1e-5f, "batched vs alone");
+  for (const auto& id : others) EXPECT_EQ(h.output(id).finish, FinishReason::Length) << id;
+  expect_pool_full(h.engine());
+}
+
+TEST(Engine, PreemptionUnderTinyPoolKeepsOutputs) {
+  std::vector<Request> reqs;
+  Rng r(8);
+  for (int i = 0; i < 5; ++i)
+    reqs.push_back(greedy("p" + std::to_string(i), random_prompt(6 + int64_t(r.below(14)), 200 + i), 4));
+  std::map<std::string, std::vector<int32_t>> ref;
+  std::map<std::string, std::vector<std::vector<float>>> ref_logits;
+  {
+    Harness h(small_blocks());
+    for (const auto& q : reqs) h.submit(q);
+    h.wait();
+    for (const auto& q : reqs) {
+      ref[q.id] = h.output(q.id).tokens;
+      ref_logits[q.id] = h.logits(q.id);
+    }
+  }
+  for (bool caching : {false, true}) {
+    // 2 blocks of 16 tokens: the largest request (19 + 4 tokens) needs both.
+    EngineConfig c = small_blocks(2, caching);
+    Harness h(c);
+    for (const auto& q : reqs) h.submit(q);
+    h.wait();
+    for (const auto& q : reqs) {
+      const Output o = h.output(q.id);
+      EXPECT_EQ(o.finish, FinishReason::Length) << q.id;
+      EXPECT_EQ(o.tokens, ref[q.id]) << q.id << " caching " << caching;
+      expect_rows_near(h.logits(q.id), ref_logits[q.id], 1e-5f, q.id);
+    }
+    EXPECT_GT(h.engine().metrics().preemptions, 0);
+    expect_pool_full(h.engine());
+    // A request larger than the whole pool is rejected up front.
+    try {
+      h.engine().submit(greedy("big", random_prompt(25, 9), 10), {});
+      ADD_FAILURE() << "no error for a request larger than the pool";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--kv-memory"), std::string::npos) << e.what();
+    }
+  }
+}
+
+// Logits of requests served from the prefix cache equal a cold run exactly, for prefixes on
+// and off block boundaries, with concurrent requests sharing the prefix.
+TEST(Engine, PrefixCacheIsExact) {
+  for (int64_t P : {16, 37}) {
+    const auto prefix = random_prompt(P, 300 + uint64_t(P));
+    auto with = [&](uint64_t seed, int64_t n) {
+      auto t = prefix;
+      auto s = random_prompt(n, seed);
+      t.insert(t.end(), s.begin(), s.end());
+      return t;
+    };
+    const auto pa = with(1, 5), pb = with(2, 4), pc = with(3, 2);
+    std::map<std::string, std::vector<std::vector<float>>> cold;
+    std::map<std::string, std::vector<int32_t>> cold_tokens;
+    {
+      Harness h(small_blocks());
+      for (auto& [id, p] : {std::pair{"b", pb}, std::pair{"c", pc}}) h.submit(greedy(id, p, 2));
+      h.wait();
+      for (const char* id : {"b", "c"}) {
+        cold[id] = h.logits(id);
+        cold_tokens[id] = h.output(id).tokens;
+      }
+    }
+    Harness h(small_blocks(256, true));
+    h.submit(greedy("a", pa, 2));
+    h.wait();
+    // b and c at once: all hit the blocks a left behind.
+    for (auto& [id, p] : {std::pair{"b", pb}, std::pair{"c", pc}}) h.submit(greedy(id, p, 2));
+    h.wait();
+    for (const char* id : {"b", "c"}) {
+      const Output o = h.output(id);
+      EXPECT_EQ(o.final.cached_prompt_tokens, P / 16 * 16) << "P=" << P << " " << id;
+      EXPECT_EQ(o.tokens, cold_tokens[id]) << "P=" << P << " " << id;
+      const auto warm = h.logits(id);
+      ASSERT_EQ(warm.size(), cold[id].size());
+      for (size_t r = 0; r < warm.size(); ++r) EXPECT_TRUE(warm[r] == cold[id][r]) << "P=" << P << " " << id << " row " << r;
+    }
+    expect_pool_full(h.engine());
+  }
+}
+
+TEST(Engine, PrefixHitRatesFrom1To16Blocks) {
+  const auto base = random_prompt(16 * 16 + 3, 400);
+  Harness h(small_blocks(256, true));
+  h.submit(greedy("base", base, 1));
+  h.wait();
+  for (int k = 1; k <= 16; ++k) {
+    auto p = std::vector<int32_t>(base.begin(), base.begin() + 16 * k);
+    auto tail = random_prompt(3, 500 + uint64_t(k));
+    p.insert(p.end(), tail.begin(), tail.end());
+    h.submit(greedy("k" + std::to_string(k), p, 1));
+  }
+  h.wait();
+  int64_t cached = 0, total = int64_t(base.size());
+  for (int k = 1; k <= 16; ++k) {
+    const Output o = h.output("k" + std::to_string(k));
+    EXPECT_EQ(o.final.cached_prompt_tokens, 16 * k) << k << " shared blocks";
+    cached += o.final.cached_prompt_tokens;
+    total += 16 * k + 3;
+  }
+  const EngineMetrics m = h.engine().metrics();
+  EXPECT_NEAR(m.prefix_hit_rate, double(cached) / double(total), 1e-9);
+  expect_pool_full(h.engine());
+}
+
+TEST(Engine, EvictionUnderPressure) {
+  // 6 blocks: new prompts evict older cached blocks, least recently used first.
+  EngineConfig c = small_blocks(6, true);
+  c.num_snapshots = 6;
+  Harness h(c);
+  const auto x = random_prompt(33, 600);
+  h.submit(greedy("x", x, 1));
+  h.wait();
+  EXPECT_EQ(h.engine().metrics().blocks_cached, 2);
+  std::vector<std::vector<int32_t>> ys;
+  for (int i = 0; i < 3; ++i) {
+    ys.push_back(random_prompt(33, 610 + uint64_t(i)));
+    h.submit(greedy("y" + std::to_string(i), ys.back(), 2));
+    h.wait();
+    EXPECT_EQ(h.output("y" + std::to_string(i)).finish, FinishReason::Length);
+    EXPECT_LE(h.engine().metrics().blocks_cached, 6);
+  }
+  h.submit(greedy("x2", x, 1));  // evicted long ago
+  h.wait();
+  EXPECT_EQ(h.output("x2").final.cached_prompt_tokens, 0);
+  h.submit(greedy("y2b", ys[2], 1));  // the most recent one is still there
+  h.wait();
+  EXPECT_EQ(h.output("y2b").final.cached_prompt_tokens, 32);
+  expect_pool_full(h.engine());
+  h.engine().clear_prefix_cache();
+  EXPECT_EQ(h.engine().metrics().blocks_free, 6);
+}
+
+TEST(Engine, AbortMidPrefillAndMidDecodeFreesEverything) {
+  for (bool caching : {false, true}) {
+    EngineConfig c = small_blocks(64, caching);
+    c.max_batched_tokens = 8;
+    Harness h(c);
+    std::atomic<int> decode_events{0};
+    // y decodes while x prefills 8 tokens a step; y's first token aborts x mid-prefill.
+    h.submit(greedy("y", random_prompt(5, 700), 4), [&](const Event& e) {
+      if (e.tokens.size() && e.index == 0 && h.output("y").tokens.size() == 1) h.engine().abort("x");
+    });
+    h.submit(greedy("x", random_prompt(70, 701), 4));
+    // z is aborted by its own sink after its second token (mid-decode).
+    h.submit(greedy("z", random_prompt(6, 702), 50), [&](const Event& e) {
+      if (!e.tokens.empty() && ++decode_events == 2) h.engine().abort("z");
+    });
+    h.wait();
+    EXPECT_EQ(h.output("x").finish, FinishReason::Abort);
+    EXPECT_TRUE(h.output("x").tokens.empty());
+    EXPECT_EQ(h.output("y").finish, FinishReason::Length);
+    EXPECT_EQ(h.output("z").finish, FinishReason::Abort);
+    EXPECT_GE(h.output("z").tokens.size(), 2u);
+    EXPECT_LT(h.output("z").tokens.size(), 10u);
+    EXPECT_EQ(h.engine().metrics().requests_aborted, 2);
+    expect_pool_full(h.engine());
+    h.engine().clear_prefix_cache();
+    EXPECT_EQ(h.engine().metrics().blocks_free, 64);
+    h.engine().abort("unknown");  // ignored
+  }
+}
+
+TEST(Engine, StopsAndLimits) {
+  Harness h(small_blocks());
+  const auto p = random_prompt(10, 800);
+  h.submit(greedy("ref", p, 12));
+  h.wait();
+  const Output ref = h.output("ref");
+  ASSERT_EQ(ref.tokens.size(), 12u);
+  EXPECT_EQ(ref.final.completion_tokens, 12);
+  EXPECT_EQ(ref.final.prompt_tokens, 10);
+  // Stop token id: the third generated token ends the request without being emitted.
+  Request a = greedy("tok", p, 12);
+  a.sampling.stop_token_ids = {ref.tokens[2]};
+  const size_t first = size_t(std::find(ref.tokens.begin(), ref.tokens.end(), ref.tokens[2]) - ref.tokens.begin());
+  h.submit(a);
+  // Stop string: a piece of the reference text.
+  const auto& tok = *tiny_model()->tokenizer;
+  const std::string full = tok.decode(ref.tokens, true);
+  EXPECT_EQ(ref.text, full);
+  ASSERT_GE(full.size(), 6u);
+  const std::string stop = full.substr(full.size() / 2, 3);
+  Request b = greedy("str", p, 12);
+  b.sampling.stop = {stop, "\x01never"};
+  h.submit(b);
+  h.wait();
+  const Output oa = h.output("tok");
+  EXPECT_EQ(oa.finish, FinishReason::Stop);
+  EXPECT_EQ(oa.tokens, std::vector<int32_t>(ref.tokens.begin(), ref.tokens.begin() + long(first)));
+  const Output ob = h.output("str");
+  EXPECT_EQ(ob.finish, FinishReason::Stop);
+  EXPECT_EQ(ob.text, full.substr(0, full.find(stop)));
+  // Bad requests are rejected with the parameter named.
+  auto rejects = [&](Request r, const char* what) {
+    try {
+      h.engine().submit(std::move(r), {});
+      ADD_FAILURE() << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  Request bad = greedy("", {}, 3);
+  rejects(bad, "prompt");
+  bad.prompt = {5, 5000};
+  rejects(bad, "prompt");
+  bad.prompt = {5};
+  bad.sampling.top_p = 0;
+  rejects(bad, "top_p");
+  expect_pool_full(h.engine());
+}
+
+TEST(Engine, SeededSamplingAndParallelSamples) {
+  auto sampled = [](std::string id, std::vector<int32_t> p, int32_t n) {
+    Request r;
+    r.id = std::move(id);
+    r.prompt = std::move(p);
+    r.sampling.temperature = 1.5f;
+    r.sampling.top_k = 50;
+    r.sampling.seed = 1234;
+    r.sampling.max_tokens = 5;
+    r.sampling.n = n;
+    r.sampling.ignore_eos = true;
+    r.sampling.logprobs = 2;
+    return r;
+  };
+  const auto p = random_prompt(19, 900);
+  Output alone;
+  std::vector<std::vector<float>> alone_logits;
+  {
+    Harness h(small_blocks(256, true));
+    h.submit(sampled("s", p, 1));
+    h.wait();
+    alone = h.output("s");
+    alone_logits = h.logits("s");
+  }
+  ASSERT_EQ(alone.tokens.size(), 5u);
+  ASSERT_EQ(alone.logprobs.size(), 5u);
+  Harness h(small_blocks(256, true));
+  for (int i = 0; i < 3; ++i) h.submit(greedy("m" + std::to_string(i), random_prompt(7 + i, 910 + i), 4));
+  h.submit(sampled("s", p, 3));
+  h.wait();
+  // Sample 0 of n = 3 is the n = 1 request (same seed, batch mates irrelevant).
+  EXPECT_EQ(h.output("s", 0).tokens, alone.tokens);
+  expect_rows_near(h.logits("s", 0), alone_logits, 0, "sample 0");
+  // The others share the prompt state: their first logits row is sample 0's.
+  std::set<std::vector<int32_t>> distinct;
+  for (int i = 0; i < 3; ++i) {
+    const Output o = h.output("s", i);
+    EXPECT_EQ(o.finish, FinishReason::Length);
+    EXPECT_EQ(o.tokens.size(), 5u);
+    EXPECT_EQ(o.final.prompt_tokens, 19);
+    ASSERT_FALSE(h.logits("s", i).empty());
+    EXPECT_TRUE(h.logits("s", i)[0] == alone_logits[0]) << "sample " << i;
+    distinct.insert(o.tokens);
+  }
+  EXPECT_EQ(distinct.size(), 3u);
+  // Greedy samples are all equal to the greedy single request.
+  Request g = greedy("g", p, 4);
+  g.sampling.n = 2;
+  h.submit(g);
+  h.submit(greedy("g1", p, 4));
+  h.wait();
+  EXPECT_EQ(h.output("g", 0).tokens, h.output("g1").tokens);
+  EXPECT_EQ(h.output("g", 1).tokens, h.output("g1").tokens);
+  expect_pool_full(h.engine());
+  const EngineMetrics m = h.engine().metrics();
+  EXPECT_EQ(m.requests_finished, 6);
+  EXPECT_GT(m.generation_tokens_total, 20);
+}
+
+TEST(Engine, GenerateCommand) {
+  const std::string cmd = std::string(DSV4_BINARY) + " generate --prompt 'Hello there' --max-tokens 5 --seed 3 > " +
+                          ::testing::TempDir() + "gen.txt 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+}
