@@ -17,12 +17,20 @@
 #include "util/error.h"
 #include "util/log.h"
 
+#if __has_include("engine/llm_engine.h")
+#include "engine/llm_engine.h"
+#define DSV4_SERVE_HAS_ENGINE 1
+#else
+#define DSV4_SERVE_HAS_ENGINE 0
+#endif
+
 namespace dsv4::cli {
 
 namespace {
 
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
+  std::string backend = "cpu", kv_memory;
   int port = 8000;
   int max_running = 64;
   int tp = 1;
@@ -49,6 +57,32 @@ struct Loaded {
 Loaded load(const ServeOpts& o) {
   Loaded L;
   ProgressBar bar(o.model.empty() ? "generating demo model" : "loading model", 3);
+#if DSV4_SERVE_HAS_ENGINE
+  if (o.engine != "scripted") {
+    std::shared_ptr<LoadedModel> lm =
+        o.model.empty() ? LoadedModel::demo(o.demo_preset, 1234) : LoadedModel::load(o.model, o.backend);
+    bar.advance(1);
+    if (!lm->tokenizer) fail("--model: {} has no tokenizer.json (the server needs one)", o.model);
+    L.tok = *lm->tokenizer;
+    EngineConfig ec;
+    ec.max_running_requests = o.max_running;
+    ec.max_model_len = o.max_model_len;
+    if (!o.kv_memory.empty()) ec.kv_memory_bytes = parse_memory_size(o.kv_memory, "--kv-memory");
+    ec.log_startup = true;
+    L.context = o.max_model_len > 0 ? o.max_model_len : lm->config().max_position_embeddings;
+    L.name = o.model.empty() ? "dsv4-demo" : lm->name;
+    bar.advance(1);
+    L.engine = make_engine(ec, lm);
+    L.engine_kind = "model";
+    bar.advance(1);
+    bar.finish();
+    if (L.context <= 0) L.context = 4096;
+    if (!o.served_name.empty()) L.name = o.served_name;
+    return L;
+  }
+#else
+  if (o.engine == "model") fail("--engine model: this build has no model engine (src/engine)");
+#endif
   if (o.model.empty()) {
     nlohmann::json cfg = tiny_preset_config(o.demo_preset);
     L.demo = std::make_unique<GeneratedModel>(cfg, 1234);
@@ -70,8 +104,8 @@ Loaded load(const ServeOpts& o) {
   bar.advance(1);
   if (o.max_model_len > 0) L.context = o.max_model_len;
   if (L.context <= 0) L.context = 4096;
-  // The model engine (src/engine) plugs in here once it exists; until then every model is
-  // served by the scripted engine, and the banner says so.
+  // The scripted engine: tokens are a deterministic function of the prompt (tests, load tests
+  // of the HTTP layer, and builds without the model engine).
   server::ScriptedEngine::Options so;
   so.context = L.context;
   so.max_running = o.max_running;
@@ -94,14 +128,15 @@ int serve(const ServeOpts& o) {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
 
+  if (o.tp > 1) fail("--tp: {} GPUs requested; this engine runs one device per server (use --tp 1)", o.tp);
   Loaded L = load(o);
   if (o.model.empty()) {
     log_info("dsv4 serve: no --model given: serving the built-in demo model (preset '{}', random weights); "
              "its output is RANDOM TEXT, not a language model's answer", o.demo_preset);
   }
   if (L.engine_kind == "scripted")
-    log_info("dsv4 serve: engine 'scripted': tokens are a deterministic function of the prompt (the model engine is not "
-             "wired into serve yet); the API, streaming, tool-call parsing and metrics are real");
+    log_info("dsv4 serve: engine 'scripted': tokens are a deterministic function of the prompt, not a model's output; "
+             "the API, streaming, tool-call parsing and metrics are real");
   server::ServerConfig cfg;
   cfg.host = o.host;
   cfg.port = o.port;
@@ -158,7 +193,10 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--http-threads", o->http_threads, "HTTP worker threads (concurrent connections)")->capture_default_str()->check(CLI::Range(4, 65536));
   cmd->add_option("--shutdown-timeout", o->shutdown_timeout, "Seconds to let in-flight requests finish on SIGINT/SIGTERM")->capture_default_str();
   cmd->add_option("--demo-preset", o->demo_preset, "make-tiny preset of the demo model")->capture_default_str();
-  cmd->add_option("--engine", o->engine, "auto | scripted")->capture_default_str()->check(CLI::IsMember({"auto", "scripted"}));
+  cmd->add_option("--engine", o->engine, "auto | model | scripted (deterministic fake tokens, for HTTP-layer tests)")
+      ->capture_default_str()->check(CLI::IsMember({"auto", "model", "scripted"}));
+  cmd->add_option("--backend", o->backend, "Backend for --model: cpu | cuda")->capture_default_str();
+  cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
   cmd->add_option("--scripted-step-ms", o->step_ms, "Step time of the scripted engine (ms)")->capture_default_str();
   cmd->add_flag("--enable-test-hooks", o->test_hooks, "Honour the test-only request field dsv4_forced_output");
   cmd->callback([o, &action] { action = [o] { return serve(*o); }; });

@@ -24,7 +24,7 @@ describe('dsv4 serve with the openai client', () => {
   let client;
   let model;
   before(async () => {
-    srv = await startServer(['--enable-test-hooks', '--max-body-bytes', '200000']);
+    srv = await startServer(['--engine', 'scripted', '--enable-test-hooks', '--max-body-bytes', '200000']);
     client = new OpenAI({ baseURL: srv.url, apiKey: 'unused', maxRetries: 0, timeout: 60000 });
     model = (await client.models.list()).data[0].id;
   });
@@ -407,7 +407,7 @@ describe('dsv4 serve with the openai client', () => {
 
 describe('auth', () => {
   let srv;
-  before(async () => { srv = await startServer(['--api-key', 'sekrit']); });
+  before(async () => { srv = await startServer(['--engine', 'scripted', '--api-key', 'sekrit']); });
   after(async () => { assert.equal((await srv.stop()).code, 0); });
 
   it('rejects a missing or wrong key with 401 and accepts the right one', async () => {
@@ -430,7 +430,7 @@ describe('auth', () => {
 
 describe('graceful shutdown', () => {
   it('SIGTERM finishes the in-flight stream, refuses new work, exits 0', async () => {
-    const srv = await startServer(['--scripted-step-ms', '5']);
+    const srv = await startServer(['--engine', 'scripted', '--scripted-step-ms', '5']);
     const client = new OpenAI({ baseURL: srv.url, apiKey: 'x', maxRetries: 0 });
     const stream = await client.chat.completions.create({
       model: 'dsv4-demo', messages: [{ role: 'user', content: 'go' }], max_tokens: 200, ignore_eos: true, stream: true,

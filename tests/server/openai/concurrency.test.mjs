@@ -38,7 +38,7 @@ describe('concurrency', () => {
   let srv;
   let client;
   before(async () => {
-    srv = await startServer(['--max-running-requests', '16', '--scripted-step-ms', '2']);
+    srv = await startServer(['--engine', 'scripted', '--max-running-requests', '16', '--scripted-step-ms', '2']);
     client = new OpenAI({ baseURL: srv.url, apiKey: 'x', maxRetries: 0, timeout: 120000 });
   });
   after(async () => { assert.equal((await srv.stop()).code, 0); });

@@ -8,7 +8,7 @@ if(NOT DSV4_NODE)
 endif()
 add_test(NAME server.openai_client
          COMMAND ${DSV4_NODE} --test ${CMAKE_CURRENT_LIST_DIR}/api.test.mjs ${CMAKE_CURRENT_LIST_DIR}/concurrency.test.mjs
-                 ${CMAKE_CURRENT_LIST_DIR}/bench.test.mjs
+                 ${CMAKE_CURRENT_LIST_DIR}/engine.test.mjs ${CMAKE_CURRENT_LIST_DIR}/bench.test.mjs
          WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
 set_tests_properties(server.openai_client PROPERTIES LABELS "server" TIMEOUT 900
                      ENVIRONMENT "DSV4_BINARY=$<TARGET_FILE:dsv4>;NODE_PATH=${PROJECT_SOURCE_DIR}/node_modules")
