@@ -404,6 +404,7 @@ class EngineImpl final : public LLMEngine {
   }
 
   void preempt(SeqRec* s) {
+    preempted_this_step_ = true;
     mgr_->release(s->state);
     s->has_state = false;
     running_.erase(std::remove(running_.begin(), running_.end(), s), running_.end());
@@ -454,6 +455,7 @@ class EngineImpl final : public LLMEngine {
   std::vector<Work> schedule() {
     std::vector<Work> work;
     int64_t budget = cfg_.max_batched_tokens;
+    preempted_this_step_ = false;
     // Running sequences in arrival order: decodes first, then prefill chunks.
     for (int pass = 0; pass < 2; ++pass) {
       std::vector<SeqRec*> order = running_;
@@ -470,8 +472,9 @@ class EngineImpl final : public LLMEngine {
         }
       }
     }
-    // Admit waiting sequences in priority/arrival order.
-    while (!waiting_.empty() && budget > 0 && mgr_->free_slots() > 0 &&
+    // Admit waiting sequences in priority/arrival order; not in a step that had to preempt (the
+    // pool is short: admitting would only preempt again next step).
+    while (!preempted_this_step_ && !waiting_.empty() && budget > 0 && mgr_->free_slots() > 0 &&
            int64_t(running_.size()) < cfg_.max_running_requests) {
       SeqRec* s = waiting_.begin()->second;
       const int64_t B = mgr_->block_tokens(), len = int64_t(s->tokens.size());
@@ -665,6 +668,7 @@ class EngineImpl final : public LLMEngine {
   std::deque<std::pair<Clock::time_point, int>> gen_window_;
   std::vector<std::unique_ptr<RequestRec>> graveyard_;
   std::vector<std::string> done_ids_;
+  bool preempted_this_step_ = false;
 
   // Shared with callers.
   mutable std::mutex mu_;
