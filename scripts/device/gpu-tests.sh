@@ -16,7 +16,7 @@ eval "$(bash scripts/device/setup-deps.sh)" || exit 1
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a -DCMAKE_CUDA_FLAGS=-lineinfo >"$OUT/configure.log" 2>&1 \
   || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden test_golden test_model 2>&1 | tail -25
+cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
 echo "== build: $(( $(date +%s) - t0 )) s"
 rc=0
@@ -33,8 +33,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
   (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900 -j1) || rc=1
   echo "== ctest -L gpu: $(( $(date +%s) - t0 )) s, rc=$rc"
-  # The CPU reference must be unchanged: its golden and model tests.
-  (cd build-gpu && ctest -R '^(golden|model)\.' -j16 --timeout 600 2>&1 | tail -4) || rc=1
   for b in test_cuda_ops test_cuda_model; do ./build-gpu/tests/cuda/$b 2>&1 | grep -E '^\[maxerr\]|^\[model\]|^\[diag\]' ; done \
     > "$OUT/maxerr.log" || true
   # CLI: logits on CUDA (exact and fp8 KV) for one fixture.

@@ -7,85 +7,117 @@ namespace dsv4::cuda {
 
 namespace {
 
-constexpr int kHG = 8;  // query heads per block (they share the index list and the key rows)
+constexpr int kHG = 8;       // query heads per block (they share the index list and the key rows)
+constexpr int kTile = 64;    // keys per online-softmax step
+constexpr int kMaxDpt = 4;   // head dims per thread (d <= 4 * 256)
 
-// Block (t, head group). smem: q [kHG][d], p [kHG][K], ix [K], stats.
+// Block (t, head group): keys in tiles of kTile with an online softmax that starts from the sink
+// (running max = sink logit, running sum = 1, zero value). smem: q [kHG][d] (dynamic).
 __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, int64_t d, const float* pool, int64_t N,
                                                      const int32_t* idx_a, int64_t Ka, const int32_t* idx_b,
                                                      int64_t Kb, Vec sinks, float scale, float* out) {
-  extern __shared__ __align__(16) float sm[];
+  extern __shared__ __align__(16) float qs[];
+  __shared__ float ps[kHG][kTile];
+  __shared__ int32_t ix[kTile];
+  __shared__ float mrun[kHG], lrun[kHG], corr[kHG];
+  __shared__ int bad;
   const int64_t K = Ka + Kb, t = blockIdx.x, h0 = int64_t(blockIdx.y) * kHG;
   const int nh = int(H - h0 < kHG ? H - h0 : kHG);
-  float* qs = sm;
-  float* ps = qs + kHG * d;
-  int32_t* ix = reinterpret_cast<int32_t*>(ps + kHG * K);
-  __shared__ float inv_den[kHG];
-  __shared__ int bad;
-  if (threadIdx.x == 0) bad = 0;
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < kHG * d; i += blockDim.x) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+  for (int64_t i = tid; i < kHG * d; i += blockDim.x) {
     const int h = int(i / d);
     qs[i] = h < nh ? q[(t * H + h0 + h) * d + i % d] : 0.f;
   }
-  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    int32_t v = k < Ka ? idx_a[t * Ka + k] : idx_b[t * Kb + (k - Ka)];
-    if (v >= N) {
-      bad = 1;
-      v = -1;
-    }
-    ix[k] = v;
+  if (tid < kHG) {
+    mrun[tid] = tid < nh ? vec_at(sinks, h0 + tid) : 0.f;
+    lrun[tid] = 1.f;
+    corr[tid] = 1.f;
   }
+  if (tid == 0) bad = 0;
+  float acc[kMaxDpt][kHG];
+#pragma unroll
+  for (int j = 0; j < kMaxDpt; ++j)
+#pragma unroll
+    for (int h = 0; h < kHG; ++h) acc[j][h] = 0.f;
   __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  for (int64_t k = warp; k < K; k += nw) {
-    const int32_t r = ix[k];
-    float acc[kHG];
+  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+    const int nk = int(K - k0 < kTile ? K - k0 : kTile);
+    if (tid < kTile) {
+      int32_t v = -1;
+      if (tid < nk) {
+        const int64_t k = k0 + tid;
+        v = k < Ka ? idx_a[t * Ka + k] : idx_b[t * Kb + (k - Ka)];
+        if (v >= N) {
+          bad = 1;
+          v = -1;
+        }
+      }
+      ix[tid] = v;
+    }
+    __syncthreads();
+    for (int kk = warp; kk < nk; kk += nw) {
+      const int32_t r = ix[kk];
+      float a[kHG];
 #pragma unroll
-    for (int h = 0; h < kHG; ++h) acc[h] = 0.f;
-    if (r >= 0) {
-      const float* row = pool + int64_t(r) * d;
-      for (int64_t i = lane; i < d; i += 32) {
-        const float v = row[i];
+      for (int h = 0; h < kHG; ++h) a[h] = 0.f;
+      if (r >= 0) {
+        const float* row = pool + int64_t(r) * d;
+        for (int64_t i = lane; i < d; i += 32) {
+          const float v = row[i];
 #pragma unroll
-        for (int h = 0; h < kHG; ++h) acc[h] = fmaf(qs[h * d + i], v, acc[h]);
+          for (int h = 0; h < kHG; ++h) a[h] = fmaf(qs[h * d + i], v, a[h]);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < kHG; ++h) {
+        const float sc = warp_sum(a[h]);
+        if (lane == 0) ps[h][kk] = r >= 0 ? sc * scale : -INFINITY;
       }
     }
-#pragma unroll
-    for (int h = 0; h < kHG; ++h) {
-      const float s = warp_sum(acc[h]);
-      if (lane == 0) ps[h * K + k] = r >= 0 ? s * scale : -INFINITY;
+    __syncthreads();
+    for (int h = warp; h < nh; h += nw) {
+      float mx = -INFINITY;
+      for (int kk = lane; kk < nk; kk += 32) mx = fmaxf(mx, ps[h][kk]);
+      mx = warp_max(mx);
+      const float mnew = fmaxf(mrun[h], mx);
+      float sum = 0.f;
+      for (int kk = lane; kk < nk; kk += 32) {
+        const float p = ix[kk] >= 0 ? expf(ps[h][kk] - mnew) : 0.f;
+        ps[h][kk] = p;
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float c = expf(mrun[h] - mnew);
+        corr[h] = c;
+        lrun[h] = lrun[h] * c + sum;
+        mrun[h] = mnew;
+      }
     }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kMaxDpt; ++j) {
+      const int64_t i = tid + int64_t(j) * blockDim.x;
+      if (i >= d) continue;
+#pragma unroll
+      for (int h = 0; h < kHG; ++h) acc[j][h] *= corr[h];
+      for (int kk = 0; kk < nk; ++kk) {
+        const int32_t r = ix[kk];
+        if (r < 0) continue;
+        const float v = pool[int64_t(r) * d + i];
+#pragma unroll
+        for (int h = 0; h < kHG; ++h) acc[j][h] = fmaf(ps[h][kk], v, acc[j][h]);
+      }
+    }
+    __syncthreads();
   }
-  __syncthreads();
-  // Softmax with the sink: one warp per head.
-  for (int h = warp; h < nh; h += nw) {
-    const float sink = vec_at(sinks, h0 + h);
-    float mx = sink;
-    for (int64_t k = lane; k < K; k += 32) mx = fmaxf(mx, ps[h * K + k]);
-    mx = warp_max(mx);
-    float den = 0.f;
-    for (int64_t k = lane; k < K; k += 32) {
-      const float p = ix[k] >= 0 ? expf(ps[h * K + k] - mx) : 0.f;
-      ps[h * K + k] = p;
-      den += p;
-    }
-    den = warp_sum(den) + expf(sink - mx);
-    if (lane == 0) inv_den[h] = 1.f / den;
-  }
-  __syncthreads();
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    float acc[kHG];
 #pragma unroll
-    for (int h = 0; h < kHG; ++h) acc[h] = 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t r = ix[k];
-      if (r < 0) continue;
-      const float v = pool[int64_t(r) * d + i];
+  for (int j = 0; j < kMaxDpt; ++j) {
+    const int64_t i = tid + int64_t(j) * blockDim.x;
+    if (i >= d) continue;
 #pragma unroll
-      for (int h = 0; h < kHG; ++h) acc[h] = fmaf(ps[h * K + k], v, acc[h]);
-    }
-    for (int h = 0; h < nh; ++h)
-      out[(t * H + h0 + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc[h] * inv_den[h];
+    for (int h = 0; h < kHG; ++h)
+      if (h < nh) out[(t * H + h0 + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc[j][h] / lrun[h];
   }
 }
 
@@ -241,8 +273,11 @@ __global__ void __launch_bounds__(1024) topk_kernel(const float* scores, int64_t
 void attend(const float* q, int64_t T, int64_t H, int64_t d, const float* pool, int64_t N, const int32_t* idx_a,
             int64_t Ka, const int32_t* idx_b, int64_t Kb, Vec sinks, float scale, float* out, cudaStream_t s) {
   if (T <= 0 || H <= 0) return;
-  const int64_t K = Ka + Kb;
-  const size_t smem = size_t(kHG * d + kHG * K + K) * 4;
+  if (d > kMaxDpt * 256) {
+    std::fprintf(stderr, "attend: head_dim %lld exceeds %d\n", (long long)d, kMaxDpt * 256);
+    std::abort();
+  }
+  const size_t smem = size_t(kHG * d) * 4;
   if (smem > 48 * 1024) cudaFuncSetAttribute(attend_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   dim3 grid(unsigned(T), unsigned((H + kHG - 1) / kHG));
   attend_kernel<<<grid, 256, smem, s>>>(q, H, d, pool, N, idx_a, Ka, idx_b, Kb, sinks, scale, out);

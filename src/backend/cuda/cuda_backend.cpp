@@ -510,7 +510,10 @@ class CudaBackend final : public Backend {
     if (!t.data) fail("tensor '{}' has no data and was not prepared on the device", t.name);
     void* p = nullptr;
     DSV4_CK(cudaMalloc(&p, std::max<size_t>(t.nbytes, 1)));
-    DSV4_CK(cudaMemcpy(p, t.data, t.nbytes, cudaMemcpyHostToDevice));
+    // On the backend's stream + sync: a pageable cudaMemcpy on the legacy stream may return before
+    // the DMA lands and does not order against our non-blocking stream.
+    DSV4_CK(cudaMemcpyAsync(p, t.data, t.nbytes, cudaMemcpyHostToDevice, s_));
+    DSV4_CK(cudaStreamSynchronize(s_));
     extra_.push_back(p);
     map_[&t] = static_cast<uint8_t*>(p);
     return static_cast<uint8_t*>(p);
@@ -579,7 +582,8 @@ class CudaBackend final : public Backend {
       extra_.push_back(p);
       t.devp = static_cast<cuda::WeightDesc*>(p);
     }
-    DSV4_CK(cudaMemcpy(t.devp, host.data(), host.size() * sizeof(cuda::WeightDesc), cudaMemcpyHostToDevice));
+    DSV4_CK(cudaMemcpyAsync(t.devp, host.data(), host.size() * sizeof(cuda::WeightDesc), cudaMemcpyHostToDevice, s_));
+    DSV4_CK(cudaStreamSynchronize(s_));
     const size_t E = m.experts.size();
     t.w1 = t.devp;
     t.w2 = t.devp + E;
