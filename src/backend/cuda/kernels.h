@@ -97,17 +97,17 @@ constexpr int64_t kTopkMaxKeys = 16384;
 // ---- MoE family (moe.cu) -------------------------------------------------------------------
 // scoring: 0 softmax, 1 sigmoid, 2 sqrtsoftplus. tid2eid: I32 (tid_i64 = 0) or I64.
 struct RouteArgs {
-  const float* logits;  // [T, E]
-  int64_t T, E, k;
-  int32_t scoring;
-  bool norm_topk;
-  float routed_scale;
-  Vec bias;                 // may be null
-  const void* tid2eid;      // hash-routed when non-null
-  int32_t tid_i64;
-  const int32_t* tokens;
-  float* weights;
-  int32_t* experts;
+  const float* logits = nullptr;  // [T, E]
+  int64_t T = 0, E = 0, k = 0;
+  int32_t scoring = 2;
+  bool norm_topk = true;
+  float routed_scale = 1.f;
+  Vec bias;                         // may be null
+  const void* tid2eid = nullptr;    // hash-routed when non-null
+  int32_t tid_i64 = 0;
+  const int32_t* tokens = nullptr;
+  float* weights = nullptr;
+  int32_t* experts = nullptr;
 };
 void route(const RouteArgs& a, cudaStream_t s);
 // Groups the T*k assignments by expert: counts[E], offsets[E] (exclusive scan), perm[T*k]
