@@ -217,13 +217,14 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     be->synchronize();
   }
   Rng rng(7);
-  const int64_t max_b = *std::max_element(batches.begin(), batches.end());
   out("");
   out("| phase | tokens | ctx | time ms (median) | tok/s | per layer ms | roofline ms (bytes / FP8 FLOPs / FP32 FLOPs) | "
       "ratio to BW roofline | ratio to FP32 roofline |");
   out("|---|---|---|---|---|---|---|---|---|");
   for (int64_t C : ctxs) {
-    SequenceState st = model.new_sequence(C + int64_t(steps + 1) * max_b + 8);
+    int64_t decode_tokens = 0;
+    for (int64_t B : batches) decode_tokens += int64_t(steps + 1) * B;
+    SequenceState st = model.new_sequence(C + decode_tokens + 8);
     std::vector<int32_t> tok(C);
     for (auto& x : tok) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
     be->synchronize();
