@@ -1,4 +1,5 @@
-// 64 streaming clients at once: all complete, and each output equals the same request run alone.
+// 64 streaming clients at once against the real engine and the tiny demo model: all complete,
+// and each output equals the same request run alone (seeded sampling ignores batch mates).
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
@@ -10,7 +11,7 @@ function request(i) {
   return {
     model: 'dsv4-demo',
     messages: [{ role: 'user', content: `client ${i}: tell me something about the number ${i * 7}` }],
-    max_tokens: 24 + (i % 9),
+    max_tokens: 12 + (i % 9),
     temperature: 0.8,
     top_p: 0.95,
     seed: 1000 + i,
@@ -38,8 +39,8 @@ describe('concurrency', () => {
   let srv;
   let client;
   before(async () => {
-    srv = await startServer(['--engine', 'scripted', '--max-running-requests', '16', '--scripted-step-ms', '2']);
-    client = new OpenAI({ baseURL: srv.url, apiKey: 'x', maxRetries: 0, timeout: 120000 });
+    srv = await startServer(['--engine', 'model', '--max-running-requests', '64'], { timeoutMs: 120000 });
+    client = new OpenAI({ baseURL: srv.url, apiKey: 'x', maxRetries: 0, timeout: 300000 });
   });
   after(async () => { assert.equal((await srv.stop()).code, 0); });
 
