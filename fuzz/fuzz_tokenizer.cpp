@@ -22,7 +22,7 @@
 
 #include "text/tiny_tokenizer.h"
 #include "text/tokenizer.h"
-#include "text/utf8.h"
+#include "util/utf8.h"
 #include "util/error.h"
 
 namespace {

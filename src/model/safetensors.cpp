@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
+#include "util/utf8.h"
 
 namespace dsv4 {
 
@@ -25,26 +26,6 @@ std::string escape_bytes(const std::string& s) {
   return out;
 }
 
-// Returns the byte offset of the first invalid UTF-8 sequence, or npos.
-static size_t find_invalid_utf8(const std::string& s) {
-  size_t i = 0, n = s.size();
-  while (i < n) {
-    unsigned char c = s[i];
-    size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    if (!len || i + len > n) return i;
-    uint32_t cp = len == 1 ? c : c & (0x7f >> len);
-    for (size_t k = 1; k < len; ++k) {
-      unsigned char cc = s[i + k];
-      if ((cc >> 6) != 2) return i;
-      cp = (cp << 6) | (cc & 0x3f);
-    }
-    static constexpr uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
-    if (cp < kMin[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return i;
-    i += len;
-  }
-  return std::string::npos;
-}
-
 SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
   const size_t size = file_.size();
   if (size < 8) fail("{}: truncated safetensors header ({} bytes, need at least 8)", path, size);
@@ -52,7 +33,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
   std::memcpy(&hlen, file_.data(), 8);
   if (hlen > size - 8) fail("{}: safetensors header length {} is larger than the file ({} bytes)", path, hlen, size);
   std::string header(reinterpret_cast<const char*>(file_.data() + 8), hlen);
-  if (size_t bad = find_invalid_utf8(header); bad != std::string::npos) {
+  if (size_t bad = utf8::first_invalid(header); bad != std::string::npos) {
     // Show the JSON string around the bad byte: it is almost always a tensor name.
     size_t q0 = header.rfind('"', bad), q1 = header.find('"', bad);
     std::string around = header.substr(q0 == std::string::npos ? 0 : q0 + 1,

@@ -15,7 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "text/utf8.h"
+#include "util/utf8.h"
 #include "util/error.h"
 #include "util/mapped_file.h"
 

@@ -11,7 +11,7 @@
 #include <unistd.h>
 
 #include "text/tiny_tokenizer.h"
-#include "text/utf8.h"
+#include "util/utf8.h"
 #include "tokenizer_test_util.h"
 #include "util/error.h"
 

@@ -6,7 +6,7 @@
 
 #include "tokenizer_test_util.h"
 #include "text/tiny_tokenizer.h"
-#include "text/utf8.h"
+#include "util/utf8.h"
 
 namespace dsv4 {
 namespace {
