@@ -422,7 +422,11 @@ class CudaBackend final : public Backend {
     const int64_t F = moe.experts.at(0).w1.out, n = T * k;
     Tensor counts = alloc({E}, ElemType::I32), offsets = alloc({E}, ElemType::I32), cursor = alloc({E}, ElemType::I32);
     Tensor perm = alloc({n}, ElemType::I32), slot = alloc({n}, ElemType::I32);
-    cuda::moe_group(experts.i32(), T, k, E, counts.i32(), offsets.i32(), cursor.i32(), perm.i32(), slot.i32(), s_);
+    // Grid slices only for experts that received tokens (at most min(E, T*k) of them).
+    const int64_t zmax = std::min(E, n);
+    Tensor active = alloc({std::max<int64_t>(zmax, 1)}, ElemType::I32);
+    cuda::moe_group(experts.i32(), T, k, E, counts.i32(), offsets.i32(), cursor.i32(), perm.i32(), slot.i32(),
+                    active.i32(), zmax, s_);
     // Rows per expert: at most T for learned routing (distinct experts), T*k for hash tables.
     int64_t max_rows = moe.hash_routed ? n : T;
     if (max_rows > 64) {
@@ -446,7 +450,8 @@ class CudaBackend final : public Backend {
       a.max_rows = max_rows;
       a.descs = descs;
       a.wd = tb.first;
-      a.Z = int(E);
+      a.Z = int(zmax);
+      a.zmap = active.i32();
       cuda::gemm(a, s_);
     };
     if (max_rows > 0) {

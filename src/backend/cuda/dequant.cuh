@@ -16,9 +16,11 @@ __device__ __forceinline__ float e4m3_to_float(uint8_t v) {
 }
 
 __device__ __forceinline__ float e2m1_to_float(uint8_t nibble) {
-  constexpr float kMag[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
-  const float m = kMag[nibble & 7];
-  return (nibble & 8) ? -m : m;
+  // Bit construction (no lookup table in local memory): code s|e1e0|m -> 0, 0.5 (e = 0) or
+  // 2^(e-1) * (1 + m/2).
+  const uint32_t e = (nibble >> 1) & 3u, m = nibble & 1u;
+  const uint32_t mag = e ? (((e + 126u) << 23) | (m << 22)) : (m ? 0x3f000000u : 0u);
+  return __uint_as_float(mag | (uint32_t(nibble & 8u) << 28));
 }
 
 }  // namespace dsv4::cuda

@@ -42,6 +42,9 @@ struct GemmArgs {
   WeightDesc wd;
   int64_t w_z_row_off = 0;
   int Z = 1;
+  // Optional: problem z is zmap[z] (descs/counts/offsets index); -1 = no work (MoE: only the
+  // experts that received tokens get grid slices).
+  const int32_t* zmap = nullptr;
 };
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel.
@@ -112,8 +115,9 @@ struct RouteArgs {
 void route(const RouteArgs& a, cudaStream_t s);
 // Groups the T*k assignments by expert: counts[E], offsets[E] (exclusive scan), perm[T*k]
 // (token of each grouped row), slot[T*k] (grouped row of assignment t*k+i). cursor: E ints scratch.
+// active[0..zmax): the experts with tokens in ascending order, then -1.
 void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* offsets,
-               int32_t* cursor, int32_t* perm, int32_t* slot, cudaStream_t s);
+               int32_t* cursor, int32_t* perm, int32_t* slot, int32_t* active, int64_t zmax, cudaStream_t s);
 // h1 <- silu(min(h1, L)) * clamp(h3, -L, L) (no clamp when L <= 0), rows*F elements.
 void swiglu(float* h1, const float* h3, int64_t n, float limit, cudaStream_t s);
 // out[t] = sum_i weights[t,i] * Y[slot[t*k+i]] (+ shared[t] when non-null).

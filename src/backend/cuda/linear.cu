@@ -20,8 +20,20 @@ struct Problem {
 };
 
 __device__ __forceinline__ Problem problem(const GemmArgs& a) {
-  const int z = blockIdx.z;
   Problem p;
+  int z = blockIdx.z;
+  if (a.zmap) {
+    z = a.zmap[z];
+    if (z < 0) {  // no expert for this slice
+      p.w = a.wd;
+      p.x = a.x;
+      p.y = a.y;
+      p.rows = 0;
+      p.base = 0;
+      p.wrow0 = 0;
+      return p;
+    }
+  }
   p.w = a.descs ? a.descs[z] : a.wd;
   p.x = a.x + z * a.x_z_off;
   p.y = a.y + z * a.y_z_off;

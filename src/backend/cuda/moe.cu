@@ -94,14 +94,18 @@ __global__ void count_kernel(const int32_t* experts, int64_t n, int64_t E, int32
   }
 }
 
-__global__ void scan_kernel(const int32_t* counts, int64_t E, int32_t* offsets, int32_t* cursor) {
+__global__ void scan_kernel(const int32_t* counts, int64_t E, int32_t* offsets, int32_t* cursor, int32_t* active,
+                            int64_t zmax) {
   if (threadIdx.x == 0) {
     int32_t s = 0;
+    int64_t na = 0;
     for (int64_t e = 0; e < E; ++e) {
       offsets[e] = s;
       cursor[e] = 0;
       s += counts[e];
+      if (counts[e] > 0 && na < zmax) active[na++] = int32_t(e);
     }
+    for (; na < zmax; ++na) active[na] = -1;
   }
 }
 
@@ -154,11 +158,11 @@ void route(const RouteArgs& a, cudaStream_t s) {
 }
 
 void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* offsets,
-               int32_t* cursor, int32_t* perm, int32_t* slot, cudaStream_t s) {
+               int32_t* cursor, int32_t* perm, int32_t* slot, int32_t* active, int64_t zmax, cudaStream_t s) {
   cudaMemsetAsync(counts, 0, size_t(E) * 4, s);
   const int64_t n = T * k;
   count_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, E, counts);
-  scan_kernel<<<1, 32, 0, s>>>(counts, E, offsets, cursor);
+  scan_kernel<<<1, 32, 0, s>>>(counts, E, offsets, cursor, active, zmax);
   place_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, k, E, offsets, cursor, perm, slot);
   DSV4_LAUNCH_CHECK();
 }
