@@ -390,7 +390,9 @@ TEST_F(CudaOps, MoE) {
                                {8, 4096, 2048, 256, 6, WeightFormat::FP4, false, true, 10.f},
                                {70, 1024, 512, 32, 6, WeightFormat::FP4, false, true, 10.f},
                                {100, 192, 96, 6, 3, WeightFormat::FP8, true, true, 2.f},
-                               {5, 256, 64, 16, 4, WeightFormat::FP8, false, false, 0.f}}) {
+                               {5, 256, 64, 16, 4, WeightFormat::FP8, false, false, 0.f},
+                               // GEMV path with a row loop (T*k <= 4E) and hash repeats: >8 rows per expert
+                               {40, 256, 64, 64, 4, WeightFormat::FP4, true, true, 10.f}}) {
     MoEWeights moe;
     const int64_t distinct = std::min<int64_t>(c.E, 8);
     std::vector<ExpertWeights> sets(distinct);

@@ -452,6 +452,7 @@ class CudaBackend final : public Backend {
       a.wd = tb.first;
       a.Z = int(zmax);
       a.zmap = active.i32();
+      a.force_gemv = n <= 4 * E;  // <= 4 rows per expert on average: stream each expert's weights once
       cuda::gemm(a, s_);
     };
     if (max_rows > 0) {

@@ -45,6 +45,9 @@ struct GemmArgs {
   // Optional: problem z is zmap[z] (descs/counts/offsets index); -1 = no work (MoE: only the
   // experts that received tokens get grid slices).
   const int32_t* zmap = nullptr;
+  // Use the GEMV kernel with one row-loop per warp whatever max_rows is (MoE decode: rows per
+  // expert are few on average although the bound is large).
+  bool force_gemv = false;
 };
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel.

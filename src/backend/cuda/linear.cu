@@ -194,9 +194,10 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
                    (a.descs || aligned16(a.wd.w));
   const WeightDesc& fmt_of = a.wd;  // descs share the format of wd (the caller sets both)
   dispatch_format(fmt_of, [&]<int F, bool S>() {
-    if (a.max_rows <= kGemvMaxRows) {
+    if (a.max_rows <= kGemvMaxRows || a.force_gemv) {
       const int warps = 8;
-      dim3 grid(unsigned((a.N + warps - 1) / warps), unsigned((a.max_rows + kRB - 1) / kRB), unsigned(a.Z));
+      const int64_t gy = a.force_gemv ? 1 : (a.max_rows + kRB - 1) / kRB;
+      dim3 grid(unsigned((a.N + warps - 1) / warps), unsigned(gy), unsigned(a.Z));
       gemv_kernel<F, S><<<grid, warps * 32, 0, stream>>>(a, vec);
     } else {
       dim3 grid(unsigned((a.N + kBN - 1) / kBN), unsigned((a.max_rows + kBM - 1) / kBM), unsigned(a.Z));
