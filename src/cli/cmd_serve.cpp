@@ -33,6 +33,10 @@ struct ServeOpts {
   std::string backend = "cpu", kv_memory;
   int port = 8000;
   int max_running = 64;
+  int64_t max_batched_tokens = 2048;
+  int64_t block_size = 0;
+  double gpu_memory_utilization = 0.9;
+  bool no_prefix_caching = false;
   int tp = 1;
   int64_t max_model_len = 0;
   int32_t default_max_tokens = 0;
@@ -66,6 +70,10 @@ Loaded load(const ServeOpts& o) {
     L.tok = *lm->tokenizer;
     EngineConfig ec;
     ec.max_running_requests = o.max_running;
+    ec.max_batched_tokens = o.max_batched_tokens;
+    ec.block_size = o.block_size;
+    ec.gpu_memory_utilization = o.gpu_memory_utilization;
+    ec.enable_prefix_caching = !o.no_prefix_caching;
     ec.max_model_len = o.max_model_len;
     if (!o.kv_memory.empty()) ec.kv_memory_bytes = parse_memory_size(o.kv_memory, "--kv-memory");
     ec.log_startup = true;
@@ -186,6 +194,10 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--served-model-name", o->served_name, "Model id clients must use (default: the model directory's name)");
   cmd->add_option("--api-key", o->api_key, "Require 'Authorization: Bearer KEY' on /v1/*")->envname("DSV4_API_KEY");
   cmd->add_option("--max-running-requests", o->max_running, "Requests the engine runs at once")->capture_default_str()->check(CLI::Range(1, 4096));
+  cmd->add_option("--max-batched-tokens", o->max_batched_tokens, "Tokens fed to the model per scheduler step (chunked prefill + decodes)")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+  cmd->add_option("--block-size", o->block_size, "Tokens per state block (0: 256; a multiple of every compress ratio)")->check(CLI::Range(int64_t(0), int64_t(1) << 20));
+  cmd->add_option("--gpu-memory-utilization", o->gpu_memory_utilization, "Share of free device memory for sequence state when --kv-memory is not given (device backends)")->capture_default_str()->check(CLI::Range(0.01, 0.99));
+  cmd->add_flag("--no-prefix-caching", o->no_prefix_caching, "Disable prefix caching");
   cmd->add_option("--tp", o->tp, "Tensor/expert-parallel size")->capture_default_str()->check(CLI::Range(1, 64));
   cmd->add_option("--max-model-len", o->max_model_len, "Context limit (prompt + max_tokens); default: the model's");
   cmd->add_option("--default-max-tokens", o->default_max_tokens, "max_tokens when a request gives none (0: rest of the context)");

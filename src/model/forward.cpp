@@ -111,8 +111,8 @@ Tensor Model::compress(const CompressorWeights& c, CompressorState& cs, const Te
                        int64_t first_entry) {
   const int64_t T = x.dim(0), width = (c.overlap ? 2 : 1) * c.head_dim;
   Tensor kv = be_.alloc({T, width}), gate = be_.alloc({T, width});
-  Linear wkv{WeightFormat::BF16, c.wkv, nullptr, width, cfg_.hidden_size};
-  Linear wgate{WeightFormat::BF16, c.wgate, nullptr, width, cfg_.hidden_size};
+  const Linear wkv = dense_linear(*c.wkv);
+  const Linear wgate = dense_linear(*c.wgate);
   be_.linear(x, wkv, kv);
   be_.linear(x, wgate, gate);
   Tensor fresh = be_.alloc({T / c.ratio + 1, c.head_dim});
@@ -166,7 +166,7 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging&
       be_.linear(cq, ix.wq_b, qi.reshaped({T, Hi * di}));
       be_.rope(qi, pos, rope_compressed_, cfg_.rope_dim(), false);
       Tensor wi = be_.alloc({T, Hi});
-      be_.linear(x, Linear{WeightFormat::BF16, ix.weights_proj, nullptr, Hi, cfg_.hidden_size}, wi);
+      be_.linear(x, dense_linear(*ix.weights_proj), wi);
       std::vector<int32_t> usable(T);
       for (int64_t t = 0; t < T; ++t) usable[t] = int32_t((start + t + 1) / a.compressor.ratio);
       const int64_t k = std::min<int64_t>(cfg_.index_topk, std::max<int64_t>(usable.back(), 1));
@@ -249,7 +249,7 @@ Tensor Model::logits(const Tensor& X, const HyperConn& hc, const TensorData& nor
   be_.hc_head(X, hc, eps(cfg_.hc_eps), eps(cfg_.rms_norm_eps), u);
   be_.rms_norm(u, &norm, eps(cfg_.rms_norm_eps), u);
   Tensor out = be_.alloc({T, cfg_.vocab_size});
-  be_.linear(u, Linear{WeightFormat::BF16, w_.head, nullptr, cfg_.vocab_size, cfg_.hidden_size}, out);
+  be_.linear(u, dense_linear(*w_.head), out);
   return out;
 }
 

@@ -36,6 +36,11 @@ struct Linear {
   int64_t out = 0, in = 0;
 };
 
+// A plain BF16/F32 matrix [out, in] (router gate, compressor projections, head) as a Linear.
+inline Linear dense_linear(const TensorData& t) {
+  return Linear{WeightFormat::BF16, &t, nullptr, t.shape[0], t.shape.size() > 1 ? t.shape[1] : 1};
+}
+
 struct HyperConn {  // mHC mixing parameters (fn: [mix, hc*dim], base: [mix], scale: [3] or [1])
   const TensorData *fn = nullptr, *base = nullptr, *scale = nullptr;
 };

@@ -39,15 +39,6 @@ void weight_row(const Linear& w, int64_t r, float* out) {
   }
 }
 
-Linear dense(const TensorData& t) {
-  Linear l;
-  l.format = WeightFormat::BF16;
-  l.weight = &t;
-  l.out = t.shape[0];
-  l.in = t.shape.size() > 1 ? t.shape[1] : 1;
-  return l;
-}
-
 float tensor_value(const TensorData& t, int64_t i) {
   switch (t.dtype) {
     case DType::F32: return reinterpret_cast<const float*>(t.data)[i];
@@ -377,7 +368,7 @@ class CpuBackend final : public Backend {
   void route(const Tensor& x, const MoEWeights& moe, const Tensor& tokens, const ModelConfig& cfg,
              const Tensor& weights, const Tensor& experts) override {
     const int64_t T = x.dim(0), E = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
-    const Linear gate = dense(*moe.gate);
+    const Linear gate = dense_linear(*moe.gate);
     std::vector<float> logits(T * E);
     matmul(x.f32(), T, gate, logits.data(), E);
 #pragma omp parallel for

@@ -137,15 +137,6 @@ std::vector<const TensorData*> all_tensors(const ModelWeights& w) {
   return out;
 }
 
-Linear dense(const TensorData& t) {
-  Linear l;
-  l.format = WeightFormat::BF16;
-  l.weight = &t;
-  l.out = t.shape[0];
-  l.in = t.shape.size() > 1 ? t.shape[1] : 1;
-  return l;
-}
-
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, const CudaOptions& o) : device_(device), opts_(o) {
@@ -394,7 +385,7 @@ class CudaBackend final : public Backend {
     const int64_t T = x.dim(0), E = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
     if (k > 64) fail("CUDA router: top-{} exceeds 64", k);
     Tensor logits = alloc({T, E});
-    linear(x, dense(*moe.gate), logits);
+    linear(x, dense_linear(*moe.gate), logits);
     cuda::RouteArgs a;
     a.logits = logits.f32();
     a.T = T;
