@@ -13,24 +13,12 @@
 #include <string_view>
 
 #include "text/output_parser.h"
+#include "util/utf8.h"
 #include "util/error.h"
 
 using namespace dsv4;
 
 namespace {
-
-bool complete_utf8(std::string_view s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    auto c = static_cast<unsigned char>(s[i]);
-    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    if (n == 0 || i + n > s.size()) return false;
-    for (size_t k = 1; k < n; ++k)
-      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
-    i += n;
-  }
-  return true;
-}
 
 bool same(const ParsedMessage& a, const ParsedMessage& b) {
   if (a.reasoning_content != b.reasoning_content || a.content != b.content) return false;
@@ -53,7 +41,7 @@ ParsedMessage stream(std::string_view text, bool thinking, uint32_t seed, bool c
     size_t n = seed == 0 ? text.size() : 1 + (x % 8 == 0 ? x % 97 : x % 5);
     n = std::min(n, text.size() - pos);
     for (const auto& d : p.feed(text.substr(pos, n))) {
-      if (check_utf8 && d.kind != StreamDelta::Kind::ToolCallStart && !complete_utf8(d.text)) std::abort();
+      if (check_utf8 && d.kind != StreamDelta::Kind::ToolCallStart && !utf8::valid(d.text)) std::abort();
       apply_delta(m, d);
     }
     pos += n;
@@ -70,7 +58,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const bool thinking = data[0] & 1;
   const uint32_t seed = 1 + (data[1] | (data[2] << 8));
   std::string_view text(reinterpret_cast<const char*>(data) + 3, size - 3);
-  const bool utf8 = complete_utf8(text);
+  const bool utf8 = utf8::valid(text);
 
   std::string err_whole;
   ParsedMessage whole = stream(text, thinking, 0, false, &err_whole);

@@ -22,6 +22,14 @@ namespace dsv4::test {
     if (!::dsv4::cuda_device_available()) GTEST_SKIP() << "no CUDA device"; \
   } while (0)
 
+// n ids uniform in [0, below) (token ids, expert ids, rows).
+inline std::vector<int32_t> rand_ints(int64_t n, int64_t below, uint64_t seed) {
+  Rng r(seed);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = int32_t(r.below(uint64_t(below)));
+  return v;
+}
+
 // Fast deterministic normals: a pool of true normals indexed by a hash of the position.
 inline void fill_normal(float* x, int64_t n, uint64_t seed, float sigma = 1.f) {
   static std::vector<float> pool;

@@ -40,13 +40,6 @@ Agreement agree(const std::vector<float>& ref, const std::vector<float>& got, in
   return a;
 }
 
-std::vector<int32_t> tokens(int64_t n, int64_t vocab, uint64_t seed) {
-  Rng r(seed);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = int32_t(r.below(uint64_t(vocab)));
-  return t;
-}
-
 }  // namespace
 
 // Exact mode: the GPU forward equals the CPU reference to the golden tolerance (1e-4 of the
@@ -59,7 +52,7 @@ TEST(CudaModel, GeneratedTinyMatchesCpu) {
     auto cpu = make_cpu_backend();
     auto gpu = make_cuda_backend(0);
     Model mc(cfg, gm.weights(), *cpu), mg(cfg, gm.weights(), *gpu);
-    const auto tok = tokens(70, cfg.vocab_size, 9);
+    const auto tok = test::rand_ints(70, cfg.vocab_size, 9);
     for (const auto& sched : std::vector<std::vector<int64_t>>{{}, std::vector<int64_t>(70, 1), {7, 1, 13, 20, 29}}) {
       for (bool mtp : {false, true}) {
         if (mtp && cfg.num_nextn_predict_layers == 0) continue;
@@ -91,7 +84,7 @@ TEST(CudaModel, KvFp8MatchesCpuSimulation) {
     Model mc(cfg, ck->weights(), *cpu), mg(cfg, ck->weights(), *gpu);
     mc.set_kv_fp8(true);
     mg.set_kv_fp8(true);
-    const auto tok = tokens(80, cfg.vocab_size, 3);
+    const auto tok = test::rand_ints(80, cfg.vocab_size, 3);
     for (const auto& sched : std::vector<std::vector<int64_t>>{{}, std::vector<int64_t>(80, 1)}) {
       auto ref = run_chunked(mc, tok, sched, false);
       auto a = agree(ref, run_chunked(mg, tok, sched, false), cfg.vocab_size);

@@ -33,13 +33,6 @@ class CudaOps : public ::testing::Test {
   std::unique_ptr<Mirror> m;
 };
 
-std::vector<int32_t> rand_ints(int64_t n, int64_t below, uint64_t seed) {
-  Rng r(seed);
-  std::vector<int32_t> v(n);
-  for (auto& x : v) x = int32_t(r.below(uint64_t(below)));
-  return v;
-}
-
 }  // namespace
 
 // Exact copies: any difference is a bug.

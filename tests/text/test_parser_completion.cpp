@@ -7,6 +7,7 @@
 #include "chat_test_util.h"
 #include "text/chat_format.h"
 #include "text/output_parser.h"
+#include "util/utf8.h"
 #include "util/error.h"
 
 using namespace dsv4;
@@ -41,19 +42,6 @@ ojson to_json(const ParsedMessage& m) {
   return {{"reasoning_content", m.reasoning_content}, {"content", m.content}, {"tool_calls", calls}};
 }
 
-bool complete_utf8(const std::string& s) {
-  size_t i = 0;
-  while (i < s.size()) {
-    auto c = static_cast<unsigned char>(s[i]);
-    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    if (n == 0 || i + n > s.size()) return false;
-    for (size_t k = 1; k < n; ++k)
-      if ((static_cast<unsigned char>(s[i + k]) & 0xC0) != 0x80) return false;
-    i += n;
-  }
-  return true;
-}
-
 // Feeds `text` cut at `cuts` (sorted offsets); checks the delta invariants.
 ParsedMessage stream(const std::string& text, bool thinking, const std::vector<size_t>& cuts, std::string* err,
                      bool check_utf8) {
@@ -63,7 +51,7 @@ ParsedMessage stream(const std::string& text, bool thinking, const std::vector<s
   auto take = [&](const std::vector<StreamDelta>& ds, bool final) {
     for (const auto& d : ds) {
       if (check_utf8 && !final && d.kind != StreamDelta::Kind::ToolCallStart) {
-        EXPECT_TRUE(complete_utf8(d.text)) << "delta splits a UTF-8 character";
+        EXPECT_TRUE(utf8::valid(d.text)) << "delta splits a UTF-8 character";
       }
       apply_delta(m, d);
     }
