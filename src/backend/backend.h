@@ -26,6 +26,13 @@ struct CompressorState {
   bool has_prev = false;
 };
 
+// What linears with FP8 or FP4 weights do with their input (docs/MODEL.md §2.9).
+enum class ActQuant : uint8_t {
+  None,     // FP32 activations: the HF-faithful reference ("exact mode")
+  Fp8,      // the official kernels: each row quantised to E4M3 in 1x128 blocks with FP32 scales
+  Fp8Pow2,  // the same with power-of-two (ue8m0) scales, as V4 checkpoints' scale_fmt asks
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -45,7 +52,12 @@ class Backend {
   virtual void embed(const TensorData& table, const Tensor& ids, const Tensor& out) = 0;
   // Row-wise RMSNorm over the last dim; weight may be null (unweighted). In place allowed.
   virtual void rms_norm(const Tensor& x, const TensorData* weight, float eps, const Tensor& out) = 0;
-  // out[r] = W x[r] for any weight format (FP8 blocks, FP4 groups, BF16/F32).
+  // Applies to linear() and moe() (grouped_linear is the official BF16 wo_a: never quantised).
+  void set_act_quant(ActQuant q) { act_quant_ = q; }
+  ActQuant act_quant() const { return act_quant_; }
+
+  // out[r] = W x[r] for any weight format (FP8 blocks, FP4 groups, BF16/F32); with act_quant set,
+  // x rows go through fp8_dynamic_quant first when W is FP8 or FP4.
   virtual void linear(const Tensor& x, const Linear& w, const Tensor& out) = 0;
   // Grouped projection: x [T, G, in], w [G*R, in] -> out [T, G, R] (group g uses rows gR..gR+R).
   virtual void grouped_linear(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) = 0;
@@ -86,6 +98,14 @@ class Backend {
   // first nope_dims values are round-tripped through E4M3 in blocks of 64 with a power-of-two
   // scale 2^ceil(log2(amax/448)) (amax >= 1e-4), the remaining (RoPE) dims through BF16 (RNE).
   virtual void quantize_kv(const Tensor& x, int64_t nope_dims) = 0;
+
+ protected:
+  ActQuant act_quant_ = ActQuant::None;
+  // Whether linear inputs for this weight are quantised, and with which scale rounding.
+  bool quantises_input(const Linear& w) const {
+    return act_quant_ != ActQuant::None && (w.format == WeightFormat::FP8 || w.format == WeightFormat::FP4);
+  }
+  bool pow2_scales() const { return act_quant_ == ActQuant::Fp8Pow2; }
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -153,7 +153,7 @@ double time_ms(Backend& be, int reps, F&& fn) {
 }
 
 int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, int steps, bool kv_fp8,
-              bool ops) {
+              bool fp8_act, bool ops) {
   const CudaDeviceInfo dev = cuda_device_info(0);
   const double bw = dev.mem_bandwidth_gbs * 1e9;
   // H200 SXM dense peaks (datasheet): FP8 tensor 1979 TFLOP/s, FP32 (non-tensor) 67 TFLOP/s.
@@ -175,6 +175,8 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   out("weights generated on the device in {:.2f} s", now_s() - t0);
   Model model(cfg, w, *be);
   model.set_kv_fp8(kv_fp8);
+  model.set_fp8_activations(fp8_act);
+  out("linears: {}", fp8_act ? "FP8 activations (1x128, ue8m0 scales), tensor-core GEMMs" : "exact (FP32 activations)");
 
   // Roofline inputs.
   std::vector<LayerCost> lc;
@@ -261,10 +263,12 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   out("arena peak: {:.2f} GiB", double(cuda_arena_peak(*be)) / (1 << 30));
   if (!ops) return 0;
 
-  // Per-op: our exact-mode kernels vs cuBLASLt BF16 (dequantised weights) on the same shapes.
+  // Per-op: our kernels in exact mode and with FP8 activations (each GEMM path), next to cuBLASLt
+  // BF16 (dequantised weights) on the same shapes. FP8-activation times include the quantiser.
   out("");
-  out("| op | weight | M x N x K | ours ms | cuBLASLt BF16 ms | ours / cuBLASLt | ours GB/s (weight read) |");
-  out("|---|---|---|---|---|---|---|");
+  out("| op | weight | M x N x K | exact ms | fp8-act kernel ms | fp8-act cuBLASLt ms | cuBLASLt BF16 ms | best / "
+      "BF16 | best TFLOP/s | best GB/s (weight read) |");
+  out("|---|---|---|---|---|---|---|---|---|---|");
   const BlockWeights& b = w.layers.at(std::min<int64_t>(2, layers - 1));
   struct Op {
     const char* name;
@@ -273,15 +277,42 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   std::vector<Op> list = {{"attn.wq_b", b.attn.wq_b}, {"attn.wo_b", b.attn.wo_b}, {"attn.wq_a", b.attn.wq_a},
                           {"expert.w1", b.ffn.experts[0].w1}, {"expert.w2", b.ffn.experts[0].w2},
                           {"head", Linear{WeightFormat::BF16, w.head, nullptr, cfg.vocab_size, cfg.hidden_size}}};
+  const ActQuant mode = be->act_quant();
   for (const auto& op : list)
-    for (int64_t M : {int64_t(1), int64_t(64), int64_t(1024)}) {
+    for (int64_t M : {int64_t(1), int64_t(64), int64_t(1024), int64_t(4096)}) {
       Tensor x = be->alloc({M, op.l.in}), y = be->alloc({M, op.l.out});
-      be->fill(x, 0.01f);
-      const double ours = time_ms(*be, 5, [&] { be->linear(x, op.l, y); });
+      std::vector<float> xv(M * op.l.in);
+      for (auto& v : xv) v = rng.normal();
+      be->upload(x, xv.data());
+      auto run = [&] { be->linear(x, op.l, y); };
+      be->set_act_quant(ActQuant::None);
+      const double exact = time_ms(*be, 5, run);
+      double kern = NAN, lt = NAN;
+      if (op.l.format != WeightFormat::BF16) {
+        be->set_act_quant(ActQuant::Fp8Pow2);
+        cuda_set_fp8_gemm(*be, CudaOptions::Fp8Gemm::Kernel);
+        kern = time_ms(*be, 5, run);
+        if (op.l.format == WeightFormat::FP8 && dev.sm_major == 9 && M > 16) {
+          cuda_set_fp8_gemm(*be, CudaOptions::Fp8Gemm::CublasLt);
+          try {
+            lt = time_ms(*be, 5, run);
+          } catch (const Error& e) {
+            out("cuBLASLt FP8 {} M={}: {}", op.name, M, e.what());
+          }
+        }
+        cuda_set_fp8_gemm(*be, CudaOptions::Fp8Gemm::Auto);
+      }
+      be->set_act_quant(mode);
       const double ref = cublaslt_bf16_gemm_ms(M, op.l.out, op.l.in, 5);
+      double best = exact;
+      for (double t : {kern, lt})
+        if (t == t) best = std::min(best, t);
+      auto ms = [](double t) { return t == t ? fmt::format("{:.3f}", t) : std::string("-"); };
       const char* f = op.l.format == WeightFormat::FP8 ? "FP8" : op.l.format == WeightFormat::FP4 ? "FP4" : "BF16";
-      out("| {} | {} | {} x {} x {} | {:.3f} | {:.3f} | {:.2f} | {:.0f} |", op.name, f, M, op.l.out, op.l.in, ours, ref,
-          ours / ref, double(linear_bytes(op.l)) / (ours * 1e-3) / 1e9);
+      out("| {} | {} | {} x {} x {} | {} | {} | {} | {:.3f} | {:.2f} | {:.0f} | {:.0f} |", op.name, f, M, op.l.out,
+          op.l.in, ms(exact), ms(kern), ms(lt), ref, best / ref,
+          2.0 * double(M) * double(op.l.out) * double(op.l.in) / (best * 1e-3) / 1e12,
+          double(linear_bytes(op.l)) / (best * 1e-3) / 1e9);
     }
   // Grouped output projection and the whole MoE layer at decode and prefill sizes.
   for (int64_t M : {int64_t(1), int64_t(64), int64_t(1024)}) {
@@ -290,8 +321,11 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     be->fill(x, 0.01f);
     const double ours = time_ms(*be, 5, [&] { be->grouped_linear(x, b.attn.wo_a, cfg.o_groups, y); });
     const double ref = cublaslt_bf16_gemm_ms(M * cfg.o_groups, cfg.o_lora_rank, b.attn.wo_a.in, 5);
-    out("| attn.wo_a (grouped x{}) | FP8 | {} x {} x {} | {:.3f} | {:.3f} (as {}x{}x{}) | {:.2f} | {:.0f} |", cfg.o_groups,
-        M, b.attn.wo_a.out, b.attn.wo_a.in, ours, ref, M * cfg.o_groups, cfg.o_lora_rank, b.attn.wo_a.in, ours / ref,
+    out("| attn.wo_a (grouped x{}, never quantised) | FP8 | {} x {} x {} | {:.3f} | - | - | {:.3f} (as {}x{}x{}) | {:.2f} | "
+        "{:.2f} | {:.0f} |",
+        cfg.o_groups, M, b.attn.wo_a.out, b.attn.wo_a.in, ours, ref, M * cfg.o_groups, cfg.o_lora_rank,
+        b.attn.wo_a.in, ours / ref,
+        2.0 * double(M) * double(b.attn.wo_a.out) * double(b.attn.wo_a.in) / (ours * 1e-3) / 1e12,
         double(linear_bytes(b.attn.wo_a)) / (ours * 1e-3) / 1e9);
   }
   for (int64_t M : {int64_t(1), int64_t(8), int64_t(64), int64_t(1024)}) {
@@ -306,11 +340,17 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     be->upload(x, xv.data());
     const BlockWeights& lb = w.layers.back();
     be->route(x, lb.ffn, ids, cfg, gw, ge);
+    be->set_act_quant(ActQuant::None);
     const double ours = time_ms(*be, 5, [&] { be->moe(x, lb.ffn, gw, ge, float(cfg.swiglu_limit), y); });
+    be->set_act_quant(ActQuant::Fp8Pow2);
+    const double fp8 = time_ms(*be, 5, [&] { be->moe(x, lb.ffn, gw, ge, float(cfg.swiglu_limit), y); });
+    be->set_act_quant(mode);
     const double distinct = E * (1.0 - std::pow(1.0 - K / E, double(M)));
     const double bytes = distinct * double(lc.back().expert) + double(linear_bytes(lb.ffn.shared.w1)) * 3;
-    out("| moe layer (routed top-6 + shared) | FP4 + FP8 | {} tokens | {:.3f} | - | - | {:.0f} |", M, ours,
-        bytes / (ours * 1e-3) / 1e9);
+    out("| moe layer (routed top-6 + shared) | FP4 + FP8 | {} tokens | {:.3f} | {:.3f} | - | - | - | {:.1f} | {:.0f} |",
+        M, ours, fp8, 2.0 * double(M) * 7.0 * 3.0 * double(cfg.hidden_size) * double(cfg.moe_intermediate_size) /
+                          (std::min(ours, fp8) * 1e-3) / 1e12,
+        bytes / (std::min(ours, fp8) * 1e-3) / 1e9);
   }
   return 0;
 }
@@ -324,6 +364,7 @@ void register_bench_model(CLI::App& app, Action& action) {
     std::string batch = "1,8,64", ctx = "1024,8192";
     int steps = 5;
     bool random = false, kv_fp8 = false, ops = true;
+    std::string gemm = "exact";
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = nullptr;
@@ -341,6 +382,8 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_option("--ctx", o->ctx, "Prefill lengths / decode contexts, comma-separated");
   cmd->add_option("--steps", o->steps, "Timed decode steps per batch size");
   cmd->add_flag("--kv-fp8", o->kv_fp8, "Production KV format (FP8 nope dims, BF16 rope dims)");
+  cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (1x128 FP8 activations)")
+      ->check(CLI::IsMember({"exact", "fp8"}));
   cmd->add_flag("!--no-ops", o->ops, "Skip the per-op table");
   cmd->callback([o, &action] {
     action = [o] {
@@ -360,7 +403,7 @@ void register_bench_model(CLI::App& app, Action& action) {
       if (o->layers < 1) fail("--layers must be >= 1");
 #ifdef DSV4_HAVE_CUDA
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
-      return run_bench(o->layers, list(o->batch), list(o->ctx), o->steps, o->kv_fp8, o->ops);
+      return run_bench(o->layers, list(o->batch), list(o->ctx), o->steps, o->kv_fp8, o->gemm == "fp8", o->ops);
 #else
       fail("bench model needs the CUDA backend (built without CUDA)");
       return 1;

@@ -12,7 +12,7 @@ namespace dsv4::cli {
 
 void register_generate(CLI::App& app, Action& action) {
   struct Opts {
-    std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny";
+    std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny", gemm = "exact";
     bool raw = false, show_usage = false;
     int32_t max_tokens = 64, top_k = 0, n = 1;
     float temperature = 0.f, top_p = 1.f, min_p = 0.f;
@@ -35,11 +35,14 @@ void register_generate(CLI::App& app, Action& action) {
   cmd->add_option("--kv-memory", o->kv_memory, "Sequence state memory budget (e.g. 512M, 4G)");
   cmd->add_option("--block-size", o->block_size, "Tokens per state block (default 256)");
   cmd->add_option("--backend", o->backend, "cpu | cuda");
+  cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
+      ->check(CLI::IsMember({"exact", "fp8"}));
   cmd->add_flag("--usage", o->show_usage, "Print token usage to stderr at the end");
   cmd->callback([o, &action] {
     action = [o] {
       auto lm = o->model.empty() ? LoadedModel::demo(o->demo_preset) : LoadedModel::load(o->model, o->backend);
       if (!lm->tokenizer) fail("--model: {} has no tokenizer.json", o->model);
+      lm->model->set_fp8_activations(o->gemm == "fp8");
       std::vector<int32_t> prompt;
       if (o->raw) {
         prompt = lm->tokenizer->encode(o->prompt);

@@ -29,7 +29,7 @@ std::vector<T> parse_list(const std::string& s, const char* flag) {
 
 void register_logits(CLI::App& app, Action& action) {
   struct Opts {
-    std::string model, tokens, chunks, backend = "cpu", out, kv = "f32";
+    std::string model, tokens, chunks, backend = "cpu", out, kv = "f32", gemm = "exact";
     bool mtp = false;
   };
   auto o = std::make_shared<Opts>();
@@ -40,6 +40,10 @@ void register_logits(CLI::App& app, Action& action) {
   cmd->add_option("--backend", o->backend, "cpu (FP32 reference) or cuda (exact mode)")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--kv", o->kv, "KV cache format: f32, or fp8 (production format, simulated)")
       ->check(CLI::IsMember({"f32", "fp8"}));
+  cmd->add_option("--gemm", o->gemm,
+                  "Linears with FP8/FP4 weights: exact (FP32 activations, the HF reference) or fp8 (the official "
+                  "kernels' 1x128 FP8 activations; simulated on the CPU)")
+      ->check(CLI::IsMember({"exact", "fp8"}));
   cmd->add_option("--out", o->out, "Output .npy: [T, vocab], or [T-1, vocab] with --mtp")->required();
   cmd->add_flag("--mtp", o->mtp, "Write the MTP block's draft logits (row t uses position t and token t+1)");
   cmd->callback([o, &action] {
@@ -60,6 +64,7 @@ void register_logits(CLI::App& app, Action& action) {
       }
       Model model(ck->config(), ck->weights(), *backend);
       model.set_kv_fp8(o->kv == "fp8");
+      model.set_fp8_activations(o->gemm == "fp8");
       auto out = run_chunked(model, tokens, chunks, o->mtp);
       const int64_t V = ck->config().vocab_size;
       write_npy_f32(o->out, out.data(), {int64_t(out.size()) / V, V});

@@ -30,7 +30,7 @@ namespace {
 
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
-  std::string backend = "cpu", kv_memory;
+  std::string backend = "cpu", kv_memory, gemm = "exact";
   int port = 8000;
   int max_running = 64;
   int64_t max_batched_tokens = 2048;
@@ -67,6 +67,7 @@ Loaded load(const ServeOpts& o) {
         o.model.empty() ? LoadedModel::demo(o.demo_preset, 1234) : LoadedModel::load(o.model, o.backend);
     bar.advance(1);
     if (!lm->tokenizer) fail("--model: {} has no tokenizer.json (the server needs one)", o.model);
+    lm->model->set_fp8_activations(o.gemm == "fp8");
     L.tok = *lm->tokenizer;
     EngineConfig ec;
     ec.max_running_requests = o.max_running;
@@ -208,6 +209,9 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--engine", o->engine, "auto | model | scripted (deterministic fake tokens, for HTTP-layer tests)")
       ->capture_default_str()->check(CLI::IsMember({"auto", "model", "scripted"}));
   cmd->add_option("--backend", o->backend, "Backend for --model: cpu | cuda")->capture_default_str();
+  cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
+      ->check(CLI::IsMember({"exact", "fp8"}))
+      ->capture_default_str();
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
   cmd->add_option("--scripted-step-ms", o->step_ms, "Step time of the scripted engine (ms)")->capture_default_str();
   cmd->add_flag("--enable-test-hooks", o->test_hooks, "Honour the test-only request field dsv4_forced_output");

@@ -183,6 +183,11 @@ ModelConfig parse_model_config(const nlohmann::json& j, const std::string& path)
       if (!bs->is_array() || bs->size() != 2 || (*bs)[0] != 128 || (*bs)[1] != 128)
         fail("{}: 'quantization_config.weight_block_size' must be [128, 128], got {}", path, bs->dump());
     }
+    if (const auto* sf = qr.find("scale_fmt")) {
+      if (sf->is_null()) c.act_scale_pow2 = false;
+      else if (sf->is_string() && sf->get<std::string>() == "ue8m0") c.act_scale_pow2 = true;
+      else fail("{}: 'quantization_config.scale_fmt' = {} is not \"ue8m0\" or null", path, sf->dump());
+    }
   }
   if (c.expert_format == WeightFormat::FP4 && c.hidden_size % 32) fail("{}: FP4 experts need hidden_size % 32 == 0", path);
   if (c.expert_format == WeightFormat::FP4 && c.moe_intermediate_size % 32)

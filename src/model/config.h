@@ -43,6 +43,7 @@ struct ModelConfig {
   std::vector<int64_t> compress_ratios;  // main layers, then MTP layers (trailing entries)
   YarnConfig yarn;
   WeightFormat expert_format = WeightFormat::FP8;  // "expert_dtype": "fp4" selects FP4
+  bool act_scale_pow2 = true;  // quantization_config.scale_fmt "ue8m0": FP8 activation scales are powers of two
   nlohmann::json raw;
 
   // Layer index l in [0, num_hidden_layers + num_nextn_predict_layers): MTP layers follow the main ones.

@@ -56,6 +56,11 @@ class Model {
 
   // Production KV format simulation (Backend::quantize_kv on window keys and compressed entries).
   void set_kv_fp8(bool on) { kv_fp8_ = on; }
+  // Official FP8 activation quantisation in FP8/FP4 linears (Backend::set_act_quant), with the
+  // checkpoint's scale format.
+  void set_fp8_activations(bool on) {
+    be_.set_act_quant(!on ? ActQuant::None : cfg_.act_scale_pow2 ? ActQuant::Fp8Pow2 : ActQuant::Fp8);
+  }
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() const { return be_; }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <array>
+#include <bit>
 #include <cstring>
 
 #include "tensor/numeric.h"
@@ -61,6 +62,31 @@ void dequant_fp4_rows(const uint8_t* packed, DType sd, const void* scales, int64
 
 void dequant_fp4_groups(const uint8_t* packed, DType sd, const void* scales, int64_t rows, int64_t cols, float* out) {
   dequant_fp4_rows(packed, sd, scales, cols, 0, rows, out);
+}
+
+float fp8_dynamic_scale(float amax, bool pow2) {
+  const float s = std::max(amax, 1e-4f) * (1.f / kE4M3Max);
+  if (!pow2) return s;
+  // 2^ceil(log2 s) from the bit pattern, as the official fast_round_scale (s is a positive normal).
+  const uint32_t b = std::bit_cast<uint32_t>(s);
+  const uint32_t e = ((b >> 23) & 0xff) + ((b & 0x7fffff) ? 1 : 0);
+  return std::bit_cast<float>(e << 23);
+}
+
+void fp8_dynamic_quant(const float* x, int64_t n, int64_t block, bool pow2, uint8_t* q, float* scales,
+                       float* roundtrip) {
+  for (int64_t b0 = 0, bi = 0; b0 < n; b0 += block, ++bi) {
+    const int64_t b1 = std::min(n, b0 + block);
+    float amax = 0.f;
+    for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = fp8_dynamic_scale(amax, pow2);
+    if (scales) scales[bi] = scale;
+    for (int64_t i = b0; i < b1; ++i) {
+      const uint8_t e = f32_to_e4m3(std::clamp(x[i] / scale, -kE4M3Max, kE4M3Max));
+      if (q) q[i] = e;
+      if (roundtrip) roundtrip[i] = e4m3_to_f32(e) * scale;
+    }
+  }
 }
 
 void quant_fp8_blocks(const float* x, int64_t rows, int64_t cols, uint8_t* w, uint8_t* scales) {

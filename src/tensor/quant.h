@@ -34,4 +34,14 @@ void quant_fp4_groups(const float* x, int64_t rows, int64_t cols, uint8_t* packe
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Dynamic FP8 quantisation of activations, as the official act_quant (docs/MODEL.md §2.9): per block,
+// amax = max(|v|, 1e-4), scale = amax / 448, rounded up to a power of two when pow2 (ue8m0 scales),
+// q = E4M3_RNE(clamp(v / scale, -448, 448)).
+inline constexpr int kActBlock = 128;
+float fp8_dynamic_scale(float amax, bool pow2);
+// Quantises n values in blocks of `block` to q (may be null) and their scales (one per block),
+// and writes the round trip q * scale to roundtrip (may be null; may alias x).
+void fp8_dynamic_quant(const float* x, int64_t n, int64_t block, bool pow2, uint8_t* q, float* scales,
+                       float* roundtrip);
+
 }  // namespace dsv4

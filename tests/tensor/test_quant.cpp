@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -33,7 +34,9 @@ TEST(Quant, Fp8BlocksRoundTripWithPartialBlocks) {
         // y must be exactly the e4m3 value nearest to x/scale, times scale.
         ASSERT_EQ(y[r * cols + c], e4m3_to_f32(f32_to_e4m3(q)) * scale) << r << "," << c;
         // relative error of e4m3 is at most 2^-4 for normal values
-        if (std::fabs(q) >= std::ldexp(1.f, -6)) ASSERT_LE(std::fabs(y[r * cols + c] - x[r * cols + c]), std::fabs(x[r * cols + c]) / 16);
+        if (std::fabs(q) >= std::ldexp(1.f, -6)) {
+          ASSERT_LE(std::fabs(y[r * cols + c] - x[r * cols + c]), std::fabs(x[r * cols + c]) / 16);
+        }
       }
     // Scales are the smallest power of two that fits the block's amax.
     for (int64_t br = 0; br < ceil_div(rows, 128); ++br)
@@ -76,4 +79,42 @@ TEST(Quant, F32ScalesAreAccepted) {
   dequant_fp8_blocks(w.data(), DType::F8_E8M0, s8.data(), rows, cols, a.data());
   dequant_fp8_blocks(w.data(), DType::F32, s32.data(), rows, cols, b.data());
   EXPECT_EQ(a, b);
+}
+
+// The official act_quant: scale = max(amax, 1e-4) / 448, rounded up to a power of two for ue8m0,
+// q = E4M3_RNE(clamp(v / scale)). Checked against an independent double-precision construction.
+TEST(Quant, Fp8DynamicMatchesDefinition) {
+  Rng r(77);
+  for (bool pow2 : {true, false}) {
+    for (int64_t n : {128, 200, 1}) {
+      std::vector<float> x(n);
+      for (auto& v : x) v = r.normal() * 5.f;
+      if (n == 200) std::fill(x.begin() + 128, x.end(), 1e-6f);  // second block under the amax floor
+      std::vector<uint8_t> q(n);
+      std::vector<float> s((n + 127) / 128), rt(n);
+      fp8_dynamic_quant(x.data(), n, kActBlock, pow2, q.data(), s.data(), rt.data());
+      for (int64_t b = 0; b * 128 < n; ++b) {
+        double amax = 1e-4;
+        for (int64_t i = b * 128; i < std::min<int64_t>(n, b * 128 + 128); ++i) amax = std::max(amax, std::fabs(double(x[i])));
+        double want = double(float(float(amax) * (1.f / 448.f)));
+        if (pow2) want = std::exp2(std::ceil(std::log2(want)));
+        EXPECT_EQ(double(s[b]), want) << "block " << b << " pow2=" << pow2;
+        for (int64_t i = b * 128; i < std::min<int64_t>(n, b * 128 + 128); ++i) {
+          const float v = std::clamp(x[i] / s[b], -448.f, 448.f);
+          // q is the nearest E4M3 value to v (ties to even are covered by the numeric tests).
+          float best = INFINITY;
+          for (int c = 0; c < 256; ++c)
+            if ((c & 0x7f) != 0x7f) best = std::min(best, std::fabs(e4m3_to_f32(uint8_t(c)) - v));
+          EXPECT_EQ(std::fabs(e4m3_to_f32(q[i]) - v), best) << i;
+          EXPECT_EQ(rt[i], e4m3_to_f32(q[i]) * s[b]) << i;
+        }
+      }
+      // With power-of-two scales the round trip is idempotent: quantising it again reproduces it.
+      if (pow2) {
+        std::vector<float> rt2(n);
+        fp8_dynamic_quant(rt.data(), n, kActBlock, pow2, nullptr, nullptr, rt2.data());
+        EXPECT_EQ(rt, rt2) << "n=" << n;
+      }
+    }
+  }
 }

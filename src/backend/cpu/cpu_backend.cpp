@@ -71,8 +71,19 @@ float kv_block_scale(float amax) {
   return std::bit_cast<float>(e << 23);
 }
 
-// y[r] = W x[r] for rows r; W dequantised row by row (each output row once).
-void matmul(const float* x, int64_t rows, const Linear& w, float* y, int64_t y_stride) {
+// y[r] = W x[r] for rows r; W dequantised row by row (each output row once). With quantise, x
+// rows are first replaced by their FP8 round trip: the products of E4M3 (or E2M1) weights and
+// E4M3 activations are exact in FP32, so this is the official FP8 GEMM up to summation order.
+void matmul(const float* x, int64_t rows, const Linear& w, float* y, int64_t y_stride, bool quantise = false,
+            bool pow2 = true) {
+  std::vector<float> xq;
+  if (quantise) {
+    xq.resize(size_t(rows * w.in));
+#pragma omp parallel for if (rows > 1)
+    for (int64_t r = 0; r < rows; ++r)
+      fp8_dynamic_quant(x + r * w.in, w.in, kActBlock, pow2, nullptr, nullptr, xq.data() + r * w.in);
+    x = xq.data();
+  }
 #pragma omp parallel if (rows * w.out * w.in > kParallelWork)
   {
     std::vector<float> wr(w.in);
@@ -137,7 +148,7 @@ class CpuBackend final : public Backend {
 
   void linear(const Tensor& x, const Linear& w, const Tensor& out) override {
     DSV4_CHECK(x.cols() == w.in && out.cols() == w.out && x.rows() == out.rows());
-    matmul(x.f32(), x.rows(), w, out.f32(), w.out);
+    matmul(x.f32(), x.rows(), w, out.f32(), w.out, quantises_input(w), pow2_scales());
   }
 
   void grouped_linear(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) override {
@@ -415,8 +426,8 @@ class CpuBackend final : public Backend {
       const int64_t n = int64_t(toks.size()), F = e.w1.out;
       std::vector<float> xin(n * D), h1(n * F), h3(n * F), y(n * D);
       for (int64_t i = 0; i < n; ++i) std::copy_n(x.f32() + toks[i] * D, D, xin.data() + i * D);
-      matmul(xin.data(), n, e.w1, h1.data(), F);
-      matmul(xin.data(), n, e.w3, h3.data(), F);
+      matmul(xin.data(), n, e.w1, h1.data(), F, quantises_input(e.w1), pow2_scales());
+      matmul(xin.data(), n, e.w3, h3.data(), F, quantises_input(e.w3), pow2_scales());
       for (int64_t i = 0; i < n * F; ++i) {
         float gt = h1[i], up = h3[i];
         if (limit > 0) {
@@ -425,7 +436,7 @@ class CpuBackend final : public Backend {
         }
         h1[i] = gt / (1.f + std::exp(-gt)) * up;
       }
-      matmul(h1.data(), n, e.w2, y.data(), D);
+      matmul(h1.data(), n, e.w2, y.data(), D, quantises_input(e.w2), pow2_scales());
       for (int64_t i = 0; i < n; ++i)
         for (int64_t c = 0; c < D; ++c) acc[toks[i] * D + c] += g[i] * y[i * D + c];
     };

@@ -17,6 +17,7 @@
 
 #include <cuda_runtime.h>
 
+#include "backend/cuda/cublaslt_fp8.h"
 #include "backend/cuda/kernels.h"
 #include "util/error.h"
 #include "util/log.h"
@@ -141,6 +142,9 @@ class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, const CudaOptions& o) : device_(device), opts_(o) {
     DSV4_CK(cudaSetDevice(device));
+    cudaDeviceProp prop{};
+    DSV4_CK(cudaGetDeviceProperties(&prop, device));
+    sm_ = prop.major * 10 + prop.minor;
     DSV4_CK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking));
     DSV4_CK(cudaMallocHost(&ring_, kRing));
   }
@@ -298,6 +302,7 @@ class CudaBackend final : public Backend {
   }
 
   size_t arena_peak() const { return arena_ ? arena_->peak() : 0; }
+  void set_fp8_gemm(CudaOptions::Fp8Gemm path) { opts_.fp8_gemm = path; }
 
   // ---- ops ----
   void embed(const TensorData& table, const Tensor& ids, const Tensor& out) override {
@@ -317,6 +322,20 @@ class CudaBackend final : public Backend {
     a.N = w.out;
     a.K = w.in;
     a.wd = desc(w);
+    QuantizedRows qr;
+    if (quantises_input(w)) {
+      const int64_t M = x.rows(), K = w.in;
+      qr = quantize_rows(x.f32(), M, K, tensor_cores(M, K));
+      if (qr.ldq) {
+        if (w.format == WeightFormat::FP8 && cublaslt_fp8(qr, a.wd, out.f32(), M)) return;
+        a.xq = qr.bytes();
+        a.ldxq = qr.ldq;
+        a.xs = qr.scales.f32();
+        a.xs_ld = M;
+      } else {
+        a.x = qr.roundtrip.f32();
+      }
+    }
     cuda::gemm(a, s_);
   }
   void grouped_linear(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) override {
@@ -426,11 +445,27 @@ class CudaBackend final : public Backend {
       max_rows = E ? *std::max_element(c.begin(), c.end()) : 0;
     }
     Tensor h1 = alloc({n, F}), h3 = alloc({n, F}), y = alloc({n, D});
-    auto expert_gemm = [&](const cuda::WeightDesc* descs, const float* xin, const int32_t* rows, int64_t ldx,
-                           float* yout, int64_t N, int64_t K) {
+    // FP8 activations: E4M3 rows for the tensor-core kernel, or their FP32 round trip for the GEMV.
+    const bool force_gemv = n <= 4 * E;  // <= 4 rows per expert on average: stream each expert's weights once
+    const bool quant = act_quant_ != ActQuant::None && (tb.first.fmt == cuda::kFP8 || tb.first.fmt == cuda::kFP4);
+    const bool tc = quant && !force_gemv && tensor_cores(max_rows, D) && F % 32 == 0;
+    QuantizedRows qx, qh;
+    const float* xin = x.f32();
+    if (quant) {
+      qx = quantize_rows(x.f32(), T, D, tc);
+      if (!tc) xin = qx.roundtrip.f32();
+    }
+    auto expert_gemm = [&](const cuda::WeightDesc* descs, const float* xin, const QuantizedRows& q, int64_t q_rows,
+                           const int32_t* rows, int64_t ldx, float* yout, int64_t N, int64_t K) {
       cuda::GemmArgs a;
       a.x = xin;
       a.ldx = ldx;
+      if (q.ldq) {
+        a.xq = q.bytes();
+        a.ldxq = q.ldq;
+        a.xs = q.scales.f32();
+        a.xs_ld = q_rows;
+      }
       a.x_rows = rows;
       a.y = yout;
       a.ldy = N;
@@ -443,14 +478,18 @@ class CudaBackend final : public Backend {
       a.wd = tb.first;
       a.Z = int(zmax);
       a.zmap = active.i32();
-      a.force_gemv = n <= 4 * E;  // <= 4 rows per expert on average: stream each expert's weights once
+      a.force_gemv = force_gemv;
       cuda::gemm(a, s_);
     };
     if (max_rows > 0) {
-      expert_gemm(tb.w1, x.f32(), perm.i32(), D, h1.f32(), F, D);
-      expert_gemm(tb.w3, x.f32(), perm.i32(), D, h3.f32(), F, D);
+      expert_gemm(tb.w1, xin, qx, T, perm.i32(), D, h1.f32(), F, D);
+      expert_gemm(tb.w3, xin, qx, T, perm.i32(), D, h3.f32(), F, D);
       cuda::swiglu(h1.f32(), h3.f32(), n * F, limit, s_);
-      expert_gemm(tb.w2, h1.f32(), nullptr, F, y.f32(), D, F);
+      if (quant) {
+        if (tc) qh = quantize_rows(h1.f32(), n, F, true);
+        else cuda::act_quant(h1.f32(), n, F, F, pow2_scales(), nullptr, 0, nullptr, h1.f32(), s_);  // in place
+      }
+      expert_gemm(tb.w2, h1.f32(), qh, n, nullptr, F, y.f32(), D, F);
     }
     Tensor shared;
     if (moe.has_shared) {
@@ -478,6 +517,47 @@ class CudaBackend final : public Backend {
 
  private:
   static constexpr size_t kRing = 16 << 20;
+
+  // FP8 activation rows (act_quant): E4M3 bytes + scales [K/128][M] for the tensor-core GEMMs
+  // (ldq > 0), or else the FP32 round trip.
+  struct QuantizedRows {
+    Tensor q, scales, roundtrip;
+    int64_t ldq = 0;
+    const uint8_t* bytes() const { return reinterpret_cast<const uint8_t*>(q.i32()); }
+  };
+  QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool for_tensor_cores) {
+    QuantizedRows r;
+    if (for_tensor_cores) {
+      r.ldq = (K + 15) / 16 * 16;
+      r.q = alloc({(M * r.ldq + 3) / 4}, ElemType::I32);
+      r.scales = alloc({(K + 127) / 128, M});
+      cuda::act_quant(x, M, K, K, pow2_scales(), reinterpret_cast<uint8_t*>(r.q.i32()), r.ldq, r.scales.f32(),
+                      nullptr, s_);
+    } else {
+      r.roundtrip = alloc({M, K});
+      cuda::act_quant(x, M, K, K, pow2_scales(), nullptr, 0, nullptr, r.roundtrip.f32(), s_);
+    }
+    return r;
+  }
+  // FP8 tensor cores (mma.sync E4M3) exist from sm_89; GEMV-sized problems stay on the GEMV.
+  bool tensor_cores(int64_t rows, int64_t K) const { return sm_ >= 89 && K % 32 == 0 && rows > cuda::kGemvMaxRows; }
+  // cuBLASLt's block-scaled FP8 GEMM (sm_90 only); false when not chosen or not offered.
+  bool cublaslt_fp8(const QuantizedRows& q, const cuda::WeightDesc& w, float* y, int64_t M) {
+    using F = CudaOptions::Fp8Gemm;
+    if (opts_.fp8_gemm == F::Kernel || (opts_.fp8_gemm == F::Auto && sm_ / 10 != 9)) return false;
+    float*& ws = padded_scales_[w.s];
+    if (!ws) {
+      void* p = nullptr;
+      DSV4_CK(cudaMalloc(&p, size_t((w.out + 127) / 128 * cuda::padded_scale_cols(w.in)) * 4));
+      extra_.push_back(p);
+      ws = static_cast<float*>(p);
+      cuda::padded_block_scales(w.s, w.scale_f32, w.out, w.in, ws, s_);
+    }
+    const bool ran = lt_fp8_.run(q.bytes(), q.ldq, q.scales.f32(), w.w, ws, y, w.out, M, w.out, w.in, s_);
+    if (!ran && opts_.fp8_gemm == F::CublasLt)
+      fail("cuBLASLt offers no block-scaled FP8 algorithm for {} x {} x {} on sm_{}", M, w.out, w.in, sm_);
+    return ran;
+  }
 
   struct MoeTables {
     std::vector<cuda::WeightDesc> host;  // w1 | w2 | w3, E each
@@ -590,7 +670,10 @@ class CudaBackend final : public Backend {
   }
 
   int device_;
+  int sm_ = 0;  // compute capability, major * 10 + minor
   CudaOptions opts_;
+  cuda::CublasLtFp8 lt_fp8_;
+  std::unordered_map<const uint8_t*, float*> padded_scales_;  // FP8 weight scales in cuBLASLt's layout
   cudaStream_t s_ = nullptr;
   std::shared_ptr<Arena> arena_;
   uint8_t* weights_ = nullptr;
@@ -626,6 +709,7 @@ void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, u
 }
 
 size_t cuda_arena_peak(Backend& be) { return as_cuda(be).arena_peak(); }
+void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path) { as_cuda(be).set_fp8_gemm(path); }
 
 CudaDeviceInfo cuda_device_info(int device) {
   CudaDeviceInfo d;

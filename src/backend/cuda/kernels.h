@@ -48,10 +48,23 @@ struct GemmArgs {
   // Use the GEMV kernel with one row-loop per warp whatever max_rows is (MoE decode: rows per
   // expert are few on average although the bound is large).
   bool force_gemv = false;
+  // FP8 activations (act_quant output). When xq is set, x is unused and the tensor-core kernel
+  // runs (FP8 or FP4 weights, K % 32 == 0, x_z_off == 0): activation row i (after x_rows) is
+  // xq + i * ldxq with the scale of K-block kb at xs[kb * xs_ld + i].
+  const uint8_t* xq = nullptr;
+  int64_t ldxq = 0;
+  const float* xs = nullptr;
+  int64_t xs_ld = 0;
 };
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel.
 constexpr int64_t kGemvMaxRows = 16;
+
+// Dynamic FP8 activation quantisation (tensor/quant.h fp8_dynamic_quant) of x [M, K] (row stride
+// ldx) in 1x128 blocks: q [M, ldq] E4M3, scales [ceil(K/128), M] (row index fastest, the layout
+// of cuBLASLt's VEC128 scales), roundtrip [M, K] = q * scale. Any output may be null.
+void act_quant(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uint8_t* q, int64_t ldq, float* scales,
+               float* roundtrip, cudaStream_t stream);
 
 // Whole-tensor dequantisation to float32 (tests, cuBLASLt comparison).
 void dequant_to_f32(const WeightDesc& w, float* out, cudaStream_t stream);

@@ -7,45 +7,11 @@
 #include <cstdint>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/gemm_problem.cuh"
 
 namespace dsv4::cuda {
 
 namespace {
-
-struct Problem {
-  WeightDesc w;
-  const float* x;
-  float* y;
-  int64_t rows, base, wrow0;
-};
-
-__device__ __forceinline__ Problem problem(const GemmArgs& a) {
-  Problem p;
-  int z = blockIdx.z;
-  if (a.zmap) {
-    z = a.zmap[z];
-    if (z < 0) {  // no expert for this slice
-      p.w = a.wd;
-      p.x = a.x;
-      p.y = a.y;
-      p.rows = 0;
-      p.base = 0;
-      p.wrow0 = 0;
-      return p;
-    }
-  }
-  p.w = a.descs ? a.descs[z] : a.wd;
-  p.x = a.x + z * a.x_z_off;
-  p.y = a.y + z * a.y_z_off;
-  p.rows = a.counts ? a.counts[z] : a.M;
-  p.base = a.offsets ? a.offsets[z] : 0;
-  p.wrow0 = z * a.w_z_row_off;
-  return p;
-}
-
-__device__ __forceinline__ const float* x_row(const GemmArgs& a, const Problem& p, int64_t r) {
-  return p.x + (a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r) * a.ldx;
-}
 
 constexpr int kRB = 8;  // activation rows per pass of the GEMV kernel
 
@@ -188,6 +154,10 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 void gemm(const GemmArgs& a, cudaStream_t stream) {
   if (a.max_rows <= 0 || a.N <= 0 || a.Z <= 0) return;
+  if (a.xq) {
+    gemm_fp8_tensor_core(a, stream);
+    return;
+  }
   // Vector loads need 16-element rows and 16-byte aligned x rows; weights live in 256-byte
   // aligned arena blocks (MoE descriptors too), so only the single descriptor is checked.
   const bool vec = a.K % 16 == 0 && a.ldx % 4 == 0 && a.x_z_off % 4 == 0 && aligned16(a.x) &&

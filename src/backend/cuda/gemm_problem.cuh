@@ -1,0 +1,46 @@
+#pragma once
+// One GEMM problem of a GemmArgs launch (blockIdx.z), shared by the FP32 kernels (linear.cu) and
+// the FP8 tensor-core kernel (gemm_fp8.cu).
+#include "backend/cuda/common.cuh"
+
+namespace dsv4::cuda {
+
+struct Problem {
+  WeightDesc w;
+  const float* x;
+  float* y;
+  int64_t rows, base, wrow0;
+};
+
+__device__ __forceinline__ Problem problem(const GemmArgs& a) {
+  Problem p;
+  int z = blockIdx.z;
+  if (a.zmap) {
+    z = a.zmap[z];
+    if (z < 0) {  // no expert for this slice
+      p.w = a.wd;
+      p.x = a.x;
+      p.y = a.y;
+      p.rows = 0;
+      p.base = 0;
+      p.wrow0 = 0;
+      return p;
+    }
+  }
+  p.w = a.descs ? a.descs[z] : a.wd;
+  p.x = a.x + z * a.x_z_off;
+  p.y = a.y + z * a.y_z_off;
+  p.rows = a.counts ? a.counts[z] : a.M;
+  p.base = a.offsets ? a.offsets[z] : 0;
+  p.wrow0 = z * a.w_z_row_off;
+  return p;
+}
+
+__device__ __forceinline__ const float* x_row(const GemmArgs& a, const Problem& p, int64_t r) {
+  return p.x + (a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r) * a.ldx;
+}
+
+// The FP8-activation GEMM (a.xq set): tensor cores, FP8 or FP4 weights (gemm_fp8.cu).
+void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream);
+
+}  // namespace dsv4::cuda

@@ -1,0 +1,241 @@
+// FP8 activations (the official kernels' numerics, Backend::set_act_quant) on the GPU against the
+// CPU reference simulating them: the quantiser bit for bit, then every GEMM path (FP32 GEMV on the
+// round trip, the portable mma.sync kernel, cuBLASLt's block-scaled FP8 GEMM on sm_90), the MoE
+// and whole tiny models. Skipped (never passed) without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include <cuda_runtime.h>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/kernels.h"
+#include "cuda_test_util.h"
+#include "model/forward.h"
+#include "model/tiny.h"
+
+using namespace dsv4;
+using namespace dsv4::test;
+
+namespace {
+
+using Path = CudaOptions::Fp8Gemm;
+
+const char* path_name(Path p) { return p == Path::Auto ? "auto" : p == Path::Kernel ? "mma-kernel" : "cublaslt"; }
+
+bool is_sm90() {
+  cudaDeviceProp p{};
+  return cudaGetDeviceProperties(&p, 0) == cudaSuccess && p.major == 9;
+}
+
+// Tensor-core tolerance: FP8 MMAs on sm_89/sm_90 add their products in an accumulator narrower
+// than FP32 (about 14 mantissa bits, the reason DeepGEMM promotes partial sums). Both kernels
+// promote at least every 128 products, so each partial carries <= 2^-13 relative error:
+// 1e-3 of max |y| bounds it with margin for K up to 8192. The GEMV path is plain FP32 FMA.
+constexpr float kTensorCoreTol = 1e-3f, kGemvTol = 1e-4f;
+
+}  // namespace
+
+// The quantiser: E4M3 bytes, scales and round trip identical to tensor/quant.h's, including
+// partial blocks, the 1e-4 amax floor, zeros, huge values and both scale formats.
+TEST(CudaFp8, ActQuantBitExact) {
+  DSV4_REQUIRE_GPU();
+  for (auto [M, K] : std::vector<std::pair<int64_t, int64_t>>{{33, 4096}, {5, 200}, {1, 128}, {64, 2048}}) {
+    for (bool pow2 : {true, false}) {
+      auto x = normal(M * K, uint64_t(M * K + pow2), 3.f);
+      for (int64_t i = 0; i < K && i < 128; ++i) x[i] = 1e-7f * float(i % 3);  // block under the amax floor
+      if (K >= 256)
+        for (int64_t i = 128; i < 256; ++i) x[i] = 0.f;  // all-zero block
+      x[M * K - 1] = 3.0e4f;                             // large scale
+      const int64_t nkb = (K + 127) / 128, ldq = (K + 15) / 16 * 16;
+      std::vector<uint8_t> q_ref(M * ldq, 0), q_got(M * ldq, 0);
+      std::vector<float> s_ref(nkb * M), s_got(nkb * M), rt_ref(M * K), rt_got(M * K);
+      std::vector<float> srow(nkb);
+      for (int64_t m = 0; m < M; ++m) {
+        fp8_dynamic_quant(x.data() + m * K, K, kActBlock, pow2, q_ref.data() + m * ldq, srow.data(),
+                          rt_ref.data() + m * K);
+        for (int64_t b = 0; b < nkb; ++b) s_ref[b * M + m] = srow[b];
+      }
+      float *dx, *ds, *drt;
+      uint8_t* dq;
+      ASSERT_EQ(cudaMalloc(&dx, x.size() * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&ds, s_got.size() * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&drt, rt_got.size() * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&dq, q_got.size()), cudaSuccess);
+      cudaMemcpy(dx, x.data(), x.size() * 4, cudaMemcpyHostToDevice);
+      cudaMemset(dq, 0, q_got.size());
+      cudaMemset(ds, 0xff, s_got.size() * 4);
+      cudaMemset(drt, 0xff, rt_got.size() * 4);
+      cuda::act_quant(dx, M, K, K, pow2, dq, ldq, ds, drt, nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      cudaMemcpy(q_got.data(), dq, q_got.size(), cudaMemcpyDeviceToHost);
+      cudaMemcpy(s_got.data(), ds, s_got.size() * 4, cudaMemcpyDeviceToHost);
+      cudaMemcpy(rt_got.data(), drt, rt_got.size() * 4, cudaMemcpyDeviceToHost);
+      cudaFree(dx);
+      cudaFree(ds);
+      cudaFree(drt);
+      cudaFree(dq);
+      int64_t bad_q = 0, bad_s = 0, bad_rt = 0;
+      for (size_t i = 0; i < q_ref.size(); ++i) bad_q += q_ref[i] != q_got[i];
+      for (size_t i = 0; i < s_ref.size(); ++i) bad_s += std::memcmp(&s_ref[i], &s_got[i], 4) != 0;
+      for (size_t i = 0; i < rt_ref.size(); ++i) bad_rt += std::memcmp(&rt_ref[i], &rt_got[i], 4) != 0;
+      EXPECT_EQ(bad_q, 0) << M << "x" << K << " pow2=" << pow2 << ": E4M3 bytes differ";
+      EXPECT_EQ(bad_s, 0) << M << "x" << K << " pow2=" << pow2 << ": scales differ";
+      EXPECT_EQ(bad_rt, 0) << M << "x" << K << " pow2=" << pow2 << ": round trip differs";
+    }
+  }
+}
+
+// linear() with FP8 activations, every GEMM path, real shapes, against the CPU simulation.
+TEST(CudaFp8, LinearAllPaths) {
+  DSV4_REQUIRE_GPU();
+  struct C {
+    WeightFormat fmt;
+    int64_t T, in, out;
+    bool f32_scale;
+  };
+  const std::vector<C> cases = {
+      {WeightFormat::FP8, 1, 4096, 1024, false},     // wq_a decode: GEMV on the round trip
+      {WeightFormat::FP8, 17, 4096, 1024, false},    // just above the GEMV bound
+      {WeightFormat::FP8, 300, 1024, 32768, false},  // wq_b prefill
+      {WeightFormat::FP8, 1024, 8192, 4096, false},  // wo_b prefill
+      {WeightFormat::FP8, 100, 192, 200, true},      // partial 128-blocks in K and N, f32 scales
+      {WeightFormat::FP4, 64, 4096, 2048, false},    // expert w1 shape
+      {WeightFormat::FP4, 200, 2048, 4096, true},    // expert w2 shape, f32 scales
+      {WeightFormat::FP4, 33, 96, 40, false},        // tiny, partial tiles
+  };
+  auto cpu = make_cpu_backend();
+  cpu->set_act_quant(ActQuant::Fp8Pow2);
+  std::vector<Path> paths = {Path::Kernel, Path::Auto};
+  if (is_sm90()) paths.push_back(Path::CublasLt);
+  WeightStore ws;
+  uint64_t seed = 4000;
+  for (const auto& c : cases) {
+    Linear w = ws.linear("w", c.fmt, c.out, c.in, ++seed, c.f32_scale);
+    const auto xv = normal(c.T * c.in, ++seed, 2.f);
+    Tensor xc = cpu->alloc({c.T, c.in}), yc = cpu->alloc({c.T, c.out});
+    cpu->upload(xc, xv.data());
+    cpu->linear(xc, w, yc);
+    std::vector<float> ref(c.T * c.out);
+    cpu->download(yc, ref.data());
+    // Exact-mode output: the quantisation must be visible, or the flag is not wired.
+    cpu->set_act_quant(ActQuant::None);
+    Tensor ye = cpu->alloc({c.T, c.out});
+    cpu->linear(xc, w, ye);
+    std::vector<float> exact(c.T * c.out);
+    cpu->download(ye, exact.data());
+    cpu->set_act_quant(ActQuant::Fp8Pow2);
+    float diff = 0.f;
+    for (size_t i = 0; i < ref.size(); ++i) diff = std::max(diff, std::fabs(ref[i] - exact[i]));
+    EXPECT_GT(diff, 0.f) << "FP8 activations did not change the CPU result";
+    for (Path p : paths) {
+      if (p == Path::CublasLt && c.fmt != WeightFormat::FP8) continue;
+      if (p == Path::CublasLt && c.T <= cuda::kGemvMaxRows) continue;
+      CudaOptions o;
+      o.fp8_gemm = p;
+      auto gpu = make_cuda_backend(0, o);
+      gpu->set_act_quant(ActQuant::Fp8Pow2);
+      Tensor xg = gpu->alloc({c.T, c.in}), yg = gpu->alloc({c.T, c.out});
+      gpu->upload(xg, xv.data());
+      gpu->linear(xg, w, yg);
+      std::vector<float> got(c.T * c.out);
+      gpu->download(yg, got.data());
+      const bool gemv = c.T <= cuda::kGemvMaxRows;
+      expect_close(ref, got, gemv ? kGemvTol : kTensorCoreTol,
+                   fmt::format("fp8-act linear {} fmt={} T={} in={} out={}{}", path_name(p), int(c.fmt), c.T, c.in,
+                               c.out, c.f32_scale ? " f32scale" : ""));
+    }
+  }
+}
+
+// The MoE with FP8 activations: routed FP4 experts through the tensor-core kernel (gathered rows)
+// or the GEMV, FP8 shared expert through linear().
+TEST(CudaFp8, MoE) {
+  DSV4_REQUIRE_GPU();
+  struct C {
+    int64_t T, D, F, E, k;
+  };
+  auto cpu = make_cpu_backend();
+  cpu->set_act_quant(ActQuant::Fp8Pow2);
+  auto gpu = make_cuda_backend(0);
+  gpu->set_act_quant(ActQuant::Fp8Pow2);
+  WeightStore ws;
+  uint64_t seed = 5000;
+  for (auto c : std::vector<C>{{1, 4096, 2048, 256, 6}, {8, 4096, 2048, 256, 6}, {300, 1024, 512, 32, 6},
+                               {512, 4096, 2048, 16, 6}}) {
+    MoEWeights moe;
+    const int64_t distinct = std::min<int64_t>(c.E, 8);
+    std::vector<ExpertWeights> sets(distinct);
+    for (auto& s : sets) {
+      s.w1 = ws.linear("w1", WeightFormat::FP4, c.F, c.D, ++seed);
+      s.w2 = ws.linear("w2", WeightFormat::FP4, c.D, c.F, ++seed);
+      s.w3 = ws.linear("w3", WeightFormat::FP4, c.F, c.D, ++seed);
+    }
+    for (int64_t e = 0; e < c.E; ++e) moe.experts.push_back(sets[e % distinct]);
+    moe.has_shared = true;
+    moe.shared.w1 = ws.linear("s1", WeightFormat::FP8, c.F, c.D, ++seed);
+    moe.shared.w2 = ws.linear("s2", WeightFormat::FP8, c.D, c.F, ++seed);
+    moe.shared.w3 = ws.linear("s3", WeightFormat::FP8, c.F, c.D, ++seed);
+    Rng r(++seed);
+    std::vector<int32_t> ex(c.T * c.k);
+    std::vector<float> gw(c.T * c.k);
+    for (int64_t t = 0; t < c.T; ++t) {
+      std::vector<int32_t> all(c.E);
+      for (int64_t e = 0; e < c.E; ++e) all[e] = int32_t(e);
+      for (int64_t i = 0; i < c.k; ++i) {
+        std::swap(all[i], all[i + int64_t(r.below(uint64_t(c.E - i)))]);
+        ex[t * c.k + i] = all[i];
+        gw[t * c.k + i] = r.uniform(0.f, 1.f);
+      }
+    }
+    Mirror mm(*cpu, *gpu);
+    Pair x = mm.f32({c.T, c.D}, normal(c.T * c.D, ++seed, 2.f)), w = mm.f32({c.T, c.k}, gw),
+         e = mm.i32({c.T, c.k}, ex), out = mm.out({c.T, c.D});
+    cpu->moe(x.c, moe, w.c, e.c, 10.f, out.c);
+    gpu->moe(x.g, moe, w.g, e.g, 10.f, out.g);
+    const bool gemv = c.T * c.k <= 4 * c.E;
+    expect_close(mm.host_c(out.c), mm.host_g(out.g), gemv ? kGemvTol : kTensorCoreTol,
+                 fmt::format("fp8-act moe T={} D={} F={} E={} k={}", c.T, c.D, c.F, c.E, c.k));
+  }
+}
+
+// Whole tiny models with FP8 activations: CUDA vs the CPU simulation. A tiny upstream difference
+// can move a value across an E4M3 rounding step (2^-3 relative) in a later layer's quantiser, so
+// the bound is the --kv fp8 one: 2e-2 of the logit scale, >= 99 % argmax agreement.
+TEST(CudaFp8, TinyModelsMatchCpuSimulation) {
+  DSV4_REQUIRE_GPU();
+  int64_t rows = 0, same = 0;
+  for (const std::string& preset : tiny_preset_names()) {
+    GeneratedModel gm(tiny_preset_config(preset), 11);
+    const auto& cfg = gm.config();
+    auto cpu = make_cpu_backend();
+    auto gpu = make_cuda_backend(0);
+    Model mc(cfg, gm.weights(), *cpu), mg(cfg, gm.weights(), *gpu);
+    mc.set_fp8_activations(true);
+    mg.set_fp8_activations(true);
+    const auto tok = rand_ints(96, cfg.vocab_size, 17);
+    for (const auto& sched : std::vector<std::vector<int64_t>>{{}, {40, 1, 1, 54}}) {
+      const auto ref = run_chunked(mc, tok, sched, false), got = run_chunked(mg, tok, sched, false);
+      const int64_t V = cfg.vocab_size, R = int64_t(ref.size()) / V;
+      float worst = 0.f;
+      for (int64_t r = 0; r < R; ++r) {
+        float scale = 0.f, err = 0.f;
+        int64_t am = 0, ag = 0;
+        for (int64_t i = 0; i < V; ++i) {
+          scale = std::max(scale, std::fabs(ref[r * V + i]));
+          err = std::max(err, std::isnan(got[r * V + i]) ? INFINITY : std::fabs(ref[r * V + i] - got[r * V + i]));
+          if (ref[r * V + i] > ref[r * V + am]) am = i;
+          if (got[r * V + i] > got[r * V + ag]) ag = i;
+        }
+        worst = std::max(worst, err / std::max(scale, 1e-30f));
+        same += am == ag;
+      }
+      rows += R;
+      std::printf("[model] fp8-act %s chunks=%zu worst_rel=%.3e\n", preset.c_str(), sched.size(), worst);
+      EXPECT_LE(worst, 2e-2f) << preset;
+    }
+  }
+  EXPECT_GE(double(same), 0.99 * double(rows));
+}
