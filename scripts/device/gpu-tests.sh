@@ -3,7 +3,8 @@
 # CUDA vs CPU, golden fixtures on CUDA), `dsv4 logits --backend cuda` on a fixture, and the
 # full-width random-model benchmark. Logs go to $OUT (gpu-tests.log, bench.log).
 #   run: bash scripts/device/gpu-tests.sh   (carry: [".deps"])
-# Env: BENCH_LAYERS (default 30), BENCH_ARGS (extra), SKIP_BENCH=1, SKIP_TESTS=1, JOBS (16).
+# Env: BENCH_LAYERS (default 30), BENCH_ARGS (extra), SKIP_BENCH=1, SKIP_TESTS=1, JOBS (16),
+#      CTEST_ARGS (extra ctest arguments, e.g. '-R fp8' for a subset).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
@@ -16,7 +17,7 @@ eval "$(bash scripts/device/setup-deps.sh)" || exit 1
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a -DCMAKE_CUDA_FLAGS=-lineinfo >"$OUT/configure.log" 2>&1 \
   || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden test_cuda_engine 2>&1 | tail -25
+cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden test_cuda_engine test_cuda_fp8 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
 echo "== build: $(( $(date +%s) - t0 )) s"
 rc=0
@@ -31,9 +32,9 @@ if [ -n "${SANITIZE:-}" ]; then  # e.g. SANITIZE='CudaOps.Route' : memcheck + ra
 fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)
-  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900 -j1) || rc=1
+  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900 -j1 ${CTEST_ARGS:-}) || rc=1
   echo "== ctest -L gpu: $(( $(date +%s) - t0 )) s, rc=$rc"
-  for b in test_cuda_ops test_cuda_model; do ./build-gpu/tests/cuda/$b 2>&1 | grep -E '^\[maxerr\]|^\[model\]|^\[diag\]' ; done \
+  for b in test_cuda_ops test_cuda_model test_cuda_fp8; do ./build-gpu/tests/cuda/$b 2>&1 | grep -E '^\[maxerr\]|^\[model\]|^\[diag\]' ; done \
     > "$OUT/maxerr.log" || true
   # CLI: logits on CUDA (exact and fp8 KV) for one fixture.
   g=tests/data/golden/tiny
