@@ -52,7 +52,9 @@ CublasLtFp8::Plan& CublasLtFp8::plan(int64_t M, int64_t N, int64_t K, int64_t ld
      "preference");
   cublasLtMatmulHeuristicResult_t res{};
   int found = 0;
-  // Scale pointers are per call; the heuristic only needs the modes.
+  // Scale pointers are set per call; some cuBLASLt versions want non-null ones for the heuristic.
+  set(p.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(workspace_));
+  set(p.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(workspace_));
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.c, pref, 1, &res, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   p.ok = st == CUBLAS_STATUS_SUCCESS && found > 0;
