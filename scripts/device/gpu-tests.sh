@@ -49,6 +49,21 @@ print(f"dsv4 logits --backend cuda tiny/len40: rel err vs transformers {e:.3e}, 
 print(f"  --kv fp8: rel diff vs exact {np.abs(f-a).max()/np.abs(a).max():.3e}, argmax agree {np.mean(f.argmax(1)==a.argmax(1)):.3f}")
 assert e <= 1e-4
 PY
+  # FP8 activations (--gemm fp8) on tiny-fp8: CPU simulation, CUDA (auto: cuBLASLt on sm_90), vs exact.
+  g=tests/data/golden/tiny-fp8
+  toks=$(python3 -c "import json;print(','.join(map(str,json.load(open('$g/cases.json'))['cases'][1]['tokens'])))")
+  ./build-gpu/dsv4 logits --model $g --tokens "$toks" --gemm fp8 --out /tmp/f8_cpu.npy && \
+  ./build-gpu/dsv4 logits --model $g --tokens "$toks" --gemm fp8 --backend cuda --out /tmp/f8_cuda.npy && \
+  python3 - <<'PY' || rc=1
+import numpy as np
+r = np.load('tests/data/golden/tiny-fp8/len40.logits.npy'); c = np.load('/tmp/f8_cpu.npy'); g = np.load('/tmp/f8_cuda.npy')
+def d(a, b):
+    row = np.abs(a - b).max(1) / np.abs(b).max(1)
+    return f"max rel {row.max():.3e}, median row rel {np.median(row):.3e}, argmax agree {np.mean(a.argmax(1) == b.argmax(1)):.3f}"
+print("--gemm fp8 tiny-fp8/len40: CPU simulation vs transformers (FP32):", d(c, r))
+print("                           CUDA (auto path) vs transformers:      ", d(g, r))
+print("                           CUDA vs CPU simulation:                ", d(g, c))
+PY
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   ./build-gpu/dsv4 bench model --random --layers "${BENCH_LAYERS:-30}" --batch 1,8,64 --ctx 1024,8192 ${BENCH_ARGS:-} \
