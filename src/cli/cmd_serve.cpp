@@ -30,7 +30,7 @@ namespace {
 
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
-  std::string backend = "cpu", kv_memory;
+  std::string backend = "cpu", kv_memory, kv = "f32";
   int port = 8000;
   int max_running = 64;
   int64_t max_batched_tokens = 2048;
@@ -76,6 +76,7 @@ Loaded load(const ServeOpts& o) {
     ec.enable_prefix_caching = !o.no_prefix_caching;
     ec.max_model_len = o.max_model_len;
     if (!o.kv_memory.empty()) ec.kv_memory_bytes = parse_memory_size(o.kv_memory, "--kv-memory");
+    ec.kv_fp8 = o.kv == "fp8";
     ec.log_startup = true;
     L.context = o.max_model_len > 0 ? o.max_model_len : lm->config().max_position_embeddings;
     L.name = o.model.empty() ? "dsv4-demo" : lm->name;
@@ -209,6 +210,9 @@ void register_serve(CLI::App& app, Action& action) {
       ->capture_default_str()->check(CLI::IsMember({"auto", "model", "scripted"}));
   cmd->add_option("--backend", o->backend, "Backend for --model: cpu | cuda")->capture_default_str();
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
+  cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) or fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "fp8"}));
   cmd->add_option("--scripted-step-ms", o->step_ms, "Step time of the scripted engine (ms)")->capture_default_str();
   cmd->add_flag("--enable-test-hooks", o->test_hooks, "Honour the test-only request field dsv4_forced_output");
   cmd->callback([o, &action] { action = [o] { return serve(*o); }; });
