@@ -1,7 +1,7 @@
 #pragma once
 // The operations the DeepSeek-V4 forward pass is written against. The CPU backend is the FP32
 // reference; the CUDA backend implements the same ops and is tested op by op against it.
-// Activations are F32 (index lists I32); weights are the checkpoint's own tensors.
+// Activations are F32 (index lists I32, packed KV rows U8); weights are the checkpoint's own tensors.
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -94,10 +94,17 @@ class Backend {
   virtual void gather_rows(const Tensor& src, const Tensor& rows, const Tensor& out) = 0;
   // X[t, k] = v[t] (accumulate: X[t, k] += v[t]) for every stream k of X [T, m, D].
   virtual void broadcast_streams(const Tensor& v, const Tensor& X, bool accumulate) = 0;
-  // Production KV format, simulated in FP32 storage (--kv fp8): per row of x [rows, dim], the
-  // first nope_dims values are round-tripped through E4M3 in blocks of 64 with a power-of-two
-  // scale 2^ceil(log2(amax/448)) (amax >= 1e-4), the remaining (RoPE) dims through BF16 (RNE).
+  // Production KV format (tensor/kv_format.h) in place on F32 rows x [rows, dim]: every value
+  // becomes what its packed row decodes to, i.e. unpack(pack(x)) bit for bit: the first nope_dims
+  // values through E4M3 in blocks of 64 with a power-of-two scale 2^ceil(log2(amax/448))
+  // (amax >= 1e-4), the remaining (RoPE) dims through BF16 (RNE).
   virtual void quantize_kv(const Tensor& x, int64_t nope_dims) = 0;
+  // packed[r] = the production row of x[r]: x F32 [rows, dim], packed U8 [rows, kv_row_layout(dim,
+  // nope_dims).bytes] (padding zeroed).
+  virtual void pack_kv(const Tensor& x, int64_t nope_dims, const Tensor& packed) = 0;
+  // out[i] = decode(packed[rows[i]]): packed U8 [N, row bytes], rows I32 [n] (empty: rows 0..n-1),
+  // out F32 [n, dim].
+  virtual void unpack_kv(const Tensor& packed, const Tensor& rows, int64_t nope_dims, const Tensor& out) = 0;
 
  protected:
   ActQuant act_quant_ = ActQuant::None;

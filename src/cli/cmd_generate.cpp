@@ -12,7 +12,7 @@ namespace dsv4::cli {
 
 void register_generate(CLI::App& app, Action& action) {
   struct Opts {
-    std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny", gemm = "exact";
+    std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny", gemm = "exact", kv = "f32";
     bool raw = false, show_usage = false;
     int32_t max_tokens = 64, top_k = 0, n = 1;
     float temperature = 0.f, top_p = 1.f, min_p = 0.f;
@@ -33,6 +33,8 @@ void register_generate(CLI::App& app, Action& action) {
   cmd->add_option("--seed", o->seed, "Sampling seed");
   cmd->add_option("-n", o->n, "Parallel samples");
   cmd->add_option("--kv-memory", o->kv_memory, "Sequence state memory budget (e.g. 512M, 4G)");
+  cmd->add_option("--kv", o->kv, "KV storage: f32 (exact, default) or fp8 (production rows)")
+      ->check(CLI::IsMember({"f32", "fp8"}));
   cmd->add_option("--block-size", o->block_size, "Tokens per state block (default 256)");
   cmd->add_option("--backend", o->backend, "cpu | cuda");
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
@@ -53,6 +55,7 @@ void register_generate(CLI::App& app, Action& action) {
       EngineConfig cfg;
       if (!o->kv_memory.empty()) cfg.kv_memory_bytes = parse_memory_size(o->kv_memory, "--kv-memory");
       cfg.block_size = o->block_size;
+      cfg.kv_fp8 = o->kv == "fp8";
       cfg.max_running_requests = std::max(4, o->n);
       auto engine = make_engine(cfg, lm);
       Request req;

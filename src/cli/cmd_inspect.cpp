@@ -53,11 +53,13 @@ void print_report(const Checkpoint& ck, int tp) {
               human(double(s.bytes)).c_str(), ck.shard_paths().size());
   for (const auto& [dt, eb] : s.by_dtype)
     std::printf("  %-9s %14lld elements  %s\n", dt.c_str(), (long long)eb.first, human(double(eb.second)).c_str());
-  double per_tok = kv_bytes_per_token(c);
-  int64_t fixed = fixed_state_bytes(c);
-  std::printf("\nsequence state: %.1f bytes/token of context + %s fixed per sequence\n", per_tok,
-              human(double(fixed)).c_str());
-  std::printf("per-GPU estimate at tp=%d: weights %s; state for 128K tokens %s\n", tp,
+  for (KvFormat kv : {KvFormat::F32, KvFormat::FP8})
+    std::printf("%s--kv %-4s %.2f bytes/token of context + %s fixed per sequence (%lld B per window key / entry)\n",
+                kv == KvFormat::F32 ? "\nsequence state:\n  " : "  ", kv_format_name(kv), kv_bytes_per_token(c, kv),
+                human(double(fixed_state_bytes(c, kv))).c_str(), (long long)kv_row_bytes(c, kv));
+  const double per_tok = kv_bytes_per_token(c, KvFormat::FP8);
+  const int64_t fixed = fixed_state_bytes(c, KvFormat::FP8);
+  std::printf("per-GPU estimate at tp=%d: weights %s; state for 128K tokens (--kv fp8) %s\n", tp,
               human(double(weight_bytes_per_gpu(s, tp))).c_str(), human(per_tok * 131072 + double(fixed)).c_str());
   auto unused = ck.unused_tensors();
   if (!unused.empty()) {

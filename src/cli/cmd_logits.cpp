@@ -38,7 +38,7 @@ void register_logits(CLI::App& app, Action& action) {
   cmd->add_option("--tokens", o->tokens, "Comma-separated token ids")->required();
   cmd->add_option("--chunks", o->chunks, "Comma-separated chunk sizes summing to the token count (default: one chunk)");
   cmd->add_option("--backend", o->backend, "cpu (FP32 reference) or cuda (exact mode)")->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--kv", o->kv, "KV cache format: f32, or fp8 (production format, simulated)")
+  cmd->add_option("--kv", o->kv, "KV storage: f32, or fp8 (production rows: FP8 no-RoPE dims with per-64 scales, BF16 RoPE dims)")
       ->check(CLI::IsMember({"f32", "fp8"}));
   cmd->add_option("--gemm", o->gemm,
                   "Linears with FP8/FP4 weights: exact (FP32 activations, the HF reference) or fp8 (the official "

@@ -30,7 +30,7 @@ namespace {
 
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
-  std::string backend = "cpu", kv_memory, gemm = "exact";
+  std::string backend = "cpu", kv_memory, gemm = "exact", kv = "f32";
   int port = 8000;
   int max_running = 64;
   int64_t max_batched_tokens = 2048;
@@ -77,6 +77,7 @@ Loaded load(const ServeOpts& o) {
     ec.enable_prefix_caching = !o.no_prefix_caching;
     ec.max_model_len = o.max_model_len;
     if (!o.kv_memory.empty()) ec.kv_memory_bytes = parse_memory_size(o.kv_memory, "--kv-memory");
+    ec.kv_fp8 = o.kv == "fp8";
     ec.log_startup = true;
     L.context = o.max_model_len > 0 ? o.max_model_len : lm->config().max_position_embeddings;
     L.name = o.model.empty() ? "dsv4-demo" : lm->name;
@@ -213,6 +214,9 @@ void register_serve(CLI::App& app, Action& action) {
       ->check(CLI::IsMember({"exact", "fp8"}))
       ->capture_default_str();
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
+  cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) or fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "fp8"}));
   cmd->add_option("--scripted-step-ms", o->step_ms, "Step time of the scripted engine (ms)")->capture_default_str();
   cmd->add_flag("--enable-test-hooks", o->test_hooks, "Honour the test-only request field dsv4_forced_output");
   cmd->callback([o, &action] { action = [o] { return serve(*o); }; });

@@ -17,7 +17,6 @@
 #include "engine/sampler.h"
 #include "engine/state_manager.h"
 #include "model/checkpoint.h"
-#include "model/memory.h"
 #include "model/tiny.h"
 #include "text/tiny_tokenizer.h"
 #include "util/error.h"
@@ -154,7 +153,8 @@ class EngineImpl final : public LLMEngine {
     if (B % g) fail("--block-size: {} must be a multiple of {} (every compress ratio of the model)", B, g);
     if (cfg_.max_running_requests <= 0) fail("--max-running-requests must be positive, got {}", cfg_.max_running_requests);
     if (cfg_.max_batched_tokens <= 0) fail("--max-batched-tokens must be positive, got {}", cfg_.max_batched_tokens);
-    const StateLayout layout = state_layout(mc, B);
+    const KvFormat kv = cfg_.kv_fp8 ? KvFormat::FP8 : KvFormat::F32;
+    const StateLayout layout = state_layout(mc, B, kv);
     StatePlan plan;
     plan.num_slots = cfg_.max_running_requests;
     if (cfg_.num_blocks > 0) {
@@ -167,7 +167,7 @@ class EngineImpl final : public LLMEngine {
       if (cfg_.num_snapshots >= 0) plan.num_snapshots = cfg_.num_snapshots;
     }
     if (!cfg_.enable_prefix_caching) plan.num_snapshots = 0;
-    mgr_ = std::make_unique<StateManager>(model, B, plan.num_blocks, plan.num_slots, plan.num_snapshots);
+    mgr_ = std::make_unique<StateManager>(model, B, plan.num_blocks, plan.num_slots, plan.num_snapshots, kv);
     mgr_->set_caching(cfg_.enable_prefix_caching);
     capacity_tokens_ = plan.num_blocks * B;
     max_model_len_ = cfg_.max_model_len > 0 ? cfg_.max_model_len : mc.max_position_embeddings;
@@ -177,10 +177,10 @@ class EngineImpl final : public LLMEngine {
       if (auto e = lm_->tokenizer->eos_id()) eos_.insert(*e);
     if (cfg_.log_startup)
       log_info(
-          "engine: block {} tokens, {} blocks ({} B each, {:.1f} B/token stored as f32; production format {:.1f} "
+          "engine: kv {} ({} B per window key / compressed entry), block {} tokens, {} blocks ({} B each, {:.2f} "
           "B/token), capacity {} tokens; {} sequence slots ({} B each), {} prefix snapshots ({} B each)",
-          B, plan.num_blocks, layout.block_bytes, layout.bytes_per_token(), kv_bytes_per_token(mc), capacity_tokens_,
-          plan.num_slots, layout.tail_bytes, plan.num_snapshots, layout.snapshot_bytes);
+          kv_format_name(kv), layout.kv_row_bytes, B, plan.num_blocks, layout.block_bytes, layout.bytes_per_token(),
+          capacity_tokens_, plan.num_slots, layout.tail_bytes, plan.num_snapshots, layout.snapshot_bytes);
     publish_metrics();
     thread_ = std::thread([this] { loop(); });
   }

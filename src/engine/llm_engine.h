@@ -47,6 +47,10 @@ struct EngineConfig {
   int64_t max_batched_tokens = 2048;     // tokens fed per scheduler step
   int64_t max_model_len = 0;             // 0: max_position_embeddings
   bool enable_prefix_caching = true;
+  // --kv fp8: window keys and compressed entries stored as production rows (tensor/kv_format.h:
+  // FP8 no-RoPE dims with per-64 UE8M0 scales, BF16 RoPE dims; 584 B instead of 2048 B per row
+  // on DeepSeek-V4). Off (f32, the default): exact, HF-faithful storage.
+  bool kv_fp8 = false;
   double snapshot_fraction = 0.15;       // share of the budget for prefix-cache boundary snapshots
   int64_t num_snapshots = -1;            // >= 0: overrides the share (tests)
   uint64_t seed = 0;                     // seeds of requests without one

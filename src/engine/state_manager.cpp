@@ -5,16 +5,19 @@
 
 #include <xxhash.h>
 
+#include "model/memory.h"
 #include "util/error.h"
 
 namespace dsv4 {
 
-StateLayout state_layout(const ModelConfig& c, int64_t B, int64_t eb) {
+StateLayout state_layout(const ModelConfig& c, int64_t B, KvFormat kv) {
   StateLayout L;
+  L.kv = kv;
   L.block_tokens = B;
-  L.elem_bytes = eb;
+  L.kv_row_bytes = kv_row_bytes(c, kv);
+  const int64_t eb = 4;  // indexer keys and compressor states are F32
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const int64_t window = c.sliding_window * c.head_dim * eb;
+    const int64_t window = c.sliding_window * L.kv_row_bytes;
     L.tail_bytes += window;
     L.snapshot_bytes += window;
     const int64_t r = c.compress_ratio(l);
@@ -22,7 +25,7 @@ StateLayout state_layout(const ModelConfig& c, int64_t B, int64_t eb) {
     if (B % r) fail("--block-size: {} is not a multiple of compress ratio {} (layer {})", B, r, l);
     const bool csa = c.attn_kind(l) == AttnKind::CSA;
     const int64_t coff = csa ? 2 : 1;
-    L.block_bytes += (B / r) * c.head_dim * eb;
+    L.block_bytes += (B / r) * L.kv_row_bytes;
     L.tail_bytes += 2 * r * coff * c.head_dim * eb;  // partial kv + gate
     if (csa) {
       L.tail_bytes += 2 * r * c.head_dim * eb;        // previous-window halves
@@ -47,8 +50,9 @@ StatePlan plan_state(const StateLayout& L, int64_t budget, int64_t num_slots, do
   return p;
 }
 
-StateManager::StateManager(Model& model, int64_t B, int64_t num_blocks, int64_t num_slots, int64_t num_snapshots)
-    : model_(model), be_(model.backend()), layout_(state_layout(model.config(), B)), num_blocks_(num_blocks) {
+StateManager::StateManager(Model& model, int64_t B, int64_t num_blocks, int64_t num_slots, int64_t num_snapshots,
+                           KvFormat kv)
+    : model_(model), be_(model.backend()), layout_(state_layout(model.config(), B, kv)), num_blocks_(num_blocks) {
   const ModelConfig& c = model.config();
   if (B <= 0 || B % model.block_granularity())
     fail("--block-size: {} must be a positive multiple of {} (every compress ratio)", B, model.block_granularity());
@@ -56,12 +60,12 @@ StateManager::StateManager(Model& model, int64_t B, int64_t num_blocks, int64_t 
   if (num_slots <= 0) fail("--max-running-requests must be positive, got {}", num_slots);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const int64_t r = c.compress_ratio(l);
-    entry_pools_.push_back(r ? be_.alloc({num_blocks * (B / r), c.head_dim}) : Tensor{});
+    entry_pools_.push_back(r ? model.alloc_kv_store(num_blocks * (B / r), kv) : Tensor{});
     index_pools_.push_back(r && c.attn_kind(l) == AttnKind::CSA ? be_.alloc({num_blocks * (B / r), c.index_head_dim})
                                                                 : Tensor{});
   }
   for (int64_t i = 0; i < num_slots; ++i) {
-    SequenceState s = model.new_sequence_tail(false);
+    SequenceState s = model.new_sequence_tail(false, kv);
     s.block_tokens = B;
     for (size_t l = 0; l < s.layers.size(); ++l) {
       s.layers[l].entries = entry_pools_[l];
@@ -77,7 +81,7 @@ StateManager::StateManager(Model& model, int64_t B, int64_t num_blocks, int64_t 
     Snapshot snap;
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
       Snapshot::Layer sl;
-      sl.window = be_.alloc({c.sliding_window, c.head_dim});
+      sl.window = model.alloc_kv_store(c.sliding_window, kv);
       const int64_t r = c.compress_ratio(l);
       if (r && c.attn_kind(l) == AttnKind::CSA) {
         sl.prev_kv = be_.alloc({r, c.head_dim});

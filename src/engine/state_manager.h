@@ -25,14 +25,16 @@
 namespace dsv4 {
 
 struct StateLayout {
+  KvFormat kv = KvFormat::F32;
   int64_t block_tokens = 0;
   int64_t block_bytes = 0;     // compressed entries + indexer keys of one block, all layers
   int64_t tail_bytes = 0;      // private state of one running sequence
   int64_t snapshot_bytes = 0;  // one boundary snapshot
-  int64_t elem_bytes = 4;      // storage element size (F32)
+  int64_t kv_row_bytes = 0;    // one window key / compressed entry in format kv (model/memory.h)
   double bytes_per_token() const { return double(block_bytes) / double(block_tokens); }
 };
-StateLayout state_layout(const ModelConfig& cfg, int64_t block_tokens, int64_t elem_bytes = 4);
+// Exact bytes of what StateManager allocates (main layers: the engine does not run MTP).
+StateLayout state_layout(const ModelConfig& cfg, int64_t block_tokens, KvFormat kv = KvFormat::F32);
 
 struct StatePlan {
   int64_t num_blocks = 0, num_slots = 0, num_snapshots = 0;
@@ -43,7 +45,10 @@ StatePlan plan_state(const StateLayout& layout, int64_t budget_bytes, int64_t nu
 
 class StateManager {
  public:
-  StateManager(Model& model, int64_t block_tokens, int64_t num_blocks, int64_t num_slots, int64_t num_snapshots);
+  // Window rings, entry pools and snapshots are stored in format kv (indexer keys and
+  // compressor states in F32).
+  StateManager(Model& model, int64_t block_tokens, int64_t num_blocks, int64_t num_slots, int64_t num_snapshots,
+               KvFormat kv = KvFormat::F32);
 
   const StateLayout& layout() const { return layout_; }
   int64_t block_tokens() const { return layout_.block_tokens; }

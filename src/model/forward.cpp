@@ -17,9 +17,14 @@ Model::Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend)
   be_.prepare_weights(w_);
 }
 
-LayerState Model::new_layer_state(int64_t layer, int64_t block_tokens, bool pools) const {
+Tensor Model::alloc_kv_store(int64_t rows, KvFormat kv) const {
+  if (kv == KvFormat::FP8) return be_.alloc({rows, kv_row_layout(cfg_.head_dim, cfg_.nope_dim()).bytes}, ElemType::U8);
+  return be_.alloc({rows, cfg_.head_dim});
+}
+
+LayerState Model::new_layer_state(int64_t layer, int64_t block_tokens, bool pools, KvFormat kv) const {
   LayerState s;
-  s.window = be_.alloc({cfg_.sliding_window, cfg_.head_dim});
+  s.window = alloc_kv_store(cfg_.sliding_window, kv);
   const int64_t ratio = cfg_.compress_ratio(layer);
   if (!ratio) return s;
   auto comp_state = [&](int64_t d, bool overlap) {
@@ -34,7 +39,7 @@ LayerState Model::new_layer_state(int64_t layer, int64_t block_tokens, bool pool
     return c;
   };
   const bool csa = cfg_.attn_kind(layer) == AttnKind::CSA;
-  if (pools) s.entries = be_.alloc({block_tokens / ratio, cfg_.head_dim});
+  if (pools) s.entries = alloc_kv_store(block_tokens / ratio, kv);
   s.compressor = comp_state(cfg_.head_dim, csa);
   if (csa) {
     if (pools) s.index_keys = be_.alloc({block_tokens / ratio, cfg_.index_head_dim});
@@ -54,37 +59,61 @@ SequenceState Model::new_sequence(int64_t capacity) const {
   if (capacity <= 0) fail("sequence capacity must be positive, got {}", capacity);
   const int64_t g = block_granularity();
   SequenceState s;
+  s.kv = kv_format_;
   s.capacity = capacity;
   s.block_tokens = (capacity + g - 1) / g * g;
   s.blocks = {0};
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, s.block_tokens, true));
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, s.block_tokens, true, s.kv));
   for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
-    s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, s.block_tokens, true));
+    s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, s.block_tokens, true, s.kv));
   return s;
 }
 
-SequenceState Model::new_sequence_tail(bool mtp) const {
+SequenceState Model::new_sequence_tail(bool mtp, KvFormat kv) const {
   SequenceState s;
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, 0, false));
+  s.kv = kv;
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, 0, false, kv));
   if (mtp)
     for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
-      s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, 0, false));
+      s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, 0, false, kv));
   return s;
 }
 
-Tensor Model::read_paged(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n) {
-  if (n == 0) return store.rows_view(0, 0);
+std::vector<int32_t> Model::paged_rows(const Paging& pg, int64_t ratio, int64_t n, int64_t& base) const {
   const int64_t per = pg.block_tokens / ratio;
   const int64_t nb = (n + per - 1) / per;
   if (nb > int64_t(pg.blocks.size())) fail("sequence longer than its state capacity ({} blocks)", pg.blocks.size());
   bool contiguous = true;
   for (int64_t i = 1; i < nb; ++i) contiguous = contiguous && pg.blocks[i] == pg.blocks[0] + i;
-  if (contiguous) return store.rows_view(int64_t(pg.blocks[0]) * per, int64_t(pg.blocks[0]) * per + n);
+  base = int64_t(pg.blocks[0]) * per;
+  if (contiguous) return {};
   std::vector<int32_t> rows(n);
   for (int64_t j = 0; j < n; ++j) rows[j] = int32_t(int64_t(pg.blocks[j / per]) * per + j % per);
+  return rows;
+}
+
+Tensor Model::read_paged(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n) {
+  DSV4_CHECK(store.type == ElemType::F32);
+  if (n == 0) return store.rows_view(0, 0);
+  int64_t base = 0;
+  const std::vector<int32_t> rows = paged_rows(pg, ratio, n, base);
+  if (rows.empty()) return store.rows_view(base, base + n);
   Tensor out = be_.alloc({n, store.cols()});
   be_.gather_rows(store, int_tensor(rows, {n}), out);
   return out;
+}
+
+void Model::read_paged_into(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n, const Tensor& out) {
+  DSV4_CHECK(out.rows() == n);
+  if (n == 0) return;
+  if (store.type != ElemType::U8) {
+    be_.copy(read_paged(store, pg, ratio, n), out);
+    return;
+  }
+  int64_t base = 0;
+  const std::vector<int32_t> rows = paged_rows(pg, ratio, n, base);
+  if (rows.empty()) be_.unpack_kv(store.rows_view(base, base + n), Tensor{}, cfg_.nope_dim(), out);
+  else be_.unpack_kv(store, int_tensor(rows, {n}), cfg_.nope_dim(), out);
 }
 
 void Model::write_paged(const Tensor& rows, const Tensor& store, const Paging& pg, int64_t ratio, int64_t first) {
@@ -93,7 +122,8 @@ void Model::write_paged(const Tensor& rows, const Tensor& store, const Paging& p
     const int64_t b = (first + j) / per, off = (first + j) % per, len = std::min(n - j, per - off);
     if (b >= int64_t(pg.blocks.size())) fail("sequence longer than its state capacity ({} tokens)", pg.blocks.size() * pg.block_tokens);
     const int64_t row = int64_t(pg.blocks[b]) * per + off;
-    be_.copy(rows.rows_view(j, j + len), store.rows_view(row, row + len));
+    if (store.type == ElemType::U8) be_.pack_kv(rows.rows_view(j, j + len), cfg_.nope_dim(), store.rows_view(row, row + len));
+    else be_.copy(rows.rows_view(j, j + len), store.rows_view(row, row + len));
     j += len;
   }
 }
@@ -126,10 +156,12 @@ Tensor Model::compress(const CompressorWeights& c, CompressorState& cs, const Te
   return out;
 }
 
-Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging& pg, const Tensor& x, const Tensor& pos,
-                        int64_t start) {
+Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging& pg, KvFormat kvf, const Tensor& x,
+                        const Tensor& pos, int64_t start) {
   const int64_t T = x.dim(0), H = cfg_.num_attention_heads, hd = cfg_.head_dim, W = cfg_.sliding_window;
   const RopeTable& rope = a.has_compressor ? rope_compressed_ : rope_main_;
+  const bool packed = kvf == KvFormat::FP8, simulated = kvf == KvFormat::FP8Simulated;
+  DSV4_CHECK((st.window.type == ElemType::U8) == packed);
 
   // Queries: low-rank latent, per-head unweighted RMSNorm, RoPE on the last rope dims.
   Tensor cq = be_.alloc({T, cfg_.q_lora_rank});
@@ -145,7 +177,15 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging&
   be_.linear(x, a.wkv, kv);
   be_.rms_norm(kv, a.kv_norm, eps(cfg_.rms_norm_eps), kv);
   be_.rope(kv.reshaped({T, 1, hd}), pos, rope, cfg_.rope_dim(), false);
-  if (kv_fp8_) be_.quantize_kv(kv, cfg_.nope_dim());
+  // FP8: this chunk's rows as stored; attention (this chunk included) reads what they decode to.
+  Tensor kv_rows;
+  if (packed) {
+    kv_rows = alloc_kv_store(T, kvf);
+    be_.pack_kv(kv, cfg_.nope_dim(), kv_rows);
+    be_.unpack_kv(kv_rows, Tensor{}, cfg_.nope_dim(), kv);
+  } else if (simulated) {
+    be_.quantize_kv(kv, cfg_.nope_dim());
+  }
 
   // Compressed entries completed by this chunk; the indexer picks among them per query.
   const int64_t n_before = st.num_entries;
@@ -154,7 +194,7 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging&
     const int64_t ratio = a.compressor.ratio;
     Tensor fresh = compress(a.compressor, st.compressor, x, start, n_before);
     const int64_t n_new = fresh.empty() ? 0 : fresh.dim(0);
-    if (kv_fp8_ && n_new) be_.quantize_kv(fresh, cfg_.nope_dim());
+    if (simulated && n_new) be_.quantize_kv(fresh, cfg_.nope_dim());
     if (n_new) write_paged(fresh, st.entries, pg, ratio, n_before);
     if (a.has_indexer) {
       const auto& ix = a.indexer;
@@ -191,11 +231,13 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging&
   // Key pool: [compressed entries | window keys before this chunk | this chunk's keys].
   const int64_t n_entries = st.num_entries, prior = std::min(start, W - 1);
   Tensor pool = be_.alloc({n_entries + prior + T, hd});
-  if (n_entries) be_.copy(read_paged(st.entries, pg, a.compressor.ratio, n_entries), pool.rows_view(0, n_entries));
+  if (n_entries) read_paged_into(st.entries, pg, a.compressor.ratio, n_entries, pool.rows_view(0, n_entries));
   if (prior) {
     std::vector<int32_t> slots(prior);
     for (int64_t i = 0; i < prior; ++i) slots[i] = int32_t((start - prior + i) % W);
-    be_.gather_rows(st.window, int_tensor(slots, {prior}), pool.rows_view(n_entries, n_entries + prior));
+    const Tensor dst = pool.rows_view(n_entries, n_entries + prior);
+    if (packed) be_.unpack_kv(st.window, int_tensor(slots, {prior}), cfg_.nope_dim(), dst);
+    else be_.gather_rows(st.window, int_tensor(slots, {prior}), dst);
   }
   be_.copy(kv, pool.rows_view(n_entries + prior, n_entries + prior + T));
   // Window: positions max(0, p - W + 1) .. p, the current token included.
@@ -207,8 +249,14 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging&
   Tensor o = be_.alloc({T, H, hd});
   be_.attend(q, pool, int_tensor(widx, {T, W}), compressed_idx, *a.attn_sink, 1.f / std::sqrt(float(hd)), o);
 
-  // Keep the last W keys for the next chunk.
-  for (int64_t t = std::max<int64_t>(0, T - W); t < T; ++t) be_.copy(kv.rows_view(t, t + 1), st.window.rows_view((start + t) % W, (start + t) % W + 1));
+  // Keep the last W keys for the next chunk (as stored: the packed rows in FP8), in at most two
+  // runs of ring slots.
+  const Tensor& keep = packed ? kv_rows : kv;
+  for (int64_t t = std::max<int64_t>(0, T - W); t < T;) {
+    const int64_t slot = (start + t) % W, len = std::min(T - t, W - slot);
+    be_.copy(keep.rows_view(t, t + len), st.window.rows_view(slot, slot + len));
+    t += len;
+  }
 
   // Undo the rotation of the values' RoPE dims at the query position, then the grouped projection.
   be_.rope(o, pos, rope, cfg_.rope_dim(), true);
@@ -220,14 +268,14 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging&
   return out;
 }
 
-Tensor Model::block(const BlockWeights& b, LayerState& st, const Paging& pg, const Tensor& X, const Tensor& tokens,
-                    const Tensor& pos, int64_t start) {
+Tensor Model::block(const BlockWeights& b, LayerState& st, const Paging& pg, KvFormat kvf, const Tensor& X,
+                    const Tensor& tokens, const Tensor& pos, int64_t start) {
   const int64_t T = X.dim(0), m = cfg_.hc_mult, D = cfg_.hidden_size;
   const float ne = eps(cfg_.rms_norm_eps), he = eps(cfg_.hc_eps);
   Tensor u = be_.alloc({T, D}), post = be_.alloc({T, m}), comb = be_.alloc({T, m, m});
   be_.hc_pre(X, b.hc_attn, cfg_.hc_sinkhorn_iters, he, ne, u, post, comb);
   be_.rms_norm(u, b.attn_norm, ne, u);
-  Tensor y = attention(b.attn, st, pg, u, pos, start);
+  Tensor y = attention(b.attn, st, pg, kvf, u, pos, start);
   Tensor X1 = be_.alloc({T, m, D});
   be_.hc_post(y, X, post, comb, X1);
 
@@ -270,7 +318,7 @@ Tensor Model::forward(SequenceState& st, std::span<const int32_t> tokens, Tensor
   Tensor X = be_.alloc({T, cfg_.hc_mult, cfg_.hidden_size});
   be_.broadcast_streams(e, X, false);
   const Paging pg{st.blocks, st.block_tokens};
-  for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], st.layers[l], pg, X, ids, pos, start);
+  for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], st.layers[l], pg, st.kv, X, ids, pos, start);
   st.num_tokens += T;
   if (streams) *streams = X;
   return logits(X, w_.hc_head, *w_.norm);
@@ -301,7 +349,7 @@ Tensor Model::forward_mtp(SequenceState& st, const Tensor& streams, std::span<co
   be_.linear(h, mw.h_proj, X.reshaped({n * m, D}));
   be_.broadcast_streams(ep, X, true);
   const Paging pg{st.blocks, st.block_tokens};
-  X = block(mw.block, st.mtp_layers[0], pg, X, ids, pos, start);
+  X = block(mw.block, st.mtp_layers[0], pg, st.kv, X, ids, pos, start);
   st.mtp_tokens += n;
   return logits(X, mw.hc_head, *mw.norm);
 }

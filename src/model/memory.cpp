@@ -2,20 +2,8 @@
 
 #include <set>
 
-#include "tensor/quant.h"
 
 namespace dsv4 {
-
-namespace {
-
-// One stored cache entry of width `dim`: FP8 for the no-RoPE part with one f32 scale per 64,
-// BF16 for the RoPE part.
-double entry_bytes(int64_t dim, int64_t rope) {
-  const int64_t nope = dim - rope;
-  return double(nope) + 4.0 * double(ceil_div(nope, 64)) + 2.0 * double(rope);
-}
-
-}  // namespace
 
 WeightStats weight_stats(const ModelConfig&, const ModelWeights& w) {
   WeightStats s;
@@ -68,26 +56,34 @@ WeightStats weight_stats(const ModelConfig&, const ModelWeights& w) {
   return s;
 }
 
-double kv_bytes_per_token(const ModelConfig& c) {
+int64_t kv_row_bytes(const ModelConfig& c, KvFormat kv) {
+  return kv == KvFormat::FP8 ? kv_row_layout(c.head_dim, c.nope_dim()).bytes : 4 * c.head_dim;
+}
+
+double kv_bytes_per_token(const ModelConfig& c, KvFormat kv) {
   double total = 0;
   for (int64_t l = 0; l < c.total_layers(); ++l) {
-    int64_t r = c.compress_ratio(l);
+    const int64_t r = c.compress_ratio(l);
     if (!r) continue;
-    total += entry_bytes(c.head_dim, c.rope_dim()) / double(r);
-    if (c.attn_kind(l) == AttnKind::CSA) total += 2.0 * double(c.index_head_dim) / double(r);  // BF16 index keys
+    total += double(kv_row_bytes(c, kv)) / double(r);
+    if (c.attn_kind(l) == AttnKind::CSA) total += 4.0 * double(c.index_head_dim) / double(r);
   }
   return total;
 }
 
-int64_t fixed_state_bytes(const ModelConfig& c) {
+int64_t fixed_state_bytes(const ModelConfig& c, KvFormat kv) {
   int64_t total = 0;
   for (int64_t l = 0; l < c.total_layers(); ++l) {
-    total += int64_t(double(c.sliding_window) * entry_bytes(c.head_dim, c.rope_dim()));
-    int64_t r = c.compress_ratio(l);
+    total += c.sliding_window * kv_row_bytes(c, kv);
+    const int64_t r = c.compress_ratio(l);
     if (!r) continue;
-    const int64_t coff = c.attn_kind(l) == AttnKind::CSA ? 2 : 1;
-    total += 2 * 4 * coff * r * coff * c.head_dim;  // f32 kv + score partial windows
-    if (c.attn_kind(l) == AttnKind::CSA) total += 2 * 4 * coff * r * coff * c.index_head_dim;
+    const bool csa = c.attn_kind(l) == AttnKind::CSA;
+    const int64_t coff = csa ? 2 : 1;
+    total += 2 * r * coff * c.head_dim * 4;  // partial window: kv + gate rows
+    if (csa) {
+      total += 2 * r * c.head_dim * 4;  // previous window's first halves (kv + gate)
+      total += 2 * r * 2 * c.index_head_dim * 4 + 2 * r * c.index_head_dim * 4;  // the indexer's compressor
+    }
   }
   return total;
 }

@@ -6,6 +6,7 @@
 
 #include "model/config.h"
 #include "model/weights.h"
+#include "tensor/kv_format.h"
 
 namespace dsv4 {
 
@@ -18,12 +19,16 @@ struct WeightStats {
 };
 WeightStats weight_stats(const ModelConfig& cfg, const ModelWeights& w);
 
-// Bytes of per-sequence state for one token of context in production format
-// (FP8 no-RoPE dims with per-64 scales + BF16 RoPE dims), summed over layers,
-// excluding the fixed-size sliding window and compressor partial windows.
-double kv_bytes_per_token(const ModelConfig& cfg);
-// Fixed per-sequence state (sliding windows, compressor partial windows), in bytes.
-int64_t fixed_state_bytes(const ModelConfig& cfg);
+// Bytes of one stored window key or compressed entry: 4 * head_dim (F32 storage, also the
+// simulation), or the packed production row (tensor/kv_format.h; 584 for DeepSeek-V4).
+int64_t kv_row_bytes(const ModelConfig& cfg, KvFormat kv);
+// Bytes of per-sequence state per token of context as stored in format kv (compressed entries
+// and the always-F32 Lightning Indexer keys), summed over all layers (MTP included), excluding
+// the fixed-size state below.
+double kv_bytes_per_token(const ModelConfig& cfg, KvFormat kv);
+// Fixed per-sequence state (sliding-window rings in format kv, F32 compressor partial windows
+// and previous-window halves), in bytes, all layers (MTP included).
+int64_t fixed_state_bytes(const ModelConfig& cfg, KvFormat kv);
 
 // Weight bytes per GPU with routed experts split over `tp` ranks (expert parallel),
 // vocab-parallel embed/head, everything else replicated.

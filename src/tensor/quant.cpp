@@ -6,6 +6,7 @@
 #include <bit>
 #include <cstring>
 
+#include "tensor/kv_format.h"
 #include "tensor/numeric.h"
 #include "util/error.h"
 
@@ -65,12 +66,8 @@ void dequant_fp4_groups(const uint8_t* packed, DType sd, const void* scales, int
 }
 
 float fp8_dynamic_scale(float amax, bool pow2) {
-  const float s = std::max(amax, 1e-4f) * (1.f / kE4M3Max);
-  if (!pow2) return s;
-  // 2^ceil(log2 s) from the bit pattern, as the official fast_round_scale (s is a positive normal).
-  const uint32_t b = std::bit_cast<uint32_t>(s);
-  const uint32_t e = ((b >> 23) & 0xff) + ((b & 0x7fffff) ? 1 : 0);
-  return std::bit_cast<float>(e << 23);
+  amax = std::max(amax, kKvAmaxFloor);  // the same floor and power-of-two rounding as the KV rows
+  return pow2 ? e8m0_to_f32(kv_scale_code(amax)) : amax * (1.f / kE4M3Max);
 }
 
 void fp8_dynamic_quant(const float* x, int64_t n, int64_t block, bool pow2, uint8_t* q, float* scales,

@@ -158,6 +158,8 @@ class Mirror {
   std::vector<float> host_g(const Tensor& t) { return get<float>(gpu_, t); }
   std::vector<int32_t> ints_c(const Tensor& t) { return get<int32_t>(cpu_, t); }
   std::vector<int32_t> ints_g(const Tensor& t) { return get<int32_t>(gpu_, t); }
+  std::vector<uint8_t> bytes_c(const Tensor& t) { return get<uint8_t>(cpu_, t); }  // U8 tensors
+  std::vector<uint8_t> bytes_g(const Tensor& t) { return get<uint8_t>(gpu_, t); }
 
  private:
   template <class T>

@@ -32,8 +32,9 @@ struct RoundResult {
 };
 
 // Two rounds of 8 concurrent greedy requests whose prompts share a 2-block prefix.
-std::vector<RoundResult> run_rounds(std::shared_ptr<LoadedModel> model) {
+std::vector<RoundResult> run_rounds(std::shared_ptr<LoadedModel> model, bool kv_fp8 = false) {
   EngineConfig cfg;
+  cfg.kv_fp8 = kv_fp8;
   cfg.block_size = 16;
   cfg.num_blocks = 256;
   cfg.max_batched_tokens = 48;  // forces chunked prefill mixed with decodes
@@ -80,6 +81,44 @@ TEST(CudaEngine, MatchesCpuEngineWithPrefixCacheAndChunkedPrefill) {
     }
   }
   // The second round hits the prefix cache (2 shared blocks per request) on both backends.
+  EXPECT_GE(gpu[1].cached, 8 * 32);
+  EXPECT_EQ(gpu[1].cached, cpu[1].cached);
+}
+
+// --kv fp8 on the device: packed window rings, prefix snapshots and entry pools in the CUDA arena.
+// FP8 rounding lets CPU and GPU token streams part after a near tie, so this compares the first
+// logits row of every request (the prompt's last position: computed cold in round 0, from
+// restored packed snapshots and shared packed blocks in round 1) with the CPU engine's --kv fp8
+// run, to the whole-model FP8 bound (2e-2 of the logit scale), and the prefix-cache hits.
+TEST(CudaEngine, KvFp8MatchesCpuEngine) {
+  DSV4_REQUIRE_GPU();
+  auto cpu = run_rounds(LoadedModel::demo("tiny", 7), true);
+  auto gpu = run_rounds(tiny_on_cuda(7), true);
+  int64_t tokens_same = 0, tokens_total = 0;
+  for (int round = 0; round < 2; ++round) {
+    for (size_t i = 0; i < cpu[round].outputs.size(); ++i) {
+      const std::string what = "kv fp8 round " + std::to_string(round) + " request " + std::to_string(i);
+      EXPECT_EQ(gpu[round].outputs[i].finish, FinishReason::Length) << what;
+      ASSERT_FALSE(gpu[round].logits[i].empty()) << what;
+      ASSERT_FALSE(cpu[round].logits[i].empty()) << what;
+      const auto& c0 = cpu[round].logits[i][0];
+      const auto& g0 = gpu[round].logits[i][0];
+      ASSERT_EQ(c0.size(), g0.size()) << what;
+      float scale = 0, err = 0;
+      for (size_t k = 0; k < c0.size(); ++k) {
+        scale = std::max(scale, std::fabs(c0[k]));
+        err = std::max(err, std::isnan(g0[k]) ? INFINITY : std::fabs(c0[k] - g0[k]));
+      }
+      std::printf("[engine] %s first-row rel err %.3e\n", what.c_str(), err / std::max(scale, 1e-30f));
+      EXPECT_LE(err, 2e-2f * scale) << what << ": first logits row, CUDA vs CPU engine with --kv fp8";
+      EXPECT_EQ(gpu[round].outputs[i].tokens.at(0), cpu[round].outputs[i].tokens.at(0)) << what << ": first token";
+      const auto& a = cpu[round].outputs[i].tokens;
+      const auto& b = gpu[round].outputs[i].tokens;
+      for (size_t k = 0; k < std::min(a.size(), b.size()); ++k) tokens_same += a[k] == b[k];
+      tokens_total += int64_t(a.size());
+    }
+  }
+  std::printf("[engine] kv fp8 greedy tokens equal: %lld/%lld\n", (long long)tokens_same, (long long)tokens_total);
   EXPECT_GE(gpu[1].cached, 8 * 32);
   EXPECT_EQ(gpu[1].cached, cpu[1].cached);
 }

@@ -188,7 +188,9 @@ TEST(CudaFp8, LinearAllPaths) {
                                c.out, c.f32_scale ? " f32scale" : ""));
     }
   }
-  if (is_sm90()) EXPECT_GT(cublaslt_ran, 0) << "cuBLASLt's block-scaled FP8 GEMM never ran";
+  if (is_sm90()) {
+    EXPECT_GT(cublaslt_ran, 0) << "cuBLASLt's block-scaled FP8 GEMM never ran";
+  }
 }
 
 // The MoE with FP8 activations: routed FP4 experts through the tensor-core kernel (gathered rows)

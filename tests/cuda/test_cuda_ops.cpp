@@ -7,11 +7,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "backend/backend.h"
 #include "cuda_test_util.h"
 #include "model/config.h"
+#include "tensor/kv_format.h"
 
 using namespace dsv4;
 using namespace dsv4::test;
@@ -434,6 +436,97 @@ TEST_F(CudaOps, QuantizeKv) {
     cpu->quantize_kv(x.c, nope);
     gpu->quantize_kv(x.g, nope);
     expect_close(m->host_c(x.c), m->host_g(x.g), 0.f, fmt::format("quantize_kv {}x{} nope={}", rows, d, nope));
+  }
+}
+
+// Packed KV rows (tensor/kv_format.h): the GPU must write exactly the CPU's bytes (same scale
+// from the bit pattern, same RNE E4M3/BF16 casts, zero padding) and decode them to the same
+// floats, at the real shape (512 = 448 + 64, up to 64K rows: a 64K-token CSA context) and at
+// the tiny presets' partial 64-blocks. Inputs: finite rows of magnitudes 1e-8..1e8, zero rows,
+// rows below the 1e-4 amax floor, near-FLT_MAX rows (E4M3 saturation, BF16 overflow to inf).
+namespace {
+std::vector<float> kv_rows(int64_t rows, int64_t d, uint64_t seed) {
+  std::vector<float> v = normal(rows * d, seed, 1.f);
+  Rng r(seed + 1);
+  for (int64_t row = 0; row < rows; ++row) {
+    float* x = v.data() + row * d;
+    const int kind = int(row % 7);
+    const float mag = std::pow(10.f, r.uniform(-8.f, 8.f));
+    for (int64_t i = 0; i < d; ++i) {
+      if (kind == 1) x[i] = 0.f;
+      else if (kind == 2) x[i] *= 3e-6f;
+      else if (kind == 3) x[i] = (i % 2 ? -3e38f : 3.3e38f) * (0.5f + 0.5f * std::fabs(std::tanh(x[i])));
+      else x[i] *= mag;
+    }
+  }
+  return v;
+}
+// First differing byte per row, with both rows printed around it.
+void expect_same_bytes(const std::vector<uint8_t>& ref, const std::vector<uint8_t>& got, int64_t row_bytes,
+                       const std::string& what) {
+  ASSERT_EQ(ref.size(), got.size()) << what;
+  int64_t bad = 0, first = -1;
+  for (size_t i = 0; i < ref.size(); ++i)
+    if (ref[i] != got[i]) {
+      if (first < 0) first = int64_t(i);
+      ++bad;
+    }
+  std::printf("[maxerr] %-48s n=%-9zu byte_mismatches=%lld\n", what.c_str(), ref.size(), (long long)bad);
+  if (first >= 0) {
+    const int64_t row = first / row_bytes, col = first % row_bytes;
+    ADD_FAILURE() << what << ": " << bad << " packed bytes differ, first at row " << row << " byte " << col << " (cpu 0x" << std::hex
+                  << int(ref[size_t(first)]) << ", gpu 0x" << int(got[size_t(first)]) << std::dec
+                  << "); row bytes " << row_bytes << " = E4M3 codes, BF16 RoPE dims, UE8M0 scales, zero padding";
+  }
+}
+void expect_same_floats(const std::vector<float>& ref, const std::vector<float>& got, const std::string& what) {
+  ASSERT_EQ(ref.size(), got.size()) << what;
+  int64_t bad = 0, first = -1;
+  for (size_t i = 0; i < ref.size(); ++i)
+    if (std::memcmp(&ref[i], &got[i], 4) != 0) {
+      if (first < 0) first = int64_t(i);
+      ++bad;
+    }
+  std::printf("[maxerr] %-48s n=%-9zu bit_mismatches=%lld\n", what.c_str(), ref.size(), (long long)bad);
+  if (first >= 0)
+    ADD_FAILURE() << what << ": " << bad << " values differ bitwise, first at flat index " << first << ": cpu "
+                  << ref[size_t(first)] << ", gpu " << got[size_t(first)];
+}
+}  // namespace
+
+TEST_F(CudaOps, KvPackUnpackMatchCpuBytes) {
+  struct C {
+    int64_t rows, d, nope, gathered;
+  };
+  for (const C& c : std::vector<C>{{65536, 512, 448, 65536}, {4099, 512, 448, 300}, {1, 512, 448, 1},
+                                    {333, 64, 48, 1000}, {200, 128, 96, 77}, {97, 130, 65, 50}, {64, 72, 72, 64},
+                                    {30, 40, 0, 30}}) {
+    const std::string what = fmt::format("kv {}x{} nope={}", c.rows, c.d, c.nope);
+    const int64_t rb = kv_row_layout(c.d, c.nope).bytes;
+    Pair x = m->f32({c.rows, c.d}, kv_rows(c.rows, c.d, uint64_t(c.rows + c.d))), packed = m->out({c.rows, rb}, ElemType::U8);
+    cpu->pack_kv(x.c, c.nope, packed.c);
+    gpu->pack_kv(x.g, c.nope, packed.g);
+    expect_same_bytes(m->bytes_c(packed.c), m->bytes_g(packed.g), rb, "pack_kv " + what);
+    // Gather + decode by index list (random rows, repeats), each side from its own bytes.
+    auto idx = rand_ints(c.gathered, c.rows, uint64_t(c.rows * 3 + c.d));
+    idx[0] = int32_t(c.rows - 1);
+    Pair rows = m->i32({c.gathered}, idx), out = m->out({c.gathered, c.d});
+    cpu->unpack_kv(packed.c, rows.c, c.nope, out.c);
+    gpu->unpack_kv(packed.g, rows.g, c.nope, out.g);
+    const auto ref = m->host_c(out.c);
+    expect_same_floats(ref, m->host_g(out.g), "unpack_kv gather " + what);
+    // Identity form on a row view.
+    const int64_t r0 = c.rows / 3, r1 = c.rows;
+    Pair vout = m->out({r1 - r0, c.d});
+    cpu->unpack_kv(packed.c.rows_view(r0, r1), Tensor{}, c.nope, vout.c);
+    gpu->unpack_kv(packed.g.rows_view(r0, r1), Tensor{}, c.nope, vout.g);
+    const auto vref = m->host_c(vout.c);
+    expect_same_floats(vref, m->host_g(vout.g), "unpack_kv view " + what);
+    // quantize_kv on the GPU is unpack(pack) on the GPU.
+    gpu->quantize_kv(x.g, c.nope);
+    Pair all = m->out({c.rows, c.d});
+    gpu->unpack_kv(packed.g, Tensor{}, c.nope, all.g);
+    expect_same_floats(m->host_g(all.g), m->host_g(x.g), "quantize_kv == unpack(pack) on the GPU " + what);
   }
 }
 

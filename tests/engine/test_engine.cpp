@@ -6,7 +6,9 @@
 #include <cstdlib>
 #include <thread>
 
+#include "engine/state_manager.h"
 #include "engine_test_util.h"
+#include "model/tiny.h"
 
 using namespace dsv4;
 using namespace dsv4::test;
@@ -335,8 +337,104 @@ TEST(Engine, SeededSamplingAndParallelSamples) {
   EXPECT_GT(m.generation_tokens_total, 20);
 }
 
+// --kv fp8 through the engine: packed window rings in slots and prefix-cache snapshots, packed
+// entry pools shared by prefix hits, copied by forks (n > 1) and scattered by preemption, fed in
+// chunks: every sampled logits row and token equals a self-contained Model run with --kv fp8
+// (one prefill, then token by token), bit for bit.
+TEST(Engine, KvFp8MatchesSelfContainedModel) {
+  auto lm = tiny_model();
+  const ModelConfig& mc = lm->config();
+  Backend& be = *lm->backend;
+  const int64_t V = mc.vocab_size;
+  // Reference models on the same weights (the engine's own Model is left alone).
+  Model fp8(mc, lm->generated->weights(), be), exact(mc, lm->generated->weights(), be);
+  fp8.set_kv_fp8(true);
+  struct Ref {
+    std::vector<int32_t> tokens;
+    std::vector<std::vector<float>> rows;
+  };
+  auto reference = [&](Model& m, const std::vector<int32_t>& prompt, int32_t n) {
+    Ref r;
+    SequenceState st = m.new_sequence(int64_t(prompt.size()) + n);
+    Tensor lg = m.forward(st, prompt);
+    for (int32_t i = 0; i < n; ++i) {
+      std::vector<float> row(static_cast<size_t>(V));
+      be.download(lg.rows_view(lg.dim(0) - 1, lg.dim(0)), row.data());
+      const int32_t t = int32_t(std::max_element(row.begin(), row.end()) - row.begin());
+      r.rows.push_back(std::move(row));
+      r.tokens.push_back(t);
+      if (i + 1 < n) lg = m.forward(st, std::span(&t, 1));
+    }
+    return r;
+  };
+  auto expect_matches = [&](Harness& h, const std::string& id, int32_t index, const Ref& ref, const std::string& what) {
+    const Output o = h.output(id, index);
+    EXPECT_EQ(o.finish, FinishReason::Length) << what << " " << id;
+    EXPECT_EQ(o.tokens, ref.tokens) << what << " " << id << "/" << index;
+    const auto rows = h.logits(id, index);
+    ASSERT_EQ(rows.size(), ref.rows.size()) << what << " " << id;
+    for (size_t r = 0; r < rows.size(); ++r)
+      EXPECT_TRUE(rows[r] == ref.rows[r]) << what << " " << id << "/" << index << ": logits row " << r
+                                          << " differs from the self-contained --kv fp8 run";
+  };
+
+  // Prefix cache (37-token shared prefix: 2 full blocks of 16) + chunked prefill (12 tokens per
+  // step) + a fork of a partial block (n = 2).
+  const auto prefix = random_prompt(37, 1300);
+  std::map<std::string, std::vector<int32_t>> prompts;
+  for (int i = 0; i < 4; ++i) {
+    auto p = prefix;
+    auto t = random_prompt(3 + i, 1310 + uint64_t(i));
+    p.insert(p.end(), t.begin(), t.end());
+    prompts["f" + std::to_string(i)] = p;
+  }
+  std::map<std::string, Ref> refs;
+  for (const auto& [id, p] : prompts) refs[id] = reference(fp8, p, 4);
+  const Ref plain = reference(exact, prompts["f0"], 4);
+  EXPECT_FALSE(plain.rows[0] == refs["f0"].rows[0]) << "--kv fp8 had no effect on the reference";
+  {
+    EngineConfig c = small_blocks(256, true);
+    c.kv_fp8 = true;
+    c.max_batched_tokens = 12;
+    Harness h(c);
+    EXPECT_EQ(h.engine().block_bytes(), state_layout(mc, 16, KvFormat::FP8).block_bytes);
+    EXPECT_LT(h.engine().block_bytes(), state_layout(mc, 16, KvFormat::F32).block_bytes);
+    h.submit(greedy("f0", prompts["f0"], 4));
+    h.wait();
+    for (const char* id : {"f1", "f2"}) h.submit(greedy(id, prompts[id], 4));
+    Request forked = greedy("f3", prompts["f3"], 4);
+    forked.sampling.n = 2;
+    h.submit(forked);
+    h.wait();
+    for (const char* id : {"f0", "f1", "f2", "f3"}) expect_matches(h, id, 0, refs[id], "prefix cache");
+    expect_matches(h, "f3", 1, refs["f3"], "fork");
+    for (const char* id : {"f1", "f2", "f3"}) EXPECT_EQ(h.output(id).final.cached_prompt_tokens, 32) << id;
+    expect_pool_full(h.engine());
+  }
+
+  // Preemption: 2 blocks of 16 tokens for 5 requests of up to 19 + 4 tokens.
+  std::vector<Request> reqs;
+  Rng r(18);
+  for (int i = 0; i < 5; ++i)
+    reqs.push_back(greedy("p" + std::to_string(i), random_prompt(6 + int64_t(r.below(14)), 1400 + uint64_t(i)), 4));
+  for (const auto& q : reqs) refs[q.id] = reference(fp8, q.prompt, 4);
+  for (bool caching : {false, true}) {
+    EngineConfig c = small_blocks(2, caching);
+    c.kv_fp8 = true;
+    Harness h(c);
+    for (const auto& q : reqs) h.submit(q);
+    h.wait();
+    for (const auto& q : reqs) expect_matches(h, q.id, 0, refs[q.id], caching ? "preemption+cache" : "preemption");
+    EXPECT_GT(h.engine().metrics().preemptions, 0);
+    expect_pool_full(h.engine());
+  }
+}
+
 TEST(Engine, GenerateCommand) {
   const std::string cmd = std::string(DSV4_BINARY) + " generate --prompt 'Hello there' --max-tokens 5 --seed 3 > " +
                           ::testing::TempDir() + "gen.txt 2>&1";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  const std::string fp8 = std::string(DSV4_BINARY) + " generate --kv fp8 --prompt 'Hello there' --max-tokens 5 --seed 3 > " +
+                          ::testing::TempDir() + "gen_fp8.txt 2>&1";
+  ASSERT_EQ(std::system(fp8.c_str()), 0) << fp8;
 }

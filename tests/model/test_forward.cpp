@@ -2,6 +2,7 @@
 // schedule and token-by-token feeding must give the same logits (main model and MTP block).
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <numeric>
 
@@ -79,6 +80,69 @@ TEST_P(ForwardSchedules, PrefillChunksAndTokenByTokenAgree) {
   auto mtp_ref = run_chunked(model, tokens, {}, true);
   expect_same_logits(mtp_ref, run_chunked(model, tokens, ones, true), c.vocab_size, "mtp token by token");
   expect_same_logits(mtp_ref, run_chunked(model, tokens, random_schedule(T, 9), true), c.vocab_size, "mtp schedule");
+}
+
+// --kv fp8 stores packed rows (U8); the values attention reads must be exactly those of the F32
+// simulation of the same format (FP8Simulated: quantize_kv in F32 storage), for every schedule,
+// main model and MTP; and the format must change the logits relative to exact storage.
+TEST_P(ForwardSchedules, KvFp8PackedStorageEqualsSimulation) {
+  GeneratedModel gm(tiny_preset_config(GetParam()), 21);
+  auto be = make_cpu_backend();
+  const auto& c = gm.config();
+  Model packed(c, gm.weights(), *be), simulated(c, gm.weights(), *be), exact(c, gm.weights(), *be);
+  packed.set_kv_fp8(true);
+  simulated.set_kv_format(KvFormat::FP8Simulated);
+
+  // The sequence state really is packed: U8 rows of kv_row_layout bytes.
+  SequenceState st = packed.new_sequence(64);
+  const int64_t row = kv_row_layout(c.head_dim, c.nope_dim()).bytes;
+  EXPECT_LT(row, c.head_dim * 4 / 2);
+  for (const auto* layers : {&st.layers, &st.mtp_layers})
+    for (const LayerState& l : *layers) {
+      EXPECT_EQ(l.window.type, ElemType::U8);
+      EXPECT_EQ(l.window.cols(), row);
+      if (!l.entries.empty()) {
+        EXPECT_EQ(l.entries.type, ElemType::U8);
+        EXPECT_EQ(l.entries.cols(), row);
+      }
+      if (!l.index_keys.empty()) {
+        EXPECT_EQ(l.index_keys.type, ElemType::F32);
+      }
+    }
+
+  const int64_t T = std::max<int64_t>(3 * c.sliding_window + 7, (c.index_topk + 3) * c.compress_rate_csa);
+  auto tokens = random_tokens(T, c.vocab_size, 5);
+  auto same_bits = [&](const std::vector<float>& a, const std::vector<float>& b, const std::string& what) {
+    ASSERT_EQ(a.size(), b.size()) << what;
+    for (size_t i = 0; i < a.size(); ++i) {
+      ASSERT_FALSE(std::isnan(a[i])) << what << " logit " << i;
+      ASSERT_EQ(std::bit_cast<uint32_t>(a[i]), std::bit_cast<uint32_t>(b[i]))
+          << what << ": logit " << i << " (row " << i / size_t(c.vocab_size) << "): simulated " << a[i] << ", packed " << b[i];
+    }
+  };
+  // Each schedule on both sides (the comparison must not rely on chunk invariance).
+  const std::vector<std::pair<std::string, std::vector<int64_t>>> schedules = {
+      {"prefill", {}},
+      {"token by token", std::vector<int64_t>(T, 1)},
+      {"schedule 1", random_schedule(T, 1)}};
+  std::vector<float> ref;
+  for (const auto& [what, sched] : schedules) {
+    const auto sim = run_chunked(simulated, tokens, sched, false);
+    same_bits(sim, run_chunked(packed, tokens, sched, false), what);
+    if (ref.empty()) ref = sim;
+  }
+  const auto mtp_sched = random_schedule(T, 9);
+  same_bits(run_chunked(simulated, tokens, mtp_sched, true), run_chunked(packed, tokens, mtp_sched, true), "mtp");
+
+  // FP8 storage is not exact storage.
+  const auto ex = run_chunked(exact, tokens, {}, false);
+  float diff = 0, scale = 0;
+  for (size_t i = 0; i < ex.size(); ++i) {
+    diff = std::max(diff, std::fabs(ex[i] - ref[i]));
+    scale = std::max(scale, std::fabs(ex[i]));
+  }
+  EXPECT_GT(diff, 1e-5f * scale) << "--kv fp8 had no effect on the logits";
+  EXPECT_LT(diff, 0.2f * scale) << "--kv fp8 changed the logits far more than FP8 rounding can";
 }
 
 INSTANTIATE_TEST_SUITE_P(Presets, ForwardSchedules, ::testing::Values("tiny", "tiny-fp8", "small"));

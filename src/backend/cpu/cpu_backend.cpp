@@ -1,6 +1,5 @@
 // The FP32 reference backend: every op written plainly, parallel over rows with OpenMP.
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -8,6 +7,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "tensor/kv_format.h"
 #include "tensor/numeric.h"
 #include "tensor/quant.h"
 
@@ -63,14 +63,6 @@ float dot(const float* a, const float* b, int64_t n) {
 
 float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
-constexpr int64_t kKvBlock = 64;
-// 2^ceil(log2(amax / 448)) from the bit pattern, as the official act_quant's fast_round_scale.
-float kv_block_scale(float amax) {
-  const uint32_t b = std::bit_cast<uint32_t>(amax * (1.f / kE4M3Max));
-  const uint32_t e = ((b >> 23) & 0xff) + ((b & 0x7fffff) ? 1 : 0);
-  return std::bit_cast<float>(e << 23);
-}
-
 // y[r] = W x[r] for rows r; W dequantised row by row (each output row once). With quantise, x
 // rows are first replaced by their FP8 round trip: the products of E4M3 (or E2M1) weights and
 // E4M3 activations are exact in FP32, so this is the official FP8 GEMM up to summation order.
@@ -112,18 +104,18 @@ class CpuBackend final : public Backend {
     Tensor t;
     t.type = type;
     t.shape = std::move(shape);
-    const size_t bytes = size_t(std::max<int64_t>(t.numel(), 1)) * 4;
+    const size_t bytes = size_t(std::max<int64_t>(t.numel(), 1) * elem_size(type));
     t.storage = std::shared_ptr<uint8_t>(new uint8_t[bytes], std::default_delete<uint8_t[]>());
     // Poison: any element an op forgets to write shows up as NaN (or a wild index).
     std::memset(t.storage.get(), 0xff, bytes);
     return t;
   }
-  void upload(const Tensor& dst, const void* src) override { std::memcpy(dst.storage.get() + dst.offset, src, dst.numel() * 4); }
-  void download(const Tensor& src, void* dst) override { std::memcpy(dst, src.storage.get() + src.offset, src.numel() * 4); }
+  void upload(const Tensor& dst, const void* src) override { std::memcpy(dst.storage.get() + dst.offset, src, size_t(dst.nbytes())); }
+  void download(const Tensor& src, void* dst) override { std::memcpy(dst, src.storage.get() + src.offset, size_t(src.nbytes())); }
   void fill(const Tensor& t, float v) override { std::fill_n(t.f32(), t.numel(), v); }
   void copy(const Tensor& src, const Tensor& dst) override {
-    DSV4_CHECK(src.numel() == dst.numel());
-    std::memmove(dst.storage.get() + dst.offset, src.storage.get() + src.offset, src.numel() * 4);
+    DSV4_CHECK(src.numel() == dst.numel() && elem_size(src.type) == elem_size(dst.type));
+    std::memmove(dst.storage.get() + dst.offset, src.storage.get() + src.offset, size_t(src.nbytes()));
   }
 
   void embed(const TensorData& table, const Tensor& ids, const Tensor& out) override {
@@ -480,18 +472,42 @@ class CpuBackend final : public Backend {
 
   void quantize_kv(const Tensor& x, int64_t nope) override {
     const int64_t d = x.cols(), rows = x.rows();
-    DSV4_CHECK(nope <= d);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* v = x.f32() + r * d;
-      for (int64_t b = 0; b < nope; b += kKvBlock) {
-        const int64_t e = std::min(nope, b + kKvBlock);
-        float amax = 1e-4f;
-        for (int64_t i = b; i < e; ++i) amax = std::max(amax, std::fabs(v[i]));
-        const float scale = kv_block_scale(amax);
-        for (int64_t i = b; i < e; ++i)
-          v[i] = e4m3_to_f32(f32_to_e4m3(std::clamp(v[i] / scale, -kE4M3Max, kE4M3Max))) * scale;
+    DSV4_CHECK(nope >= 0 && nope <= d);
+    const KvRowLayout L = kv_row_layout(d, nope);
+#pragma omp parallel if (rows * d > kParallelWork)
+    {
+      std::vector<uint8_t> row(size_t(L.bytes));
+#pragma omp for
+      for (int64_t r = 0; r < rows; ++r) {
+        pack_kv_row(x.f32() + r * d, L, row.data());
+        unpack_kv_row(row.data(), L, x.f32() + r * d);
       }
-      for (int64_t i = nope; i < d; ++i) v[i] = bf16_to_f32(f32_to_bf16(v[i]));
+    }
+  }
+
+  void pack_kv(const Tensor& x, int64_t nope, const Tensor& packed) override {
+    const int64_t d = x.cols(), rows = x.rows();
+    DSV4_CHECK(nope >= 0 && nope <= d);
+    const KvRowLayout L = kv_row_layout(d, nope);
+    DSV4_CHECK(packed.cols() == L.bytes && packed.rows() == rows);
+    uint8_t* out = packed.u8();
+#pragma omp parallel for if (rows * d > kParallelWork)
+    for (int64_t r = 0; r < rows; ++r) pack_kv_row(x.f32() + r * d, L, out + r * L.bytes);
+  }
+
+  void unpack_kv(const Tensor& packed, const Tensor& rows, int64_t nope, const Tensor& out) override {
+    const int64_t d = out.cols(), n = out.rows(), N = packed.rows();
+    DSV4_CHECK(nope >= 0 && nope <= d);
+    const KvRowLayout L = kv_row_layout(d, nope);
+    DSV4_CHECK(packed.cols() == L.bytes);
+    DSV4_CHECK(rows.empty() ? n <= N : rows.numel() == n);
+    const uint8_t* in = packed.u8();
+    const int32_t* idx = rows.empty() ? nullptr : rows.i32();
+#pragma omp parallel for if (n * d > kParallelWork)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = idx ? idx[i] : i;
+      DSV4_CHECK(r >= 0 && r < N);
+      unpack_kv_row(in + r * L.bytes, L, out.f32() + i * d);
     }
   }
 };

@@ -32,6 +32,13 @@ __device__ __forceinline__ float vec_at(Vec v, int64_t i) {
   return v.bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(v.p)[i]) : static_cast<const float*>(v.p)[i];
 }
 
+// Biased exponent of 2^ceil(log2(amax / 448)): the power-of-two FP8 scale of the official kernels
+// (twin of kv_scale_code in tensor/kv_format.h).
+__device__ __forceinline__ uint8_t pow2_scale_code(float amax) {
+  const uint32_t bits = __float_as_uint(amax * (1.f / 448.f));
+  return uint8_t(((bits >> 23) & 0xff) + ((bits & 0x7fffff) ? 1 : 0));
+}
+
 template <bool F32>
 __device__ __forceinline__ float scale_at(const uint8_t* s, int64_t i) {
   if constexpr (F32) return reinterpret_cast<const float*>(s)[i];

@@ -19,6 +19,7 @@
 
 #include "backend/cuda/cublaslt_fp8.h"
 #include "backend/cuda/kernels.h"
+#include "tensor/kv_format.h"
 #include "util/error.h"
 #include "util/log.h"
 
@@ -163,7 +164,7 @@ class CudaBackend final : public Backend {
     Tensor t;
     t.type = type;
     t.shape = std::move(shape);
-    const size_t bytes = size_t(std::max<int64_t>(t.numel(), 1)) * 4;
+    const size_t bytes = size_t(std::max<int64_t>(t.numel(), 1) * elem_size(type));
     uint8_t* p = arena_->allocate(bytes);
     std::shared_ptr<Arena> arena = arena_;
     t.storage = std::shared_ptr<uint8_t>(p, [arena, bytes](uint8_t* q) { arena->release(q, bytes); });
@@ -171,7 +172,7 @@ class CudaBackend final : public Backend {
     return t;
   }
   void upload(const Tensor& dst, const void* src) override {
-    const size_t bytes = size_t(dst.numel()) * 4;
+    const size_t bytes = size_t(dst.nbytes());
     if (!bytes) return;
     uint8_t* d = dst.storage.get() + dst.offset;
     if (bytes > kRing / 4) {
@@ -188,15 +189,15 @@ class CudaBackend final : public Backend {
     ring_pos_ += align_up(bytes);
   }
   void download(const Tensor& src, void* dst) override {
-    const size_t bytes = size_t(src.numel()) * 4;
+    const size_t bytes = size_t(src.nbytes());
     if (bytes) DSV4_CK(cudaMemcpyAsync(dst, src.storage.get() + src.offset, bytes, cudaMemcpyDeviceToHost, s_));
     synchronize();
   }
   void fill(const Tensor& t, float v) override { cuda::fill(t.f32(), t.numel(), v, s_); }
   void copy(const Tensor& src, const Tensor& dst) override {
-    DSV4_CHECK(src.numel() == dst.numel());
+    DSV4_CHECK(src.numel() == dst.numel() && elem_size(src.type) == elem_size(dst.type));
     if (src.numel())
-      DSV4_CK(cudaMemcpyAsync(dst.storage.get() + dst.offset, src.storage.get() + src.offset, size_t(src.numel()) * 4,
+      DSV4_CK(cudaMemcpyAsync(dst.storage.get() + dst.offset, src.storage.get() + src.offset, size_t(src.nbytes()),
                               cudaMemcpyDeviceToDevice, s_));
   }
   void synchronize() override {
@@ -511,8 +512,20 @@ class CudaBackend final : public Backend {
     cuda::broadcast_streams(v.f32(), X.f32(), X.dim(0), X.dim(1), X.dim(2), accumulate, s_);
   }
   void quantize_kv(const Tensor& x, int64_t nope) override {
-    DSV4_CHECK(nope <= x.cols());
+    DSV4_CHECK(nope >= 0 && nope <= x.cols());
     cuda::quantize_kv(x.f32(), x.rows(), x.cols(), nope, s_);
+  }
+  void pack_kv(const Tensor& x, int64_t nope, const Tensor& packed) override {
+    DSV4_CHECK(nope >= 0 && nope <= x.cols());
+    DSV4_CHECK(packed.cols() == kv_row_layout(x.cols(), nope).bytes && packed.rows() == x.rows());
+    cuda::pack_kv(x.f32(), x.rows(), x.cols(), nope, packed.u8(), s_);
+  }
+  void unpack_kv(const Tensor& packed, const Tensor& rows, int64_t nope, const Tensor& out) override {
+    const int64_t n = out.rows();
+    DSV4_CHECK(nope >= 0 && nope <= out.cols());
+    DSV4_CHECK(packed.cols() == kv_row_layout(out.cols(), nope).bytes);
+    DSV4_CHECK(rows.empty() ? n <= packed.rows() : rows.numel() == n);
+    cuda::unpack_kv(packed.u8(), packed.rows(), rows.empty() ? nullptr : rows.i32(), n, out.cols(), nope, out.f32(), s_);
   }
 
  private:

@@ -33,11 +33,8 @@ __global__ void act_quant_kernel(const float* x, int64_t M, int64_t K, int64_t l
     amax = fmaxf(amax, fabsf(v[j]));
   }
   amax = warp_max(amax);
-  float s = fmaxf(amax, 1e-4f) * (1.f / 448.f);
-  if (pow2) {
-    const uint32_t b = __float_as_uint(s);
-    s = __uint_as_float((((b >> 23) & 0xffu) + ((b & 0x7fffffu) ? 1u : 0u)) << 23);
-  }
+  amax = fmaxf(amax, 1e-4f);
+  const float s = pow2 ? __uint_as_float(uint32_t(pow2_scale_code(amax)) << 23) : amax * (1.f / 448.f);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int64_t k = kb * 128 + j * 32 + lane;

@@ -90,7 +90,15 @@ void hc_head(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, c
 void gather_rows(const float* src, int64_t src_rows, int64_t d, const int32_t* rows, int64_t n, float* out,
                  cudaStream_t s);
 void broadcast_streams(const float* v, float* X, int64_t T, int64_t m, int64_t D, bool accumulate, cudaStream_t s);
+
+// ---- production KV rows (kv.cu; layout in tensor/kv_format.h) -----------------------------
+// In place x [rows, d] -> the values its packed rows decode to.
 void quantize_kv(float* x, int64_t rows, int64_t d, int64_t nope, cudaStream_t s);
+// x [rows, d] -> packed [rows, kv_row_layout(d, nope).bytes].
+void pack_kv(const float* x, int64_t rows, int64_t d, int64_t nope, uint8_t* packed, cudaStream_t s);
+// out[i] = decode(packed[rows ? rows[i] : i]) for i < n, out [n, d]; NaN rows for indices outside [0, N).
+void unpack_kv(const uint8_t* packed, int64_t N, const int32_t* rows, int64_t n, int64_t d, int64_t nope, float* out,
+               cudaStream_t s);
 
 // ---- attention family (attention.cu) -------------------------------------------------------
 void attend(const float* q, int64_t T, int64_t H, int64_t d, const float* pool, int64_t N, const int32_t* idx_a,

@@ -1,5 +1,5 @@
 // Elementwise family: fill, embedding, RMSNorm, RoPE/YaRN, mHC (pre with Sinkhorn, post, head),
-// row gathers, stream broadcast and the production-KV quantisation round trip.
+// row gathers and stream broadcast.
 #include <cuda_fp8.h>
 
 #include "backend/cuda/common.cuh"
@@ -162,30 +162,6 @@ __global__ void broadcast_kernel(const float* v, float* X, int64_t T, int64_t m,
   }
 }
 
-// One warp per 64-value block of the nope dims, then the rope dims through BF16.
-__global__ void quantize_kv_kernel(float* x, int64_t d, int64_t nope) {
-  float* v = x + int64_t(blockIdx.x) * d;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  for (int64_t b = int64_t(warp) * 64; b < nope; b += int64_t(nw) * 64) {
-    const int64_t e = b + 64 < nope ? b + 64 : nope;
-    float amax = 1e-4f;
-    for (int64_t i = b + lane; i < e; i += 32) amax = fmaxf(amax, fabsf(v[i]));
-    amax = warp_max(amax);
-    const uint32_t bits = __float_as_uint(amax * (1.f / 448.f));
-    const uint32_t ex = ((bits >> 23) & 0xff) + ((bits & 0x7fffff) ? 1 : 0);
-    const float scale = __uint_as_float(ex << 23);
-    for (int64_t i = b + lane; i < e; i += 32) {
-      const float q = fminf(fmaxf(v[i] / scale, -448.f), 448.f);
-      v[i] = e4m3_to_float(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3)) * scale;
-    }
-  }
-  for (int64_t i = nope + threadIdx.x; i < d; i += blockDim.x) {
-    uint32_t u = __float_as_uint(v[i]);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    v[i] = __uint_as_float(u & 0xffff0000u);
-  }
-}
-
 }  // namespace
 
 void fill(float* x, int64_t n, float v, cudaStream_t s) {
@@ -261,12 +237,6 @@ void gather_rows(const float* src, int64_t src_rows, int64_t d, const int32_t* r
 void broadcast_streams(const float* v, float* X, int64_t T, int64_t m, int64_t D, bool accumulate, cudaStream_t s) {
   if (T * m * D <= 0) return;
   broadcast_kernel<<<blocks_for(T * m * D), 256, 0, s>>>(v, X, T, m, D, accumulate);
-  DSV4_LAUNCH_CHECK();
-}
-
-void quantize_kv(float* x, int64_t rows, int64_t d, int64_t nope, cudaStream_t s) {
-  if (rows <= 0) return;
-  quantize_kv_kernel<<<unsigned(rows), 256, 0, s>>>(x, d, nope);
   DSV4_LAUNCH_CHECK();
 }
 
