@@ -7,6 +7,7 @@
 #include <span>
 #include <string>
 
+#include "backend/sampling.h"
 #include "backend/tensor.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -86,6 +87,13 @@ class Backend {
   // first nope_dims values are round-tripped through E4M3 in blocks of 64 with a power-of-two
   // scale 2^ceil(log2(amax/448)) (amax >= 1e-4), the remaining (RoPE) dims through BF16 (RNE).
   virtual void quantize_kv(const Tensor& x, int64_t nope_dims) = 0;
+  // One token per row of logits [B, V]: tokens[b] = sample_row(logits[b], filter b, uniforms[b])
+  // (backend/sampling.h). params [B, kSampleParams] F32 rows (temperature, top_k, top_p, min_p);
+  // uniforms [B] F32 in [0, 1) (unused for greedy rows); tokens [B] I32. Greedy when
+  // temperature <= 0 (lowest id among the maxima); else softmax(logits / T) in double, top-k,
+  // top-p, min-p over (probability desc, id asc), renormalised, and the first token in id order
+  // whose running probability sum exceeds the uniform. Logits must not be NaN or +inf.
+  virtual void sample(const Tensor& logits, const Tensor& params, const Tensor& uniforms, const Tensor& tokens) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
