@@ -7,6 +7,7 @@
 #include <span>
 #include <string>
 
+#include "backend/sampling.h"
 #include "backend/tensor.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -105,6 +106,14 @@ class Backend {
   // out[i] = decode(packed[rows[i]]): packed U8 [N, row bytes], rows I32 [n] (empty: rows 0..n-1),
   // out F32 [n, dim].
   virtual void unpack_kv(const Tensor& packed, const Tensor& rows, int64_t nope_dims, const Tensor& out) = 0;
+
+  // One token per row of logits [B, V]: tokens[b] = sample_row(logits[b], filter b, uniforms[b])
+  // (backend/sampling.h). params [B, kSampleParams] F32 rows (temperature, top_k, top_p, min_p);
+  // uniforms [B] F32 in [0, 1) (unused for greedy rows); tokens [B] I32. Greedy when
+  // temperature <= 0 (lowest id among the maxima); else softmax(logits / T) in double, top-k,
+  // top-p, min-p over (probability desc, id asc), renormalised, and the first token in id order
+  // whose running probability sum exceeds the uniform. Logits must not be NaN or +inf.
+  virtual void sample(const Tensor& logits, const Tensor& params, const Tensor& uniforms, const Tensor& tokens) = 0;
 
  protected:
   ActQuant act_quant_ = ActQuant::None;

@@ -69,6 +69,7 @@ struct EngineMetrics {
   double prefix_hit_rate = 0;  // cached prompt tokens / prompt tokens
   int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
   int64_t requests_finished = 0, requests_aborted = 0, preemptions = 0;
+  int64_t device_sampled_tokens = 0;  // tokens drawn by Backend::sample (not on the host)
   double tokens_per_second = 0;  // generation, recent
 };
 

@@ -170,6 +170,7 @@ class EngineImpl final : public LLMEngine {
     mgr_ = std::make_unique<StateManager>(model, B, plan.num_blocks, plan.num_slots, plan.num_snapshots, kv);
     mgr_->set_caching(cfg_.enable_prefix_caching);
     capacity_tokens_ = plan.num_blocks * B;
+    device_sampling_ = cfg_.device_sampling.value_or(model.backend().name() != "cpu");
     max_model_len_ = cfg_.max_model_len > 0 ? cfg_.max_model_len : mc.max_position_embeddings;
     if (max_model_len_ <= 0) max_model_len_ = capacity_tokens_;
     eos_.insert(int32_t(mc.eos_token_id));
@@ -512,10 +513,19 @@ class EngineImpl final : public LLMEngine {
     Backend& be = model.backend();
     const int64_t B = mgr_->block_tokens(), V = lm_->config().vocab_size;
     std::vector<float> row(static_cast<size_t>(V));
+    // Rows sampled on the backend are gathered into one tensor and sampled after the loop.
+    int64_t n_dev = 0;
+    for (const Work& w : work)
+      if (!w.seq->finished && w.seq->has_state && w.seq->computed() + w.n == int64_t(w.seq->tokens.size()) &&
+          device_sampled(w.seq))
+        ++n_dev;
+    Tensor dev_rows = n_dev ? be.alloc({n_dev, V}) : Tensor{};
+    std::vector<SeqRec*> dev_seqs;
     for (const Work& w : work) {
       SeqRec* s = w.seq;
       if (s->finished || !s->has_state) continue;
       RequestRec* r = s->req;
+      const bool on_device = device_sampled(s);
       try {
         int64_t pos = s->computed();
         const int64_t end = pos + w.n;
@@ -527,7 +537,18 @@ class EngineImpl final : public LLMEngine {
           if (pos % B == 0) mgr_->register_blocks(s->state, s->tokens);
         }
         if (end < int64_t(s->tokens.size())) continue;  // a prefill chunk that did not reach the end
-        be.download(logits.rows_view(logits.dim(0) - 1, logits.dim(0)), row.data());
+        const Tensor last = logits.rows_view(logits.dim(0) - 1, logits.dim(0));
+        if (on_device) {
+          const int64_t k = int64_t(dev_seqs.size());
+          be.copy(last, dev_rows.rows_view(k, k + 1));
+          if (cfg_.on_logits) {  // the hook needs the row on the host anyway
+            be.download(last, row.data());
+            cfg_.on_logits(r->req.id, s->index, int64_t(s->tokens.size()) - 1, row);
+          }
+          dev_seqs.push_back(s);
+          continue;
+        }
+        be.download(last, row.data());
       } catch (const std::exception& e) {
         abort_request(r->req.id, FinishReason::Error, e.what());
         continue;
@@ -536,6 +557,41 @@ class EngineImpl final : public LLMEngine {
       sample_and_emit(s, row);
       if (first) start_forks(r, s, row);
     }
+    if (!dev_seqs.empty()) sample_on_device(dev_seqs, dev_rows.rows_view(0, int64_t(dev_seqs.size())));
+  }
+
+  // Whether s's next token is drawn by Backend::sample: requests without penalties and
+  // logprobs, except the first token of n > 1 (its forks sample the same row on the host).
+  bool device_sampled(const SeqRec* s) const {
+    const SamplingParams& sp = s->req->req.sampling;
+    return device_sampling_ && !needs_host_sampling(sp) && !(sp.n > 1 && s->index == 0 && s->completion == 0);
+  }
+
+  // One Backend::sample call for the rows [n, V] of these sequences; only token ids come back.
+  // Each uniform comes from the sequence's own RNG exactly as sample_token would draw it.
+  void sample_on_device(const std::vector<SeqRec*>& seqs, const Tensor& rows) {
+    Backend& be = lm_->model->backend();
+    const int64_t n = int64_t(seqs.size());
+    std::vector<float> params(static_cast<size_t>(n * kSampleParams)), uniforms(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const SamplingParams& sp = seqs[size_t(i)]->req->req.sampling;
+      write_sample_params(sample_filter(sp), &params[size_t(i * kSampleParams)]);
+      uniforms[size_t(i)] = draw_uniform(sp, seqs[size_t(i)]->sampler);
+    }
+    std::vector<int32_t> tokens(static_cast<size_t>(n));
+    try {
+      Tensor p = be.alloc({n, kSampleParams}), u = be.alloc({n}), t = be.alloc({n}, ElemType::I32);
+      be.upload(p, params.data());
+      be.upload(u, uniforms.data());
+      be.sample(rows, p, u, t);
+      be.download(t, tokens.data());
+    } catch (const std::exception& e) {
+      for (SeqRec* s : seqs) abort_request(s->req->req.id, FinishReason::Error, e.what());
+      return;
+    }
+    device_sampled_tokens_ += n;
+    for (int64_t i = 0; i < n; ++i)
+      if (!seqs[size_t(i)]->finished) emit_token(seqs[size_t(i)], tokens[size_t(i)], Event{});
   }
 
   // n > 1: the other samples share sample 0's prompt state (its full blocks; a copy of the rest).
@@ -562,12 +618,18 @@ class EngineImpl final : public LLMEngine {
   void sample_and_emit(SeqRec* s, const std::vector<float>& row) {
     RequestRec* r = s->req;
     const SamplingParams& sp = r->req.sampling;
-    const int64_t V = int64_t(row.size());
     if (cfg_.on_logits) cfg_.on_logits(r->req.id, s->index, int64_t(s->tokens.size()) - 1, row);
     const int32_t tok = sample_token(row, sp, s->sampler);
     Event ev;
     if (sp.logprobs >= 0) ev.logprobs.push_back(token_logprobs(row, tok, sp.logprobs));
-    s->sampler.add_generated(tok, V);
+    emit_token(s, tok, std::move(ev));
+  }
+
+  // Appends a sampled token to s: stop handling, text, the event, finishing.
+  void emit_token(SeqRec* s, int32_t tok, Event ev) {
+    RequestRec* r = s->req;
+    const SamplingParams& sp = r->req.sampling;
+    s->sampler.add_generated(tok, lm_->config().vocab_size);
     s->tokens.push_back(tok);
     ++s->completion;
     ++generation_tokens_total_;
@@ -640,6 +702,7 @@ class EngineImpl final : public LLMEngine {
     m.requests_finished = requests_finished_;
     m.requests_aborted = requests_aborted_;
     m.preemptions = preemptions_;
+    m.device_sampled_tokens = device_sampled_tokens_;
     const auto now = Clock::now();
     while (!gen_window_.empty() && now - gen_window_.front().first > std::chrono::seconds(10)) gen_window_.pop_front();
     if (!gen_window_.empty()) {
@@ -657,6 +720,7 @@ class EngineImpl final : public LLMEngine {
   std::shared_ptr<LoadedModel> lm_;
   std::unique_ptr<StateManager> mgr_;
   int64_t capacity_tokens_ = 0, max_model_len_ = 0;
+  bool device_sampling_ = false;
   std::set<int32_t> eos_;
 
   // Engine thread only.
@@ -664,7 +728,7 @@ class EngineImpl final : public LLMEngine {
   std::map<WaitKey, SeqRec*> waiting_;
   std::vector<SeqRec*> running_;
   int64_t prompt_tokens_total_ = 0, cached_prompt_tokens_total_ = 0, generation_tokens_total_ = 0;
-  int64_t requests_finished_ = 0, requests_aborted_ = 0, preemptions_ = 0;
+  int64_t requests_finished_ = 0, requests_aborted_ = 0, preemptions_ = 0, device_sampled_tokens_ = 0;
   std::deque<std::pair<Clock::time_point, int>> gen_window_;
   std::vector<std::unique_ptr<RequestRec>> graveyard_;
   std::vector<std::string> done_ids_;

@@ -54,6 +54,10 @@ struct EngineConfig {
   double snapshot_fraction = 0.15;       // share of the budget for prefix-cache boundary snapshots
   int64_t num_snapshots = -1;            // >= 0: overrides the share (tests)
   uint64_t seed = 0;                     // seeds of requests without one
+  // Sample with Backend::sample (only token ids leave the device) for requests without
+  // penalties or logprobs; the tokens equal the host sampler's. Unset: on unless the backend is
+  // the CPU reference (tests force it on there).
+  std::optional<bool> device_sampling;
   bool log_startup = true;               // print the state layout and capacity to stderr
   // Test/diagnostic hook, engine thread: every logits row a token is sampled from (raw model
   // output), with the request id, sample index and the position whose logits these are.

@@ -37,66 +37,21 @@ std::vector<float> apply_penalties(std::span<const float> logits, const Sampling
   return out;
 }
 
+SampleFilter sample_filter(const SamplingParams& p) { return {p.temperature, p.top_k, p.top_p, p.min_p}; }
+
+bool needs_host_sampling(const SamplingParams& p) {
+  return p.logprobs >= 0 || p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+}
+
+float draw_uniform(const SamplingParams& p, SamplerState& s) { return p.temperature > 0 ? s.rng.uniform_f32() : 0.f; }
+
 std::vector<float> sampling_probs(std::span<const float> logits, const SamplingParams& p, const SamplerState& s) {
-  std::vector<float> z = apply_penalties(logits, p, s);
-  const size_t V = z.size();
-  const double temp = p.temperature > 0 ? double(p.temperature) : 1.0;
-  double mx = -std::numeric_limits<double>::infinity();
-  for (float v : z) mx = std::max(mx, double(v) / temp);
-  std::vector<double> prob(V);
-  double sum = 0;
-  for (size_t i = 0; i < V; ++i) sum += prob[i] = std::exp(double(z[i]) / temp - mx);
-  for (auto& v : prob) v /= sum;
-  // Most likely first; ties: lower id first.
-  std::vector<int32_t> order(V);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return prob[a] > prob[b]; });
-  size_t keep = V;
-  if (p.top_k > 0) keep = std::min(keep, size_t(p.top_k));
-  if (p.top_p < 1.0f) {
-    double mass = 0;
-    for (size_t i = 0; i < keep; ++i) mass += prob[order[i]];
-    double cum = 0;
-    for (size_t i = 0; i < keep; ++i) {
-      cum += prob[order[i]] / mass;
-      if (cum >= double(p.top_p)) {
-        keep = i + 1;
-        break;
-      }
-    }
-  }
-  std::vector<float> out(V, 0.f);
-  const double pmax = prob[order[0]];
-  double kept = 0;
-  for (size_t i = 0; i < keep; ++i) {
-    const double v = prob[order[i]];
-    if (p.min_p > 0 && v < double(p.min_p) * pmax) break;  // sorted: the rest are smaller still
-    kept += v;
-  }
-  for (size_t i = 0; i < keep; ++i) {
-    const double v = prob[order[i]];
-    if (p.min_p > 0 && v < double(p.min_p) * pmax) break;
-    out[size_t(order[i])] = float(v / kept);
-  }
-  return out;
+  return filtered_probs(apply_penalties(logits, p, s), sample_filter(p));
 }
 
 int32_t sample_token(std::span<const float> logits, const SamplingParams& p, SamplerState& s) {
-  if (p.temperature <= 0) {
-    std::vector<float> z = apply_penalties(logits, p, s);
-    return int32_t(std::max_element(z.begin(), z.end()) - z.begin());
-  }
-  std::vector<float> probs = sampling_probs(logits, p, s);
-  const double u = s.rng.uniform();
-  double cum = 0;
-  int32_t last = -1;
-  for (size_t i = 0; i < probs.size(); ++i) {
-    if (probs[i] <= 0) continue;
-    last = int32_t(i);
-    cum += probs[i];
-    if (u < cum) return int32_t(i);
-  }
-  return last;  // rounding: u beyond the summed mass
+  const std::vector<float> z = apply_penalties(logits, p, s);
+  return sample_row(z, sample_filter(p), draw_uniform(p, s));
 }
 
 TokenLogprob token_logprobs(std::span<const float> logits, int32_t token, int32_t k) {

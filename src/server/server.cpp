@@ -216,6 +216,8 @@ struct HttpServer::Impl {
     counter("dsv4_engine_requests_finished_total", "Requests the engine finished", double(em.requests_finished));
     counter("dsv4_engine_requests_aborted_total", "Requests the engine aborted", double(em.requests_aborted));
     counter("dsv4_engine_preemptions_total", "Preemptions", double(em.preemptions));
+    counter("dsv4_engine_device_sampled_tokens_total", "Tokens sampled on the backend device",
+            double(em.device_sampled_tokens));
     gauge("dsv4_generation_tokens_per_second", "Recent generation throughput", em.tokens_per_second);
     metrics.ttft.write(out, "dsv4_time_to_first_token_seconds", "Time from request arrival to the first token");
     metrics.tpot.write(out, "dsv4_time_per_output_token_seconds", "Mean time between output tokens, per request");

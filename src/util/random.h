@@ -16,6 +16,8 @@ class Rng {
     return z ^ (z >> 31);
   }
   double uniform() { return double(next_u64() >> 11) * 0x1.0p-53; }  // [0, 1)
+  // [0, 1) on a 2^-24 grid, exact as a float: what the sampler hands to Backend::sample.
+  float uniform_f32() { return float(next_u64() >> 40) * 0x1.0p-24f; }
   float uniform(float lo, float hi) { return lo + float(uniform()) * (hi - lo); }
   uint64_t below(uint64_t n) { return next_u64() % n; }
   float normal() {  // Box-Muller

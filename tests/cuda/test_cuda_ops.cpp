@@ -9,8 +9,11 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <set>
+#include <span>
 
 #include "backend/backend.h"
+#include "backend/sampling.h"
 #include "cuda_test_util.h"
 #include "model/config.h"
 #include "tensor/kv_format.h"
@@ -527,6 +530,293 @@ TEST_F(CudaOps, KvPackUnpackMatchCpuBytes) {
     Pair all = m->out({c.rows, c.d});
     gpu->unpack_kv(packed.g, Tensor{}, c.nope, all.g);
     expect_same_floats(m->host_g(all.g), m->host_g(x.g), "quantize_kv == unpack(pack) on the GPU " + what);
+  }
+}
+
+// ---- sampling ---------------------------------------------------------------------------------
+// Backend::sample. The kernel computes the host definition (backend/sampling.cpp) in double
+// (top-p mass in 64-bit fixed point) with other summation orders, so its token must equal the
+// CPU op's except where one of the row's decisions lies within rounding of a boundary.
+// sample_margin() measures that on the CPU from the definition; rows closer than 1e-9 are not
+// compared but counted (they must be rare); every other row must match exactly. The kernel's
+// deviations are ~1e-14 (double sums, 2^-62 fixed point), so 1e-9 leaves a wide gap; a looser
+// bound such as 1e-5 would skip almost every flat row at V = 129280 (CDF steps ~1e-5).
+
+namespace {
+
+struct SampleMargin {
+  double cdf = HUGE_VAL;    // |u - c| / c for the running probability c at any token boundary (id order)
+  double top_p = HUGE_VAL;  // |running top-p mass - top_p| on both sides of the cutoff
+  double min_p = HUGE_VAL;  // |p - min_p * pmax| / pmax over the tokens top-k/top-p kept
+  bool near() const { return cdf < 1e-9 || top_p < 1e-9 || min_p < 1e-9; }
+};
+
+SampleMargin sample_margin(std::span<const float> z, const SampleFilter& f, float u) {
+  SampleMargin m;
+  if (f.temperature <= 0) return m;  // greedy: exact comparisons only
+  const size_t V = z.size();
+  const double T = f.temperature;
+  double mx = -HUGE_VAL, sum = 0;
+  for (float v : z) mx = std::max(mx, double(v) / T);
+  std::vector<double> p(V);
+  for (size_t i = 0; i < V; ++i) sum += p[i] = std::exp(double(z[i]) / T - mx);
+  for (auto& x : p) x /= sum;
+  std::vector<int32_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[a] > p[b]; });
+  size_t keep = f.top_k > 0 ? std::min(V, size_t(f.top_k)) : V;
+  if (f.top_p < 1.f) {
+    double mass = 0, cum = 0;
+    for (size_t i = 0; i < keep; ++i) mass += p[order[i]];
+    for (size_t i = 0; i < keep; ++i) {
+      const double prev = cum;
+      cum += p[order[i]] / mass;
+      if (cum >= double(f.top_p)) {
+        m.top_p = std::min(cum - double(f.top_p), double(f.top_p) - prev);
+        keep = i + 1;
+        break;
+      }
+    }
+  }
+  if (f.min_p > 0.f) {
+    const double pmax = p[order[0]], thr = double(f.min_p) * pmax;
+    for (size_t i = 0; i < keep; ++i) m.min_p = std::min(m.min_p, std::fabs(p[order[i]] - thr) / pmax);
+  }
+  const std::vector<float> probs = filtered_probs(z, f);
+  double cum = 0;
+  for (float q : probs)
+    if (q > 0) {
+      cum += q;
+      m.cdf = std::min(m.cdf, std::fabs(double(u) - cum) / cum);  // sums differ relative to their size
+    }
+  return m;
+}
+
+// Logit rows of different character (kind % 8).
+std::vector<float> sample_logits(int64_t V, int kind, uint64_t seed) {
+  Rng r(seed);
+  std::vector<float> z(size_t(V), 0.f);
+  switch (kind % 8) {
+    case 0: fill_normal(z.data(), V, seed, 1.f); break;   // flat: top-p keeps most of the vocabulary
+    case 1: fill_normal(z.data(), V, seed, 4.f); break;
+    case 2: fill_normal(z.data(), V, seed, 30.f); break;  // peaked: most probabilities underflow
+    case 3:                                               // integer logits: ties at every cutoff
+      fill_normal(z.data(), V, seed, 2.f);
+      for (auto& x : z) x = std::round(x);
+      break;
+    case 4: std::fill(z.begin(), z.end(), 0.5f); break;   // all equal
+    case 5:                                               // masked (-inf) entries, -0 and +0
+      fill_normal(z.data(), V, seed, 2.f);
+      for (int64_t i = 0; i < V; ++i) {
+        if (i % 5 == 1) z[size_t(i)] = -INFINITY;
+        if (i % 11 == 2) z[size_t(i)] = -0.f;
+        if (i % 13 == 3) z[size_t(i)] = 0.f;
+      }
+      break;
+    case 6:  // four distinct values: huge tie groups
+      for (auto& x : z) x = float(r.below(4));
+      break;
+    case 7:  // LM-like: Zipf over a random permutation, a few large logits then a long tail
+      for (int64_t i = 0; i < V; ++i) z[size_t(i)] = float(-1.2 * std::log(double(r.below(uint64_t(V)) + 1)) * 3.0);
+      break;
+  }
+  return z;
+}
+
+std::vector<SampleFilter> sample_filters(int64_t V) {
+  const int32_t v = int32_t(V);
+  return {
+      {0.f, 0, 1.f, 0.f},                     // greedy
+      {0.f, 5, 0.5f, 0.3f},                   // greedy ignores the filters
+      {1.f, 0, 1.f, 0.f},                     // temperature only
+      {0.6f, 0, 1.f, 0.f},
+      {0.05f, 0, 1.f, 0.f},                   // nearly greedy
+      {3.f, 0, 1.f, 0.f},                     // hot
+      {1.f, 1, 1.f, 0.f},                     // top-k 1: the greedy token
+      {0.8f, 5, 1.f, 0.f},
+      {1.2f, 50, 1.f, 0.f},
+      {1.f, 5000, 1.f, 0.f},                  // large top-k
+      {1.f, std::max(1, v - 1), 1.f, 0.f},
+      {1.f, v, 1.f, 0.f},                     // top-k >= V: off
+      {1.f, v + 10, 1.f, 0.f},
+      {1.f, 0, 0.9f, 0.f},                    // top-p
+      {0.7f, 0, 0.1f, 0.f},
+      {1.f, 0, 0.99f, 0.f},
+      {1.3f, 0, 0.3f, 0.f},
+      {1.f, 0, 1.f, 0.05f},                   // min-p
+      {0.9f, 0, 1.f, 0.5f},
+      {1.f, 40, 0.9f, 0.f},                   // combinations
+      {0.7f, 2000, 0.95f, 0.f},
+      {1.1f, 0, 0.8f, 0.02f},
+      {0.9f, 100, 0.95f, 0.1f},
+      {1.5f, 7, 0.6f, 0.2f},
+  };
+}
+
+std::string filter_str(const SampleFilter& f) {
+  return fmt::format("T={} top_k={} top_p={} min_p={}", f.temperature, f.top_k, f.top_p, f.min_p);
+}
+
+}  // namespace
+
+// Random rows of every kind with every filter, batch sizes 1..256, the real vocabulary and small
+// ones (odd sizes, smaller than a block, a single token). Row b gets kind and filter from b.
+TEST_F(CudaOps, SampleMatchesCpu) {
+  uint64_t seed = 900;
+  for (auto [B, V] : std::vector<std::pair<int64_t, int64_t>>{
+           {1, 129280}, {8, 129280}, {64, 129280}, {256, 129280}, {256, 1000}, {100, 37}, {24, 5000}, {9, 1}}) {
+    const auto filters = sample_filters(V);
+    std::vector<float> z, params(static_cast<size_t>(B * kSampleParams)), uni(static_cast<size_t>(B));
+    std::vector<int> kinds(static_cast<size_t>(B));
+    Rng r(++seed);
+    for (int64_t b = 0; b < B; ++b) {
+      kinds[size_t(b)] = int((b + seed) % 8);
+      auto row = sample_logits(V, kinds[size_t(b)], seed * 1000 + uint64_t(b));
+      z.insert(z.end(), row.begin(), row.end());
+      write_sample_params(filters[size_t((b * 7 + seed) % filters.size())], &params[size_t(b * kSampleParams)]);
+      uni[size_t(b)] = b % 17 == 5 ? 0.f : b % 17 == 6 ? 1.f - 0x1.0p-24f : r.uniform_f32();  // extremes too
+    }
+    Pair tz = m->f32({B, V}, z), tp = m->f32({B, kSampleParams}, params), tu = m->f32({B}, uni),
+         out = m->out({B}, ElemType::I32);
+    cpu->sample(tz.c, tp.c, tu.c, out.c);
+    gpu->sample(tz.g, tp.g, tu.g, out.g);
+    const auto want = m->ints_c(out.c), got = m->ints_g(out.g);
+    int64_t bad = 0, near = 0, compared = 0;
+    std::string first;
+    for (int64_t b = 0; b < B; ++b) {
+      const std::span<const float> row(z.data() + b * V, size_t(V));
+      const SampleFilter f = read_sample_params(&params[size_t(b * kSampleParams)]);
+      EXPECT_TRUE(got[size_t(b)] >= 0 && got[size_t(b)] < V)
+          << "B=" << B << " V=" << V << " row " << b << ": token " << got[size_t(b)] << " out of range (unwritten = -1)";
+      const SampleMargin mg = sample_margin(row, f, uni[size_t(b)]);
+      if (mg.near()) {
+        ++near;
+        std::printf("  near a boundary, not compared: row %lld kind %d %s u=%.9g cdf=%.2e top_p=%.2e min_p=%.2e\n",
+                    (long long)b, kinds[size_t(b)], filter_str(f).c_str(), double(uni[size_t(b)]), mg.cdf, mg.top_p,
+                    mg.min_p);
+        continue;
+      }
+      ++compared;
+      if (got[size_t(b)] == want[size_t(b)]) continue;
+      if (bad++ < 8) {
+        const auto probs = filtered_probs(row, f);
+        auto pr = [&](int32_t t) { return t >= 0 && t < V ? double(probs[size_t(t)]) : -1.0; };
+        first += fmt::format(
+            "\n  row {} kind {} {} u={:.9g}: cpu {} (logit {}, p {:.6g}) vs gpu {} (logit {}, p {:.6g}); margins cdf "
+            "{:.2e} top_p {:.2e} min_p {:.2e}",
+            b, kinds[size_t(b)], filter_str(f), double(uni[size_t(b)]), want[size_t(b)],
+            want[size_t(b)] >= 0 ? row[size_t(want[size_t(b)])] : NAN, pr(want[size_t(b)]), got[size_t(b)],
+            got[size_t(b)] >= 0 && got[size_t(b)] < V ? row[size_t(got[size_t(b)])] : NAN, pr(got[size_t(b)]), mg.cdf,
+            mg.top_p, mg.min_p);
+      }
+    }
+    std::printf("[maxerr] %-48s n=%-9lld mismatches=%lld near_boundary=%lld\n",
+                fmt::format("sample B={} V={}", B, V).c_str(), (long long)compared, (long long)bad, (long long)near);
+    EXPECT_EQ(bad, 0) << "sample B=" << B << " V=" << V << ": tokens differ from the CPU op on rows away from any "
+                      << "rounding boundary (first " << std::min<int64_t>(bad, 8) << "):" << first;
+    EXPECT_LE(near, std::max<int64_t>(2, B / 50)) << "sample B=" << B << " V=" << V
+                                                  << ": too many rows near a boundary to be chance";
+  }
+}
+
+// Exact cases that need no margins: greedy and top-k 1 take the lowest id among tied maxima,
+// whatever the uniform; top-k k over distinct logits never leaves the k largest.
+TEST_F(CudaOps, SampleGreedyTiesAndTopK) {
+  const int64_t V = 129280, B = 12;
+  std::vector<float> z, params(static_cast<size_t>(B * kSampleParams)), uni(static_cast<size_t>(B));
+  std::vector<int32_t> want(static_cast<size_t>(B));
+  Rng r(77);
+  for (int64_t b = 0; b < B; ++b) {
+    auto row = normal(V, 950 + uint64_t(b), 2.f);
+    const float top = 50.f + float(b % 3);
+    const int64_t a = int64_t(r.below(uint64_t(V))), c = int64_t(r.below(uint64_t(V)));
+    row[size_t(a)] = top;  // two maxima (one if a == c)
+    row[size_t(c)] = top;
+    if (b == 0) std::fill(row.begin(), row.end(), -1.f);  // every token tied
+    want[size_t(b)] = b == 0 ? 0 : int32_t(std::min(a, c));
+    z.insert(z.end(), row.begin(), row.end());
+    const SampleFilter f = b % 2 ? SampleFilter{0.f, 0, 1.f, 0.f} : SampleFilter{float(0.1 + b), 1, 0.9f, 0.f};
+    write_sample_params(f, &params[size_t(b * kSampleParams)]);
+    uni[size_t(b)] = b % 4 == 0 ? 1.f - 0x1.0p-24f : r.uniform_f32();
+  }
+  Pair tz = m->f32({B, V}, z), tp = m->f32({B, kSampleParams}, params), tu = m->f32({B}, uni),
+       out = m->out({B}, ElemType::I32);
+  gpu->sample(tz.g, tp.g, tu.g, out.g);
+  cpu->sample(tz.c, tp.c, tu.c, out.c);
+  expect_equal_ints(want, m->ints_c(out.c), "sample greedy / top-k 1 ties (cpu)");
+  expect_equal_ints(want, m->ints_g(out.g), "sample greedy / top-k 1 ties (gpu)");
+
+  // top-k 10 at a high temperature over distinct logits: always one of the 10 largest.
+  const int64_t N = 64;
+  auto row = normal(V, 4242, 1.f);
+  std::vector<int32_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + 10, order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+  std::vector<float> zz, pp(static_cast<size_t>(N * kSampleParams)), uu(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i) {
+    zz.insert(zz.end(), row.begin(), row.end());
+    write_sample_params(SampleFilter{5.f, 10, 1.f, 0.f}, &pp[size_t(i * kSampleParams)]);
+    uu[size_t(i)] = float(i) / float(N);
+  }
+  Pair tz2 = m->f32({N, V}, zz), tp2 = m->f32({N, kSampleParams}, pp), tu2 = m->f32({N}, uu),
+       out2 = m->out({N}, ElemType::I32);
+  gpu->sample(tz2.g, tp2.g, tu2.g, out2.g);
+  std::set<int32_t> top10(order.begin(), order.begin() + 10), seen;
+  for (int32_t t : m->ints_g(out2.g)) {
+    EXPECT_TRUE(top10.count(t)) << "top-k 10 drew token " << t << ", not one of the 10 largest logits";
+    seen.insert(t);
+  }
+  EXPECT_GE(seen.size(), 8u) << "uniforms spread over [0, 1) should reach most of the 10 tokens";
+}
+
+// Many draws of one row with independent uniforms: the GPU's token frequencies follow
+// filtered_probs (chi-square bound), filtered-out tokens never appear, and every draw equals the
+// CPU op's away from boundaries.
+TEST_F(CudaOps, SampleDistribution) {
+  const int64_t V = 60, N = 50000;
+  for (const SampleFilter& f : {SampleFilter{0.8f, 0, 1.f, 0.f}, SampleFilter{1.f, 30, 0.9f, 0.f},
+                                SampleFilter{1.3f, 0, 0.95f, 0.03f}}) {
+    const auto row = sample_logits(V, 0, 31);  // flat enough that every filter keeps many tokens
+    const auto probs = filtered_probs(row, f);
+    std::vector<float> z, params(static_cast<size_t>(N * kSampleParams)), uni(static_cast<size_t>(N));
+    Rng r(5);
+    for (int64_t i = 0; i < N; ++i) {
+      z.insert(z.end(), row.begin(), row.end());
+      write_sample_params(f, &params[size_t(i * kSampleParams)]);
+      uni[size_t(i)] = r.uniform_f32();
+    }
+    Pair tz = m->f32({N, V}, z), tp = m->f32({N, kSampleParams}, params), tu = m->f32({N}, uni),
+         out = m->out({N}, ElemType::I32);
+    cpu->sample(tz.c, tp.c, tu.c, out.c);
+    gpu->sample(tz.g, tp.g, tu.g, out.g);
+    const auto want = m->ints_c(out.c), got = m->ints_g(out.g);
+    std::vector<int64_t> counts(static_cast<size_t>(V));
+    int64_t bad = 0, near = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      ASSERT_TRUE(got[size_t(i)] >= 0 && got[size_t(i)] < V) << filter_str(f) << " draw " << i << ": " << got[size_t(i)];
+      ++counts[size_t(got[size_t(i)])];
+      if (got[size_t(i)] == want[size_t(i)]) continue;
+      if (sample_margin(row, f, uni[size_t(i)]).near()) ++near;
+      else ++bad;
+    }
+    double chi2 = 0;
+    int dof = -1;
+    for (int64_t t = 0; t < V; ++t) {
+      if (probs[size_t(t)] == 0) {
+        EXPECT_EQ(counts[size_t(t)], 0) << filter_str(f) << ": filtered-out token " << t << " was drawn";
+        continue;
+      }
+      const double e = double(probs[size_t(t)]) * double(N);
+      chi2 += (double(counts[size_t(t)]) - e) * (double(counts[size_t(t)]) - e) / e;
+      ++dof;
+    }
+    std::printf("[maxerr] %-48s n=%-9lld mismatches=%lld chi2=%.1f dof=%d\n",
+                ("sample distribution " + filter_str(f)).c_str(), (long long)N, (long long)bad, chi2, dof);
+    EXPECT_EQ(bad, 0) << filter_str(f) << ": draws differ from the CPU op away from boundaries";
+    EXPECT_LE(near, 2) << filter_str(f);
+    ASSERT_GT(dof, 3) << filter_str(f);
+    // Mean dof, standard deviation sqrt(2 dof); 6 deviations is far beyond chance (fixed seeds).
+    EXPECT_LT(chi2, dof + 6 * std::sqrt(2.0 * dof)) << filter_str(f) << ": frequencies do not follow filtered_probs";
   }
 }
 

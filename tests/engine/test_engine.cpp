@@ -1,5 +1,6 @@
 // The serving engine on the CPU backend with the tiny demo model: batch invariance,
-// preemption, prefix caching (exactness, hit rates, eviction), aborts, stops, n > 1, seeds.
+// preemption, prefix caching (exactness, hit rates, eviction), aborts, stops, n > 1, seeds,
+// sampling with Backend::sample vs the host sampler.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -428,6 +429,64 @@ TEST(Engine, KvFp8MatchesSelfContainedModel) {
     EXPECT_GT(h.engine().metrics().preemptions, 0);
     expect_pool_full(h.engine());
   }
+}
+
+// Backend::sample in the engine, forced on for the CPU backend: seeded requests of every filter
+// kind give exactly the host sampler's tokens (the uniforms come from the same per-sample RNGs),
+// while penalties, logprobs and the first token of n > 1 stay on the host.
+TEST(Engine, DeviceSamplingMatchesHostSampling) {
+  std::vector<Request> reqs;
+  int64_t host_only = 0;  // tokens that must be sampled on the host
+  auto add = [&](float t, int32_t k, float p, float m, std::optional<uint64_t> seed) -> Request& {
+    Request r;
+    r.id = "q" + std::to_string(reqs.size());
+    r.prompt = random_prompt(5 + int64_t(reqs.size()) * 3, 700 + reqs.size());
+    r.sampling.temperature = t;
+    r.sampling.top_k = k;
+    r.sampling.top_p = p;
+    r.sampling.min_p = m;
+    r.sampling.seed = seed;
+    r.sampling.max_tokens = 6;
+    r.sampling.ignore_eos = true;
+    reqs.push_back(r);
+    return reqs.back();
+  };
+  add(1.f, 0, 1.f, 0.f, 1);
+  add(0.7f, 0, 0.9f, 0.f, 2);
+  add(1.2f, 20, 1.f, 0.f, 3);
+  add(1.f, 0, 1.f, 0.1f, 4);
+  add(0.9f, 40, 0.8f, 0.05f, 5);
+  add(0.f, 0, 1.f, 0.f, 6);                 // greedy
+  add(1.5f, 0, 0.95f, 0.f, std::nullopt);   // seeded by the engine
+  add(1.f, 0, 0.9f, 0.f, 8).sampling.n = 3;  // sample 0's first token: host (forks share the row)
+  add(1.f, 10, 1.f, 0.f, 9).sampling.presence_penalty = 0.5f;
+  add(1.f, 0, 0.9f, 0.f, 10).sampling.logprobs = 1;
+  host_only = 2 * 6 + 3;
+  auto run = [&](bool device) {
+    EngineConfig c = small_blocks();
+    c.device_sampling = device;
+    c.seed = 77;
+    Harness h(c);
+    for (const auto& r : reqs) h.submit(r);
+    h.wait();
+    std::map<std::pair<std::string, int32_t>, std::vector<int32_t>> out;
+    for (const auto& r : reqs)
+      for (int32_t i = 0; i < r.sampling.n; ++i) {
+        const Output o = h.output(r.id, i);
+        EXPECT_EQ(o.finish, FinishReason::Length) << r.id << " sample " << i;
+        out[{r.id, i}] = o.tokens;
+      }
+    return std::make_pair(out, h.engine().metrics());
+  };
+  const auto [host, host_m] = run(false);
+  const auto [dev, dev_m] = run(true);
+  for (const auto& [key, tokens] : host) {
+    EXPECT_EQ(tokens.size(), 6u) << key.first << " sample " << key.second;
+    EXPECT_EQ(dev.at(key), tokens) << key.first << " sample " << key.second;
+  }
+  EXPECT_EQ(host_m.device_sampled_tokens, 0);
+  EXPECT_EQ(dev_m.generation_tokens_total, host_m.generation_tokens_total);
+  EXPECT_EQ(dev_m.device_sampled_tokens, dev_m.generation_tokens_total - host_only);
 }
 
 TEST(Engine, GenerateCommand) {

@@ -1,11 +1,14 @@
-// Sampling checked against direct computations written independently of src/engine/sampler.cpp.
+// Sampling checked against direct computations written independently of src/engine/sampler.cpp,
+// and the CPU backend's sample op against the host sampler on the same RNG streams.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <map>
 #include <numeric>
 
+#include "backend/backend.h"
 #include "engine/sampler.h"
 #include "util/random.h"
 
@@ -177,4 +180,154 @@ TEST(Sampler, LogprobsAreLogSoftmax) {
     EXPECT_EQ(lp.top[size_t(i)].first, order[size_t(i)]);
     EXPECT_NEAR(lp.top[size_t(i)].second, double(logits[size_t(order[size_t(i)])]) - mx - std::log(s), 1e-5);
   }
+}
+
+// ---- Backend::sample on the CPU backend: the same tokens as sample_token ----------------------
+
+namespace {
+
+// Filters covering each one alone and combined (penalty-free: the op has none).
+std::vector<SamplingParams> op_params() {
+  std::vector<SamplingParams> v;
+  auto add = [&](float t, int32_t k, float p, float m) {
+    SamplingParams s;
+    s.temperature = t;
+    s.top_k = k;
+    s.top_p = p;
+    s.min_p = m;
+    v.push_back(s);
+  };
+  add(0.f, 0, 1.f, 0.f);     // greedy
+  add(1.f, 0, 1.f, 0.f);     // temperature only
+  add(0.6f, 0, 1.f, 0.f);
+  add(1.3f, 40, 1.f, 0.f);   // top-k
+  add(0.8f, 1, 1.f, 0.f);    // top-k 1 = greedy
+  add(1.f, 0, 0.9f, 0.f);    // top-p
+  add(0.7f, 0, 0.3f, 0.f);
+  add(1.f, 0, 1.f, 0.1f);    // min-p
+  add(0.9f, 50, 0.95f, 0.f);
+  add(1.1f, 200, 0.8f, 0.05f);
+  add(0.5f, 0, 0.95f, 0.2f);
+  return v;
+}
+
+// Logits of several shapes: spread, peaked, many exact ties, masked (-inf) entries.
+std::vector<float> op_logits(int V, int kind, uint64_t seed) {
+  auto v = random_logits(V, seed, kind == 1 ? 12.f : 3.f);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (kind == 2) v[i] = std::round(v[i]);
+    if (kind == 3 && i % 7 == 3) v[i] = -std::numeric_limits<float>::infinity();
+  }
+  return v;
+}
+
+}  // namespace
+
+TEST(SampleOp, CpuOpEqualsSampleTokenOnTheSameRngStream) {
+  auto be = make_cpu_backend();
+  const auto params = op_params();
+  for (int V : {5, 300, 4099}) {
+    const int steps = 6;
+    const int64_t B = int64_t(params.size()) * steps;
+    // Row (request j, step t) of one batch; request j has its own seed.
+    std::vector<float> logits, prow(static_cast<size_t>(B * kSampleParams)), uni(static_cast<size_t>(B));
+    std::vector<int32_t> want(static_cast<size_t>(B));
+    for (size_t j = 0; j < params.size(); ++j) {
+      SamplerState host(100 + j), dev(100 + j);
+      for (int t = 0; t < steps; ++t) {
+        const int64_t b = int64_t(j) * steps + t;
+        auto row = op_logits(V, t % 4, 7 * uint64_t(b) + uint64_t(V));
+        logits.insert(logits.end(), row.begin(), row.end());
+        want[size_t(b)] = sample_token(row, params[j], host);
+        write_sample_params(sample_filter(params[j]), &prow[size_t(b * kSampleParams)]);
+        uni[size_t(b)] = draw_uniform(params[j], dev);
+      }
+      EXPECT_EQ(host.rng.next_u64(), dev.rng.next_u64()) << "RNG streams diverged, params " << j;
+    }
+    Tensor z = be->alloc({B, V}), p = be->alloc({B, kSampleParams}), u = be->alloc({B}), out = be->alloc({B}, ElemType::I32);
+    be->upload(z, logits.data());
+    be->upload(p, prow.data());
+    be->upload(u, uni.data());
+    be->sample(z, p, u, out);
+    std::vector<int32_t> got(static_cast<size_t>(B));
+    be->download(out, got.data());
+    for (int64_t b = 0; b < B; ++b)
+      EXPECT_EQ(got[size_t(b)], want[size_t(b)]) << "V " << V << " row " << b << " params " << b / steps;
+  }
+}
+
+TEST(SampleOp, GreedyTakesTheLowestIdAmongTies) {
+  auto be = make_cpu_backend();
+  const std::vector<float> z = {1.f, 3.f, -2.f, 3.f, 3.f, 0.f};
+  Tensor t = be->alloc({1, 6}), p = be->alloc({1, kSampleParams}), u = be->alloc({1}), out = be->alloc({1}, ElemType::I32);
+  be->upload(t, z.data());
+  float pr[kSampleParams];
+  write_sample_params(SampleFilter{0.f, 0, 1.f, 0.f}, pr);
+  be->upload(p, pr);
+  const float uu = 0.99f;
+  be->upload(u, &uu);
+  be->sample(t, p, u, out);
+  int32_t tok = -1;
+  be->download(out, &tok);
+  EXPECT_EQ(tok, 1);
+}
+
+// Many draws of one row with independent uniforms: frequencies follow sampling_probs.
+TEST(SampleOp, DrawsFollowTheDistribution) {
+  auto be = make_cpu_backend();
+  const int V = 40, N = 40000;
+  auto row = random_logits(V, 11, 1.5f);
+  SamplingParams sp;
+  sp.temperature = 0.8f;
+  sp.top_k = 25;
+  sp.top_p = 0.9f;
+  sp.min_p = 0.02f;
+  const auto probs = sampling_probs(row, sp, SamplerState(0));
+  std::vector<float> z, prow(size_t(N) * kSampleParams), uni(static_cast<size_t>(N));
+  Rng r(3);
+  for (int i = 0; i < N; ++i) {
+    z.insert(z.end(), row.begin(), row.end());
+    write_sample_params(sample_filter(sp), &prow[size_t(i) * kSampleParams]);
+    uni[size_t(i)] = r.uniform_f32();
+  }
+  Tensor t = be->alloc({N, V}), p = be->alloc({N, kSampleParams}), u = be->alloc({N}), out = be->alloc({N}, ElemType::I32);
+  be->upload(t, z.data());
+  be->upload(p, prow.data());
+  be->upload(u, uni.data());
+  be->sample(t, p, u, out);
+  std::vector<int32_t> got(static_cast<size_t>(N));
+  be->download(out, got.data());
+  std::vector<int> counts(static_cast<size_t>(V));
+  for (int32_t g : got) {
+    ASSERT_TRUE(g >= 0 && g < V) << g;
+    ++counts[size_t(g)];
+  }
+  double chi2 = 0;
+  int dof = -1;
+  for (int i = 0; i < V; ++i) {
+    const double e = double(probs[size_t(i)]) * N;
+    if (probs[size_t(i)] == 0) {
+      EXPECT_EQ(counts[size_t(i)], 0) << "filtered-out token " << i << " was drawn";
+      continue;
+    }
+    chi2 += (counts[size_t(i)] - e) * (counts[size_t(i)] - e) / e;
+    ++dof;
+  }
+  ASSERT_GT(dof, 3);
+  // Mean dof, sd sqrt(2 dof): 6 sd is far beyond chance for these fixed seeds.
+  EXPECT_LT(chi2, dof + 6 * std::sqrt(2.0 * dof)) << "chi-square " << chi2 << " with " << dof << " degrees of freedom";
+}
+
+TEST(SampleOp, UniformsComeFromTheRequestRngOnlyWhenSampling) {
+  SamplingParams greedy_p, sample_p;
+  greedy_p.temperature = 0;
+  SamplerState a(5), b(5);
+  EXPECT_EQ(draw_uniform(greedy_p, a), 0.f);
+  EXPECT_EQ(a.rng.next_u64(), b.rng.next_u64());  // greedy draws nothing
+  const float u = draw_uniform(sample_p, a);
+  Rng ref(5);
+  ref.next_u64();
+  EXPECT_EQ(u, float(ref.next_u64() >> 40) * 0x1.0p-24f);
+  EXPECT_GE(u, 0.f);
+  EXPECT_LT(u, 1.f);
 }

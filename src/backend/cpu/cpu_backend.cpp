@@ -8,6 +8,8 @@
 
 #include "backend/backend.h"
 #include "tensor/kv_format.h"
+
+#include "backend/sampling.h"
 #include "tensor/numeric.h"
 #include "tensor/quant.h"
 
@@ -509,6 +511,16 @@ class CpuBackend final : public Backend {
       DSV4_CHECK(r >= 0 && r < N);
       unpack_kv_row(in + r * L.bytes, L, out.f32() + i * d);
     }
+  }
+
+  void sample(const Tensor& logits, const Tensor& params, const Tensor& uniforms, const Tensor& tokens) override {
+    const int64_t B = logits.rows(), V = logits.cols();
+    DSV4_CHECK(params.rows() == B && params.cols() == kSampleParams && uniforms.numel() == B && tokens.numel() == B);
+    const float *z = logits.f32(), *pr = params.f32(), *u = uniforms.f32();
+    int32_t* out = tokens.i32();
+#pragma omp parallel for schedule(dynamic) if (B > 1)
+    for (int64_t b = 0; b < B; ++b)
+      out[b] = sample_row(std::span(z + b * V, size_t(V)), read_sample_params(pr + b * kSampleParams), u[b]);
   }
 };
 

@@ -528,6 +528,13 @@ class CudaBackend final : public Backend {
     cuda::unpack_kv(packed.u8(), packed.rows(), rows.empty() ? nullptr : rows.i32(), n, out.cols(), nope, out.f32(), s_);
   }
 
+  void sample(const Tensor& logits, const Tensor& params, const Tensor& uniforms, const Tensor& tokens) override {
+    const int64_t B = logits.rows(), V = logits.cols();
+    DSV4_CHECK(params.rows() == B && params.cols() == kSampleParams && uniforms.numel() == B && tokens.numel() == B);
+    DSV4_CHECK(V > 0 && V < (int64_t(1) << 30));
+    cuda::sample(logits.f32(), B, V, params.f32(), uniforms.f32(), tokens.i32(), s_);
+  }
+
  private:
   static constexpr size_t kRing = 16 << 20;
 

@@ -148,6 +148,12 @@ void swiglu(float* h1, const float* h3, int64_t n, float limit, cudaStream_t s);
 void moe_combine(const float* Y, const int32_t* slot, const float* weights, const float* shared, int64_t T,
                  int64_t k, int64_t D, float* out, cudaStream_t s);
 
+// ---- sampling (sample.cu) ------------------------------------------------------------------
+// Backend::sample: one token per row of logits [B, V]; params [B, kSampleParams] (temperature,
+// top_k, top_p, min_p), uniforms [B]. One block per row; no scratch memory.
+void sample(const float* logits, int64_t B, int64_t V, const float* params, const float* uniforms, int32_t* tokens,
+            cudaStream_t s);
+
 // ---- random weights for the benchmark (random.cu) -----------------------------------------
 // kind: 0 dense (uniform +-a), 1 constant a, 2 ids in [0, a) (int32 or int64 when bytes8).
 void random_fill_f32(float* x, int64_t n, int kind, float a, uint64_t seed, cudaStream_t s);
