@@ -3,10 +3,12 @@
 // mirrored on the CPU reference and the CUDA backend, and tolerance checks that print the error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <deque>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
@@ -195,17 +197,92 @@ inline void expect_close(const std::vector<float>& ref, const std::vector<float>
   EXPECT_LE(err, rtol * scale + atol) << what << " worst element " << at;
 }
 
-inline void expect_equal_ints(const std::vector<int32_t>& ref, const std::vector<int32_t>& got, const std::string& what) {
-  ASSERT_EQ(ref.size(), got.size()) << what;
+// Logits [rows, V] of two runs, row by row: error relative to the row's max |ref| (NaN in got
+// counts as infinite), the worst of them, and how many rows pick the same argmax.
+struct Agreement {
+  std::vector<float> row_rel;
+  float worst_rel = 0;
+  int64_t rows = 0, argmax_same = 0;
+};
+
+inline Agreement agree(const std::vector<float>& ref, const std::vector<float>& got, int64_t V) {
+  Agreement a;
+  a.rows = int64_t(ref.size()) / V;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float scale = 0, err = 0;
+    int64_t am = 0, ag = 0;
+    for (int64_t i = 0; i < V; ++i) {
+      const float x = ref[r * V + i], y = got[r * V + i];
+      scale = std::max(scale, std::fabs(x));
+      err = std::max(err, std::isnan(y) ? INFINITY : std::fabs(x - y));
+      if (x > ref[r * V + am]) am = i;
+      if (y > got[r * V + ag]) ag = i;
+    }
+    a.row_rel.push_back(err / std::max(scale, 1e-30f));
+    a.worst_rel = std::max(a.worst_rel, a.row_rel.back());
+    a.argmax_same += am == ag;
+  }
+  return a;
+}
+
+// Number of positions where got differs from ref, and the first of them (-1: none).
+template <class T>
+std::pair<int64_t, int64_t> mismatches(const std::vector<T>& ref, const std::vector<T>& got) {
   int64_t bad = 0, first = -1;
-  for (size_t i = 0; i < ref.size(); ++i)
+  for (size_t i = 0; i < ref.size() && i < got.size(); ++i)
     if (ref[i] != got[i]) {
       if (first < 0) first = int64_t(i);
       ++bad;
     }
+  return {bad, first};
+}
+
+inline void expect_equal_ints(const std::vector<int32_t>& ref, const std::vector<int32_t>& got, const std::string& what) {
+  ASSERT_EQ(ref.size(), got.size()) << what;
+  const auto [bad, first] = mismatches(ref, got);
   std::printf("[maxerr] %-48s n=%-9zu mismatches=%lld\n", what.c_str(), ref.size(), (long long)bad);
   EXPECT_EQ(bad, 0) << what << " first mismatch at " << first << ": " << (first >= 0 ? ref[first] : 0) << " vs "
                     << (first >= 0 ? got[first] : 0);
+}
+
+// A MoE layer for op tests: E experts cycling through min(E, 8) distinct weight sets of format fmt
+// (w1/w3 [F, D], w2 [D, F]), an optional FP8 shared expert, and routing for T tokens: gate
+// weights in [0, 1) and k distinct experts per token (as top-k gives), or with repeats
+// independent draws (hash tables may repeat). seed advances once per tensor and once for routing.
+struct RandomMoE {
+  MoEWeights moe;
+  std::vector<int32_t> experts;
+  std::vector<float> gates;
+};
+inline RandomMoE random_moe(WeightStore& ws, WeightFormat fmt, int64_t T, int64_t D, int64_t F, int64_t E, int64_t k,
+                            bool shared, bool repeats, uint64_t& seed) {
+  RandomMoE m;
+  std::vector<ExpertWeights> sets(size_t(std::min<int64_t>(E, 8)));
+  for (auto& s : sets) {
+    s.w1 = ws.linear("w1", fmt, F, D, ++seed);
+    s.w2 = ws.linear("w2", fmt, D, F, ++seed);
+    s.w3 = ws.linear("w3", fmt, F, D, ++seed);
+  }
+  for (int64_t e = 0; e < E; ++e) m.moe.experts.push_back(sets[size_t(e) % sets.size()]);
+  m.moe.has_shared = shared;
+  if (shared) {
+    m.moe.shared.w1 = ws.linear("s1", WeightFormat::FP8, F, D, ++seed);
+    m.moe.shared.w2 = ws.linear("s2", WeightFormat::FP8, D, F, ++seed);
+    m.moe.shared.w3 = ws.linear("s3", WeightFormat::FP8, F, D, ++seed);
+  }
+  Rng r(++seed);
+  m.experts.resize(size_t(T * k));
+  m.gates.resize(size_t(T * k));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> all(E);
+    for (int64_t e = 0; e < E; ++e) all[e] = int32_t(e);
+    for (int64_t i = 0; i < k; ++i) {
+      std::swap(all[i], all[i + int64_t(r.below(uint64_t(E - i)))]);
+      m.experts[t * k + i] = repeats ? int32_t(r.below(uint64_t(E))) : all[i];
+      m.gates[t * k + i] = r.uniform(0.f, 1.f);
+    }
+  }
+  return m;
 }
 
 }  // namespace dsv4::test

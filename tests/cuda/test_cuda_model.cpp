@@ -14,34 +14,7 @@
 
 namespace fs = std::filesystem;
 using namespace dsv4;
-
-namespace {
-
-struct Agreement {
-  float worst_rel = 0;
-  int64_t rows = 0, argmax_same = 0;
-};
-
-Agreement agree(const std::vector<float>& ref, const std::vector<float>& got, int64_t V) {
-  Agreement a;
-  a.rows = int64_t(ref.size()) / V;
-  for (int64_t r = 0; r < a.rows; ++r) {
-    float scale = 0, err = 0;
-    int64_t am = 0, ag = 0;
-    for (int64_t i = 0; i < V; ++i) {
-      const float x = ref[r * V + i], y = got[r * V + i];
-      scale = std::max(scale, std::fabs(x));
-      err = std::max(err, std::isnan(y) ? INFINITY : std::fabs(x - y));
-      if (x > ref[r * V + am]) am = i;
-      if (y > got[r * V + ag]) ag = i;
-    }
-    a.worst_rel = std::max(a.worst_rel, err / std::max(scale, 1e-30f));
-    a.argmax_same += am == ag;
-  }
-  return a;
-}
-
-}  // namespace
+using namespace dsv4::test;
 
 // Exact mode: the GPU forward equals the CPU reference to the golden tolerance (1e-4 of the
 // logit scale) for prefill, token-by-token and an uneven schedule, main model and MTP.

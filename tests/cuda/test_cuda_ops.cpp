@@ -391,35 +391,10 @@ TEST_F(CudaOps, MoE) {
                                {5, 256, 64, 16, 4, WeightFormat::FP8, false, false, 0.f},
                                // GEMV path with a row loop (T*k <= 4E) and hash repeats: >8 rows per expert
                                {40, 256, 64, 64, 4, WeightFormat::FP4, true, true, 10.f}}) {
-    MoEWeights moe;
-    const int64_t distinct = std::min<int64_t>(c.E, 8);
-    std::vector<ExpertWeights> sets(distinct);
-    for (auto& s : sets) {
-      s.w1 = ws.linear("w1", c.fmt, c.F, c.D, ++seed);
-      s.w2 = ws.linear("w2", c.fmt, c.D, c.F, ++seed);
-      s.w3 = ws.linear("w3", c.fmt, c.F, c.D, ++seed);
-    }
-    for (int64_t e = 0; e < c.E; ++e) moe.experts.push_back(sets[e % distinct]);
-    moe.has_shared = c.shared;
-    if (c.shared) {
-      moe.shared.w1 = ws.linear("s1", WeightFormat::FP8, c.F, c.D, ++seed);
-      moe.shared.w2 = ws.linear("s2", WeightFormat::FP8, c.D, c.F, ++seed);
-      moe.shared.w3 = ws.linear("s3", WeightFormat::FP8, c.F, c.D, ++seed);
-    }
-    // Routing input: distinct experts per token (as top-k gives) or repeats (hash tables may).
-    Rng r(++seed);
-    std::vector<int32_t> ex(c.T * c.k);
-    std::vector<float> gw(c.T * c.k);
-    for (int64_t t = 0; t < c.T; ++t) {
-      std::vector<int32_t> all(c.E);
-      std::iota(all.begin(), all.end(), 0);
-      for (int64_t i = 0; i < c.k; ++i) {
-        const int64_t j = i + int64_t(r.below(uint64_t(c.E - i)));
-        std::swap(all[i], all[j]);
-        ex[t * c.k + i] = c.hash ? int32_t(r.below(uint64_t(c.E))) : all[i];
-        gw[t * c.k + i] = r.uniform(0.f, 1.f);
-      }
-    }
+    RandomMoE rm = random_moe(ws, c.fmt, c.T, c.D, c.F, c.E, c.k, c.shared, c.hash, seed);
+    MoEWeights& moe = rm.moe;
+    const auto& ex = rm.experts;
+    const auto& gw = rm.gates;
     moe.hash_routed = c.hash;
     Pair x = m->f32({c.T, c.D}, normal(c.T * c.D, ++seed, 2.f)), w = m->f32({c.T, c.k}, gw),
          e = m->i32({c.T, c.k}, ex), out = m->out({c.T, c.D});
@@ -468,12 +443,7 @@ std::vector<float> kv_rows(int64_t rows, int64_t d, uint64_t seed) {
 void expect_same_bytes(const std::vector<uint8_t>& ref, const std::vector<uint8_t>& got, int64_t row_bytes,
                        const std::string& what) {
   ASSERT_EQ(ref.size(), got.size()) << what;
-  int64_t bad = 0, first = -1;
-  for (size_t i = 0; i < ref.size(); ++i)
-    if (ref[i] != got[i]) {
-      if (first < 0) first = int64_t(i);
-      ++bad;
-    }
+  const auto [bad, first] = mismatches(ref, got);
   std::printf("[maxerr] %-48s n=%-9zu byte_mismatches=%lld\n", what.c_str(), ref.size(), (long long)bad);
   if (first >= 0) {
     const int64_t row = first / row_bytes, col = first % row_bytes;

@@ -86,6 +86,30 @@ __device__ __forceinline__ uint32_t e2m1x4_to_e4m3x4(uint32_t u) {
   return mag | ((sg & 0x8u) << 4) | ((sg & 0x80u) << 8) | ((sg & 0x800u) << 12) | ((sg & 0x8000u) << 16);
 }
 
+// A warp's accumulators: 2 m16 x 4 n8 tiles of the mma C fragment (rows g, g+8; columns 2t, 2t+1).
+using Frag = float[2][4][4];
+__device__ __forceinline__ void zero(Frag& f) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f[i][j][e] = 0.f;
+}
+// Promotion of n8 tile nt: acc += part * (row scale x column scale), then part = 0.
+// sx[mt][h]: activation scales of rows g + 8h; s0, s1: weight scales of columns 2t, 2t + 1.
+__device__ __forceinline__ void promote(Frag& acc, Frag& part, int nt, const float (&sx)[2][2], float s0, float s1) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    acc[mt][nt][0] = fmaf(part[mt][nt][0], sx[mt][0] * s0, acc[mt][nt][0]);
+    acc[mt][nt][1] = fmaf(part[mt][nt][1], sx[mt][0] * s1, acc[mt][nt][1]);
+    acc[mt][nt][2] = fmaf(part[mt][nt][2], sx[mt][1] * s0, acc[mt][nt][2]);
+    acc[mt][nt][3] = fmaf(part[mt][nt][3], sx[mt][1] * s1, acc[mt][nt][3]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[mt][nt][e] = 0.f;
+  }
+}
+
 template <int FMT, bool SF32>
 __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -160,13 +184,9 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
     }
   };
 
-  float acc[2][4][4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  Frag acc, part;  // promoted FP32 sums; the current scale block's tensor-core partial sums
+  zero(acc);
+  zero(part);
 
   stage_x(0, 0);
   if constexpr (FMT == kFP8) stage_w_fp8(0, 0);
@@ -176,7 +196,6 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
     store_w_fp4(0);
   }
 
-  // Rows (of this tile) and columns this thread's accumulators cover.
   const int64_t nkw = (p.w.in + kTK - 1) / kTK;  // FP8 weight scale columns
   for (int64_t kb = 0; kb < nkb; ++kb) {
     const int st = int(kb & 1);
@@ -200,14 +219,6 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
         const int64_t r = r0 + wm * 32 + mt * 16 + g + 8 * h;
         sx[mt][h] = r < p.rows ? a.xs[kb * a.xs_ld + act_row(r)] : 0.f;
       }
-    float part[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) part[i][j][e] = 0.f;
-
 #pragma unroll
     for (int ks = 0; ks < kTK / 32; ++ks) {
       uint32_t af[2][4], bf[4][2];
@@ -233,16 +244,7 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           const int cl = wn * 32 + nt * 8 + t4 * 2;
-          const float s0 = sm.wscale[st][cl][ks], s1 = sm.wscale[st][cl + 1][ks];
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            acc[mt][nt][0] = fmaf(part[mt][nt][0], sx[mt][0] * s0, acc[mt][nt][0]);
-            acc[mt][nt][1] = fmaf(part[mt][nt][1], sx[mt][0] * s1, acc[mt][nt][1]);
-            acc[mt][nt][2] = fmaf(part[mt][nt][2], sx[mt][1] * s0, acc[mt][nt][2]);
-            acc[mt][nt][3] = fmaf(part[mt][nt][3], sx[mt][1] * s1, acc[mt][nt][3]);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) part[mt][nt][e] = 0.f;
-          }
+          promote(acc, part, nt, sx, sm.wscale[st][cl][ks], sm.wscale[st][cl + 1][ks]);
         }
       }
     }
@@ -255,13 +257,7 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
           const int64_t n = n0 + wn * 32 + nt * 8 + t4 * 2 + j;
           s[j] = n < N ? scale_at<SF32>(p.w.s, ((p.wrow0 + n) / kTK) * nkw + kb) : 0.f;
         }
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          acc[mt][nt][0] = fmaf(part[mt][nt][0], sx[mt][0] * s[0], acc[mt][nt][0]);
-          acc[mt][nt][1] = fmaf(part[mt][nt][1], sx[mt][0] * s[1], acc[mt][nt][1]);
-          acc[mt][nt][2] = fmaf(part[mt][nt][2], sx[mt][1] * s[0], acc[mt][nt][2]);
-          acc[mt][nt][3] = fmaf(part[mt][nt][3], sx[mt][1] * s[1], acc[mt][nt][3]);
-        }
+        promote(acc, part, nt, sx, s[0], s[1]);
       }
     }
     if constexpr (FMT == kFP4) {
