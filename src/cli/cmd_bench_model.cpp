@@ -388,7 +388,7 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_flag("!--no-ops", o->ops, "Skip the per-op table");
   cmd->callback([o, &action] {
     action = [o] {
-      auto list = [](const std::string& s) {
+      [[maybe_unused]] auto list = [](const std::string& s) {
         std::vector<int64_t> v;
         size_t i = 0;
         while (i < s.size()) {

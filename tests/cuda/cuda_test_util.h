@@ -15,6 +15,7 @@
 #include "tensor/numeric.h"
 #include "tensor/quant.h"
 #include "util/random.h"
+#include "../model/agreement.h"
 
 namespace dsv4::test {
 
@@ -195,34 +196,6 @@ inline void expect_close(const std::vector<float>& ref, const std::vector<float>
               scale, scale > 0 ? err / scale : err, rtol);
   EXPECT_EQ(nan, 0) << what << ": NaN outputs (unwritten/poisoned elements)";
   EXPECT_LE(err, rtol * scale + atol) << what << " worst element " << at;
-}
-
-// Logits [rows, V] of two runs, row by row: error relative to the row's max |ref| (NaN in got
-// counts as infinite), the worst of them, and how many rows pick the same argmax.
-struct Agreement {
-  std::vector<float> row_rel;
-  float worst_rel = 0;
-  int64_t rows = 0, argmax_same = 0;
-};
-
-inline Agreement agree(const std::vector<float>& ref, const std::vector<float>& got, int64_t V) {
-  Agreement a;
-  a.rows = int64_t(ref.size()) / V;
-  for (int64_t r = 0; r < a.rows; ++r) {
-    float scale = 0, err = 0;
-    int64_t am = 0, ag = 0;
-    for (int64_t i = 0; i < V; ++i) {
-      const float x = ref[r * V + i], y = got[r * V + i];
-      scale = std::max(scale, std::fabs(x));
-      err = std::max(err, std::isnan(y) ? INFINITY : std::fabs(x - y));
-      if (x > ref[r * V + am]) am = i;
-      if (y > got[r * V + ag]) ag = i;
-    }
-    a.row_rel.push_back(err / std::max(scale, 1e-30f));
-    a.worst_rel = std::max(a.worst_rel, a.row_rel.back());
-    a.argmax_same += am == ag;
-  }
-  return a;
 }
 
 // Number of positions where got differs from ref, and the first of them (-1: none).
