@@ -236,10 +236,10 @@ TEST(CudaFp8, OneLayerModelsMatchCpuSimulation) {
   auto cpu = make_cpu_backend();
   CudaOptions o;
   o.fp8_gemm = Path::Kernel;
-  auto gpu = make_cuda_backend(0, o);
   Fp8Tally tally;
   for (const Fp8Case& c : fp8_one_layer_cases()) {
     GeneratedModel gm(c.config, 11);
+    auto gpu = make_cuda_backend(0, o);  // a CUDA backend holds one model's weights
     Model mc(gm.config(), gm.weights(), *cpu), mg(gm.config(), gm.weights(), *gpu);
     mc.set_fp8_activations(true);
     mg.set_fp8_activations(true);
