@@ -215,7 +215,7 @@ class CudaBackend final : public Backend {
         payload += t->nbytes;
       }
     if (!total) return;
-    DSV4_CHECK(!weights_);
+    if (weights_) fail("CUDA backend: weights of a second model; one backend holds one model's weights (one arena)");
     DSV4_CK(cudaMalloc(&weights_, total));
     constexpr size_t kChunk = 32 << 20;
     uint8_t* stage[2];
