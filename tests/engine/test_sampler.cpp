@@ -143,7 +143,9 @@ TEST(Sampler, DrawsFollowTheDistribution) {
   for (int i = 0; i < 8; ++i) {
     const double f = double(counts[size_t(i)]) / N, sd = std::sqrt(probs[size_t(i)] * (1 - probs[size_t(i)]) / N);
     EXPECT_NEAR(f, probs[size_t(i)], 5 * sd + 1e-9) << "token " << i;
-    if (probs[size_t(i)] == 0) EXPECT_EQ(counts[size_t(i)], 0);
+    if (probs[size_t(i)] == 0) {
+      EXPECT_EQ(counts[size_t(i)], 0);
+    }
   }
 }
 

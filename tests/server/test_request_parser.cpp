@@ -20,7 +20,9 @@ void expect_error(Endpoint ep, const std::string& body, int status, const std::s
   } catch (const ApiError& e) {
     EXPECT_EQ(e.status, status) << body;
     EXPECT_EQ(e.param, param) << body << " -> " << e.what();
-    if (!needle.empty()) EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    if (!needle.empty()) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
   }
 }
 
