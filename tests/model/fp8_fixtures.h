@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "../model/agreement.h"
+#include "agreement.h"
 #include "model/forward.h"
 #include "model/tiny.h"
 #include "util/random.h"
