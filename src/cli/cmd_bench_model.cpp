@@ -6,6 +6,7 @@
 #include <cmath>
 #include <deque>
 
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "model/config.h"
 #include "model/forward.h"
@@ -388,23 +389,20 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_flag("!--no-ops", o->ops, "Skip the per-op table");
   cmd->callback([o, &action] {
     action = [o] {
-      [[maybe_unused]] auto list = [](const std::string& s) {
-        std::vector<int64_t> v;
-        size_t i = 0;
-        while (i < s.size()) {
-          size_t j = s.find(',', i);
-          if (j == std::string::npos) j = s.size();
-          v.push_back(std::stoll(s.substr(i, j - i)));
-          i = j + 1;
-        }
-        if (v.empty()) fail("empty list '{}'", s);
+      auto sizes = [](const std::string& s, const char* flag) {
+        auto v = parse_int_list<int64_t>(s, flag);
+        if (v.empty()) fail("{}: empty list", flag);
+        for (int64_t x : v)
+          if (x < 1) fail("{}: {} is not a positive size", flag, x);
         return v;
       };
       if (o->tp != 1) fail("--tp {}: only --tp 1 is implemented", o->tp);
       if (o->layers < 1) fail("--layers must be >= 1");
+      if (o->steps < 1) fail("--steps must be >= 1");
+      [[maybe_unused]] const auto batches = sizes(o->batch, "--batch"), ctxs = sizes(o->ctx, "--ctx");
 #ifdef DSV4_HAVE_CUDA
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
-      return run_bench(o->layers, list(o->batch), list(o->ctx), o->steps, o->kv_fp8, o->gemm == "fp8", o->ops);
+      return run_bench(o->layers, batches, ctxs, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops);
 #else
       fail("bench model needs the CUDA backend (built without CUDA)");
       return 1;

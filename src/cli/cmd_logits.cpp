@@ -1,31 +1,10 @@
-#include <charconv>
-
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "model/checkpoint.h"
 #include "model/forward.h"
 #include "util/npy.h"
 
 namespace dsv4::cli {
-
-namespace {
-
-template <class T>
-std::vector<T> parse_list(const std::string& s, const char* flag) {
-  std::vector<T> out;
-  size_t i = 0;
-  while (i < s.size()) {
-    size_t j = s.find(',', i);
-    if (j == std::string::npos) j = s.size();
-    T v{};
-    auto [p, ec] = std::from_chars(s.data() + i, s.data() + j, v);
-    if (ec != std::errc() || p != s.data() + j) fail("{}: '{}' is not an integer", flag, s.substr(i, j - i));
-    out.push_back(v);
-    i = j + 1;
-  }
-  return out;
-}
-
-}  // namespace
 
 void register_logits(CLI::App& app, Action& action) {
   struct Opts {
@@ -48,8 +27,8 @@ void register_logits(CLI::App& app, Action& action) {
   cmd->add_flag("--mtp", o->mtp, "Write the MTP block's draft logits (row t uses position t and token t+1)");
   cmd->callback([o, &action] {
     action = [o] {
-      auto tokens = parse_list<int32_t>(o->tokens, "--tokens");
-      auto chunks = o->chunks.empty() ? std::vector<int64_t>{} : parse_list<int64_t>(o->chunks, "--chunks");
+      auto tokens = parse_int_list<int32_t>(o->tokens, "--tokens");
+      auto chunks = o->chunks.empty() ? std::vector<int64_t>{} : parse_int_list<int64_t>(o->chunks, "--chunks");
       auto ck = Checkpoint::open(o->model);
       std::unique_ptr<Backend> backend;
       if (o->backend == "cuda") {

@@ -52,6 +52,25 @@ inline bool ascii8(const uint8_t* p) {
   return (w & 0x8080808080808080ull) == 0;
 }
 
+// Advances i over well-formed UTF-8 (8 ASCII bytes at a time) up to n, or to the start of an
+// ill-formed or truncated sequence, whose Step it returns (ok: i == n).
+inline Step skip_valid(const uint8_t* p, size_t n, size_t& i) {
+  while (i < n) {
+    if (i + 8 <= n && ascii8(p + i)) {
+      i += 8;
+      continue;
+    }
+    if (p[i] < 0x80) {
+      ++i;
+      continue;
+    }
+    const Step st = step(p + i, n - i);
+    if (!st.ok) return st;
+    i += st.consumed;
+  }
+  return {0, true, false};
+}
+
 }  // namespace
 
 size_t sequence_length(std::string_view s) {
@@ -61,23 +80,8 @@ size_t sequence_length(std::string_view s) {
 }
 
 size_t first_invalid(std::string_view s) {
-  const auto* p = reinterpret_cast<const uint8_t*>(s.data());
-  const size_t n = s.size();
   size_t i = 0;
-  while (i < n) {
-    if (i + 8 <= n && ascii8(p + i)) {
-      i += 8;
-      continue;
-    }
-    if (p[i] < 0x80) {
-      ++i;
-      continue;
-    }
-    Step st = step(p + i, n - i);
-    if (!st.ok) return i;
-    i += st.consumed;
-  }
-  return std::string_view::npos;
+  return skip_valid(reinterpret_cast<const uint8_t*>(s.data()), s.size(), i).ok ? std::string_view::npos : i;
 }
 
 size_t append_lossy(std::string& out, std::string_view in, bool final) {
@@ -85,20 +89,7 @@ size_t append_lossy(std::string& out, std::string_view in, bool final) {
   const auto* p = reinterpret_cast<const uint8_t*>(in.data());
   const size_t n = in.size();
   size_t i = 0, run = 0;  // [run, i) is valid and not yet copied
-  while (i < n) {
-    if (i + 8 <= n && ascii8(p + i)) {
-      i += 8;
-      continue;
-    }
-    if (p[i] < 0x80) {
-      ++i;
-      continue;
-    }
-    Step st = step(p + i, n - i);
-    if (st.ok) {
-      i += st.consumed;
-      continue;
-    }
+  for (Step st; !(st = skip_valid(p, n, i)).ok;) {
     out.append(in.data() + run, i - run);
     if (st.truncated && !final) return i;  // keep the incomplete tail for the next chunk
     out.append(kReplacement, 3);
