@@ -1,11 +1,11 @@
 #include "tensor/kv_format.h"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 
 #include "tensor/numeric.h"
+#include "tensor/quant.h"
 
 namespace dsv4 {
 
@@ -18,20 +18,10 @@ const char* kv_format_name(KvFormat f) {
   return "?";
 }
 
-uint8_t kv_scale_code(float amax) {
-  const uint32_t b = std::bit_cast<uint32_t>(amax * (1.f / kE4M3Max));
-  return uint8_t(((b >> 23) & 0xff) + ((b & 0x7fffff) ? 1 : 0));
-}
-
 void pack_kv_row(const float* x, const KvRowLayout& L, uint8_t* row) {
   for (int64_t b = 0, k = 0; b < L.nope; b += kKvScaleBlock, ++k) {
-    const int64_t e = std::min(L.nope, b + kKvScaleBlock);
-    float amax = kKvAmaxFloor;
-    for (int64_t i = b; i < e; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const uint8_t code = kv_scale_code(amax);
-    const float scale = e8m0_to_f32(code);
-    for (int64_t i = b; i < e; ++i) row[i] = f32_to_e4m3(std::clamp(x[i] / scale, -kE4M3Max, kE4M3Max));
-    row[L.scale_offset + k] = code;
+    const float scale = fp8_dynamic_quant_block(x + b, std::min(kKvScaleBlock, L.nope - b), true, row + b, nullptr);
+    row[L.scale_offset + k] = f32_to_e8m0(scale);  // exact: a power of two (or NaN -> 0xff)
   }
   for (int64_t i = 0; i < L.rope; ++i) {
     const uint16_t h = f32_to_bf16(x[L.nope + i]);
@@ -42,7 +32,10 @@ void pack_kv_row(const float* x, const KvRowLayout& L, uint8_t* row) {
 }
 
 void unpack_kv_row(const uint8_t* row, const KvRowLayout& L, float* out) {
-  for (int64_t i = 0; i < L.nope; ++i) out[i] = e4m3_to_f32(row[i]) * e8m0_to_f32(row[L.scale_offset + i / kKvScaleBlock]);
+  for (int64_t b = 0, k = 0; b < L.nope; b += kKvScaleBlock, ++k) {
+    const float scale = e8m0_to_f32(row[L.scale_offset + k]);
+    for (int64_t i = b; i < std::min(L.nope, b + kKvScaleBlock); ++i) out[i] = e4m3_to_f32(row[i]) * scale;
+  }
   for (int64_t i = 0; i < L.rope; ++i)
     out[L.nope + i] = bf16_to_f32(uint16_t(row[L.rope_offset + 2 * i] | (uint16_t(row[L.rope_offset + 2 * i + 1]) << 8)));
 }

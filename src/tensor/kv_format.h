@@ -30,7 +30,6 @@ const char* kv_format_name(KvFormat f);  // "f32", "fp8", "fp8-simulated"
 
 inline constexpr int64_t kKvScaleBlock = 64;  // no-RoPE dims per scale
 inline constexpr int64_t kKvRowAlign = 8;     // the row stride is a multiple of this (bytes)
-inline constexpr float kKvAmaxFloor = 1e-4f;  // smallest amax a scale is derived from
 
 struct KvRowLayout {
   int64_t dim = 0, nope = 0, rope = 0;
@@ -54,10 +53,8 @@ constexpr KvRowLayout kv_row_layout(int64_t dim, int64_t nope) {
 static_assert(kv_row_layout(512, 448).bytes == 584, "DeepSeek-V4 row");
 static_assert(kv_row_layout(64, 48).bytes == 88, "tiny preset row: 48 + 32 + 1 -> 88");
 
-// CPU reference codec (kv_format.cpp), built on the exact conversions of tensor/numeric.h.
-// The scale code of a block whose (floored) amax is given: the biased exponent of
-// 2^ceil(log2(amax * (1/448))), taken from the bit pattern as the official fast_round_scale does.
-uint8_t kv_scale_code(float amax);
+// CPU reference codec (kv_format.cpp): the no-RoPE blocks go through the power-of-two dynamic
+// FP8 quantiser of tensor/quant.h (fp8_dynamic_quant_block), the RoPE dims through BF16.
 // x [dim] -> row [L.bytes] (padding written as zeros).
 void pack_kv_row(const float* x, const KvRowLayout& L, uint8_t* row);
 // row [L.bytes] -> out [dim].

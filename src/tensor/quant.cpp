@@ -6,7 +6,6 @@
 #include <bit>
 #include <cstring>
 
-#include "tensor/kv_format.h"
 #include "tensor/numeric.h"
 #include "util/error.h"
 
@@ -65,24 +64,34 @@ void dequant_fp4_groups(const uint8_t* packed, DType sd, const void* scales, int
   dequant_fp4_rows(packed, sd, scales, cols, 0, rows, out);
 }
 
+uint8_t fp8_pow2_scale_code(float amax) {
+  const uint32_t b = std::bit_cast<uint32_t>(amax * (1.f / kE4M3Max));
+  return uint8_t(((b >> 23) & 0xff) + ((b & 0x7fffff) ? 1 : 0));
+}
+
 float fp8_dynamic_scale(float amax, bool pow2) {
-  amax = std::max(amax, kKvAmaxFloor);  // the same floor and power-of-two rounding as the KV rows
-  return pow2 ? e8m0_to_f32(kv_scale_code(amax)) : amax * (1.f / kE4M3Max);
+  amax = std::max(amax, kFp8AmaxFloor);
+  return pow2 ? e8m0_to_f32(fp8_pow2_scale_code(amax)) : amax * (1.f / kE4M3Max);
+}
+
+float fp8_dynamic_quant_block(const float* x, int64_t n, bool pow2, uint8_t* q, float* roundtrip) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = fp8_dynamic_scale(amax, pow2);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t e = f32_to_e4m3(std::clamp(x[i] / scale, -kE4M3Max, kE4M3Max));
+    if (q) q[i] = e;
+    if (roundtrip) roundtrip[i] = e4m3_to_f32(e) * scale;
+  }
+  return scale;
 }
 
 void fp8_dynamic_quant(const float* x, int64_t n, int64_t block, bool pow2, uint8_t* q, float* scales,
                        float* roundtrip) {
   for (int64_t b0 = 0, bi = 0; b0 < n; b0 += block, ++bi) {
-    const int64_t b1 = std::min(n, b0 + block);
-    float amax = 0.f;
-    for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float scale = fp8_dynamic_scale(amax, pow2);
+    const int64_t len = std::min(n - b0, block);
+    const float scale = fp8_dynamic_quant_block(x + b0, len, pow2, q ? q + b0 : nullptr, roundtrip ? roundtrip + b0 : nullptr);
     if (scales) scales[bi] = scale;
-    for (int64_t i = b0; i < b1; ++i) {
-      const uint8_t e = f32_to_e4m3(std::clamp(x[i] / scale, -kE4M3Max, kE4M3Max));
-      if (q) q[i] = e;
-      if (roundtrip) roundtrip[i] = e4m3_to_f32(e) * scale;
-    }
   }
 }
 

@@ -37,8 +37,16 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Dynamic FP8 quantisation of activations, as the official act_quant (docs/MODEL.md §2.9): per block,
 // amax = max(|v|, 1e-4), scale = amax / 448, rounded up to a power of two when pow2 (ue8m0 scales),
 // q = E4M3_RNE(clamp(v / scale, -448, 448)).
+// The packed KV rows (tensor/kv_format.h) use the same quantiser with pow2 on blocks of 64.
 inline constexpr int kActBlock = 128;
+inline constexpr float kFp8AmaxFloor = 1e-4f;  // smallest amax a dynamic scale is derived from
+// The ue8m0 code of 2^ceil(log2(amax / 448)) (amax already floored), taken from the bit pattern as
+// the official fast_round_scale does.
+uint8_t fp8_pow2_scale_code(float amax);
 float fp8_dynamic_scale(float amax, bool pow2);
+// One block of n values: q (may be null) and the round trip q * scale (may be null; may alias x);
+// returns the scale.
+float fp8_dynamic_quant_block(const float* x, int64_t n, bool pow2, uint8_t* q, float* roundtrip);
 // Quantises n values in blocks of `block` to q (may be null) and their scales (one per block),
 // and writes the round trip q * scale to roundtrip (may be null; may alias x).
 void fp8_dynamic_quant(const float* x, int64_t n, int64_t block, bool pow2, uint8_t* q, float* scales,

@@ -33,7 +33,7 @@ __device__ __forceinline__ float vec_at(Vec v, int64_t i) {
 }
 
 // Biased exponent of 2^ceil(log2(amax / 448)): the power-of-two FP8 scale of the official kernels
-// (twin of kv_scale_code in tensor/kv_format.h).
+// (twin of fp8_pow2_scale_code in tensor/quant.h).
 __device__ __forceinline__ uint8_t pow2_scale_code(float amax) {
   const uint32_t bits = __float_as_uint(amax * (1.f / 448.f));
   return uint8_t(((bits >> 23) & 0xff) + ((bits & 0x7fffff) ? 1 : 0));

@@ -11,6 +11,7 @@
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cublaslt_fp8.h"
 #include "backend/cuda/gemm_problem.cuh"
+#include "tensor/quant.h"
 
 namespace dsv4::cuda {
 
@@ -33,7 +34,7 @@ __global__ void act_quant_kernel(const float* x, int64_t M, int64_t K, int64_t l
     amax = fmaxf(amax, fabsf(v[j]));
   }
   amax = warp_max(amax);
-  amax = fmaxf(amax, 1e-4f);
+  amax = fmaxf(amax, kFp8AmaxFloor);
   const float s = pow2 ? __uint_as_float(uint32_t(pow2_scale_code(amax)) << 23) : amax * (1.f / 448.f);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {

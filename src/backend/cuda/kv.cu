@@ -7,6 +7,7 @@
 
 #include "backend/cuda/common.cuh"
 #include "tensor/kv_format.h"
+#include "tensor/quant.h"
 
 namespace dsv4::cuda {
 
@@ -28,7 +29,7 @@ __device__ __forceinline__ uint16_t kv_bf16(float f) {
 
 // The scale code of the 64-value block starting at b of row v (whole warp; every lane gets it).
 __device__ __forceinline__ uint8_t kv_block_code(const float* v, int64_t b, int64_t e, int lane) {
-  float amax = kKvAmaxFloor;
+  float amax = kFp8AmaxFloor;
   for (int64_t i = b + lane; i < e; i += 32) amax = fmaxf(amax, fabsf(v[i]));
   return pow2_scale_code(warp_max(amax));
 }
