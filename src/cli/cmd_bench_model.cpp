@@ -169,7 +169,6 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
       double(prov.bytes) / (1 << 30));
   CudaOptions opts;
   opts.arena_bytes = SIZE_MAX;
-  opts.poison = false;
   auto be = make_cuda_backend(0, opts);
   double t0 = now_s();
   cuda_random_weights(*be, prov.specs, 1234);

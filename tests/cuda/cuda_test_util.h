@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda/cuda_backend.h"
 #include "tensor/numeric.h"
 #include "tensor/quant.h"
 #include "util/random.h"
@@ -24,6 +25,13 @@ namespace dsv4::test {
   do {                                                                   \
     if (!::dsv4::cuda_device_available()) GTEST_SKIP() << "no CUDA device"; \
   } while (0)
+
+// A CUDA backend that fills every new tensor with NaN / -1 (CudaOptions::poison), so an output a
+// kernel leaves unwritten shows in the comparison.
+inline std::unique_ptr<Backend> poisoned_cuda_backend(CudaOptions o = {}) {
+  o.poison = true;
+  return make_cuda_backend(0, o);
+}
 
 // n ids uniform in [0, below) (token ids, expert ids, rows).
 inline std::vector<int32_t> rand_ints(int64_t n, int64_t below, uint64_t seed) {

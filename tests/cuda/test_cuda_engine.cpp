@@ -18,7 +18,7 @@ namespace {
 std::shared_ptr<LoadedModel> tiny_on_cuda(uint64_t seed) {
   auto m = std::make_shared<LoadedModel>();
   m->generated = std::make_unique<GeneratedModel>(tiny_preset_config("tiny"), seed);
-  m->backend = make_cuda_backend();
+  m->backend = poisoned_cuda_backend();
   const ModelConfig& c = m->generated->config();
   m->model = std::make_unique<Model>(c, m->generated->weights(), *m->backend);
   m->tokenizer = Tokenizer::from_json(tiny_tokenizer_json(c.vocab_size, c.bos_token_id, c.eos_token_id), "<tiny>");

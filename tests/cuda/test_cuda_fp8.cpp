@@ -169,7 +169,7 @@ TEST(CudaFp8, LinearAllPaths) {
       if (p == Path::CublasLt && c.T <= cuda::kGemvMaxRows) continue;
       CudaOptions o;
       o.fp8_gemm = p;
-      auto gpu = make_cuda_backend(0, o);
+      auto gpu = poisoned_cuda_backend(o);
       gpu->set_act_quant(ActQuant::Fp8Pow2);
       Tensor xg = gpu->alloc({c.T, c.in}), yg = gpu->alloc({c.T, c.out});
       gpu->upload(xg, xv.data());
@@ -215,7 +215,7 @@ TEST(CudaFp8, MoE) {
       for (int64_t k = 0; k < c.D; ++k) xv[r * c.D + k] *= std::exp2(float(r % 5 - 2 + (k / 128) % 3 - 1));
     CudaOptions o;
     o.fp8_gemm = Path::Kernel;
-    auto gpu = make_cuda_backend(0, o);
+    auto gpu = poisoned_cuda_backend(o);
     gpu->set_act_quant(ActQuant::Fp8Pow2);
     Mirror mm(*cpu, *gpu);
     Pair x = mm.f32({c.T, c.D}, xv), w = mm.f32({c.T, c.k}, rm.gates), e = mm.i32({c.T, c.k}, rm.experts),
@@ -239,7 +239,7 @@ TEST(CudaFp8, OneLayerModelsMatchCpuSimulation) {
   Fp8Tally tally;
   for (const Fp8Case& c : fp8_one_layer_cases()) {
     GeneratedModel gm(c.config, 11);
-    auto gpu = make_cuda_backend(0, o);  // a CUDA backend holds one model's weights
+    auto gpu = poisoned_cuda_backend(o);  // a CUDA backend holds one model's weights
     Model mc(gm.config(), gm.weights(), *cpu), mg(gm.config(), gm.weights(), *gpu);
     mc.set_fp8_activations(true);
     mg.set_fp8_activations(true);

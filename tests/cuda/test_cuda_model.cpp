@@ -24,7 +24,7 @@ TEST(CudaModel, GeneratedTinyMatchesCpu) {
     GeneratedModel gm(tiny_preset_config(preset), 5);
     const auto& cfg = gm.config();
     auto cpu = make_cpu_backend();
-    auto gpu = make_cuda_backend(0);
+    auto gpu = poisoned_cuda_backend();
     Model mc(cfg, gm.weights(), *cpu), mg(cfg, gm.weights(), *gpu);
     const auto tok = test::rand_ints(70, cfg.vocab_size, 9);
     for (const auto& sched : std::vector<std::vector<int64_t>>{{}, std::vector<int64_t>(70, 1), {7, 1, 13, 20, 29}}) {
@@ -57,7 +57,7 @@ TEST(CudaModel, KvFp8PackedMatchesCpu) {
     auto ck = Checkpoint::open((root / name).string());
     const auto& cfg = ck->config();
     auto cpu = make_cpu_backend();
-    auto gpu = make_cuda_backend(0);
+    auto gpu = poisoned_cuda_backend();
     Model mc(cfg, ck->weights(), *cpu), mg(cfg, ck->weights(), *gpu), mg_sim(cfg, ck->weights(), *gpu);
     mc.set_kv_fp8(true);
     mg.set_kv_fp8(true);

@@ -29,7 +29,7 @@ class CudaOps : public ::testing::Test {
     DSV4_REQUIRE_GPU();
     cpu = make_cpu_backend();
 #ifdef DSV4_HAVE_CUDA
-    gpu = make_cuda_backend(0);
+    gpu = poisoned_cuda_backend();
 #endif
     m = std::make_unique<Mirror>(*cpu, *gpu);
   }

@@ -8,8 +8,6 @@
 
 #include "backend/backend.h"
 #include "tensor/kv_format.h"
-
-#include "backend/sampling.h"
 #include "tensor/numeric.h"
 #include "tensor/quant.h"
 
@@ -69,7 +67,7 @@ float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 // rows are first replaced by their FP8 round trip: the products of E4M3 (or E2M1) weights and
 // E4M3 activations are exact in FP32, so this is the official FP8 GEMM up to summation order.
 void matmul(const float* x, int64_t rows, const Linear& w, float* y, int64_t y_stride, bool quantise = false,
-            bool pow2 = true) {
+            bool pow2 = false) {
   std::vector<float> xq;
   if (quantise) {
     xq.resize(size_t(rows * w.in));
@@ -416,12 +414,22 @@ class CpuBackend final : public Backend {
            const Tensor& out) override {
     const int64_t T = x.dim(0), D = x.cols(), k = experts.cols();
     std::vector<float> acc(T * D, 0.f);
+    // Every expert's w1 and w3 read the same rows: with FP8 activations, quantise them once.
+    std::vector<float> xq;
+    if (act_quant_ != ActQuant::None) {
+      xq.resize(size_t(T * D));
+#pragma omp parallel for if (T > 1)
+      for (int64_t t = 0; t < T; ++t)
+        fp8_dynamic_quant(x.f32() + t * D, D, kActBlock, pow2_scales(), nullptr, nullptr, xq.data() + t * D);
+    }
     auto run_expert = [&](const ExpertWeights& e, const std::vector<int64_t>& toks, const std::vector<float>& g) {
       const int64_t n = int64_t(toks.size()), F = e.w1.out;
+      DSV4_CHECK(quantises_input(e.w1) == quantises_input(e.w3));  // one expert, one weight format
+      const float* src = quantises_input(e.w1) ? xq.data() : x.f32();
       std::vector<float> xin(n * D), h1(n * F), h3(n * F), y(n * D);
-      for (int64_t i = 0; i < n; ++i) std::copy_n(x.f32() + toks[i] * D, D, xin.data() + i * D);
-      matmul(xin.data(), n, e.w1, h1.data(), F, quantises_input(e.w1), pow2_scales());
-      matmul(xin.data(), n, e.w3, h3.data(), F, quantises_input(e.w3), pow2_scales());
+      for (int64_t i = 0; i < n; ++i) std::copy_n(src + toks[i] * D, D, xin.data() + i * D);
+      matmul(xin.data(), n, e.w1, h1.data(), F);
+      matmul(xin.data(), n, e.w3, h3.data(), F);
       for (int64_t i = 0; i < n * F; ++i) {
         float gt = h1[i], up = h3[i];
         if (limit > 0) {
@@ -505,12 +513,9 @@ class CpuBackend final : public Backend {
     DSV4_CHECK(rows.empty() ? n <= N : rows.numel() == n);
     const uint8_t* in = packed.u8();
     const int32_t* idx = rows.empty() ? nullptr : rows.i32();
+    for (int64_t i = 0; idx && i < n; ++i) DSV4_CHECK(idx[i] >= 0 && idx[i] < N);  // not inside OpenMP: it throws
 #pragma omp parallel for if (n * d > kParallelWork)
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t r = idx ? idx[i] : i;
-      DSV4_CHECK(r >= 0 && r < N);
-      unpack_kv_row(in + r * L.bytes, L, out.f32() + i * d);
-    }
+    for (int64_t i = 0; i < n; ++i) unpack_kv_row(in + (idx ? idx[i] : i) * L.bytes, L, out.f32() + i * d);
   }
 
   void sample(const Tensor& logits, const Tensor& params, const Tensor& uniforms, const Tensor& tokens) override {

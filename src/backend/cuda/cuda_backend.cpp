@@ -582,6 +582,7 @@ class CudaBackend final : public Backend {
   struct MoeTables {
     std::vector<cuda::WeightDesc> host;  // w1 | w2 | w3, E each
     cuda::WeightDesc* devp = nullptr;
+    size_t capacity = 0;  // descriptors devp holds
     cuda::WeightDesc first;
     const cuda::WeightDesc *w1 = nullptr, *w2 = nullptr, *w3 = nullptr;
   };
@@ -673,11 +674,12 @@ class CudaBackend final : public Backend {
       if (d.fmt != host[0].fmt || d.scale_f32 != host[0].scale_f32) fail("MoE experts of one layer mix weight formats");
     MoeTables& t = moes_[&m];
     t.host = host;
-    if (!t.devp) {
+    if (t.capacity < host.size()) {  // a MoEWeights at a reused address may have more experts
       void* p = nullptr;
       DSV4_CK(cudaMalloc(&p, host.size() * sizeof(cuda::WeightDesc)));
       extra_.push_back(p);
       t.devp = static_cast<cuda::WeightDesc*>(p);
+      t.capacity = host.size();
     }
     DSV4_CK(cudaMemcpyAsync(t.devp, host.data(), host.size() * sizeof(cuda::WeightDesc), cudaMemcpyHostToDevice, s_));
     DSV4_CK(cudaStreamSynchronize(s_));

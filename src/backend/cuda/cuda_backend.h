@@ -13,7 +13,9 @@ namespace dsv4 {
 struct CudaOptions {
   size_t arena_bytes = 0;  // activation/state arena; 0: DSV4_CUDA_ARENA_MB, else min(8 GiB, ~95% of free);
                            // SIZE_MAX: ~95% of what is free at the first allocation
-  bool poison = true;      // fill every new tensor with 0xff (NaN / -1) like the CPU reference
+  bool poison = false;     // fill every new tensor with 0xff (NaN / -1) as the CPU reference does:
+                           // the GPU tests turn it on so unwritten outputs show; serving does not
+                           // pay a memset per tensor
   // GEMMs of FP8 activations (Backend::set_act_quant) with more than a GEMV's rows: Auto takes
   // cuBLASLt's block-scaled FP8 GEMM for FP8 weights on sm_90 when it offers an algorithm, else
   // the portable tensor-core kernel (sm_89+); the other two force one (CublasLt fails when it
@@ -37,8 +39,8 @@ struct CudaDeviceInfo {
   double mem_bandwidth_gbs = 0;  // theoretical, from the memory clock and bus width
 };
 CudaDeviceInfo cuda_device_info(int device);
-size_t cuda_arena_peak(Backend& be);
-void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path);  // benchmarks compare the paths  // bytes of the activation arena ever in use at once
+size_t cuda_arena_peak(Backend& be);  // bytes of the activation arena ever in use at once
+void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path);  // benchmarks compare the paths
 
 // Median milliseconds of cuBLASLt BF16 x BF16 -> FP32 (FP32 accumulate) for y[M,N] = x[M,K] W[N,K]^T.
 double cublaslt_bf16_gemm_ms(int64_t M, int64_t N, int64_t K, int reps);

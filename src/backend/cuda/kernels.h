@@ -66,10 +66,6 @@ constexpr int64_t kGemvMaxRows = 16;
 void act_quant(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uint8_t* q, int64_t ldq, float* scales,
                float* roundtrip, cudaStream_t stream);
 
-// Whole-tensor dequantisation to float32 (tests, cuBLASLt comparison).
-void dequant_to_f32(const WeightDesc& w, float* out, cudaStream_t stream);
-void f32_to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t stream);
-
 // ---- elementwise / norms / mHC (norm.cu) -------------------------------------------------
 // Small parameter tensors arrive as device pointers with their dtype: 0 = f32, 1 = bf16.
 struct Vec {

@@ -133,21 +133,6 @@ __global__ void __launch_bounds__(256) tiled_kernel(GemmArgs a, bool vec) {
   }
 }
 
-template <int FMT, bool SF32>
-__global__ void dequant_kernel(WeightDesc w, float* out) {
-  const int64_t n = w.out * w.in;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = wload1<FMT, SF32>(w, i / w.in, i % w.in);
-}
-
-__global__ void to_bf16_kernel(const float* x, uint16_t* y, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t u = __float_as_uint(x[i]);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    y[i] = uint16_t(u >> 16);
-  }
-}
-
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
@@ -174,18 +159,6 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
       tiled_kernel<F, S><<<grid, 256, 0, stream>>>(a, vec);
     }
   });
-  DSV4_LAUNCH_CHECK();
-}
-
-void dequant_to_f32(const WeightDesc& w, float* out, cudaStream_t stream) {
-  if (w.out * w.in == 0) return;
-  dispatch_format(w, [&]<int F, bool S>() { dequant_kernel<F, S><<<blocks_for(w.out * w.in), 256, 0, stream>>>(w, out); });
-  DSV4_LAUNCH_CHECK();
-}
-
-void f32_to_bf16(const float* x, uint16_t* y, int64_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  to_bf16_kernel<<<blocks_for(n), 256, 0, stream>>>(x, y, n);
   DSV4_LAUNCH_CHECK();
 }
 
