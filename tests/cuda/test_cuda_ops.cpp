@@ -17,6 +17,7 @@
 #include "cuda_test_util.h"
 #include "model/config.h"
 #include "tensor/kv_format.h"
+#include "tensor/quant.h"
 
 using namespace dsv4;
 using namespace dsv4::test;
@@ -174,15 +175,6 @@ TEST_F(CudaOps, HyperConnections) {
     expect_close(m->host_c(u.c), m->host_g(u.g), 5e-5f, "hc_pre u " + tag);
     expect_close(m->host_c(post.c), m->host_g(post.g), 5e-5f, "hc_pre post " + tag);
     expect_close(m->host_c(comb.c), m->host_g(comb.g), 5e-5f, "hc_pre comb " + tag);
-    {
-      auto cc = m->host_c(comb.c), cg = m->host_g(comb.g);
-      for (int64_t t = 0; t < T; ++t) {
-        float e = 0;
-        for (int64_t i = 0; i < mm * mm; ++i) e = std::max(e, std::fabs(cc[t * 16 + i] - cg[t * 16 + i]));
-        if (e > 1e-4f) std::printf("[diag] hc_pre comb token %lld err %.3e cpu[0..3] %g %g %g %g gpu %g %g %g %g\n", (long long)t, e,
-                                   cc[t * 16], cc[t * 16 + 1], cc[t * 16 + 2], cc[t * 16 + 3], cg[t * 16], cg[t * 16 + 1], cg[t * 16 + 2], cg[t * 16 + 3]);
-      }
-    }
     // hc_post: identical arithmetic per element (same summation order): 1e-6.
     Pair y = m->f32({T, D}, normal(T * D, ++seed)), out = m->out({T, mm, D});
     cpu->hc_post(y.c, X.c, post.c, comb.c, out.c);
@@ -278,7 +270,9 @@ TEST_F(CudaOps, CompressorSchedules) {
 // Indexer: the chosen index lists must match exactly, except where two keys' scores are equal
 // within float rounding (then either order is right): a swap is accepted only when the reference
 // scores of the two picks differ by <= 1e-5 of the largest score. Duplicated keys create exact
-// ties, which must resolve to the lower index on both sides.
+// ties, which must resolve to the lower index on both sides: for each copied pair (j-1, j) the GPU
+// must pick the same members as the CPU, with j-1 directly before j when both are picked (no
+// near-tie allowance). Every row's GPU indices must also be distinct and within [0, usable).
 TEST_F(CudaOps, IndexTopk) {
   struct C {
     int64_t T, H, d, N, K;
@@ -308,8 +302,36 @@ TEST_F(CudaOps, IndexTopk) {
       }
       return s * wsc;
     };
-    int64_t exact = 0, near_tie = 0, bad = 0;
+    // Copied pairs (j-1, j): key j is a copy of key j-1 (the loop above).
+    auto copied_pair = [&](int32_t a, int32_t b) {
+      const int32_t lo = std::min(a, b), hi = std::max(a, b);
+      return lo >= 0 && hi == lo + 1 && hi % 97 == 1;
+    };
+    int64_t exact = 0, near_tie = 0, bad = 0, repeats = 0, tie_mismatch = 0;
     for (int64_t t = 0; t < c.T; ++t) {
+      // Position of each key in the CPU and GPU lists (-1: not picked).
+      std::vector<int64_t> pos_c(c.N, -1), pos_g(c.N, -1);
+      for (int64_t i = 0; i < K; ++i) {
+        const int32_t a = ic[t * K + i], b = ig[t * K + i];
+        if (a >= 0 && a < c.N) pos_c[a] = i;
+        if (b < 0) continue;
+        if (b >= us[t]) continue;  // out of range: counted as bad below (never equal to the CPU's pick)
+        if (pos_g[b] >= 0) {
+          ++repeats;
+          ADD_FAILURE() << "index_topk row " << t << ": GPU index " << b << " at positions " << pos_g[b] << " and " << i;
+        }
+        pos_g[b] = i;
+      }
+      for (int64_t j = 1; j < c.N; j += 97) {
+        const bool in_c = pos_c[j - 1] >= 0 && pos_c[j] >= 0, in_g = pos_g[j - 1] >= 0 && pos_g[j] >= 0;
+        const bool ok = (pos_c[j - 1] >= 0) == (pos_g[j - 1] >= 0) && (pos_c[j] >= 0) == (pos_g[j] >= 0) &&
+                        (!in_c || pos_c[j] == pos_c[j - 1] + 1) && (!in_g || pos_g[j] == pos_g[j - 1] + 1);
+        if (!ok) {
+          ++tie_mismatch;
+          ADD_FAILURE() << "index_topk row " << t << ": copied keys " << j - 1 << "," << j << " at CPU positions "
+                        << pos_c[j - 1] << "," << pos_c[j] << " but GPU positions " << pos_g[j - 1] << "," << pos_g[j];
+        }
+      }
       double smax = 0;
       for (int64_t i = 0; i < K; ++i)
         if (ic[t * K + i] >= 0) smax = std::max(smax, std::fabs(score(t, ic[t * K + i])));
@@ -317,17 +339,21 @@ TEST_F(CudaOps, IndexTopk) {
         const int32_t a = ic[t * K + i], b = ig[t * K + i];
         if (a == b) {
           ++exact;
-        } else if (a >= 0 && b >= 0 && b < us[t] && std::fabs(score(t, a) - score(t, b)) <= 1e-5 * smax) {
+        } else if (a >= 0 && b >= 0 && b < us[t] && !copied_pair(a, b) &&
+                   std::fabs(score(t, a) - score(t, b)) <= 1e-5 * smax) {
           ++near_tie;
         } else {
           ++bad;
         }
       }
     }
-    std::printf("[maxerr] index_topk T=%lld H=%lld d=%lld N=%lld K=%lld exact=%lld near_tie_swaps=%lld bad=%lld\n",
+    std::printf("[maxerr] index_topk T=%lld H=%lld d=%lld N=%lld K=%lld exact=%lld near_tie_swaps=%lld bad=%lld "
+                "repeats=%lld copied_tie_mismatch=%lld\n",
                 (long long)c.T, (long long)c.H, (long long)c.d, (long long)c.N, (long long)K, (long long)exact,
-                (long long)near_tie, (long long)bad);
+                (long long)near_tie, (long long)bad, (long long)repeats, (long long)tie_mismatch);
     EXPECT_EQ(bad, 0);
+    EXPECT_EQ(repeats, 0);
+    EXPECT_EQ(tie_mismatch, 0);
   }
 }
 
@@ -406,10 +432,20 @@ TEST_F(CudaOps, MoE) {
 }
 
 // Production-KV round trip: the same power-of-two scale and RNE casts on both sides: exact.
+// Every third row has one whole FP8 block (64 values of the nope part, or its partial tail)
+// scaled by 1e-6 (amax ~1e-5), below the 1e-4 amax floor, cycling through the blocks.
 TEST_F(CudaOps, QuantizeKv) {
   for (auto [rows, d, nope] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{100, 512, 448}, {7, 96, 72}, {3, 128, 100}}) {
     auto v = normal(rows * d, rows + d, 3.f);
-    for (int64_t i = 0; i < d; i += 64) v[i] = 0.f;  // tiny blocks: amax floor 1e-4
+    const int64_t nb = (nope + 63) / 64;
+    int64_t floored = 0;
+    for (int64_t r = 0; r < rows; r += 3) {
+      const int64_t b0 = ((r / 3) % nb) * 64, b1 = std::min(nope, b0 + 64);
+      float amax = 0;
+      for (int64_t i = b0; i < b1; ++i) amax = std::max(amax, std::fabs(v[r * d + i] *= 1e-6f));
+      floored += amax < kFp8AmaxFloor;
+    }
+    ASSERT_EQ(floored, (rows + 2) / 3) << "every scaled block must fall below the amax floor";
     Pair x = m->f32({rows, d}, v);
     cpu->quantize_kv(x.c, nope);
     gpu->quantize_kv(x.g, nope);

@@ -3,6 +3,9 @@
 // records events and logits rows, random prompts.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <map>
 #include <mutex>
 
@@ -97,8 +100,14 @@ inline void expect_rows_near(const std::vector<std::vector<float>>& a, const std
   ASSERT_EQ(a.size(), b.size()) << what;
   for (size_t r = 0; r < a.size(); ++r) {
     ASSERT_EQ(a[r].size(), b[r].size()) << what;
-    float err = 0;
-    for (size_t i = 0; i < a[r].size(); ++i) err = std::max(err, std::fabs(a[r][i] - b[r][i]));
+    float err = 0;  // a NaN on either side counts as an infinite error (std::max would drop it)
+    for (size_t i = 0; i < a[r].size(); ++i) {
+      const float x = a[r][i], y = b[r][i];
+      const float e = std::isnan(x) || std::isnan(y) ? std::numeric_limits<float>::infinity()
+                      : x == y                       ? 0.f
+                                                     : std::fabs(x - y);
+      err = std::max(err, e);
+    }
     EXPECT_LE(err, tol) << what << " row " << r;
   }
 }

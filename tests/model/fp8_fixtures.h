@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "agreement.h"
@@ -93,11 +94,15 @@ inline std::vector<float> fp8_case_logits(Model& m) {
 // Rows whose error is within 1e-3 of their max |logit| agree up to summation order (a few FP32
 // ulps through a requantised layer); an isolated E4M3 flip, or a router/indexer top-k choice it
 // tips over, moves its row further. Bounds, over all rows of all cases: >= 99 % of rows within
-// 1e-3, >= 99 % keep their argmax (the bound of the FP8 KV check), no NaN. A wrong kernel or
+// 1e-3, >= 99 % keep their argmax (the bound of the FP8 KV check), no NaN; and per case (counted
+// by add(), checked with the rest by expect_agreement(), so a tally only printed asserts nothing)
+// at most 2 rows outside 1e-3 (measured: 0 on the CPU nudge runs, at most 2 of 192 on the GPU
+// run), so a bug confined to a case's few decode rows cannot hide in the pool. A wrong kernel or
 // wiring fails every row of its case.
 struct Fp8Tally {
   int64_t rows = 0, close = 0, argmax_same = 0, nan = 0;
   float worst = 0;
+  std::vector<std::pair<std::string, int64_t>> outside;  // per case: rows outside 1e-3
   void add(const std::string& what, const std::vector<float>& ref, const std::vector<float>& got, int64_t vocab) {
     const Agreement a = agree(ref, got, vocab);
     int64_t close_here = 0;
@@ -105,6 +110,7 @@ struct Fp8Tally {
       close_here += e <= 1e-3f;
       nan += std::isinf(e);
     }
+    outside.emplace_back(what, a.rows - close_here);
     std::printf("[model] fp8-act %-22s rows=%lld worst_rel=%.3e within_1e-3=%lld argmax=%lld\n", what.c_str(),
                 (long long)a.rows, a.worst_rel, (long long)close_here, (long long)a.argmax_same);
     rows += a.rows;
@@ -119,6 +125,7 @@ struct Fp8Tally {
     EXPECT_EQ(nan, 0) << what << ": rows with NaN logits";
     EXPECT_GE(double(close), 0.99 * double(rows)) << what;
     EXPECT_GE(double(argmax_same), 0.99 * double(rows)) << what;
+    for (const auto& [name, n] : outside) EXPECT_LE(n, 2) << what << ": case " << name << " has rows outside 1e-3";
   }
 };
 

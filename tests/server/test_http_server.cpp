@@ -167,6 +167,7 @@ TEST(HttpServer, ReasoningFromFixture) {
   Running s(eng, tok, ServerConfig{});
   auto res = s.post("/v1/chat/completions",
                     {{"messages", {{{"role", "user"}, {"content", "2+2"}}}}, {"thinking", {{"type", "enabled"}}}});
+  ASSERT_TRUE(res);
   ASSERT_EQ(res->status, 200);
   auto j = json::parse(res->body);
   EXPECT_EQ(j["choices"][0]["message"]["reasoning_content"], "hmm, four");
@@ -180,11 +181,13 @@ TEST(HttpServer, EngineRejectionAndFailure) {
   Running s(eng, tok, ServerConfig{});
   eng.reject_ = true;
   auto res = s.post("/v1/completions", {{"prompt", "x"}});
+  ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);
   EXPECT_NE(res->body.find("rejected for the test"), std::string::npos);
   eng.reject_ = false;
   eng.fail_ = true;
   res = s.post("/v1/completions", {{"prompt", "x"}});
+  ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 500);
   EXPECT_EQ(json::parse(res->body)["error"]["message"], "device on fire");
 }
@@ -198,22 +201,32 @@ TEST(HttpServer, AuthContextAndModel) {
   cfg.model_name = "m";
   Running s(eng, tok, cfg);
   json body = {{"prompt", "hello"}, {"max_tokens", 10}};
-  EXPECT_EQ(s.post("/v1/completions", body)->status, 401);
-  EXPECT_EQ(s.post("/v1/completions", body, {{"Authorization", "Bearer x"}})->status, 401);
-  EXPECT_EQ(s.post("/v1/completions", body, {{"Authorization", "Bearer k"}})->status, 200);
+  auto res = s.post("/v1/completions", body);
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 401);
+  res = s.post("/v1/completions", body, {{"Authorization", "Bearer x"}});
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 401);
+  res = s.post("/v1/completions", body, {{"Authorization", "Bearer k"}});
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
   body["max_tokens"] = 63;  // + a prompt of >= 2 tokens (BOS + text) > 64
-  auto res = s.post("/v1/completions", body, {{"Authorization", "Bearer k"}});
+  res = s.post("/v1/completions", body, {{"Authorization", "Bearer k"}});
+  ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);
   EXPECT_EQ(json::parse(res->body)["error"]["code"], "context_length_exceeded");
   body["max_tokens"] = 3;
   body["model"] = "other";
   res = s.post("/v1/completions", body, {{"Authorization", "Bearer k"}});
+  ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 404);
   EXPECT_EQ(json::parse(res->body)["error"]["code"], "model_not_found");
   // Without max_tokens the engine gets the rest of the context.
   body.erase("max_tokens");
   body.erase("model");
-  EXPECT_EQ(s.post("/v1/completions", body, {{"Authorization", "Bearer k"}})->status, 200);
+  res = s.post("/v1/completions", body, {{"Authorization", "Bearer k"}});
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200);
   EXPECT_EQ(int64_t(eng.last_.prompt.size()) + eng.last_.sampling.max_tokens, 64);
 }
 
