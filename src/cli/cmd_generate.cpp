@@ -31,11 +31,14 @@ void register_generate(CLI::App& app, Action& action) {
   cmd->add_option("--top-k", o->top_k, "Top-k (0: off)");
   cmd->add_option("--min-p", o->min_p, "Min-p relative to the most likely token");
   cmd->add_option("--seed", o->seed, "Sampling seed");
-  cmd->add_option("-n", o->n, "Parallel samples");
+  // Checked here: the per-sample buffers and the engine's slots are sized from -n before the
+  // engine sees it (-n -1 threw std::length_error).
+  cmd->add_option("-n", o->n, "Parallel samples")->check(CLI::Range(1, 4096));
   cmd->add_option("--kv-memory", o->kv_memory, "Sequence state memory budget (e.g. 512M, 4G)");
   cmd->add_option("--kv", o->kv, "KV storage: f32 (exact, default) or fp8 (production rows)")
       ->check(CLI::IsMember({"f32", "fp8"}));
-  cmd->add_option("--block-size", o->block_size, "Tokens per state block (default 256)");
+  cmd->add_option("--block-size", o->block_size, "Tokens per state block (default 256)")
+      ->check(CLI::Range(int64_t(0), int64_t(1) << 20));  // as dsv4 serve; negative silently meant 256
   cmd->add_option("--backend", o->backend, "cpu | cuda");
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
       ->check(CLI::IsMember({"exact", "fp8"}));

@@ -4,10 +4,13 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <thread>
 
 #include "cli/commands.h"
+#include "engine/llm_engine.h"
 #include "model/checkpoint.h"
 #include "model/tiny.h"
 #include "server/scripted_engine.h"
@@ -16,13 +19,6 @@
 #include "text/tokenizer.h"
 #include "util/error.h"
 #include "util/log.h"
-
-#if __has_include("engine/llm_engine.h")
-#include "engine/llm_engine.h"
-#define DSV4_SERVE_HAS_ENGINE 1
-#else
-#define DSV4_SERVE_HAS_ENGINE 0
-#endif
 
 namespace dsv4::cli {
 
@@ -49,7 +45,7 @@ struct ServeOpts {
 
 // The loaded model: tokenizer, context and the engine serving it.
 struct Loaded {
-  Tokenizer tok = Tokenizer::from_json(tiny_tokenizer_json(300, 0, 1), "<placeholder>");
+  std::optional<Tokenizer> tok;  // set by load() on every path
   int64_t context = 0;
   std::string name;
   std::unique_ptr<Engine> engine;
@@ -61,7 +57,6 @@ struct Loaded {
 Loaded load(const ServeOpts& o) {
   Loaded L;
   ProgressBar bar(o.model.empty() ? "generating demo model" : "loading model", 3);
-#if DSV4_SERVE_HAS_ENGINE
   if (o.engine != "scripted") {
     std::shared_ptr<LoadedModel> lm =
         o.model.empty() ? LoadedModel::demo(o.demo_preset, 1234) : LoadedModel::load(o.model, o.backend);
@@ -90,9 +85,6 @@ Loaded load(const ServeOpts& o) {
     if (!o.served_name.empty()) L.name = o.served_name;
     return L;
   }
-#else
-  if (o.engine == "model") fail("--engine model: this build has no model engine (src/engine)");
-#endif
   if (o.model.empty()) {
     nlohmann::json cfg = tiny_preset_config(o.demo_preset);
     L.demo = std::make_unique<GeneratedModel>(cfg, 1234);
@@ -108,8 +100,7 @@ Loaded load(const ServeOpts& o) {
     if (!std::filesystem::exists(tj)) fail("--model: {} has no tokenizer.json", o.model);
     L.tok = Tokenizer::load(tj);
     L.context = L.checkpoint->config().max_position_embeddings;
-    L.name = std::filesystem::path(o.model).filename().string();
-    if (L.name.empty()) L.name = std::filesystem::path(o.model).parent_path().filename().string();
+    L.name = model_dir_name(o.model);
   }
   bar.advance(1);
   if (o.max_model_len > 0) L.context = o.max_model_len;
@@ -120,7 +111,7 @@ Loaded load(const ServeOpts& o) {
   so.context = L.context;
   so.max_running = o.max_running;
   so.step_time = std::chrono::microseconds(int64_t(o.step_ms * 1000));
-  L.engine = std::make_unique<server::ScriptedEngine>(L.tok, so);
+  L.engine = std::make_unique<server::ScriptedEngine>(*L.tok, so);
   L.engine_kind = "scripted";
   bar.advance(1);
   bar.finish();
@@ -158,7 +149,7 @@ int serve(const ServeOpts& o) {
   cfg.default_max_tokens = o.default_max_tokens;
   cfg.test_hooks = o.test_hooks;
   cfg.shutdown_timeout_s = o.shutdown_timeout;
-  server::HttpServer http(*L.engine, L.tok, cfg);
+  server::HttpServer http(*L.engine, *L.tok, cfg);
   int port = http.bind();
 
   std::thread sig([&http, set] {
@@ -198,7 +189,14 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--max-running-requests", o->max_running, "Requests the engine runs at once")->capture_default_str()->check(CLI::Range(1, 4096));
   cmd->add_option("--max-batched-tokens", o->max_batched_tokens, "Tokens fed to the model per scheduler step (chunked prefill + decodes)")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 24));
   cmd->add_option("--block-size", o->block_size, "Tokens per state block (0: 256; a multiple of every compress ratio)")->check(CLI::Range(int64_t(0), int64_t(1) << 20));
-  cmd->add_option("--gpu-memory-utilization", o->gpu_memory_utilization, "Share of free device memory for sequence state when --kv-memory is not given (device backends)")->capture_default_str()->check(CLI::Range(0.01, 0.99));
+  cmd->add_option("--gpu-memory-utilization", o->gpu_memory_utilization,
+                  "cuda, without --kv-memory: share, in (0, 1], of the device memory free after the weights that the engine takes for state + activations")
+      ->capture_default_str()
+      // The engine checks it too (EngineConfig); here it fails before a long model load.
+      ->check([](const std::string& s) -> std::string {
+        const double u = std::strtod(s.c_str(), nullptr);
+        return u > 0 && u <= 1 ? "" : "must be in (0, 1], got " + s;
+      });
   cmd->add_flag("--no-prefix-caching", o->no_prefix_caching, "Disable prefix caching");
   cmd->add_option("--tp", o->tp, "Tensor/expert-parallel size")->capture_default_str()->check(CLI::Range(1, 64));
   cmd->add_option("--max-model-len", o->max_model_len, "Context limit (prompt + max_tokens); default: the model's");

@@ -14,6 +14,9 @@
 #include <thread>
 #include <unordered_map>
 
+#ifdef DSV4_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
 #include "engine/sampler.h"
 #include "engine/state_manager.h"
 #include "model/checkpoint.h"
@@ -60,8 +63,7 @@ std::shared_ptr<LoadedModel> LoadedModel::load(const std::string& dir, const std
   m->model = std::make_unique<Model>(m->checkpoint->config(), m->checkpoint->weights(), *m->backend);
   const auto tok = std::filesystem::path(dir) / "tokenizer.json";
   if (std::filesystem::exists(tok)) m->tokenizer = Tokenizer::load(tok.string());
-  m->name = std::filesystem::path(dir).filename().string();
-  if (m->name.empty()) m->name = dir;
+  m->name = model_dir_name(dir);
   return m;
 }
 
@@ -104,6 +106,33 @@ int64_t parse_memory_size(const std::string& text, const std::string& flag) {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Bytes of the state pool when no block count is forced: --kv-memory, else 256 MiB on the CPU.
+// On CUDA, usable = gpu_memory_utilization x the device memory free now (after the weights'
+// upload); the pool lives in the backend's activation arena, which the engine therefore sizes
+// itself (the backend default, at most 8 GiB, is meant for activations alone): arena = state +
+// headroom, headroom = min(8 GiB, usable / 2) for activations, state = --kv-memory or the rest
+// of usable. Why: a pool sized from free memory alone would starve the activations (or not fit).
+int64_t state_budget(const EngineConfig& cfg, [[maybe_unused]] Backend& be) {
+#ifdef DSV4_HAVE_CUDA
+  if (be.name() == "cuda") {
+    const size_t free_b = cuda_device_info(0).free_bytes;  // LoadedModel::load uses device 0
+    const size_t usable = size_t(cfg.gpu_memory_utilization * double(free_b));
+    const size_t headroom = std::min<size_t>(size_t(8) << 30, usable / 2);
+    size_t state = usable - headroom;
+    if (cfg.kv_memory_bytes > 0) {
+      state = size_t(cfg.kv_memory_bytes);
+      if (state + headroom > free_b)
+        fail("--kv-memory: {} bytes of state plus {} bytes of activation headroom exceed the {} bytes free on the "
+             "device",
+             state, headroom, free_b);
+    }
+    cuda_set_arena_bytes(be, state + headroom);
+    return int64_t(state);
+  }
+#endif
+  return cfg.kv_memory_bytes > 0 ? cfg.kv_memory_bytes : int64_t(256) << 20;
+}
 
 struct RequestRec;
 
@@ -153,6 +182,8 @@ class EngineImpl final : public LLMEngine {
     if (B % g) fail("--block-size: {} must be a multiple of {} (every compress ratio of the model)", B, g);
     if (cfg_.max_running_requests <= 0) fail("--max-running-requests must be positive, got {}", cfg_.max_running_requests);
     if (cfg_.max_batched_tokens <= 0) fail("--max-batched-tokens must be positive, got {}", cfg_.max_batched_tokens);
+    if (!(cfg_.gpu_memory_utilization > 0 && cfg_.gpu_memory_utilization <= 1))
+      fail("--gpu-memory-utilization: must be in (0, 1], got {}", cfg_.gpu_memory_utilization);
     const KvFormat kv = cfg_.kv_fp8 ? KvFormat::FP8 : KvFormat::F32;
     const StateLayout layout = state_layout(mc, B, kv);
     StatePlan plan;
@@ -161,8 +192,7 @@ class EngineImpl final : public LLMEngine {
       plan.num_blocks = cfg_.num_blocks;
       plan.num_snapshots = cfg_.num_snapshots >= 0 ? cfg_.num_snapshots : cfg_.num_blocks;
     } else {
-      int64_t budget = cfg_.kv_memory_bytes;
-      if (budget <= 0) budget = int64_t(256) << 20;
+      const int64_t budget = state_budget(cfg_, model.backend());
       plan = plan_state(layout, budget, plan.num_slots, cfg_.enable_prefix_caching ? cfg_.snapshot_fraction : 0.0);
       if (cfg_.num_snapshots >= 0) plan.num_snapshots = cfg_.num_snapshots;
     }

@@ -37,10 +37,11 @@ struct LoadedModel {
 };
 
 struct EngineConfig {
-  // State memory budget in bytes (--kv-memory); 0: 256 MiB on the CPU backend, or
-  // gpu_memory_utilization of the free device memory on a device backend.
+  // State memory budget in bytes (--kv-memory); 0: 256 MiB on the CPU backend; on CUDA,
+  // gpu_memory_utilization of the device memory free at engine start (after the weights) less
+  // the activation headroom (docs/ENGINE.md, "Device memory").
   int64_t kv_memory_bytes = 0;
-  double gpu_memory_utilization = 0.9;
+  double gpu_memory_utilization = 0.9;  // in (0, 1]
   int64_t num_blocks = 0;                // > 0: overrides the budget (tests)
   int64_t block_size = 0;                // tokens per block; 0: 256 (must be a multiple of every ratio)
   int64_t max_running_requests = 64;     // running sequences (samples)

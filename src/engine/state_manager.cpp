@@ -189,6 +189,7 @@ int64_t StateManager::blocks_needed(const Seq& s, int64_t tokens) const {
 
 bool StateManager::reserve(Seq& s, int64_t tokens) {
   const int64_t need = blocks_needed(s, tokens);
+  if (need == 0) return true;  // most calls (decodes within a block): skip the evictable scan below
   if (need > available_blocks()) return false;
   for (int64_t i = 0; i < need; ++i) {
     const int32_t b = take_block();

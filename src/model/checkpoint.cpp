@@ -64,6 +64,13 @@ class CheckpointProvider : public TensorProvider {
   Checkpoint& ck_;
 };
 
+std::string model_dir_name(const std::string& dir) {
+  std::string p = fs::absolute(dir).lexically_normal().string();  // "m/./" -> "/cwd/m/"
+  while (p.size() > 1 && p.back() == fs::path::preferred_separator) p.pop_back();
+  std::string name = fs::path(p).filename().string();
+  return name.empty() ? dir : name;
+}
+
 std::unique_ptr<Checkpoint> Checkpoint::open(const std::string& dir) {
   auto ck = std::unique_ptr<Checkpoint>(new Checkpoint());
   ck->dir_ = dir;

@@ -38,4 +38,8 @@ class Checkpoint {
   ModelWeights weights_;
 };
 
+// The model id of a model directory: the directory's own name, whatever trailing separators or
+// "." components the path has ("/m/DeepSeek-V4/" -> "DeepSeek-V4"); the path as given for "/".
+std::string model_dir_name(const std::string& dir);
+
 }  // namespace dsv4

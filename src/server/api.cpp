@@ -102,6 +102,18 @@ std::optional<std::string> get_string(const ojson& o, const char* key) {
   return v->get<std::string>();
 }
 
+// An array of token ids; an entry that is not one names itself (`param[i]`) in the error.
+std::vector<int32_t> token_ids(const ojson& a, const std::string& param) {
+  std::vector<int32_t> ids;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const ojson& t = a[i];
+    if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
+      bad(fmt::format("{}[{}]", param, i), fmt::format("'{}' entries must be non-negative integer token ids", param));
+    ids.push_back(int32_t(t.get<int64_t>()));
+  }
+  return ids;
+}
+
 ojson parse_body(std::string_view body) {
   ojson j;
   try {
@@ -167,12 +179,7 @@ void parse_common(const ojson& j, ParsedRequest& r, const ParseLimits& lim) {
   }
   if (const ojson* v = field(j, "stop_token_ids")) {
     if (!v->is_array()) wrong_type("stop_token_ids", "an array of integers", *v);
-    for (size_t i = 0; i < v->size(); ++i) {
-      const ojson& t = (*v)[i];
-      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
-        bad(fmt::format("stop_token_ids[{}]", i), "'stop_token_ids' entries must be non-negative token ids");
-      s.stop_token_ids.push_back(int32_t(t.get<int64_t>()));
-    }
+    s.stop_token_ids = token_ids(*v, "stop_token_ids");
   }
   if (auto v = get_bool(j, "ignore_eos")) s.ignore_eos = *v;
   if (auto v = get_int(j, "n", 1, lim.max_n)) s.n = int32_t(*v);
@@ -356,28 +363,18 @@ ParsedRequest parse_completion_request(std::string_view body, const ParseLimits&
   parse_common(j, r, lim);
   const ojson* p = field(j, "prompt");
   if (!p) bad("prompt", "'prompt' is required");
-  auto as_ids = [&](const ojson& a, const std::string& param) {
-    std::vector<int32_t> ids;
-    for (size_t i = 0; i < a.size(); ++i) {
-      const ojson& t = a[i];
-      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
-        bad(fmt::format("{}[{}]", param, i), "token ids must be non-negative integers");
-      ids.push_back(int32_t(t.get<int64_t>()));
-    }
-    return ids;
-  };
   if (p->is_string()) {
     r.prompt_text = p->get<std::string>();
   } else if (p->is_array()) {
     // A list of one string or one token-id list (batches of several prompts are not supported).
     if (p->empty()) bad("prompt", "'prompt' must not be empty");
     if ((*p)[0].is_number()) {
-      r.prompt_ids = as_ids(*p, "prompt");
+      r.prompt_ids = token_ids(*p, "prompt");
       r.prompt_is_ids = true;
     } else if (p->size() == 1 && (*p)[0].is_string()) {
       r.prompt_text = (*p)[0].get<std::string>();
     } else if (p->size() == 1 && (*p)[0].is_array()) {
-      r.prompt_ids = as_ids((*p)[0], "prompt[0]");
+      r.prompt_ids = token_ids((*p)[0], "prompt[0]");
       r.prompt_is_ids = true;
     } else {
       bad("prompt", "'prompt' must be a string, a list of token ids, or a list with one of those (batched prompts are not supported)");

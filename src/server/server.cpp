@@ -36,16 +36,6 @@ std::string random_hex(size_t n) {
   return s;
 }
 
-const char* finish_name(FinishReason r) {
-  switch (r) {
-    case FinishReason::Stop: return "stop";
-    case FinishReason::Length: return "length";
-    case FinishReason::Abort: return "abort";
-    case FinishReason::Error: return "error";
-    default: return nullptr;
-  }
-}
-
 // ---------------------------------------------------------------- metrics (Prometheus text)
 
 struct Histogram {
@@ -78,7 +68,7 @@ struct Metrics {
   Histogram ttft{{0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80}};
   Histogram tpot{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5}};
   Histogram e2e{{0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240}};
-  Histogram queue{{0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}};
+  // No queue-time histogram: the engine reports no admission time per request.
 };
 
 // ---------------------------------------------------------------- one request in flight
@@ -90,6 +80,8 @@ struct SampleOut {
   FinishReason finish = FinishReason::None;
   std::string error;
   int32_t completion_tokens = 0;
+  Clock::time_point first_token_time, last_token_time;  // when this sample's first / last tokens arrived
+  int32_t generated() const { return completion_tokens ? completion_tokens : int32_t(tokens.size()); }
   // Forced output (test hook): the engine's tokens are replaced one for one.
   size_t forced_pos = 0;
   std::unique_ptr<IncrementalDecoder> forced_dec;
@@ -222,7 +214,6 @@ struct HttpServer::Impl {
     metrics.ttft.write(out, "dsv4_time_to_first_token_seconds", "Time from request arrival to the first token");
     metrics.tpot.write(out, "dsv4_time_per_output_token_seconds", "Mean time between output tokens, per request");
     metrics.e2e.write(out, "dsv4_e2e_request_latency_seconds", "Request latency, arrival to last token");
-    metrics.queue.write(out, "dsv4_request_queue_time_seconds", "Time from arrival to the first engine event");
     return out;
   }
 
@@ -253,7 +244,7 @@ struct Gen {
   bool finished_all = false;
   bool aborted_by_client = false;
   int32_t prompt_tokens = 0, cached_tokens = 0;
-  Clock::time_point first_token_time, last_token_time;
+  Clock::time_point first_token_time;  // of any sample
   std::string failure;  // an engine error
 
   const char* endpoint_name() const { return ep == Endpoint::Chat ? "chat" : "completions"; }
@@ -282,7 +273,8 @@ struct Gen {
         first_token_seen = true;
         first_token_time = now;
       }
-      last_token_time = now;
+      if (o.first_token_time == Clock::time_point{}) o.first_token_time = now;
+      o.last_token_time = now;
     }
     if (e.finish != FinishReason::None) {
       o.finish = e.finish;
@@ -291,7 +283,8 @@ struct Gen {
       o.completion_tokens = e.completion_tokens;
       if (e.finish == FinishReason::Error && failure.empty()) failure = e.error.empty() ? "engine error" : e.error;
       prompt_tokens = std::max(prompt_tokens, e.prompt_tokens);
-      cached_tokens = std::max(cached_tokens, e.cached_prompt_tokens);
+      // Sample 0's: the forks of n > 1 report the whole shared prompt as cached.
+      if (e.index == 0) cached_tokens = e.cached_prompt_tokens;
     }
     return text;
   }
@@ -310,7 +303,7 @@ struct Gen {
 
   int32_t completion_tokens() const {
     int32_t n = 0;
-    for (const auto& o : out) n += o.completion_tokens ? o.completion_tokens : int32_t(o.tokens.size());
+    for (const auto& o : out) n += o.generated();
     return n;
   }
 
@@ -375,8 +368,7 @@ struct Gen {
 
   std::string chat_finish(const SampleOut& o, bool has_tools) const {
     if (o.finish == FinishReason::Stop && has_tools) return "tool_calls";
-    const char* f = finish_name(o.finish);
-    return f ? f : "stop";
+    return o.finish == FinishReason::None ? "stop" : finish_reason_name(o.finish);
   }
 
   json full_chat_response() {
@@ -406,7 +398,7 @@ struct Gen {
     json choices = json::array();
     for (size_t i = 0; i < out.size(); ++i) {
       std::string text = r.echo ? prompt_text + out[i].text : out[i].text;
-      json c = {{"index", i}, {"text", text}, {"finish_reason", finish_name(out[i].finish) ? finish_name(out[i].finish) : "stop"}};
+      json c = {{"index", i}, {"text", text}, {"finish_reason", out[i].finish == FinishReason::None ? "stop" : finish_reason_name(out[i].finish)}};
       c["logprobs"] = r.logprobs ? completion_logprobs(out[i].logprobs, 0, r.echo) : json(nullptr);
       choices.push_back(c);
     }
@@ -435,7 +427,7 @@ struct Gen {
       if (!text.empty() || !e.logprobs.empty() || o.finish != FinishReason::None) {
         json c = {{"index", i}, {"text", text}, {"finish_reason", nullptr}};
         c["logprobs"] = r.logprobs ? completion_logprobs(e.logprobs, o.text.size() - text.size(), false) : json(nullptr);
-        if (o.finish != FinishReason::None) c["finish_reason"] = finish_name(o.finish);
+        if (o.finish != FinishReason::None) c["finish_reason"] = finish_reason_name(o.finish);
         json j = chunk_base();
         j["choices"] = json::array({c});
         s += sse(j);
@@ -648,9 +640,13 @@ void HttpServer::Impl::handle_generate(Endpoint ep, const httplib::Request& req,
     metrics.generation_tokens += uint64_t(ct);
     if (g->first_token_seen) {
       metrics.ttft.observe(std::chrono::duration<double>(g->first_token_time - g->live->start).count());
-      metrics.queue.observe(std::chrono::duration<double>(g->first_token_time - g->live->start).count());
-      if (ct > 1)
-        metrics.tpot.observe(std::chrono::duration<double>(g->last_token_time - g->first_token_time).count() / double(ct - 1));
+      // TPOT from sample 0 alone: its time from first to last token over its tokens after the
+      // first. (All samples decode in the same steps, so dividing by the tokens of all n samples
+      // would make it n times too small.)
+      const SampleOut& s0 = g->out[0];
+      if (s0.generated() > 1 && s0.first_token_time != Clock::time_point{})
+        metrics.tpot.observe(std::chrono::duration<double>(s0.last_token_time - s0.first_token_time).count() /
+                             double(s0.generated() - 1));
     }
     metrics.e2e.observe(seconds_since(g->live->start));
   };

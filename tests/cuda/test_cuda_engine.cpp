@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include "../engine/engine_test_util.h"
+#include "backend/cuda/cuda_backend.h"
 #include "cuda_test_util.h"
 #include "model/checkpoint.h"
 #include "model/tiny.h"
@@ -178,4 +179,31 @@ TEST(CudaEngine, DeviceSamplingMatchesHostSampling) {
   }
   EXPECT_EQ(host_m.device_sampled_tokens, 0);
   EXPECT_EQ(dev_m.device_sampled_tokens, dev_m.generation_tokens_total - 16);
+}
+
+// No --kv-memory on CUDA: the engine takes gpu_memory_utilization of the device memory free after
+// the weights, as one arena for the state pool plus the activation headroom (docs/ENGINE.md,
+// "Device memory"), and a request runs in it.
+TEST(CudaEngine, GpuMemoryUtilizationSizesThePool) {
+  DSV4_REQUIRE_GPU();
+  auto model = tiny_on_cuda(7);
+  const double u = 0.05;
+  const double free_before = double(cuda_device_info(0).free_bytes);
+  EngineConfig cfg;
+  cfg.block_size = 16;
+  cfg.gpu_memory_utilization = u;
+  Harness h(cfg, model);
+  const double usable = u * free_before, state = usable - std::min(8.0 * (1 << 30), usable / 2);
+  const double blocks = double(h.engine().metrics().blocks_total) * double(h.engine().block_bytes());
+  std::printf("[engine] free %.2f GiB, usable %.2f GiB, state %.2f GiB, blocks %.2f GiB\n", free_before / (1 << 30),
+              usable / (1 << 30), state / (1 << 30), blocks / (1 << 30));
+  EXPECT_LE(blocks, state);
+  EXPECT_GE(blocks, 0.75 * state);  // the rest: slots and prefix snapshots (15%)
+  const double taken = free_before - double(cuda_device_info(0).free_bytes);
+  EXPECT_GE(taken, 0.95 * usable);  // one arena for state + headroom
+  EXPECT_LE(taken, 1.05 * usable);
+  h.submit(greedy("a", random_prompt(40, 3), 8));
+  h.wait();
+  EXPECT_EQ(h.output("a").finish, FinishReason::Length);
+  EXPECT_EQ(h.output("a").tokens.size(), 8u);
 }

@@ -4,7 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <thread>
 
 #include "engine/state_manager.h"
@@ -489,6 +492,20 @@ TEST(Engine, DeviceSamplingMatchesHostSampling) {
   EXPECT_EQ(dev_m.device_sampled_tokens, dev_m.generation_tokens_total - host_only);
 }
 
+TEST(Engine, RejectsGpuMemoryUtilizationOutsideZeroToOne) {
+  for (double u : {0.0, -0.5, 1.5, std::nan("")}) {
+    EngineConfig c = small_blocks();
+    c.gpu_memory_utilization = u;
+    c.log_startup = false;
+    try {
+      make_engine(c, tiny_model());
+      ADD_FAILURE() << "no error for " << u;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--gpu-memory-utilization"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(Engine, GenerateCommand) {
   const std::string cmd = std::string(DSV4_BINARY) + " generate --prompt 'Hello there' --max-tokens 5 --seed 3 > " +
                           ::testing::TempDir() + "gen.txt 2>&1";
@@ -496,4 +513,12 @@ TEST(Engine, GenerateCommand) {
   const std::string fp8 = std::string(DSV4_BINARY) + " generate --kv fp8 --prompt 'Hello there' --max-tokens 5 --seed 3 > " +
                           ::testing::TempDir() + "gen_fp8.txt 2>&1";
   ASSERT_EQ(std::system(fp8.c_str()), 0) << fp8;
+  // -n -1 is a command-line error naming -n (it was an uncaught std::length_error).
+  const std::string out = ::testing::TempDir() + "gen_bad_n.txt";
+  const std::string bad = std::string(DSV4_BINARY) + " generate --prompt hi -n -1 > " + out + " 2>&1";
+  EXPECT_NE(std::system(bad.c_str()), 0) << bad;
+  std::ifstream f(out);
+  const std::string msg((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  EXPECT_NE(msg.find("-n"), std::string::npos) << msg;
+  EXPECT_EQ(msg.find("length"), std::string::npos) << msg;
 }

@@ -260,3 +260,14 @@ TEST(MemoryAccounting, RealModelStateBytesPerToken) {
   EXPECT_DOUBLE_EQ(kv_bytes_per_token(cfg, KvFormat::FP8), 21 * (584 + 512) / 4.0 + 20 * 584 / 128.0);   // 5845.25
   EXPECT_DOUBLE_EQ(kv_bytes_per_token(cfg, KvFormat::FP8Simulated), kv_bytes_per_token(cfg, KvFormat::F32));
 }
+
+// The model id of a directory (LoadedModel::load and dsv4 serve's scripted path): its own name,
+// with or without trailing separators.
+TEST(ModelDirName, IgnoresTrailingSeparatorsAndDots) {
+  EXPECT_EQ(model_dir_name("/models/DeepSeek-V4"), "DeepSeek-V4");
+  EXPECT_EQ(model_dir_name("/models/DeepSeek-V4/"), "DeepSeek-V4");
+  EXPECT_EQ(model_dir_name("/models/DeepSeek-V4//"), "DeepSeek-V4");
+  EXPECT_EQ(model_dir_name("/models/DeepSeek-V4/."), "DeepSeek-V4");
+  EXPECT_EQ(model_dir_name("."), fs::current_path().filename().string());
+  EXPECT_EQ(model_dir_name("/"), "/");
+}

@@ -18,7 +18,9 @@ namespace {
 
 Tokenizer tiny_tok() { return Tokenizer::from_json(tiny_tokenizer_json(1024, 0, 1), "<tiny>"); }
 
-// Emits `script` (token ids) in steps of `per_step` tokens on its own thread; or fails.
+// Emits `script` (token ids) in steps of `per_step` tokens on its own thread, for each of the n
+// samples (sample 0 reports 1 cached prompt token, the others the whole prompt, as forks do);
+// or fails.
 class FakeEngine : public Engine {
  public:
   FakeEngine(Tokenizer tok, std::vector<int32_t> script, size_t per_step = 2)
@@ -34,6 +36,7 @@ class FakeEngine : public Engine {
       IncrementalDecoder dec(tok_);
       size_t n = std::min(script_.size(), size_t(req.sampling.max_tokens));
       for (size_t i = 0; i < n; i += per_step_) {
+        if (i) std::this_thread::sleep_for(step_time_);
         Event e;
         e.request_id = id;
         for (size_t k = i; k < std::min(n, i + per_step_); ++k) {
@@ -47,7 +50,11 @@ class FakeEngine : public Engine {
           e.prompt_tokens = int32_t(req.prompt.size());
           e.completion_tokens = int32_t(n);
         }
-        sink(e);
+        for (int32_t s = 0; s < req.sampling.n; ++s) {
+          e.index = s;
+          if (e.finish != FinishReason::None) e.cached_prompt_tokens = s == 0 ? 1 : int32_t(req.prompt.size());
+          sink(e);
+        }
       }
     });
     return id;
@@ -60,6 +67,7 @@ class FakeEngine : public Engine {
   std::vector<int32_t> script_;
   size_t per_step_;
   bool reject_ = false, fail_ = false;
+  std::chrono::milliseconds step_time_{0};
   Request last_;
   std::vector<std::thread> threads_;
 };
@@ -190,6 +198,35 @@ TEST(HttpServer, EngineRejectionAndFailure) {
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 500);
   EXPECT_EQ(json::parse(res->body)["error"]["message"], "device on fire");
+}
+
+// n > 1: usage reports sample 0's cached prompt tokens; TPOT is per sample (sample 0's time
+// over its own tokens, not over the tokens of all samples); there is no queue-time metric.
+TEST(HttpServer, ParallelSamplesUsageAndTpot) {
+  Tokenizer tok = tiny_tok();
+  const std::vector<int32_t> script = tok.encode("abcdef");
+  ASSERT_GE(script.size(), 3u);
+  FakeEngine eng(tok, script, 1);
+  eng.step_time_ = std::chrono::milliseconds(20);
+  Running s(eng, tok, ServerConfig{});
+  auto res = s.post("/v1/completions", {{"prompt", "hello there"}, {"n", 3}, {"max_tokens", 50}});
+  ASSERT_EQ(res->status, 200) << res->body;
+  auto j = json::parse(res->body);
+  ASSERT_EQ(j["choices"].size(), 3u);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 3 * script.size());
+  EXPECT_EQ(j["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
+  httplib::Client c("127.0.0.1", s.port);
+  auto m = c.Get("/metrics");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->body.find("queue_time"), std::string::npos);
+  auto value = [&](const std::string& name) {
+    size_t at = m->body.find("\n" + name + " ");
+    EXPECT_NE(at, std::string::npos) << name;
+    return at == std::string::npos ? -1.0 : std::stod(m->body.substr(at + name.size() + 2));
+  };
+  EXPECT_EQ(value("dsv4_time_per_output_token_seconds_count"), 1);
+  // Sample 0's tokens arrive >= 20 ms apart; over all 3 samples' tokens it would be ~1/3 of that.
+  EXPECT_GE(value("dsv4_time_per_output_token_seconds_sum"), 0.019);
 }
 
 TEST(HttpServer, AuthContextAndModel) {

@@ -80,6 +80,7 @@ class Arena {
     }
   }
   size_t peak() const { return peak_; }
+  size_t size() const { return size_; }
 
  private:
   uint8_t* base_ = nullptr;
@@ -304,6 +305,10 @@ class CudaBackend final : public Backend {
 
   size_t arena_peak() const { return arena_ ? arena_->peak() : 0; }
   void set_fp8_gemm(CudaOptions::Fp8Gemm path) { opts_.fp8_gemm = path; }
+  void set_arena_bytes(size_t bytes) {
+    if (arena_) fail("CUDA backend: the activation arena already exists ({} bytes); size it before the first allocation", arena_->size());
+    opts_.arena_bytes = bytes;
+  }
 
   // ---- ops ----
   void embed(const TensorData& table, const Tensor& ids, const Tensor& out) override {
@@ -732,6 +737,7 @@ void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, u
 
 size_t cuda_arena_peak(Backend& be) { return as_cuda(be).arena_peak(); }
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path) { as_cuda(be).set_fp8_gemm(path); }
+void cuda_set_arena_bytes(Backend& be, size_t bytes) { as_cuda(be).set_arena_bytes(bytes); }
 
 CudaDeviceInfo cuda_device_info(int device) {
   CudaDeviceInfo d;
