@@ -20,12 +20,18 @@ struct RopeTable {
 };
 RopeTable make_rope_table(const ModelConfig& cfg, bool compressed_layer);
 
-// Pending-window state of one compressor (see docs/MODEL.md §2.6 and §2.10).
-struct CompressorState {
-  Tensor kv, gate;            // [ratio, coff*d]: rows of the current, incomplete window (ape added)
-  Tensor prev_kv, prev_gate;  // [ratio, d]: first halves of the last complete window (CSA only)
-  bool has_prev = false;
+// Pending-window state of one compressor for every sequence slot of a state store (see
+// docs/MODEL.md §2.6 and §2.10): slot s owns rows [s * ratio, (s + 1) * ratio) of each tensor.
+struct CompressorSlots {
+  Tensor kv, gate;            // [slots * ratio, coff*d]: rows of the current, incomplete window (ape added)
+  Tensor prev_kv, prev_gate;  // [slots * ratio, d]: first halves of the last complete window (CSA only)
 };
+
+// Columns of the per-sequence table [S, kSegCols] (I32) that the attention-family ops read for a
+// flattened batch: sequence s owns batch rows [first_row, first_row + rows) at positions
+// start, start + 1, ...; its private state is slot `slot` of the store; out_first is the first
+// output row of what an op produces for it (compressed entries of a compressor).
+enum SegCol : int64_t { kSegFirstRow, kSegRows, kSegStart, kSegSlot, kSegOutFirst, kSegCols };
 
 // What linears with FP8 or FP4 weights do with their input (docs/MODEL.md §2.9).
 enum class ActQuant : uint8_t {
@@ -72,19 +78,31 @@ class Backend {
   virtual void hc_post(const Tensor& y, const Tensor& X, const Tensor& post, const Tensor& comb, const Tensor& out) = 0;
   // Final collapse: u[t] = sum_k (sigmoid(scale * mu_k + base_k) + eps) X[t, k].
   virtual void hc_head(const Tensor& X, const HyperConn& hc, float hc_eps, float norm_eps, const Tensor& u) = 0;
-  // Shared-KV attention with sinks: q [T, H, d], pool [N, d] (keys = values); query t attends to
-  // the pool rows listed in idx_a[t] and idx_b[t] (-1 = none; idx_b may be empty); one softmax
-  // over them plus the per-head sink logit (whose value is zero) -> out [T, H, d].
-  virtual void attend(const Tensor& q, const Tensor& pool, const Tensor& idx_a, const Tensor& idx_b,
-                      const TensorData& sinks, float scale, const Tensor& out) = 0;
-  // Feeds projected rows kv/gate [T, coff*d] of positions start_pos.. into the compressor; writes
-  // each window completed by them (pooled, before norm/RoPE) to entries [n, d]; returns n.
-  virtual int64_t compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, int64_t start_pos,
-                           int64_t ratio, bool overlap, CompressorState& state, const Tensor& entries) = 0;
-  // Lightning Indexer: score[t, j] = w_scale * sum_h w[t, h] * relu(q[t, h] . keys[j]) for
-  // j < usable[t]; idx[t] = the top-k j by score (ties: lower j first), padded with -1.
-  virtual void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& usable,
-                          const Tensor& idx) = 0;
+  // Shared-KV attention with sinks over stored rows, for a flattened batch. Keys = values.
+  // Query t attends to the rows listed in idx_a[t] and idx_b[t] (-1 = none; idx_b may be empty):
+  // an idx_a entry v < window.rows() is row v of `window` (the sequences' window rings), else row
+  // v - window.rows() of `fresh` (this step's keys, F32); an idx_b entry is a row of `entries`
+  // (the paged compressed entries). Stores are F32 rows or packed U8 rows (tensor/kv_format.h,
+  // decoded with nope_dims); either may be empty when nothing indexes it. One softmax over the
+  // listed rows plus the per-head sink logit (whose value is zero) -> out [T, H, d].
+  virtual void attend(const Tensor& q, const Tensor& window, const Tensor& fresh, const Tensor& idx_a,
+                      const Tensor& entries, const Tensor& idx_b, int64_t nope_dims, const TensorData& sinks,
+                      float scale, const Tensor& out) = 0;
+  // Compressor over a flattened batch: for each sequence of seqs [S, kSegCols], feeds its rows of
+  // the projected kv/gate [T, coff*d] (positions start..) into its slot of `state`; every window
+  // the rows complete is pooled (before norm/RoPE) into entries[out_first + i], i-th completed.
+  // A window w > 0 of an overlapping (CSA) compressor also pools the previous window's first
+  // halves (prev_kv/prev_gate, valid for every w > 0 because the state is saved when w - 1 ends).
+  virtual void compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, const Tensor& seqs,
+                        int64_t ratio, bool overlap, const CompressorSlots& state, const Tensor& entries) = 0;
+  // Lightning Indexer over paged keys: query t of sequence query_seq[t] scores the sequence's
+  // first usable[t] keys j (logical order; key j lives in keys row
+  // block_table[seq, j / rows_per_block] * rows_per_block + j % rows_per_block):
+  // score[t, j] = w_scale * sum_h w[t, h] * relu(q[t, h] . key_j); idx[t] = the pool rows of
+  // the top-k j by score (ties: lower j first), padded with -1. block_table [S, max_blocks] I32.
+  virtual void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys,
+                          const Tensor& block_table, int64_t rows_per_block, const Tensor& query_seq,
+                          const Tensor& usable, const Tensor& idx) = 0;
   // Router: expert weights [T, k] and ids [T, k] (hash layers read tid2eid[token]).
   virtual void route(const Tensor& x, const MoEWeights& moe, const Tensor& tokens, const ModelConfig& cfg,
                      const Tensor& weights, const Tensor& experts) = 0;
@@ -106,6 +124,10 @@ class Backend {
   // out[i] = decode(packed[rows[i]]): packed U8 [N, row bytes], rows I32 [n] (empty: rows 0..n-1),
   // out F32 [n, dim].
   virtual void unpack_kv(const Tensor& packed, const Tensor& rows, int64_t nope_dims, const Tensor& out) = 0;
+
+  // store[rows[i]] = x[i] for every i with rows[i] >= 0: F32 stores get the values, packed U8
+  // stores the production row of them (as pack_kv). x F32 [n, dim], rows I32 [n].
+  virtual void store_rows(const Tensor& x, const Tensor& rows, int64_t nope_dims, const Tensor& store) = 0;
 
   // One token per row of logits [B, V]: tokens[b] = sample_row(logits[b], filter b, uniforms[b])
   // (backend/sampling.h). params [B, kSampleParams] F32 rows (temperature, top_k, top_p, min_p);

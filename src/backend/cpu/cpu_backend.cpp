@@ -261,110 +261,131 @@ class CpuBackend final : public Backend {
     }
   }
 
-  void attend(const Tensor& q, const Tensor& pool, const Tensor& idx_a, const Tensor& idx_b, const TensorData& sinks,
-              float scale, const Tensor& out) override {
-    const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), N = pool.rows();
+  // One stored key row as F32 (a view of an F32 store, or the decoded packed row in `buf`).
+  static const float* stored_row(const Tensor& store, int64_t r, int64_t nope, std::vector<float>& buf) {
+    DSV4_CHECK(r >= 0 && r < store.rows());
+    if (store.type == ElemType::F32) return store.f32() + r * store.cols();
+    const KvRowLayout L = kv_row_layout(int64_t(buf.size()), nope);
+    DSV4_CHECK(store.cols() == L.bytes);
+    unpack_kv_row(store.u8() + r * L.bytes, L, buf.data());
+    return buf.data();
+  }
+
+  void attend(const Tensor& q, const Tensor& window, const Tensor& fresh, const Tensor& idx_a, const Tensor& entries,
+              const Tensor& idx_b, int64_t nope, const TensorData& sinks, float scale, const Tensor& out) override {
+    const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), Nw = window.empty() ? 0 : window.rows();
     const int64_t Ka = idx_a.cols(), Kb = idx_b.empty() ? 0 : idx_b.cols(), K = Ka + Kb;
-#pragma omp parallel for collapse(2) if (T * H * (Ka + Kb) * d > kParallelWork)
+#pragma omp parallel for collapse(2) if (T * H * K * d > kParallelWork)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < H; ++h) {
+        // Packed rows are decoded into buf, one at a time, in both passes.
+        std::vector<float> buf(size_t(d));
+        auto key = [&](int64_t k) -> const float* {
+          const int32_t v = k < Ka ? idx_a.i32()[t * Ka + k] : idx_b.i32()[t * Kb + (k - Ka)];
+          if (v < 0) return nullptr;
+          if (k >= Ka) return stored_row(entries, v, nope, buf);
+          return v < Nw ? stored_row(window, v, nope, buf) : stored_row(fresh, v - Nw, nope, buf);
+        };
         const float* qh = q.f32() + (t * H + h) * d;
-        std::vector<int32_t> ix(K);
-        std::copy_n(idx_a.i32() + t * Ka, Ka, ix.begin());
-        if (Kb) std::copy_n(idx_b.i32() + t * Kb, Kb, ix.begin() + Ka);
-        std::vector<float> s(K, kNegInf);
+        std::vector<float> s(size_t(K), kNegInf);
         float mx = tensor_value(sinks, h);
         for (int64_t k = 0; k < K; ++k)
-          if (ix[k] >= 0) {
-            DSV4_CHECK(ix[k] < N);
-            s[k] = dot(qh, pool.f32() + int64_t(ix[k]) * d, d) * scale;
-            mx = std::max(mx, s[k]);
+          if (const float* row = key(k)) {
+            s[size_t(k)] = dot(qh, row, d) * scale;
+            mx = std::max(mx, s[size_t(k)]);
           }
         float denom = std::exp(tensor_value(sinks, h) - mx);
         float* o = out.f32() + (t * H + h) * d;
         std::fill_n(o, d, 0.f);
         for (int64_t k = 0; k < K; ++k)
-          if (ix[k] >= 0) {
-            const float p = std::exp(s[k] - mx);
+          if (const float* v = key(k)) {
+            const float p = std::exp(s[size_t(k)] - mx);
             denom += p;
-            const float* v = pool.f32() + int64_t(ix[k]) * d;
             for (int64_t i = 0; i < d; ++i) o[i] += p * v[i];
           }
         for (int64_t i = 0; i < d; ++i) o[i] /= denom;
       }
   }
 
-  int64_t compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, int64_t start_pos, int64_t ratio,
-                   bool overlap, CompressorState& st, const Tensor& entries) override {
-    const int64_t T = kv.dim(0), width = kv.cols(), coff = overlap ? 2 : 1, d = width / coff;
-    int64_t produced = 0;
-    std::vector<float> slot_kv(2 * ratio), slot_g(2 * ratio);
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t pos = start_pos + t, slot = pos % ratio;
-      float* skv = st.kv.f32() + slot * width;
-      float* sg = st.gate.f32() + slot * width;
-      for (int64_t i = 0; i < width; ++i) {
-        skv[i] = kv.f32()[t * width + i];
-        sg[i] = gate.f32()[t * width + i] + tensor_value(ape, slot * width + i);
-      }
-      if (slot != ratio - 1) continue;
-      // Window complete: per channel softmax over [previous window's first halves | own second halves].
-      float* e = entries.f32() + produced * d;
-      for (int64_t n = 0; n < d; ++n) {
-        int64_t S = 0;
-        if (overlap && st.has_prev)
-          for (int64_t r = 0; r < ratio; ++r) {
-            slot_kv[S] = st.prev_kv.f32()[r * d + n];
-            slot_g[S++] = st.prev_gate.f32()[r * d + n];
-          }
-        const int64_t own = overlap ? d : 0;
-        for (int64_t r = 0; r < ratio; ++r) {
-          slot_kv[S] = st.kv.f32()[r * width + own + n];
-          slot_g[S++] = st.gate.f32()[r * width + own + n];
+  void compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, const Tensor& seqs, int64_t ratio,
+                bool overlap, const CompressorSlots& st, const Tensor& entries) override {
+    const int64_t width = kv.cols(), coff = overlap ? 2 : 1, d = width / coff, S = seqs.rows();
+    DSV4_CHECK(seqs.cols() == kSegCols);
+#pragma omp parallel for
+    for (int64_t s = 0; s < S; ++s) {
+      const int32_t* seg = seqs.i32() + s * kSegCols;
+      const int64_t first = seg[kSegFirstRow], rows = seg[kSegRows], start = seg[kSegStart], base = seg[kSegSlot] * ratio;
+      int64_t produced = seg[kSegOutFirst];
+      std::vector<float> win_kv(size_t(2 * ratio)), win_g(size_t(2 * ratio));
+      for (int64_t t = 0; t < rows; ++t) {
+        const int64_t pos = start + t, r = pos % ratio;
+        float* skv = st.kv.f32() + (base + r) * width;
+        float* sg = st.gate.f32() + (base + r) * width;
+        for (int64_t i = 0; i < width; ++i) {
+          skv[i] = kv.f32()[(first + t) * width + i];
+          sg[i] = gate.f32()[(first + t) * width + i] + tensor_value(ape, r * width + i);
         }
-        float mx = kNegInf, den = 0, acc = 0;
-        for (int64_t s = 0; s < S; ++s) mx = std::max(mx, slot_g[s]);
-        for (int64_t s = 0; s < S; ++s) {
-          const float p = std::exp(slot_g[s] - mx);
-          den += p;
-          acc += p * slot_kv[s];
-        }
-        e[n] = acc / den;
-      }
-      if (overlap) {
-        for (int64_t r = 0; r < ratio; ++r)
-          for (int64_t n = 0; n < d; ++n) {
-            st.prev_kv.f32()[r * d + n] = st.kv.f32()[r * width + n];
-            st.prev_gate.f32()[r * d + n] = st.gate.f32()[r * width + n];
+        if (r != ratio - 1) continue;
+        // Window complete: per channel softmax over [previous window's first halves | own second halves].
+        const bool has_prev = overlap && pos / ratio > 0;
+        float* e = entries.f32() + produced * d;
+        for (int64_t n = 0; n < d; ++n) {
+          int64_t m = 0;
+          if (has_prev)
+            for (int64_t j = 0; j < ratio; ++j) {
+              win_kv[size_t(m)] = st.prev_kv.f32()[(base + j) * d + n];
+              win_g[size_t(m++)] = st.prev_gate.f32()[(base + j) * d + n];
+            }
+          const int64_t own = overlap ? d : 0;
+          for (int64_t j = 0; j < ratio; ++j) {
+            win_kv[size_t(m)] = st.kv.f32()[(base + j) * width + own + n];
+            win_g[size_t(m++)] = st.gate.f32()[(base + j) * width + own + n];
           }
-        st.has_prev = true;
+          float mx = kNegInf, den = 0, acc = 0;
+          for (int64_t j = 0; j < m; ++j) mx = std::max(mx, win_g[size_t(j)]);
+          for (int64_t j = 0; j < m; ++j) {
+            const float p = std::exp(win_g[size_t(j)] - mx);
+            den += p;
+            acc += p * win_kv[size_t(j)];
+          }
+          e[n] = acc / den;
+        }
+        if (overlap)
+          for (int64_t j = 0; j < ratio; ++j)
+            for (int64_t n = 0; n < d; ++n) {
+              st.prev_kv.f32()[(base + j) * d + n] = st.kv.f32()[(base + j) * width + n];
+              st.prev_gate.f32()[(base + j) * d + n] = st.gate.f32()[(base + j) * width + n];
+            }
+        ++produced;
       }
-      ++produced;
     }
-    return produced;
   }
 
-  void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& usable,
-                  const Tensor& idx) override {
-    const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), K = idx.cols();
+  void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& block_table,
+                  int64_t per_block, const Tensor& query_seq, const Tensor& usable, const Tensor& idx) override {
+    const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), K = idx.cols(), max_blocks = block_table.cols();
 #pragma omp parallel for
     for (int64_t t = 0; t < T; ++t) {
       const int64_t n = usable.i32()[t];
-      DSV4_CHECK(n <= keys.rows());
-      std::vector<float> score(n, 0.f);
+      const int32_t* table = block_table.i32() + int64_t(query_seq.i32()[t]) * max_blocks;
+      DSV4_CHECK(n <= max_blocks * per_block);
+      auto row_of = [&](int64_t j) { return int64_t(table[j / per_block]) * per_block + j % per_block; };
+      std::vector<float> score(size_t(n), 0.f);
       for (int64_t j = 0; j < n; ++j) {
-        const float* kj = keys.f32() + j * d;
+        const int64_t r = row_of(j);
+        DSV4_CHECK(r >= 0 && r < keys.rows());
+        const float* kj = keys.f32() + r * d;
         float s = 0;
         for (int64_t h = 0; h < H; ++h) s += w.f32()[t * H + h] * std::max(0.f, dot(q.f32() + (t * H + h) * d, kj, d));
-        score[j] = s * w_scale;
+        score[size_t(j)] = s * w_scale;
       }
-      std::vector<int32_t> order(n);
+      std::vector<int32_t> order(size_t(n));
       std::iota(order.begin(), order.end(), 0);
       const int64_t k = std::min(K, n);
       std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-        return score[a] > score[b] || (score[a] == score[b] && a < b);
+        return score[size_t(a)] > score[size_t(b)] || (score[size_t(a)] == score[size_t(b)] && a < b);
       });
-      for (int64_t i = 0; i < K; ++i) idx.i32()[t * K + i] = i < k ? order[i] : -1;
+      for (int64_t i = 0; i < K; ++i) idx.i32()[t * K + i] = i < k ? int32_t(row_of(order[size_t(i)])) : -1;
     }
   }
 
@@ -517,6 +538,21 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for if (n * d > kParallelWork)
     for (int64_t i = 0; i < n; ++i) unpack_kv_row(in + (idx ? idx[i] : i) * L.bytes, L, out.f32() + i * d);
   }
+  void store_rows(const Tensor& x, const Tensor& rows, int64_t nope, const Tensor& store) override {
+    const int64_t n = x.rows(), d = x.cols();
+    DSV4_CHECK(rows.numel() == n);
+    const bool packed = store.type == ElemType::U8;
+    const KvRowLayout L = kv_row_layout(d, nope);
+    DSV4_CHECK(packed ? store.cols() == L.bytes : store.cols() == d);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = rows.i32()[i];
+      if (r < 0) continue;
+      DSV4_CHECK(r < store.rows());
+      if (packed) pack_kv_row(x.f32() + i * d, L, store.u8() + r * L.bytes);
+      else std::copy_n(x.f32() + i * d, d, store.f32() + r * d);
+    }
+  }
+
 
   void sample(const Tensor& logits, const Tensor& params, const Tensor& uniforms, const Tensor& tokens) override {
     const int64_t B = logits.rows(), V = logits.cols();
