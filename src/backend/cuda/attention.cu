@@ -1,7 +1,8 @@
-// Attention family: sparse shared-KV attention with sinks over [window | selected compressed
-// entries], the gated-pooling compressor (CSA overlap / HCA), and the Lightning Indexer's
-// scoring plus per-row top-k.
-#include "backend/cuda/common.cuh"
+// Attention family: sparse shared-KV attention with sinks over stored rows (window ring, this
+// step's fresh keys, paged compressed entries; F32 or packed production rows decoded on the fly),
+// the gated-pooling compressor (CSA overlap / HCA) over a flattened batch of sequences with
+// slot-indexed state, and the Lightning Indexer's paged scoring plus per-row top-k.
+#include "backend/cuda/kv.cuh"
 
 namespace dsv4::cuda {
 
@@ -11,14 +12,43 @@ constexpr int kHG = 8;       // query heads per block (they share the index list
 constexpr int kTile = 64;    // keys per online-softmax step
 constexpr int kMaxDpt = 4;   // head dims per thread (d <= 4 * 256)
 
+// Rows [n, L.dim] of one store: F32 values, or packed production rows decoded element by element.
+template <bool kPacked>
+struct Rows {
+  const void* p;
+  int64_t n;
+  KvRowLayout L;
+  __device__ __forceinline__ float at(int64_t r, int64_t i) const {
+    if constexpr (kPacked) return kv_decode(static_cast<const uint8_t*>(p) + r * L.bytes, L, i);
+    else return static_cast<const float*>(p)[r * L.dim + i];
+  }
+};
+
+// Where a tile's key lives: which store (0 window, 1 fresh, 2 entries) and its row there.
+enum : int8_t { kWindow, kFresh, kEntries };
+
+// The keys of one attend call; kPacked: window and entries hold packed rows (fresh is F32).
+template <bool kPacked>
+struct KeySources {
+  Rows<kPacked> window;
+  Rows<false> fresh;
+  Rows<kPacked> entries;
+  __device__ __forceinline__ float at(int8_t src, int32_t r, int64_t i) const {
+    return src == kWindow ? window.at(r, i) : src == kFresh ? fresh.at(r, i) : entries.at(r, i);
+  }
+};
+
 // Block (t, head group): keys in tiles of kTile with an online softmax that starts from the sink
-// (running max = sink logit, running sum = 1, zero value). smem: q [kHG][d] (dynamic).
-__global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, int64_t d, const float* pool, int64_t N,
+// (running max = sink logit, running sum = 1, zero value). smem: q [kHG][d] (dynamic). An index
+// past its store makes the block's outputs NaN.
+template <bool kPacked>
+__global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, int64_t d, KeySources<kPacked> ks,
                                                      const int32_t* idx_a, int64_t Ka, const int32_t* idx_b,
                                                      int64_t Kb, Vec sinks, float scale, float* out) {
   extern __shared__ __align__(16) float qs[];
   __shared__ float ps[kHG][kTile];
   __shared__ int32_t ix[kTile];
+  __shared__ int8_t src[kTile];
   __shared__ float mrun[kHG], lrun[kHG], corr[kHG];
   __shared__ int bad;
   const int64_t K = Ka + Kb, t = blockIdx.x, h0 = int64_t(blockIdx.y) * kHG;
@@ -44,26 +74,40 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
     const int nk = int(K - k0 < kTile ? K - k0 : kTile);
     if (tid < kTile) {
       int32_t v = -1;
+      int8_t where = kWindow;
       if (tid < nk) {
         const int64_t k = k0 + tid;
-        v = k < Ka ? idx_a[t * Ka + k] : idx_b[t * Kb + (k - Ka)];
-        if (v >= N) {
+        bool outside = false;
+        if (k < Ka) {
+          v = idx_a[t * Ka + k];
+          if (v >= ks.window.n) {
+            where = kFresh;
+            v -= int32_t(ks.window.n);
+            outside = v >= ks.fresh.n;
+          }
+        } else {
+          v = idx_b[t * Kb + (k - Ka)];
+          where = kEntries;
+          outside = v >= ks.entries.n;
+        }
+        if (outside) {
           bad = 1;
           v = -1;
         }
       }
       ix[tid] = v;
+      src[tid] = where;
     }
     __syncthreads();
     for (int kk = warp; kk < nk; kk += nw) {
       const int32_t r = ix[kk];
+      const int8_t where = src[kk];
       float a[kHG];
 #pragma unroll
       for (int h = 0; h < kHG; ++h) a[h] = 0.f;
       if (r >= 0) {
-        const float* row = pool + int64_t(r) * d;
         for (int64_t i = lane; i < d; i += 32) {
-          const float v = row[i];
+          const float v = ks.at(where, r, i);
 #pragma unroll
           for (int h = 0; h < kHG; ++h) a[h] = fmaf(qs[h * d + i], v, a[h]);
         }
@@ -104,7 +148,7 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
       for (int kk = 0; kk < nk; ++kk) {
         const int32_t r = ix[kk];
         if (r < 0) continue;
-        const float v = pool[int64_t(r) * d + i];
+        const float v = ks.at(src[kk], r, i);
 #pragma unroll
         for (int h = 0; h < kHG; ++h) acc[j][h] = fmaf(ps[h][kk], v, acc[j][h]);
       }
@@ -121,84 +165,65 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
   }
 }
 
+template <bool kPacked>
+void launch_attend(const AttendArgs& a, cudaStream_t s) {
+  const KvRowLayout L = kv_row_layout(a.d, a.nope);
+  const KvRowLayout F = kv_row_layout(a.d, a.d);  // F32 rows: only L.dim is read
+  KeySources<kPacked> ks{{a.window.p, a.window.n, L}, {a.fresh, a.n_fresh, F}, {a.entries.p, a.entries.n, L}};
+  const size_t smem = size_t(kHG * a.d) * 4;
+  if (smem > 48 * 1024)
+    cudaFuncSetAttribute(attend_kernel<kPacked>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  dim3 grid(unsigned(a.T), unsigned((a.H + kHG - 1) / kHG));
+  attend_kernel<kPacked><<<grid, 256, smem, s>>>(a.q, a.H, a.d, ks, a.idx_a, a.Ka, a.idx_b, a.Kb, a.sinks, a.scale,
+                                                 a.out);
+  DSV4_LAUNCH_CHECK();
+}
+
 // ---- compressor ----------------------------------------------------------------------------
 
-struct Src {
-  CompressArgs a;
-  int64_t width, cur_ws;  // cur_ws: first position of the window open at the chunk's start
-  // kv/gate (ape added) of position p at column col of the full row (col < d for state prev).
-  __device__ void fetch(int64_t p, int64_t col, float& kv, float& g) const {
-    const int64_t r = p % a.ratio;
-    if (p >= a.start) {
-      const int64_t i = (p - a.start) * width + col;
-      kv = a.kv[i];
-      g = a.gate[i] + vec_at(a.ape, r * width + col);
-    } else if (p >= cur_ws) {
-      kv = a.st_kv[r * width + col];
-      g = a.st_gate[r * width + col];
-    } else {
-      kv = a.st_prev_kv[r * a.d + col];
-      g = a.st_prev_gate[r * a.d + col];
-    }
-  }
-};
-
-__global__ void compress_entries_kernel(Src s, int64_t ws0) {
-  const int64_t j = blockIdx.y, n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  const CompressArgs& a = s.a;
+// Thread (sequence s = blockIdx.y, channel n < d): walks the sequence's rows in order, writing
+// columns n (and d + n with overlap) of its slot's pending rows and pooling channel n of every
+// window that completes; the channels of a slot are independent, so no synchronisation.
+__global__ void compress_kernel(CompressArgs a) {
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (n >= a.d) return;
-  const int64_t ws = ws0 + j * a.ratio;
-  const bool prev = a.overlap && ws >= a.ratio;
-  const int64_t own = a.overlap ? a.d : 0;
-  float mx = -INFINITY, kv, g;
-  if (prev)
-    for (int64_t r = 0; r < a.ratio; ++r) {
-      s.fetch(ws - a.ratio + r, n, kv, g);
-      mx = fmaxf(mx, g);
+  const int32_t* seg = a.seqs + int64_t(blockIdx.y) * kSegCols;
+  const int64_t first = seg[kSegFirstRow], rows = seg[kSegRows], start = seg[kSegStart];
+  const int64_t base = int64_t(seg[kSegSlot]) * a.ratio, width = (a.overlap ? 2 : 1) * a.d, own = a.overlap ? a.d : 0;
+  int64_t produced = seg[kSegOutFirst];
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t pos = start + t, r = pos % a.ratio, in = (first + t) * width, st = (base + r) * width;
+    a.st_kv[st + n] = a.kv[in + n];
+    a.st_gate[st + n] = a.gate[in + n] + vec_at(a.ape, r * width + n);
+    if (a.overlap) {
+      a.st_kv[st + own + n] = a.kv[in + own + n];
+      a.st_gate[st + own + n] = a.gate[in + own + n] + vec_at(a.ape, r * width + own + n);
     }
-  for (int64_t r = 0; r < a.ratio; ++r) {
-    s.fetch(ws + r, own + n, kv, g);
-    mx = fmaxf(mx, g);
-  }
-  float den = 0.f, acc = 0.f;
-  if (prev)
-    for (int64_t r = 0; r < a.ratio; ++r) {
-      s.fetch(ws - a.ratio + r, n, kv, g);
-      const float p = expf(g - mx);
+    if (r != a.ratio - 1) continue;
+    // Window complete: softmax over [previous window's first halves | own second halves].
+    const bool prev = a.overlap && pos / a.ratio > 0;
+    float mx = -INFINITY, den = 0.f, acc = 0.f;
+    if (prev)
+      for (int64_t j = 0; j < a.ratio; ++j) mx = fmaxf(mx, a.st_prev_gate[(base + j) * a.d + n]);
+    for (int64_t j = 0; j < a.ratio; ++j) mx = fmaxf(mx, a.st_gate[(base + j) * width + own + n]);
+    if (prev)
+      for (int64_t j = 0; j < a.ratio; ++j) {
+        const float p = expf(a.st_prev_gate[(base + j) * a.d + n] - mx);
+        den += p;
+        acc += p * a.st_prev_kv[(base + j) * a.d + n];
+      }
+    for (int64_t j = 0; j < a.ratio; ++j) {
+      const float p = expf(a.st_gate[(base + j) * width + own + n] - mx);
       den += p;
-      acc += p * kv;
+      acc += p * a.st_kv[(base + j) * width + own + n];
     }
-  for (int64_t r = 0; r < a.ratio; ++r) {
-    s.fetch(ws + r, own + n, kv, g);
-    const float p = expf(g - mx);
-    den += p;
-    acc += p * kv;
-  }
-  a.entries[j * a.d + n] = acc / den;
-}
-
-// New first-half state of the last window completed in this chunk (reads only chunk + st_kv).
-__global__ void compress_prev_kernel(Src s, int64_t ws_last) {
-  const CompressArgs& a = s.a;
-  const int64_t n_all = a.ratio * a.d;
-  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n_all; g += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = g / a.d, n = g % a.d;
-    float kv, gt;
-    s.fetch(ws_last + r, n, kv, gt);
-    a.st_prev_kv[g] = kv;
-    a.st_prev_gate[g] = gt;
-  }
-}
-
-// Pending rows: the last min(T, ratio) positions overwrite their slots.
-__global__ void compress_slots_kernel(Src s, int64_t p0) {
-  const CompressArgs& a = s.a;
-  const int64_t n_all = (a.start + a.T - p0) * s.width;
-  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n_all; g += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t p = p0 + g / s.width, col = g % s.width, r = p % a.ratio;
-    const int64_t i = (p - a.start) * s.width + col;
-    a.st_kv[r * s.width + col] = a.kv[i];
-    a.st_gate[r * s.width + col] = a.gate[i] + vec_at(a.ape, r * s.width + col);
+    a.entries[produced * a.d + n] = acc / den;
+    if (a.overlap)
+      for (int64_t j = 0; j < a.ratio; ++j) {
+        a.st_prev_kv[(base + j) * a.d + n] = a.st_kv[(base + j) * width + n];
+        a.st_prev_gate[(base + j) * a.d + n] = a.st_gate[(base + j) * width + n];
+      }
+    ++produced;
   }
 }
 
@@ -206,19 +231,29 @@ __global__ void compress_slots_kernel(Src s, int64_t p0) {
 
 constexpr int kHC = 16;  // heads per register pass
 
-// Block (key tile of 128, t). smem: q_t [H*d], w_t [H].
-__global__ void __launch_bounds__(128) index_score_kernel(const float* q, const float* w, float w_scale, int64_t H,
-                                                          int64_t d, const float* keys, int64_t N,
-                                                          const int32_t* usable, float* scores) {
+// Pool row of query t's logical key j: through its sequence's block table.
+__device__ __forceinline__ int64_t paged_row(const IndexArgs& a, int64_t t, int64_t j) {
+  const int32_t* table = a.block_table + int64_t(a.query_seq[t]) * a.max_blocks;
+  return int64_t(table[j / a.per_block]) * a.per_block + j % a.per_block;
+}
+
+// Block (logical key tile of 128, t): scores[t, j] for j < usable[t]; a key row outside the pool
+// scores NaN (sorts first, so the bad row reaches the output). smem: q_t [H*d], w_t [H].
+__global__ void __launch_bounds__(128) index_score_kernel(IndexArgs a) {
   extern __shared__ __align__(16) float sm[];
-  const int64_t t = blockIdx.y, j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t H = a.H, d = a.d, t = blockIdx.y, j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   float* qs = sm;
   float* wsm = sm + H * d;
-  for (int64_t i = threadIdx.x; i < H * d; i += blockDim.x) qs[i] = q[t * H * d + i];
-  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) wsm[i] = w[t * H + i];
+  for (int64_t i = threadIdx.x; i < H * d; i += blockDim.x) qs[i] = a.q[t * H * d + i];
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) wsm[i] = a.w[t * H + i];
   __syncthreads();
-  if (j >= usable[t] || j >= N) return;
-  const float* kj = keys + j * d;
+  if (j >= a.usable[t] || j >= a.n_max) return;
+  const int64_t row = paged_row(a, t, j);
+  if (row < 0 || row >= a.N) {
+    a.scores[t * a.n_max + j] = __int_as_float(0x7fc00000);
+    return;
+  }
+  const float* kj = a.keys + row * d;
   float total = 0.f;
   for (int64_t h0 = 0; h0 < H; h0 += kHC) {
     float acc[kHC];
@@ -234,7 +269,7 @@ __global__ void __launch_bounds__(128) index_score_kernel(const float* q, const 
     for (int h = 0; h < kHC; ++h)
       if (h0 + h < H) total += wsm[h0 + h] * fmaxf(0.f, acc[h]);
   }
-  scores[t * N + j] = total * w_scale;
+  a.scores[t * a.n_max + j] = total * a.w_scale;
 }
 
 __device__ __forceinline__ uint32_t ordered(float f) {
@@ -242,83 +277,67 @@ __device__ __forceinline__ uint32_t ordered(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Block per row: bitonic sort (descending) of (score, -j) keys in shared memory, first K kept.
-__global__ void __launch_bounds__(1024) topk_kernel(const float* scores, int64_t N, const int32_t* usable, int64_t K,
-                                                    int64_t P, int32_t* idx) {
+// Block per row: bitonic sort (descending) of (score, -j) keys in shared memory (logical j: ties
+// go to the lower j), first K kept and written as pool rows.
+__global__ void __launch_bounds__(1024) topk_kernel(IndexArgs a, int64_t P) {
   extern __shared__ unsigned long long keys[];
-  const int64_t t = blockIdx.x, n = usable[t] < N ? usable[t] : N;
+  const int64_t t = blockIdx.x, n = a.usable[t] < a.n_max ? a.usable[t] : a.n_max;
   for (int64_t i = threadIdx.x; i < P; i += blockDim.x)
-    keys[i] = i < n ? (uint64_t(ordered(scores[t * N + i])) << 32) | uint64_t(0xffffffffu - uint32_t(i)) : 0ull;
+    keys[i] = i < n ? (uint64_t(ordered(a.scores[t * a.n_max + i])) << 32) | uint64_t(0xffffffffu - uint32_t(i)) : 0ull;
   __syncthreads();
   for (int64_t k = 2; k <= P; k <<= 1)
     for (int64_t j = k >> 1; j > 0; j >>= 1) {
       for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
         const int64_t l = i ^ j;
         if (l > i) {
-          const unsigned long long a = keys[i], b = keys[l];
-          if (((i & k) == 0) ? (a < b) : (a > b)) {
-            keys[i] = b;
-            keys[l] = a;
+          const unsigned long long x = keys[i], y = keys[l];
+          if (((i & k) == 0) ? (x < y) : (x > y)) {
+            keys[i] = y;
+            keys[l] = x;
           }
         }
       }
       __syncthreads();
     }
-  for (int64_t i = threadIdx.x; i < K; i += blockDim.x)
-    idx[t * K + i] = i < n ? int32_t(0xffffffffu - uint32_t(keys[i] & 0xffffffffu)) : -1;
+  for (int64_t i = threadIdx.x; i < a.K; i += blockDim.x)
+    a.idx[t * a.K + i] =
+        i < n ? int32_t(paged_row(a, t, int64_t(0xffffffffu - uint32_t(keys[i] & 0xffffffffu)))) : -1;
 }
 
 }  // namespace
 
-void attend(const float* q, int64_t T, int64_t H, int64_t d, const float* pool, int64_t N, const int32_t* idx_a,
-            int64_t Ka, const int32_t* idx_b, int64_t Kb, Vec sinks, float scale, float* out, cudaStream_t s) {
-  if (T <= 0 || H <= 0) return;
-  if (d > kMaxDpt * 256) {
-    std::fprintf(stderr, "attend: head_dim %lld exceeds %d\n", (long long)d, kMaxDpt * 256);
+void attend(const AttendArgs& a, cudaStream_t s) {
+  if (a.T <= 0 || a.H <= 0) return;
+  if (a.d > kMaxDpt * 256) {
+    std::fprintf(stderr, "attend: head_dim %lld exceeds %d\n", (long long)a.d, kMaxDpt * 256);
     std::abort();
   }
-  const size_t smem = size_t(kHG * d) * 4;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(attend_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  dim3 grid(unsigned(T), unsigned((H + kHG - 1) / kHG));
-  attend_kernel<<<grid, 256, smem, s>>>(q, H, d, pool, N, idx_a, Ka, idx_b, Kb, sinks, scale, out);
-  DSV4_LAUNCH_CHECK();
+  if (a.packed) launch_attend<true>(a, s);
+  else launch_attend<false>(a, s);
 }
 
 void compress(const CompressArgs& a, cudaStream_t s) {
-  Src src{a, (a.overlap ? 2 : 1) * a.d, a.start - a.start % a.ratio};
-  // First window completed in the chunk ends at the first p >= start with p % ratio == ratio - 1.
-  const int64_t first_end = a.start + (a.ratio - 1 - a.start % a.ratio);
-  const int64_t ws0 = first_end - a.ratio + 1;
-  if (a.n > 0) {
-    dim3 grid(unsigned((a.d + 127) / 128), unsigned(a.n));
-    compress_entries_kernel<<<grid, 128, 0, s>>>(src, ws0);
-    DSV4_LAUNCH_CHECK();
-    if (a.overlap) {
-      compress_prev_kernel<<<blocks_for(a.ratio * a.d), 256, 0, s>>>(src, ws0 + (a.n - 1) * a.ratio);
-      DSV4_LAUNCH_CHECK();
-    }
-  }
-  const int64_t p0 = a.T > a.ratio ? a.start + a.T - a.ratio : a.start;
-  compress_slots_kernel<<<blocks_for((a.start + a.T - p0) * src.width), 256, 0, s>>>(src, p0);
+  if (a.S <= 0 || a.d <= 0) return;
+  dim3 grid(unsigned((a.d + 127) / 128), unsigned(a.S));
+  compress_kernel<<<grid, 128, 0, s>>>(a);
   DSV4_LAUNCH_CHECK();
 }
 
-void index_topk(const float* q, const float* w, float w_scale, int64_t T, int64_t H, int64_t d, const float* keys,
-                int64_t N, const int32_t* usable, int64_t K, float* scratch, int32_t* idx, cudaStream_t s) {
-  if (T <= 0) return;
-  if (N > 0) {
-    const size_t smem = size_t(H * d + H) * 4;
+void index_topk(const IndexArgs& a, cudaStream_t s) {
+  if (a.T <= 0) return;
+  if (a.n_max > 0) {
+    const size_t smem = size_t(a.H * a.d + a.H) * 4;
     if (smem > 48 * 1024)
       cudaFuncSetAttribute(index_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    dim3 grid(unsigned((N + 127) / 128), unsigned(T));
-    index_score_kernel<<<grid, 128, smem, s>>>(q, w, w_scale, H, d, keys, N, usable, scratch);
+    dim3 grid(unsigned((a.n_max + 127) / 128), unsigned(a.T));
+    index_score_kernel<<<grid, 128, smem, s>>>(a);
     DSV4_LAUNCH_CHECK();
   }
   int64_t P = 1;
-  while (P < N) P <<= 1;
+  while (P < a.n_max) P <<= 1;
   const size_t smem = size_t(P) * 8;
   if (smem > 48 * 1024) cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  topk_kernel<<<unsigned(T), 1024, smem, s>>>(scratch, N, usable, K, P, idx);
+  topk_kernel<<<unsigned(a.T), 1024, smem, s>>>(a, P);
   DSV4_LAUNCH_CHECK();
 }
 

@@ -33,6 +33,11 @@ namespace dsv4 {
 
 namespace {
 
+static_assert(cuda::kSegFirstRow == int64_t(kSegFirstRow) && cuda::kSegRows == int64_t(kSegRows) &&
+                  cuda::kSegStart == int64_t(kSegStart) && cuda::kSegSlot == int64_t(kSegSlot) &&
+                  cuda::kSegOutFirst == int64_t(kSegOutFirst) && cuda::kSegCols == int64_t(kSegCols),
+              "kernels.h mirrors the per-sequence table of backend.h");
+
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -379,31 +384,89 @@ class CudaBackend final : public Backend {
     cuda::hc_head(X.f32(), X.dim(0), X.dim(1), X.dim(2), f32p(*hc.fn), f32p(*hc.base), f32p(*hc.scale), hc_eps,
                   norm_eps, u.f32(), s_);
   }
-  void attend(const Tensor& q, const Tensor& pool, const Tensor& idx_a, const Tensor& idx_b, const TensorData& sinks,
-              float scale, const Tensor& out) override {
-    const int64_t Kb = idx_b.empty() ? 0 : idx_b.cols();
-    cuda::attend(q.f32(), q.dim(0), q.dim(1), q.dim(2), pool.f32(), pool.rows(), idx_a.i32(), idx_a.cols(),
-                 Kb ? idx_b.i32() : nullptr, Kb, vec(sinks), scale, out.f32(), s_);
+  void attend(const Tensor& q, const Tensor& window, const Tensor& fresh, const Tensor& idx_a, const Tensor& entries,
+              const Tensor& idx_b, int64_t nope, const TensorData& sinks, float scale, const Tensor& out) override {
+    cuda::AttendArgs a;
+    a.q = q.f32();
+    a.T = q.dim(0);
+    a.H = q.dim(1);
+    a.d = q.dim(2);
+    a.nope = nope;
+    DSV4_CHECK(nope >= 0 && nope <= a.d);
+    // Window and entries: one format (F32 or packed) between them; fresh keys are F32.
+    const Tensor* stores[2] = {&window, &entries};
+    int packed = -1;
+    for (const Tensor* st : stores) {
+      if (st->empty()) continue;
+      const bool p = st->type == ElemType::U8;
+      DSV4_CHECK(p ? st->cols() == kv_row_layout(a.d, nope).bytes : st->type == ElemType::F32 && st->cols() == a.d);
+      if (packed >= 0 && packed != int(p)) fail("attend: window and entries stores differ in format (F32 vs packed)");
+      packed = int(p);
+    }
+    a.packed = packed == 1;
+    if (!window.empty()) a.window = {window.storage.get() + window.offset, window.rows()};
+    if (!entries.empty()) a.entries = {entries.storage.get() + entries.offset, entries.rows()};
+    if (!fresh.empty()) {
+      DSV4_CHECK(fresh.type == ElemType::F32 && fresh.cols() == a.d);
+      a.fresh = fresh.f32();
+      a.n_fresh = fresh.rows();
+    }
+    a.idx_a = idx_a.i32();
+    a.Ka = idx_a.cols();
+    a.Kb = idx_b.empty() ? 0 : idx_b.cols();
+    a.idx_b = a.Kb ? idx_b.i32() : nullptr;
+    DSV4_CHECK(idx_a.rows() == a.T && (!a.Kb || idx_b.rows() == a.T));
+    a.sinks = vec(sinks);
+    a.scale = scale;
+    a.out = out.f32();
+    cuda::attend(a, s_);
   }
-  int64_t compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, int64_t start_pos, int64_t ratio,
-                   bool overlap, CompressorState& st, const Tensor& entries) override {
-    const int64_t T = kv.dim(0), coff = overlap ? 2 : 1, d = kv.cols() / coff;
-    const int64_t n = (start_pos + T) / ratio - start_pos / ratio;
-    DSV4_CHECK(n <= entries.dim(0));
-    cuda::CompressArgs a{kv.f32(), gate.f32(), vec(ape), T, start_pos, ratio, d, overlap, st.has_prev,
-                         st.kv.f32(), st.gate.f32(), overlap ? st.prev_kv.f32() : nullptr,
-                         overlap ? st.prev_gate.f32() : nullptr, entries.f32(), n};
+  void compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, const Tensor& seqs, int64_t ratio,
+                bool overlap, const CompressorSlots& st, const Tensor& entries) override {
+    DSV4_CHECK(seqs.cols() == kSegCols && ratio > 0);
+    cuda::CompressArgs a;
+    a.kv = kv.f32();
+    a.gate = gate.f32();
+    a.ape = vec(ape);
+    a.seqs = seqs.i32();
+    a.S = seqs.rows();
+    a.ratio = ratio;
+    a.d = kv.cols() / (overlap ? 2 : 1);
+    a.overlap = overlap;
+    a.st_kv = st.kv.f32();
+    a.st_gate = st.gate.f32();
+    if (overlap) {
+      a.st_prev_kv = st.prev_kv.f32();
+      a.st_prev_gate = st.prev_gate.f32();
+    }
+    a.entries = entries.empty() ? nullptr : entries.f32();
     cuda::compress(a, s_);
-    if (overlap && n > 0) st.has_prev = true;
-    return n;
   }
-  void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& usable,
-                  const Tensor& idx) override {
-    const int64_t T = q.dim(0), N = keys.rows();
-    if (N > cuda::kTopkMaxKeys) fail("index_topk: {} compressed keys exceed the CUDA limit of {}", N, cuda::kTopkMaxKeys);
-    Tensor scratch = alloc({std::max<int64_t>(T * N, 1)}, ElemType::F32);
-    cuda::index_topk(q.f32(), w.f32(), w_scale, T, q.dim(1), q.dim(2), keys.f32(), N, usable.i32(), idx.cols(),
-                     scratch.f32(), idx.i32(), s_);
+  void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& block_table,
+                  int64_t per_block, const Tensor& query_seq, const Tensor& usable, const Tensor& idx) override {
+    cuda::IndexArgs a;
+    a.q = q.f32();
+    a.w = w.f32();
+    a.w_scale = w_scale;
+    a.T = q.dim(0);
+    a.H = q.dim(1);
+    a.d = q.dim(2);
+    a.keys = keys.f32();
+    a.N = keys.rows();
+    a.block_table = block_table.i32();
+    a.max_blocks = block_table.cols();
+    a.per_block = per_block;
+    a.n_max = a.max_blocks * per_block;
+    if (a.n_max > cuda::kTopkMaxKeys)
+      fail("index_topk: block tables of {} blocks x {} rows ({} keys) exceed the CUDA limit of {} keys", a.max_blocks,
+           per_block, a.n_max, cuda::kTopkMaxKeys);
+    a.query_seq = query_seq.i32();
+    a.usable = usable.i32();
+    Tensor scratch = alloc({std::max<int64_t>(a.T * a.n_max, 1)}, ElemType::F32);
+    a.scores = scratch.f32();
+    a.idx = idx.i32();
+    a.K = idx.cols();
+    cuda::index_topk(a, s_);
   }
   void route(const Tensor& x, const MoEWeights& moe, const Tensor& tokens, const ModelConfig& cfg, const Tensor& weights,
              const Tensor& experts) override {
@@ -531,6 +594,13 @@ class CudaBackend final : public Backend {
     DSV4_CHECK(packed.cols() == kv_row_layout(out.cols(), nope).bytes);
     DSV4_CHECK(rows.empty() ? n <= packed.rows() : rows.numel() == n);
     cuda::unpack_kv(packed.u8(), packed.rows(), rows.empty() ? nullptr : rows.i32(), n, out.cols(), nope, out.f32(), s_);
+  }
+  void store_rows(const Tensor& x, const Tensor& rows, int64_t nope, const Tensor& store) override {
+    const int64_t n = x.rows(), d = x.cols();
+    DSV4_CHECK(rows.numel() == n && nope >= 0 && nope <= d);
+    const bool packed = store.type == ElemType::U8;
+    DSV4_CHECK(packed ? store.cols() == kv_row_layout(d, nope).bytes : store.type == ElemType::F32 && store.cols() == d);
+    cuda::store_rows(x.f32(), rows.i32(), n, d, nope, store.storage.get() + store.offset, store.rows(), packed, s_);
   }
 
   void sample(const Tensor& logits, const Tensor& params, const Tensor& uniforms, const Tensor& tokens) override {

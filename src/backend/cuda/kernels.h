@@ -90,31 +90,75 @@ void broadcast_streams(const float* v, float* X, int64_t T, int64_t m, int64_t D
 // ---- production KV rows (kv.cu; layout in tensor/kv_format.h) -----------------------------
 // In place x [rows, d] -> the values its packed rows decode to.
 void quantize_kv(float* x, int64_t rows, int64_t d, int64_t nope, cudaStream_t s);
-// x [rows, d] -> packed [rows, kv_row_layout(d, nope).bytes].
+// Backend::store_rows: store row rows[i] (rows null: i) gets x[i] for i < n, x [n, d]; F32 values
+// (packed false, store [N, d]) or the packed row (store [N, kv_row_layout(d, nope).bytes]).
+// Indices < 0 or >= N are skipped.
+void store_rows(const float* x, const int32_t* rows, int64_t n, int64_t d, int64_t nope, void* store, int64_t N,
+                bool packed, cudaStream_t s);
+// x [rows, d] -> packed [rows, kv_row_layout(d, nope).bytes] (store_rows with identity rows).
 void pack_kv(const float* x, int64_t rows, int64_t d, int64_t nope, uint8_t* packed, cudaStream_t s);
 // out[i] = decode(packed[rows ? rows[i] : i]) for i < n, out [n, d]; NaN rows for indices outside [0, N).
 void unpack_kv(const uint8_t* packed, int64_t N, const int32_t* rows, int64_t n, int64_t d, int64_t nope, float* out,
                cudaStream_t s);
 
 // ---- attention family (attention.cu) -------------------------------------------------------
-void attend(const float* q, int64_t T, int64_t H, int64_t d, const float* pool, int64_t N, const int32_t* idx_a,
-            int64_t Ka, const int32_t* idx_b, int64_t Kb, Vec sinks, float scale, float* out, cudaStream_t s);
-// Compressor (see CpuBackend::compress): writes n entries [n, d]; updates the state tensors.
+// Columns of the per-sequence table [S, kSegCols] (I32): the twin of dsv4::SegCol (backend.h,
+// checked by static_asserts in cuda_backend.cpp).
+inline constexpr int64_t kSegFirstRow = 0, kSegRows = 1, kSegStart = 2, kSegSlot = 3, kSegOutFirst = 4,
+                         kSegCols = 5;
+
+// A KV store read by attend: n rows of d F32 values, or n packed rows (tensor/kv_format.h).
+struct KvStore {
+  const void* p = nullptr;
+  int64_t n = 0;
+};
+// Backend::attend: q [T, H, d]; idx_a [T, Ka] entries v < window.n are window rows, others rows
+// v - window.n of fresh [n_fresh, d] (F32); idx_b [T, Kb] (may be null with Kb 0) rows of
+// entries. packed: window and entries hold packed rows with nope no-RoPE dims. An index past its
+// store makes the query's outputs NaN.
+struct AttendArgs {
+  const float* q = nullptr;
+  int64_t T = 0, H = 0, d = 0, nope = 0;
+  bool packed = false;
+  KvStore window, entries;
+  const float* fresh = nullptr;
+  int64_t n_fresh = 0;
+  const int32_t *idx_a = nullptr, *idx_b = nullptr;
+  int64_t Ka = 0, Kb = 0;
+  Vec sinks;
+  float scale = 1.f;
+  float* out = nullptr;
+};
+void attend(const AttendArgs& a, cudaStream_t s);
+// Backend::compress over S sequences (seqs [S, kSegCols] device table); state tensors hold
+// ratio rows per slot (prev_* only with overlap).
 struct CompressArgs {
-  const float* kv;
-  const float* gate;
+  const float *kv = nullptr, *gate = nullptr;
   Vec ape;
-  int64_t T, start, ratio, d;
-  bool overlap, has_prev;
-  float *st_kv, *st_gate, *st_prev_kv, *st_prev_gate;
-  float* entries;
-  int64_t n;  // windows completed in this chunk
+  const int32_t* seqs = nullptr;
+  int64_t S = 0, ratio = 0, d = 0;
+  bool overlap = false;
+  float *st_kv = nullptr, *st_gate = nullptr, *st_prev_kv = nullptr, *st_prev_gate = nullptr;
+  float* entries = nullptr;
 };
 void compress(const CompressArgs& a, cudaStream_t s);
-// Indexer: scores [T, N] scratch, then top-k per row into idx [T, K].
-void index_topk(const float* q, const float* w, float w_scale, int64_t T, int64_t H, int64_t d, const float* keys,
-                int64_t N, const int32_t* usable, int64_t K, float* scratch, int32_t* idx, cudaStream_t s);
-// Largest N index_topk can sort per row.
+// Backend::index_topk: scores [T, n_max] scratch (n_max = max_blocks * per_block <=
+// kTopkMaxKeys), then top-k per row into idx [T, K] as pool rows of keys [N, d].
+struct IndexArgs {
+  const float *q = nullptr, *w = nullptr;
+  float w_scale = 1.f;
+  int64_t T = 0, H = 0, d = 0;
+  const float* keys = nullptr;
+  int64_t N = 0;
+  const int32_t* block_table = nullptr;
+  int64_t max_blocks = 0, per_block = 0, n_max = 0;
+  const int32_t *query_seq = nullptr, *usable = nullptr;
+  float* scores = nullptr;
+  int32_t* idx = nullptr;
+  int64_t K = 0;
+};
+void index_topk(const IndexArgs& a, cudaStream_t s);
+// Largest number of logical keys (max_blocks * per_block) index_topk can sort per row.
 constexpr int64_t kTopkMaxKeys = 16384;
 
 // ---- MoE family (moe.cu) -------------------------------------------------------------------
