@@ -11,6 +11,7 @@
 #include <numeric>
 #include <set>
 #include <span>
+#include <unordered_map>
 
 #include "backend/backend.h"
 #include "backend/sampling.h"
@@ -194,169 +195,6 @@ TEST_F(CudaOps, HyperConnections) {
   }
 }
 
-// Softmax over up to 640 keys + sink and a weighted sum of 512-dim rows: exp/sum order
-// differences ~1e-6 relative; 2e-5 of max |out|.
-TEST_F(CudaOps, AttendWithSinks) {
-  struct C {
-    int64_t T, H, d, N, Ka, Kb;
-  };
-  uint64_t seed = 400;
-  for (auto c : std::vector<C>{{3, 64, 512, 700, 128, 512}, {2, 64, 512, 300, 128, 0}, {4, 5, 96, 40, 12, 7}}) {
-    Pair q = m->f32({c.T, c.H, c.d}, normal(c.T * c.H * c.d, ++seed, 2.f));
-    Pair pool = m->f32({c.N, c.d}, normal(c.N * c.d, ++seed));
-    Rng r(++seed);
-    std::vector<int32_t> ia(c.T * c.Ka), ib(c.T * c.Kb);
-    for (auto& v : ia) v = r.below(5) == 0 ? -1 : int32_t(r.below(uint64_t(c.N)));
-    for (auto& v : ib) v = r.below(7) == 0 ? -1 : int32_t(r.below(uint64_t(c.N)));
-    Pair a = m->i32({c.T, c.Ka}, ia);
-    Pair b = c.Kb ? m->i32({c.T, c.Kb}, ib) : Pair{};
-    const TensorData* sinks = ws.f32("sink", {c.H}, normal(c.H, ++seed));
-    Pair out = m->out({c.T, c.H, c.d});
-    cpu->attend(q.c, pool.c, a.c, b.c, *sinks, 1.f / std::sqrt(float(c.d)), out.c);
-    gpu->attend(q.g, pool.g, a.g, b.g, *sinks, 1.f / std::sqrt(float(c.d)), out.g);
-    expect_close(m->host_c(out.c), m->host_g(out.g), 2e-5f,
-                 fmt::format("attend T={} H={} d={} N={} K={}+{}", c.T, c.H, c.d, c.N, c.Ka, c.Kb));
-  }
-}
-
-// Stateful compressor over an irregular chunk schedule; entries and every state tensor are
-// compared after each chunk. Softmax over <= 2*ratio slots per channel: 1e-5.
-TEST_F(CudaOps, CompressorSchedules) {
-  struct C {
-    int64_t ratio, d;
-    bool overlap;
-  };
-  uint64_t seed = 500;
-  for (auto c : std::vector<C>{{4, 512, true}, {4, 128, true}, {128, 512, false}, {16, 96, false}, {4, 40, true}}) {
-    const int64_t coff = c.overlap ? 2 : 1, width = coff * c.d;
-    const TensorData* ape = ws.f32("ape", {c.ratio, width}, normal(c.ratio * width, ++seed, 0.5f));
-    CompressorState sc, sg;
-    auto mk = [&](CompressorState& s, Backend& be) {
-      s.kv = be.alloc({c.ratio, width});
-      s.gate = be.alloc({c.ratio, width});
-      if (c.overlap) {
-        s.prev_kv = be.alloc({c.ratio, c.d});
-        s.prev_gate = be.alloc({c.ratio, c.d});
-      }
-    };
-    mk(sc, *cpu);
-    mk(sg, *gpu);
-    int64_t start = 0;
-    const std::vector<int64_t> chunks = c.ratio == 128 ? std::vector<int64_t>{100, 1, 27, 300, 5, 128}
-                                                       : std::vector<int64_t>{5, 1, 1, 1, 13, 2, 30, 4, 3};
-    for (int64_t T : chunks) {
-      Pair kv = m->f32({T, width}, normal(T * width, ++seed)), gate = m->f32({T, width}, normal(T * width, ++seed));
-      Pair e = m->out({T / c.ratio + 1, c.d});
-      const int64_t nc = cpu->compress(kv.c, gate.c, *ape, start, c.ratio, c.overlap, sc, e.c);
-      const int64_t ng = gpu->compress(kv.g, gate.g, *ape, start, c.ratio, c.overlap, sg, e.g);
-      ASSERT_EQ(nc, ng);
-      const std::string tag = fmt::format("compress r={} d={} start={} T={}", c.ratio, c.d, start, T);
-      if (nc) expect_close(m->host_c(e.c.rows_view(0, nc)), m->host_g(e.g.rows_view(0, nc)), 1e-5f, tag);
-      // State rows that were ever written (positions seen so far) must agree exactly.
-      const int64_t seen = std::min(start + T, c.ratio);
-      expect_close(m->host_c(sc.kv.rows_view(0, seen)), m->host_g(sg.kv.rows_view(0, seen)), 0.f, tag + " state kv");
-      expect_close(m->host_c(sc.gate.rows_view(0, seen)), m->host_g(sg.gate.rows_view(0, seen)), 0.f,
-                   tag + " state gate");
-      if (c.overlap && sc.has_prev) {
-        ASSERT_TRUE(sg.has_prev);
-        expect_close(m->host_c(sc.prev_kv), m->host_g(sg.prev_kv), 0.f, tag + " prev kv");
-        expect_close(m->host_c(sc.prev_gate), m->host_g(sg.prev_gate), 0.f, tag + " prev gate");
-      }
-      start += T;
-    }
-  }
-}
-
-// Indexer: the chosen index lists must match exactly, except where two keys' scores are equal
-// within float rounding (then either order is right): a swap is accepted only when the reference
-// scores of the two picks differ by <= 1e-5 of the largest score. Duplicated keys create exact
-// ties, which must resolve to the lower index on both sides: for each copied pair (j-1, j) the GPU
-// must pick the same members as the CPU, with j-1 directly before j when both are picked (no
-// near-tie allowance). Every row's GPU indices must also be distinct and within [0, usable).
-TEST_F(CudaOps, IndexTopk) {
-  struct C {
-    int64_t T, H, d, N, K;
-  };
-  uint64_t seed = 600;
-  for (auto c : std::vector<C>{{3, 64, 128, 2048, 512}, {2, 64, 128, 16384, 512}, {5, 16, 40, 20, 5}, {4, 64, 128, 300, 512}}) {
-    auto keys_h = normal(c.N * c.d, ++seed);
-    for (int64_t j = 1; j < c.N; j += 97) std::copy_n(keys_h.begin() + (j - 1) * c.d, c.d, keys_h.begin() + j * c.d);
-    Pair q = m->f32({c.T, c.H, c.d}, normal(c.T * c.H * c.d, ++seed)), w = m->f32({c.T, c.H}, normal(c.T * c.H, ++seed));
-    Pair keys = m->f32({c.N, c.d}, keys_h);
-    std::vector<int32_t> us(c.T);
-    for (int64_t t = 0; t < c.T; ++t) us[t] = int32_t(std::max<int64_t>(1, c.N - t * (c.N / 3)));
-    Pair usable = m->i32({c.T}, us);
-    const int64_t K = std::min(c.K, c.N);
-    Pair idx = m->out({c.T, K}, ElemType::I32);
-    const float wsc = 1.f / std::sqrt(float(c.H * c.d));
-    cpu->index_topk(q.c, w.c, wsc, keys.c, usable.c, idx.c);
-    gpu->index_topk(q.g, w.g, wsc, keys.g, usable.g, idx.g);
-    auto ic = m->ints_c(idx.c), ig = m->ints_g(idx.g);
-    auto qh = m->host_c(q.c), wh = m->host_c(w.c);
-    auto score = [&](int64_t t, int32_t j) {
-      double s = 0;
-      for (int64_t h = 0; h < c.H; ++h) {
-        double dt = 0;
-        for (int64_t i = 0; i < c.d; ++i) dt += double(qh[(t * c.H + h) * c.d + i]) * keys_h[j * c.d + i];
-        s += wh[t * c.H + h] * std::max(0.0, dt);
-      }
-      return s * wsc;
-    };
-    // Copied pairs (j-1, j): key j is a copy of key j-1 (the loop above).
-    auto copied_pair = [&](int32_t a, int32_t b) {
-      const int32_t lo = std::min(a, b), hi = std::max(a, b);
-      return lo >= 0 && hi == lo + 1 && hi % 97 == 1;
-    };
-    int64_t exact = 0, near_tie = 0, bad = 0, repeats = 0, tie_mismatch = 0;
-    for (int64_t t = 0; t < c.T; ++t) {
-      // Position of each key in the CPU and GPU lists (-1: not picked).
-      std::vector<int64_t> pos_c(c.N, -1), pos_g(c.N, -1);
-      for (int64_t i = 0; i < K; ++i) {
-        const int32_t a = ic[t * K + i], b = ig[t * K + i];
-        if (a >= 0 && a < c.N) pos_c[a] = i;
-        if (b < 0) continue;
-        if (b >= us[t]) continue;  // out of range: counted as bad below (never equal to the CPU's pick)
-        if (pos_g[b] >= 0) {
-          ++repeats;
-          ADD_FAILURE() << "index_topk row " << t << ": GPU index " << b << " at positions " << pos_g[b] << " and " << i;
-        }
-        pos_g[b] = i;
-      }
-      for (int64_t j = 1; j < c.N; j += 97) {
-        const bool in_c = pos_c[j - 1] >= 0 && pos_c[j] >= 0, in_g = pos_g[j - 1] >= 0 && pos_g[j] >= 0;
-        const bool ok = (pos_c[j - 1] >= 0) == (pos_g[j - 1] >= 0) && (pos_c[j] >= 0) == (pos_g[j] >= 0) &&
-                        (!in_c || pos_c[j] == pos_c[j - 1] + 1) && (!in_g || pos_g[j] == pos_g[j - 1] + 1);
-        if (!ok) {
-          ++tie_mismatch;
-          ADD_FAILURE() << "index_topk row " << t << ": copied keys " << j - 1 << "," << j << " at CPU positions "
-                        << pos_c[j - 1] << "," << pos_c[j] << " but GPU positions " << pos_g[j - 1] << "," << pos_g[j];
-        }
-      }
-      double smax = 0;
-      for (int64_t i = 0; i < K; ++i)
-        if (ic[t * K + i] >= 0) smax = std::max(smax, std::fabs(score(t, ic[t * K + i])));
-      for (int64_t i = 0; i < K; ++i) {
-        const int32_t a = ic[t * K + i], b = ig[t * K + i];
-        if (a == b) {
-          ++exact;
-        } else if (a >= 0 && b >= 0 && b < us[t] && !copied_pair(a, b) &&
-                   std::fabs(score(t, a) - score(t, b)) <= 1e-5 * smax) {
-          ++near_tie;
-        } else {
-          ++bad;
-        }
-      }
-    }
-    std::printf("[maxerr] index_topk T=%lld H=%lld d=%lld N=%lld K=%lld exact=%lld near_tie_swaps=%lld bad=%lld "
-                "repeats=%lld copied_tie_mismatch=%lld\n",
-                (long long)c.T, (long long)c.H, (long long)c.d, (long long)c.N, (long long)K, (long long)exact,
-                (long long)near_tie, (long long)bad, (long long)repeats, (long long)tie_mismatch);
-    EXPECT_EQ(bad, 0);
-    EXPECT_EQ(repeats, 0);
-    EXPECT_EQ(tie_mismatch, 0);
-  }
-}
-
 // Router: expert ids must match exactly (score gaps between neighbours are ~1e-3, numeric
 // differences ~1e-6); weights 1e-5 of max (same formulas, logits from the GEMM at ~1e-6).
 TEST_F(CudaOps, Route) {
@@ -536,6 +374,334 @@ TEST_F(CudaOps, KvPackUnpackMatchCpuBytes) {
     Pair all = m->out({c.rows, c.d});
     gpu->unpack_kv(packed.g, Tensor{}, c.nope, all.g);
     expect_same_floats(m->host_g(all.g), m->host_g(x.g), "quantize_kv == unpack(pack) on the GPU " + what);
+  }
+}
+
+// ---- batched attention-family ops --------------------------------------------------------------
+// Ragged batches as the batched forward pass builds them: sequences of mixed lengths (a decode of
+// one token among prefill chunks), private state in slots given in non-identity order, chunks
+// crossing compress windows and paged blocks, block tables whose blocks are scattered (and a
+// prefix block shared by two sequences), F32 and packed production (U8) stores, -1 entries.
+
+namespace {
+
+// A U8 tensor on both backends with the same bytes.
+Pair u8_pair(Backend& cpu, Backend& gpu, std::vector<int64_t> shape, const std::vector<uint8_t>& bytes) {
+  Pair p{cpu.alloc(shape, ElemType::U8), gpu.alloc(shape, ElemType::U8)};
+  EXPECT_EQ(p.c.numel(), int64_t(bytes.size()));
+  cpu.upload(p.c, bytes.data());
+  gpu.upload(p.g, bytes.data());
+  return p;
+}
+
+// A store of random rows [n, d]: F32 values, or their packed production rows (packed on the CPU).
+Pair kv_store(Backend& cpu, Backend& gpu, Mirror& m, int64_t n, int64_t d, int64_t nope, bool packed, uint64_t seed) {
+  Pair x = m.f32({n, d}, normal(n * d, seed));
+  if (!packed) return x;
+  const int64_t rb = kv_row_layout(d, nope).bytes;
+  Tensor p = cpu.alloc({n, rb}, ElemType::U8);
+  cpu.pack_kv(x.c, nope, p);
+  return u8_pair(cpu, gpu, {n, rb}, m.bytes_c(p));
+}
+
+// Scattered physical blocks: a random permutation of [0, n).
+std::vector<int32_t> shuffled(int64_t n, uint64_t seed) {
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  std::iota(v.begin(), v.end(), 0);
+  Rng r(seed);
+  for (int64_t i = n - 1; i > 0; --i) std::swap(v[size_t(i)], v[size_t(r.below(uint64_t(i + 1)))]);
+  return v;
+}
+
+}  // namespace
+
+// attend over [window ring rows of the sequence's slot | this step's fresh rows] (idx_a) and
+// compressed entries reached through the sequence's block table (idx_b). Softmax over up to 640
+// keys + sink and a weighted sum of 512-dim rows: exp/sum order differences ~1e-6 relative;
+// 2e-5 of max |out|. Packed rows decode to the same floats on both sides (KvPackUnpack test), so
+// the same bound holds for them.
+TEST_F(CudaOps, AttendRaggedBatch) {
+  struct Seq {
+    int64_t rows, start;
+  };
+  struct C {
+    int64_t H, d, nope, W, per_block, Kb;
+    std::vector<Seq> seqs;
+  };
+  uint64_t seed = 400;
+  const std::vector<C> cases = {
+      // decode (1 token, long context), prefill chunk crossing the window (start 120), a fresh
+      // prompt from 0, and another decode; real widths
+      {64, 512, 448, 128, 64, 512, {{1, 5000}, {9, 120}, {6, 0}, {1, 129}}},
+      // no compressed entries (idx_b empty), window ring only
+      {64, 512, 448, 128, 64, 0, {{3, 300}, {1, 7}}},
+      // small shapes: partial 64-blocks (nope 72), many -1, blocks of 4 entries
+      {5, 96, 72, 12, 4, 7, {{4, 30}, {1, 2}, {7, 11}, {1, 0}, {2, 60}}},
+  };
+  for (const C& c : cases)
+    for (bool packed : {false, true}) {
+      const int64_t S = int64_t(c.seqs.size()), slots = S + 2, Nw = slots * c.W, Ka = c.W;
+      const auto slot_of = shuffled(slots, ++seed);  // sequence s owns window slot slot_of[s]
+      int64_t T = 0, max_entries = 1;
+      for (const Seq& s : c.seqs) {
+        T += s.rows;
+        max_entries = std::max(max_entries, (s.start + s.rows) / 4 + 1);
+      }
+      const int64_t max_blocks = (max_entries + c.per_block - 1) / c.per_block, NB = S * max_blocks + 3;
+      const auto blocks = shuffled(NB, ++seed);  // sequence s's block b is blocks[s * max_blocks + b]
+      Rng r(++seed);
+      std::vector<int32_t> ia(size_t(T * Ka), -1), ib(size_t(T * c.Kb), -1);
+      int64_t t = 0, first = 0;
+      for (int64_t s = 0; s < S; ++s) {
+        const Seq& q = c.seqs[size_t(s)];
+        for (int64_t i = 0; i < q.rows; ++i, ++t) {
+          const int64_t pos = q.start + i;
+          // Window: positions max(0, pos - W + 1) .. pos; before the chunk in the slot's ring,
+          // inside it among the fresh rows. One in nine knocked out (-1).
+          int64_t k = 0;
+          for (int64_t p = std::max<int64_t>(0, pos - c.W + 1); p <= pos; ++p, ++k) {
+            const int64_t v = p < q.start ? slot_of[size_t(s)] * c.W + p % c.W : Nw + first + (p - q.start);
+            ia[size_t(t * Ka + k)] = r.below(9) == 0 ? -1 : int32_t(v);
+          }
+          // Entries: a random subset of the (pos + 1) / 4 usable ones, through the block table.
+          const int64_t usable = (pos + 1) / 4;
+          for (int64_t j = 0; j < c.Kb && usable > 0; ++j) {
+            if (r.below(6) == 0) continue;
+            const int64_t e = int64_t(r.below(uint64_t(usable)));
+            ib[size_t(t * c.Kb + j)] = blocks[size_t(s * max_blocks + e / c.per_block)] * int32_t(c.per_block) +
+                                       int32_t(e % c.per_block);
+          }
+        }
+        first += q.rows;
+      }
+      Pair qt = m->f32({T, c.H, c.d}, normal(T * c.H * c.d, ++seed, 2.f));
+      Pair window = kv_store(*cpu, *gpu, *m, Nw, c.d, c.nope, packed, ++seed);
+      Pair fresh = m->f32({T, c.d}, normal(T * c.d, ++seed));
+      Pair entries = c.Kb ? kv_store(*cpu, *gpu, *m, NB * c.per_block, c.d, c.nope, packed, ++seed) : Pair{};
+      Pair a = m->i32({T, Ka}, ia);
+      Pair b = c.Kb ? m->i32({T, c.Kb}, ib) : Pair{};
+      const TensorData* sinks = ws.f32("sink", {c.H}, normal(c.H, ++seed));
+      Pair out = m->out({T, c.H, c.d});
+      const float scale = 1.f / std::sqrt(float(c.d));
+      cpu->attend(qt.c, window.c, fresh.c, a.c, entries.c, b.c, c.nope, *sinks, scale, out.c);
+      gpu->attend(qt.g, window.g, fresh.g, a.g, entries.g, b.g, c.nope, *sinks, scale, out.g);
+      expect_close(m->host_c(out.c), m->host_g(out.g), 2e-5f,
+                   fmt::format("attend {} S={} T={} H={} d={} K={}+{}", packed ? "packed" : "f32", S, T, c.H, c.d,
+                               Ka, c.Kb));
+    }
+}
+
+// Batched compressor over several steps: sequences in slots given in non-identity order, each
+// step a ragged chunk per sequence (0, 1 or many rows, crossing windows), state resumed from
+// random contents (sequences may start mid-stream: windows w > 0 pool the saved prev halves).
+// Entries at per-sequence out_first offsets; softmax over <= 2*ratio slots per channel: 1e-5.
+// State rows are copies (gate + ape: one rounding, same on both sides): exact.
+TEST_F(CudaOps, CompressorRaggedBatch) {
+  struct C {
+    int64_t ratio, d;
+    bool overlap;
+    std::vector<int64_t> starts;               // first position of each sequence
+    std::vector<std::vector<int64_t>> steps;   // rows per sequence, per step
+  };
+  uint64_t seed = 500;
+  const std::vector<C> cases = {
+      {4, 512, true, {0, 6, 1, 37}, {{5, 1, 0, 13}, {1, 1, 1, 1}, {30, 2, 4, 3}, {0, 7, 1, 8}}},
+      {128, 512, false, {0, 100, 250, 5}, {{100, 1, 27, 300}, {1, 128, 1, 5}, {28, 2, 300, 1}}},
+      {4, 40, true, {3, 0, 8}, {{1, 9, 2}, {2, 1, 1}, {17, 4, 1}}},
+      {16, 96, false, {0, 15, 31}, {{1, 1, 1}, {40, 2, 17}, {3, 33, 1}}},
+  };
+  for (const C& c : cases) {
+    const int64_t S = int64_t(c.starts.size()), slots = S + 2, coff = c.overlap ? 2 : 1, width = coff * c.d;
+    const auto slot_of = shuffled(slots, ++seed);
+    const TensorData* ape = ws.f32("ape", {c.ratio, width}, normal(c.ratio * width, ++seed, 0.5f));
+    auto state = [&](int64_t cols) { return m->f32({slots * c.ratio, cols}, normal(slots * c.ratio * cols, ++seed)); };
+    Pair kvs = state(width), gates = state(width), pkv = c.overlap ? state(c.d) : Pair{},
+         pgate = c.overlap ? state(c.d) : Pair{};
+    CompressorSlots sc{kvs.c, gates.c, pkv.c, pgate.c}, sg{kvs.g, gates.g, pkv.g, pgate.g};
+    std::vector<int64_t> pos = c.starts;
+    for (const auto& step : c.steps) {
+      std::vector<int32_t> seg;
+      int64_t T = 0, n = 0;
+      std::string lens;
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t rows = step[size_t(s)], made = (pos[size_t(s)] + rows) / c.ratio - pos[size_t(s)] / c.ratio;
+        seg.insert(seg.end(), {int32_t(T), int32_t(rows), int32_t(pos[size_t(s)]), slot_of[size_t(s)], int32_t(n)});
+        lens += fmt::format(" {}@{}", rows, pos[size_t(s)]);
+        T += rows;
+        n += made;
+        pos[size_t(s)] += rows;
+      }
+      Pair kv = m->f32({T, width}, normal(T * width, ++seed)), gate = m->f32({T, width}, normal(T * width, ++seed));
+      Pair seqs = m->i32({S, kSegCols}, seg), e = m->out({std::max<int64_t>(n, 1), c.d});
+      cpu->compress(kv.c, gate.c, *ape, seqs.c, c.ratio, c.overlap, sc, e.c);
+      gpu->compress(kv.g, gate.g, *ape, seqs.g, c.ratio, c.overlap, sg, e.g);
+      const std::string tag = fmt::format("compress r={} d={} overlap={} rows@start:{}", c.ratio, c.d, c.overlap, lens);
+      if (n) expect_close(m->host_c(e.c.rows_view(0, n)), m->host_g(e.g.rows_view(0, n)), 1e-5f, tag + " entries");
+      expect_close(m->host_c(sc.kv), m->host_g(sg.kv), 0.f, tag + " state kv");
+      expect_close(m->host_c(sc.gate), m->host_g(sg.gate), 0.f, tag + " state gate");
+      if (c.overlap) {
+        expect_close(m->host_c(sc.prev_kv), m->host_g(sg.prev_kv), 0.f, tag + " prev kv");
+        expect_close(m->host_c(sc.prev_gate), m->host_g(sg.prev_gate), 0.f, tag + " prev gate");
+      }
+    }
+  }
+}
+
+// Indexer over paged keys: the chosen lists (pool rows) are mapped back to each sequence's
+// logical key indices and must match exactly, except where two keys' scores are equal within
+// float rounding (then either order is right): a swap is accepted only when the reference scores
+// of the two picks differ by <= 1e-5 of the largest score. Duplicated keys (logical j copies
+// j - 1 for j % 97 == 1) create exact ties, which must resolve to the lower logical index on both
+// sides: the GPU must pick the same members as the CPU, with j - 1 directly before j when both are
+// picked. Every row's GPU picks must be distinct keys of its own sequence below usable.
+// Sequences' blocks are scattered over the pool; the first two sequences share their first block
+// (a shared prefix); usable varies per query (prefill chunks), down to 1 and below K (-1 padding).
+TEST_F(CudaOps, IndexTopkPaged) {
+  struct Seq {
+    std::vector<int64_t> usable;  // one per query row of the sequence
+  };
+  struct C {
+    int64_t H, d, per_block, max_blocks, K;
+    std::vector<Seq> seqs;
+  };
+  uint64_t seed = 600;
+  const std::vector<C> cases = {
+      // real widths: one query at the 16K cap, a prefill chunk crossing a block boundary
+      // (usable 2047..2050 with 64-entry blocks), a short sequence (< K), a single key
+      {64, 128, 64, 256, 512, {{{16384}}, {{2047, 2048, 2049, 2050}}, {{300}}, {{1}}}},
+      {64, 128, 16, 40, 512, {{{600, 601}}, {{33}}, {{640}}, {{17, 18, 19}}}},
+      {16, 40, 4, 6, 5, {{{20, 3}}, {{5}}, {{1, 2, 3, 4, 5, 6, 7, 8}}, {{24}}}},
+  };
+  for (const C& c : cases) {
+    const int64_t S = int64_t(c.seqs.size()), NB = S * c.max_blocks + 5, N = NB * c.per_block;
+    const int64_t n_max = c.max_blocks * c.per_block;
+    // Block tables: scattered physical blocks; sequence 1 shares sequence 0's first block.
+    const auto phys = shuffled(NB, ++seed);
+    std::vector<int32_t> table(size_t(S * c.max_blocks));
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t b = 0; b < c.max_blocks; ++b) table[size_t(s * c.max_blocks + b)] = phys[size_t(s * c.max_blocks + b)];
+    table[size_t(c.max_blocks)] = table[0];
+    auto row_of = [&](int64_t s, int64_t j) {
+      return int64_t(table[size_t(s * c.max_blocks + j / c.per_block)]) * c.per_block + j % c.per_block;
+    };
+    auto keys_h = normal(N * c.d, ++seed);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 1; j < n_max; j += 97)
+        std::copy_n(keys_h.begin() + row_of(s, j - 1) * c.d, c.d, keys_h.begin() + row_of(s, j) * c.d);
+    std::vector<int32_t> qseq, us;
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t u : c.seqs[size_t(s)].usable) {
+        qseq.push_back(int32_t(s));
+        us.push_back(int32_t(u));
+      }
+    const int64_t T = int64_t(us.size()), K = c.K;
+    Pair q = m->f32({T, c.H, c.d}, normal(T * c.H * c.d, ++seed)), w = m->f32({T, c.H}, normal(T * c.H, ++seed));
+    Pair keys = m->f32({N, c.d}, keys_h), bt = m->i32({S, c.max_blocks}, table), qs = m->i32({T}, qseq),
+         usable = m->i32({T}, us), idx = m->out({T, K}, ElemType::I32);
+    const float wsc = 1.f / std::sqrt(float(c.H * c.d));
+    cpu->index_topk(q.c, w.c, wsc, keys.c, bt.c, c.per_block, qs.c, usable.c, idx.c);
+    gpu->index_topk(q.g, w.g, wsc, keys.g, bt.g, c.per_block, qs.g, usable.g, idx.g);
+    auto ic = m->ints_c(idx.c), ig = m->ints_g(idx.g);
+    auto qh = m->host_c(q.c), wh = m->host_c(w.c);
+    auto score = [&](int64_t t, int64_t s, int64_t j) {
+      double sc = 0;
+      const int64_t row = row_of(s, j);
+      for (int64_t h = 0; h < c.H; ++h) {
+        double dt = 0;
+        for (int64_t i = 0; i < c.d; ++i) dt += double(qh[(t * c.H + h) * c.d + i]) * keys_h[row * c.d + i];
+        sc += wh[t * c.H + h] * std::max(0.0, dt);
+      }
+      return sc * wsc;
+    };
+    auto copied_pair = [&](int64_t a, int64_t b) {
+      const int64_t lo = std::min(a, b), hi = std::max(a, b);
+      return lo >= 0 && hi == lo + 1 && hi % 97 == 1;
+    };
+    int64_t exact = 0, near_tie = 0, bad = 0, repeats = 0, tie_mismatch = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t s = qseq[size_t(t)], n = us[size_t(t)];
+      // Pool row -> logical index of this sequence (-1: not one of its first n keys).
+      std::unordered_map<int32_t, int64_t> logical;
+      for (int64_t j = 0; j < n; ++j) logical[int32_t(row_of(s, j))] = j;
+      auto to_j = [&](int32_t row) -> int64_t {
+        if (row < 0) return -1;
+        auto it = logical.find(row);
+        return it == logical.end() ? -2 : it->second;  // -2: a row outside the sequence's keys
+      };
+      std::vector<int64_t> pos_c(static_cast<size_t>(n_max), -1), pos_g(static_cast<size_t>(n_max), -1),
+          jc(static_cast<size_t>(K)), jg(static_cast<size_t>(K));
+      for (int64_t i = 0; i < K; ++i) {
+        jc[size_t(i)] = to_j(ic[size_t(t * K + i)]);
+        jg[size_t(i)] = to_j(ig[size_t(t * K + i)]);
+        if (jc[size_t(i)] >= 0) pos_c[size_t(jc[size_t(i)])] = i;
+        const int64_t b = jg[size_t(i)];
+        if (b < 0) continue;
+        if (pos_g[size_t(b)] >= 0) {
+          ++repeats;
+          ADD_FAILURE() << "index_topk row " << t << ": GPU key " << b << " at positions " << pos_g[size_t(b)] << " and " << i;
+        }
+        pos_g[size_t(b)] = i;
+      }
+      for (int64_t j = 1; j < n; j += 97) {
+        const size_t a = size_t(j - 1), b = size_t(j);
+        const bool in_c = pos_c[a] >= 0 && pos_c[b] >= 0, in_g = pos_g[a] >= 0 && pos_g[b] >= 0;
+        const bool ok = (pos_c[a] >= 0) == (pos_g[a] >= 0) && (pos_c[b] >= 0) == (pos_g[b] >= 0) &&
+                        (!in_c || pos_c[b] == pos_c[a] + 1) && (!in_g || pos_g[b] == pos_g[a] + 1);
+        if (!ok) {
+          ++tie_mismatch;
+          ADD_FAILURE() << "index_topk row " << t << ": copied keys " << j - 1 << "," << j << " at CPU positions "
+                        << pos_c[a] << "," << pos_c[b] << " but GPU positions " << pos_g[a] << "," << pos_g[b];
+        }
+      }
+      double smax = 0;
+      for (int64_t i = 0; i < K; ++i)
+        if (jc[size_t(i)] >= 0) smax = std::max(smax, std::fabs(score(t, s, jc[size_t(i)])));
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t a = jc[size_t(i)], b = jg[size_t(i)];
+        if (a == b && ic[size_t(t * K + i)] == ig[size_t(t * K + i)]) {
+          ++exact;
+        } else if (a >= 0 && b >= 0 && !copied_pair(a, b) && std::fabs(score(t, s, a) - score(t, s, b)) <= 1e-5 * smax) {
+          ++near_tie;
+        } else {
+          ++bad;
+        }
+      }
+    }
+    std::printf("[maxerr] index_topk paged S=%lld T=%lld H=%lld d=%lld blocks=%lldx%lld K=%lld exact=%lld "
+                "near_tie_swaps=%lld bad=%lld repeats=%lld copied_tie_mismatch=%lld\n",
+                (long long)S, (long long)T, (long long)c.H, (long long)c.d, (long long)c.max_blocks,
+                (long long)c.per_block, (long long)K, (long long)exact, (long long)near_tie, (long long)bad,
+                (long long)repeats, (long long)tie_mismatch);
+    EXPECT_EQ(bad, 0);
+    EXPECT_EQ(repeats, 0);
+    EXPECT_EQ(tie_mismatch, 0);
+  }
+}
+
+// store_rows into F32 and packed stores: scattered rows, -1 entries skipped (those store rows
+// keep their old contents). F32: exact copies; packed: the CPU's bytes exactly (same codecs as
+// pack_kv).
+TEST_F(CudaOps, StoreRows) {
+  struct C {
+    int64_t n, d, nope, N;
+  };
+  uint64_t seed = 650;
+  for (const C& c : std::vector<C>{{7, 512, 448, 300}, {33, 96, 72, 40}, {1, 64, 48, 3}, {12, 130, 65, 20}}) {
+    Rng r(++seed);
+    auto perm = shuffled(c.N, ++seed);
+    std::vector<int32_t> rows(size_t(c.n));
+    for (int64_t i = 0; i < c.n; ++i) rows[size_t(i)] = i % 4 == 2 ? -1 : perm[size_t(i)];
+    Pair x = m->f32({c.n, c.d}, kv_rows(c.n, c.d, ++seed)), ri = m->i32({c.n}, rows);
+    const std::string what = fmt::format("store_rows n={} d={} nope={} N={}", c.n, c.d, c.nope, c.N);
+    Pair f = m->f32({c.N, c.d}, normal(c.N * c.d, ++seed));
+    cpu->store_rows(x.c, ri.c, c.nope, f.c);
+    gpu->store_rows(x.g, ri.g, c.nope, f.g);
+    expect_same_floats(m->host_c(f.c), m->host_g(f.g), what + " f32");
+    const int64_t rb = kv_row_layout(c.d, c.nope).bytes;
+    Pair p = m->out({c.N, rb}, ElemType::U8);  // 0xff bytes: rows not stored stay so on both sides
+    cpu->store_rows(x.c, ri.c, c.nope, p.c);
+    gpu->store_rows(x.g, ri.g, c.nope, p.g);
+    expect_same_bytes(m->bytes_c(p.c), m->bytes_g(p.g), rb, what + " packed");
   }
 }
 
