@@ -17,6 +17,7 @@
 #ifdef DSV4_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
 #endif
+#include "engine/model_runner.h"
 #include "engine/sampler.h"
 #include "engine/state_manager.h"
 #include "model/checkpoint.h"
@@ -199,6 +200,7 @@ class EngineImpl final : public LLMEngine {
     if (!cfg_.enable_prefix_caching) plan.num_snapshots = 0;
     mgr_ = std::make_unique<StateManager>(model, B, plan.num_blocks, plan.num_slots, plan.num_snapshots, kv);
     mgr_->set_caching(cfg_.enable_prefix_caching);
+    runner_ = std::make_unique<ModelRunner>(model);
     capacity_tokens_ = plan.num_blocks * B;
     device_sampling_ = cfg_.device_sampling.value_or(model.backend().name() != "cpu");
     max_model_len_ = cfg_.max_model_len > 0 ? cfg_.max_model_len : mc.max_position_embeddings;
@@ -483,6 +485,13 @@ class EngineImpl final : public LLMEngine {
     }
   }
 
+  // A chunk that crosses a block boundary ends at the last one it crosses, so that every step
+  // leaves its sequences where the prefix cache can snapshot them (docs/ENGINE.md).
+  int64_t to_boundary(const SeqRec* s, int64_t n) const {
+    const int64_t B = mgr_->block_tokens(), at = s->computed(), cut = (at + n) / B * B;
+    return cut > at ? cut - at : n;
+  }
+
   std::vector<Work> schedule() {
     std::vector<Work> work;
     int64_t budget = cfg_.max_batched_tokens;
@@ -496,7 +505,7 @@ class EngineImpl final : public LLMEngine {
         if (std::find(running_.begin(), running_.end(), s) == running_.end()) continue;  // preempted
         const int64_t remaining = int64_t(s->tokens.size()) - s->computed();
         if ((remaining == 1) != (pass == 0)) continue;
-        const int64_t n = grant(s, std::min(remaining, budget), work, budget, true);
+        const int64_t n = to_boundary(s, grant(s, std::min(remaining, budget), work, budget, true));
         if (n > 0) {
           work.push_back({s, n});
           budget -= n;
@@ -515,7 +524,7 @@ class EngineImpl final : public LLMEngine {
       mgr_->attach(st, s->tokens, hit);
       s->state = std::move(st);
       s->has_state = true;
-      const int64_t n = grant(s, std::min(len - s->computed(), budget), work, budget, false);
+      const int64_t n = to_boundary(s, grant(s, std::min(len - s->computed(), budget), work, budget, false));
       if (n == 0) {
         mgr_->release(s->state);
         s->has_state = false;
@@ -533,61 +542,66 @@ class EngineImpl final : public LLMEngine {
     return work;
   }
 
+  // One step: the scheduled work runs as one batched forward pass (ModelRunner); every
+  // sequence whose chunk reaches the end of its known tokens gets one token.
   void step() {
     std::vector<Work> work = schedule();
-    if (work.empty()) {
-      // Running sequences exist but none could be scheduled: only possible transiently.
-      return;
-    }
-    Model& model = *lm_->model;
-    Backend& be = model.backend();
-    const int64_t B = mgr_->block_tokens(), V = lm_->config().vocab_size;
-    std::vector<float> row(static_cast<size_t>(V));
-    // Rows sampled on the backend are gathered into one tensor and sampled after the loop.
-    int64_t n_dev = 0;
-    for (const Work& w : work)
-      if (!w.seq->finished && w.seq->has_state && w.seq->computed() + w.n == int64_t(w.seq->tokens.size()) &&
-          device_sampled(w.seq))
-        ++n_dev;
-    Tensor dev_rows = n_dev ? be.alloc({n_dev, V}) : Tensor{};
-    std::vector<SeqRec*> dev_seqs;
+    if (work.empty()) return;  // running sequences exist but none could be scheduled: transient
+    const int64_t V = lm_->config().vocab_size;
+    std::vector<ModelRunner::Item> items;
+    std::vector<SeqRec*> seqs, dev_seqs, host_seqs;
+    std::vector<float> params(work.size() * size_t(kSampleParams));
     for (const Work& w : work) {
       SeqRec* s = w.seq;
       if (s->finished || !s->has_state) continue;
-      RequestRec* r = s->req;
-      const bool on_device = device_sampled(s);
-      try {
-        int64_t pos = s->computed();
-        const int64_t end = pos + w.n;
-        Tensor logits;
-        while (pos < end) {
-          const int64_t next = std::min(end, (pos / B + 1) * B);
-          logits = model.forward(s->state.st, std::span(s->tokens).subspan(size_t(pos), size_t(next - pos)));
-          pos = next;
-          if (pos % B == 0) mgr_->register_blocks(s->state, s->tokens);
-        }
-        if (end < int64_t(s->tokens.size())) continue;  // a prefill chunk that did not reach the end
-        const Tensor last = logits.rows_view(logits.dim(0) - 1, logits.dim(0));
-        if (on_device) {
-          const int64_t k = int64_t(dev_seqs.size());
-          be.copy(last, dev_rows.rows_view(k, k + 1));
-          if (cfg_.on_logits) {  // the hook needs the row on the host anyway
-            be.download(last, row.data());
-            cfg_.on_logits(r->req.id, s->index, int64_t(s->tokens.size()) - 1, row);
-          }
-          dev_seqs.push_back(s);
-          continue;
-        }
-        be.download(last, row.data());
-      } catch (const std::exception& e) {
-        abort_request(r->req.id, FinishReason::Error, e.what());
-        continue;
+      const int64_t at = s->computed();
+      ModelRunner::Item it;
+      it.state = &s->state.st;
+      it.tokens = std::span(s->tokens).subspan(size_t(at), size_t(w.n));
+      it.sampled = at + w.n == int64_t(s->tokens.size());
+      it.on_device = it.sampled && device_sampled(s);
+      if (it.on_device) {
+        const SamplingParams& sp = s->req->req.sampling;
+        it.params = &params[items.size() * size_t(kSampleParams)];
+        write_sample_params(sample_filter(sp), &params[items.size() * size_t(kSampleParams)]);
+        it.uniform = draw_uniform(sp, s->sampler);  // drawn exactly when the host sampler would draw it
+        dev_seqs.push_back(s);
+      } else if (it.sampled) {
+        host_seqs.push_back(s);
       }
+      items.push_back(it);
+      seqs.push_back(s);
+    }
+    ModelRunner::Result res;
+    try {
+      res = runner_->run(items, bool(cfg_.on_logits));
+    } catch (const std::exception& e) {
+      // The whole batch failed (a bug or a device error, not bad input): fail its requests.
+      for (SeqRec* s : seqs) abort_request(s->req->req.id, FinishReason::Error, e.what());
+      return;
+    }
+    for (SeqRec* s : seqs)
+      if (s->has_state) mgr_->register_blocks(s->state, s->tokens);
+    const size_t host0 = cfg_.on_logits ? dev_seqs.size() : 0;  // the hook also downloads device rows
+    for (size_t i = 0; i < dev_seqs.size(); ++i) {
+      SeqRec* s = dev_seqs[i];
+      if (s->finished) continue;
+      if (cfg_.on_logits)
+        cfg_.on_logits(s->req->req.id, s->index, int64_t(s->tokens.size()) - 1,
+                       std::span(res.host_logits).subspan(i * size_t(V), size_t(V)));
+      ++device_sampled_tokens_;
+      emit_token(s, res.device_tokens[i], Event{});
+    }
+    std::vector<float> row(static_cast<size_t>(V));
+    for (size_t i = 0; i < host_seqs.size(); ++i) {
+      SeqRec* s = host_seqs[i];
+      if (s->finished) continue;
+      const auto src = res.host_logits.begin() + long((host0 + i) * size_t(V));
+      std::copy(src, src + V, row.begin());
       const bool first = s->completion == 0 && s->index == 0;
       sample_and_emit(s, row);
-      if (first) start_forks(r, s, row);
+      if (first) start_forks(s->req, s, row);
     }
-    if (!dev_seqs.empty()) sample_on_device(dev_seqs, dev_rows.rows_view(0, int64_t(dev_seqs.size())));
   }
 
   // Whether s's next token is drawn by Backend::sample: requests without penalties and
@@ -595,33 +609,6 @@ class EngineImpl final : public LLMEngine {
   bool device_sampled(const SeqRec* s) const {
     const SamplingParams& sp = s->req->req.sampling;
     return device_sampling_ && !needs_host_sampling(sp) && !(sp.n > 1 && s->index == 0 && s->completion == 0);
-  }
-
-  // One Backend::sample call for the rows [n, V] of these sequences; only token ids come back.
-  // Each uniform comes from the sequence's own RNG exactly as sample_token would draw it.
-  void sample_on_device(const std::vector<SeqRec*>& seqs, const Tensor& rows) {
-    Backend& be = lm_->model->backend();
-    const int64_t n = int64_t(seqs.size());
-    std::vector<float> params(static_cast<size_t>(n * kSampleParams)), uniforms(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) {
-      const SamplingParams& sp = seqs[size_t(i)]->req->req.sampling;
-      write_sample_params(sample_filter(sp), &params[size_t(i * kSampleParams)]);
-      uniforms[size_t(i)] = draw_uniform(sp, seqs[size_t(i)]->sampler);
-    }
-    std::vector<int32_t> tokens(static_cast<size_t>(n));
-    try {
-      Tensor p = be.alloc({n, kSampleParams}), u = be.alloc({n}), t = be.alloc({n}, ElemType::I32);
-      be.upload(p, params.data());
-      be.upload(u, uniforms.data());
-      be.sample(rows, p, u, t);
-      be.download(t, tokens.data());
-    } catch (const std::exception& e) {
-      for (SeqRec* s : seqs) abort_request(s->req->req.id, FinishReason::Error, e.what());
-      return;
-    }
-    device_sampled_tokens_ += n;
-    for (int64_t i = 0; i < n; ++i)
-      if (!seqs[size_t(i)]->finished) emit_token(seqs[size_t(i)], tokens[size_t(i)], Event{});
   }
 
   // n > 1: the other samples share sample 0's prompt state (its full blocks; a copy of the rest).
@@ -749,6 +736,7 @@ class EngineImpl final : public LLMEngine {
   EngineConfig cfg_;
   std::shared_ptr<LoadedModel> lm_;
   std::unique_ptr<StateManager> mgr_;
+  std::unique_ptr<ModelRunner> runner_;
   int64_t capacity_tokens_ = 0, max_model_len_ = 0;
   bool device_sampling_ = false;
   std::set<int32_t> eos_;

@@ -54,40 +54,20 @@ StateManager::StateManager(Model& model, int64_t B, int64_t num_blocks, int64_t 
                            KvFormat kv)
     : model_(model), be_(model.backend()), layout_(state_layout(model.config(), B, kv)), num_blocks_(num_blocks) {
   const ModelConfig& c = model.config();
-  if (B <= 0 || B % model.block_granularity())
-    fail("--block-size: {} must be a positive multiple of {} (every compress ratio)", B, model.block_granularity());
   if (num_blocks <= 0 || num_blocks > std::numeric_limits<int32_t>::max()) fail("state pool: {} blocks", num_blocks);
   if (num_slots <= 0) fail("--max-running-requests must be positive, got {}", num_slots);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const int64_t r = c.compress_ratio(l);
-    entry_pools_.push_back(r ? model.alloc_kv_store(num_blocks * (B / r), kv) : Tensor{});
-    index_pools_.push_back(r && c.attn_kind(l) == AttnKind::CSA ? be_.alloc({num_blocks * (B / r), c.index_head_dim})
-                                                                : Tensor{});
-  }
-  for (int64_t i = 0; i < num_slots; ++i) {
-    SequenceState s = model.new_sequence_tail(false, kv);
-    s.block_tokens = B;
-    for (size_t l = 0; l < s.layers.size(); ++l) {
-      s.layers[l].entries = entry_pools_[l];
-      s.layers[l].index_keys = index_pools_[l];
-    }
-    slots_.push_back(std::move(s));
-  }
+  store_ = model.new_store(num_slots, num_blocks, B, false, kv);
   for (int i = int(num_slots) - 1; i >= 0; --i) free_slots_.push_back(i);
   refs_.assign(size_t(num_blocks), 0);
   block_node_.assign(size_t(num_blocks), -1);
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_blocks_.push_back(int32_t(b));
   for (int64_t i = 0; i < num_snapshots; ++i) {
     Snapshot snap;
-    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (size_t l = 0; l < store_->layers.size(); ++l) {
       Snapshot::Layer sl;
-      sl.window = model.alloc_kv_store(c.sliding_window, kv);
-      const int64_t r = c.compress_ratio(l);
-      if (r && c.attn_kind(l) == AttnKind::CSA) {
-        sl.prev_kv = be_.alloc({r, c.head_dim});
-        sl.prev_gate = be_.alloc({r, c.head_dim});
-        sl.iprev_kv = be_.alloc({r, c.index_head_dim});
-        sl.iprev_gate = be_.alloc({r, c.index_head_dim});
+      for (const Tensor& part : snapshot_parts(l, 0)) {
+        std::vector<int64_t> shape = part.shape;
+        sl.parts.push_back(be_.alloc(shape, part.type));
       }
       snap.layers.push_back(std::move(sl));
     }
@@ -109,13 +89,8 @@ StateManager::Seq StateManager::acquire() {
   Seq s;
   s.slot = free_slots_.back();
   free_slots_.pop_back();
-  s.st = slots_[size_t(s.slot)];  // shares the slot's tensors
-  s.st.num_tokens = s.st.mtp_tokens = s.st.capacity = 0;
-  s.st.blocks.clear();
-  for (auto& l : s.st.layers) {
-    l.num_entries = 0;
-    l.compressor.has_prev = l.index_compressor.has_prev = false;
-  }
+  s.st.store = store_;
+  s.st.slot = s.slot;
   return s;
 }
 
@@ -244,9 +219,6 @@ void StateManager::attach(Seq& s, std::span<const int32_t> tokens, int64_t block
   load_snapshot(snapshots_[size_t(last.snapshot)], s.st);
   s.st.num_tokens = blocks * B;
   s.st.capacity = blocks * B;
-  const ModelConfig& c = model_.config();
-  for (size_t l = 0; l < s.st.layers.size(); ++l)
-    if (int64_t r = c.compress_ratio(int64_t(l))) s.st.layers[l].num_entries = blocks * B / r;
 }
 
 int32_t StateManager::take_snapshot_slot() {
@@ -321,35 +293,31 @@ void StateManager::register_blocks(Seq& s, std::span<const int32_t> tokens) {
   }
 }
 
-void StateManager::save_snapshot(const SequenceState& st, Snapshot& snap) {
-  for (size_t l = 0; l < st.layers.size(); ++l) {
-    const LayerState& ls = st.layers[l];
-    auto& sl = snap.layers[l];
-    be_.copy(ls.window, sl.window);
-    if (!sl.prev_kv.empty()) {
-      be_.copy(ls.compressor.prev_kv, sl.prev_kv);
-      be_.copy(ls.compressor.prev_gate, sl.prev_gate);
-      be_.copy(ls.index_compressor.prev_kv, sl.iprev_kv);
-      be_.copy(ls.index_compressor.prev_gate, sl.iprev_gate);
-      sl.has_prev = ls.compressor.has_prev;
-      sl.ihas_prev = ls.index_compressor.has_prev;
+// The slot-private tensors a snapshot holds (window ring; CSA previous-window halves), as views
+// of slot `slot`, in the order of Snapshot::Layer::parts.
+std::vector<Tensor> StateManager::snapshot_parts(size_t layer, int32_t slot) const {
+  const LayerStore& ls = store_->layers[layer];
+  const int64_t n = store_->num_slots;
+  std::vector<Tensor> v{slot_rows(ls.window, n, slot)};
+  for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
+    if (!c->prev_kv.empty()) {
+      v.push_back(slot_rows(c->prev_kv, n, slot));
+      v.push_back(slot_rows(c->prev_gate, n, slot));
     }
+  return v;
+}
+
+void StateManager::save_snapshot(const SequenceState& st, Snapshot& snap) {
+  for (size_t l = 0; l < snap.layers.size(); ++l) {
+    const std::vector<Tensor> src = snapshot_parts(l, st.slot);
+    for (size_t i = 0; i < src.size(); ++i) be_.copy(src[i], snap.layers[l].parts[i]);
   }
 }
 
 void StateManager::load_snapshot(const Snapshot& snap, SequenceState& st) {
-  for (size_t l = 0; l < st.layers.size(); ++l) {
-    LayerState& ls = st.layers[l];
-    const auto& sl = snap.layers[l];
-    be_.copy(sl.window, ls.window);
-    if (!sl.prev_kv.empty()) {
-      be_.copy(sl.prev_kv, ls.compressor.prev_kv);
-      be_.copy(sl.prev_gate, ls.compressor.prev_gate);
-      be_.copy(sl.iprev_kv, ls.index_compressor.prev_kv);
-      be_.copy(sl.iprev_gate, ls.index_compressor.prev_gate);
-      ls.compressor.has_prev = sl.has_prev;
-      ls.index_compressor.has_prev = sl.ihas_prev;
-    }
+  for (size_t l = 0; l < snap.layers.size(); ++l) {
+    const std::vector<Tensor> dst = snapshot_parts(l, st.slot);
+    for (size_t i = 0; i < dst.size(); ++i) be_.copy(snap.layers[l].parts[i], dst[i]);
   }
 }
 
@@ -360,23 +328,13 @@ bool StateManager::fork(const Seq& parent, Seq& child) {
   child = acquire();
   const SequenceState& ps = parent.st;
   SequenceState& cs = child.st;
-  for (size_t l = 0; l < ps.layers.size(); ++l) {
-    const LayerState& a = ps.layers[l];
-    LayerState& b = cs.layers[l];
-    be_.copy(a.window, b.window);
-    auto copy_comp = [&](const CompressorState& x, CompressorState& y) {
-      if (x.kv.empty()) return;
-      be_.copy(x.kv, y.kv);
-      be_.copy(x.gate, y.gate);
-      if (!x.prev_kv.empty()) {
-        be_.copy(x.prev_kv, y.prev_kv);
-        be_.copy(x.prev_gate, y.prev_gate);
-      }
-      y.has_prev = x.has_prev;
-    };
-    copy_comp(a.compressor, b.compressor);
-    copy_comp(a.index_compressor, b.index_compressor);
-    b.num_entries = a.num_entries;
+  const int64_t slots = store_->num_slots;
+  for (const LayerStore& ls : store_->layers) {
+    std::vector<const Tensor*> slot_tensors{&ls.window};
+    for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
+      for (const Tensor* t : {&c->kv, &c->gate, &c->prev_kv, &c->prev_gate})
+        if (!t->empty()) slot_tensors.push_back(t);
+    for (const Tensor* t : slot_tensors) be_.copy(slot_rows(*t, slots, ps.slot), slot_rows(*t, slots, cs.slot));
   }
   for (int64_t k = 0; k < full; ++k) {
     ++refs_[size_t(ps.blocks[size_t(k)])];
@@ -388,11 +346,11 @@ bool StateManager::fork(const Seq& parent, Seq& child) {
     const int32_t src = ps.blocks[size_t(full)], dst = take_block();
     DSV4_CHECK(dst >= 0);
     const ModelConfig& c = model_.config();
-    for (size_t l = 0; l < ps.layers.size(); ++l) {
+    for (size_t l = 0; l < store_->layers.size(); ++l) {
       const int64_t r = c.compress_ratio(int64_t(l));
       if (!r) continue;
       const int64_t per = B / r;
-      for (const Tensor* pool : {&entry_pools_[l], &index_pools_[l]})
+      for (const Tensor* pool : {&store_->layers[l].entries, &store_->layers[l].index_keys})
         if (!pool->empty())
           be_.copy(pool->rows_view(src * per, (src + 1) * per), pool->rows_view(dst * per, (dst + 1) * per));
     }

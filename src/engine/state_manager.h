@@ -53,7 +53,7 @@ class StateManager {
   const StateLayout& layout() const { return layout_; }
   int64_t block_tokens() const { return layout_.block_tokens; }
   int64_t num_blocks() const { return num_blocks_; }
-  int64_t num_slots() const { return int64_t(slots_.size()); }
+  int64_t num_slots() const { return store_->num_slots; }
   int64_t free_blocks() const { return int64_t(free_blocks_.size()); }
   int64_t evictable_blocks() const;    // cached and unreferenced
   int64_t available_blocks() const { return free_blocks() + evictable_blocks(); }
@@ -96,8 +96,7 @@ class StateManager {
  private:
   struct Snapshot {
     struct Layer {
-      Tensor window, prev_kv, prev_gate, iprev_kv, iprev_gate;
-      bool has_prev = false, ihas_prev = false;
+      std::vector<Tensor> parts;  // copies of snapshot_parts()
     };
     std::vector<Layer> layers;
   };
@@ -114,6 +113,7 @@ class StateManager {
   void unref(int32_t block);
   void evict_node(int32_t node);
   int32_t take_snapshot_slot();
+  std::vector<Tensor> snapshot_parts(size_t layer, int32_t slot) const;
   void save_snapshot(const SequenceState& st, Snapshot& snap);
   void load_snapshot(const Snapshot& snap, SequenceState& st);
   uint64_t chain_hash(uint64_t parent, std::span<const int32_t> block) const;
@@ -123,8 +123,7 @@ class StateManager {
   StateLayout layout_;
   int64_t num_blocks_;
   bool caching_ = true;
-  std::vector<Tensor> entry_pools_, index_pools_;  // per main layer (empty when uncompressed)
-  std::vector<SequenceState> slots_;
+  std::shared_ptr<StateStore> store_;  // main layers of every slot and block
   std::vector<int> free_slots_;
   std::vector<int32_t> free_blocks_;
   std::vector<int32_t> refs_, block_node_;

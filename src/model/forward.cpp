@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <array>
+#include <map>
 #include <numeric>
 
 #include "util/error.h"
@@ -22,28 +24,29 @@ Tensor Model::alloc_kv_store(int64_t rows, KvFormat kv) const {
   return be_.alloc({rows, cfg_.head_dim});
 }
 
-LayerState Model::new_layer_state(int64_t layer, int64_t block_tokens, bool pools, KvFormat kv) const {
-  LayerState s;
-  s.window = alloc_kv_store(cfg_.sliding_window, kv);
+LayerStore Model::new_layer_store(int64_t layer, int64_t slots, int64_t blocks, int64_t block_tokens,
+                                  KvFormat kv) const {
+  LayerStore s;
+  s.window = alloc_kv_store(slots * cfg_.sliding_window, kv);
   const int64_t ratio = cfg_.compress_ratio(layer);
   if (!ratio) return s;
-  auto comp_state = [&](int64_t d, bool overlap) {
-    CompressorState c;
+  auto comp_slots = [&](int64_t d, bool overlap) {
+    CompressorSlots c;
     const int64_t coff = overlap ? 2 : 1;
-    c.kv = be_.alloc({ratio, coff * d});
-    c.gate = be_.alloc({ratio, coff * d});
+    c.kv = be_.alloc({slots * ratio, coff * d});
+    c.gate = be_.alloc({slots * ratio, coff * d});
     if (overlap) {
-      c.prev_kv = be_.alloc({ratio, d});
-      c.prev_gate = be_.alloc({ratio, d});
+      c.prev_kv = be_.alloc({slots * ratio, d});
+      c.prev_gate = be_.alloc({slots * ratio, d});
     }
     return c;
   };
   const bool csa = cfg_.attn_kind(layer) == AttnKind::CSA;
-  if (pools) s.entries = alloc_kv_store(block_tokens / ratio, kv);
-  s.compressor = comp_state(cfg_.head_dim, csa);
+  s.entries = alloc_kv_store(blocks * (block_tokens / ratio), kv);
+  s.compressor = comp_slots(cfg_.head_dim, csa);
   if (csa) {
-    if (pools) s.index_keys = be_.alloc({block_tokens / ratio, cfg_.index_head_dim});
-    s.index_compressor = comp_state(cfg_.index_head_dim, true);
+    s.index_keys = be_.alloc({blocks * (block_tokens / ratio), cfg_.index_head_dim});
+    s.index_compressor = comp_slots(cfg_.index_head_dim, true);
   }
   return s;
 }
@@ -55,113 +58,225 @@ int64_t Model::block_granularity() const {
   return g;
 }
 
+std::shared_ptr<StateStore> Model::new_store(int64_t slots, int64_t blocks, int64_t block_tokens, bool mtp,
+                                             KvFormat kv) const {
+  if (slots <= 0 || blocks <= 0) fail("state store: {} slots and {} blocks (both must be positive)", slots, blocks);
+  if (block_tokens <= 0 || block_tokens % block_granularity())
+    fail("--block-size: {} must be a positive multiple of {} (every compress ratio)", block_tokens, block_granularity());
+  auto s = std::make_shared<StateStore>();
+  s->kv = kv;
+  s->block_tokens = block_tokens;
+  s->num_slots = slots;
+  s->num_blocks = blocks;
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+    s->layers.push_back(new_layer_store(l, slots, blocks, block_tokens, kv));
+  if (mtp)
+    for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
+      s->mtp_layers.push_back(new_layer_store(cfg_.num_hidden_layers + i, slots, blocks, block_tokens, kv));
+  return s;
+}
+
 SequenceState Model::new_sequence(int64_t capacity) const {
   if (capacity <= 0) fail("sequence capacity must be positive, got {}", capacity);
   const int64_t g = block_granularity();
   SequenceState s;
-  s.kv = kv_format_;
+  s.store = new_store(1, 1, (capacity + g - 1) / g * g, true, kv_format_);
   s.capacity = capacity;
-  s.block_tokens = (capacity + g - 1) / g * g;
   s.blocks = {0};
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, s.block_tokens, true, s.kv));
-  for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
-    s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, s.block_tokens, true, s.kv));
   return s;
 }
 
-SequenceState Model::new_sequence_tail(bool mtp, KvFormat kv) const {
-  SequenceState s;
-  s.kv = kv;
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) s.layers.push_back(new_layer_state(l, 0, false, kv));
-  if (mtp)
-    for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
-      s.mtp_layers.push_back(new_layer_state(cfg_.num_hidden_layers + i, 0, false, kv));
-  return s;
-}
+// Everything the layers need to know about a batch, computed on the host and uploaded in one
+// copy before the first layer: positions, the window each query sees, where this step's keys
+// and entries are stored, block tables and, per compress ratio, the compressor's per-sequence
+// segments and the compressed entries each query may see.
+struct Model::Plan {
+  StateStore* store = nullptr;
+  bool mtp = false;
+  int64_t T = 0;
+  Tensor ids, pos;     // [T]
+  Tensor window_idx;   // [T, W]: rows of [window rings ; this step's keys]
+  Tensor window_dest;  // [T]: ring row each key is kept in (-1: slides out within the step)
+  Tensor block_table;  // [S, max blocks] (-1 padded)
+  Tensor query_seq;    // [T]: the sequence of each row
+  struct Ratio {
+    int64_t n_new = 0;  // entries completed by this step, all sequences
+    int64_t topk = 0;   // indexer top-k width (CSA)
+    Tensor seqs;        // [S, kSegCols]
+    Tensor entry_dest;  // [n_new]: pool row of each new entry
+    Tensor entry_pos;   // [n_new]: position of each new entry's first token (its RoPE position)
+    Tensor usable;      // [T]: complete windows each query may see (CSA)
+    Tensor visible;     // [T, K]: pool rows of those windows (HCA: every one is attended)
+  };
+  std::map<int64_t, Ratio> ratios;
+  Tensor logit_rows, stream_rows;  // batch rows (empty: every row)
+  int64_t n_logits = 0, n_streams = 0;
 
-std::vector<int32_t> Model::paged_rows(const Paging& pg, int64_t ratio, int64_t n, int64_t& base) const {
-  const int64_t per = pg.block_tokens / ratio;
-  const int64_t nb = (n + per - 1) / per;
-  if (nb > int64_t(pg.blocks.size())) fail("sequence longer than its state capacity ({} blocks)", pg.blocks.size());
-  bool contiguous = true;
-  for (int64_t i = 1; i < nb; ++i) contiguous = contiguous && pg.blocks[i] == pg.blocks[0] + i;
-  base = int64_t(pg.blocks[0]) * per;
-  if (contiguous) return {};
-  std::vector<int32_t> rows(n);
-  for (int64_t j = 0; j < n; ++j) rows[j] = int32_t(int64_t(pg.blocks[j / per]) * per + j % per);
-  return rows;
-}
+  const Ratio& ratio(int64_t r) const { return ratios.at(r); }
+};
 
-Tensor Model::read_paged(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n) {
-  DSV4_CHECK(store.type == ElemType::F32);
-  if (n == 0) return store.rows_view(0, 0);
-  int64_t base = 0;
-  const std::vector<int32_t> rows = paged_rows(pg, ratio, n, base);
-  if (rows.empty()) return store.rows_view(base, base + n);
-  Tensor out = be_.alloc({n, store.cols()});
-  be_.gather_rows(store, int_tensor(rows, {n}), out);
-  return out;
-}
-
-void Model::read_paged_into(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n, const Tensor& out) {
-  DSV4_CHECK(out.rows() == n);
-  if (n == 0) return;
-  if (store.type != ElemType::U8) {
-    be_.copy(read_paged(store, pg, ratio, n), out);
-    return;
+Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
+  if (batch.empty()) fail("forward: empty batch");
+  Plan p;
+  p.mtp = mtp;
+  p.store = batch[0].state->store.get();
+  StateStore& store = *p.store;
+  const int64_t S = int64_t(batch.size()), W = cfg_.sliding_window, B = store.block_tokens;
+  const int64_t Nw = store.num_slots * W;
+  std::vector<int64_t> first(S), start(S), len(S);
+  int64_t max_blocks = 1;
+  for (int64_t s = 0; s < S; ++s) {
+    const ForwardSeq& f = batch[size_t(s)];
+    const SequenceState& st = *f.state;
+    if (st.store.get() != p.store) fail("forward: the sequences of one batch must share a state store");
+    for (int64_t o = 0; o < s; ++o)
+      if (batch[size_t(o)].state == f.state) fail("forward: a sequence appears twice in one batch");
+    first[s] = p.T;
+    start[s] = mtp ? st.mtp_tokens : st.num_tokens;
+    len[s] = int64_t(f.tokens.size());
+    if (len[s] == 0) fail("forward: empty token list");
+    if (f.logit_rows < 0 || f.logit_rows > len[s] || f.stream_rows < 0 || f.stream_rows > len[s])
+      fail("forward: {} logit rows / {} stream rows of a {}-token chunk", f.logit_rows, f.stream_rows, len[s]);
+    if (mtp && start[s] + len[s] > st.num_tokens)
+      fail("forward_mtp: positions {}..{} have not been run by the main model", start[s], start[s] + len[s] - 1);
+    if (start[s] + len[s] > st.capacity || start[s] + len[s] > int64_t(st.blocks.size()) * B)
+      fail("forward: {} tokens exceed the sequence capacity of {}", start[s] + len[s], st.capacity);
+    if (st.slot < 0 || st.slot >= store.num_slots) fail("forward: slot {} of a {}-slot store", st.slot, store.num_slots);
+    for (int64_t t = 0; t < len[s]; ++t)
+      if (f.tokens[size_t(t)] < 0 || f.tokens[size_t(t)] >= cfg_.vocab_size)
+        fail("token id {} at position {} is out of range (vocab size {})", f.tokens[size_t(t)], start[s] + t,
+             cfg_.vocab_size);
+    max_blocks = std::max<int64_t>(max_blocks, int64_t(st.blocks.size()));
+    p.T += len[s];
+    p.n_logits += f.logit_rows;
+    p.n_streams += f.stream_rows;
   }
-  int64_t base = 0;
-  const std::vector<int32_t> rows = paged_rows(pg, ratio, n, base);
-  if (rows.empty()) be_.unpack_kv(store.rows_view(base, base + n), Tensor{}, cfg_.nope_dim(), out);
-  else be_.unpack_kv(store, int_tensor(rows, {n}), cfg_.nope_dim(), out);
-}
+  const int64_t T = p.T;
 
-void Model::write_paged(const Tensor& rows, const Tensor& store, const Paging& pg, int64_t ratio, int64_t first) {
-  const int64_t per = pg.block_tokens / ratio, n = rows.dim(0);
-  for (int64_t j = 0; j < n;) {
-    const int64_t b = (first + j) / per, off = (first + j) % per, len = std::min(n - j, per - off);
-    if (b >= int64_t(pg.blocks.size())) fail("sequence longer than its state capacity ({} tokens)", pg.blocks.size() * pg.block_tokens);
-    const int64_t row = int64_t(pg.blocks[b]) * per + off;
-    if (store.type == ElemType::U8) be_.pack_kv(rows.rows_view(j, j + len), cfg_.nope_dim(), store.rows_view(row, row + len));
-    else be_.copy(rows.rows_view(j, j + len), store.rows_view(row, row + len));
-    j += len;
+  // Every list is staged in one host vector, uploaded once, and handed out as views.
+  std::vector<int32_t> host;
+  struct Staged {
+    Tensor* dst;
+    size_t offset;
+    std::vector<int64_t> shape;
+  };
+  std::vector<Staged> staged;
+  auto stage = [&](Tensor& dst, std::vector<int64_t> shape, int32_t fill) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const size_t off = host.size();
+    host.resize(off + size_t(n), fill);
+    staged.push_back({&dst, off, std::move(shape)});
+    return off;
+  };
+  const size_t ids = stage(p.ids, {T}, 0), pos = stage(p.pos, {T}, 0), widx = stage(p.window_idx, {T, W}, -1);
+  const size_t wdest = stage(p.window_dest, {T}, -1), table = stage(p.block_table, {S, max_blocks}, -1);
+  const size_t qseq = stage(p.query_seq, {T}, 0);
+  for (int64_t s = 0; s < S; ++s) {
+    const SequenceState& st = *batch[size_t(s)].state;
+    std::copy(st.blocks.begin(), st.blocks.end(), host.begin() + long(table + size_t(s * max_blocks)));
+    for (int64_t t = 0; t < len[s]; ++t) {
+      const int64_t row = first[s] + t, at = start[s] + t, lo = std::max<int64_t>(0, at - W + 1);
+      host[ids + size_t(row)] = batch[size_t(s)].tokens[size_t(t)];
+      host[pos + size_t(row)] = int32_t(at);
+      host[qseq + size_t(row)] = int32_t(s);
+      for (int64_t j = lo; j <= at; ++j)
+        host[widx + size_t(row * W + j - lo)] =
+            int32_t(j < start[s] ? st.slot * W + j % W : Nw + first[s] + (j - start[s]));
+      if (t >= len[s] - W) host[wdest + size_t(row)] = int32_t(st.slot * W + at % W);
+    }
   }
+
+  // Per compress ratio of the layers this pass runs.
+  const int64_t l0 = mtp ? cfg_.num_hidden_layers : 0;
+  const int64_t l1 = mtp ? cfg_.num_hidden_layers + cfg_.num_nextn_predict_layers : cfg_.num_hidden_layers;
+  std::map<int64_t, std::pair<bool, bool>> kinds;  // ratio -> (has CSA layers, has HCA layers)
+  for (int64_t l = l0; l < l1; ++l)
+    if (int64_t r = cfg_.compress_ratio(l)) {
+      auto& k = kinds[r];
+      (cfg_.attn_kind(l) == AttnKind::CSA ? k.first : k.second) = true;
+    }
+  std::map<int64_t, std::array<size_t, 5>> offsets;
+  for (auto& [r, kind] : kinds) {
+    Plan::Ratio& pr = p.ratios[r];
+    const int64_t per = B / r;
+    int64_t max_usable = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      pr.n_new += (start[s] + len[s]) / r - start[s] / r;
+      max_usable = std::max(max_usable, (start[s] + len[s]) / r);
+    }
+    pr.topk = std::min<int64_t>(cfg_.index_topk, std::max<int64_t>(max_usable, 1));
+    const int64_t K = kind.second ? std::max<int64_t>(max_usable, 1) : 0;
+    auto& o = offsets[r];
+    o[0] = stage(pr.seqs, {S, kSegCols}, 0);
+    o[1] = stage(pr.entry_dest, {pr.n_new}, -1);
+    o[2] = stage(pr.entry_pos, {pr.n_new}, 0);
+    o[3] = kind.first ? stage(pr.usable, {T}, 0) : 0;
+    o[4] = kind.second ? stage(pr.visible, {T, K}, -1) : 0;
+    int64_t out = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const SequenceState& st = *batch[size_t(s)].state;
+      auto pool_row = [&](int64_t j) { return int32_t(int64_t(st.blocks[size_t(j / per)]) * per + j % per); };
+      int32_t* seg = host.data() + o[0] + size_t(s * kSegCols);
+      seg[kSegFirstRow] = int32_t(first[s]);
+      seg[kSegRows] = int32_t(len[s]);
+      seg[kSegStart] = int32_t(start[s]);
+      seg[kSegSlot] = st.slot;
+      seg[kSegOutFirst] = int32_t(out);
+      for (int64_t j = start[s] / r; j < (start[s] + len[s]) / r; ++j, ++out) {
+        host[o[1] + size_t(out)] = pool_row(j);
+        host[o[2] + size_t(out)] = int32_t(j * r);
+      }
+      for (int64_t t = 0; t < len[s]; ++t) {
+        const int64_t row = first[s] + t, usable = (start[s] + t + 1) / r;
+        if (kind.first) host[o[3] + size_t(row)] = int32_t(usable);
+        if (kind.second)
+          for (int64_t j = 0; j < usable; ++j) host[o[4] + size_t(row * K + j)] = pool_row(j);
+      }
+    }
+  }
+
+  // Rows whose logits / streams leave the pass (gathers are skipped when that is every row).
+  const bool all_logits = p.n_logits == T, all_streams = p.n_streams == T;
+  const size_t lrows = all_logits ? 0 : stage(p.logit_rows, {p.n_logits}, 0);
+  const size_t srows = all_streams ? 0 : stage(p.stream_rows, {p.n_streams}, 0);
+  for (int64_t s = 0, li = 0, si = 0; s < S; ++s) {
+    const ForwardSeq& f = batch[size_t(s)];
+    for (int64_t t = len[s] - f.logit_rows; !all_logits && t < len[s]; ++t) host[lrows + size_t(li++)] = int32_t(first[s] + t);
+    for (int64_t t = len[s] - f.stream_rows; !all_streams && t < len[s]; ++t)
+      host[srows + size_t(si++)] = int32_t(first[s] + t);
+  }
+
+  Tensor flat = be_.alloc({int64_t(host.size())}, ElemType::I32);
+  be_.upload(flat, host.data());
+  for (const Staged& st : staged) {
+    int64_t n = 1;
+    for (int64_t d : st.shape) n *= d;
+    *st.dst = flat.rows_view(int64_t(st.offset), int64_t(st.offset) + n).reshaped(st.shape);
+  }
+  return p;
 }
 
-Tensor Model::int_tensor(const std::vector<int32_t>& v, std::vector<int64_t> shape) {
-  Tensor t = be_.alloc(std::move(shape), ElemType::I32);
-  DSV4_CHECK(t.numel() == int64_t(v.size()));
-  if (!v.empty()) be_.upload(t, v.data());
-  return t;
-}
-
-// Runs one compressor over the chunk and returns its finished entries (normed, RoPE'd at the
+// Runs one compressor over the batch and returns the entries it completed (normed, RoPE'd at the
 // position of each window's first token); the caller stores them.
-Tensor Model::compress(const CompressorWeights& c, CompressorState& cs, const Tensor& x, int64_t start,
-                       int64_t first_entry) {
+Tensor Model::compress(const CompressorWeights& c, const CompressorSlots& cs, const Tensor& x, const Plan& p) {
   const int64_t T = x.dim(0), width = (c.overlap ? 2 : 1) * c.head_dim;
+  const Plan::Ratio& pr = p.ratio(c.ratio);
   Tensor kv = be_.alloc({T, width}), gate = be_.alloc({T, width});
-  const Linear wkv = dense_linear(*c.wkv);
-  const Linear wgate = dense_linear(*c.wgate);
-  be_.linear(x, wkv, kv);
-  be_.linear(x, wgate, gate);
-  Tensor fresh = be_.alloc({T / c.ratio + 1, c.head_dim});
-  const int64_t n = be_.compress(kv, gate, *c.ape, start, c.ratio, c.overlap, cs, fresh);
-  if (!n) return {};
-  Tensor out = fresh.rows_view(0, n);
+  be_.linear(x, dense_linear(*c.wkv), kv);
+  be_.linear(x, dense_linear(*c.wgate), gate);
+  Tensor out = be_.alloc({std::max<int64_t>(pr.n_new, 1), c.head_dim}).rows_view(0, pr.n_new);
+  be_.compress(kv, gate, *c.ape, pr.seqs, c.ratio, c.overlap, cs, out);
+  if (!pr.n_new) return out;
   be_.rms_norm(out, c.norm, eps(cfg_.rms_norm_eps), out);
-  std::vector<int32_t> pos(n);
-  for (int64_t j = 0; j < n; ++j) pos[j] = int32_t((first_entry + j) * c.ratio);
-  be_.rope(out.reshaped({n, 1, c.head_dim}), int_tensor(pos, {n}), rope_compressed_, cfg_.rope_dim(), false);
+  be_.rope(out.reshaped({pr.n_new, 1, c.head_dim}), pr.entry_pos, rope_compressed_, cfg_.rope_dim(), false);
   return out;
 }
 
-Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging& pg, KvFormat kvf, const Tensor& x,
-                        const Tensor& pos, int64_t start) {
-  const int64_t T = x.dim(0), H = cfg_.num_attention_heads, hd = cfg_.head_dim, W = cfg_.sliding_window;
+Tensor Model::attention(const AttentionWeights& a, LayerStore& ls, const Plan& p, const Tensor& x) {
+  const int64_t T = x.dim(0), H = cfg_.num_attention_heads, hd = cfg_.head_dim, nope = cfg_.nope_dim();
   const RopeTable& rope = a.has_compressor ? rope_compressed_ : rope_main_;
-  const bool packed = kvf == KvFormat::FP8, simulated = kvf == KvFormat::FP8Simulated;
-  DSV4_CHECK((st.window.type == ElemType::U8) == packed);
+  const KvFormat kvf = p.store->kv;
 
   // Queries: low-rank latent, per-head unweighted RMSNorm, RoPE on the last rope dims.
   Tensor cq = be_.alloc({T, cfg_.q_lora_rank});
@@ -170,96 +285,52 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging&
   Tensor q = be_.alloc({T, H, hd});
   be_.linear(cq, a.wq_b, q.reshaped({T, H * hd}));
   be_.rms_norm(q, nullptr, eps(cfg_.rms_norm_eps), q);
-  be_.rope(q, pos, rope, cfg_.rope_dim(), false);
+  be_.rope(q, p.pos, rope, cfg_.rope_dim(), false);
 
-  // The single shared key/value head.
+  // The single shared key/value head. With FP8 KV, attention (this step's keys included) reads
+  // what the stored rows decode to.
   Tensor kv = be_.alloc({T, hd});
   be_.linear(x, a.wkv, kv);
   be_.rms_norm(kv, a.kv_norm, eps(cfg_.rms_norm_eps), kv);
-  be_.rope(kv.reshaped({T, 1, hd}), pos, rope, cfg_.rope_dim(), false);
-  // FP8: this chunk's rows as stored; attention (this chunk included) reads what they decode to.
-  Tensor kv_rows;
-  if (packed) {
-    kv_rows = alloc_kv_store(T, kvf);
-    be_.pack_kv(kv, cfg_.nope_dim(), kv_rows);
-    be_.unpack_kv(kv_rows, Tensor{}, cfg_.nope_dim(), kv);
-  } else if (simulated) {
-    be_.quantize_kv(kv, cfg_.nope_dim());
-  }
+  be_.rope(kv.reshaped({T, 1, hd}), p.pos, rope, cfg_.rope_dim(), false);
+  if (kvf != KvFormat::F32) be_.quantize_kv(kv, nope);
 
-  // Compressed entries completed by this chunk; the indexer picks among them per query.
-  const int64_t n_before = st.num_entries;
+  // Compressed entries completed by this step are stored first: its queries may see them. The
+  // indexer then picks among each sequence's entries per query (CSA); HCA sees every one.
   Tensor compressed_idx;
   if (a.has_compressor) {
-    const int64_t ratio = a.compressor.ratio;
-    Tensor fresh = compress(a.compressor, st.compressor, x, start, n_before);
-    const int64_t n_new = fresh.empty() ? 0 : fresh.dim(0);
-    if (simulated && n_new) be_.quantize_kv(fresh, cfg_.nope_dim());
-    if (n_new) write_paged(fresh, st.entries, pg, ratio, n_before);
+    const Plan::Ratio& pr = p.ratio(a.compressor.ratio);
+    Tensor fresh = compress(a.compressor, ls.compressor, x, p);
+    if (kvf == KvFormat::FP8Simulated && pr.n_new) be_.quantize_kv(fresh, nope);
+    if (pr.n_new) be_.store_rows(fresh, pr.entry_dest, nope, ls.entries);
     if (a.has_indexer) {
       const auto& ix = a.indexer;
-      Tensor fresh_keys = compress(ix.compressor, st.index_compressor, x, start, n_before);
-      DSV4_CHECK((fresh_keys.empty() ? 0 : fresh_keys.dim(0)) == n_new);
-      if (n_new) write_paged(fresh_keys, st.index_keys, pg, ratio, n_before);
+      Tensor fresh_keys = compress(ix.compressor, ls.index_compressor, x, p);
+      if (pr.n_new) be_.store_rows(fresh_keys, pr.entry_dest, cfg_.index_head_dim, ls.index_keys);
       const int64_t Hi = cfg_.index_n_heads, di = cfg_.index_head_dim;
       Tensor qi = be_.alloc({T, Hi, di});
       be_.linear(cq, ix.wq_b, qi.reshaped({T, Hi * di}));
-      be_.rope(qi, pos, rope_compressed_, cfg_.rope_dim(), false);
+      be_.rope(qi, p.pos, rope_compressed_, cfg_.rope_dim(), false);
       Tensor wi = be_.alloc({T, Hi});
       be_.linear(x, dense_linear(*ix.weights_proj), wi);
-      std::vector<int32_t> usable(T);
-      for (int64_t t = 0; t < T; ++t) usable[t] = int32_t((start + t + 1) / a.compressor.ratio);
-      const int64_t k = std::min<int64_t>(cfg_.index_topk, std::max<int64_t>(usable.back(), 1));
-      compressed_idx = be_.alloc({T, k}, ElemType::I32);
+      compressed_idx = be_.alloc({T, pr.topk}, ElemType::I32);
       const float w_scale = 1.f / std::sqrt(float(Hi)) / std::sqrt(float(di));
-      be_.index_topk(qi, wi, w_scale, read_paged(st.index_keys, pg, ratio, n_before + n_new),
-                     int_tensor(usable, {T}), compressed_idx);
+      be_.index_topk(qi, wi, w_scale, ls.index_keys, p.block_table, p.store->block_tokens / a.compressor.ratio,
+                     p.query_seq, pr.usable, compressed_idx);
     } else {
-      // HCA: every complete window is visible.
-      const int64_t total = n_before + n_new;
-      std::vector<int32_t> idx(T * std::max<int64_t>(total, 1), -1);
-      const int64_t K = std::max<int64_t>(total, 1);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t usable = (start + t + 1) / a.compressor.ratio;
-        for (int64_t j = 0; j < usable; ++j) idx[t * K + j] = int32_t(j);
-      }
-      compressed_idx = int_tensor(idx, {T, K});
+      compressed_idx = pr.visible;
     }
-    st.num_entries = n_before + n_new;
   }
 
-  // Key pool: [compressed entries | window keys before this chunk | this chunk's keys].
-  const int64_t n_entries = st.num_entries, prior = std::min(start, W - 1);
-  Tensor pool = be_.alloc({n_entries + prior + T, hd});
-  if (n_entries) read_paged_into(st.entries, pg, a.compressor.ratio, n_entries, pool.rows_view(0, n_entries));
-  if (prior) {
-    std::vector<int32_t> slots(prior);
-    for (int64_t i = 0; i < prior; ++i) slots[i] = int32_t((start - prior + i) % W);
-    const Tensor dst = pool.rows_view(n_entries, n_entries + prior);
-    if (packed) be_.unpack_kv(st.window, int_tensor(slots, {prior}), cfg_.nope_dim(), dst);
-    else be_.gather_rows(st.window, int_tensor(slots, {prior}), dst);
-  }
-  be_.copy(kv, pool.rows_view(n_entries + prior, n_entries + prior + T));
-  // Window: positions max(0, p - W + 1) .. p, the current token included.
-  std::vector<int32_t> widx(T * W, -1);
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t p = start + t, lo = std::max<int64_t>(0, p - W + 1);
-    for (int64_t s = lo; s <= p; ++s) widx[t * W + (s - lo)] = int32_t(n_entries + (s - (start - prior)));
-  }
+  // Window: positions max(0, p - W + 1) .. p, the current token included, from the ring (earlier
+  // steps) and this step's keys; then this step's last W keys of each sequence enter its ring.
   Tensor o = be_.alloc({T, H, hd});
-  be_.attend(q, pool, int_tensor(widx, {T, W}), compressed_idx, *a.attn_sink, 1.f / std::sqrt(float(hd)), o);
-
-  // Keep the last W keys for the next chunk (as stored: the packed rows in FP8), in at most two
-  // runs of ring slots.
-  const Tensor& keep = packed ? kv_rows : kv;
-  for (int64_t t = std::max<int64_t>(0, T - W); t < T;) {
-    const int64_t slot = (start + t) % W, len = std::min(T - t, W - slot);
-    be_.copy(keep.rows_view(t, t + len), st.window.rows_view(slot, slot + len));
-    t += len;
-  }
+  be_.attend(q, ls.window, kv, p.window_idx, a.has_compressor ? ls.entries : Tensor{}, compressed_idx, nope,
+             *a.attn_sink, 1.f / std::sqrt(float(hd)), o);
+  be_.store_rows(kv, p.window_dest, nope, ls.window);
 
   // Undo the rotation of the values' RoPE dims at the query position, then the grouped projection.
-  be_.rope(o, pos, rope, cfg_.rope_dim(), true);
+  be_.rope(o, p.pos, rope, cfg_.rope_dim(), true);
   const int64_t G = cfg_.o_groups;
   Tensor z = be_.alloc({T, G, cfg_.o_lora_rank});
   be_.grouped_linear(o.reshaped({T, G, H / G * hd}), a.wo_a, G, z);
@@ -268,14 +339,13 @@ Tensor Model::attention(const AttentionWeights& a, LayerState& st, const Paging&
   return out;
 }
 
-Tensor Model::block(const BlockWeights& b, LayerState& st, const Paging& pg, KvFormat kvf, const Tensor& X,
-                    const Tensor& tokens, const Tensor& pos, int64_t start) {
+Tensor Model::block(const BlockWeights& b, LayerStore& ls, const Plan& p, const Tensor& X) {
   const int64_t T = X.dim(0), m = cfg_.hc_mult, D = cfg_.hidden_size;
   const float ne = eps(cfg_.rms_norm_eps), he = eps(cfg_.hc_eps);
   Tensor u = be_.alloc({T, D}), post = be_.alloc({T, m}), comb = be_.alloc({T, m, m});
   be_.hc_pre(X, b.hc_attn, cfg_.hc_sinkhorn_iters, he, ne, u, post, comb);
   be_.rms_norm(u, b.attn_norm, ne, u);
-  Tensor y = attention(b.attn, st, pg, kvf, u, pos, start);
+  Tensor y = attention(b.attn, ls, p, u);
   Tensor X1 = be_.alloc({T, m, D});
   be_.hc_post(y, X, post, comb, X1);
 
@@ -283,7 +353,7 @@ Tensor Model::block(const BlockWeights& b, LayerState& st, const Paging& pg, KvF
   be_.rms_norm(u, b.ffn_norm, ne, u);
   const int64_t k = cfg_.num_experts_per_tok;
   Tensor gw = be_.alloc({T, k}), ge = be_.alloc({T, k}, ElemType::I32);
-  be_.route(u, b.ffn, tokens, cfg_, gw, ge);
+  be_.route(u, b.ffn, p.ids, cfg_, gw, ge);
   Tensor f = be_.alloc({T, D});
   be_.moe(u, b.ffn, gw, ge, float(cfg_.swiglu_limit), f);
   Tensor X2 = be_.alloc({T, m, D});
@@ -301,55 +371,60 @@ Tensor Model::logits(const Tensor& X, const HyperConn& hc, const TensorData& nor
   return out;
 }
 
-Tensor Model::forward(SequenceState& st, std::span<const int32_t> tokens, Tensor* streams) {
-  const int64_t T = int64_t(tokens.size()), start = st.num_tokens;
-  if (T == 0) fail("forward: empty token list");
-  if (start + T > st.capacity) fail("forward: {} tokens exceed the sequence capacity of {}", start + T, st.capacity);
-  for (int64_t t = 0; t < T; ++t)
-    if (tokens[t] < 0 || tokens[t] >= cfg_.vocab_size)
-      fail("token id {} at position {} is out of range (vocab size {})", tokens[t], start + t, cfg_.vocab_size);
-  Tensor ids = int_tensor(std::vector<int32_t>(tokens.begin(), tokens.end()), {T});
-  std::vector<int32_t> p(T);
-  for (int64_t t = 0; t < T; ++t) p[t] = int32_t(start + t);
-  Tensor pos = int_tensor(p, {T});
+namespace {
+// Rows `rows` of x [T, ...] (x itself when rows is empty: every row is wanted).
+Tensor select_rows(Backend& be, const Tensor& x, const Tensor& rows, int64_t n) {
+  if (rows.empty()) return x;
+  std::vector<int64_t> shape = x.shape;
+  shape[0] = n;
+  Tensor out = be.alloc(shape);
+  if (n) be.gather_rows(x.reshaped({x.dim(0), x.numel() / x.dim(0)}), rows, out.reshaped({n, x.numel() / x.dim(0)}));
+  return out;
+}
+}  // namespace
 
-  Tensor e = be_.alloc({T, cfg_.hidden_size});
-  be_.embed(*w_.embed, ids, e);
-  Tensor X = be_.alloc({T, cfg_.hc_mult, cfg_.hidden_size});
+ForwardOutput Model::forward(std::span<const ForwardSeq> batch) {
+  Plan p = plan(batch, false);
+  Tensor e = be_.alloc({p.T, cfg_.hidden_size});
+  be_.embed(*w_.embed, p.ids, e);
+  Tensor X = be_.alloc({p.T, cfg_.hc_mult, cfg_.hidden_size});
   be_.broadcast_streams(e, X, false);
-  const Paging pg{st.blocks, st.block_tokens};
-  for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], st.layers[l], pg, st.kv, X, ids, pos, start);
-  st.num_tokens += T;
-  if (streams) *streams = X;
-  return logits(X, w_.hc_head, *w_.norm);
+  for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], p.store->layers[l], p, X);
+  for (const ForwardSeq& f : batch) f.state->num_tokens += int64_t(f.tokens.size());
+  ForwardOutput out;
+  if (p.n_streams) out.streams = select_rows(be_, X, p.stream_rows, p.n_streams);
+  if (p.n_logits) out.logits = logits(select_rows(be_, X, p.logit_rows, p.n_logits), w_.hc_head, *w_.norm);
+  return out;
+}
+
+Tensor Model::forward(SequenceState& st, std::span<const int32_t> tokens, Tensor* streams) {
+  const int64_t T = int64_t(tokens.size());
+  const ForwardSeq one{&st, tokens, T, streams ? T : 0};
+  ForwardOutput out = forward(std::span(&one, 1));
+  if (streams) *streams = out.streams;
+  return out.logits;
 }
 
 Tensor Model::forward_mtp(SequenceState& st, const Tensor& streams, std::span<const int32_t> next_tokens) {
   if (w_.mtp.empty()) fail("this model has no MTP block (num_nextn_predict_layers = 0)");
-  const int64_t n = int64_t(next_tokens.size()), start = st.mtp_tokens, m = cfg_.hc_mult, D = cfg_.hidden_size;
+  if (st.store->mtp_layers.empty()) fail("forward_mtp: this sequence's state store has no MTP layers");
+  const int64_t n = int64_t(next_tokens.size()), m = cfg_.hc_mult, D = cfg_.hidden_size;
   DSV4_CHECK(streams.dim(0) == n);
-  if (start + n > st.num_tokens) fail("forward_mtp: positions {}..{} have not been run by the main model", start, start + n - 1);
-  for (int64_t t = 0; t < n; ++t)
-    if (next_tokens[t] < 0 || next_tokens[t] >= cfg_.vocab_size)
-      fail("token id {} is out of range (vocab size {})", next_tokens[t], cfg_.vocab_size);
+  const ForwardSeq one{&st, next_tokens, n, 0};
+  Plan p = plan(std::span(&one, 1), true);
   const MtpWeights& mw = w_.mtp[0];
   const float ne = eps(cfg_.rms_norm_eps);
-  Tensor ids = int_tensor(std::vector<int32_t>(next_tokens.begin(), next_tokens.end()), {n});
-  std::vector<int32_t> p(n);
-  for (int64_t t = 0; t < n; ++t) p[t] = int32_t(start + t);
-  Tensor pos = int_tensor(p, {n});
 
   // X_k = e_proj(enorm(embed(next))) + h_proj(hnorm(streams_k)).
   Tensor e = be_.alloc({n, D}), ep = be_.alloc({n, D});
-  be_.embed(*w_.embed, ids, e);
+  be_.embed(*w_.embed, p.ids, e);
   be_.rms_norm(e, mw.enorm, ne, e);
   be_.linear(e, mw.e_proj, ep);
   Tensor h = be_.alloc({n * m, D}), X = be_.alloc({n, m, D});
   be_.rms_norm(streams.reshaped({n * m, D}), mw.hnorm, ne, h);
   be_.linear(h, mw.h_proj, X.reshaped({n * m, D}));
   be_.broadcast_streams(ep, X, true);
-  const Paging pg{st.blocks, st.block_tokens};
-  X = block(mw.block, st.mtp_layers[0], pg, st.kv, X, ids, pos, start);
+  X = block(mw.block, p.store->mtp_layers[0], p, X);
   st.mtp_tokens += n;
   return logits(X, mw.hc_head, *mw.norm);
 }

@@ -2,6 +2,7 @@
 // The DeepSeek-V4 forward pass, written once against the Backend interface
 // (docs/MODEL.md Phase 2): embed -> mHC expand -> blocks -> hc_head -> norm -> head, and the MTP block.
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -12,49 +13,87 @@
 
 namespace dsv4 {
 
-// Everything one layer keeps between steps. The compressed state is paged: a sequence's
-// compressed entries and indexer keys live in pool tensors of fixed-size blocks (block_tokens
-// tokens each, so block b holds rows [b * block_tokens / ratio, (b+1) * block_tokens / ratio)),
-// addressed through the sequence's block table. Pools may be shared between sequences (the
-// engine's prefix cache shares full blocks); a sequence only ever writes rows of its own blocks.
-// The window ring and the compressor partial windows are private to the sequence.
-// Window keys and compressed entries are stored in the sequence's KvFormat: F32 rows [.., head_dim],
-// or with KvFormat::FP8 packed U8 rows [.., kv_row_layout(head_dim, nope).bytes] (tensor/kv_format.h).
-struct LayerState {
-  Tensor window;           // [W, row]: keys of the last W positions, slot = pos % W
-  Tensor entries;          // [blocks * block_tokens / ratio, row]: compressed entries (normed, RoPE'd)
-  Tensor index_keys;       // [blocks * block_tokens / ratio, index_head_dim]: Lightning Indexer keys (CSA)
-  int64_t num_entries = 0;
-  CompressorState compressor, index_compressor;
+// The state of a set of sequences, held in per-layer tensors shared by all of them (docs/ENGINE.md).
+// The private part of a sequence (window ring, compressor partial windows and CSA previous-window
+// halves) lives in a sequence *slot*: slot s owns rows [s * n, (s + 1) * n) of each slot-indexed
+// tensor (n = W for the ring, whose row for position p is s * W + p % W; n = ratio for the
+// compressors). The compressed part is paged: entries and indexer keys live in pools of
+// fixed-size blocks (block_tokens tokens each, so block b holds rows [b * block_tokens / ratio,
+// (b + 1) * block_tokens / ratio)), addressed through each sequence's block table. Blocks may be
+// shared between sequences (the engine's prefix cache shares full blocks); a sequence only ever
+// writes rows of its own blocks and slot. Window keys and compressed entries are stored in the
+// store's KvFormat: F32 rows [.., head_dim], or with KvFormat::FP8 packed U8 rows
+// [.., kv_row_layout(head_dim, nope).bytes] (tensor/kv_format.h). Whether a CSA compressor's
+// previous window exists and how many entries a layer has follow from the position alone.
+struct LayerStore {
+  Tensor window;                                // [slots * W, row]
+  Tensor entries;                               // [blocks * block_tokens / ratio, row] (compressed layers)
+  Tensor index_keys;                            // [blocks * block_tokens / ratio, index_head_dim] (CSA)
+  CompressorSlots compressor, index_compressor;  // [slots * ratio, ..] (compressed layers; index: CSA)
 };
 
+struct StateStore {
+  KvFormat kv = KvFormat::F32;
+  int64_t block_tokens = 0;  // a multiple of every compress ratio
+  int64_t num_slots = 0, num_blocks = 0;
+  std::vector<LayerStore> layers, mtp_layers;
+};
+
+// Rows of `slot` in a slot-indexed tensor of `slots` slots (a view).
+inline Tensor slot_rows(const Tensor& t, int64_t slots, int64_t slot) {
+  const int64_t n = t.rows() / slots;
+  return t.rows_view(slot * n, (slot + 1) * n);
+}
+
 struct SequenceState {
-  KvFormat kv = KvFormat::F32;  // storage of window keys and compressed entries (fixed at allocation)
+  std::shared_ptr<StateStore> store;
+  int32_t slot = 0;
   int64_t num_tokens = 0;       // main model positions processed
   int64_t mtp_tokens = 0;       // MTP positions processed
   int64_t capacity = 0;         // max positions (at most blocks.size() * block_tokens)
-  int64_t block_tokens = 0;     // tokens per block: a multiple of every compress ratio
   std::vector<int32_t> blocks;  // block table: logical block i lives in pool block blocks[i]
-  std::vector<LayerState> layers, mtp_layers;
+  KvFormat kv() const { return store->kv; }
+  int64_t block_tokens() const { return store->block_tokens; }
+};
+
+// One sequence's part of a batched forward pass: `tokens` are fed at positions
+// state->num_tokens... Logits are computed for its last `logit_rows` rows only (1 for a decode
+// or the end of a prompt, 0 for a prefill chunk that does not reach it) and the final residual
+// streams kept for its last `stream_rows` rows (the MTP block's input).
+struct ForwardSeq {
+  SequenceState* state = nullptr;
+  std::span<const int32_t> tokens;
+  int64_t logit_rows = 1;
+  int64_t stream_rows = 0;
+};
+
+struct ForwardOutput {
+  Tensor logits;   // [sum of logit_rows, vocab], in sequence order
+  Tensor streams;  // [sum of stream_rows, hc_mult, hidden], in sequence order (empty when none)
 };
 
 class Model {
  public:
   Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend);
 
-  // A self-contained sequence: private pools of one block covering capacity_tokens, in the
-  // model's KV format (set_kv_format).
+  // A store for `slots` sequences and `blocks` blocks of block_tokens tokens, in format kv, with
+  // the MTP layers' state when mtp is set.
+  std::shared_ptr<StateStore> new_store(int64_t slots, int64_t blocks, int64_t block_tokens, bool mtp,
+                                        KvFormat kv) const;
+  // A self-contained sequence: a store of one slot and one block covering capacity_tokens, in the
+  // model's KV format (set_kv_format), with MTP state.
   SequenceState new_sequence(int64_t capacity_tokens) const;
-  // The private part of a sequence (window rings, compressor states) with empty pools, for an
-  // engine that attaches shared pools (alloc_kv_store) and a block table (docs/ENGINE.md).
-  SequenceState new_sequence_tail(bool mtp, KvFormat kv = KvFormat::F32) const;
   // A store of `rows` window keys / compressed entries in format kv (F32 or packed U8 rows).
   Tensor alloc_kv_store(int64_t rows, KvFormat kv) const;
   // Tokens per block must be a multiple of this (the lcm of every compress ratio).
   int64_t block_granularity() const;
 
-  // Feeds tokens at positions state.num_tokens... and returns logits [T, vocab]. When streams is
-  // given it receives the final residual streams [T, hc_mult, hidden] (the MTP block's input).
+  // One batched forward pass over the sequences of `batch` (distinct sequences of one store;
+  // decodes and prefill chunks mixed): one flattened batch of tokens through every layer.
+  // Advances each state's num_tokens by its token count.
+  ForwardOutput forward(std::span<const ForwardSeq> batch);
+  // A batch of one: logits [T, vocab] of every row; streams (when given) receives the final
+  // residual streams [T, hc_mult, hidden].
   Tensor forward(SequenceState& state, std::span<const int32_t> tokens, Tensor* streams = nullptr);
 
   // MTP draft logits [n, vocab] for positions state.mtp_tokens...: row i combines the main
@@ -75,26 +114,13 @@ class Model {
   Backend& backend() const { return be_; }
 
  private:
-  struct Paging {
-    const std::vector<int32_t>& blocks;
-    int64_t block_tokens;
-  };
-  Tensor block(const BlockWeights& b, LayerState& st, const Paging& pg, KvFormat kvf, const Tensor& X,
-               const Tensor& tokens, const Tensor& pos, int64_t start);
-  Tensor attention(const AttentionWeights& a, LayerState& st, const Paging& pg, KvFormat kvf, const Tensor& x,
-                   const Tensor& pos, int64_t start);
-  Tensor compress(const CompressorWeights& c, CompressorState& cs, const Tensor& x, int64_t start, int64_t first_entry);
-  // Rows [0, n) / [first, first + rows) of a paged store of the given compress ratio. F32 stores:
-  // read_paged returns a view (contiguous blocks) or a gather. Packed stores: read_paged_into
-  // decodes into out [n, head_dim]; write_paged packs F32 rows into them.
-  Tensor read_paged(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n);
-  void read_paged_into(const Tensor& store, const Paging& pg, int64_t ratio, int64_t n, const Tensor& out);
-  void write_paged(const Tensor& rows, const Tensor& store, const Paging& pg, int64_t ratio, int64_t first);
-  // Pool row of each of the rows [0, n); empty when they are contiguous (base: the first).
-  std::vector<int32_t> paged_rows(const Paging& pg, int64_t ratio, int64_t n, int64_t& base) const;
-  LayerState new_layer_state(int64_t layer, int64_t pool_rows_per_ratio, bool pools, KvFormat kv) const;
+  struct Plan;
+  Plan plan(std::span<const ForwardSeq> batch, bool mtp);
+  Tensor block(const BlockWeights& b, LayerStore& ls, const Plan& p, const Tensor& X);
+  Tensor attention(const AttentionWeights& a, LayerStore& ls, const Plan& p, const Tensor& x);
+  Tensor compress(const CompressorWeights& c, const CompressorSlots& cs, const Tensor& x, const Plan& p);
+  LayerStore new_layer_store(int64_t layer, int64_t slots, int64_t blocks, int64_t block_tokens, KvFormat kv) const;
   Tensor logits(const Tensor& X, const HyperConn& hc, const TensorData& norm);
-  Tensor int_tensor(const std::vector<int32_t>& v, std::vector<int64_t> shape);
 
   const ModelConfig& cfg_;
   const ModelWeights& w_;

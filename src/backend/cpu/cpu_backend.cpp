@@ -279,7 +279,7 @@ class CpuBackend final : public Backend {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < H; ++h) {
         // Packed rows are decoded into buf, one at a time, in both passes.
-        std::vector<float> buf(size_t(d));
+        std::vector<float> buf(static_cast<size_t>(d));
         auto key = [&](int64_t k) -> const float* {
           const int32_t v = k < Ka ? idx_a.i32()[t * Ka + k] : idx_b.i32()[t * Kb + (k - Ka)];
           if (v < 0) return nullptr;
@@ -370,7 +370,7 @@ class CpuBackend final : public Backend {
       const int32_t* table = block_table.i32() + int64_t(query_seq.i32()[t]) * max_blocks;
       DSV4_CHECK(n <= max_blocks * per_block);
       auto row_of = [&](int64_t j) { return int64_t(table[j / per_block]) * per_block + j % per_block; };
-      std::vector<float> score(size_t(n), 0.f);
+      std::vector<float> score(static_cast<size_t>(n), 0.f);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t r = row_of(j);
         DSV4_CHECK(r >= 0 && r < keys.rows());
@@ -379,7 +379,7 @@ class CpuBackend final : public Backend {
         for (int64_t h = 0; h < H; ++h) s += w.f32()[t * H + h] * std::max(0.f, dot(q.f32() + (t * H + h) * d, kj, d));
         score[size_t(j)] = s * w_scale;
       }
-      std::vector<int32_t> order(size_t(n));
+      std::vector<int32_t> order(static_cast<size_t>(n));
       std::iota(order.begin(), order.end(), 0);
       const int64_t k = std::min(K, n);
       std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
