@@ -463,13 +463,16 @@ TEST_F(CudaOps, AttendRaggedBatch) {
             const int64_t v = p < q.start ? slot_of[size_t(s)] * c.W + p % c.W : Nw + first + (p - q.start);
             ia[size_t(t * Ka + k)] = r.below(9) == 0 ? -1 : int32_t(v);
           }
-          // Entries: a random subset of the (pos + 1) / 4 usable ones, through the block table.
+          // Entries: distinct ones of the (pos + 1) / 4 usable (as top-k picks them), one in six
+          // knocked out, at shuffled places of the list, through the block table.
           const int64_t usable = (pos + 1) / 4;
-          for (int64_t j = 0; j < c.Kb && usable > 0; ++j) {
+          const auto pick = shuffled(usable, r.next_u64());
+          const auto place = shuffled(c.Kb, r.next_u64());
+          for (int64_t j = 0; j < std::min(c.Kb, usable); ++j) {
             if (r.below(6) == 0) continue;
-            const int64_t e = int64_t(r.below(uint64_t(usable)));
-            ib[size_t(t * c.Kb + j)] = blocks[size_t(s * max_blocks + e / c.per_block)] * int32_t(c.per_block) +
-                                       int32_t(e % c.per_block);
+            const int64_t e = pick[size_t(j)];
+            ib[size_t(t * c.Kb + place[size_t(j)])] =
+                blocks[size_t(s * max_blocks + e / c.per_block)] * int32_t(c.per_block) + int32_t(e % c.per_block);
           }
         }
         first += q.rows;
