@@ -5,9 +5,11 @@
 #include <chrono>
 #include <cmath>
 #include <deque>
+#include <map>
 
 #include "cli/args.h"
 #include "cli/commands.h"
+#include "engine/state_manager.h"
 #include "model/config.h"
 #include "model/forward.h"
 #include "model/tiny.h"
@@ -153,8 +155,8 @@ double time_ms(Backend& be, int reps, F&& fn) {
   return median(v);
 }
 
-int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, int steps, bool kv_fp8,
-              bool fp8_act, bool ops) {
+int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, std::vector<int64_t> seq_counts,
+              int steps, bool kv_fp8, bool fp8_act, bool ops) {
   const CudaDeviceInfo dev = cuda_device_info(0);
   const double bw = dev.mem_bandwidth_gbs * 1e9;
   // H200 SXM dense peaks (datasheet): FP8 tensor 1979 TFLOP/s, FP32 (non-tensor) 67 TFLOP/s.
@@ -197,8 +199,8 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     }
   };
   auto prefill_roofline = [&](int64_t C, double& bytes, double& flops) {
-    bytes = double(head_bytes) + double(C) * double(cfg.vocab_size) * 4.0;
-    flops = 2.0 * head_macs * double(C);
+    bytes = double(head_bytes) + double(cfg.vocab_size) * 4.0;  // logits of the last row only, as the engine
+    flops = 2.0 * head_macs;
     for (size_t l = 0; l < lc.size(); ++l) {
       bytes += double(lc[l].fixed) + E * double(lc[l].expert);
       for (int64_t p = 0; p < C; p += 64) {
@@ -218,7 +220,13 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     model.forward(st, tok);
     be->synchronize();
   }
+  // A prompt as the engine runs it: logits of its last row only.
+  auto prefill = [&](SequenceState& st, const std::vector<int32_t>& tokens) {
+    const ForwardSeq one{&st, tokens, 1, 0};
+    model.forward(std::span(&one, 1));
+  };
   Rng rng(7);
+  std::map<std::pair<int64_t, int64_t>, double> one_seq_ms;  // (ctx, B) -> decode step ms
   out("");
   out("| phase | tokens | ctx | time ms (median) | tok/s | per layer ms | roofline ms (bytes / FP8 FLOPs / FP32 FLOPs) | "
       "ratio to BW roofline | ratio to FP32 roofline |");
@@ -231,7 +239,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     for (auto& x : tok) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
     be->synchronize();
     t0 = now_s();
-    model.forward(st, tok);
+    prefill(st, tok);
     be->synchronize();
     const double pms = (now_s() - t0) * 1e3;
     double by, fl;
@@ -256,10 +264,49 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
       out("| decode B={} | {} | {} | {:.2f} | {:.0f} | {:.3f} | {:.2f} / {:.3f} / {:.2f} | {:.3f} | {:.3f} |", B, B,
           st.num_tokens, ms, double(B) / ms * 1e3, ms / double(layers), db, d8, d32, std::max(db, d8) / ms,
           std::max(db, d32) / ms);
+      one_seq_ms[{C, B}] = ms;
+    }
+    // S sequences at context C, one token each per step, as the engine batches them: one parent
+    // prefilled, the others forked from it (full blocks shared, slot state and partial block copied).
+    for (int64_t S : seq_counts) {
+      const int64_t B = 256, per_seq = (C + steps + 2 + B - 1) / B;
+      StateManager mgr(model, B, S * (per_seq + 1), S, 0, kv_fp8 ? KvFormat::FP8 : KvFormat::F32);
+      std::vector<StateManager::Seq> seqs(size_t(S));
+      seqs[0] = mgr.acquire();
+      if (!mgr.reserve(seqs[0], C + steps + 2)) fail("bench: state pool too small");
+      prefill(seqs[0].st, tok);
+      for (int64_t i = 1; i < S; ++i)
+        if (!mgr.fork(seqs[0], seqs[size_t(i)]) || !mgr.reserve(seqs[size_t(i)], C + steps + 2))
+          fail("bench: state pool too small");
+      std::vector<double> v;
+      std::vector<int32_t> t(size_t(S));
+      for (int s = 0; s <= steps; ++s) {
+        std::vector<ForwardSeq> batch;
+        for (int64_t i = 0; i < S; ++i) {
+          t[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
+          batch.push_back({&seqs[size_t(i)].st, std::span(t).subspan(size_t(i), 1), 1, 0});
+        }
+        be->synchronize();
+        const double a = now_s();
+        model.forward(batch);
+        be->synchronize();
+        if (s > 0) v.push_back((now_s() - a) * 1e3);
+      }
+      const double ms = median(v);
+      step_roofline(S, double(C), by, fl);
+      const double db = by / bw * 1e3, d8 = fl / peak_fp8 * 1e3, d32 = fl / peak_fp32 * 1e3;
+      const auto same = one_seq_ms.find({C, S});
+      out("| decode {} seqs | {} | {} | {:.2f} | {:.0f} | {:.3f} | {:.2f} / {:.3f} / {:.2f} | {:.3f} | {:.3f} |{}", S,
+          S, C, ms, double(S) / ms * 1e3, ms / double(layers), db, d8, d32, std::max(db, d8) / ms,
+          std::max(db, d32) / ms,
+          same == one_seq_ms.end() ? std::string()
+                                   : fmt::format(" {:.3f}x the time of decode B={}", ms / same->second, S));
+      for (auto& q : seqs) mgr.release(q);
     }
   }
   out("");
-  out("decode B = B tokens appended to one sequence per step (same GEMM/MoE shapes as B single-token sequences).");
+  out("decode B = B tokens appended to one sequence per step (same GEMM/MoE shapes as B single-token sequences);");
+  out("decode S seqs = S sequences at context ctx, one token each, in one batched forward pass.");
   out("arena peak: {:.2f} GiB", double(cuda_arena_peak(*be)) / (1 << 30));
   if (!ops) return 0;
 
@@ -362,7 +409,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
 void register_bench_model(CLI::App& app, Action& action) {
   struct Opts {
     int64_t layers = 4, tp = 1;
-    std::string batch = "1,8,64", ctx = "1024,8192";
+    std::string batch = "1,8,64", ctx = "1024,8192", seqs;
     int steps = 5;
     bool random = false, kv_fp8 = false, ops = true;
     std::string gemm = "exact";
@@ -381,6 +428,7 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_option("--tp", o->tp, "Tensor-parallel GPUs (only 1 is implemented)");
   cmd->add_option("--batch", o->batch, "Decode batch sizes, comma-separated");
   cmd->add_option("--ctx", o->ctx, "Prefill lengths / decode contexts, comma-separated");
+  cmd->add_option("--seqs", o->seqs, "Also decode S sequences at each context, one token each (comma-separated S)");
   cmd->add_option("--steps", o->steps, "Timed decode steps per batch size");
   cmd->add_flag("--kv-fp8", o->kv_fp8, "Production KV format (FP8 nope dims, BF16 rope dims)");
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (1x128 FP8 activations)")
@@ -399,9 +447,10 @@ void register_bench_model(CLI::App& app, Action& action) {
       if (o->layers < 1) fail("--layers must be >= 1");
       if (o->steps < 1) fail("--steps must be >= 1");
       [[maybe_unused]] const auto batches = sizes(o->batch, "--batch"), ctxs = sizes(o->ctx, "--ctx");
+      [[maybe_unused]] const auto seq_counts = o->seqs.empty() ? std::vector<int64_t>{} : sizes(o->seqs, "--seqs");
 #ifdef DSV4_HAVE_CUDA
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
-      return run_bench(o->layers, batches, ctxs, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops);
+      return run_bench(o->layers, batches, ctxs, seq_counts, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops);
 #else
       fail("bench model needs the CUDA backend (built without CUDA)");
       return 1;

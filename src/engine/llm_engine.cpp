@@ -485,11 +485,12 @@ class EngineImpl final : public LLMEngine {
     }
   }
 
-  // A chunk that crosses a block boundary ends at the last one it crosses, so that every step
-  // leaves its sequences where the prefix cache can snapshot them (docs/ENGINE.md).
+  // A chunk ends at the next block boundary, so that the prefix cache can snapshot every
+  // boundary (the snapshot is the slot state there; docs/ENGINE.md). Sequences are batched with
+  // each other, so this only limits one sequence's prefill to a block per step.
   int64_t to_boundary(const SeqRec* s, int64_t n) const {
-    const int64_t B = mgr_->block_tokens(), at = s->computed(), cut = (at + n) / B * B;
-    return cut > at ? cut - at : n;
+    const int64_t B = mgr_->block_tokens(), at = s->computed();
+    return std::min(n, (at / B + 1) * B - at);
   }
 
   std::vector<Work> schedule() {

@@ -64,8 +64,8 @@ TEST(CudaModel, KvFp8PackedMatchesCpu) {
     mg_sim.set_kv_format(KvFormat::FP8Simulated);
     {
       SequenceState st = mg.new_sequence(16);
-      ASSERT_EQ(st.layers.at(0).window.type, ElemType::U8) << name << ": --kv fp8 state is not packed on the GPU";
-      EXPECT_EQ(st.layers.at(0).window.cols(), kv_row_layout(cfg.head_dim, cfg.nope_dim()).bytes) << name;
+      ASSERT_EQ(st.store->layers.at(0).window.type, ElemType::U8) << name << ": --kv fp8 state is not packed on the GPU";
+      EXPECT_EQ(st.store->layers.at(0).window.cols(), kv_row_layout(cfg.head_dim, cfg.nope_dim()).bytes) << name;
     }
     const auto tok = test::rand_ints(80, cfg.vocab_size, 3);
     for (const auto& sched : std::vector<std::vector<int64_t>>{{}, std::vector<int64_t>(80, 1), {5, 1, 30, 2, 42}}) {

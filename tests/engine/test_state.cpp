@@ -86,9 +86,11 @@ TEST(EngineState, LayoutMatchesAllocatedTensors) {
     StateManager mgr(model, 32, 5, 2, 3, kv);
     const StateLayout& L = mgr.layout();
     auto s = mgr.acquire();
-    EXPECT_EQ(s.st.kv, kv);
+    EXPECT_EQ(s.st.kv(), kv);
     int64_t tail = 0, pools = 0;
-    for (const LayerState& l : s.st.layers) {
+    const int64_t slots = s.st.store->num_slots;
+    EXPECT_EQ(slots, 2);
+    for (const LayerStore& l : s.st.store->layers) {
       EXPECT_EQ(l.window.type, kv == KvFormat::FP8 ? ElemType::U8 : ElemType::F32);
       EXPECT_EQ(l.window.cols() * elem_size(l.window.type), L.kv_row_bytes);
       if (!l.entries.empty()) {
@@ -97,9 +99,10 @@ TEST(EngineState, LayoutMatchesAllocatedTensors) {
       if (!l.index_keys.empty()) {
         EXPECT_EQ(l.index_keys.type, ElemType::F32);
       }
-      tail += tensor_bytes(l.window);
-      for (const CompressorState* cs : {&l.compressor, &l.index_compressor})
-        tail += tensor_bytes(cs->kv) + tensor_bytes(cs->gate) + tensor_bytes(cs->prev_kv) + tensor_bytes(cs->prev_gate);
+      tail += tensor_bytes(l.window) / slots;
+      for (const CompressorSlots* cs : {&l.compressor, &l.index_compressor})
+        tail += (tensor_bytes(cs->kv) + tensor_bytes(cs->gate) + tensor_bytes(cs->prev_kv) + tensor_bytes(cs->prev_gate)) /
+                slots;
       pools += tensor_bytes(l.entries) + tensor_bytes(l.index_keys);
     }
     EXPECT_EQ(tail, L.tail_bytes);
@@ -121,8 +124,8 @@ TEST(EngineState, LayoutMatchesAllocatedTensors) {
 }
 
 // A sequence whose blocks are scattered over a shared pool gives the same logits as a
-// self-contained one, for any chunking; with --kv fp8 the packed rows are gathered through the
-// block table (unpack_kv with a row list).
+// self-contained one, for any chunking; with --kv fp8 the packed rows are read through the
+// block table.
 TEST(EngineState, PagedForwardIsExact) {
   auto lm = tiny_model();
   const ModelConfig& c = lm->config();

@@ -97,8 +97,8 @@ TEST_P(ForwardSchedules, KvFp8PackedStorageEqualsSimulation) {
   SequenceState st = packed.new_sequence(64);
   const int64_t row = kv_row_layout(c.head_dim, c.nope_dim()).bytes;
   EXPECT_LT(row, c.head_dim * 4 / 2);
-  for (const auto* layers : {&st.layers, &st.mtp_layers})
-    for (const LayerState& l : *layers) {
+  for (const auto* layers : {&st.store->layers, &st.store->mtp_layers})
+    for (const LayerStore& l : *layers) {
       EXPECT_EQ(l.window.type, ElemType::U8);
       EXPECT_EQ(l.window.cols(), row);
       if (!l.entries.empty()) {
@@ -191,11 +191,23 @@ TEST(CpuOps, IndexerTopKBreaksTiesByLowestIndex) {
   be->fill(keys, -1.f);  // every relu(q.k) = 0: all scores tie
   std::vector<float> k7(d, 2.f);
   be->upload(keys.rows_view(7, 8), k7.data());  // key 7 scores highest
-  std::vector<int32_t> usable = {10, 3};
+  // One block of all 10 keys for query 0; query 1's sequence has blocks {1, 0} of 5 rows each,
+  // so its logical keys 0, 1, 2 live in rows 5, 6, 7 and the tie order follows the logical index.
+  std::vector<int32_t> usable = {10, 3}, table = {0, -1, 1, 0};
   Tensor u = be->alloc({T}, ElemType::I32), idx = be->alloc({T, K}, ElemType::I32);
+  Tensor bt = be->alloc({2, 2}, ElemType::I32);
   be->upload(u, usable.data());
-  be->index_topk(q, w, 0.5f, keys, u, idx);
+  be->upload(bt, table.data());
+  // Query 0 reads the table with 10 rows per block, query 1 with 5: two calls.
+  Tensor bt0 = be->alloc({1, 1}, ElemType::I32);
+  const int32_t zero = 0;
+  be->upload(bt0, &zero);
+  Tensor qs0 = be->alloc({1}, ElemType::I32);
+  be->upload(qs0, &zero);
+  be->index_topk(q.rows_view(0, 1), w.rows_view(0, 1), 0.5f, keys, bt0, 10, qs0, u.rows_view(0, 1), idx.rows_view(0, 1));
+  be->index_topk(q.rows_view(1, 2), w.rows_view(1, 2), 0.5f, keys, bt.rows_view(1, 2), 5, qs0, u.rows_view(1, 2),
+                 idx.rows_view(1, 2));
   std::vector<int32_t> got(T * K);
   be->download(idx, got.data());
-  EXPECT_EQ(got, (std::vector<int32_t>{7, 0, 1, 2, 0, 1, 2, -1}));
+  EXPECT_EQ(got, (std::vector<int32_t>{7, 0, 1, 2, 7, 5, 6, -1}));
 }

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -261,30 +262,53 @@ class CpuBackend final : public Backend {
     }
   }
 
-  // One stored key row as F32 (a view of an F32 store, or the decoded packed row in `buf`).
-  static const float* stored_row(const Tensor& store, int64_t r, int64_t nope, std::vector<float>& buf) {
-    DSV4_CHECK(r >= 0 && r < store.rows());
-    if (store.type == ElemType::F32) return store.f32() + r * store.cols();
-    const KvRowLayout L = kv_row_layout(int64_t(buf.size()), nope);
+  // F32 rows of a key store for attention: F32 stores are read in place; the rows of a packed store
+  // that the index lists reference are decoded once (O(rows read), not O(store)).
+  struct KeyRows {
+    const float* base = nullptr;    // F32 store
+    std::vector<float> decoded;     // packed store: referenced rows, in order of first reference
+    std::unordered_map<int32_t, int64_t> at;
+    const float* row(int32_t r, int64_t d) const { return base ? base + int64_t(r) * d : decoded.data() + at.at(r) * d; }
+  };
+  static KeyRows key_rows(const Tensor& store, int64_t d, int64_t nope, const std::vector<int32_t>& refs) {
+    KeyRows k;
+    if (store.empty()) return k;
+    for (int32_t r : refs) DSV4_CHECK(r >= 0 && r < store.rows());
+    if (store.type == ElemType::F32) {
+      DSV4_CHECK(store.cols() == d);
+      k.base = store.f32();
+      return k;
+    }
+    const KvRowLayout L = kv_row_layout(d, nope);
     DSV4_CHECK(store.cols() == L.bytes);
-    unpack_kv_row(store.u8() + r * L.bytes, L, buf.data());
-    return buf.data();
+    std::vector<int32_t> order;
+    for (int32_t r : refs)
+      if (k.at.emplace(r, int64_t(order.size())).second) order.push_back(r);
+    k.decoded.resize(order.size() * size_t(d));
+#pragma omp parallel for if (int64_t(order.size()) * d > kParallelWork)
+    for (size_t i = 0; i < order.size(); ++i) unpack_kv_row(store.u8() + int64_t(order[i]) * L.bytes, L, k.decoded.data() + i * size_t(d));
+    return k;
   }
 
   void attend(const Tensor& q, const Tensor& window, const Tensor& fresh, const Tensor& idx_a, const Tensor& entries,
               const Tensor& idx_b, int64_t nope, const TensorData& sinks, float scale, const Tensor& out) override {
     const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), Nw = window.empty() ? 0 : window.rows();
     const int64_t Ka = idx_a.cols(), Kb = idx_b.empty() ? 0 : idx_b.cols(), K = Ka + Kb;
+    std::vector<int32_t> refs_w, refs_f, refs_e;
+    for (int64_t i = 0; i < T * Ka; ++i)
+      if (const int32_t v = idx_a.i32()[i]; v >= 0) (v < Nw ? refs_w : refs_f).push_back(v < Nw ? v : v - int32_t(Nw));
+    for (int64_t i = 0; i < T * Kb; ++i)
+      if (const int32_t v = idx_b.i32()[i]; v >= 0) refs_e.push_back(v);
+    const KeyRows win = key_rows(window, d, nope, refs_w), fr = key_rows(fresh, d, nope, refs_f),
+                  ent = key_rows(entries, d, nope, refs_e);
 #pragma omp parallel for collapse(2) if (T * H * K * d > kParallelWork)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t h = 0; h < H; ++h) {
-        // Packed rows are decoded into buf, one at a time, in both passes.
-        std::vector<float> buf(static_cast<size_t>(d));
         auto key = [&](int64_t k) -> const float* {
           const int32_t v = k < Ka ? idx_a.i32()[t * Ka + k] : idx_b.i32()[t * Kb + (k - Ka)];
           if (v < 0) return nullptr;
-          if (k >= Ka) return stored_row(entries, v, nope, buf);
-          return v < Nw ? stored_row(window, v, nope, buf) : stored_row(fresh, v - Nw, nope, buf);
+          if (k >= Ka) return ent.row(v, d);
+          return v < Nw ? win.row(v, d) : fr.row(v - int32_t(Nw), d);
         };
         const float* qh = q.f32() + (t * H + h) * d;
         std::vector<float> s(size_t(K), kNegInf);
