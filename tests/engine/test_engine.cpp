@@ -38,36 +38,52 @@ void expect_pool_full(LLMEngine& e) {
 
 }  // namespace
 
+// A request gets the same tokens and logits whether it runs alone or batched (one forward pass
+// per step) among 31 others of different lengths (some crossing block boundaries, prefilled in
+// chunks mixed with decodes) and sampling settings, with sampling on the host and on the device.
 TEST(Engine, BatchInvariance) {
-  const auto target = random_prompt(13, 1);
-  std::vector<std::vector<float>> alone_logits;
-  Output alone;
-  {
-    Harness h(small_blocks());
-    h.submit(greedy("t", target, 4));
-    h.wait();
-    alone = h.output("t");
-    alone_logits = h.logits("t");
-  }
-  ASSERT_EQ(alone.tokens.size(), 4u);
-  EXPECT_EQ(alone.finish, FinishReason::Length);
+  const auto target = random_prompt(21, 1);
+  for (bool device : {false, true}) {
+    SCOPED_TRACE(device ? "device sampling" : "host sampling");
+    std::vector<std::vector<float>> alone_logits;
+    Output alone;
+    EngineConfig c = small_blocks();
+    c.device_sampling = device;
+    {
+      Harness h(c);
+      h.submit(greedy("t", target, 6));
+      h.wait();
+      alone = h.output("t");
+      alone_logits = h.logits("t");
+    }
+    ASSERT_EQ(alone.tokens.size(), 6u);
+    EXPECT_EQ(alone.finish, FinishReason::Length);
 
-  EngineConfig c = small_blocks();
-  c.max_batched_tokens = 12;  // longer prompts prefill in chunks, mixed with decodes
-  Harness h(c);
-  Rng r(3);
-  std::vector<std::string> others;
-  for (int i = 0; i < 16; ++i) {
-    if (i == 5) h.submit(greedy("t", target, 4));
-    const int64_t len = 2 + int64_t(r.below(12));
-    others.push_back(h.submit(greedy("o" + std::to_string(i), random_prompt(len, 100 + i), 1 + int32_t(r.below(3)))));
+    c.max_batched_tokens = 24;  // longer prompts prefill in chunks, mixed with decodes
+    Harness h(c);
+    Rng r(3);
+    std::vector<std::string> others;
+    for (int i = 0; i < 31; ++i) {
+      if (i == 5) h.submit(greedy("t", target, 6));
+      Request o = greedy("o" + std::to_string(i), random_prompt(2 + int64_t(r.below(40)), 100 + i), 1 + int32_t(r.below(8)));
+      if (i % 3 == 1) {
+        o.sampling.temperature = 0.9f;
+        o.sampling.top_p = 0.9f;
+        o.sampling.seed = uint64_t(i);
+      } else if (i % 3 == 2) {
+        o.sampling.temperature = 1.2f;
+        o.sampling.top_k = 5;
+        o.sampling.seed = uint64_t(i);
+      }
+      others.push_back(h.submit(std::move(o)));
+    }
+    h.wait();
+    const Output batched = h.output("t");
+    EXPECT_EQ(batched.tokens, alone.tokens);
+    expect_rows_near(h.logits("t"), alone_logits, 1e-5f, "batched vs alone");
+    for (const auto& id : others) EXPECT_EQ(h.output(id).finish, FinishReason::Length) << id;
+    expect_pool_full(h.engine());
   }
-  h.wait();
-  const Output batched = h.output("t");
-  EXPECT_EQ(batched.tokens, alone.tokens);
-  expect_rows_near(h.logits("t"), alone_logits, 1e-5f, "batched vs alone");
-  for (const auto& id : others) EXPECT_EQ(h.output(id).finish, FinishReason::Length) << id;
-  expect_pool_full(h.engine());
 }
 
 TEST(Engine, PreemptionUnderTinyPoolKeepsOutputs) {
