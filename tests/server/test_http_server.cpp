@@ -360,7 +360,7 @@ TEST(HttpServer, DeeplyNestedBodiesAreRejected) {
   for (int i = 0; i < 30000; ++i) params += "}}";
   std::string tools = R"({"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":)"
                       R"({"name":"f","parameters":)" + params + "}}]}";
-  for (const std::string* body : {&deep, &tools}) {
+  for (const std::string* body : {&tools, &deep}) {
     auto res = c.Post("/v1/chat/completions", *body, "application/json");
     ASSERT_TRUE(res) << "the server went away";
     EXPECT_EQ(res->status, 400);
