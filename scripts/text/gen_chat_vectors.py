@@ -54,13 +54,15 @@ def prepare(case, reasoning_key="reasoning"):
             m[reasoning_key] = r
     tools = case.get("tools")
     rf = case.get("response_format")
-    if tools or rf is not None:  # like vLLM: a system message first
-        sysm = {"role": "system"}
+    if tools or rf is not None:
+        # As vLLM's deepseek_v4 tokenizer (apply_chat_template): attached to the leading
+        # system/developer message, else a system message inserted first.
+        if not (msgs and msgs[0].get("role") in ("system", "developer")):
+            msgs.insert(0, {"role": "system"})
         if tools:
-            sysm["tools"] = tools
+            msgs[0]["tools"] = tools
         if rf is not None:
-            sysm["response_format"] = rf
-        msgs.insert(0, sysm)
+            msgs[0]["response_format"] = rf
     return msgs
 
 

@@ -1,9 +1,11 @@
 #include "server/api.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fmt/format.h>
 
 #include "util/error.h"
+#include "util/utf8.h"
 
 namespace dsv4::server {
 
@@ -114,7 +116,11 @@ std::vector<int32_t> token_ids(const ojson& a, const std::string& param) {
   return ids;
 }
 
-ojson parse_body(std::string_view body) {
+ojson parse_body(std::string_view body, const ParseLimits& lim) {
+  // Bounded before parsing: the JSON walks after it (copies, prompt rendering of tool schemas)
+  // recurse once per level.
+  if (size_t at = json_depth_exceeded_at(body, lim.max_json_depth); at != std::string_view::npos)
+    bad("", fmt::format("the request JSON is nested deeper than {} levels (at byte {})", lim.max_json_depth, at));
   ojson j;
   try {
     j = ojson::parse(body.begin(), body.end());
@@ -128,11 +134,17 @@ ojson parse_body(std::string_view body) {
   return j;
 }
 
+// reasoning_effort values, mapped as vLLM's DeepSeek-V4 tokenizer does: "none" turns thinking
+// off; minimal/low/medium -> low, high/xhigh -> high, max -> max.
+constexpr const char* kEffortValues = "none, minimal, low, medium, high, xhigh, max";
+
+// The encoder's effort for `e` ("" for "none"); ApiError naming `param` for an unknown value.
 std::string effort_level(const std::string& e, const char* param) {
-  if (e == "low" || e == "minimal" || e == "none") return "low";
-  if (e == "medium" || e == "high") return "high";
-  if (e == "max" || e == "xhigh") return "max";
-  bad(param, fmt::format("'{}' must be one of minimal, low, medium, high, max; got '{}'", param, e));
+  if (e == "none") return "";
+  if (e == "minimal" || e == "low" || e == "medium") return "low";
+  if (e == "high" || e == "xhigh") return "high";
+  if (e == "max") return "max";
+  bad(param, fmt::format("'{}' must be one of {}; got '{}'", param, kEffortValues, e));
 }
 
 void parse_common(const ojson& j, ParsedRequest& r, const ParseLimits& lim) {
@@ -186,6 +198,7 @@ void parse_common(const ojson& j, ParsedRequest& r, const ParseLimits& lim) {
   if (auto v = get_bool(j, "stream")) r.stream = *v;
   if (const ojson* v = field(j, "stream_options")) {
     if (!v->is_object()) wrong_type("stream_options", "an object", *v);
+    if (!r.stream) bad("stream_options", "'stream_options' is only allowed with \"stream\": true");
     if (auto u = get_bool(*v, "include_usage")) r.include_usage = *u;
   }
   if (auto u = get_string(j, "user")) r.user = *u;
@@ -208,7 +221,10 @@ void parse_thinking(const ojson& j, ParsedRequest& r) {
         thinking = t->get<bool>();
       }
     }
-    if (auto e = get_string(*k, "reasoning_effort")) effort = effort_level(*e, "chat_template_kwargs.reasoning_effort");
+    if (auto e = get_string(*k, "reasoning_effort")) {
+      effort = effort_level(*e, "chat_template_kwargs.reasoning_effort");
+      if (*e == "none") thinking = false;
+    }
     if (auto d = get_bool(*k, "drop_thinking")) r.chat.drop_thinking = *d;
   }
   if (const ojson* t = field(j, "thinking")) {
@@ -225,7 +241,8 @@ void parse_thinking(const ojson& j, ParsedRequest& r) {
   }
   if (auto e = get_string(j, "reasoning_effort")) {
     effort = effort_level(*e, "reasoning_effort");
-    if (!thinking) thinking = true;  // asking for an effort asks for reasoning
+    if (*e == "none") thinking = false;         // as vLLM: "none" is chat mode
+    else if (!thinking) thinking = true;        // asking for an effort asks for reasoning
   }
   r.chat.thinking = thinking.value_or(false) ? ThinkingMode::Thinking : ThinkingMode::Chat;
   r.chat.reasoning_effort = effort;
@@ -274,7 +291,7 @@ void parse_tools(const ojson& j, ParsedRequest& r) {
   if (auto p = get_bool(j, "parallel_tool_calls")) r.parallel_tool_calls = *p;
 }
 
-void parse_messages(const ojson& j, ParsedRequest& r) {
+void parse_messages(const ojson& j, ParsedRequest& r, const ParseLimits& lim) {
   const ojson* m = field(j, "messages");
   if (!m) bad("messages", "'messages' is required");
   if (!m->is_array()) wrong_type("messages", "an array", *m);
@@ -290,12 +307,25 @@ void parse_messages(const ojson& j, ParsedRequest& r) {
     for (const char* k : roles) known |= role->get<std::string>() == k;
     if (!known) bad(p + ".role", fmt::format("'{}.role' '{}' is not one of system, developer, user, assistant, tool", p,
                                              role->get<std::string>()));
-    if (const ojson* c = field(msg, "content"); c && !c->is_string() && !c->is_array())
-      wrong_type(p + ".content", "a string or an array of content parts", *c);
-    if (const ojson* c = field(msg, "content"); c && c->is_array()) {
-      for (size_t k = 0; k < c->size(); ++k)
-        if (!(*c)[k].is_object()) wrong_type(fmt::format("{}.content[{}]", p, k), "an object", (*c)[k]);
+    const std::string& rname = role->get_ref<const std::string&>();
+    const ojson* c = field(msg, "content");
+    if (c && !c->is_string() && !c->is_array()) wrong_type(p + ".content", "a string or an array of content parts", *c);
+    if (!c && rname == "user") bad(p + ".content", fmt::format("'{}.content' is required for a user message", p));
+    if (c && c->is_array()) {
+      for (size_t k = 0; k < c->size(); ++k) {
+        std::string q = fmt::format("{}.content[{}]", p, k);
+        const ojson& part = (*c)[k];
+        if (!part.is_object()) wrong_type(q, "an object", part);
+        auto type = get_string(part, "type");
+        if (!type) bad(q + ".type", fmt::format("'{}.type' is required", q));
+        if (*type != "text")
+          bad(q + ".type", fmt::format("'{}.type' is '{}': this model accepts text only (content parts of type \"text\")", q, *type));
+        const ojson* text = field(part, "text");
+        if (!text || !text->is_string()) bad(q + ".text", fmt::format("'{}.text' must be a string", q));
+      }
     }
+    if (rname == "tool" && !field(msg, "tool_call_id"))
+      bad(p + ".tool_call_id", fmt::format("'{}.tool_call_id' is required for a tool message", p));
     if (const ojson* tc = field(msg, "tool_calls")) {
       if (!tc->is_array()) wrong_type(p + ".tool_calls", "an array", *tc);
       for (size_t k = 0; k < tc->size(); ++k) {
@@ -306,8 +336,12 @@ void parse_messages(const ojson& j, ParsedRequest& r) {
         if (!fn || !fn->is_object()) bad(q + ".function", fmt::format("'{}.function' must be an object", q));
         const ojson* name = field(*fn, "name");
         if (!name || !name->is_string()) bad(q + ".function.name", fmt::format("'{}.function.name' must be a string", q));
-        if (const ojson* a = field(*fn, "arguments"); a && !a->is_string() && !a->is_object())
+        if (const ojson* a = field(*fn, "arguments"); a && !a->is_string() && !a->is_object()) {
           wrong_type(q + ".function.arguments", "a JSON string", *a);
+        } else if (a && a->is_string() && json_depth_exceeded_at(a->get_ref<const std::string&>(), lim.max_json_depth) !=
+                                              std::string_view::npos) {
+          bad(q + ".function.arguments", fmt::format("'{}.function.arguments' is nested deeper than {} levels", q, lim.max_json_depth));
+        }
       }
     }
     for (const char* key : {"reasoning_content", "reasoning", "tool_call_id", "name"}) {
@@ -336,11 +370,11 @@ void parse_response_format(const ojson& j, ParsedRequest& r) {
 }  // namespace
 
 ParsedRequest parse_chat_request(std::string_view body, const ParseLimits& lim) {
-  ojson j = parse_body(body);
+  ojson j = parse_body(body, lim);
   ParsedRequest r;
   r.endpoint = Endpoint::Chat;
   parse_common(j, r, lim);
-  parse_messages(j, r);
+  parse_messages(j, r, lim);
   parse_tools(j, r);
   parse_thinking(j, r);
   parse_response_format(j, r);
@@ -357,7 +391,7 @@ ParsedRequest parse_chat_request(std::string_view body, const ParseLimits& lim) 
 }
 
 ParsedRequest parse_completion_request(std::string_view body, const ParseLimits& lim) {
-  ojson j = parse_body(body);
+  ojson j = parse_body(body, lim);
   ParsedRequest r;
   r.endpoint = Endpoint::Completion;
   parse_common(j, r, lim);
@@ -409,6 +443,14 @@ ojson effective_tools(const ParsedRequest& r) {
                  "tool_choice");
 }
 
+std::set<std::string> offered_tool_names(const ParsedRequest& r) {
+  std::set<std::string> names;
+  ojson tools = effective_tools(r);
+  if (tools.is_array())
+    for (const auto& t : tools) names.insert(t["function"]["name"].get<std::string>());
+  return names;
+}
+
 std::string render_chat_prompt(const ParsedRequest& r) {
   try {
     return render_chat(r.messages, effective_tools(r), r.chat, r.response_format);
@@ -417,6 +459,33 @@ std::string render_chat_prompt(const ParsedRequest& r) {
   } catch (const std::exception& e) {
     throw ApiError(400, std::string("invalid messages: ") + e.what(), "messages");
   }
+}
+
+std::string logprob_token_text(std::string_view bytes) {
+  if (utf8::valid(bytes)) return std::string(bytes);
+  std::string out = "bytes:";
+  for (unsigned char c : bytes) out += fmt::format("\\x{:02x}", c);
+  return out;
+}
+
+size_t TextOffsets::next(std::string_view token_bytes) {
+  auto continuation = [](char c) { return (static_cast<unsigned char>(c) & 0xC0) == 0x80; };
+  size_t at = chars_;
+  if (!token_bytes.empty() && continuation(token_bytes[0]) && at > 0) --at;  // inside a character
+  for (char c : token_bytes) chars_ += continuation(c) ? 0 : 1;
+  return at;
+}
+
+int32_t reasoning_token_count(const Tokenizer& tok, std::span<const int32_t> tokens) {
+  std::string bytes;
+  std::vector<size_t> starts;
+  for (int32_t t : tokens) {
+    if (t == tok.eos_id()) break;
+    starts.push_back(bytes.size());
+    bytes += tok.token_bytes(t);
+  }
+  size_t end = bytes.find(kThinkEnd);
+  return int32_t(std::count_if(starts.begin(), starts.end(), [&](size_t s) { return s < end; }));
 }
 
 }  // namespace dsv4::server

@@ -77,6 +77,7 @@ struct SampleOut {
   std::vector<int32_t> tokens;
   std::string text;
   std::vector<TokenLogprob> logprobs;
+  TextOffsets text_offsets;  // streamed completions: text_offset of the next logprobs token
   FinishReason finish = FinishReason::None;
   std::string error;
   int32_t completion_tokens = 0;
@@ -310,26 +311,30 @@ struct Gen {
   json usage() const {
     int32_t c = completion_tokens();
     int32_t p = prompt_tokens ? prompt_tokens : int32_t(prompt.size());
+    int32_t reasoning = 0;
+    if (thinking)
+      for (const auto& o : out) reasoning += reasoning_token_count(S->tok, o.tokens);
     return {{"prompt_tokens", p}, {"completion_tokens", c}, {"total_tokens", p + c},
-            {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}}};
+            {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}},
+            {"completion_tokens_details", {{"reasoning_tokens", reasoning}}}};
   }
 
-  std::string token_str(int32_t t) const {
+  std::string token_bytes(int32_t t) const {
     try {
       return std::string(S->tok.token_bytes(t));
     } catch (...) {
       return {};
     }
   }
+  std::string token_str(int32_t t) const { return logprob_token_text(token_bytes(t)); }
 
   json chat_logprob_entries(const std::vector<TokenLogprob>& lps) const {
     json arr = json::array();
     for (const auto& lp : lps) {
       auto one = [&](int32_t t, float v) {
-        std::string s = token_str(t);
         json bytes = json::array();
-        for (unsigned char c : s) bytes.push_back(int(c));
-        return json{{"token", s}, {"logprob", v}, {"bytes", bytes}};
+        for (unsigned char c : token_bytes(t)) bytes.push_back(int(c));
+        return json{{"token", token_str(t)}, {"logprob", v}, {"bytes", bytes}};
       };
       json e = one(lp.token, lp.logprob);
       json top = json::array();
@@ -340,28 +345,24 @@ struct Gen {
     return arr;
   }
 
-  json completion_logprobs(const std::vector<TokenLogprob>& lps, size_t text_offset, bool with_prompt) const {
+  // `offsets` continues over the sample's tokens (text_offset counts characters).
+  json completion_logprobs(const std::vector<TokenLogprob>& lps, TextOffsets& offsets, bool with_prompt) const {
     json tokens = json::array(), tlp = json::array(), top = json::array(), offs = json::array();
-    size_t off = text_offset;
     if (with_prompt) {
       for (int32_t t : prompt) {
-        std::string s = token_str(t);
-        tokens.push_back(s);
+        tokens.push_back(token_str(t));
         tlp.push_back(nullptr);
         top.push_back(nullptr);
-        offs.push_back(off);
-        off += s.size();
+        offs.push_back(offsets.next(token_bytes(t)));
       }
     }
     for (const auto& lp : lps) {
-      std::string s = token_str(lp.token);
-      tokens.push_back(s);
+      tokens.push_back(token_str(lp.token));
       tlp.push_back(lp.logprob);
       json t = json::object();
       for (size_t k = 0; k < lp.top.size() && int32_t(k) < r.top_logprobs; ++k) t[token_str(lp.top[k].first)] = lp.top[k].second;
       top.push_back(t);
-      offs.push_back(off);
-      off += s.size();
+      offs.push_back(offsets.next(token_bytes(lp.token)));
     }
     return {{"tokens", tokens}, {"token_logprobs", tlp}, {"top_logprobs", top}, {"text_offset", offs}};
   }
@@ -374,7 +375,7 @@ struct Gen {
   json full_chat_response() {
     json choices = json::array();
     for (size_t i = 0; i < out.size(); ++i) {
-      ParsedMessage m = parse_completion_lenient(out[i].text, thinking);
+      ParsedMessage m = parse_completion_lenient(out[i].text, thinking, nullptr, offered_tool_names(r));
       if (!r.parallel_tool_calls && m.tool_calls.size() > 1) m.tool_calls.resize(1);
       json msg = {{"role", "assistant"}};
       msg["content"] = m.content.empty() && !m.tool_calls.empty() ? json(nullptr) : json(m.content);
@@ -399,7 +400,8 @@ struct Gen {
     for (size_t i = 0; i < out.size(); ++i) {
       std::string text = r.echo ? prompt_text + out[i].text : out[i].text;
       json c = {{"index", i}, {"text", text}, {"finish_reason", out[i].finish == FinishReason::None ? "stop" : finish_reason_name(out[i].finish)}};
-      c["logprobs"] = r.logprobs ? completion_logprobs(out[i].logprobs, 0, r.echo) : json(nullptr);
+      TextOffsets offsets;
+      c["logprobs"] = r.logprobs ? completion_logprobs(out[i].logprobs, offsets, r.echo) : json(nullptr);
       choices.push_back(c);
     }
     return {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", S->cfg.model_name},
@@ -426,7 +428,7 @@ struct Gen {
     if (ep == Endpoint::Completion) {
       if (!text.empty() || !e.logprobs.empty() || o.finish != FinishReason::None) {
         json c = {{"index", i}, {"text", text}, {"finish_reason", nullptr}};
-        c["logprobs"] = r.logprobs ? completion_logprobs(e.logprobs, o.text.size() - text.size(), false) : json(nullptr);
+        c["logprobs"] = r.logprobs ? completion_logprobs(e.logprobs, o.text_offsets, false) : json(nullptr);
         if (o.finish != FinishReason::None) c["finish_reason"] = finish_reason_name(o.finish);
         json j = chunk_base();
         j["choices"] = json::array({c});
@@ -490,7 +492,8 @@ struct Gen {
         j["choices"] = json::array({{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
       } else if (r.echo) {
         json c = {{"index", i}, {"text", prompt_text}, {"finish_reason", nullptr}};
-        c["logprobs"] = r.logprobs ? completion_logprobs({}, 0, true) : json(nullptr);
+        TextOffsets offsets;
+        c["logprobs"] = r.logprobs ? completion_logprobs({}, offsets, true) : json(nullptr);
         j["choices"] = json::array({c});
       } else {
         continue;
@@ -557,7 +560,7 @@ void HttpServer::Impl::handle_generate(Endpoint ep, const httplib::Request& req,
     }
     if (plen >= cfg.context)
       throw ApiError(400, fmt::format("This model's maximum context length is {} tokens; the prompt has {} tokens", cfg.context, plen),
-                     "messages", "invalid_request_error", "context_length_exceeded");
+                     ep == Endpoint::Chat ? "messages" : "prompt", "invalid_request_error", "context_length_exceeded");
     if (r.max_tokens_set) {
       if (plen + r.sampling.max_tokens > cfg.context)
         throw ApiError(400, fmt::format("This model's maximum context length is {} tokens. However, you requested {} tokens "
@@ -573,7 +576,8 @@ void HttpServer::Impl::handle_generate(Endpoint ep, const httplib::Request& req,
     for (auto& o : g->out)
       if (!g->forced.empty()) o.forced_dec = std::make_unique<IncrementalDecoder>(tok);
     if (ep == Endpoint::Chat)
-      for (int32_t i = 0; i < r.sampling.n; ++i) g->parsers.push_back(std::make_unique<StreamParser>(g->thinking));
+      for (int32_t i = 0; i < r.sampling.n; ++i)
+        g->parsers.push_back(std::make_unique<StreamParser>(g->thinking, offered_tool_names(r)));
     g->tool_calls_seen.assign(size_t(r.sampling.n), 0);
     g->id = (ep == Endpoint::Chat ? "chatcmpl-" : "cmpl-") + random_hex(24);
     g->created = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();

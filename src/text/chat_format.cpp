@@ -550,13 +550,6 @@ std::string render_chat(const ojson& messages, const ojson& tools, const ChatOpt
                         const ojson& response_format) {
   if (!messages.is_array()) fail("messages must be a JSON list");
   std::vector<ojson> msgs;
-  if (truthy(tools) || !response_format.is_null()) {
-    ojson sys = {{"role", "system"}};
-    if (truthy(tools)) sys["tools"] = tools;
-    if (!response_format.is_null()) sys["response_format"] = response_format;
-    sys[kIdxKey] = -1;
-    msgs.push_back(std::move(sys));
-  }
   long i = 0;
   for (const auto& m : messages) {
     if (!m.is_object()) fail("message {}: must be a JSON object", i);
@@ -569,6 +562,18 @@ std::string render_chat(const ojson& messages, const ojson& tools, const ChatOpt
       c["content"] = flatten_list(c["content"], i);
     msgs.push_back(std::move(c));
     ++i;
+  }
+  // Request-level tools / response_format go to the leading system or developer message (they
+  // replace tools it carries itself), else into a system message inserted first.
+  if (truthy(tools) || !response_format.is_null()) {
+    std::string head = msgs.empty() ? "" : role_of(msgs.front());
+    if (head != "system" && head != "developer") {
+      ojson sys = {{"role", "system"}};
+      sys[kIdxKey] = -1;
+      msgs.insert(msgs.begin(), std::move(sys));
+    }
+    if (truthy(tools)) msgs.front()["tools"] = tools;
+    if (!response_format.is_null()) msgs.front()["response_format"] = response_format;
   }
 
   msgs = merge_consecutive_assistants(msgs);

@@ -62,9 +62,12 @@ ChatOptions chat_options_from_mode(const std::string& mode, ChatOptions base = {
 
 // Renders the prompt. `tools` (OpenAI list [{"type":"function","function":{...}}],
 // null or empty for none) and `response_format` (null for none) are request
-// level: like vLLM, a system message carrying them is inserted first (it renders
-// as the tools text alone, directly followed by the conversation's own first
-// message).
+// level: as vLLM's DeepSeek-V4 tokenizer does, they are attached to the leading
+// system or developer message (which renders "{content}\n\n## Tools ..."; they
+// replace tools that message carries itself), and only when the conversation
+// does not start with one, a system message carrying them is inserted first.
+// (In thinking mode, a leading developer message before the last user turn is
+// dropped with what it carries unless tools keep the history; see above.)
 std::string render_chat(const ojson& messages, const ojson& tools, const ChatOptions& opts,
                         const ojson& response_format = nullptr);
 

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <span>
 
 #include "text/chat_format.h"
 #include "text/pyjson.h"
@@ -26,7 +27,7 @@ struct Found {
 };
 
 // Earliest occurrence of any stop at or after `from` (first listed wins ties).
-Found find_first(std::string_view text, size_t from, std::initializer_list<std::string_view> stops) {
+Found find_first(std::string_view text, size_t from, std::span<const std::string_view> stops) {
   Found f;
   int i = 0;
   for (auto s : stops) {
@@ -38,6 +39,9 @@ Found find_first(std::string_view text, size_t from, std::initializer_list<std::
     ++i;
   }
   return f;
+}
+Found find_first(std::string_view text, size_t from, std::initializer_list<std::string_view> stops) {
+  return find_first(text, from, std::span(stops.begin(), stops.size()));
 }
 
 // _read_until_stop: returns content before the stop and advances index past it.
@@ -160,8 +164,17 @@ std::string json_string(std::string_view s) {
   return out;
 }
 
+// A parameter's value as it goes into the arguments JSON: string="true" values as JSON strings;
+// string="false" values verbatim when they are JSON (the official decoder pastes them verbatim
+// even when they are not, which makes the arguments invalid JSON), else as JSON strings.
+// (nlohmann's accept() is a non-recursive SAX pass, whatever the nesting.)
+std::string param_json(std::string_view value, bool is_string) {
+  if (!is_string && nlohmann::json::accept(value)) return std::string(value);
+  return json_string(value);
+}
+
 // Length of the longest suffix of `buf` that is a proper prefix of a marker.
-size_t partial_marker(std::string_view buf, std::initializer_list<std::string_view> markers) {
+size_t partial_marker(std::string_view buf, std::span<const std::string_view> markers) {
   size_t best = 0;
   for (auto m : markers) {
     size_t maxk = std::min(buf.size(), m.size() - 1);
@@ -174,6 +187,16 @@ size_t partial_marker(std::string_view buf, std::initializer_list<std::string_vi
   }
   return best;
 }
+size_t partial_marker(std::string_view buf, std::initializer_list<std::string_view> markers) {
+  return partial_marker(buf, std::span(markers.begin(), markers.size()));
+}
+
+// Markers that end a reasoning / content run, in tie-breaking order, with and without DSML
+// tool calls.
+const std::string_view kReasoningEnds[] = {kThinkEnd, kToolCallsStart, kEos};
+const std::string_view kReasoningEndsNoTools[] = {kThinkEnd, kEos};
+const std::string_view kContentEnds[] = {kEos, kToolCallsStart, kToolCallsBare};
+const std::string_view kContentEndsNoTools[] = {kEos};
 
 // Bytes of an incomplete UTF-8 sequence at the end of s[0, n).
 size_t incomplete_utf8_tail(std::string_view s, size_t n) {
@@ -225,7 +248,7 @@ ParsedMessage parse_completion(std::string_view text, bool thinking) {
         if (!match_param(p.content, key, is_string, value)) fail("Parameter format error: '{}'", p.content);
         for (const auto& kv : args)
           if (kv.first == key) fail("Duplicate parameter name: '{}'", key);
-        args.emplace_back(key, is_string ? json_string(value) : value);
+        args.emplace_back(key, param_json(value, is_string));
         Read after = read_until(text, index, {kParam, kInvokeEnd});
         st = after.which;
         last_stop = st == 0 ? std::string_view(kParam) : st == 1 ? std::string_view(kInvokeEnd) : "";
@@ -257,7 +280,18 @@ ParsedMessage parse_completion(std::string_view text, bool thinking) {
 // ---------------------------------------------------------------------------
 // Streaming
 
-StreamParser::StreamParser(bool thinking) : state_(thinking ? State::Reasoning : State::Content) {}
+StreamParser::StreamParser(bool thinking, ToolNames tools)
+    : state_(thinking ? State::Reasoning : State::Content),
+      tools_(std::move(tools)),
+      dsml_(!tools_ || !tools_->empty()) {}
+
+void StreamParser::keep_block_as_text() {
+  buf_.insert(0, raw_);
+  raw_.clear();
+  dsml_ = false;
+  state_ = State::Content;
+  scanned_ = 0;
+}
 
 std::vector<StreamDelta> StreamParser::feed(std::string_view bytes) {
   std::vector<StreamDelta> out;
@@ -313,12 +347,15 @@ void StreamParser::emit_text(std::vector<StreamDelta>& out, StreamDelta::Kind ki
   consume(n);
 }
 
+// A string value streams out escaped as it arrives (its quotes are pushed around it); any other
+// value is held until it is complete (`final`), then goes out through param_json.
 void StreamParser::emit_value(std::vector<StreamDelta>& out, size_t n, bool final) {
+  if (!param_is_string_ && !final) return;
   if (!final) n -= incomplete_utf8_tail(buf_, n);
   if (n == 0) return;
   std::string frag;
   if (param_is_string_) py_json_escape_append(frag, std::string_view(buf_).substr(0, n));
-  else frag = buf_.substr(0, n);
+  else frag = param_json(std::string_view(buf_).substr(0, n), false);
   push(out, StreamDelta::Kind::ToolCallArgs, std::move(frag), tool_index_);
   consume(n);
 }
@@ -335,20 +372,17 @@ bool StreamParser::step(std::vector<StreamDelta>& out, bool final) {
     case State::Content: {
       const bool reasoning = state_ == State::Reasoning;
       const K kind = reasoning ? K::Reasoning : K::Content;
-      Found f = reasoning ? find_first(b, from(kToolCallsStart.size()), {kThinkEnd, kToolCallsStart, kEos})
-                          : find_first(b, from(kToolCallsStart.size()), {kEos, kToolCallsStart, kToolCallsBare});
+      using Ends = std::span<const std::string_view>;
+      Ends ends = reasoning ? (dsml_ ? Ends(kReasoningEnds) : Ends(kReasoningEndsNoTools))
+                            : (dsml_ ? Ends(kContentEnds) : Ends(kContentEndsNoTools));
+      Found f = find_first(b, from(kToolCallsStart.size()), ends);
       if (f.which < 0) {
         scanned_ = b.size();
-        size_t hold = final ? 0
-                            : reasoning ? partial_marker(b, {kThinkEnd, kToolCallsStart, kEos})
-                                        : partial_marker(b, {kEos, kToolCallsStart, kToolCallsBare});
+        size_t hold = final ? 0 : partial_marker(b, ends);
         emit_text(out, kind, b.size() - hold, final);
         return false;
       }
-      std::string_view marker = reasoning ? std::initializer_list<std::string_view>{kThinkEnd, kToolCallsStart,
-                                                                                    kEos}.begin()[f.which]
-                                          : std::initializer_list<std::string_view>{kEos, kToolCallsStart,
-                                                                                    kToolCallsBare}.begin()[f.which];
+      std::string_view marker = ends[size_t(f.which)];
       size_t before = f.pos;
       if (before) {
         push(out, kind, buf_.substr(0, before));
@@ -363,6 +397,7 @@ bool StreamParser::step(std::vector<StreamDelta>& out, bool final) {
         buf_.clear();
       } else {
         if (reasoning && error_.empty()) error_ = "tool calls inside reasoning (missing </think>)";
+        raw_ = marker;
         state_ = State::ToolsOpen;
       }
       return true;
@@ -398,6 +433,10 @@ bool StreamParser::step(std::vector<StreamDelta>& out, bool final) {
         broken("Tool call format error: expected '>\\n'");
         return false;
       }
+      if (!after_param && f.which == 0) {  // an invoke starts: the text kept if its tool was not offered
+        if (tool_index_ >= 0) raw_ = m0;    // from the invoke tag on (the calls before it stay calls)
+        else raw_ += b.substr(0, f.pos + m0.size());  // from the block start on
+      }
       consume(f.pos + (f.which == 0 ? m0 : m1).size());
       if (after_param) {
         if (f.which == 0) {
@@ -421,6 +460,10 @@ bool StreamParser::step(std::vector<StreamDelta>& out, bool final) {
           broken("Tool name format error");
           return false;
         }
+        if (!offered(name)) {
+          keep_block_as_text();
+          return true;
+        }
         ++tool_index_;
         push(out, K::ToolCallStart, name, tool_index_);
         push(out, K::ToolCallArgs, "{}", tool_index_);
@@ -432,6 +475,10 @@ bool StreamParser::step(std::vector<StreamDelta>& out, bool final) {
       if (!match_tool_name(b.substr(0, f.pos), name)) {
         broken("Tool name format error");
         return false;
+      }
+      if (!offered(name)) {
+        keep_block_as_text();
+        return true;
       }
       ++tool_index_;
       push(out, K::ToolCallStart, name, tool_index_);
@@ -530,8 +577,8 @@ void apply_delta(ParsedMessage& msg, const StreamDelta& d) {
   }
 }
 
-ParsedMessage parse_completion_lenient(std::string_view text, bool thinking, std::string* error) {
-  StreamParser p(thinking);
+ParsedMessage parse_completion_lenient(std::string_view text, bool thinking, std::string* error, ToolNames tools) {
+  StreamParser p(thinking, std::move(tools));
   ParsedMessage msg;
   for (const auto& d : p.feed(text)) apply_delta(msg, d);
   for (const auto& d : p.finish()) apply_delta(msg, d);

@@ -34,6 +34,16 @@
 //   * malformed DSML: the tool-call block is abandoned at the fault and the
 //     rest of the text is dropped (tool calls already started stay, possibly
 //     with incomplete arguments); a duplicate parameter is passed through.
+// Deliberate differences from the official decoder, in both parsers:
+//   * a string="false" value that is not valid JSON goes into the arguments as
+//     a JSON string (the official decoder pastes it verbatim: invalid JSON).
+// Tool names (StreamParser only; the server passes the tools the request offered):
+//   * with a set of names, an invoke of any other name ends tool-call parsing:
+//     the DSML text from the start of that invoke (from the block start when it
+//     is the first) and everything after it up to EOS become content, as
+//     vLLM keeps calls to unknown tools as text;
+//   * with an empty set (no tools offered), DSML is never parsed: it is text.
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -63,9 +73,12 @@ struct StreamDelta {
   int index = -1;    // tool-call index for ToolCallStart / ToolCallArgs
 };
 
+// The tools a request offered; nullopt: any name is a tool call (the official parser).
+using ToolNames = std::optional<std::set<std::string>>;
+
 class StreamParser {
  public:
-  explicit StreamParser(bool thinking);
+  explicit StreamParser(bool thinking, ToolNames tools = std::nullopt);
   std::vector<StreamDelta> feed(std::string_view bytes);
   std::vector<StreamDelta> finish();
   bool eos_seen() const { return state_ == State::Done; }
@@ -83,6 +96,8 @@ class StreamParser {
   void push(std::vector<StreamDelta>& out, StreamDelta::Kind kind, std::string text, int index = -1);
   void broken(const std::string& why);
   void consume(size_t n);
+  bool offered(const std::string& name) const { return !tools_ || tools_->count(name) > 0; }
+  void keep_block_as_text();  // the pending DSML (raw_) and the rest become content
 
   State state_;
   std::string buf_;
@@ -92,10 +107,14 @@ class StreamParser {
   bool first_param_ = true;
   bool param_is_string_ = false;
   std::set<std::string> param_names_;
+  ToolNames tools_;
+  bool dsml_;         // DSML tool calls are parsed (false: they are text)
+  std::string raw_;   // DSML consumed since the pending block / invoke started
 };
 
 // Feeds the whole text to a StreamParser: the lenient parse (never throws).
-ParsedMessage parse_completion_lenient(std::string_view text, bool thinking, std::string* error = nullptr);
+ParsedMessage parse_completion_lenient(std::string_view text, bool thinking, std::string* error = nullptr,
+                                       ToolNames tools = std::nullopt);
 
 // Folds a delta into a message (tool calls are created by ToolCallStart).
 void apply_delta(ParsedMessage& msg, const StreamDelta& d);

@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "util/error.h"
+
 namespace dsv4 {
 
 void py_json_escape_append(std::string& out, std::string_view s) {
@@ -70,7 +72,8 @@ std::string py_float_repr(double v) {
 
 namespace {
 
-void dump(std::string& out, const ojson& v) {
+void dump(std::string& out, const ojson& v, size_t depth) {
+  if (depth > kMaxJsonDepth) fail("JSON value nested deeper than {} levels", kMaxJsonDepth);
   switch (v.type()) {
     case ojson::value_t::null: out += "null"; break;
     case ojson::value_t::boolean: out += v.get<bool>() ? "true" : "false"; break;
@@ -88,7 +91,7 @@ void dump(std::string& out, const ojson& v) {
       for (const auto& e : v) {
         if (!first) out += ", ";
         first = false;
-        dump(out, e);
+        dump(out, e, depth + 1);
       }
       out += ']';
       break;
@@ -102,7 +105,7 @@ void dump(std::string& out, const ojson& v) {
         out += '"';
         py_json_escape_append(out, it.key());
         out += "\": ";
-        dump(out, it.value());
+        dump(out, it.value(), depth + 1);
       }
       out += '}';
       break;
@@ -116,8 +119,27 @@ void dump(std::string& out, const ojson& v) {
 
 std::string py_json_dumps(const ojson& value) {
   std::string out;
-  dump(out, value);
+  dump(out, value, 1);
   return out;
+}
+
+size_t json_depth_exceeded_at(std::string_view text, size_t max_depth) {
+  size_t depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;  // skips the escaped character (a '"' or '\\' among them)
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > max_depth) return i;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return std::string_view::npos;
 }
 
 }  // namespace dsv4

@@ -26,4 +26,15 @@ void py_json_escape_append(std::string& out, std::string_view s);
 // repr(float)
 std::string py_float_repr(double v);
 
+// JSON nesting is bounded wherever untrusted JSON enters (request bodies, tool-call argument
+// strings): the walks over JSON values here and in the chat format recurse once per level.
+// py_json_dumps throws dsv4::Error on a value nested deeper than this.
+inline constexpr size_t kMaxJsonDepth = 1000;
+
+// Offset of the first '[' or '{' of `text` (JSON text, possibly malformed) that opens nesting
+// level max_depth + 1, counting brackets outside strings; npos when the nesting stays within
+// max_depth. A cheap pre-scan: run it before parsing so that no recursive walk ever sees
+// deeper values.
+size_t json_depth_exceeded_at(std::string_view text, size_t max_depth);
+
 }  // namespace dsv4

@@ -1,6 +1,7 @@
 // The HTTP server in process, against a fake Engine that emits a scripted token sequence (a
 // "fixture model": here, one that answers with DSML tool calls or reasoning).
 #include <gtest/gtest.h>
+#include <fmt/format.h>
 #include <httplib.h>
 
 #include <thread>
@@ -9,6 +10,7 @@
 #include "server/server.h"
 #include "text/tiny_tokenizer.h"
 #include "util/error.h"
+#include "util/utf8.h"
 
 using namespace dsv4;
 using namespace dsv4::server;
@@ -42,6 +44,11 @@ class FakeEngine : public Engine {
         for (size_t k = i; k < std::min(n, i + per_step_); ++k) {
           e.tokens.push_back(script_[k]);
           e.text += dec.push(script_[k]);
+          if (!alternatives_.empty()) {
+            TokenLogprob lp{script_[k], -0.5f, {{script_[k], -0.5f}}};
+            for (size_t a = 0; a < alternatives_.size(); ++a) lp.top.emplace_back(alternatives_[a], -1.0f - float(a));
+            e.logprobs.push_back(lp);
+          }
         }
         if (i + per_step_ >= n) {
           e.finish = fail_ ? FinishReason::Error : (n == script_.size() ? FinishReason::Stop : FinishReason::Length);
@@ -67,6 +74,7 @@ class FakeEngine : public Engine {
   std::vector<int32_t> script_;
   size_t per_step_;
   bool reject_ = false, fail_ = false;
+  std::vector<int32_t> alternatives_;  // non-empty: logprobs with these tokens after the chosen one
   std::chrono::milliseconds step_time_{0};
   Request last_;
   std::vector<std::thread> threads_;
@@ -100,9 +108,61 @@ const std::string kDsmlReply =
     "<｜DSML｜parameter name=\"b\" string=\"false\">2</｜DSML｜parameter>\n"
     "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>";
 
-json add_tool() {
+json add_tool(const std::string& name = "add") {
   return json::array({{{"type", "function"},
-                       {"function", {{"name", "add"}, {"parameters", {{"type", "object"}}}}}}});
+                       {"function", {{"name", name}, {"parameters", {{"type", "object"}}}}}}});
+}
+
+// The data events of an SSE body, [DONE] excluded; sets *done when it was seen.
+std::vector<json> sse_events(const std::string& body, bool* done = nullptr) {
+  std::vector<json> events;
+  size_t pos = 0;
+  while ((pos = body.find("data: ", pos)) != std::string::npos) {
+    size_t end = body.find("\n\n", pos);
+    std::string data = body.substr(pos + 6, end - pos - 6);
+    pos = end;
+    if (data == "[DONE]") {
+      if (done) *done = true;
+      continue;
+    }
+    events.push_back(json::parse(data));
+  }
+  return events;
+}
+
+// A streamed chat answer put back together.
+struct StreamedChat {
+  std::string content, reasoning, finish;
+  std::vector<std::string> names, args;
+};
+StreamedChat collect_chat(const std::string& body) {
+  StreamedChat r;
+  for (auto& j : sse_events(body)) {
+    for (auto& c : j["choices"]) {
+      auto& d = c["delta"];
+      if (d.contains("content") && d["content"].is_string()) r.content += d["content"].get<std::string>();
+      if (d.contains("reasoning_content") && d["reasoning_content"].is_string())
+        r.reasoning += d["reasoning_content"].get<std::string>();
+      if (d.contains("tool_calls"))
+        for (auto& tc : d["tool_calls"]) {
+          size_t i = tc["index"];
+          if (r.args.size() <= i) r.args.resize(i + 1), r.names.resize(i + 1);
+          if (tc["function"].contains("name")) r.names[i] = tc["function"]["name"];
+          r.args[i] += tc["function"]["arguments"].get<std::string>();
+        }
+      if (!c["finish_reason"].is_null()) r.finish = c["finish_reason"];
+    }
+  }
+  return r;
+}
+
+// Code point index -> byte offset of that character in UTF-8 `text` (text.size() past the end).
+std::vector<size_t> char_starts(const std::string& text) {
+  std::vector<size_t> starts;
+  for (size_t i = 0; i < text.size(); ++i)
+    if ((static_cast<unsigned char>(text[i]) & 0xC0) != 0x80) starts.push_back(i);
+  starts.push_back(text.size());
+  return starts;
 }
 
 }  // namespace
@@ -282,4 +342,184 @@ TEST(HttpServer, ScriptedEngineIsDeterministicAndHonoursLimits) {
   auto c = json::parse(s.post("/v1/completions", body)->body);
   EXPECT_NE(a["choices"][0]["text"], c["choices"][0]["text"]);
   eng.shutdown(false);
+}
+
+// 50,000 levels of nesting, or 30,000 inside a tool's parameters, used to overflow the stack and
+// kill the server: now a 400 naming the limit, and the server keeps serving.
+TEST(HttpServer, DeeplyNestedBodiesAreRejected) {
+  Tokenizer tok = tiny_tok();
+  FakeEngine eng(tok, tok.encode("ok"));
+  Running s(eng, tok, ServerConfig{});
+  httplib::Client c("127.0.0.1", s.port);
+  c.set_read_timeout(30, 0);
+  std::string deep = R"({"messages":[{"role":"user","content":"hi"}],"x":)" + std::string(50000, '[') +
+                     std::string(50000, ']') + "}";
+  std::string params;
+  for (int i = 0; i < 30000; ++i) params += R"({"type":"object","properties":{"p":)";
+  params += "{}";
+  for (int i = 0; i < 30000; ++i) params += "}}";
+  std::string tools = R"({"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":)"
+                      R"({"name":"f","parameters":)" + params + "}}]}";
+  for (const std::string* body : {&tools, &deep}) {
+    auto res = c.Post("/v1/chat/completions", *body, "application/json");
+    ASSERT_TRUE(res) << "the server went away";
+    EXPECT_EQ(res->status, 400);
+    auto err = json::parse(res->body)["error"];
+    EXPECT_EQ(err["type"], "invalid_request_error");
+    EXPECT_NE(err["message"].get<std::string>().find(fmt::format("nested deeper than {} levels", ParseLimits{}.max_json_depth)),
+              std::string::npos)
+        << err["message"];
+  }
+  auto ok = s.post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", "hi"}}}}});
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200);
+}
+
+// DSML from the model is a tool call only for a tool the request offered; otherwise it is text
+// (no tools at all, or an unknown name), streaming or not.
+TEST(HttpServer, DsmlForToolsNotOfferedStaysText) {
+  Tokenizer tok = tiny_tok();
+  const std::string text = kDsmlReply.substr(0, kDsmlReply.size() - kEos.size());
+  for (json tools : {json(nullptr), add_tool("multiply")}) {
+    FakeEngine eng(tok, tok.encode(kDsmlReply), 3);
+    Running s(eng, tok, ServerConfig{});
+    json body = {{"messages", {{{"role", "user"}, {"content", "1+2"}}}}};
+    if (!tools.is_null()) body["tools"] = tools;
+    auto res = s.post("/v1/chat/completions", body);
+    ASSERT_TRUE(res);
+    ASSERT_EQ(res->status, 200) << res->body;
+    auto j = json::parse(res->body);
+    auto& m = j["choices"][0]["message"];
+    EXPECT_EQ(m["content"], text) << tools;
+    EXPECT_FALSE(m.contains("tool_calls")) << tools;
+    EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+    body["stream"] = true;
+    res = s.post("/v1/chat/completions", body);
+    ASSERT_TRUE(res);
+    StreamedChat st = collect_chat(res->body);
+    EXPECT_EQ(st.content, text) << tools;
+    EXPECT_TRUE(st.names.empty()) << tools;
+    EXPECT_EQ(st.finish, "stop");
+  }
+}
+
+// A string="false" value that is not JSON becomes a JSON string: arguments are always valid JSON.
+TEST(HttpServer, NonJsonToolValueBecomesString) {
+  Tokenizer tok = tiny_tok();
+  const std::string reply =
+      "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"add\">\n"
+      "<｜DSML｜parameter name=\"days\" string=\"false\">abc</｜DSML｜parameter>\n"
+      "<｜DSML｜parameter name=\"b\" string=\"false\">[2, {\"c\": null}]</｜DSML｜parameter>\n"
+      "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>";
+  const json want = {{"days", "abc"}, {"b", json::array({2, {{"c", nullptr}}})}};
+  FakeEngine eng(tok, tok.encode(reply), 1);
+  Running s(eng, tok, ServerConfig{});
+  json body = {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"tools", add_tool()}};
+  auto res = s.post("/v1/chat/completions", body);
+  ASSERT_TRUE(res);
+  auto j = json::parse(res->body);
+  auto& calls = j["choices"][0]["message"]["tool_calls"];
+  ASSERT_EQ(calls.size(), 1u) << res->body;
+  EXPECT_EQ(json::parse(calls[0]["function"]["arguments"].get<std::string>()), want);
+  body["stream"] = true;
+  res = s.post("/v1/chat/completions", body);
+  ASSERT_TRUE(res);
+  StreamedChat st = collect_chat(res->body);
+  ASSERT_EQ(st.args.size(), 1u);
+  EXPECT_EQ(json::parse(st.args[0]), want);
+}
+
+// usage.completion_tokens_details.reasoning_tokens: the tokens before </think>.
+TEST(HttpServer, ReasoningTokensInUsage) {
+  Tokenizer tok = tiny_tok();
+  const std::string reasoning = "hmm, two and two make four";
+  FakeEngine eng(tok, tok.encode(reasoning + "</think>4<｜end▁of▁sentence｜>"), 2);
+  Running s(eng, tok, ServerConfig{});
+  json body = {{"messages", {{{"role", "user"}, {"content", "2+2"}}}}, {"thinking", {{"type", "enabled"}}}};
+  auto res = s.post("/v1/chat/completions", body);
+  ASSERT_TRUE(res);
+  auto j = json::parse(res->body);
+  EXPECT_EQ(j["choices"][0]["message"]["reasoning_content"], reasoning);
+  const size_t want = tok.encode(reasoning).size();
+  ASSERT_GT(want, 3u);
+  EXPECT_EQ(j["usage"]["completion_tokens_details"]["reasoning_tokens"], want) << j["usage"];
+  body["stream"] = true;
+  body["stream_options"] = {{"include_usage", true}};
+  res = s.post("/v1/chat/completions", body);
+  ASSERT_TRUE(res);
+  auto events = sse_events(res->body);
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back()["usage"]["completion_tokens_details"]["reasoning_tokens"], want);
+  body = {{"messages", {{{"role", "user"}, {"content", "2+2"}}}}};  // chat mode: no reasoning
+  res = s.post("/v1/chat/completions", body);
+  EXPECT_EQ(json::parse(res->body)["usage"]["completion_tokens_details"]["reasoning_tokens"], 0);
+}
+
+// Completions logprobs: text_offset counts characters; top_logprobs keeps one key per token even
+// when several are partial UTF-8 (OpenAI's "bytes:\xNN" form).
+TEST(HttpServer, CompletionLogprobsOffsetsAndKeys) {
+  Tokenizer tok = tiny_tok();
+  const std::string text = "é中x€ab";
+  std::vector<int32_t> script = tok.encode(text);
+  std::vector<int32_t> partial = tok.encode("日");  // three byte tokens, none valid UTF-8 alone
+  ASSERT_EQ(partial.size(), 3u);
+  FakeEngine eng(tok, script, 2);
+  eng.alternatives_ = partial;
+  Running s(eng, tok, ServerConfig{});
+  json body = {{"prompt", "q"}, {"max_tokens", 50}, {"logprobs", 4}};
+  auto check = [&](const json& tokens, const json& offsets, const json& tops, const std::string& what) {
+    ASSERT_EQ(tokens.size(), script.size()) << what;
+    ASSERT_EQ(offsets.size(), script.size()) << what;
+    std::vector<size_t> starts = char_starts(text);
+    size_t byte = 0;
+    for (size_t i = 0; i < script.size(); ++i) {
+      // The character at text_offset holds the token's first byte.
+      size_t off = offsets[i];
+      ASSERT_LT(off + 1, starts.size()) << what << " token " << i;
+      EXPECT_LE(starts[off], byte) << what << " token " << i;
+      EXPECT_LT(byte, starts[off + 1]) << what << " token " << i;
+      byte += tok.token_bytes(script[i]).size();
+      EXPECT_EQ(tops[i].size(), 4u) << what << " token " << i << ": " << tops[i];
+      for (auto& [key, v] : tops[i].items())
+        EXPECT_TRUE(dsv4::utf8::valid(key) && key.find("\xEF\xBF\xBD") == std::string::npos) << key;
+    }
+    EXPECT_EQ(byte, text.size());
+  };
+  auto res = s.post("/v1/completions", body);
+  ASSERT_TRUE(res);
+  auto lp = json::parse(res->body)["choices"][0]["logprobs"];
+  check(lp["tokens"], lp["text_offset"], lp["top_logprobs"], "non-streaming");
+  for (int32_t t : partial) EXPECT_TRUE(lp["top_logprobs"][0].contains(logprob_token_text(tok.token_bytes(t))));
+  EXPECT_EQ(logprob_token_text("\xE4"), "bytes:\\xe4");
+  body["stream"] = true;
+  res = s.post("/v1/completions", body);
+  ASSERT_TRUE(res);
+  json tokens = json::array(), offsets = json::array(), tops = json::array();
+  for (auto& j : sse_events(res->body))
+    for (auto& c : j["choices"])
+      if (c["logprobs"].is_object())
+        for (size_t i = 0; i < c["logprobs"]["tokens"].size(); ++i) {
+          tokens.push_back(c["logprobs"]["tokens"][i]);
+          offsets.push_back(c["logprobs"]["text_offset"][i]);
+          tops.push_back(c["logprobs"]["top_logprobs"][i]);
+        }
+  check(tokens, offsets, tops, "streaming");
+}
+
+// A prompt over the context names `prompt` on /v1/completions (`messages` on chat).
+TEST(HttpServer, ContextErrorNamesThePromptField) {
+  Tokenizer tok = tiny_tok();
+  FakeEngine eng(tok, tok.encode("abc"));
+  ServerConfig cfg;
+  cfg.context = 16;
+  Running s(eng, tok, cfg);
+  std::string long_text(200, 'z');
+  auto res = s.post("/v1/completions", {{"prompt", long_text}});
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
+  EXPECT_EQ(json::parse(res->body)["error"]["param"], "prompt");
+  EXPECT_EQ(json::parse(res->body)["error"]["code"], "context_length_exceeded");
+  res = s.post("/v1/chat/completions", {{"messages", {{{"role", "user"}, {"content", long_text}}}}});
+  ASSERT_TRUE(res);
+  EXPECT_EQ(json::parse(res->body)["error"]["param"], "messages");
 }

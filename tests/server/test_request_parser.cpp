@@ -2,6 +2,8 @@
 // and parameter.
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include "server/api.h"
 
 using namespace dsv4;
@@ -90,12 +92,92 @@ TEST(RequestParser, ThinkingShapes) {
   EXPECT_FALSE(on(R"("thinking":{"type":"disabled"},"reasoning_effort":"max")"));
   auto r = chat(std::string("{") + kMsgs + R"(,"reasoning_effort":"max"})");
   EXPECT_EQ(r.chat.reasoning_effort, "max");
-  r = chat(std::string("{") + kMsgs + R"(,"reasoning_effort":"medium","thinking":{"type":"enabled"}})");
-  EXPECT_EQ(r.chat.reasoning_effort, "high");
   expect_error(Endpoint::Chat, std::string("{") + kMsgs + R"(,"thinking":{"type":"maybe"}})", 400, "thinking.type");
-  expect_error(Endpoint::Chat, std::string("{") + kMsgs + R"(,"reasoning_effort":"ultra"})", 400, "reasoning_effort");
   expect_error(Endpoint::Chat, std::string("{") + kMsgs + R"(,"chat_template_kwargs":{"thinking":"yes"}})", 400,
                "chat_template_kwargs.thinking");
+}
+
+// vLLM's DeepSeek-V4 mapping: "none" is chat mode; minimal/low/medium -> low, high/xhigh -> high,
+// max -> max; anything else is refused with the accepted values listed.
+TEST(RequestParser, ReasoningEffortValues) {
+  auto req = [](const std::string& extra) { return chat(std::string("{") + kMsgs + "," + extra + "}"); };
+  for (const char* key : {"reasoning_effort", "chat_template_kwargs"}) {
+    auto effort = [&](const std::string& v) {
+      return std::string(key) == "reasoning_effort" ? R"("reasoning_effort":")" + v + "\""
+                                                    : R"("chat_template_kwargs":{"thinking":true,"reasoning_effort":")" + v + "\"}";
+    };
+    auto none = req(effort("none"));
+    EXPECT_EQ(none.chat.thinking, ThinkingMode::Chat) << key;
+    EXPECT_EQ(none.chat.reasoning_effort, "") << key;
+    for (const char* v : {"minimal", "low", "medium"}) {
+      EXPECT_EQ(req(effort(v)).chat.reasoning_effort, "low") << key << " " << v;
+      EXPECT_EQ(req(effort(v)).chat.thinking, ThinkingMode::Thinking) << key << " " << v;
+    }
+    for (const char* v : {"high", "xhigh"}) EXPECT_EQ(req(effort(v)).chat.reasoning_effort, "high") << key << " " << v;
+    EXPECT_EQ(req(effort("max")).chat.reasoning_effort, "max") << key;
+  }
+  expect_error(Endpoint::Chat, std::string("{") + kMsgs + R"(,"reasoning_effort":"ultra"})", 400, "reasoning_effort",
+               "none, minimal, low, medium, high, xhigh, max");
+  expect_error(Endpoint::Chat, std::string("{") + kMsgs + R"(,"chat_template_kwargs":{"reasoning_effort":"lots"}})", 400,
+               "chat_template_kwargs.reasoning_effort", "none, minimal, low, medium, high, xhigh, max");
+}
+
+// Nesting is bounded before the body is parsed: 50,000 levels anywhere, or 30,000 inside a tool's
+// parameter schema (rendered into the prompt by a recursive walk), are a 400 naming the limit.
+TEST(RequestParser, DeeplyNestedJsonIsRejected) {
+  const size_t limit = ParseLimits{}.max_json_depth;
+  auto nest = [](size_t depth, const std::string& leaf) {
+    std::string s;
+    for (size_t i = 0; i < depth; ++i) s += "{\"a\":";
+    s += leaf;
+    s.append(depth, '}');
+    return s;
+  };
+  std::string deep_array = std::string(50000, '[') + std::string(50000, ']');
+  expect_error(Endpoint::Chat, R"({"messages":[{"role":"user","content":)" + deep_array + "}]}", 400, "",
+               fmt::format("nested deeper than {} levels", limit));
+  expect_error(Endpoint::Completion, R"({"prompt":"x","extra":)" + deep_array + "}", 400, "",
+               fmt::format("nested deeper than {} levels", limit));
+  std::string tools = R"(,"tools":[{"type":"function","function":{"name":"f","parameters":)" + nest(30000, "1") + "}}]";
+  expect_error(Endpoint::Chat, std::string("{") + kMsgs + tools + "}", 400, "", "nested deeper than");
+  // Brackets inside strings do not count.
+  auto r = chat(R"({"messages":[{"role":"user","content":")" + std::string(50000, '[') + R"("}]})");
+  EXPECT_EQ(r.messages[0]["content"].get<std::string>().size(), 50000u);
+  // A schema of moderate depth is fine, and renders.
+  r = chat(std::string("{") + kMsgs + R"(,"tools":[{"type":"function","function":{"name":"f","parameters":)" +
+           nest(limit - 8, "{}") + "}}]}");
+  EXPECT_NE(render_chat_prompt(r).find("## Tools"), std::string::npos);
+  // Tool-call arguments are a JSON string parsed when the prompt is rendered: bounded too.
+  std::string args = std::string(30000, '[') + std::string(30000, ']');
+  expect_error(Endpoint::Chat,
+               R"({"messages":[{"role":"assistant","tool_calls":[{"type":"function","function":{"name":"f","arguments":")" +
+                   args + R"("}}]}]})",
+               400, "messages[0].tool_calls[0].function.arguments", "nested deeper than");
+}
+
+TEST(RequestParser, StreamOptionsNeedStream) {
+  expect_error(Endpoint::Chat, std::string("{") + kMsgs + R"(,"stream_options":{"include_usage":true}})", 400,
+               "stream_options", "stream");
+  expect_error(Endpoint::Completion, R"({"prompt":"x","stream":false,"stream_options":{"include_usage":true}})", 400,
+               "stream_options", "stream");
+  EXPECT_TRUE(chat(std::string("{") + kMsgs + R"(,"stream":true,"stream_options":{"include_usage":true}})").include_usage);
+}
+
+// Text-only model: image parts are refused (not silently dropped); user content and a tool
+// message's tool_call_id are required.
+TEST(RequestParser, MessageContentChecks) {
+  expect_error(Endpoint::Chat, R"({"messages":[{"role":"user"}]})", 400, "messages[0].content", "required");
+  expect_error(Endpoint::Chat, R"({"messages":[{"role":"user","content":null}]})", 400, "messages[0].content", "required");
+  expect_error(Endpoint::Chat,
+               R"({"messages":[{"role":"user","content":[{"type":"text","text":"what is this?"},
+                   {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]})",
+               400, "messages[0].content[1].type", "text only");
+  expect_error(Endpoint::Chat, R"({"messages":[{"role":"user","content":[{"type":"text"}]}]})", 400,
+               "messages[0].content[0].text");
+  expect_error(Endpoint::Chat,
+               R"({"messages":[{"role":"user","content":"q"},{"role":"assistant","content":null,"tool_calls":[{"id":"c1",
+                   "type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","content":"42"}]})",
+               400, "messages[2].tool_call_id", "required");
 }
 
 TEST(RequestParser, ToolsAndToolChoice) {

@@ -110,6 +110,35 @@ TEST(ChatFormat, CliMatchesOfficialEncoder) {
   EXPECT_GE(n, 90);
 }
 
+// Request-level tools join the leading system/developer message ("{content}\n\n## Tools ..."),
+// exactly as if that message carried them (a path the vectors check against the encoder), and
+// replace tools it carries itself.
+TEST(ChatFormat, RequestToolsJoinTheLeadingMessage) {
+  const ojson tools = ojson::parse(R"([{"type":"function","function":{"name":"lookup","parameters":{"type":"object"}}}])");
+  const ojson other = ojson::parse(R"([{"type":"function","function":{"name":"other_tool"}}])");
+  const ojson rf = ojson::parse(R"({"type":"json_object"})");
+  for (const char* role : {"system", "developer"}) {
+    for (const char* mode : {"chat", "thinking"}) {
+      ChatOptions o = chat_options_from_mode(mode);
+      ojson plain = ojson::array({{{"role", role}, {"content", "Be brief."}}, {{"role", "user"}, {"content", "hi"}}});
+      ojson carried = plain;
+      carried[0]["tools"] = tools;
+      carried[0]["response_format"] = rf;
+      std::string got = render_chat(plain, tools, o, rf);
+      EXPECT_EQ(got, render_chat(carried, nullptr, o)) << role << " " << mode;
+      EXPECT_NE(got.find("Be brief.\n\n## Tools"), std::string::npos) << got;
+      carried[0]["tools"] = other;
+      got = render_chat(carried, tools, o);
+      EXPECT_EQ(got.find("other_tool"), std::string::npos) << role;
+      EXPECT_EQ(got.find("## Tools"), got.rfind("## Tools")) << "tools rendered twice";
+    }
+  }
+  // No leading system/developer message: a system message is inserted first.
+  ojson user_first = ojson::array({{{"role", "user"}, {"content", "hi"}}});
+  ojson with_sys = ojson::array({{{"role", "system"}, {"tools", tools}}, {{"role", "user"}, {"content", "hi"}}});
+  EXPECT_EQ(render_chat(user_first, tools, ChatOptions{}), render_chat(with_sys, nullptr, ChatOptions{}));
+}
+
 TEST(ChatFormat, ThinkingModeNames) {
   EXPECT_EQ(chat_options_from_mode("chat").thinking, ThinkingMode::Chat);
   EXPECT_EQ(chat_options_from_mode("thinking").thinking, ThinkingMode::Thinking);

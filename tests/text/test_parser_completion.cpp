@@ -21,6 +21,12 @@ struct PCase {
   ojson vec;
 };
 
+// Where dsv4 deliberately differs from the official parser (output_parser.h): case -> the
+// arguments of its tool call 0, which replace the official ones (those are not valid JSON).
+const std::map<std::string, std::string> kDeviations = {
+    {"tool_raw_not_json", R"({"x": "not json at all"})"},
+};
+
 std::vector<PCase> parse_cases() {
   std::map<std::string, ojson> texts;
   for (const auto& c : cases()["parse"]) texts[c["name"].get<std::string>()] = c;
@@ -31,6 +37,11 @@ std::vector<PCase> parse_cases() {
     p.thinking = v["thinking"];
     p.text = v.contains("text") ? v["text"].get<std::string>() : texts.at(p.name)["text"].get<std::string>();
     p.vec = v;
+    if (auto d = kDeviations.find(p.name); d != kDeviations.end()) {
+      ojson& args = p.vec["result"]["tool_calls"][0]["arguments"];
+      EXPECT_FALSE(nlohmann::json::accept(args.get<std::string>())) << p.name << ": no longer a deviation";
+      args = d->second;
+    }
     out.push_back(std::move(p));
   }
   return out;
@@ -97,6 +108,69 @@ TEST(ParserStrict, ErrorMessagesNameTheFault) {
       // "ValueError: <message>": same message text as the official parser.
       EXPECT_EQ(official.substr(official.find(": ") + 2), e.what()) << p.name;
     }
+  }
+}
+
+// Every tool call the parsers produce has valid JSON arguments: a string="false" value that is
+// not JSON becomes a JSON string; one that is JSON stays verbatim (whatever its nesting).
+TEST(ParserStream, NonJsonValuesBecomeStrings) {
+  const std::string deep = std::string(20000, '[') + std::string(20000, ']');
+  const std::string text =
+      "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"weather\">\n"
+      "<｜DSML｜parameter name=\"days\" string=\"false\">abc</｜DSML｜parameter>\n"
+      "<｜DSML｜parameter name=\"when\" string=\"false\">{\"from\": 1, \"to\": [2, 3]}</｜DSML｜parameter>\n"
+      "<｜DSML｜parameter name=\"q\" string=\"false\">\"Paris\" and</｜DSML｜parameter>\n"
+      "<｜DSML｜parameter name=\"deep\" string=\"false\">" + deep + "</｜DSML｜parameter>\n"
+      "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>";
+  const std::string want = R"({"days": "abc", "when": {"from": 1, "to": [2, 3]}, "q": "\"Paris\" and", "deep": )" + deep + "}";
+  ParsedMessage strict = parse_completion(text, false);
+  ASSERT_EQ(strict.tool_calls.size(), 1u);
+  EXPECT_EQ(strict.tool_calls[0].arguments_json, want);
+  for (size_t i = 0; i <= text.size(); i += (i < 400 ? 1 : 997)) {
+    ParsedMessage m = stream(text, false, {i}, nullptr, true);
+    ASSERT_EQ(m.tool_calls.size(), 1u) << "split at " << i;
+    ASSERT_EQ(m.tool_calls[0].arguments_json, want) << "split at " << i;
+  }
+}
+
+// Tool names: DSML is a call only for an offered tool. Not offered: from the invoke on (from the
+// block start when it is the first) the text is content; no tools at all: DSML is never parsed.
+TEST(ParserStream, CallsOnlyToOfferedTools) {
+  const std::string call_get = "<｜DSML｜invoke name=\"get\">\n<｜DSML｜parameter name=\"k\" string=\"true\">v</｜DSML｜parameter>\n</｜DSML｜invoke>\n";
+  const std::string call_rm = "<｜DSML｜invoke name=\"rm\">\n<｜DSML｜parameter name=\"p\" string=\"true\">/</｜DSML｜parameter>\n</｜DSML｜invoke>\n";
+  const std::string head = "\n\n<｜DSML｜tool_calls>\n";
+  const std::string tail = "</｜DSML｜tool_calls>";
+  const std::string eos(kEos);
+  struct Case {
+    std::string text;
+    bool thinking;
+    ToolNames tools;
+    std::string content;
+    std::vector<std::string> names;
+  };
+  const std::vector<Case> cases = {
+      {"c" + head + call_get + tail + eos, false, ToolNames{{"get"}}, "c", {"get"}},
+      {"c" + head + call_get + tail + eos, false, std::nullopt, "c", {"get"}},
+      {"c" + head + call_get + tail + eos, false, ToolNames{{"other"}}, "c" + head + call_get + tail, {}},
+      {"c" + head + call_get + tail + eos, false, ToolNames{std::set<std::string>{}}, "c" + head + call_get + tail, {}},
+      {"r</think>c" + head + call_get + tail + eos, true, ToolNames{std::set<std::string>{}}, "c" + head + call_get + tail, {}},
+      {"c" + head + call_get + call_rm + tail + eos, false, ToolNames{{"get"}}, "c" + call_rm + tail, {"get"}},
+      {"c" + head + call_rm + call_get + tail + eos, false, ToolNames{{"get"}}, "c" + head + call_rm + call_get + tail, {}},
+  };
+  for (const auto& c : cases) {
+    for (size_t i = 0; i <= c.text.size(); ++i) {
+      StreamParser p(c.thinking, c.tools);
+      ParsedMessage m;
+      for (const auto& d : p.feed(std::string_view(c.text).substr(0, i))) apply_delta(m, d);
+      for (const auto& d : p.feed(std::string_view(c.text).substr(i))) apply_delta(m, d);
+      for (const auto& d : p.finish()) apply_delta(m, d);
+      ASSERT_EQ(m.content, c.content) << c.text << " split at " << i;
+      std::vector<std::string> names;
+      for (const auto& t : m.tool_calls) names.push_back(t.name);
+      ASSERT_EQ(names, c.names) << c.text << " split at " << i;
+      EXPECT_TRUE(p.eos_seen());
+    }
+    EXPECT_EQ(parse_completion_lenient(c.text, c.thinking, nullptr, c.tools).content, c.content);
   }
 }
 

@@ -255,14 +255,19 @@ describe('dsv4 serve with the openai client', () => {
       assert.equal(m.reasoning_content, 'Let me think: 2+2.', JSON.stringify(extra));
       assert.equal(m.content, 'It is 4.');
       assert.equal(r.choices[0].finish_reason, 'stop');
+      // The reasoning's tokens: some, and fewer than all (the answer and </think> are not).
+      const rt = r.usage.completion_tokens_details.reasoning_tokens;
+      assert.ok(rt > 0 && rt < r.usage.completion_tokens - 1, JSON.stringify(r.usage));
     }
-    // Thinking off (default and explicit): the same text is all content, no reasoning field.
-    for (const extra of [{}, { thinking: { type: 'disabled' } }, { chat_template_kwargs: { thinking: false } }]) {
+    // Thinking off (default, explicit, reasoning_effort "none"): the same text is all content.
+    for (const extra of [{}, { thinking: { type: 'disabled' } }, { chat_template_kwargs: { thinking: false } },
+      { reasoning_effort: 'none' }]) {
       const r = await client.chat.completions.create({
         model, messages: [{ role: 'user', content: '2+2?' }], dsv4_forced_output: 'It is 4.<｜end▁of▁sentence｜>', ...extra,
       });
-      assert.equal(r.choices[0].message.content, 'It is 4.');
+      assert.equal(r.choices[0].message.content, 'It is 4.', JSON.stringify(extra));
       assert.equal(r.choices[0].message.reasoning_content, undefined);
+      assert.equal(r.usage.completion_tokens_details.reasoning_tokens, 0);
     }
     const stream = await client.chat.completions.create({
       model, messages: [{ role: 'user', content: '2+2?' }], dsv4_forced_output: out, stream: true, thinking: { type: 'enabled' },
@@ -290,6 +295,50 @@ describe('dsv4 serve with the openai client', () => {
     });
     assert.ok(jo.usage.prompt_tokens > plain.usage.prompt_tokens);
     assert.ok(js.usage.prompt_tokens > jo.usage.prompt_tokens);
+  });
+
+  it('refuses what it cannot honour, naming the field', async () => {
+    const refused = async (body, param, needle) => {
+      await assert.rejects(client.chat.completions.create({ model, max_tokens: 1, ...body }), (e) => {
+        assert.equal(e.status, 400);
+        assert.equal(e.param, param, e.message);
+        assert.ok(e.message.includes(needle), e.message);
+        return true;
+      });
+    };
+    // Text-only model: an image part is an error, not silently dropped.
+    await refused({ messages: [{ role: 'user', content: [{ type: 'text', text: 'what is it?' },
+      { type: 'image_url', image_url: { url: 'data:image/png;base64,iVBORw0KGgo=' } }] }] },
+    'messages[0].content[1].type', 'text only');
+    await refused({ messages: [{ role: 'user', content: 'x' }], stream_options: { include_usage: true } },
+      'stream_options', 'stream');
+    await refused({ messages: [{ role: 'user', content: 'x' }], reasoning_effort: 'extreme' },
+      'reasoning_effort', 'none, minimal, low, medium, high, xhigh, max');
+    await refused({ messages: [{ role: 'user', content: 'x' }, { role: 'assistant', content: null,
+      tool_calls: [{ id: 'c1', type: 'function', function: { name: 'get_time', arguments: '{}' } }] },
+    { role: 'tool', content: '12:00' }] }, 'messages[2].tool_call_id', 'required');
+    // Deep nesting (it used to overflow the stack and kill the server).
+    const params = '{"p":'.repeat(30000) + '{}' + '}'.repeat(30000);
+    const res = await fetch(`${srv.url}/chat/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: `{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":${params}}}]}`,
+    });
+    assert.equal(res.status, 400);
+    assert.match((await res.json()).error.message, /nested deeper than \d+ levels/);
+    assert.equal((await fetch(`${srv.base}/health`)).status, 200);
+  });
+
+  it('DSML for a tool the request did not offer stays text', async () => {
+    const out = dsml([['get_time', { tz: 'UTC' }]]);
+    for (const tools of [undefined, [TOOLS[0]]]) {
+      const r = await client.chat.completions.create({
+        model, messages: [{ role: 'user', content: 'time?' }], tools, dsv4_forced_output: out,
+      });
+      const m = r.choices[0].message;
+      assert.equal(m.tool_calls, undefined, JSON.stringify(m));
+      assert.ok(m.content.includes('invoke name="get_time"'), m.content);
+      assert.equal(r.choices[0].finish_reason, 'stop');
+    }
   });
 
   it('errors have OpenAI shape and status', async () => {
