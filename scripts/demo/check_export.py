@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Binds scripts/demo/train.py's PyTorch model to the engine: reads an exported checkpoint back
+(its own safetensors reader and dequantisation), checks that it holds exactly the trained model
+(state.pt with the training-time quantisation), and compares this forward pass (main logits and
+MTP draft logits) with `dsv4 logits` on the CPU reference.
+
+Usage: python3 scripts/demo/check_export.py --run OUT_DIR_OF_TRAIN --dsv4 build/dsv4 [--len 200]
+Exits non-zero when any check fails.
+"""
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train  # noqa: E402
+
+
+def read_checkpoint(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8: 8 + n])
+    raw = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        raw[name] = (info["dtype"], info["shape"], np.frombuffer(data[8 + n + a: 8 + n + b], np.uint8))
+    out = {}
+    for name, (dt, shape, buf) in raw.items():
+        if name.endswith(".scale"):
+            continue
+        if dt == "F8_E4M3":
+            s = raw[name[: -len(".weight")] + ".scale"]
+            e = s[2].astype(np.int64).reshape(s[1]) - 127
+            full = np.repeat(np.repeat(np.ldexp(1.0, e), 128, 0), 128, 1)[: shape[0], : shape[1]]
+            v = train.e4m3_decode(buf.reshape(shape)) * full
+        elif dt == "I8":
+            s = raw[name[: -len(".weight")] + ".scale"]
+            e = s[2].astype(np.int64).reshape(s[1]) - 127
+            b = buf.reshape(shape).astype(np.int64)
+            nib = np.stack([b & 15, b >> 4], -1).reshape(shape[0], shape[1] * 2)
+            table = np.array(train.E2M1 + [-x for x in train.E2M1])
+            v = table[nib] * np.repeat(np.ldexp(1.0, e), 32, 1)
+        elif dt == "BF16":
+            v = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        elif dt == "F32":
+            v = buf.view("<f4").reshape(shape)
+        elif dt == "I64":
+            out[name] = torch.from_numpy(buf.view("<i8").reshape(shape).copy())
+            continue
+        else:
+            raise SystemExit(f"{name}: unexpected dtype {dt}")
+        out[name] = torch.from_numpy(np.asarray(v, np.float32).copy())
+    return out, {k: v[0] for k, v in raw.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--run", required=True, help="train.py --out directory (model/ and state.pt)")
+    ap.add_argument("--dsv4", default="build/dsv4")
+    ap.add_argument("--len", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--tol", type=float, default=2e-3, help="max |diff| relative to max |logit|")
+    ap.add_argument("--randomize", action="store_true",
+                    help="first replace every trained value by a random one of a typical size (sinks, biases, "
+                         "ape, mHC and norm weights included) and export that: exercises every tensor")
+    args = ap.parse_args()
+    mdir = os.path.join(args.run, "model")
+    if args.randomize:
+        with open(os.path.join(mdir, "config.json")) as f:
+            cj = json.load(f)
+        m = train.Model(train.Cfg(cj), 0)
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+                elif name.endswith("norm.weight"):
+                    p.copy_(1 + 0.25 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            for name, b in m.named_buffers():
+                if name.endswith(".bias"):
+                    b.copy_(0.3 * torch.randn(b.shape, generator=g))
+        rnd = tempfile.mkdtemp(prefix="demo_rand_")
+        train.export(m, cj, os.path.join(mdir, "tokenizer.json"), os.path.join(rnd, "model"))
+        torch.save(m.state_dict(), os.path.join(rnd, "state.pt"))
+        args.run, mdir = rnd, os.path.join(rnd, "model")
+    with open(os.path.join(mdir, "config.json")) as f:
+        cj = json.load(f)
+    cfg = train.Cfg(cj)
+    sd, dtypes = read_checkpoint(os.path.join(mdir, "model.safetensors"))
+    counts = {}
+    for d in dtypes.values():
+        counts[d] = counts.get(d, 0) + 1
+    print(f"checkpoint: {len(dtypes)} tensors {counts}")
+    model = train.Model(cfg, 0)
+    res = model.load_state_dict(sd, strict=True)
+    model.eval()
+    ok = True
+    if os.path.exists(os.path.join(args.run, "state.pt")):
+        trained = train.Model(cfg, 0)
+        trained.load_state_dict(torch.load(os.path.join(args.run, "state.pt")), strict=True)
+        trained.eval()
+    else:
+        trained = None
+    rng = np.random.default_rng(args.seed)
+    toks = [cj["bos_token_id"]] + [int(x) for x in rng.integers(2, cfg.V, args.len - 1)]
+    x = torch.tensor([toks])
+    with torch.no_grad():
+        logits, ml = model(x, qat=False)
+        if trained is not None:
+            l2, m2 = trained(x, qat=True)
+            d = float((l2 - logits).abs().max())
+            dm = float((m2 - ml).abs().max())
+            print(f"export fidelity: trained (QAT forward) vs checkpoint: logits max diff {d:.3e}, MTP {dm:.3e}")
+            ok &= d <= 1e-4 * float(logits.abs().max()) and dm <= 1e-4 * float(ml.abs().max())
+    with tempfile.TemporaryDirectory() as tmp:
+        for mtp in (False, True):
+            out = os.path.join(tmp, "l.npy")
+            cmd = [args.dsv4, "logits", "--model", mdir, "--tokens", ",".join(map(str, toks)), "--out", out]
+            if mtp:
+                cmd.append("--mtp")
+            subprocess.run(cmd, check=True)
+            got = torch.from_numpy(np.load(out))
+            want = (ml if mtp else logits)[0]
+            d = float((got - want).abs().max())
+            scale = float(want.abs().max())
+            agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+            print(f"{'MTP ' if mtp else 'main'} logits: dsv4 (C++ CPU) vs PyTorch: max |diff| {d:.3e} "
+                  f"(max |logit| {scale:.2f}), argmax agreement {agree:.4f}")
+            ok &= d <= args.tol * scale and agree >= 0.99
+    print("CHECK PASSED" if ok else "CHECK FAILED")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
