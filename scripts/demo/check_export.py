@@ -10,7 +10,6 @@ Exits non-zero when any check fails.
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -20,46 +19,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
-
-
-def read_checkpoint(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8: 8 + n])
-    raw = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        raw[name] = (info["dtype"], info["shape"], np.frombuffer(data[8 + n + a: 8 + n + b], np.uint8))
-    out = {}
-    for name, (dt, shape, buf) in raw.items():
-        if name.endswith(".scale"):
-            continue
-        if dt == "F8_E4M3":
-            s = raw[name[: -len(".weight")] + ".scale"]
-            e = s[2].astype(np.int64).reshape(s[1]) - 127
-            full = np.repeat(np.repeat(np.ldexp(1.0, e), 128, 0), 128, 1)[: shape[0], : shape[1]]
-            v = train.e4m3_decode(buf.reshape(shape)) * full
-        elif dt == "I8":
-            s = raw[name[: -len(".weight")] + ".scale"]
-            e = s[2].astype(np.int64).reshape(s[1]) - 127
-            b = buf.reshape(shape).astype(np.int64)
-            nib = np.stack([b & 15, b >> 4], -1).reshape(shape[0], shape[1] * 2)
-            table = np.array(train.E2M1 + [-x for x in train.E2M1])
-            v = table[nib] * np.repeat(np.ldexp(1.0, e), 32, 1)
-        elif dt == "BF16":
-            v = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        elif dt == "F32":
-            v = buf.view("<f4").reshape(shape)
-        elif dt == "I64":
-            out[name] = torch.from_numpy(buf.view("<i8").reshape(shape).copy())
-            continue
-        else:
-            raise SystemExit(f"{name}: unexpected dtype {dt}")
-        out[name] = torch.from_numpy(np.asarray(v, np.float32).copy())
-    return out, {k: v[0] for k, v in raw.items()}
 
 
 def main():
@@ -97,7 +56,7 @@ def main():
     with open(os.path.join(mdir, "config.json")) as f:
         cj = json.load(f)
     cfg = train.Cfg(cj)
-    sd, dtypes = read_checkpoint(os.path.join(mdir, "model.safetensors"))
+    sd, dtypes = train.read_checkpoint(os.path.join(mdir, "model.safetensors"))
     counts = {}
     for d in dtypes.values():
         counts[d] = counts.get(d, 0) + 1

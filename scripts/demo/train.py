@@ -520,6 +520,46 @@ def e2m1_codes(x):
     return code | ((x < 0) & (code > 0)).astype(np.int64) << 3
 
 
+def read_checkpoint(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8: 8 + n])
+    raw = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        raw[name] = (info["dtype"], info["shape"], np.frombuffer(data[8 + n + a: 8 + n + b], np.uint8))
+    out = {}
+    for name, (dt, shape, buf) in raw.items():
+        if name.endswith(".scale"):
+            continue
+        if dt == "F8_E4M3":
+            s = raw[name[: -len(".weight")] + ".scale"]
+            e = s[2].astype(np.int64).reshape(s[1]) - 127
+            full = np.repeat(np.repeat(np.ldexp(1.0, e), 128, 0), 128, 1)[: shape[0], : shape[1]]
+            v = e4m3_decode(buf.reshape(shape)) * full
+        elif dt == "I8":
+            s = raw[name[: -len(".weight")] + ".scale"]
+            e = s[2].astype(np.int64).reshape(s[1]) - 127
+            b = buf.reshape(shape).astype(np.int64)
+            nib = np.stack([b & 15, b >> 4], -1).reshape(shape[0], shape[1] * 2)
+            table = np.array(E2M1 + [-x for x in E2M1])
+            v = table[nib] * np.repeat(np.ldexp(1.0, e), 32, 1)
+        elif dt == "BF16":
+            v = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        elif dt == "F32":
+            v = buf.view("<f4").reshape(shape)
+        elif dt == "I64":
+            out[name] = torch.from_numpy(buf.view("<i8").reshape(shape).copy())
+            continue
+        else:
+            raise SystemExit(f"{name}: unexpected dtype {dt}")
+        out[name] = torch.from_numpy(np.asarray(v, np.float32).copy())
+    return out, {k: v[0] for k, v in raw.items()}
+
+
 def bf16_bytes(t):
     return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
@@ -659,18 +699,19 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--steps", type=int, default=0, help="0: as many as fit in --time-budget (measured)")
     ap.add_argument("--time-budget", type=float, default=360.0, help="seconds of training when --steps is 0")
-    ap.add_argument("--max-steps", type=int, default=6000)
+    ap.add_argument("--max-steps", type=int, default=2500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--wd", type=float, default=0.1)
-    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     ap.add_argument("--indexer-weight", type=float, default=1.0)
     ap.add_argument("--bias-rate", type=float, default=1e-3)
     ap.add_argument("--chat-frac", type=float, default=0.1)
     ap.add_argument("--qat-start", type=float, default=0.2, help="fraction of steps before QAT is on")
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--save-state", action="store_true", help="also write state.pt (float32 parameters)")
     ap.add_argument("--small", action="store_true", help="toy sizes for a local smoke test")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -792,11 +833,24 @@ def main():
     model.cpu()
     n = export(model, cfg_json, tok_path, model_dir)
     log(f"exported {n} tensors to {model_dir} ({os.path.getsize(os.path.join(model_dir, 'model.safetensors'))} bytes)")
-    torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(args.out, "state.pt"))
+    # read the file back (own reader) and check it holds exactly the trained model
+    back = Model(cfg, 0)
+    back.load_state_dict(read_checkpoint(os.path.join(model_dir, "model.safetensors"))[0], strict=True)
+    back.eval()
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(test_segs[:2].astype(np.int64))
+        a, am = model(x, qat=True)
+        b, bm = back(x, qat=False)
+    fidelity = {"logits_max_abs_diff": float((a - b).abs().max()), "mtp_max_abs_diff": float((am - bm).abs().max()),
+                "logits_max_abs": float(a.abs().max())}
+    log(f"export read back: trained (QAT forward) vs checkpoint forward: {fidelity}")
+    if args.save_state:
+        torch.save(model.state_dict(), os.path.join(args.out, "state.pt"))
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"command": "python " + " ".join(sys.argv), "steps": step, "train_seconds": train_s,
                    "best_step": best[2], "valid": res_valid, "test": res_test, "unigram_ppl_test": uni,
-                   "history": history, "config": cfg_json}, f, indent=1)
+                   "history": history, "export_fidelity": fidelity, "config": cfg_json}, f, indent=1)
 
 
 if __name__ == "__main__":
