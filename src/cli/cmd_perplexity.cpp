@@ -86,7 +86,7 @@ void register_perplexity(CLI::App& app, Action& action) {
         Tensor lg = model.forward(st, toks, o->mtp ? &X : nullptr);
         logits.resize(size_t(T * V));
         be.download(lg, logits.data());
-        std::vector<int32_t> main_arg(size_t(T));
+        std::vector<int32_t> main_arg(static_cast<size_t>(T));
         for (int64_t t = 0; t < T; ++t) {
           auto [lp, arg] = score_row(logits.data() + t * V, V, t + 1 < T ? toks[size_t(t + 1)] : 0);
           main_arg[size_t(t)] = arg;
