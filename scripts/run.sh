@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, build, run. With no model given, a built-in tiny
-# random model on CPU.
+# The main job on a fresh machine: install, build, run. With no model given, the committed demo
+# model models/demo-brown (a small DeepSeek-V4 trained on the Brown corpus, docs/DEMO_MODEL.md) on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh

@@ -4,6 +4,7 @@
 #include <mutex>
 
 #include "cli/commands.h"
+#include "cli/demo_model.h"
 #include "engine/llm_engine.h"
 #include "text/chat_format.h"
 #include "util/error.h"
@@ -20,8 +21,9 @@ void register_generate(CLI::App& app, Action& action) {
   };
   auto o = std::make_shared<Opts>();
   auto* cmd = app.add_subcommand("generate", "Generate a completion for one prompt with the serving engine");
-  cmd->add_option("--model", o->model, "Model directory (default: the built-in tiny demo model)");
-  cmd->add_option("--demo-preset", o->demo_preset, "Preset of the demo model without --model");
+  cmd->add_option("--model", o->model, "Model directory (default: the committed demo model, models/demo-brown)");
+  auto* preset_opt = cmd->add_option("--demo-preset", o->demo_preset,
+                                     "Without --model: a random make-tiny preset instead of the trained demo model");
   cmd->add_option("--prompt", o->prompt, "The user message (or, with --raw, the prompt text)")->required();
   cmd->add_flag("--raw", o->raw, "Feed the prompt text as is, without the chat format");
   cmd->add_option("--mode", o->mode, "Chat mode: chat | thinking | max");
@@ -43,9 +45,11 @@ void register_generate(CLI::App& app, Action& action) {
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
       ->check(CLI::IsMember({"exact", "fp8"}));
   cmd->add_flag("--usage", o->show_usage, "Print token usage to stderr at the end");
-  cmd->callback([o, &action] {
-    action = [o] {
-      auto lm = o->model.empty() ? LoadedModel::demo(o->demo_preset) : LoadedModel::load(o->model, o->backend);
+  cmd->callback([o, preset_opt, &action] {
+    const bool random_demo = o->model.empty() && (preset_opt->count() > 0 || default_demo_model_dir().empty());
+    action = [o, random_demo] {
+      auto lm = random_demo ? LoadedModel::demo(o->demo_preset)
+                            : LoadedModel::load(o->model.empty() ? default_demo_model_dir() : o->model, o->backend);
       if (!lm->tokenizer) fail("--model: {} has no tokenizer.json", o->model);
       lm->model->set_fp8_activations(o->gemm == "fp8");
       std::vector<int32_t> prompt;

@@ -19,6 +19,7 @@
 #include "text/tokenizer.h"
 #include "util/error.h"
 #include "util/log.h"
+#include "cli/demo_model.h"
 
 namespace dsv4::cli {
 
@@ -41,6 +42,7 @@ struct ServeOpts {
   double shutdown_timeout = 30;
   double step_ms = 1;
   bool test_hooks = false;
+  bool trained_demo = false;  // no --model: the committed demo model (models/demo-brown)
 };
 
 // The loaded model: tokenizer, context and the engine serving it.
@@ -75,7 +77,7 @@ Loaded load(const ServeOpts& o) {
     ec.kv_fp8 = o.kv == "fp8";
     ec.log_startup = true;
     L.context = o.max_model_len > 0 ? o.max_model_len : lm->config().max_position_embeddings;
-    L.name = o.model.empty() ? "dsv4-demo" : lm->name;
+    L.name = o.model.empty() || o.trained_demo ? "dsv4-demo" : lm->name;
     bar.advance(1);
     L.engine = make_engine(ec, lm);
     L.engine_kind = "model";
@@ -131,7 +133,10 @@ int serve(const ServeOpts& o) {
 
   if (o.tp > 1) fail("--tp: {} GPUs requested; this engine runs one device per server (use --tp 1)", o.tp);
   Loaded L = load(o);
-  if (o.model.empty()) {
+  if (o.trained_demo) {
+    log_info("dsv4 serve: no --model given: serving the demo model {} (a small DeepSeek-V4 trained on the Brown "
+             "corpus, docs/DEMO_MODEL.md): it writes English-like text, it does not follow instructions", o.model);
+  } else if (o.model.empty()) {
     log_info("dsv4 serve: no --model given: serving the built-in demo model (preset '{}', random weights); "
              "its output is RANDOM TEXT, not a language model's answer", o.demo_preset);
   }
@@ -204,7 +209,9 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--max-body-bytes", o->max_body_bytes, "Largest request body accepted (413 above)")->capture_default_str();
   cmd->add_option("--http-threads", o->http_threads, "HTTP worker threads (concurrent connections)")->capture_default_str()->check(CLI::Range(4, 65536));
   cmd->add_option("--shutdown-timeout", o->shutdown_timeout, "Seconds to let in-flight requests finish on SIGINT/SIGTERM")->capture_default_str();
-  cmd->add_option("--demo-preset", o->demo_preset, "make-tiny preset of the demo model")->capture_default_str();
+  auto* preset_opt = cmd->add_option("--demo-preset", o->demo_preset,
+                                     "Without --model: serve a random make-tiny preset instead of the trained demo model")
+                         ->capture_default_str();
   cmd->add_option("--engine", o->engine, "auto | model | scripted (deterministic fake tokens, for HTTP-layer tests)")
       ->capture_default_str()->check(CLI::IsMember({"auto", "model", "scripted"}));
   cmd->add_option("--backend", o->backend, "Backend for --model: cpu | cuda")->capture_default_str();
@@ -217,7 +224,13 @@ void register_serve(CLI::App& app, Action& action) {
       ->check(CLI::IsMember({"f32", "fp8"}));
   cmd->add_option("--scripted-step-ms", o->step_ms, "Step time of the scripted engine (ms)")->capture_default_str();
   cmd->add_flag("--enable-test-hooks", o->test_hooks, "Honour the test-only request field dsv4_forced_output");
-  cmd->callback([o, &action] { action = [o] { return serve(*o); }; });
+  cmd->callback([o, preset_opt, &action] {
+    if (o->model.empty() && o->engine != "scripted" && preset_opt->count() == 0) {
+      o->model = default_demo_model_dir();
+      o->trained_demo = !o->model.empty();
+    }
+    action = [o] { return serve(*o); };
+  });
 }
 
 }  // namespace dsv4::cli

@@ -17,5 +17,6 @@ void register_serve(CLI::App& app, Action& action);
 void register_bench(CLI::App& app, Action& action);
 void register_bench_model(CLI::App& app, Action& action);  // dsv4 bench model (cmd_bench_model.cpp)
 void register_generate(CLI::App& app, Action& action);  // dsv4 generate (cmd_generate.cpp)
+void register_perplexity(CLI::App& app, Action& action);  // dsv4 perplexity (cmd_perplexity.cpp)
 
 }  // namespace dsv4::cli

@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   dsv4::cli::register_bench(app, action);
   dsv4::cli::register_bench_model(app, action);
   dsv4::cli::register_generate(app, action);
+  dsv4::cli::register_perplexity(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

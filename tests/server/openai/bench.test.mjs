@@ -9,7 +9,7 @@ import { startServer, BINARY, metric } from './helpers.mjs';
 
 describe('dsv4 bench serve', () => {
   let srv;
-  before(async () => { srv = await startServer([], { timeoutMs: 120000 }); });
+  before(async () => { srv = await startServer(['--demo-preset', 'tiny'], { timeoutMs: 120000 }); });
   after(async () => { assert.equal((await srv.stop()).code, 0); });
 
   it('concurrency sweep writes JSON, CSV and an SVG plot', async () => {

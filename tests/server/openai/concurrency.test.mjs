@@ -39,7 +39,7 @@ describe('concurrency', () => {
   let srv;
   let client;
   before(async () => {
-    srv = await startServer(['--engine', 'model', '--max-running-requests', '64'], { timeoutMs: 120000 });
+    srv = await startServer(['--engine', 'model', '--demo-preset', 'tiny', '--max-running-requests', '64'], { timeoutMs: 120000 });
     client = new OpenAI({ baseURL: srv.url, apiKey: 'x', maxRetries: 0, timeout: 300000 });
   });
   after(async () => { assert.equal((await srv.stop()).code, 0); });

@@ -9,7 +9,7 @@ describe('real engine + tiny demo model', () => {
   let srv;
   let client;
   before(async () => {
-    srv = await startServer(['--engine', 'model', '--enable-test-hooks'], { timeoutMs: 120000 });
+    srv = await startServer(['--engine', 'model', '--demo-preset', 'tiny', '--enable-test-hooks'], { timeoutMs: 120000 });
     client = new OpenAI({ baseURL: srv.url, apiKey: 'x', maxRetries: 0, timeout: 300000 });
   });
   after(async () => {
