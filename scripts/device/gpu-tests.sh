@@ -4,6 +4,8 @@
 # full-width random-model benchmark. Logs go to $OUT (gpu-tests.log, bench.log).
 #   run: bash scripts/device/gpu-tests.sh   (carry: [".deps"])
 # Env: BENCH_LAYERS (default 30), BENCH_ARGS (extra), SKIP_BENCH=1, SKIP_TESTS=1, JOBS (16),
+#      SERVE_SWEEP=1 (serving throughput at concurrency SWEEP, default 1,32, of the `small` preset on
+#      CUDA: scripts/bench/serve-sweep.sh; log serve-sweep.log),
 #      CTEST_ARGS (extra ctest arguments, e.g. '-R fp8' for a subset).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -68,6 +70,13 @@ fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   ./build-gpu/dsv4 bench model --random --layers "${BENCH_LAYERS:-30}" --batch 1,8,64 --ctx 1024,8192 ${BENCH_ARGS:-} \
     2>&1 | tee "$OUT/bench.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+fi
+if [ "${SERVE_SWEEP:-0}" = 1 ]; then
+  ./build-gpu/dsv4 make-tiny --preset small --out /tmp/dsv4-small >/dev/null && \
+  DSV4=build-gpu/dsv4 SWEEP=${SWEEP:-1,32} SERVE_ARGS="--model /tmp/dsv4-small --backend cuda" \
+    BENCH_ARGS="--input-len 128 --output-len 64 --num-prompts 64" OUT_JSON="$OUT/serve-sweep.json" \
+    bash scripts/bench/serve-sweep.sh 2>&1 | tee "$OUT/serve-sweep.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
 fi
 echo "== done rc=$rc"

@@ -271,7 +271,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     for (int64_t S : seq_counts) {
       const int64_t B = 256, per_seq = (C + steps + 2 + B - 1) / B;
       StateManager mgr(model, B, S * (per_seq + 1), S, 0, kv_fp8 ? KvFormat::FP8 : KvFormat::F32);
-      std::vector<StateManager::Seq> seqs(size_t(S));
+      std::vector<StateManager::Seq> seqs(static_cast<size_t>(S));
       seqs[0] = mgr.acquire();
       if (!mgr.reserve(seqs[0], C + steps + 2)) fail("bench: state pool too small");
       prefill(seqs[0].st, tok);
@@ -279,7 +279,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
         if (!mgr.fork(seqs[0], seqs[size_t(i)]) || !mgr.reserve(seqs[size_t(i)], C + steps + 2))
           fail("bench: state pool too small");
       std::vector<double> v;
-      std::vector<int32_t> t(size_t(S));
+      std::vector<int32_t> t(static_cast<size_t>(S));
       for (int s = 0; s <= steps; ++s) {
         std::vector<ForwardSeq> batch;
         for (int64_t i = 0; i < S; ++i) {

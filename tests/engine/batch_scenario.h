@@ -107,18 +107,4 @@ inline BatchScenario run_batch_scenario(Model& model, Model& ref, KvFormat kv, u
   return out;
 }
 
-// Worst |a - b| of a row over the row's max |b| (the logit scale); NaN counts as infinite.
-inline float worst_row_error(const std::vector<float>& a, const std::vector<float>& b, int64_t V) {
-  float worst = 0;
-  for (size_t r = 0; r * size_t(V) < b.size(); ++r) {
-    float err = 0, scale = 0;
-    for (size_t i = r * size_t(V); i < (r + 1) * size_t(V); ++i) {
-      err = std::isnan(a[i]) || std::isnan(b[i]) ? INFINITY : std::max(err, std::fabs(a[i] - b[i]));
-      scale = std::max(scale, std::fabs(b[i]));
-    }
-    worst = std::max(worst, err / scale);
-  }
-  return worst;
-}
-
 }  // namespace dsv4::test

@@ -1,6 +1,7 @@
 // Paged sequence state: accounting and exactness of the paged forward pass.
 #include <gtest/gtest.h>
 
+#include "../model/agreement.h"
 #include "batch_scenario.h"
 #include "engine/state_manager.h"
 #include "engine_test_util.h"
@@ -180,7 +181,7 @@ TEST(EngineState, MixedBatchEqualsEachSequenceAlone) {
       const test::BatchScenario r = test::run_batch_scenario(batched, alone, kv, 5);
       ASSERT_EQ(r.batched.size(), r.alone.size());
       EXPECT_GT(r.rows, 8 + 8);
-      const float worst = test::worst_row_error(r.batched, r.alone, gm.config().vocab_size);
+      const float worst = test::agree(r.alone, r.batched, gm.config().vocab_size).worst_rel;
       std::printf("[batch] %s kv=%s rows=%lld worst_rel=%.3e\n", preset.c_str(), kv_format_name(kv), (long long)r.rows,
                   worst);
       EXPECT_LE(worst, 1e-5f);
