@@ -4,6 +4,7 @@
 // Activations are F32 (index lists I32, packed KV rows U8); weights are the checkpoint's own tensors.
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -51,6 +52,11 @@ class Backend {
   virtual void fill(const Tensor& t, float value) = 0;
   virtual void copy(const Tensor& src, const Tensor& dst) = 0;    // same numel
   virtual void synchronize() {}
+  // Device backends: the device memory free now, and the size of the arena that activations and
+  // state tensors are allocated from (before its first allocation; the engine sizes it for its
+  // state pool). Host backends have neither.
+  virtual std::optional<size_t> device_free_bytes() { return std::nullopt; }
+  virtual void set_arena_bytes(size_t) {}
   // Called once by Model's constructor: a device backend uploads every weight tensor here
   // (the CPU backend reads the mmapped checkpoint directly and does nothing).
   virtual void prepare_weights(const ModelWeights&) {}

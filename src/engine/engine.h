@@ -11,7 +11,32 @@
 #include <string>
 #include <vector>
 
+#include "util/error.h"
+
 namespace dsv4 {
+
+// Why an engine refused a request in submit(): the server maps the kind to an HTTP status and
+// an OpenAI error code, and `param` to the error's param field, without reading the message.
+class EngineError : public Error {
+ public:
+  enum class Kind {
+    InvalidRequest,  // a parameter is out of range or malformed (param names it)
+    ContextLength,   // prompt + max_tokens exceed the context or the state pool
+    Unavailable,     // shutting down
+  };
+  EngineError(Kind kind, std::string param, const std::string& msg)
+      : Error(msg), kind(kind), param(std::move(param)) {}
+  Kind kind;
+  std::string param;
+};
+
+// Throws EngineError(kind, param, "<param>: <message>").
+template <class... Args>
+[[noreturn]] void reject(EngineError::Kind kind, const std::string& param, fmt::format_string<Args...> f,
+                         Args&&... args) {
+  const std::string what = fmt::format(f, std::forward<Args>(args)...);
+  throw EngineError(kind, param, param.empty() ? what : param + ": " + what);
+}
 
 struct SamplingParams {
   float temperature = 1.0f;  // 0: greedy

@@ -14,9 +14,6 @@
 #include <thread>
 #include <unordered_map>
 
-#ifdef DSV4_HAVE_CUDA
-#include "backend/cuda/cuda_backend.h"
-#endif
 #include "engine/model_runner.h"
 #include "engine/sampler.h"
 #include "engine/state_manager.h"
@@ -114,24 +111,21 @@ using Clock = std::chrono::steady_clock;
 // itself (the backend default, at most 8 GiB, is meant for activations alone): arena = state +
 // headroom, headroom = min(8 GiB, usable / 2) for activations, state = --kv-memory or the rest
 // of usable. Why: a pool sized from free memory alone would starve the activations (or not fit).
-int64_t state_budget(const EngineConfig& cfg, [[maybe_unused]] Backend& be) {
-#ifdef DSV4_HAVE_CUDA
-  if (be.name() == "cuda") {
-    const size_t free_b = cuda_device_info(0).free_bytes;  // LoadedModel::load uses device 0
-    const size_t usable = size_t(cfg.gpu_memory_utilization * double(free_b));
+int64_t state_budget(const EngineConfig& cfg, Backend& be) {
+  if (const std::optional<size_t> free_b = be.device_free_bytes()) {
+    const size_t usable = size_t(cfg.gpu_memory_utilization * double(*free_b));
     const size_t headroom = std::min<size_t>(size_t(8) << 30, usable / 2);
     size_t state = usable - headroom;
     if (cfg.kv_memory_bytes > 0) {
       state = size_t(cfg.kv_memory_bytes);
-      if (state + headroom > free_b)
+      if (state + headroom > *free_b)
         fail("--kv-memory: {} bytes of state plus {} bytes of activation headroom exceed the {} bytes free on the "
              "device",
-             state, headroom, free_b);
+             state, headroom, *free_b);
     }
-    cuda_set_arena_bytes(be, state + headroom);
+    be.set_arena_bytes(state + headroom);
     return int64_t(state);
   }
-#endif
   return cfg.kv_memory_bytes > 0 ? cfg.kv_memory_bytes : int64_t(256) << 20;
 }
 
@@ -224,41 +218,42 @@ class EngineImpl final : public LLMEngine {
   int64_t block_bytes() const override { return mgr_->layout().block_bytes; }
 
   std::string submit(Request req, EventSink sink) override {
+    using Kind = EngineError::Kind;
     const ModelConfig& mc = lm_->config();
     const SamplingParams& sp = req.sampling;
-    if (req.prompt.empty()) fail("prompt: the prompt is empty");
+    if (req.prompt.empty()) reject(Kind::InvalidRequest, "prompt", "the prompt is empty");
     for (size_t i = 0; i < req.prompt.size(); ++i)
       if (req.prompt[i] < 0 || req.prompt[i] >= mc.vocab_size)
-        fail("prompt: token id {} at position {} is out of range (vocab size {})", req.prompt[i], i, mc.vocab_size);
-    if (sp.n < 1) fail("n: must be at least 1, got {}", sp.n);
+        reject(Kind::InvalidRequest, "prompt", "token id {} at position {} is out of range (vocab size {})", req.prompt[i], i, mc.vocab_size);
+    if (sp.n < 1) reject(Kind::InvalidRequest, "n", "must be at least 1, got {}", sp.n);
     if (sp.n > cfg_.max_running_requests)
-      fail("n: {} samples exceed --max-running-requests ({})", sp.n, cfg_.max_running_requests);
-    if (sp.max_tokens < 1) fail("max_tokens: must be at least 1, got {}", sp.max_tokens);
-    if (!(sp.temperature >= 0)) fail("temperature: must be >= 0, got {}", sp.temperature);
-    if (!(sp.top_p > 0 && sp.top_p <= 1)) fail("top_p: must be in (0, 1], got {}", sp.top_p);
-    if (sp.top_k < 0 && sp.top_k != -1) fail("top_k: must be >= 0 (or -1 for off), got {}", sp.top_k);
-    if (!(sp.min_p >= 0 && sp.min_p <= 1)) fail("min_p: must be in [0, 1], got {}", sp.min_p);
-    if (!(sp.repetition_penalty > 0)) fail("repetition_penalty: must be > 0, got {}", sp.repetition_penalty);
-    if (sp.logprobs > 20) fail("logprobs: at most 20 alternatives, got {}", sp.logprobs);
+      reject(Kind::InvalidRequest, "n", "{} samples exceed --max-running-requests ({})", sp.n, cfg_.max_running_requests);
+    if (sp.max_tokens < 1) reject(Kind::InvalidRequest, "max_tokens", "must be at least 1, got {}", sp.max_tokens);
+    if (!(sp.temperature >= 0)) reject(Kind::InvalidRequest, "temperature", "must be >= 0, got {}", sp.temperature);
+    if (!(sp.top_p > 0 && sp.top_p <= 1)) reject(Kind::InvalidRequest, "top_p", "must be in (0, 1], got {}", sp.top_p);
+    if (sp.top_k < 0 && sp.top_k != -1) reject(Kind::InvalidRequest, "top_k", "must be >= 0 (or -1 for off), got {}", sp.top_k);
+    if (!(sp.min_p >= 0 && sp.min_p <= 1)) reject(Kind::InvalidRequest, "min_p", "must be in [0, 1], got {}", sp.min_p);
+    if (!(sp.repetition_penalty > 0)) reject(Kind::InvalidRequest, "repetition_penalty", "must be > 0, got {}", sp.repetition_penalty);
+    if (sp.logprobs > 20) reject(Kind::InvalidRequest, "logprobs", "at most 20 alternatives, got {}", sp.logprobs);
     for (int32_t t : sp.stop_token_ids)
-      if (t < 0 || t >= mc.vocab_size) fail("stop_token_ids: {} is out of range (vocab size {})", t, mc.vocab_size);
+      if (t < 0 || t >= mc.vocab_size) reject(Kind::InvalidRequest, "stop_token_ids", "{} is out of range (vocab size {})", t, mc.vocab_size);
     for (const auto& s : sp.stop)
-      if (s.empty()) fail("stop: stop strings must not be empty");
-    if (!sp.stop.empty() && !lm_->tokenizer) fail("stop: stop strings need a tokenizer (the model has none)");
+      if (s.empty()) reject(Kind::InvalidRequest, "stop", "stop strings must not be empty");
+    if (!sp.stop.empty() && !lm_->tokenizer) reject(Kind::InvalidRequest, "stop", "stop strings need a tokenizer (the model has none)");
     const int64_t P = int64_t(req.prompt.size());
     if (P >= max_model_len_)
-      fail("prompt: {} tokens do not fit the context of {} tokens (--max-model-len)", P, max_model_len_);
+      reject(Kind::ContextLength, "prompt", "{} tokens do not fit the context of {} tokens (--max-model-len)", P, max_model_len_);
     const int64_t total = std::min<int64_t>(P + sp.max_tokens, max_model_len_);
     if (total > capacity_tokens_)
-      fail("prompt: the request needs state for {} tokens ({} prompt + {} max_tokens) but the whole pool holds {} "
+      reject(Kind::ContextLength, "prompt", "the request needs state for {} tokens ({} prompt + {} max_tokens) but the whole pool holds {} "
            "tokens (raise --kv-memory)",
            total, P, sp.max_tokens, capacity_tokens_);
     auto rec = std::make_unique<RequestRec>();
     rec->sink = std::move(sink);
     std::unique_lock lk(mu_);
-    if (stopping_) fail("engine: shutting down, not accepting requests");
+    if (stopping_) reject(Kind::Unavailable, "", "engine: shutting down, not accepting requests");
     if (req.id.empty()) req.id = fmt::format("req-{}", next_id_++);
-    if (ids_.count(req.id)) fail("request id '{}' is already in flight", req.id);
+    if (ids_.count(req.id)) reject(Kind::InvalidRequest, "", "request id '{}' is already in flight", req.id);
     ids_.insert(req.id);
     rec->req = std::move(req);
     rec->arrival = next_arrival_++;

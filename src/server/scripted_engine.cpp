@@ -52,19 +52,19 @@ ScriptedEngine::~ScriptedEngine() { shutdown(false); }
 
 std::string ScriptedEngine::submit(Request req, EventSink sink) {
   const SamplingParams& s = req.sampling;
-  if (req.prompt.empty()) fail("prompt: must not be empty");
+  if (req.prompt.empty()) reject(EngineError::Kind::InvalidRequest, "prompt", "must not be empty");
   if (int64_t(req.prompt.size()) + s.max_tokens > opts_.context)
-    fail("max_tokens: prompt ({} tokens) + max_tokens ({}) exceeds the context ({})", req.prompt.size(), s.max_tokens,
+    reject(EngineError::Kind::ContextLength, "max_tokens", "prompt ({} tokens) + max_tokens ({}) exceeds the context ({})", req.prompt.size(), s.max_tokens,
          opts_.context);
-  if (s.n < 1) fail("n: must be >= 1");
+  if (s.n < 1) reject(EngineError::Kind::InvalidRequest, "n", "must be >= 1");
   for (int32_t t : req.prompt)
-    if (!tok_.contains(t)) fail("prompt: token id {} is not in the vocabulary", t);
+    if (!tok_.contains(t)) reject(EngineError::Kind::InvalidRequest, "prompt", "token id {} is not in the vocabulary", t);
   auto live = std::make_shared<Live>();
   uint64_t h = 0xcbf29ce484222325ull;
   for (int32_t t : req.prompt) h = (h ^ uint32_t(t)) * 0x100000001b3ull;
   live->prompt_hash = h;
   std::lock_guard<std::mutex> lk(mu_);
-  if (!accepting_) fail("engine: shutting down");
+  if (!accepting_) reject(EngineError::Kind::Unavailable, "", "engine: shutting down");
   if (req.id.empty()) req.id = "req-" + std::to_string(++next_id_);
   live->seed = s.seed ? *s.seed : (s.temperature == 0 ? 0 : mix(++next_id_, 77));
   live->req = std::move(req);

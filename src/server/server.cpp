@@ -595,12 +595,10 @@ void HttpServer::Impl::handle_generate(Endpoint ep, const httplib::Request& req,
           l->cv.notify_all();
         }
       });
-    } catch (const ApiError&) {
-      throw;
-    } catch (const std::exception& e) {
-      std::string msg = e.what();
-      bool ctx = msg.find("context") != std::string::npos || msg.find("max_tokens") != std::string::npos;
-      throw ApiError(draining ? 503 : 400, msg, "", "", ctx ? "context_length_exceeded" : "");
+    } catch (const EngineError& e) {
+      const bool gone = draining || e.kind == EngineError::Kind::Unavailable;
+      throw ApiError(gone ? 503 : 400, e.what(), e.param, "",
+                     e.kind == EngineError::Kind::ContextLength ? "context_length_exceeded" : "");
     }
   } catch (const ApiError& e) {
     count(epname, e.status == 401 ? "unauthorized" : "rejected");

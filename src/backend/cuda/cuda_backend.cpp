@@ -310,7 +310,13 @@ class CudaBackend final : public Backend {
 
   size_t arena_peak() const { return arena_ ? arena_->peak() : 0; }
   void set_fp8_gemm(CudaOptions::Fp8Gemm path) { opts_.fp8_gemm = path; }
-  void set_arena_bytes(size_t bytes) {
+  std::optional<size_t> device_free_bytes() override {
+    size_t free_b = 0, total = 0;
+    DSV4_CK(cudaSetDevice(device_));
+    DSV4_CK(cudaMemGetInfo(&free_b, &total));
+    return free_b;
+  }
+  void set_arena_bytes(size_t bytes) override {
     if (arena_) fail("CUDA backend: the activation arena already exists ({} bytes); size it before the first allocation", arena_->size());
     opts_.arena_bytes = bytes;
   }
@@ -807,7 +813,6 @@ void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, u
 
 size_t cuda_arena_peak(Backend& be) { return as_cuda(be).arena_peak(); }
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path) { as_cuda(be).set_fp8_gemm(path); }
-void cuda_set_arena_bytes(Backend& be, size_t bytes) { as_cuda(be).set_arena_bytes(bytes); }
 
 CudaDeviceInfo cuda_device_info(int device) {
   CudaDeviceInfo d;

@@ -41,9 +41,6 @@ struct CudaDeviceInfo {
 CudaDeviceInfo cuda_device_info(int device);
 size_t cuda_arena_peak(Backend& be);  // bytes of the activation arena ever in use at once
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path);  // benchmarks compare the paths
-// Sets CudaOptions::arena_bytes after construction (the engine sizes the arena for its state
-// pool plus activations); fails once the arena exists (it is created by the first allocation).
-void cuda_set_arena_bytes(Backend& be, size_t bytes);
 
 // Median milliseconds of cuBLASLt BF16 x BF16 -> FP32 (FP32 accumulate) for y[M,N] = x[M,K] W[N,K]^T.
 double cublaslt_bf16_gemm_ms(int64_t M, int64_t N, int64_t K, int reps);
