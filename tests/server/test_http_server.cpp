@@ -31,7 +31,7 @@ class FakeEngine : public Engine {
     for (auto& t : threads_) t.join();
   }
   std::string submit(Request req, EventSink sink) override {
-    if (reject_) throw Error("engine: rejected for the test");
+    if (reject_) reject(EngineError::Kind::InvalidRequest, "prompt", "rejected for the test");
     last_ = req;
     std::string id = req.id.empty() ? "fake" : req.id;
     threads_.emplace_back([this, id, req, sink] {
@@ -252,6 +252,7 @@ TEST(HttpServer, EngineRejectionAndFailure) {
   ASSERT_TRUE(res);
   EXPECT_EQ(res->status, 400);
   EXPECT_NE(res->body.find("rejected for the test"), std::string::npos);
+  EXPECT_EQ(json::parse(res->body)["error"]["param"], "prompt");  // the engine's typed field, not a parsed string
   eng.reject_ = false;
   eng.fail_ = true;
   res = s.post("/v1/completions", {{"prompt", "x"}});
