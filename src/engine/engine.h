@@ -95,6 +95,7 @@ struct EngineMetrics {
   int64_t waiting = 0, running = 0;
   int64_t blocks_total = 0, blocks_free = 0, blocks_cached = 0;
   int64_t capacity_tokens = 0;
+  int64_t max_model_len = 0;  // longest sequence accepted: the model's context clamped to the pool
   double prefix_hit_rate = 0;  // cached prompt tokens / prompt tokens
   int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
   int64_t requests_finished = 0, requests_aborted = 0, preemptions = 0;

@@ -197,8 +197,13 @@ class EngineImpl final : public LLMEngine {
     runner_ = std::make_unique<ModelRunner>(model);
     capacity_tokens_ = plan.num_blocks * B;
     device_sampling_ = cfg_.device_sampling.value_or(model.backend().name() != "cpu");
-    max_model_len_ = cfg_.max_model_len > 0 ? cfg_.max_model_len : mc.max_position_embeddings;
-    if (max_model_len_ <= 0) max_model_len_ = capacity_tokens_;
+    // A sequence cannot outgrow the state pool: the context is what the model allows, clamped to
+    // what the pool holds, so longer requests are refused at submit rather than failing part-way.
+    const int64_t asked = cfg_.max_model_len > 0 ? cfg_.max_model_len : mc.max_position_embeddings;
+    max_model_len_ = asked > 0 ? std::min(asked, capacity_tokens_) : capacity_tokens_;
+    if (cfg_.log_startup && max_model_len_ < asked)
+      log_info("engine: max model length {} tokens: the state pool holds {} tokens ({} asked; raise --kv-memory or "
+               "--gpu-memory-utilization for more)", max_model_len_, capacity_tokens_, asked);
     eos_.insert(int32_t(mc.eos_token_id));
     if (lm_->tokenizer)
       if (auto e = lm_->tokenizer->eos_id()) eos_.insert(*e);
@@ -724,6 +729,7 @@ class EngineImpl final : public LLMEngine {
     m.blocks_free = mgr_->free_blocks();
     m.blocks_cached = mgr_->evictable_blocks();
     m.capacity_tokens = capacity_tokens_;
+    m.max_model_len = max_model_len_;
     m.prompt_tokens_total = prompt_tokens_total_;
     m.generation_tokens_total = generation_tokens_total_;
     m.prefix_hit_rate = prompt_tokens_total_ ? double(cached_prompt_tokens_total_) / double(prompt_tokens_total_) : 0;

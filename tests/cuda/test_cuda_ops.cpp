@@ -1,6 +1,6 @@
 // test-backend-ops style: every Backend op on the CUDA backend against the FP32 CPU reference,
 // random inputs, several shapes including the real model's (hidden 4096, 64 heads x 512, q_lora
-// 1024, 256 experts top-6, window 128, CSA 4 / HCA 128, index_topk 512, up to 64K context).
+// 1024, 256 experts top-6, window 128, CSA 4 / HCA 128, index_topk 512, index_topk up to 1M context).
 // Outputs are poisoned (NaN / -1) before each op. Tolerances are relative to max |reference|
 // and justified next to each op. Every test is skipped (not passed) without a GPU.
 #include <gtest/gtest.h>
@@ -568,10 +568,16 @@ TEST_F(CudaOps, IndexTopkPaged) {
     std::vector<Seq> seqs;
   };
   uint64_t seed = 600;
+  // 1M context: 262,144 CSA keys; 70 query rows, more than one scratch tile holds at that width
+  // (kIndexScoreBytes: 64 rows), with rows at and around K among them.
+  Seq million;
+  for (int64_t t = 0; t < 66; ++t) million.usable.push_back(262144 - t * 3001);
+  for (int64_t u : {1, 511, 512, 513}) million.usable.push_back(u);
   const std::vector<C> cases = {
-      // real widths: one query at the 16K cap, a prefill chunk crossing a block boundary
+      // real widths: one query at 64K context (16K keys), a prefill chunk crossing a block boundary
       // (usable 2047..2050 with 64-entry blocks), a short sequence (< K), a single key
       {64, 128, 64, 256, 512, {{{16384}}, {{2047, 2048, 2049, 2050}}, {{300}}, {{1}}}},
+      {16, 32, 64, 4096, 512, {million}},
       {64, 128, 16, 40, 512, {{{600, 601}}, {{33}}, {{640}}, {{17, 18, 19}}}},
       {16, 40, 4, 6, 5, {{{20, 3}}, {{5}}, {{1, 2, 3, 4, 5, 6, 7, 8}}, {{24}}}},
   };
@@ -583,7 +589,7 @@ TEST_F(CudaOps, IndexTopkPaged) {
     std::vector<int32_t> table(size_t(S * c.max_blocks));
     for (int64_t s = 0; s < S; ++s)
       for (int64_t b = 0; b < c.max_blocks; ++b) table[size_t(s * c.max_blocks + b)] = phys[size_t(s * c.max_blocks + b)];
-    table[size_t(c.max_blocks)] = table[0];
+    if (S > 1) table[size_t(c.max_blocks)] = table[0];
     auto row_of = [&](int64_t s, int64_t j) {
       return int64_t(table[size_t(s * c.max_blocks + j / c.per_block)]) * c.per_block + j % c.per_block;
     };

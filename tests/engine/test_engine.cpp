@@ -600,3 +600,22 @@ TEST(Engine, PromptLogprobsMatchWholePromptForward) {
   EXPECT_THROW(h.engine().submit(bad, {}), EngineError);  // max_tokens 0 without scoring
   expect_pool_full(h.engine());
 }
+
+// The context is clamped to what the state pool holds: a prompt that fits the model's context
+// but not the pool is refused at submit (typed, naming the prompt), before any work.
+TEST(Engine, MaxModelLenClampedToThePool) {
+  Harness h(small_blocks(8));  // 8 blocks of 16 tokens
+  EXPECT_EQ(h.engine().metrics().max_model_len, 128);
+  EXPECT_LT(128, tiny_model()->config().max_position_embeddings);
+  try {
+    h.engine().submit(greedy("long", random_prompt(130, 5), 1), {});
+    ADD_FAILURE() << "a 130-token prompt was accepted by a 128-token pool";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.kind, EngineError::Kind::ContextLength);
+    EXPECT_EQ(e.param, "prompt");
+  }
+  h.submit(greedy("fits", random_prompt(120, 6), 8));
+  h.wait();
+  EXPECT_EQ(h.output("fits").tokens.size(), 8u);
+  expect_pool_full(h.engine());
+}

@@ -2,6 +2,10 @@
 // step's fresh keys, paged compressed entries; F32 or packed production rows decoded on the fly),
 // the gated-pooling compressor (CSA overlap / HCA) over a flattened batch of sequences with
 // slot-indexed state, and the Lightning Indexer's paged scoring plus per-row top-k.
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+
 #include "backend/cuda/kv.cuh"
 
 namespace dsv4::cuda {
@@ -277,31 +281,83 @@ __device__ __forceinline__ uint32_t ordered(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Block per row: bitonic sort (descending) of (score, -j) keys in shared memory (logical j: ties
-// go to the lower j), first K kept and written as pool rows.
-__global__ void __launch_bounds__(1024) topk_kernel(IndexArgs a, int64_t P) {
-  extern __shared__ unsigned long long keys[];
-  const int64_t t = blockIdx.x, n = a.usable[t] < a.n_max ? a.usable[t] : a.n_max;
-  for (int64_t i = threadIdx.x; i < P; i += blockDim.x)
-    keys[i] = i < n ? (uint64_t(ordered(a.scores[t * a.n_max + i])) << 32) | uint64_t(0xffffffffu - uint32_t(i)) : 0ull;
+constexpr int kTopkThreads = 1024;
+
+// (ordered score, -j): unique per key, larger = better; ties of the score go to the lower j.
+__device__ __forceinline__ unsigned long long rank_key(uint32_t u, int64_t j) {
+  return (uint64_t(u) << 32) | uint64_t(0xffffffffu - uint32_t(j));
+}
+
+// Block per row, any number of keys: a radix select finds the K-th largest ordered score (four
+// passes of 8 bits, a shared histogram each), the winners are gathered (every key above it, and
+// the lowest-j keys equal to it, in j order through a block scan), then sorted descending in
+// shared memory ([P] slots, P = K rounded up to a power of two) and written as pool rows.
+__global__ void __launch_bounds__(kTopkThreads) topk_kernel(IndexArgs a, int64_t P) {
+  extern __shared__ unsigned long long picked[];
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t s_prefix, s_need, s_above;
+  using Scan = cub::BlockScan<uint32_t, kTopkThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  const int64_t t = blockIdx.x, n = a.usable[t] < a.n_max ? a.usable[t] : a.n_max, K = a.K;
+  const float* row = a.scores + t * a.n_max;
+  const bool take_all = n <= K;
+  uint32_t prefix = 0, mask = 0, need = uint32_t(K);  // winners still to find under `prefix`
+  for (int shift = 24; shift >= 0 && !take_all; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const uint32_t u = ordered(row[j]);
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xffu], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t above = 0;
+      int digit = 255;
+      for (; digit > 0 && above + hist[digit] < need; --digit) above += hist[digit];
+      s_prefix = prefix | (uint32_t(digit) << shift);
+      s_need = need - above;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+    mask |= 0xffu << shift;
+  }
+  // Keys above `prefix` fill slots [0, K - need) in any order; keys equal to it take the `need`
+  // slots after them, lowest j first.
+  if (threadIdx.x == 0) s_above = 0;
+  __syncthreads();
+  const uint32_t first_tie = uint32_t(K) - need;
+  uint32_t ties_before = 0;
+  for (int64_t base = 0; base < n; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    const uint32_t u = j < n ? ordered(row[j]) : 0u;
+    const bool above = j < n && (take_all || u > prefix), tie = j < n && !take_all && u == prefix;
+    uint32_t rank, ties;
+    Scan(scan).ExclusiveSum(tie ? 1u : 0u, rank, ties);
+    if (above) picked[atomicAdd(&s_above, 1u)] = rank_key(u, j);
+    if (tie && ties_before + rank < need) picked[first_tie + ties_before + rank] = rank_key(u, j);
+    ties_before += ties;
+    __syncthreads();  // the scan's storage is reused
+  }
+  const int64_t taken = take_all ? n : K;
+  for (int64_t i = taken + threadIdx.x; i < P; i += blockDim.x) picked[i] = 0ull;  // sorts last
   __syncthreads();
   for (int64_t k = 2; k <= P; k <<= 1)
     for (int64_t j = k >> 1; j > 0; j >>= 1) {
       for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
         const int64_t l = i ^ j;
         if (l > i) {
-          const unsigned long long x = keys[i], y = keys[l];
+          const unsigned long long x = picked[i], y = picked[l];
           if (((i & k) == 0) ? (x < y) : (x > y)) {
-            keys[i] = y;
-            keys[l] = x;
+            picked[i] = y;
+            picked[l] = x;
           }
         }
       }
       __syncthreads();
     }
-  for (int64_t i = threadIdx.x; i < a.K; i += blockDim.x)
-    a.idx[t * a.K + i] =
-        i < n ? int32_t(paged_row(a, t, int64_t(0xffffffffu - uint32_t(keys[i] & 0xffffffffu)))) : -1;
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x)
+    a.idx[t * K + i] = i < taken ? int32_t(paged_row(a, t, int64_t(0xffffffffu - uint32_t(picked[i] & 0xffffffffu)))) : -1;
 }
 
 }  // namespace
@@ -325,20 +381,31 @@ void compress(const CompressArgs& a, cudaStream_t s) {
 
 void index_topk(const IndexArgs& a, cudaStream_t s) {
   if (a.T <= 0) return;
-  if (a.n_max > 0) {
-    const size_t smem = size_t(a.H * a.d + a.H) * 4;
-    if (smem > 48 * 1024)
-      cudaFuncSetAttribute(index_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    dim3 grid(unsigned((a.n_max + 127) / 128), unsigned(a.T));
-    index_score_kernel<<<grid, 128, smem, s>>>(a);
+  int64_t P = 1;
+  while (P < a.K) P <<= 1;
+  const size_t topk_smem = size_t(P) * 8;
+  if (topk_smem > 48 * 1024)
+    cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(topk_smem));
+  const size_t score_smem = size_t(a.H * a.d + a.H) * 4;
+  if (score_smem > 48 * 1024)
+    cudaFuncSetAttribute(index_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+  // Query rows in tiles of score_rows: the scores scratch holds one tile.
+  for (int64_t t0 = 0; t0 < a.T; t0 += a.score_rows) {
+    IndexArgs b = a;
+    b.T = std::min(a.score_rows, a.T - t0);
+    b.q += t0 * a.H * a.d;
+    b.w += t0 * a.H;
+    b.query_seq += t0;
+    b.usable += t0;
+    b.idx += t0 * a.K;
+    if (b.n_max > 0) {
+      dim3 grid(unsigned((b.n_max + 127) / 128), unsigned(b.T));
+      index_score_kernel<<<grid, 128, score_smem, s>>>(b);
+      DSV4_LAUNCH_CHECK();
+    }
+    topk_kernel<<<unsigned(b.T), kTopkThreads, topk_smem, s>>>(b, P);
     DSV4_LAUNCH_CHECK();
   }
-  int64_t P = 1;
-  while (P < a.n_max) P <<= 1;
-  const size_t smem = size_t(P) * 8;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  topk_kernel<<<unsigned(a.T), 1024, smem, s>>>(a, P);
-  DSV4_LAUNCH_CHECK();
 }
 
 }  // namespace dsv4::cuda

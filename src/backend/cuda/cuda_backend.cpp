@@ -463,12 +463,13 @@ class CudaBackend final : public Backend {
     a.max_blocks = block_table.cols();
     a.per_block = per_block;
     a.n_max = a.max_blocks * per_block;
-    if (a.n_max > cuda::kTopkMaxKeys)
-      fail("index_topk: block tables of {} blocks x {} rows ({} keys) exceed the CUDA limit of {} keys", a.max_blocks,
-           per_block, a.n_max, cuda::kTopkMaxKeys);
+    if (idx.cols() > cuda::kTopkMaxK) fail("index_topk: top-{} exceeds the CUDA limit of {}", idx.cols(), cuda::kTopkMaxK);
+    if (a.n_max >= int64_t(INT32_MAX)) fail("index_topk: {} keys per sequence overflow 32-bit indices", a.n_max);
     a.query_seq = query_seq.i32();
     a.usable = usable.i32();
-    Tensor scratch = alloc({std::max<int64_t>(a.T * a.n_max, 1)}, ElemType::F32);
+    // At most kIndexScoreBytes of scores at a time (1M context: 64 query rows of 262,144 keys).
+    a.score_rows = std::clamp<int64_t>(cuda::kIndexScoreBytes / 4 / std::max<int64_t>(a.n_max, 1), 1, std::max<int64_t>(a.T, 1));
+    Tensor scratch = alloc({std::max<int64_t>(a.score_rows * a.n_max, 1)}, ElemType::F32);
     a.scores = scratch.f32();
     a.idx = idx.i32();
     a.K = idx.cols();

@@ -142,8 +142,9 @@ struct CompressArgs {
   float* entries = nullptr;
 };
 void compress(const CompressArgs& a, cudaStream_t s);
-// Backend::index_topk: scores [T, n_max] scratch (n_max = max_blocks * per_block <=
-// kTopkMaxKeys), then top-k per row into idx [T, K] as pool rows of keys [N, d].
+// Backend::index_topk: scores of score_rows query rows at a time ([score_rows, n_max] scratch,
+// n_max = max_blocks * per_block keys, any number), then the top K <= kTopkMaxK per row into
+// idx [T, K] as pool rows of keys [N, d], best first, ties to the lower logical index.
 struct IndexArgs {
   const float *q = nullptr, *w = nullptr;
   float w_scale = 1.f;
@@ -154,12 +155,13 @@ struct IndexArgs {
   int64_t max_blocks = 0, per_block = 0, n_max = 0;
   const int32_t *query_seq = nullptr, *usable = nullptr;
   float* scores = nullptr;
+  int64_t score_rows = 0;
   int32_t* idx = nullptr;
   int64_t K = 0;
 };
 void index_topk(const IndexArgs& a, cudaStream_t s);
-// Largest number of logical keys (max_blocks * per_block) index_topk can sort per row.
-constexpr int64_t kTopkMaxKeys = 16384;
+constexpr int64_t kTopkMaxK = 4096;                 // selected keys per row (the model: 512)
+constexpr int64_t kIndexScoreBytes = int64_t(64) << 20;  // the scores scratch of one call
 
 // ---- MoE family (moe.cu) -------------------------------------------------------------------
 // scoring: 0 softmax, 1 sigmoid, 2 sqrtsoftplus. tid2eid: I32 (tid_i64 = 0) or I64.
