@@ -77,12 +77,15 @@ void embed(Vec table, int64_t d, const int32_t* ids, int64_t n, float* out, cuda
 void rms_norm(const float* x, Vec w, float eps, int64_t rows, int64_t d, float* out, cudaStream_t s);
 void rope(float* x, const int32_t* pos, const float* inv_freq, int64_t T, int64_t heads, int64_t dim,
           int64_t rope_dim, bool inverse, cudaStream_t s);
+// mHC pre/head: scratch holds hc_scratch_floats(T, m, D) floats (per-chunk partial mixes).
+int64_t hc_scratch_floats(int64_t T, int64_t m, int64_t D);
 void hc_pre(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, const float* base, const float* scale,
-            int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, cudaStream_t s);
+            int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, float* scratch,
+            cudaStream_t s);
 void hc_post(const float* y, const float* X, const float* post, const float* comb, int64_t T, int64_t m, int64_t D,
              float* out, cudaStream_t s);
 void hc_head(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, const float* base, const float* scale,
-             float hc_eps, float norm_eps, float* u, cudaStream_t s);
+             float hc_eps, float norm_eps, float* u, float* scratch, cudaStream_t s);
 void gather_rows(const float* src, int64_t src_rows, int64_t d, const int32_t* rows, int64_t n, float* out,
                  cudaStream_t s);
 void broadcast_streams(const float* v, float* X, int64_t T, int64_t m, int64_t D, bool accumulate, cudaStream_t s);
@@ -201,5 +204,7 @@ void random_fill_bf16(uint16_t* x, int64_t n, int kind, float a, uint64_t seed, 
 void random_fill_bytes(uint8_t* x, int64_t n, int fmt, uint64_t seed, cudaStream_t s);  // fmt: 0 e4m3, 1 packed e2m1
 void fill_u8(uint8_t* x, int64_t n, uint8_t v, cudaStream_t s);
 void random_ids(void* x, int64_t n, bool i64, int64_t below, uint64_t seed, cudaStream_t s);
+// Holds the stream for `cycles` SM clocks (benchmarks queue timed work behind it).
+void spin(int64_t cycles, cudaStream_t s);
 
 }  // namespace dsv4::cuda
