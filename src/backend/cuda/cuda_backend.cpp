@@ -315,7 +315,7 @@ class CudaBackend final : public Backend {
     cudaEvent_t e0, e1;
     DSV4_CK(cudaEventCreate(&e0));
     DSV4_CK(cudaEventCreate(&e1));
-    cuda::spin(int64_t(20000) * (reps + 10), s_);  // ~10 us per call at ~2 GHz: longer than enqueueing it
+    cuda::spin(int64_t(100000) * (reps + 10), s_);  // ~50 us per call at ~2 GHz: longer than enqueueing it
     DSV4_CK(cudaEventRecord(e0, s_));
     for (int i = 0; i < reps; ++i) fn();
     DSV4_CK(cudaEventRecord(e1, s_));
