@@ -13,7 +13,8 @@ import sys
 def short(name):
     name = re.sub(r"\(.*$", "", name)  # parameters
     name = re.sub(r"^void ", "", name)
-    name = name.replace("dsv4::cuda::", "").replace("(anonymous namespace)::", "")
+    for ns in ("dsv4::", "cuda::", "(anonymous namespace)::", "<unnamed>::"):
+        name = name.replace(ns, "")
     return name
 
 
@@ -24,7 +25,7 @@ def main(path):
     for r in csv.DictReader(lines):
         if r.get("Metric Name") != "gpu__time_duration.sum":
             continue
-        rows.append((short(r["Kernel Name"]), float(r["Metric Value"]) / 1e3))  # ns -> us
+        rows.append((short(r["Kernel Name"]), float(r["Metric Value"].replace(",", "")) / 1e3))  # ns -> us
     starts = [i for i, (n, _) in enumerate(rows) if n.startswith("embed_kernel")]
     if not starts:
         print("no embed_kernel in the log")

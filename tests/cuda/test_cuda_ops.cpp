@@ -443,6 +443,8 @@ TEST_F(CudaOps, AttendRaggedBatch) {
       // decode (1 token, long context), prefill chunk crossing the window (start 120), a fresh
       // prompt from 0, and another decode; real widths
       {64, 512, 448, 128, 64, 512, {{1, 5000}, {9, 120}, {6, 0}, {1, 129}}},
+      // one decode token alone: 10 key tiles over 8 head-group blocks, split 10 ways
+      {64, 512, 448, 128, 64, 512, {{1, 5000}}},
       // no compressed entries (idx_b empty), window ring only
       {64, 512, 448, 128, 64, 0, {{3, 300}, {1, 7}}},
       // small shapes: partial 64-blocks (nope 72), many -1, blocks of 4 entries

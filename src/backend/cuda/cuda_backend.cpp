@@ -447,6 +447,8 @@ class CudaBackend final : public Backend {
     a.sinks = vec(sinks);
     a.scale = scale;
     a.out = out.f32();
+    Tensor scratch = alloc({cuda::attend_scratch_floats(a.T, a.H, a.d, a.Ka, a.Kb)});
+    a.scratch = scratch.f32();
     cuda::attend(a, s_);
   }
   void compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, const Tensor& seqs, int64_t ratio,

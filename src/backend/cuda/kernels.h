@@ -131,7 +131,11 @@ struct AttendArgs {
   Vec sinks;
   float scale = 1.f;
   float* out = nullptr;
+  float* scratch = nullptr;  // attend_scratch_floats(T, H, d, Ka, Kb) floats: split-K partials
 };
+// Key splits per (token, head group) block: decode (few rows) spreads the keys over the chip.
+int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb);
+int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64_t Kb);
 void attend(const AttendArgs& a, cudaStream_t s);
 // Backend::compress over S sequences (seqs [S, kSegCols] device table); state tensors hold
 // ratio rows per slot (prev_* only with overlap).

@@ -72,74 +72,107 @@ __device__ __forceinline__ void decode_chunk(const uint4& q, float* v) {
   }
 }
 
+// Activation tile in shared memory, transposed so that the warp's reads are conflict-free: a
+// lane's chunk needs E consecutive x values, which straight from global memory means lanes 64 or
+// 128 bytes apart (16-32 L1 wavefronts per float4 load: the FP8/FP4 GEMV ran at 0.3-1.2 TB/s
+// while BF16, 2 loads per chunk, reached 4 TB/s). Layout [RB][E/4][CT] float4 for CT chunks of
+// the tile: lane L reads float4 q of its chunk at consecutive 16-byte slots. 32 KB either way.
+template <int RB>
+constexpr int kGemvTileK = RB == 1 ? 8192 : 1024;
+constexpr int kGemvThreads = 256;
+template <int RB>
+constexpr size_t gemv_smem_bytes() { return size_t(RB) * kGemvTileK<RB> * sizeof(float); }
+
+// U chunks per lane, chunk c = c_lane + 32u of the tile (first chunk cb), with their scales.
+template <int FMT, bool SF32, int U>
+__device__ __forceinline__ void load_chunks(uint4 (&q)[U], float (&sc)[U], bool active, int c_lane, int ct,
+                                            const uint4* wrow, const WeightDesc& w, int64_t wr, int64_t cb) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = c_lane + u * 32;
+    if (active && c < ct) {
+      q[u] = load_stream(wrow + cb + c);
+      sc[u] = chunk_scale<FMT, SF32>(w, wr, cb + c);
+    }
+  }
+}
+
 // One warp per output feature: its weight row is streamed once and applied to up to RB
 // activation rows per pass (decode; memory bound). RB = 1 (one token) or kRB. vec: 16-byte
-// chunks (K % elements-per-chunk == 0, 16-byte aligned rows); otherwise one element per lane.
+// chunks (K % elements-per-chunk == 0, 16-byte aligned rows) with x tiles in shared memory;
+// otherwise one element per lane, x from global memory.
 template <int FMT, bool SF32, int RB>
-__global__ void __launch_bounds__(256) gemv_kernel(GemmArgs a, bool vec) {
-  constexpr int E = kChunkElems<FMT>, U = kGemvUnroll<RB>;
+__global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool vec) {
+  constexpr int E = kChunkElems<FMT>, U = kGemvUnroll<RB>, KT = kGemvTileK<RB>, CT = KT / E, Q = E / 4;
+  extern __shared__ float4 xs[];  // [RB][Q][CT]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
-  if (n >= a.N) return;
+  const bool active = n < a.N;  // inactive warps still stage x and meet the barriers
   const Problem p = problem(a);
-  const int64_t wr = p.wrow0 + n, K = a.K, nchunks = K / E;
+  const int64_t wr = p.wrow0 + (active ? n : 0), K = a.K, nchunks = K / E;
   const uint4* wrow = reinterpret_cast<const uint4*>(p.w.w) + wr * nchunks;
   for (int64_t r0 = int64_t(blockIdx.y) * RB; r0 < p.rows; r0 += int64_t(gridDim.y) * RB) {
     const int nb = int(p.rows - r0 < RB ? p.rows - r0 : RB);
-    const float* xr[RB];
-#pragma unroll
-    for (int b = 0; b < RB; ++b) xr[b] = b < nb ? x_row(a, p, r0 + b) : nullptr;
     float acc[RB];
 #pragma unroll
     for (int b = 0; b < RB; ++b) acc[b] = 0.f;
     if (vec) {
-      for (int64_t c0 = 0; c0 < nchunks; c0 += 32 * U) {
+      for (int64_t k0 = 0; k0 < K; k0 += KT) {
+        const int ct = int((K - k0 < KT ? K - k0 : KT) / E);  // chunks in this tile
+        const int64_t cb = k0 / E;                            // first chunk of the tile
         uint4 q[U] = {};
         float sc[U] = {};
+        // Weight loads first: their latency overlaps the x staging.
+        load_chunks<FMT, SF32, U>(q, sc, active, lane, ct, wrow, p.w, wr, cb);
+        __syncthreads();  // the previous tile is consumed
+        constexpr int kSlots = RB * KT / 4, kPerThread = kSlots / kGemvThreads;
+        static_assert(kSlots % kGemvThreads == 0);
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t c = c0 + u * 32 + lane;
-          if (c < nchunks) {
-            q[u] = load_stream(wrow + c);
-            sc[u] = chunk_scale<FMT, SF32>(p.w, wr, c);
-          }
+        for (int i = 0; i < kPerThread; ++i) {
+          const int slot = i * kGemvThreads + threadIdx.x, b = slot / (KT / 4), k = (slot % (KT / 4)) * 4;
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (b < nb && k < ct * E) v = *reinterpret_cast<const float4*>(x_row(a, p, r0 + b) + k0 + k);
+          xs[(b * Q + (k % E) / 4) * CT + k / E] = v;
         }
+        __syncthreads();
+        for (int c0 = 0; c0 < ct; c0 += 32 * U) {
+          if (c0 > 0) load_chunks<FMT, SF32, U>(q, sc, active, c0 + lane, ct, wrow, p.w, wr, cb);
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t c = c0 + u * 32 + lane;
-          if (c >= nchunks) continue;  // c grows with u: the rest are past the row too
-          float wv[E];
-          decode_chunk<FMT>(q[u], wv);
+          for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (!active || c >= ct) continue;
+            float wv[E];
+            decode_chunk<FMT>(q[u], wv);
 #pragma unroll
-          for (int b = 0; b < RB; ++b) {
-            if (b < nb) {
-              const float4* xp = reinterpret_cast<const float4*>(xr[b] + c * E);
-              float d = 0.f;
+            for (int b = 0; b < RB; ++b) {
+              if (b < nb) {
+                float d = 0.f;
 #pragma unroll
-              for (int e = 0; e < E / 4; ++e) {
-                const float4 xv = xp[e];
-                d = fmaf(wv[4 * e], xv.x, d);
-                d = fmaf(wv[4 * e + 1], xv.y, d);
-                d = fmaf(wv[4 * e + 2], xv.z, d);
-                d = fmaf(wv[4 * e + 3], xv.w, d);
+                for (int e = 0; e < Q; ++e) {
+                  const float4 xv = xs[(b * Q + e) * CT + c];
+                  d = fmaf(wv[4 * e], xv.x, d);
+                  d = fmaf(wv[4 * e + 1], xv.y, d);
+                  d = fmaf(wv[4 * e + 2], xv.z, d);
+                  d = fmaf(wv[4 * e + 3], xv.w, d);
+                }
+                acc[b] = fmaf(sc[u], d, acc[b]);
               }
-              acc[b] = fmaf(sc[u], d, acc[b]);
             }
           }
         }
       }
-    } else {
+    } else if (active) {
       for (int64_t k = lane; k < K; k += 32) {
         const float wv = wload1<FMT, SF32>(p.w, wr, k);
 #pragma unroll
         for (int b = 0; b < RB; ++b)
-          if (b < nb) acc[b] = fmaf(wv, xr[b][k], acc[b]);
+          if (b < nb) acc[b] = fmaf(wv, x_row(a, p, r0 + b)[k], acc[b]);
       }
     }
 #pragma unroll
     for (int b = 0; b < RB; ++b) {
       const float v = warp_sum(acc[b]);
-      if (lane == 0 && b < nb) p.y[(p.base + r0 + b) * a.ldy + n] = v;
+      if (active && lane == 0 && b < nb) p.y[(p.base + r0 + b) * a.ldy + n] = v;
     }
   }
 }
@@ -230,8 +263,8 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
       const int warps = 8;
       const int64_t gy = a.force_gemv ? 1 : (a.max_rows + kRB - 1) / kRB;
       dim3 grid(unsigned((a.N + warps - 1) / warps), unsigned(gy), unsigned(a.Z));
-      if (a.max_rows == 1) gemv_kernel<F, S, 1><<<grid, warps * 32, 0, stream>>>(a, vec);
-      else gemv_kernel<F, S, kRB><<<grid, warps * 32, 0, stream>>>(a, vec);
+      if (a.max_rows == 1) gemv_kernel<F, S, 1><<<grid, kGemvThreads, gemv_smem_bytes<1>(), stream>>>(a, vec);
+      else gemv_kernel<F, S, kRB><<<grid, kGemvThreads, gemv_smem_bytes<kRB>(), stream>>>(a, vec);
     } else {
       const bool vec = rows16 && a.K % 16 == 0;
       dim3 grid(unsigned((a.N + kBN - 1) / kBN), unsigned((a.max_rows + kBM - 1) / kBM), unsigned(a.Z));

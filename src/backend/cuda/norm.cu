@@ -56,7 +56,9 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-
 //  2. hc_finish_kernel: grid (D / kHcChunk, T); each block reduces the partials of its token (in
 //     chunk order: deterministic), recomputes the small mixing (sigmoids, Sinkhorn on M x M
 //     threads) and writes its slice of u; block 0 also writes post and comb.
-constexpr int kHcThreads = 256, kHcPerThread = 4, kHcChunk = kHcThreads * kHcPerThread;
+// One value per thread: every load of a block is in flight at once (25 for m = 4), and a decode
+// step spreads over m*D/256 blocks (64 for m = 4, D = 4096).
+constexpr int kHcThreads = 256, kHcPerThread = 1, kHcChunk = kHcThreads * kHcPerThread;
 
 int64_t hc_chunks(int64_t n) { return (n + kHcChunk - 1) / kHcChunk; }
 
@@ -106,7 +108,8 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, i
   const int tid = threadIdx.x;
   for (int j = tid; j <= MIX; j += kHcThreads) {
     float s = 0.f;
-    for (int64_t c = 0; c < chunks; ++c) s += part[(t * chunks + c) * (MIX + 1) + j];
+#pragma unroll 16
+    for (int64_t c = 0; c < chunks; ++c) s += part[(t * chunks + c) * (MIX + 1) + j];  // loads batched
     tot[j] = s;
   }
   __syncthreads();
