@@ -115,6 +115,9 @@ TEST_F(CudaOps, Linear) {
       {WeightFormat::BF16, 1, 72, 129, false, false},
       {WeightFormat::BF16, 1, 4100, 64, false, true},
       {WeightFormat::BF16, 4, 4100, 64, false, true},
+      // Short rows, several per warp (8 rows of 1 KB), with a ragged last warp and block.
+      {WeightFormat::FP8, 1, 1024, 32768 + 40, false, false},  // wq_b decode
+      {WeightFormat::FP4, 1, 2048, 20000, false, false},
   };
   uint64_t seed = 100;
   for (const auto& c : cases) {

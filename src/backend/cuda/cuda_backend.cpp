@@ -578,6 +578,7 @@ class CudaBackend final : public Backend {
       a.Z = int(zmax);
       a.zmap = active.i32();
       a.force_gemv = force_gemv;
+      a.typical_rows = (n + zmax - 1) / zmax;  // assignments over the active slices
       cuda::gemm(a, s_);
     };
     if (max_rows > 0) {

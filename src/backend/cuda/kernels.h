@@ -48,6 +48,9 @@ struct GemmArgs {
   // Use the GEMV kernel with one row-loop per warp whatever max_rows is (MoE decode: rows per
   // expert are few on average although the bound is large).
   bool force_gemv = false;
+  // Expected rows per problem (0: max_rows): the GEMV passes one activation row at a time when
+  // it is 1 (MoE decode: about one row per active expert although the bound is larger).
+  int64_t typical_rows = 0;
   // FP8 activations (act_quant output). When xq is set, x is unused and the tensor-core kernel
   // runs (FP8 or FP4 weights, K % 32 == 0, x_z_off == 0): activation row i (after x_rows) is
   // xq + i * ldxq with the scale of K-block kb at xs[kb * xs_ld + i].

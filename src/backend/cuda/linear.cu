@@ -4,6 +4,7 @@
 //    activation rows at a time (decode; memory bound);
 //  - tiled: 64x64 output tiles with the dequantised weight tile in shared memory (prefill).
 // Both also serve grouped projections and the MoE's per-expert problems (blockIdx.z).
+#include <algorithm>
 #include <cstdint>
 
 #include "backend/cuda/common.cuh"
@@ -20,12 +21,11 @@ constexpr int kRB = 8;  // activation rows per pass of the GEMV kernel
 // 32), so the scale multiplies the chunk's dot product once instead of every element.
 template <int FMT>
 constexpr int kChunkElems = FMT == kFP8 ? 16 : FMT == kFP4 ? 32 : FMT == kBF16 ? 8 : 4;
-// Chunks per lane in flight before the first use: a warp keeps up to 4 KB of its row in flight,
-// which with a few warps per SM covers HBM latency at full bandwidth (one 16-byte load per lane
-// in flight measured 0.26-0.9 TB/s). Fewer with kRB rows per pass, whose accumulators and row
-// pointers need the registers.
-template <int RB>
-constexpr int kGemvUnroll = RB == 1 ? 8 : 4;
+// Chunks per lane per load group. Groups are double-buffered: the next group's loads are in
+// flight while the current one is multiplied, so a warp keeps 2 x 4 x 16 B per lane (4 KB) in
+// flight without a gap (one 16-byte load per lane in flight measured 0.26-0.9 TB/s; eight
+// loads then math in turn, 0.5-1.7 TB/s).
+constexpr int kGemvUnroll = 4;
 
 // Weights are read once per step: no L1 allocation, so the activation rows stay in L1.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
@@ -83,47 +83,76 @@ constexpr int kGemvThreads = 256;
 template <int RB>
 constexpr size_t gemv_smem_bytes() { return size_t(RB) * kGemvTileK<RB> * sizeof(float); }
 
-// U chunks per lane, chunk c = c_lane + 32u of the tile (first chunk cb), with their scales.
+// The warp's chunk stream: rows n0 .. n0 + rows - 1 of the tile's ct chunks each, flattened
+// (g = row * ct + chunk). With rows > 1, ct % 32 == 0, so the 32 chunks of a load step share one
+// row (warp-uniform row changes).
+struct ChunkStream {
+  const uint4* w;  // weight rows as 16-byte chunks
+  int64_t nchunks, row0, cb;  // chunks per row, first weight row, first chunk of the tile
+  int ct, rows;
+};
+
+// Load group starting at flat chunk g0 + lane: U chunks 32 apart, with their scales.
 template <int FMT, bool SF32, int U>
-__device__ __forceinline__ void load_chunks(uint4 (&q)[U], float (&sc)[U], bool active, int c_lane, int ct,
-                                            const uint4* wrow, const WeightDesc& w, int64_t wr, int64_t cb) {
+__device__ __forceinline__ void load_chunks(uint4 (&q)[U], float (&sc)[U], const ChunkStream& cs, int g0, int lane,
+                                            const WeightDesc& w) {
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const int c = c_lane + u * 32;
-    if (active && c < ct) {
-      q[u] = load_stream(wrow + cb + c);
-      sc[u] = chunk_scale<FMT, SF32>(w, wr, cb + c);
+    const int gu = g0 + u * 32;  // warp-uniform
+    if (gu < cs.rows * cs.ct) {
+      const int i = gu / cs.ct, c = gu - i * cs.ct + lane;
+      if (c < cs.ct) {
+        q[u] = load_stream(cs.w + (cs.row0 + i) * cs.nchunks + cs.cb + c);
+        sc[u] = chunk_scale<FMT, SF32>(w, cs.row0 + i, cs.cb + c);
+      }
     }
   }
 }
 
-// One warp per output feature: its weight row is streamed once and applied to up to RB
+// One warp per `rpw` consecutive output features (rows per warp: 1, or more for short rows so
+// that each warp streams a few KB): each weight row is streamed once and applied to up to RB
 // activation rows per pass (decode; memory bound). RB = 1 (one token) or kRB. vec: 16-byte
 // chunks (K % elements-per-chunk == 0, 16-byte aligned rows) with x tiles in shared memory;
-// otherwise one element per lane, x from global memory.
+// otherwise one element per lane, x from global memory. rpw > 1 needs RB = 1, K <= the tile and
+// K / E % 32 == 0 (host checks).
 template <int FMT, bool SF32, int RB>
-__global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool vec) {
-  constexpr int E = kChunkElems<FMT>, U = kGemvUnroll<RB>, KT = kGemvTileK<RB>, CT = KT / E, Q = E / 4;
+__global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool vec, int rpw) {
+  constexpr int E = kChunkElems<FMT>, U = kGemvUnroll, KT = kGemvTileK<RB>, CT = KT / E, Q = E / 4;
   extern __shared__ float4 xs[];  // [RB][Q][CT]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
-  const bool active = n < a.N;  // inactive warps still stage x and meet the barriers
+  const int64_t n0 = (int64_t(blockIdx.x) * (blockDim.x >> 5) + warp) * rpw;
+  const int rows_w = int(a.N - n0 < rpw ? (a.N - n0 > 0 ? a.N - n0 : 0) : rpw);  // 0: inactive warp
+  const bool active = rows_w > 0;  // inactive warps still stage x and meet the barriers
   const Problem p = problem(a);
-  const int64_t wr = p.wrow0 + (active ? n : 0), K = a.K, nchunks = K / E;
-  const uint4* wrow = reinterpret_cast<const uint4*>(p.w.w) + wr * nchunks;
+  const int64_t K = a.K, nchunks = K / E;
   for (int64_t r0 = int64_t(blockIdx.y) * RB; r0 < p.rows; r0 += int64_t(gridDim.y) * RB) {
     const int nb = int(p.rows - r0 < RB ? p.rows - r0 : RB);
     float acc[RB];
 #pragma unroll
     for (int b = 0; b < RB; ++b) acc[b] = 0.f;
+    int cur = 0;  // the row of the warp's stream that acc belongs to
+    auto flush = [&](int i) {
+#pragma unroll
+      for (int b = 0; b < RB; ++b) {
+        const float v = warp_sum(acc[b]);
+        if (lane == 0 && b < nb) p.y[(p.base + r0 + b) * a.ldy + n0 + i] = v;
+        acc[b] = 0.f;
+      }
+    };
     if (vec) {
       for (int64_t k0 = 0; k0 < K; k0 += KT) {
-        const int ct = int((K - k0 < KT ? K - k0 : KT) / E);  // chunks in this tile
-        const int64_t cb = k0 / E;                            // first chunk of the tile
-        uint4 q[U] = {};
-        float sc[U] = {};
+        ChunkStream cs;
+        cs.w = reinterpret_cast<const uint4*>(p.w.w);
+        cs.nchunks = nchunks;
+        cs.row0 = p.wrow0 + n0;
+        cs.cb = k0 / E;
+        cs.ct = int((K - k0 < KT ? K - k0 : KT) / E);
+        cs.rows = rows_w;
+        const int G = rows_w * cs.ct;
+        uint4 q[U] = {}, qn[U] = {};
+        float sc[U] = {}, scn[U] = {};
         // Weight loads first: their latency overlaps the x staging.
-        load_chunks<FMT, SF32, U>(q, sc, active, lane, ct, wrow, p.w, wr, cb);
+        load_chunks<FMT, SF32, U>(q, sc, cs, 0, lane, p.w);
         __syncthreads();  // the previous tile is consumed
         constexpr int kSlots = RB * KT / 4, kPerThread = kSlots / kGemvThreads;
         static_assert(kSlots % kGemvThreads == 0);
@@ -131,16 +160,22 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool 
         for (int i = 0; i < kPerThread; ++i) {
           const int slot = i * kGemvThreads + threadIdx.x, b = slot / (KT / 4), k = (slot % (KT / 4)) * 4;
           float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (b < nb && k < ct * E) v = *reinterpret_cast<const float4*>(x_row(a, p, r0 + b) + k0 + k);
+          if (b < nb && k < cs.ct * E) v = *reinterpret_cast<const float4*>(x_row(a, p, r0 + b) + k0 + k);
           xs[(b * Q + (k % E) / 4) * CT + k / E] = v;
         }
         __syncthreads();
-        for (int c0 = 0; c0 < ct; c0 += 32 * U) {
-          if (c0 > 0) load_chunks<FMT, SF32, U>(q, sc, active, c0 + lane, ct, wrow, p.w, wr, cb);
+        for (int g0 = 0; g0 < G; g0 += 32 * U) {
+          if (g0 + 32 * U < G) load_chunks<FMT, SF32, U>(qn, scn, cs, g0 + 32 * U, lane, p.w);
 #pragma unroll
           for (int u = 0; u < U; ++u) {
-            const int c = c0 + u * 32 + lane;
-            if (!active || c >= ct) continue;
+            const int gu = g0 + u * 32;  // warp-uniform
+            if (gu >= G) continue;
+            const int i = gu / cs.ct, c = gu - i * cs.ct + lane;
+            if (i != cur) {  // rows > 1 only: the row is complete
+              flush(cur);
+              cur = i;
+            }
+            if (c >= cs.ct) continue;
             float wv[E];
             decode_chunk<FMT>(q[u], wv);
 #pragma unroll
@@ -159,21 +194,22 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool 
               }
             }
           }
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            q[u] = qn[u];
+            sc[u] = scn[u];
+          }
         }
       }
     } else if (active) {
-      for (int64_t k = lane; k < K; k += 32) {
-        const float wv = wload1<FMT, SF32>(p.w, wr, k);
+      for (int64_t k = lane; k < K; k += 32) {  // rpw == 1 here
+        const float wv = wload1<FMT, SF32>(p.w, p.wrow0 + n0, k);
 #pragma unroll
         for (int b = 0; b < RB; ++b)
           if (b < nb) acc[b] = fmaf(wv, x_row(a, p, r0 + b)[k], acc[b]);
       }
     }
-#pragma unroll
-    for (int b = 0; b < RB; ++b) {
-      const float v = warp_sum(acc[b]);
-      if (active && lane == 0 && b < nb) p.y[(p.base + r0 + b) * a.ldy + n] = v;
-    }
+    if (active) flush(cur);
   }
 }
 
@@ -259,12 +295,26 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
   const WeightDesc& fmt_of = a.wd;  // descs share the format of wd (the caller sets both)
   dispatch_format(fmt_of, [&]<int F, bool S>() {
     if (a.max_rows <= kGemvMaxRows || a.force_gemv) {
-      const bool vec = rows16 && a.K % kChunkElems<F> == 0;
-      const int warps = 8;
+      constexpr int E = kChunkElems<F>;
+      const bool vec = rows16 && a.K % E == 0;
+      const int warps = kGemvThreads / 32;
       const int64_t gy = a.force_gemv ? 1 : (a.max_rows + kRB - 1) / kRB;
-      dim3 grid(unsigned((a.N + warps - 1) / warps), unsigned(gy), unsigned(a.Z));
-      if (a.max_rows == 1) gemv_kernel<F, S, 1><<<grid, kGemvThreads, gemv_smem_bytes<1>(), stream>>>(a, vec);
-      else gemv_kernel<F, S, kRB><<<grid, kGemvThreads, gemv_smem_bytes<kRB>(), stream>>>(a, vec);
+      // One activation row per pass when that is the expected count (one token; MoE slices
+      // with about one row per expert); larger counts share each weight pass among kRB rows.
+      const bool one = (a.typical_rows ? a.typical_rows : a.max_rows) == 1;
+      // Rows per warp: short rows (under 8 KB) are grouped so that a warp streams ~8 KB, while
+      // keeping at least 16 warps per SM of work (132 SMs).
+      int rpw = 1;
+      const int64_t nchunks = a.K / E;
+      if (one && vec && a.K <= kGemvTileK<1> && nchunks % 32 == 0) {
+        const int64_t by_bytes = std::max<int64_t>(1, 512 / nchunks);  // 512 chunks = 8 KB
+        const int64_t by_occupancy = std::max<int64_t>(1, a.N * a.Z / (132 * 16));
+        rpw = int(std::min<int64_t>({by_bytes, by_occupancy, 8}));
+      }
+      const int64_t per_block = int64_t(warps) * rpw;
+      dim3 grid(unsigned((a.N + per_block - 1) / per_block), unsigned(gy), unsigned(a.Z));
+      if (one) gemv_kernel<F, S, 1><<<grid, kGemvThreads, gemv_smem_bytes<1>(), stream>>>(a, vec, rpw);
+      else gemv_kernel<F, S, kRB><<<grid, kGemvThreads, gemv_smem_bytes<kRB>(), stream>>>(a, vec, 1);
     } else {
       const bool vec = rows16 && a.K % 16 == 0;
       dim3 grid(unsigned((a.N + kBN - 1) / kBN), unsigned((a.max_rows + kBM - 1) / kBM), unsigned(a.Z));

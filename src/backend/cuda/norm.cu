@@ -119,7 +119,20 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, i
     pre[tid] = sigmoidf_(scale[0] * (tot[tid] * rs) + base[tid]) + hc_eps;
     if (SINKHORN && writer) post[t * M + tid] = 2.f * sigmoidf_(scale[1] * (tot[M + tid] * rs) + base[M + tid]);
   }
+  __syncthreads();
+  const float* x = X + t * M * D;
+#pragma unroll
+  for (int e = 0; e < kHcPerThread; ++e) {
+    const int64_t d = int64_t(blockIdx.x) * kHcChunk + e * kHcThreads + tid;
+    if (d >= D) continue;
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < M; ++q) s += pre[q] * x[q * D + d];
+    u[t * D + d] = s;
+  }
+  // Only block 0 writes comb: the others are done (u does not wait for the Sinkhorn passes).
   if constexpr (SINKHORN) {
+    if (!writer) return;
     // Thread i = j*M + k owns C[j][k]; sums run in the CPU twin's order (k, resp. j ascending).
     // M*M <= 32: warp 0 alone, ordered by __syncwarp; larger M: the whole block.
     constexpr bool kOneWarp = M * M <= 32;
@@ -158,19 +171,8 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, i
         if (owner) C[tid] = c = c / (s + hc_eps);
         sync();
       }
-      if (owner && writer) comb[t * M * M + tid] = c;
+      if (owner) comb[t * M * M + tid] = c;
     }
-  }
-  __syncthreads();
-  const float* x = X + t * M * D;
-#pragma unroll
-  for (int e = 0; e < kHcPerThread; ++e) {
-    const int64_t d = int64_t(blockIdx.x) * kHcChunk + e * kHcThreads + tid;
-    if (d >= D) continue;
-    float s = 0.f;
-#pragma unroll
-    for (int q = 0; q < M; ++q) s += pre[q] * x[q * D + d];
-    u[t * D + d] = s;
   }
 }
 
