@@ -21,11 +21,13 @@ constexpr int kRB = 8;  // activation rows per pass of the GEMV kernel
 // 32), so the scale multiplies the chunk's dot product once instead of every element.
 template <int FMT>
 constexpr int kChunkElems = FMT == kFP8 ? 16 : FMT == kFP4 ? 32 : FMT == kBF16 ? 8 : 4;
-// Chunks per lane per load group. Groups are double-buffered: the next group's loads are in
-// flight while the current one is multiplied, so a warp keeps 2 x 4 x 16 B per lane (4 KB) in
-// flight without a gap (one 16-byte load per lane in flight measured 0.26-0.9 TB/s; eight
-// loads then math in turn, 0.5-1.7 TB/s).
-constexpr int kGemvUnroll = 4;
+// Chunks per lane per load group: a warp has 8 x 16 B per lane (4 KB) in flight before the math
+// (one 16-byte load per lane measured 0.26-0.9 TB/s; 8 reached 3.9 TB/s on the BF16 lm_head).
+// Double-buffering 4 + 4 by copying the next group into the current one measured worse (head
+// 272 -> 474 us), most likely because the copy waits for the loads. Fewer with kRB rows per pass,
+// whose accumulators need the registers.
+template <int RB>
+constexpr int kGemvUnroll = RB == 1 ? 8 : 4;
 
 // Weights are read once per step: no L1 allocation, so the activation rows stay in L1.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
@@ -117,7 +119,7 @@ __device__ __forceinline__ void load_chunks(uint4 (&q)[U], float (&sc)[U], const
 // K / E % 32 == 0 (host checks).
 template <int FMT, bool SF32, int RB>
 __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool vec, int rpw) {
-  constexpr int E = kChunkElems<FMT>, U = kGemvUnroll, KT = kGemvTileK<RB>, CT = KT / E, Q = E / 4;
+  constexpr int E = kChunkElems<FMT>, U = kGemvUnroll<RB>, KT = kGemvTileK<RB>, CT = KT / E, Q = E / 4;
   extern __shared__ float4 xs[];  // [RB][Q][CT]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t n0 = (int64_t(blockIdx.x) * (blockDim.x >> 5) + warp) * rpw;
@@ -149,8 +151,8 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool 
         cs.ct = int((K - k0 < KT ? K - k0 : KT) / E);
         cs.rows = rows_w;
         const int G = rows_w * cs.ct;
-        uint4 q[U] = {}, qn[U] = {};
-        float sc[U] = {}, scn[U] = {};
+        uint4 q[U] = {};
+        float sc[U] = {};
         // Weight loads first: their latency overlaps the x staging.
         load_chunks<FMT, SF32, U>(q, sc, cs, 0, lane, p.w);
         __syncthreads();  // the previous tile is consumed
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool 
         }
         __syncthreads();
         for (int g0 = 0; g0 < G; g0 += 32 * U) {
-          if (g0 + 32 * U < G) load_chunks<FMT, SF32, U>(qn, scn, cs, g0 + 32 * U, lane, p.w);
+          if (g0 > 0) load_chunks<FMT, SF32, U>(q, sc, cs, g0, lane, p.w);
 #pragma unroll
           for (int u = 0; u < U; ++u) {
             const int gu = g0 + u * 32;  // warp-uniform
@@ -193,11 +195,6 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool 
                 acc[b] = fmaf(sc[u], d, acc[b]);
               }
             }
-          }
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-            q[u] = qn[u];
-            sc[u] = scn[u];
           }
         }
       }
