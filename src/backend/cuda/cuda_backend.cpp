@@ -359,10 +359,11 @@ class CudaBackend final : public Backend {
     QuantizedRows qr;
     if (quantises_input(w)) {
       const int64_t M = x.rows(), K = w.in;
-      // Forced cuBLASLt (benchmarks) takes E4M3 rows at any M; otherwise GEMV-sized M streams the
-      // FP32 round trip through the GEMV.
-      const bool force_lt = opts_.fp8_gemm == CudaOptions::Fp8Gemm::CublasLt && w.format == WeightFormat::FP8;
-      qr = quantize_rows(x.f32(), M, K, tensor_cores(M, K) || (force_lt && sm_ >= 89 && K % 32 == 0));
+      // FP8 weights take the tensor cores from kFp8TensorCoreMinRows rows (forced cuBLASLt, for
+      // benchmarks, at any M); fewer rows stream the FP32 round trip through the GEMV.
+      const bool fp8_tc = w.format == WeightFormat::FP8 && sm_ >= 89 && K % 32 == 0 &&
+                          (M >= cuda::kFp8TensorCoreMinRows || opts_.fp8_gemm == CudaOptions::Fp8Gemm::CublasLt);
+      qr = quantize_rows(x.f32(), M, K, tensor_cores(M, K) || fp8_tc);
       if (qr.ldq) {
         if (w.format == WeightFormat::FP8 && cublaslt_fp8(qr, a.wd, out.f32(), M)) return;
         a.xq = qr.bytes();

@@ -62,6 +62,11 @@ struct GemmArgs {
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel.
 constexpr int64_t kGemvMaxRows = 16;
+// FP8-weight linears with FP8 activations and at least this many rows take the tensor cores
+// (cuBLASLt on sm_90 when offered, else the mma kernel) instead of the FP32 GEMV, which is
+// compute-bound there (H200, 2026-12-02: wq_b 4 rows 86 us vs cuBLASLt FP8 21 us; wo_b 16 rows
+// 181 vs 20 us; at 4 rows the 4 MB wq_a is even, 16.2 vs 17.8 us).
+constexpr int64_t kFp8TensorCoreMinRows = 4;
 
 // Dynamic FP8 activation quantisation (tensor/quant.h fp8_dynamic_quant) of x [M, K] (row stride
 // ldx) in 1x128 blocks: q [M, ldq] E4M3, scales [ceil(K/128), M] (row index fastest, the layout
