@@ -106,6 +106,18 @@ TEST_F(CudaOps, Linear) {
       {WeightFormat::BF16, 20, 4096, 512, false, false},   // compressor wkv
       {WeightFormat::BF16, 3, 72, 33, false, false},
       {WeightFormat::BF16, 9, 4096, 256, false, true},     // router gate stored as F32
+      // One-token GEMV (one row per pass, 8 chunks per lane in flight) with rows that end inside
+      // a lane's unrolled span: 65 FP8 chunks, 3 FP4 chunks, 9 BF16 chunks, 1025 F32 chunks.
+      {WeightFormat::FP8, 1, 1040, 300, false, false},
+      {WeightFormat::FP8, 1, 8192, 4096, true, false},     // wo_b decode, f32 scales
+      {WeightFormat::FP4, 1, 96, 77, false, false},
+      {WeightFormat::FP4, 1, 2048, 4096, true, false},     // expert w2 decode
+      {WeightFormat::BF16, 1, 72, 129, false, false},
+      {WeightFormat::BF16, 1, 4100, 64, false, true},
+      {WeightFormat::BF16, 4, 4100, 64, false, true},
+      // Short rows, several per warp (8 rows of 1 KB), with a ragged last warp and block.
+      {WeightFormat::FP8, 1, 1024, 32768 + 40, false, false},  // wq_b decode
+      {WeightFormat::FP4, 1, 2048, 20000, false, false},
   };
   uint64_t seed = 100;
   for (const auto& c : cases) {
@@ -164,7 +176,8 @@ TEST_F(CudaOps, Rope) {
 // sigmoid and 20 Sinkhorn passes (contractive normalisations); 5e-5 of the output scale.
 TEST_F(CudaOps, HyperConnections) {
   uint64_t seed = 300;
-  for (auto [T, D, iters] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 4096, 20}, {9, 4096, 20}, {4, 192, 7}}) {
+  for (auto [T, D, iters] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 4096, 20}, {9, 4096, 20}, {4, 192, 7}, {2, 1100, 20} /* partial mix chunks and u slices */}) {
     const int64_t mm = 4, mix = (2 + mm) * mm;
     HyperConn hc{ws.f32("fn", {mix, mm * D}, normal(mix * mm * D, ++seed, 1.f / std::sqrt(float(mm * D)))),
                  ws.f32("base", {mix}, normal(mix, ++seed, 0.5f)), ws.f32("scale", {3}, {0.7f, 1.2f, 0.9f})};
@@ -433,6 +446,8 @@ TEST_F(CudaOps, AttendRaggedBatch) {
       // decode (1 token, long context), prefill chunk crossing the window (start 120), a fresh
       // prompt from 0, and another decode; real widths
       {64, 512, 448, 128, 64, 512, {{1, 5000}, {9, 120}, {6, 0}, {1, 129}}},
+      // one decode token alone: 10 key tiles over 8 head-group blocks, split 10 ways
+      {64, 512, 448, 128, 64, 512, {{1, 5000}}},
       // no compressed entries (idx_b empty), window ring only
       {64, 512, 448, 128, 64, 0, {{3, 300}, {1, 7}}},
       // small shapes: partial 64-blocks (nope 72), many -1, blocks of 4 entries
