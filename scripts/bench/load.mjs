@@ -1,0 +1,121 @@
+// Capacity check of the HTTP layer (loopback only): against a running `dsv4 serve --engine
+// scripted`, holds STREAMS concurrent streaming completions, samples the server's RSS, measures
+// /health latency from a separate process throughout, then fires a burst of BURST simultaneous
+// connects and measures connect + first byte. Started by scripts/bench/load.sh.
+//   node scripts/bench/load.mjs --port P --pid PID [--streams 4096] [--max-tokens 40] [--burst 1000]
+// Exit status 1 when a threshold is missed (a stream failed, /health >= 100 ms, burst p99 >= 1 s).
+import net from 'node:net';
+import { fork } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+
+const args = Object.fromEntries(process.argv.slice(2).reduce((acc, a, i, all) => {
+  if (a.startsWith('--')) acc.push([a.slice(2), all[i + 1]]);
+  return acc;
+}, []));
+const port = Number(args.port);
+const host = '127.0.0.1';
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const now = () => Number(process.hrtime.bigint()) / 1e6;
+const pct = (xs, p) => {
+  if (!xs.length) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
+};
+
+// One raw HTTP/1.1 exchange on a fresh connection; resolves with timings and the response bytes.
+function exchange(request, { onData } = {}) {
+  return new Promise((resolve) => {
+    const t0 = now();
+    let firstByte = 0;
+    let bytes = '';
+    const sock = net.connect({ host, port });
+    sock.setNoDelay(true);
+    sock.on('connect', () => sock.write(request));
+    sock.on('data', (d) => {
+      if (!firstByte) firstByte = now() - t0;
+      bytes += d.toString('latin1');
+      if (onData && onData(bytes)) sock.end();
+    });
+    sock.on('error', (e) => resolve({ error: String(e), firstByte, bytes }));
+    sock.on('close', () => resolve({ firstByte, total: now() - t0, bytes }));
+  });
+}
+
+const get = (path) => `GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`;
+
+// ---- the /health prober: a separate process, so the streams' work here does not delay it
+if (args.probe) {
+  const lat = [];
+  let stop = false;
+  process.on('message', () => { stop = true; });
+  while (!stop) {
+    const r = await exchange(get('/health'));
+    lat.push(r.error || !r.bytes.startsWith('HTTP/1.1 200') ? 1e9 : r.total);
+    await sleep(50);
+  }
+  process.send({ lat });
+  process.exit(0);
+}
+
+const rssKiB = (pid) => Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))[1]);
+const pid = Number(args.pid);
+const streams = Number(args.streams ?? 4096);
+const maxTokens = Number(args['max-tokens'] ?? 40);
+const burst = Number(args.burst ?? 1000);
+
+const report = { streams, max_tokens: maxTokens, burst };
+report.rss_before_mib = rssKiB(pid) / 1024;
+const prober = fork(fileURLToPath(import.meta.url), ['--probe', '1', '--port', String(port)]);
+const probed = new Promise((r) => prober.on('message', (m) => r(m.lat)));
+let peakRss = 0;
+const rssTimer = setInterval(() => { peakRss = Math.max(peakRss, rssKiB(pid)); }, 200);
+
+// ---- STREAMS concurrent streaming requests
+const body = JSON.stringify({ prompt: 'load test', max_tokens: maxTokens, ignore_eos: true, stream: true });
+const post = `POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`;
+let open = 0;
+let peakOpen = 0;
+const t0 = now();
+const results = await Promise.all(Array.from({ length: streams }, async () => {
+  let counted = false;
+  const r = await exchange(post, {
+    onData: (b) => {
+      if (!counted && b.includes('data: ')) {
+        counted = true;
+        peakOpen = Math.max(peakOpen, ++open);
+      }
+      return b.includes('data: [DONE]');
+    },
+  });
+  if (counted) --open;
+  return r;
+}));
+report.streams_seconds = (now() - t0) / 1000;
+report.streams_peak_concurrent = peakOpen;
+report.streams_ok = results.filter((r) => !r.error && r.bytes.startsWith('HTTP/1.1 200') && r.bytes.includes('data: [DONE]')).length;
+report.streams_failed = streams - report.streams_ok;
+report.first_errors = results.filter((r) => r.error).slice(0, 3).map((r) => r.error);
+report.stream_first_byte_ms = { p50: pct(results.map((r) => r.firstByte), 50), p99: pct(results.map((r) => r.firstByte), 99) };
+report.rss_peak_mib = peakRss / 1024;
+
+// ---- BURST simultaneous connects: connect + first byte of a /health answer
+const burstResults = await Promise.all(Array.from({ length: burst }, () => exchange(get('/health'))));
+const fb = burstResults.map((r) => (r.error || !r.firstByte ? 1e9 : r.firstByte));
+report.burst_failed = burstResults.filter((r) => r.error || !r.bytes.startsWith('HTTP/1.1 200')).length;
+report.burst_connect_first_byte_ms = { p50: pct(fb, 50), p90: pct(fb, 90), p99: pct(fb, 99), max: Math.max(...fb) };
+
+prober.send('stop');
+const lat = await probed;
+clearInterval(rssTimer);
+report.health_probes = lat.length;
+report.health_ms = { p50: pct(lat, 50), p99: pct(lat, 99), max: Math.max(...lat) };
+await sleep(1000);
+report.rss_after_mib = rssKiB(pid) / 1024;
+for (const k of Object.keys(report)) if (typeof report[k] === 'number') report[k] = Math.round(report[k] * 10) / 10;
+console.log(JSON.stringify(report, null, 2));
+const ok = report.streams_failed === 0 && report.streams_peak_concurrent >= Math.min(streams, 4096) &&
+  report.health_ms.max < 100 && report.burst_failed === 0 && report.burst_connect_first_byte_ms.p99 < 1000;
+console.log(ok ? 'load: PASS' : 'load: FAIL');
+process.exit(ok ? 0 : 1);
