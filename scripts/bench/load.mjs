@@ -2,7 +2,9 @@
 // scripted`, holds STREAMS concurrent streaming completions, samples the server's RSS, measures
 // /health latency from a separate process throughout, then fires a burst of BURST simultaneous
 // connects and measures connect + first byte. Started by scripts/bench/load.sh.
-//   node scripts/bench/load.mjs --port P --pid PID [--streams 4096] [--max-tokens 40] [--burst 1000]
+//   node scripts/bench/load.mjs --port P --pid PID [--streams 4096] [--max-tokens 40] [--ramp-ms 4000]
+//        [--burst 1000]
+// The streams are opened evenly over --ramp-ms (a burst of connects is measured separately).
 // Exit status 1 when a threshold is missed (a stream failed, /health >= 100 ms, burst p99 >= 1 s).
 import net from 'node:net';
 import { fork } from 'node:child_process';
@@ -48,11 +50,13 @@ const get = (path) => `GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
 // ---- the /health prober: a separate process, so the streams' work here does not delay it
 if (args.probe) {
   const lat = [];
+  const start = now();
   let stop = false;
   process.on('message', () => { stop = true; });
   while (!stop) {
+    const t = now();
     const r = await exchange(get('/health'));
-    lat.push(r.error || !r.bytes.startsWith('HTTP/1.1 200') ? 1e9 : r.total);
+    lat.push([(t - start) / 1000, r.error || !r.bytes.startsWith('HTTP/1.1 200') ? 1e9 : r.total]);
     await sleep(50);
   }
   process.send({ lat });
@@ -64,9 +68,11 @@ const pid = Number(args.pid);
 const streams = Number(args.streams ?? 4096);
 const maxTokens = Number(args['max-tokens'] ?? 40);
 const burst = Number(args.burst ?? 1000);
+const rampMs = Number(args['ramp-ms'] ?? 4000);
 
-const report = { streams, max_tokens: maxTokens, burst };
+const report = { streams, max_tokens: maxTokens, ramp_ms: rampMs, burst };
 report.rss_before_mib = rssKiB(pid) / 1024;
+const tStart = now();
 const prober = fork(fileURLToPath(import.meta.url), ['--probe', '1', '--port', String(port)]);
 const probed = new Promise((r) => prober.on('message', (m) => r(m.lat)));
 let peakRss = 0;
@@ -78,7 +84,8 @@ const post = `POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: applicat
 let open = 0;
 let peakOpen = 0;
 const t0 = now();
-const results = await Promise.all(Array.from({ length: streams }, async () => {
+const results = await Promise.all(Array.from({ length: streams }, async (_, i) => {
+  await sleep((i * rampMs) / streams);
   let counted = false;
   const r = await exchange(post, {
     onData: (b) => {
@@ -93,6 +100,7 @@ const results = await Promise.all(Array.from({ length: streams }, async () => {
   return r;
 }));
 report.streams_seconds = (now() - t0) / 1000;
+report.burst_at_s = (now() - tStart) / 1000;
 report.streams_peak_concurrent = peakOpen;
 report.streams_ok = results.filter((r) => !r.error && r.bytes.startsWith('HTTP/1.1 200') && r.bytes.includes('data: [DONE]')).length;
 report.streams_failed = streams - report.streams_ok;
@@ -107,14 +115,15 @@ report.burst_failed = burstResults.filter((r) => r.error || !r.bytes.startsWith(
 report.burst_connect_first_byte_ms = { p50: pct(fb, 50), p90: pct(fb, 90), p99: pct(fb, 99), max: Math.max(...fb) };
 
 prober.send('stop');
-const lat = await probed;
+const probes = await probed;
 clearInterval(rssTimer);
+const lat = probes.map(([, ms]) => ms);
 report.health_probes = lat.length;
+report.health_slowest = [...probes].sort((a, b) => b[1] - a[1]).slice(0, 5).map(([t, ms]) => ({ at_s: t, ms }));
 report.health_ms = { p50: pct(lat, 50), p99: pct(lat, 99), max: Math.max(...lat) };
 await sleep(1000);
 report.rss_after_mib = rssKiB(pid) / 1024;
-for (const k of Object.keys(report)) if (typeof report[k] === 'number') report[k] = Math.round(report[k] * 10) / 10;
-console.log(JSON.stringify(report, null, 2));
+console.log(JSON.stringify(report, (k, v) => (typeof v === 'number' ? Math.round(v * 10) / 10 : v), 2));
 const ok = report.streams_failed === 0 && report.streams_peak_concurrent >= Math.min(streams, 4096) &&
   report.health_ms.max < 100 && report.burst_failed === 0 && report.burst_connect_first_byte_ms.p99 < 1000;
 console.log(ok ? 'load: PASS' : 'load: FAIL');

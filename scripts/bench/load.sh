@@ -7,6 +7,7 @@
 #   scripts/bench/load.sh                       # the figures in docs/SERVER.md
 #   STREAMS=512 BURST=200 scripts/bench/load.sh
 # Env: DSV4 (binary, default build/dsv4), STREAMS, MAX_TOKENS (per stream, default 40), BURST,
+#      RAMP_MS (the streams are opened evenly over this, default 4000),
 #      STEP_MS (scripted engine step, default 250: 4096 streams x 4 tokens/s), SERVE_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,4 +32,4 @@ for _ in $(seq 1 600); do
 done
 [ -n "$port" ] || { cat "$log"; echo "load: no ready line" >&2; exit 1; }
 echo "load: $bin (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')) pid $pid port $port, $streams streams"
-node scripts/bench/load.mjs --port "$port" --pid "$pid" --streams "$streams" --max-tokens "${MAX_TOKENS:-40}" --burst "${BURST:-1000}"
+node scripts/bench/load.mjs --port "$port" --pid "$pid" --streams "$streams" --max-tokens "${MAX_TOKENS:-40}" --ramp-ms "${RAMP_MS:-4000}" --burst "${BURST:-1000}"

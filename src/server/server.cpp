@@ -1,6 +1,8 @@
 #include "server/server.h"
 
+#include <fcntl.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -149,11 +151,16 @@ struct HttpServer::Impl {
   std::thread watchdog;
   uint64_t stats_prompt_tokens = 0, stats_generation_tokens = 0;  // engine totals at the last stats line
   Clock::time_point stats_time = Clock::now();
-  // The event loop last: destroyed first, its pending handlers still find the members above.
+  // The event loops last: destroyed first, their pending handlers still find the members above.
   asio::io_context ioc;
-  tcp::acceptor acceptor{ioc};
-  asio::steady_timer accept_backoff{ioc};
   asio::steady_timer stats_timer{ioc};
+  // The front thread accepts connections, reads their request headers and answers the light
+  // routes (/health, /metrics, /v1/models, ...); a connection asking for generation or
+  // tokenization moves to the io threads (`ioc`). So /health answers at once however many
+  // stream events the io threads have queued. Destroyed before `ioc` (moved sockets live there).
+  asio::io_context front_ioc;
+  tcp::acceptor acceptor{front_ioc};
+  asio::steady_timer accept_backoff{front_ioc};
 
   Impl(Engine& e, Tokenizer t, ServerConfig c)
       : engine(e), tok(std::move(t)), cfg(std::move(c)),
@@ -768,23 +775,24 @@ struct RouteInfo {
   const char* allow;    // methods, as the Allow header lists them
   bool needs_auth;      // checked from the headers, before any body is read
   bool health_reserve;  // served on the connections beyond --max-connections
+  bool heavy;           // served by the io threads (the connection moves there), not the front thread
 };
 
 std::optional<RouteInfo> find_route(std::string_view path) {
   static const std::pair<std::string_view, RouteInfo> routes[] = {
-      {"/v1/chat/completions", {Route::ChatCompletions, "POST", true, false}},
-      {"/v1/completions", {Route::Completions, "POST", true, false}},
-      {"/v1/models", {Route::Models, "GET", true, false}},
-      {"/tokenize", {Route::Tokenize, "POST", true, false}},
-      {"/detokenize", {Route::Detokenize, "POST", true, false}},
-      {"/health", {Route::Health, "GET", false, true}},
-      {"/ping", {Route::Ping, "GET, POST", false, true}},
-      {"/version", {Route::Version, "GET", false, true}},
-      {"/metrics", {Route::Metrics, "GET", false, true}},
+      {"/v1/chat/completions", {Route::ChatCompletions, "POST", true, false, true}},
+      {"/v1/completions", {Route::Completions, "POST", true, false, true}},
+      {"/v1/models", {Route::Models, "GET", true, false, false}},
+      {"/tokenize", {Route::Tokenize, "POST", true, false, true}},
+      {"/detokenize", {Route::Detokenize, "POST", true, false, true}},
+      {"/health", {Route::Health, "GET", false, true, false}},
+      {"/ping", {Route::Ping, "GET, POST", false, true, false}},
+      {"/version", {Route::Version, "GET", false, true, false}},
+      {"/metrics", {Route::Metrics, "GET", false, true, false}},
   };
   for (const auto& [p, info] : routes)
     if (path == p) return info;
-  if (path.size() > 11 && path.substr(0, 11) == "/v1/models/") return RouteInfo{Route::Model, "GET", true, false};
+  if (path.size() > 11 && path.substr(0, 11) == "/v1/models/") return RouteInfo{Route::Model, "GET", true, false, false};
   return std::nullopt;
 }
 
@@ -822,10 +830,10 @@ std::string chunk(std::string_view data) { return fmt::format("{:x}\r\n{}\r\n", 
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(HttpServer::Impl& server, tcp::socket socket, bool reserve_only)
-      : S(server), stream_(std::move(socket)), heartbeat_(stream_.get_executor()), reserve_only_(reserve_only) {
+      : S(server), stream_(std::in_place, std::move(socket)), heartbeat_(stream_->get_executor()), reserve_only_(reserve_only) {
     ++S.connections;
     beast::error_code ec;
-    auto ep = stream_.socket().remote_endpoint(ec);
+    auto ep = stream_->socket().remote_endpoint(ec);
     if (!ec) peer_ = fmt::format("{}:{}", ep.address().to_string(), ep.port());
   }
   ~Session() {
@@ -834,7 +842,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void start() {
-    asio::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->wait_for_request(); });
+    asio::dispatch(stream_->get_executor(), [self = shared_from_this()] { self->wait_for_request(); });
   }
 
  private:
@@ -853,8 +861,8 @@ class Session : public std::enable_shared_from_this<Session> {
     if (buf_.size() > 0) return read_header();  // a pipelined request is already here
     // A new connection must start its request within the header deadline; an idle keep-alive
     // one within --keep-alive-timeout. The header deadline restarts at the first byte.
-    stream_.expires_after(seconds(served_ == 0 ? S.cfg.header_timeout_s : S.cfg.keep_alive_timeout_s));
-    stream_.async_read_some(buf_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
+    stream_->expires_after(seconds(served_ == 0 ? S.cfg.header_timeout_s : S.cfg.keep_alive_timeout_s));
+    stream_->async_read_some(buf_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
       if (ec) return self->close();
       self->buf_.commit(n);
       self->read_header();
@@ -867,8 +875,8 @@ class Session : public std::enable_shared_from_this<Session> {
     parser_->body_limit(uint64_t(S.cfg.max_body_bytes));
     ex_ = Exchange{};
     close_after_ = false;
-    stream_.expires_after(seconds(S.cfg.header_timeout_s));
-    http::async_read_header(stream_, buf_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
+    stream_->expires_after(seconds(S.cfg.header_timeout_s));
+    http::async_read_header(*stream_, buf_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
   }
 
   void on_header(beast::error_code ec) {
@@ -907,14 +915,39 @@ class Session : public std::enable_shared_from_this<Session> {
       return fail_request(ApiError(401, "invalid or missing API key (Authorization: Bearer ...)", "", "authentication_error",
                                    "invalid_api_key"));
     }
+    if (route_->heavy && !move_to_io_threads()) return close();
     if (parser_->is_done()) return dispatch();
     if (beast::iequals(req[http::field::expect], "100-continue")) {
       static const char kContinue[] = "HTTP/1.1 100 Continue\r\n\r\n";
       beast::error_code ignored;  // a few bytes into an idle socket; the client sends the body either way
-      stream_.socket().send(asio::buffer(kContinue, sizeof(kContinue) - 1), 0, ignored);
+      stream_->socket().send(asio::buffer(kContinue, sizeof(kContinue) - 1), 0, ignored);
     }
-    stream_.expires_after(seconds(S.cfg.read_timeout_s));
-    http::async_read(stream_, buf_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_body(ec); });
+    stream_->expires_after(seconds(S.cfg.read_timeout_s));
+    http::async_read(*stream_, buf_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_body(ec); });
+  }
+
+  // Hands the connection from the front thread to the io threads: the socket is re-created on
+  // `ioc` from a duplicate of its descriptor (Asio cannot rebind a socket to another context).
+  // No operation is pending on it here; what was already read stays in buf_ and parser_.
+  bool move_to_io_threads() {
+    if (on_io_threads_) return true;
+    beast::error_code ec;
+    tcp::socket& old = stream_->socket();
+    const auto protocol = old.local_endpoint(ec).protocol();
+    if (ec) return false;
+    const int fd = ::fcntl(old.native_handle(), F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return false;
+    tcp::socket moved(asio::make_strand(S.ioc));
+    moved.assign(protocol, fd, ec);
+    if (ec) {
+      ::close(fd);
+      return false;
+    }
+    old.close(ec);
+    stream_.emplace(std::move(moved));
+    heartbeat_ = asio::steady_timer(stream_->get_executor());
+    on_io_threads_ = true;
+    return true;
   }
 
   void on_body(beast::error_code ec) {
@@ -1042,8 +1075,8 @@ class Session : public std::enable_shared_from_this<Session> {
     writing_ = true;
     out_.swap(pending_);
     pending_.clear();
-    stream_.expires_after(seconds(S.cfg.write_timeout_s));
-    asio::async_write(stream_, asio::buffer(out_), [self = shared_from_this()](beast::error_code ec, size_t) {
+    stream_->expires_after(seconds(S.cfg.write_timeout_s));
+    asio::async_write(*stream_, asio::buffer(out_), [self = shared_from_this()](beast::error_code ec, size_t) {
       self->writing_ = false;
       self->out_.clear();
       if (ec) return self->drop(ec == beast::error::timeout ? "it took no bytes within --write-timeout" : "it went away");
@@ -1074,7 +1107,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // ---- generation
   void start_generation(Endpoint ep, const std::string& body) {
     std::weak_ptr<Session> weak = weak_from_this();
-    auto executor = stream_.get_executor();
+    auto executor = stream_->get_executor();
     std::shared_ptr<Gen> g = S.start_generation(ep, body, [weak, executor] {
       asio::post(executor, [weak] {
         if (auto self = weak.lock()) self->on_events();
@@ -1160,7 +1193,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // response instead of a reset caused by unread data.
   void linger_close() {
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
+    stream_->socket().shutdown(tcp::socket::shutdown_send, ec);
     if (ec) return close();
     linger_until_ = Clock::now() + kLingerTime;
     linger_read();
@@ -1168,9 +1201,9 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void linger_read() {
     if (linger_read_ >= kLingerBytes || Clock::now() >= linger_until_) return close();
-    stream_.expires_at(linger_until_);
+    stream_->expires_at(linger_until_);
     buf_.consume(buf_.size());
-    stream_.async_read_some(buf_.prepare(16384), [self = shared_from_this()](beast::error_code ec, size_t n) {
+    stream_->async_read_some(buf_.prepare(16384), [self = shared_from_this()](beast::error_code ec, size_t n) {
       if (ec) return self->close();
       self->linger_read_ += n;
       self->linger_read();
@@ -1179,11 +1212,11 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void close() {
     beast::error_code ec;
-    stream_.socket().close(ec);
+    stream_->socket().close(ec);
   }
 
   HttpServer::Impl& S;
-  beast::tcp_stream stream_;
+  std::optional<beast::tcp_stream> stream_;  // re-created by move_to_io_threads
   beast::flat_buffer buf_;
   std::optional<http::request_parser<http::string_body>> parser_;
   std::optional<RouteInfo> route_;
@@ -1198,12 +1231,13 @@ class Session : public std::enable_shared_from_this<Session> {
   Clock::time_point linger_until_;
   size_t linger_read_ = 0;
   uint64_t served_ = 0;  // responses completed on this connection
+  bool on_io_threads_ = false;  // moved from the front thread (move_to_io_threads)
 };
 
 }  // namespace
 
 void HttpServer::Impl::accept() {
-  acceptor.async_accept(asio::make_strand(ioc), [this](beast::error_code ec, tcp::socket socket) {
+  acceptor.async_accept(asio::make_strand(front_ioc), [this](beast::error_code ec, tcp::socket socket) {
     if (ec == asio::error::operation_aborted) return;
     if (ec) {
       // Out of file descriptors (or similar): back off instead of spinning on the error.
@@ -1287,6 +1321,7 @@ void HttpServer::run() {
   I->accept();
   if (cfg_.stats_interval_s > 0) I->schedule_stats();
   std::vector<std::thread> threads;
+  threads.emplace_back([I] { I->front_ioc.run(); });
   for (int i = 1; i < cfg_.io_threads; ++i) threads.emplace_back([I] { I->ioc.run(); });
   I->ioc.run();
   for (auto& t : threads) t.join();
@@ -1325,6 +1360,7 @@ void HttpServer::shutdown(bool abort_now) {
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
+      I->front_ioc.stop();
       I->ioc.stop();
     });
   }

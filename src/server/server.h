@@ -1,7 +1,8 @@
 #pragma once
-// The OpenAI-compatible HTTP server, event-driven on Boost.Beast/Asio: a few io threads serve
-// every connection (keep-alive, pipelining, SSE streams) with header/read/write deadlines, a
-// connection limit and a reserve that keeps /health and /metrics answering. Endpoints:
+// The OpenAI-compatible HTTP server, event-driven on Boost.Beast/Asio: a front thread accepts
+// connections and answers light requests, a few io threads serve generation (keep-alive,
+// pipelining, SSE streams); header/read/write deadlines, a connection limit and a reserve that
+// keep /health and /metrics answering. Endpoints:
 // /v1/chat/completions, /v1/completions, /v1/models[/{id}], /tokenize, /detokenize, /health,
 // /ping, /version, /metrics. Token-level work goes to an Engine; prompts are rendered and outputs
 // parsed with src/text.
@@ -24,7 +25,7 @@ struct ServerConfig {
   std::string api_key;                 // empty: no auth
   size_t max_body_bytes = 8u << 20;    // larger bodies (Content-Length or chunked): 413
   size_t max_header_bytes = 16u << 10; // larger request line + headers: 431
-  int io_threads = 2;                  // threads running the event loop
+  int io_threads = 4;                  // event-loop threads for generation (plus one front thread)
   int max_connections = 8192;          // beyond: only /health, /metrics, /ping, /version (a reserve), then 503
   double header_timeout_s = 10;        // a request's line + headers must arrive within this
   double read_timeout_s = 30;          // its body within this after the headers
@@ -49,8 +50,8 @@ class HttpServer {
   // Binds and listens (backlog 4096, no SO_REUSEPORT); returns the port (useful with port 0).
   // Throws Error naming host:port when the address is in use or not permitted.
   int bind();
-  // Serves until shutdown() has drained everything, running the event loop on this thread and
-  // io_threads - 1 more.
+  // Serves until shutdown() has drained everything: the io event loop on this thread and
+  // io_threads - 1 more, the front one on its own thread.
   void run();
   // Stops accepting generation requests and lets in-flight ones finish (aborting them after the
   // timeout). Safe to call from any thread, more than once; `abort_now` aborts them at once.
