@@ -3,7 +3,7 @@
 // /health latency from a separate process throughout, then fires a burst of BURST simultaneous
 // connects and measures connect + first byte. Started by scripts/bench/load.sh.
 //   node scripts/bench/load.mjs --port P --pid PID [--streams 4096] [--max-tokens 40] [--ramp-ms 4000]
-//        [--burst 1000]
+//        [--rounds 2] [--burst 1000]
 // The streams are opened evenly over --ramp-ms (a burst of connects is measured separately).
 // Exit status 1 when a threshold is missed (a stream failed, /health >= 100 ms, burst p99 >= 1 s).
 import net from 'node:net';
@@ -69,8 +69,9 @@ const streams = Number(args.streams ?? 4096);
 const maxTokens = Number(args['max-tokens'] ?? 40);
 const burst = Number(args.burst ?? 1000);
 const rampMs = Number(args['ramp-ms'] ?? 4000);
+const rounds = Number(args.rounds ?? 2);
 
-const report = { streams, max_tokens: maxTokens, ramp_ms: rampMs, burst };
+const report = { streams, max_tokens: maxTokens, ramp_ms: rampMs, rounds, burst };
 report.rss_before_mib = rssKiB(pid) / 1024;
 const tStart = now();
 const prober = fork(fileURLToPath(import.meta.url), ['--probe', '1', '--port', String(port)]);
@@ -78,34 +79,40 @@ const probed = new Promise((r) => prober.on('message', (m) => r(m.lat)));
 let peakRss = 0;
 const rssTimer = setInterval(() => { peakRss = Math.max(peakRss, rssKiB(pid)); }, 200);
 
-// ---- STREAMS concurrent streaming requests
+// ---- STREAMS concurrent streaming requests, ROUNDS times (RSS after each: flat when nothing leaks)
 const body = JSON.stringify({ prompt: 'load test', max_tokens: maxTokens, ignore_eos: true, stream: true });
 const post = `POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`;
-let open = 0;
-let peakOpen = 0;
-const t0 = now();
-const results = await Promise.all(Array.from({ length: streams }, async (_, i) => {
-  await sleep((i * rampMs) / streams);
-  let counted = false;
-  const r = await exchange(post, {
-    onData: (b) => {
-      if (!counted && b.includes('data: ')) {
-        counted = true;
-        peakOpen = Math.max(peakOpen, ++open);
-      }
-      return b.includes('data: [DONE]');
-    },
-  });
-  if (counted) --open;
-  return r;
-}));
-report.streams_seconds = (now() - t0) / 1000;
+async function streamRound() {
+  let open = 0;
+  let peakOpen = 0;
+  const t0 = now();
+  const results = await Promise.all(Array.from({ length: streams }, async (_, i) => {
+    await sleep((i * rampMs) / streams);
+    let counted = false;
+    const r = await exchange(post, {
+      onData: (b) => {
+        if (!counted && b.includes('data: ')) {
+          counted = true;
+          peakOpen = Math.max(peakOpen, ++open);
+        }
+        return b.includes('data: [DONE]');
+      },
+    });
+    if (counted) --open;
+    return r;
+  }));
+  const ok = results.filter((r) => !r.error && r.bytes.startsWith('HTTP/1.1 200') && r.bytes.includes('data: [DONE]')).length;
+  const fb = results.map((r) => r.firstByte);
+  await sleep(1000);
+  return {
+    seconds: (now() - t0) / 1000, peak_concurrent: peakOpen, ok, failed: streams - ok,
+    first_errors: results.filter((r) => r.error).slice(0, 3).map((r) => r.error),
+    first_byte_ms: { p50: pct(fb, 50), p99: pct(fb, 99) }, rss_after_mib: rssKiB(pid) / 1024,
+  };
+}
+report.rounds = [];
+for (let i = 0; i < rounds; i++) report.rounds.push(await streamRound());
 report.burst_at_s = (now() - tStart) / 1000;
-report.streams_peak_concurrent = peakOpen;
-report.streams_ok = results.filter((r) => !r.error && r.bytes.startsWith('HTTP/1.1 200') && r.bytes.includes('data: [DONE]')).length;
-report.streams_failed = streams - report.streams_ok;
-report.first_errors = results.filter((r) => r.error).slice(0, 3).map((r) => r.error);
-report.stream_first_byte_ms = { p50: pct(results.map((r) => r.firstByte), 50), p99: pct(results.map((r) => r.firstByte), 99) };
 report.rss_peak_mib = peakRss / 1024;
 
 // ---- BURST simultaneous connects: connect + first byte of a /health answer
@@ -124,7 +131,7 @@ report.health_ms = { p50: pct(lat, 50), p99: pct(lat, 99), max: Math.max(...lat)
 await sleep(1000);
 report.rss_after_mib = rssKiB(pid) / 1024;
 console.log(JSON.stringify(report, (k, v) => (typeof v === 'number' ? Math.round(v * 10) / 10 : v), 2));
-const ok = report.streams_failed === 0 && report.streams_peak_concurrent >= Math.min(streams, 4096) &&
+const ok = report.rounds.every((r) => r.failed === 0 && r.peak_concurrent >= Math.min(streams, 4096)) &&
   report.health_ms.max < 100 && report.burst_failed === 0 && report.burst_connect_first_byte_ms.p99 < 1000;
 console.log(ok ? 'load: PASS' : 'load: FAIL');
 process.exit(ok ? 0 : 1);
