@@ -26,22 +26,32 @@ const pct = (xs, p) => {
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
 };
 
-// One raw HTTP/1.1 exchange on a fresh connection; resolves with timings and the response bytes.
+// One raw HTTP/1.1 exchange on a fresh connection; resolves with timings, the first bytes of the
+// response (`head`) and whether `onData` saw its end. Only a short window of the bytes is kept:
+// holding thousands of whole streams would make this process's garbage collector compete with
+// the server for the CPU.
 function exchange(request, { onData } = {}) {
   return new Promise((resolve) => {
     const t0 = now();
     let firstByte = 0;
-    let bytes = '';
+    let head = '';
+    let window = '';
+    let ended = false;
     const sock = net.connect({ host, port });
     sock.setNoDelay(true);
     sock.on('connect', () => sock.write(request));
     sock.on('data', (d) => {
       if (!firstByte) firstByte = now() - t0;
-      bytes += d.toString('latin1');
-      if (onData && onData(bytes)) sock.end();
+      const text = d.toString('latin1');
+      if (head.length < 64) head += text.slice(0, 64 - head.length);
+      window = (window + text).slice(-4096);
+      if (onData && onData(window)) {
+        ended = true;
+        sock.end();
+      }
     });
-    sock.on('error', (e) => resolve({ error: String(e), firstByte, bytes }));
-    sock.on('close', () => resolve({ firstByte, total: now() - t0, bytes }));
+    sock.on('error', (e) => resolve({ error: String(e), firstByte, head, ended }));
+    sock.on('close', () => resolve({ firstByte, total: now() - t0, head, ended }));
   });
 }
 
@@ -56,7 +66,7 @@ if (args.probe) {
   while (!stop) {
     const t = now();
     const r = await exchange(get('/health'));
-    lat.push([(t - start) / 1000, r.error || !r.bytes.startsWith('HTTP/1.1 200') ? 1e9 : r.total]);
+    lat.push([(t - start) / 1000, r.error || !r.head.startsWith('HTTP/1.1 200') ? 1e9 : r.total]);
     await sleep(50);
   }
   process.send({ lat });
@@ -101,7 +111,7 @@ async function streamRound() {
     if (counted) --open;
     return r;
   }));
-  const ok = results.filter((r) => !r.error && r.bytes.startsWith('HTTP/1.1 200') && r.bytes.includes('data: [DONE]')).length;
+  const ok = results.filter((r) => !r.error && r.head.startsWith('HTTP/1.1 200') && r.ended).length;
   const fb = results.map((r) => r.firstByte);
   await sleep(1000);
   return {
@@ -118,7 +128,7 @@ report.rss_peak_mib = peakRss / 1024;
 // ---- BURST simultaneous connects: connect + first byte of a /health answer
 const burstResults = await Promise.all(Array.from({ length: burst }, () => exchange(get('/health'))));
 const fb = burstResults.map((r) => (r.error || !r.firstByte ? 1e9 : r.firstByte));
-report.burst_failed = burstResults.filter((r) => r.error || !r.bytes.startsWith('HTTP/1.1 200')).length;
+report.burst_failed = burstResults.filter((r) => r.error || !r.head.startsWith('HTTP/1.1 200')).length;
 report.burst_connect_first_byte_ms = { p50: pct(fb, 50), p90: pct(fb, 90), p99: pct(fb, 99), max: Math.max(...fb) };
 
 prober.send('stop');

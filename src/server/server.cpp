@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -51,6 +52,8 @@ constexpr size_t kMaxQueuedEvents = 16384;
 // most kLingerTime, so the client sees the error response instead of a reset.
 constexpr size_t kLingerBytes = 256u << 10;
 constexpr auto kLingerTime = std::chrono::seconds(2);
+// Nice value of the io threads (the front thread keeps the process's).
+constexpr int kIoThreadNice = 5;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -1321,9 +1324,18 @@ void HttpServer::run() {
   I->accept();
   if (cfg_.stats_interval_s > 0) I->schedule_stats();
   std::vector<std::thread> threads;
-  threads.emplace_back([I] { I->front_ioc.run(); });
-  for (int i = 1; i < cfg_.io_threads; ++i) threads.emplace_back([I] { I->ioc.run(); });
-  I->ioc.run();
+  threads.emplace_back([I] {
+    pthread_setname_np(pthread_self(), "dsv4-front");  // names as `top -H` shows them
+    I->front_ioc.run();
+  });
+  for (int i = 0; i < cfg_.io_threads; ++i)
+    threads.emplace_back([I] {
+      pthread_setname_np(pthread_self(), "dsv4-io");
+      // When the CPU is contended, the front thread (accepts, /health) goes first: measured with
+      // 4,096 streams on 2 busy cores, /health's worst case went from 108-196 ms to 44 ms.
+      setpriority(PRIO_PROCESS, pid_t(gettid()), kIoThreadNice);
+      I->ioc.run();
+    });
   for (auto& t : threads) t.join();
   if (I->watchdog.joinable()) I->watchdog.join();
   // Requests still registered (the shutdown timed out) must not post to a stopped loop.

@@ -50,8 +50,8 @@ class HttpServer {
   // Binds and listens (backlog 4096, no SO_REUSEPORT); returns the port (useful with port 0).
   // Throws Error naming host:port when the address is in use or not permitted.
   int bind();
-  // Serves until shutdown() has drained everything: the io event loop on this thread and
-  // io_threads - 1 more, the front one on its own thread.
+  // Serves until shutdown() has drained everything (the front thread and io_threads io threads
+  // run the event loops; this one waits for them).
   void run();
   // Stops accepting generation requests and lets in-flight ones finish (aborting them after the
   // timeout). Safe to call from any thread, more than once; `abort_now` aborts them at once.
