@@ -955,9 +955,8 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void on_body(beast::error_code ec) {
     if (ec == http::error::body_limit) return body_too_large();  // chunked, or more than announced
-    if (ec == beast::error::timeout)
-      return fail_request(ApiError(408, fmt::format("the request body did not arrive within {} s", S.cfg.read_timeout_s)));
-    if (ec == http::error::end_of_stream || ec == http::error::partial_message || ec == asio::error::eof ||
+    // A timeout has already closed the socket (Beast does), so a slow body gets no answer.
+    if (ec == beast::error::timeout || ec == http::error::end_of_stream || ec == http::error::partial_message || ec == asio::error::eof ||
         ec == asio::error::connection_reset || ec == asio::error::operation_aborted)
       return close();
     if (ec) return fail_request(ApiError(400, fmt::format("malformed HTTP request body: {}", ec.message())));

@@ -495,7 +495,7 @@ TEST(ServeFlags, BadValuesAreRefusedNamingTheFlag) {
   EXPECT_NE(out.find("--allow-long-max-model-len"), std::string::npos) << out;
   out = run_serve("--port 0 --max-model-len 100000000 --allow-long-max-model-len --tool-call-parser deepseek_v4 "
                   "--reasoning-parser deepseek_v4 --chat-template deepseek_v4",
-                  3, &status);
+                  10, &status);
   EXPECT_NE(out.find("ready at"), std::string::npos) << out;
   EXPECT_NE(out.find("context 100000000 tokens"), std::string::npos) << out;
   EXPECT_NE(out.find("--tool-call-parser"), std::string::npos) << out;
