@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=(cmake ninja-build g++ pkg-config libfmt-dev libcli11-dev nlohmann-json3-dev libpcre2-dev
-      libcpp-httplib-dev libxxhash-dev libgtest-dev libgmock-dev libbenchmark-dev)
+      libboost-dev libcpp-httplib-dev libxxhash-dev libgtest-dev libgmock-dev libbenchmark-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 # Node.js may come from elsewhere with npm bundled (then Debian's npm package conflicts): check commands.

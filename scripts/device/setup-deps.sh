@@ -6,6 +6,7 @@
 #             libpcre2-16-0 libpcre2-32-0 libpcre2-posix3 libcpp-httplib-dev libxxhash-dev
 #             libxxhash0 libgtest-dev libgmock-dev googletest libcpp-httplib0.11 libbrotli-dev
 #             libbrotli1 libssl-dev libssl3 zlib1g-dev zlib1g (cpp-httplib.pc requires the last ones)
+#             libboost-dev libboost1.74-dev (the server's Boost.Beast/Asio, header-only)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ls .deps/*.deb >/dev/null 2>&1 || { echo "setup-deps: no .deps/*.deb (carry .deps)" >&2; exit 1; }
