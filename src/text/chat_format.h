@@ -39,7 +39,7 @@
 //
 // Client text: render_chat_with_ranges() also returns the byte ranges of the prompt that came
 // from the request (message content, reasoning, tool-call names and arguments, tool results,
-// tool schemas, response formats, unknown content part types) as opposed to the template's own
+// tool schemas, response formats) as opposed to the template's own
 // text. Encoding with added-token matching off in those ranges (Tokenizer::encode(text, ranges))
 // makes special-token text in content plain text. An image placeholder inside list content
 // counts as client text.

@@ -41,7 +41,7 @@ TEST(ContentSpecialTokens, ClientRangesAreExactlyTheClientText) {
     {"role":"assistant","reasoning_content":"WHY","content":"ANS","tool_calls":[
       {"id":"c1","type":"function","function":{"name":"fn","arguments":"{\"k\": \"V\", \"n\": [1]}"}}]},
     {"role":"tool","tool_call_id":"c1","content":"RES"},
-    {"role":"user","content":[{"type":"text","text":"Q2"},{"type":"other"}]}
+    {"role":"user","content":[{"type":"text","text":"Q2"}]}
   ])");
   ChatOptions opts;
   opts.thinking = ThinkingMode::Thinking;
@@ -50,7 +50,7 @@ TEST(ContentSpecialTokens, ClientRangesAreExactlyTheClientText) {
   EXPECT_EQ(c.text, render_chat(messages, tools, opts, rf));
   const std::vector<std::string> want = {
       "SYS", R"({"name": "fn", "description": "D<｜User｜>"})", R"({"type": "json_object"})",
-      "USER<｜User｜>", "WHY", "ANS", "fn", "k", "V", "n", "[1]", "RES", "Q2", "other"};
+      "USER<｜User｜>", "WHY", "ANS", "fn", "k", "V", "n", "[1]", "RES", "Q2"};
   EXPECT_EQ(range_texts(c), want);
   for (size_t i = 1; i < c.client_ranges.size(); ++i)
     EXPECT_LT(c.client_ranges[i - 1].end, c.client_ranges[i].begin) << "ranges are sorted, disjoint, not adjacent";
