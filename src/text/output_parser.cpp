@@ -354,7 +354,7 @@ void StreamParser::emit_text(std::vector<StreamDelta>& out, StreamDelta::Kind ki
 void StreamParser::emit_value(std::vector<StreamDelta>& out, size_t n, bool final) {
   if (!param_is_string_ && !final) return;
   if (!final) n -= incomplete_utf8_tail(buf_, n);
-  if (n == 0) return;
+  if (n == 0 && param_is_string_) return;  // an empty non-string value still goes out (as "")
   std::string frag;
   if (param_is_string_) py_json_escape_append(frag, std::string_view(buf_).substr(0, n));
   else frag = param_json(std::string_view(buf_).substr(0, n), false);
