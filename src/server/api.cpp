@@ -250,6 +250,15 @@ void parse_thinking(const ojson& j, ParsedRequest& r) {
   r.chat.reasoning_effort = effort;
 }
 
+void parse_special_tokens_in_content(const ojson& j, ParsedRequest& r) {
+  auto v = get_string(j, "special_tokens_in_content");
+  if (!v) return;
+  if (*v != "special" && *v != "plain")
+    bad("special_tokens_in_content", fmt::format("'special_tokens_in_content' must be \"special\" or \"plain\"; got '{}'", *v));
+  r.chat.special_tokens_in_content = content_special_tokens_from_name(*v);
+  r.special_tokens_in_content_set = true;
+}
+
 void parse_tools(const ojson& j, ParsedRequest& r) {
   if (const ojson* t = field(j, "tools")) {
     if (!t->is_array()) wrong_type("tools", "an array", *t);
@@ -379,6 +388,7 @@ ParsedRequest parse_chat_request(std::string_view body, const ParseLimits& lim) 
   parse_messages(j, r, lim);
   parse_tools(j, r);
   parse_thinking(j, r);
+  parse_special_tokens_in_content(j, r);
   parse_response_format(j, r);
   if (const ojson* v = field(j, "logprobs")) {
     if (!v->is_boolean()) wrong_type("logprobs", "a boolean", *v);
@@ -458,14 +468,34 @@ std::set<std::string> offered_tool_names(const ParsedRequest& r) {
   return names;
 }
 
-std::string render_chat_prompt(const ParsedRequest& r) {
+namespace {
+
+RenderedChat render_chat_request(const ParsedRequest& r) {
   try {
-    return render_chat(r.messages, effective_tools(r), r.chat, r.response_format);
+    return render_chat_with_ranges(r.messages, effective_tools(r), r.chat, r.response_format);
   } catch (const ApiError&) {
     throw;
   } catch (const std::exception& e) {
     throw ApiError(400, std::string("invalid messages: ") + e.what(), "messages");
   }
+}
+
+}  // namespace
+
+std::string render_chat_prompt(const ParsedRequest& r) { return render_chat_request(r).text; }
+
+ChatPrompt chat_prompt_tokens(const ParsedRequest& r, const Tokenizer& tok,
+                              ChatOptions::ContentSpecialTokens server_default) {
+  RenderedChat chat = render_chat_request(r);
+  auto mode = r.special_tokens_in_content_set ? r.chat.special_tokens_in_content : server_default;
+  ChatPrompt p;
+  try {
+    p.ids = encode_chat(tok, chat, mode);
+  } catch (const std::exception& e) {
+    throw ApiError(400, fmt::format("cannot tokenize messages: {}", e.what()), "messages");
+  }
+  p.text = std::move(chat.text);
+  return p;
 }
 
 std::string logprob_token_text(std::string_view bytes) {

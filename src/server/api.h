@@ -44,7 +44,9 @@ struct ParsedRequest {
   ToolChoice tool_choice = ToolChoice::Auto;
   std::string tool_choice_name;  // Named
   bool parallel_tool_calls = true;
-  ChatOptions chat;  // thinking mode, reasoning effort
+  ChatOptions chat;  // thinking mode, reasoning effort, special tokens in content
+  // The body set "special_tokens_in_content" (into chat); else the server's default applies.
+  bool special_tokens_in_content_set = false;
 
   // Completions.
   std::string prompt_text;
@@ -87,6 +89,17 @@ ojson effective_tools(const ParsedRequest& r);
 std::set<std::string> offered_tool_names(const ParsedRequest& r);
 // Renders the chat prompt text (render_chat with the request's options); ApiError on bad messages.
 std::string render_chat_prompt(const ParsedRequest& r);
+
+// The rendered chat prompt and its tokens. Special-token text in client text (message content,
+// tool results, ...) is tokenized as the request's "special_tokens_in_content" says, else as
+// `server_default` (the serve flag --special-tokens-in-content) says. ApiError (400) on bad
+// messages or text that cannot be tokenized.
+struct ChatPrompt {
+  std::string text;
+  std::vector<int32_t> ids;
+};
+ChatPrompt chat_prompt_tokens(const ParsedRequest& r, const Tokenizer& tok,
+                              ChatOptions::ContentSpecialTokens server_default);
 
 // ---- response helpers (pure)
 

@@ -212,8 +212,9 @@ struct HttpServer::Impl {
   std::vector<int32_t> prompt_tokens(const ParsedRequest& r, std::string& prompt_text) {
     std::vector<int32_t> ids;
     if (r.endpoint == Endpoint::Chat) {
-      prompt_text = render_chat_prompt(r);
-      ids = encode(prompt_text, "messages");
+      ChatPrompt p = chat_prompt_tokens(r, tok, cfg.special_tokens_in_content);
+      prompt_text = std::move(p.text);
+      ids = std::move(p.ids);
     } else if (r.prompt_is_ids) {
       ids = r.prompt_ids;
       for (size_t i = 0; i < ids.size(); ++i)
@@ -239,7 +240,7 @@ struct HttpServer::Impl {
     std::vector<int32_t> ids;
     if (r.chat) {
       check_model(r.chat->model);
-      ids = encode(render_chat_prompt(*r.chat), "messages");
+      ids = chat_prompt_tokens(*r.chat, tok, cfg.special_tokens_in_content).ids;
     } else {
       ids = encode_prompt_text(*r.prompt, r.add_special_tokens);
     }

@@ -41,6 +41,7 @@ struct ServerConfig {
   double shutdown_timeout_s = 30;      // after this, in-flight requests are aborted
   double heartbeat_s = 1.0;            // idle interval between disconnect probes
   ParseLimits limits;
+  ChatOptions::ContentSpecialTokens special_tokens_in_content = ChatOptions::ContentSpecialTokens::Special;
 };
 
 class HttpServer {

@@ -67,6 +67,35 @@ const std::map<std::string, std::string_view>& task_tokens() {
   return m;
 }
 
+// Prompt text under construction and the ranges of it that came from the client. `+=` appends
+// template text, add_client() client text.
+struct PromptText {
+  std::string text;
+  std::vector<ByteRange> client;
+
+  PromptText& operator+=(std::string_view s) {
+    text += s;
+    return *this;
+  }
+  void add_client(std::string_view s) {
+    if (s.empty()) return;
+    extend_client(text.size(), text.size() + s.size());
+    text += s;
+  }
+  PromptText& operator+=(const PromptText& o) {
+    const size_t shift = text.size();
+    for (const ByteRange& r : o.client) extend_client(shift + r.begin, shift + r.end);
+    text += o.text;
+    return *this;
+  }
+
+ private:
+  void extend_client(size_t begin, size_t end) {
+    if (!client.empty() && client.back().end == begin) client.back().end = end;
+    else client.push_back({begin, end});
+  }
+};
+
 // Python truthiness of a JSON value.
 bool truthy(const ojson& v) {
   switch (v.type()) {
@@ -138,27 +167,31 @@ std::string text_or_empty(const ojson* v, long idx, const char* what) {
   fail("message {}: {} must be a string, a list of content parts or null, got {}", idx, what, v->dump());
 }
 
-std::string render_tools(const ojson& tools, long idx) {
+PromptText render_tools(const ojson& tools, long idx) {
   if (!tools.is_array()) fail("message {}: tools must be a list", idx);
-  std::string out(kToolsTemplateHead);
+  PromptText out;
+  out += kToolsTemplateHead;
   bool first = true;
   for (const auto& t : tools) {
     const ojson* fn = t.is_object() ? get(t, "function") : nullptr;
     if (!fn) fail("message {}: each tool needs a \"function\" object", idx);
-    if (!first) out += '\n';
+    if (!first) out += "\n";
     first = false;
-    out += py_json_dumps(*fn);
+    out.add_client(py_json_dumps(*fn));
   }
   out += kToolsTemplateTail;
   return out;
 }
 
-std::string render_response_format(const ojson& rf) {
-  return std::string(kResponseFormatHead) + py_json_dumps(rf);
+PromptText render_response_format(const ojson& rf) {
+  PromptText out;
+  out += kResponseFormatHead;
+  out.add_client(py_json_dumps(rf));
+  return out;
 }
 
 // encode_arguments_to_dsml
-std::string encode_arguments(const ojson& raw, long idx) {
+PromptText encode_arguments(const ojson& raw, long idx) {
   ojson args;
   if (raw.is_null() || (raw.is_string() && raw.get_ref<const std::string&>().empty())) {
     args = ojson::object();
@@ -174,16 +207,18 @@ std::string encode_arguments(const ojson& raw, long idx) {
   }
   if (!args.is_object())
     fail("message {}: tool call arguments must be a JSON object, got {}", idx, py_json_dumps(args));
-  std::string out;
+  PromptText out;
   bool first = true;
   for (auto it = args.begin(); it != args.end(); ++it) {
-    if (!first) out += '\n';
+    if (!first) out += "\n";
     first = false;
     bool is_str = it.value().is_string();
     out += "<";
     out += kDsml;
-    out += "parameter name=\"" + it.key() + "\" string=\"" + (is_str ? "true" : "false") + "\">";
-    out += is_str ? it.value().get<std::string>() : py_json_dumps(it.value());
+    out += "parameter name=\"";
+    out.add_client(it.key());
+    out += std::string("\" string=\"") + (is_str ? "true" : "false") + "\">";
+    out.add_client(is_str ? it.value().get<std::string>() : py_json_dumps(it.value()));
     out += "</";
     out += kDsml;
     out += "parameter>";
@@ -191,9 +226,9 @@ std::string encode_arguments(const ojson& raw, long idx) {
   return out;
 }
 
-std::string render_tool_calls(const ojson& tool_calls, long idx) {
+PromptText render_tool_calls(const ojson& tool_calls, long idx) {
   if (!tool_calls.is_array()) fail("message {}: tool_calls must be a list", idx);
-  std::string list;
+  PromptText list;
   bool first = true;
   for (const auto& tc : tool_calls) {
     const ojson* fn = tc.is_object() ? get(tc, "function") : nullptr;
@@ -202,17 +237,24 @@ std::string render_tool_calls(const ojson& tool_calls, long idx) {
     const ojson* args = get(*fn, "arguments");
     if (!name || !name->is_string()) fail("message {}: tool call function.name must be a string", idx);
     if (!args) fail("message {}: tool call function.arguments is missing", idx);
-    if (!first) list += '\n';
+    if (!first) list += "\n";
     first = false;
     list += "<";
     list += kDsml;
-    list += "invoke name=\"" + name->get<std::string>() + "\">\n" + encode_arguments(*args, idx) + "\n</";
+    list += "invoke name=\"";
+    list.add_client(name->get<std::string>());
+    list += "\">\n";
+    list += encode_arguments(*args, idx);
+    list += "\n</";
     list += kDsml;
     list += "invoke>";
   }
-  std::string out = "\n\n<";
+  PromptText out;
+  out += "\n\n<";
   out += kDsml;
-  out += "tool_calls>\n" + list + "\n</";
+  out += "tool_calls>\n";
+  out += list;
+  out += "\n</";
   out += kDsml;
   out += "tool_calls>";
   return out;
@@ -430,27 +472,36 @@ struct Renderer {
     fail("invalid reasoning effort '{}': expected low, high or max", e);
   }
 
-  std::string render(long index) const {
+  PromptText render(long index) const {
     const ojson& msg = msgs[static_cast<size_t>(index)];
     const long idx = idx_of(msg);
     const bool thinking = mode == ThinkingMode::Thinking;
-    std::string prompt;
+    PromptText prompt;
     const std::string role = role_of(msg);
     const ojson* content = get(msg, "content");
 
     std::string effort = effort_text();
     if (index == 0 && thinking) prompt += effort;
 
+    auto add_tools_and_format = [&] {
+      if (has_truthy(msg, "tools")) {
+        PromptText tools = render_tools(msg["tools"], idx);
+        prompt += "\n\n";
+        prompt += tools;
+      }
+      if (has_truthy(msg, "response_format")) {
+        prompt += "\n\n";
+        prompt += render_response_format(msg["response_format"]);
+      }
+    };
     if (role == "system") {
-      prompt += text_or_empty(content, idx, "content");
-      if (has_truthy(msg, "tools")) prompt += "\n\n" + render_tools(msg["tools"], idx);
-      if (has_truthy(msg, "response_format")) prompt += "\n\n" + render_response_format(msg["response_format"]);
+      prompt.add_client(text_or_empty(content, idx, "content"));
+      add_tools_and_format();
     } else if (role == "developer") {
       if (!content || !truthy(*content)) fail("message {}: developer message needs non-empty content", idx);
       prompt += kUserToken;
-      prompt += text_or_empty(content, idx, "content");
-      if (has_truthy(msg, "tools")) prompt += "\n\n" + render_tools(msg["tools"], idx);
-      if (has_truthy(msg, "response_format")) prompt += "\n\n" + render_response_format(msg["response_format"]);
+      prompt.add_client(text_or_empty(content, idx, "content"));
+      add_tools_and_format();
     } else if (role == "user") {
       prompt += kUserToken;
       const ojson* blocks = get(msg, "content_blocks");
@@ -462,25 +513,31 @@ struct Renderer {
           std::string type = b.value("type", "");
           if (type == "text") {
             const ojson* t = get(b, "text");
-            if (t && t->is_string()) prompt += t->get<std::string>();
+            if (t && t->is_string()) prompt.add_client(t->get<std::string>());
             else if (t && !t->is_null()) fail("message {}: content must be a string, a list of parts or null", idx);
           } else if (type == "image" || type == "image_url") {
             prompt += kImagePlaceholder;
           } else if (type == "tool_result") {
             const ojson* c = get(b, "content");
-            prompt += "<tool_result>" + tool_result_text(c ? *c : ojson(""), idx) + "</tool_result>";
+            std::string result = tool_result_text(c ? *c : ojson(""), idx);
+            prompt += "<tool_result>";
+            prompt.add_client(result);
+            prompt += "</tool_result>";
           } else {
-            prompt += "[Unsupported " + type + "]";
+            prompt += "[Unsupported ";
+            prompt.add_client(type);
+            prompt += "]";
           }
         }
       } else {
-        prompt += text_or_empty(content, idx, "content");
+        prompt.add_client(text_or_empty(content, idx, "content"));
       }
     } else if (role == "latest_reminder") {
       prompt += kLatestReminderToken;
-      prompt += content && !content->is_null() ? text_or_empty(content, idx, "content") : std::string("None");
+      if (content && !content->is_null()) prompt.add_client(text_or_empty(content, idx, "content"));
+      else prompt += "None";
     } else if (role == "assistant") {
-      std::string tc;
+      PromptText tc;
       if (has_truthy(msg, "tool_calls")) tc = render_tool_calls(msg["tool_calls"], idx);
       std::string summary = text_or_empty(content, idx, "content");
       std::string reasoning;
@@ -489,10 +546,12 @@ struct Renderer {
         reasoning = r->get<std::string>();
       }
       bool prev_has_task = index >= 1 && not_none(msgs[static_cast<size_t>(index - 1)], "task");
-      std::string thinking_part;
-      if (thinking && !prev_has_task && (!drop_thinking || index > last_user))
-        thinking_part = reasoning + std::string(kThinkEnd);
-      prompt += thinking_part + summary + tc;
+      if (thinking && !prev_has_task && (!drop_thinking || index > last_user)) {
+        prompt.add_client(reasoning);
+        prompt += kThinkEnd;
+      }
+      prompt.add_client(summary);
+      prompt += tc;
       if (!has_truthy(msg, "wo_eos")) prompt += kEos;
     } else {
       fail("message {}: unknown role '{}' (expected system, developer, user, assistant, tool or latest_reminder)",
@@ -532,6 +591,12 @@ struct Renderer {
 
 }  // namespace
 
+ChatOptions::ContentSpecialTokens content_special_tokens_from_name(const std::string& name) {
+  if (name == "special") return ChatOptions::ContentSpecialTokens::Special;
+  if (name == "plain") return ChatOptions::ContentSpecialTokens::Plain;
+  fail("invalid special-token handling '{}': expected special or plain", name);
+}
+
 ChatOptions chat_options_from_mode(const std::string& mode, ChatOptions base) {
   if (mode == "chat") {
     base.thinking = ThinkingMode::Chat;
@@ -548,6 +613,16 @@ ChatOptions chat_options_from_mode(const std::string& mode, ChatOptions base) {
 
 std::string render_chat(const ojson& messages, const ojson& tools, const ChatOptions& opts,
                         const ojson& response_format) {
+  return render_chat_with_ranges(messages, tools, opts, response_format).text;
+}
+
+std::vector<int32_t> encode_chat(const Tokenizer& tok, const RenderedChat& chat, ChatOptions::ContentSpecialTokens mode) {
+  if (mode == ChatOptions::ContentSpecialTokens::Special) return tok.encode(chat.text);
+  return tok.encode(chat.text, chat.client_ranges);
+}
+
+RenderedChat render_chat_with_ranges(const ojson& messages, const ojson& tools, const ChatOptions& opts,
+                                     const ojson& response_format) {
   if (!messages.is_array()) fail("messages must be a JSON list");
   std::vector<ojson> msgs;
   long i = 0;
@@ -580,7 +655,8 @@ std::string render_chat(const ojson& messages, const ojson& tools, const ChatOpt
   msgs = merge_tool_messages(msgs);
   sort_tool_results(msgs);
 
-  std::string prompt = opts.add_bos ? std::string(kBos) : std::string();
+  PromptText prompt;
+  if (opts.add_bos) prompt += kBos;
   bool drop = opts.drop_thinking;
   for (const auto& m : msgs)
     if (has_truthy(m, "tools")) drop = false;
@@ -588,7 +664,7 @@ std::string render_chat(const ojson& messages, const ojson& tools, const ChatOpt
 
   Renderer r{msgs, opts.thinking, drop, opts, find_last_user(msgs)};
   for (long k = 0; k < static_cast<long>(msgs.size()); ++k) prompt += r.render(k);
-  return prompt;
+  return {std::move(prompt.text), std::move(prompt.client)};
 }
 
 }  // namespace dsv4

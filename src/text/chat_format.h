@@ -36,9 +36,18 @@
 // Documented leniencies (where the Python encoder would crash or print a Python
 // repr): list content on system/developer/assistant/latest_reminder messages is
 // flattened like user content; user content null renders as "".
+//
+// Client text: render_chat_with_ranges() also returns the byte ranges of the prompt that came
+// from the request (message content, reasoning, tool-call names and arguments, tool results,
+// tool schemas, response formats) as opposed to the template's own
+// text. Encoding with added-token matching off in those ranges (Tokenizer::encode(text, ranges))
+// makes special-token text in content plain text. An image placeholder inside list content
+// counts as client text.
 #include <string>
+#include <vector>
 
 #include "text/pyjson.h"
+#include "text/tokenizer.h"
 
 namespace dsv4 {
 
@@ -54,7 +63,15 @@ struct ChatOptions {
   // Drop reasoning of assistant turns before the last user turn (thinking mode).
   bool drop_thinking = true;
   bool add_bos = true;
+  // How special-token text in client text (see above) is tokenized: as the token (the official
+  // encoder's and vLLM's behaviour) or as plain text. Rendering is the same either way;
+  // encode_chat() reads it.
+  enum class ContentSpecialTokens { Special, Plain };
+  ContentSpecialTokens special_tokens_in_content = ContentSpecialTokens::Special;
 };
+
+// Parses "special" | "plain", the names of ContentSpecialTokens in requests and flags.
+ChatOptions::ContentSpecialTokens content_special_tokens_from_name(const std::string& name);
 
 // Parses "chat" | "thinking" | "max" (max = thinking with effort "max").
 // Returns the options with thinking and reasoning_effort set.
@@ -70,6 +87,17 @@ ChatOptions chat_options_from_mode(const std::string& mode, ChatOptions base = {
 // dropped with what it carries unless tools keep the history; see above.)
 std::string render_chat(const ojson& messages, const ojson& tools, const ChatOptions& opts,
                         const ojson& response_format = nullptr);
+
+struct RenderedChat {
+  std::string text;                     // what render_chat() returns
+  std::vector<ByteRange> client_ranges;  // the client text in it, sorted and disjoint
+};
+RenderedChat render_chat_with_ranges(const ojson& messages, const ojson& tools, const ChatOptions& opts,
+                                     const ojson& response_format = nullptr);
+
+// The prompt's tokens: special-token text in client ranges becomes the token or plain text, as
+// `mode` says.
+std::vector<int32_t> encode_chat(const Tokenizer& tok, const RenderedChat& chat, ChatOptions::ContentSpecialTokens mode);
 
 // Special tokens of the format.
 inline constexpr std::string_view kBos = "<｜begin▁of▁sentence｜>";

@@ -167,9 +167,11 @@ std::string json_string(std::string_view s) {
 // A parameter's value as it goes into the arguments JSON: string="true" values as JSON strings;
 // string="false" values verbatim when they are JSON (the official decoder pastes them verbatim
 // even when they are not, which makes the arguments invalid JSON), else as JSON strings.
-// (nlohmann's accept() is a non-recursive SAX pass, whatever the nesting.)
+// (nlohmann's accept() is a non-recursive SAX pass, whatever the nesting. It also takes a NUL byte
+// as the end of its input, so "1<NUL>junk" would pass: JSON text has no raw NUL anywhere.)
 std::string param_json(std::string_view value, bool is_string) {
-  if (!is_string && nlohmann::json::accept(value)) return std::string(value);
+  if (!is_string && value.find('\0') == std::string_view::npos && nlohmann::json::accept(value))
+    return std::string(value);
   return json_string(value);
 }
 
@@ -352,7 +354,7 @@ void StreamParser::emit_text(std::vector<StreamDelta>& out, StreamDelta::Kind ki
 void StreamParser::emit_value(std::vector<StreamDelta>& out, size_t n, bool final) {
   if (!param_is_string_ && !final) return;
   if (!final) n -= incomplete_utf8_tail(buf_, n);
-  if (n == 0) return;
+  if (n == 0 && param_is_string_) return;  // an empty non-string value still goes out (as "")
   std::string frag;
   if (param_is_string_) py_json_escape_append(frag, std::string_view(buf_).substr(0, n));
   else frag = param_json(std::string_view(buf_).substr(0, n), false);

@@ -346,8 +346,16 @@ struct Tokenizer::Impl {
   CodePtr compile(const Ctx& c, const std::string& field, const std::string& pattern, bool literal, bool* jit) const;
   void set_token(const Ctx& c, int32_t id, const std::string& s, const std::string& field, bool is_added);
 
-  void encode(std::string_view text, std::vector<int32_t>& out, bool allow_special) const;
-  void split_added(std::string_view text, int phase, bool allow_special, std::vector<int32_t>& out, Run& run) const;
+  // What split_added may match: special tokens or not, and nowhere overlapping `plain` (offsets
+  // of the whole text; `base` is the offset of the piece being split).
+  struct AddedMatching {
+    bool allow_special = true;
+    std::span<const ByteRange> plain;
+    bool overlaps_plain(size_t begin, size_t end) const;
+  };
+  void encode(std::string_view text, std::vector<int32_t>& out, const AddedMatching& matching) const;
+  void split_added(std::string_view text, size_t base, int phase, const AddedMatching& matching,
+                   std::vector<int32_t>& out, Run& run) const;
   void pre_tokenize(size_t step, std::string_view piece, std::vector<int32_t>& out, Run& run) const;
   void bpe(std::string_view word, std::vector<int32_t>& out) const;
   void bpe_merge(const uint8_t* p, size_t n, std::vector<int32_t>& out) const;
@@ -615,23 +623,28 @@ bool Tokenizer::Impl::is_word_char_before(std::string_view s, size_t end) const 
   return is_word_char_at(s, i);
 }
 
-void Tokenizer::Impl::encode(std::string_view text, std::vector<int32_t>& out, bool allow_special) const {
+bool Tokenizer::Impl::AddedMatching::overlaps_plain(size_t begin, size_t end) const {
+  auto it = std::upper_bound(plain.begin(), plain.end(), begin, [](size_t b, const ByteRange& r) { return b < r.end; });
+  return it != plain.end() && it->begin < end;
+}
+
+void Tokenizer::Impl::encode(std::string_view text, std::vector<int32_t>& out, const AddedMatching& matching) const {
   size_t bad = utf8::first_invalid(text);
   if (bad != std::string_view::npos) fail("tokenizer: input text is not valid UTF-8 (byte offset {})", bad);
   Run run;
   run.md.resize(steps.size(), nullptr);
   for (size_t i = 0; i < steps.size(); ++i)
     if (steps[i].code) run.md[i] = pcre2_match_data_create_from_pattern(steps[i].code.get(), nullptr);
-  split_added(text, 0, allow_special, out, run);
+  split_added(text, 0, 0, matching, out, run);
 }
 
 // Splits `text` on the added tokens of `phase` (leftmost-longest, non-overlapping), emits their
 // ids, and passes the text between them on to the next phase / the pre-tokenizer.
-void Tokenizer::Impl::split_added(std::string_view text, int phase, bool allow_special, std::vector<int32_t>& out,
-                                  Run& run) const {
+void Tokenizer::Impl::split_added(std::string_view text, size_t base, int phase, const AddedMatching& matching,
+                                  std::vector<int32_t>& out, Run& run) const {
   auto pass_on = [&](std::string_view piece) {
     if (piece.empty()) return;
-    if (phase == 0) split_added(piece, 1, allow_special, out, run);
+    if (phase == 0) split_added(piece, base + size_t(piece.data() - text.data()), 1, matching, out, run);
     else pre_tokenize(0, piece, out, run);
   };
   const TokenTrie& t = trie[phase];
@@ -650,8 +663,14 @@ void Tokenizer::Impl::split_added(std::string_view text, int phase, bool allow_s
     }
     const AddedToken& a = added_tokens[size_t(index)];
     size_t start = pos, stop = pos + len;
+    // A match touching plain text is no match: look again one byte on, so that a token of the
+    // template text right after it is still found.
+    if (matching.overlaps_plain(base + start, base + stop)) {
+      ++pos;
+      continue;
+    }
     pos = stop;  // the match is consumed even when it is then skipped (as aho-corasick does)
-    if (a.special && !allow_special) continue;
+    if (a.special && !matching.allow_special) continue;
     if (a.single_word && (is_word_char_before(text, start) || is_word_char_at(text, stop))) continue;
     if (a.lstrip) {
       size_t s = start;
@@ -939,12 +958,19 @@ Tokenizer Tokenizer::load(const std::string& path) {
 std::vector<int32_t> Tokenizer::encode(std::string_view text, bool allow_special) const {
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 4);
-  impl_->encode(text, out, allow_special);
+  impl_->encode(text, out, {.allow_special = allow_special, .plain = {}});
   return out;
 }
 
 void Tokenizer::encode_append(std::string_view text, std::vector<int32_t>& out, bool allow_special) const {
-  impl_->encode(text, out, allow_special);
+  impl_->encode(text, out, {.allow_special = allow_special, .plain = {}});
+}
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text, std::span<const ByteRange> plain) const {
+  std::vector<int32_t> out;
+  out.reserve(text.size() / 3 + 4);
+  impl_->encode(text, out, {.allow_special = true, .plain = plain});
+  return out;
 }
 
 std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special) const {

@@ -25,6 +25,13 @@
 
 namespace dsv4 {
 
+// Bytes [begin, end) of a text.
+struct ByteRange {
+  size_t begin = 0;
+  size_t end = 0;
+  bool operator==(const ByteRange&) const = default;
+};
+
 class Tokenizer {
  public:
   // Loads a tokenizer.json; errors name the file and the field at fault.
@@ -37,6 +44,11 @@ class Tokenizer {
   // like HF's encode_special_tokens=True.
   std::vector<int32_t> encode(std::string_view text, bool allow_special = true) const;
   void encode_append(std::string_view text, std::vector<int32_t>& out, bool allow_special = true) const;
+  // Like encode(), except that no added token (special or not) is matched where it would overlap
+  // one of `plain` (sorted, disjoint): the text there encodes as ordinary text, and everything
+  // outside encodes exactly as encode() does. A chat prompt uses it to keep format tokens out of
+  // client text.
+  std::vector<int32_t> encode(std::string_view text, std::span<const ByteRange> plain) const;
 
   // Concatenates token bytes; ill-formed UTF-8 becomes U+FFFD (as HF does). Ids outside the
   // vocabulary raise an Error naming the id and its position.

@@ -133,6 +133,40 @@ TEST(ParserStream, NonJsonValuesBecomeStrings) {
   }
 }
 
+// A NUL byte ends nlohmann's input early: "1<NUL>x" must not pass as the JSON value 1 (found by
+// fuzz_dsml_parser: the arguments were invalid JSON).
+TEST(ParserStream, ValueWithNulIsAString) {
+  const std::string value("1\0x", 3);
+  const std::string text = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+                           "<｜DSML｜parameter name=\"n\" string=\"false\">" + value + "</｜DSML｜parameter>\n"
+                           "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>";
+  const std::string want = R"({"n": "1\u0000x"})";
+  ParsedMessage strict = parse_completion(text, false);
+  ASSERT_EQ(strict.tool_calls.size(), 1u);
+  EXPECT_EQ(strict.tool_calls[0].arguments_json, want);
+  ParsedMessage streamed = parse_completion_lenient(text, false);
+  ASSERT_EQ(streamed.tool_calls.size(), 1u);
+  EXPECT_EQ(streamed.tool_calls[0].arguments_json, want);
+}
+
+// An empty string="false" value is the JSON string "" in both parsers (found by fuzz_dsml_parser:
+// the streaming parser emitted nothing, leaving '{"x": }').
+TEST(ParserStream, EmptyNonStringValueIsAnEmptyString) {
+  const std::string text = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+                           "<｜DSML｜parameter name=\"x\" string=\"false\"></｜DSML｜parameter>\n"
+                           "<｜DSML｜parameter name=\"y\" string=\"false\">2</｜DSML｜parameter>\n"
+                           "</｜DSML｜invoke>\n</｜DSML｜tool_calls><｜end▁of▁sentence｜>";
+  const std::string want = R"({"x": "", "y": 2})";
+  ParsedMessage strict = parse_completion(text, false);
+  ASSERT_EQ(strict.tool_calls.size(), 1u);
+  EXPECT_EQ(strict.tool_calls[0].arguments_json, want);
+  for (size_t i = 0; i <= text.size(); ++i) {
+    ParsedMessage m = stream(text, false, {i}, nullptr, true);
+    ASSERT_EQ(m.tool_calls.size(), 1u) << "split at " << i;
+    EXPECT_EQ(m.tool_calls[0].arguments_json, want) << "split at " << i;
+  }
+}
+
 // Tool names: DSML is a call only for an offered tool. Not offered: from the invoke on (from the
 // block start when it is the first) the text is content; no tools at all: DSML is never parsed.
 TEST(ParserStream, CallsOnlyToOfferedTools) {

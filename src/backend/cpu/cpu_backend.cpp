@@ -40,18 +40,26 @@ void weight_row(const Linear& w, int64_t r, float* out) {
   }
 }
 
+// Element i of a tensor that may sit at any byte offset of a mapped checkpoint (no alignment).
+template <class T>
+T unaligned_at(const void* data, int64_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const char*>(data) + i * int64_t(sizeof(T)), sizeof(T));
+  return v;
+}
+
 float tensor_value(const TensorData& t, int64_t i) {
   switch (t.dtype) {
-    case DType::F32: return reinterpret_cast<const float*>(t.data)[i];
-    case DType::BF16: return bf16_to_f32(reinterpret_cast<const uint16_t*>(t.data)[i]);
+    case DType::F32: return unaligned_at<float>(t.data, i);
+    case DType::BF16: return bf16_to_f32(unaligned_at<uint16_t>(t.data, i));
     default: fail("tensor '{}': expected F32 or BF16, got {}", t.name, dtype_name(t.dtype));
   }
 }
 
 int64_t tensor_int(const TensorData& t, int64_t i) {
   switch (t.dtype) {
-    case DType::I32: return reinterpret_cast<const int32_t*>(t.data)[i];
-    case DType::I64: return reinterpret_cast<const int64_t*>(t.data)[i];
+    case DType::I32: return unaligned_at<int32_t>(t.data, i);
+    case DType::I64: return unaligned_at<int64_t>(t.data, i);
     default: fail("tensor '{}': expected I32 or I64, got {}", t.name, dtype_name(t.dtype));
   }
 }
