@@ -202,7 +202,7 @@ TEST(Speculative, GreedyOutputsIdenticalTinyModel) {
       ASSERT_EQ(spec.size(), base.size());
       for (size_t i = 0; i < base.size(); ++i) {
         EXPECT_EQ(spec[i].tokens, base[i].tokens) << "request " << i;
-        EXPECT_EQ(spec[i].finish, FinishReason::Length);
+        EXPECT_EQ(spec[i].finish, FinishReason::Length) << spec[i].final.error;
       }
       EXPECT_GT(m.draft_tokens, 200);
       EXPECT_GT(m.prefix_hit_rate, 0.2);
@@ -250,7 +250,8 @@ TEST(Speculative, GreedyOutputsIdenticalDemoModel) {
     SCOPED_TRACE(k);
     cfg.speculative_tokens = k;
     const Wave spec = run_wave(cfg, demo_model(), reqs);
-    for (size_t j = 0; j < reqs.size(); ++j) EXPECT_EQ(spec.outputs[j].tokens, base.outputs[j].tokens) << "request " << j;
+    for (size_t j = 0; j < reqs.size(); ++j)
+      EXPECT_EQ(spec.outputs[j].tokens, base.outputs[j].tokens) << "request " << j << " " << spec.outputs[j].final.error;
     EXPECT_GT(spec.metrics.mean_acceptance_length, 1.3);
     EXPECT_GT(spec.metrics.accepted_draft_tokens, 0);
     EXPECT_LE(spec.metrics.accepted_draft_tokens, spec.metrics.draft_tokens);
