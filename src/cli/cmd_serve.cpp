@@ -13,7 +13,7 @@
 #include "engine/llm_engine.h"
 #include "model/checkpoint.h"
 #include "model/tiny.h"
-#include "server/scripted_engine.h"
+#include "engine/scripted_engine.h"
 #include "server/server.h"
 #include "text/tiny_tokenizer.h"
 #include "text/tokenizer.h"
@@ -111,11 +111,11 @@ Loaded load(const ServeOpts& o) {
   if (L.context <= 0) L.context = 4096;
   // The scripted engine: tokens are a deterministic function of the prompt (tests, load tests
   // of the HTTP layer, and builds without the model engine).
-  server::ScriptedEngine::Options so;
+  ScriptedEngine::Options so;
   so.context = L.context;
   so.max_running = o.max_running;
   so.step_time = std::chrono::microseconds(int64_t(o.step_ms * 1000));
-  L.engine = std::make_unique<server::ScriptedEngine>(*L.tok, so);
+  L.engine = std::make_unique<ScriptedEngine>(*L.tok, so);
   L.engine_kind = "scripted";
   bar.advance(1);
   bar.finish();

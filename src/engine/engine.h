@@ -47,11 +47,14 @@ struct SamplingParams {
   float frequency_penalty = 0.0f;
   float repetition_penalty = 1.0f;
   std::optional<uint64_t> seed;  // reproducible per request regardless of batch mates
-  int32_t max_tokens = 256;
+  int32_t max_tokens = 256;  // 0: no generation (prompt scoring)
   std::vector<int32_t> stop_token_ids;  // in addition to the model's EOS unless ignore_eos
   std::vector<std::string> stop;        // stop strings (matched on detokenized text, not included)
   bool ignore_eos = false;
   int32_t logprobs = -1;  // -1: none; k >= 0: chosen token's logprob and k top alternatives
+  // -1: none; k >= 0: the logprob of every prompt token after the first, with k alternatives
+  // (scoring, as lm-eval's loglikelihood; the prompt is computed whole, not from the prefix cache).
+  int32_t prompt_logprobs = -1;
   int32_t n = 1;          // parallel samples sharing the prompt state
 };
 
@@ -78,6 +81,7 @@ struct Event {
   std::vector<int32_t> tokens;  // new tokens this step (after stop handling)
   std::string text;             // their detokenized text (complete UTF-8 only)
   std::vector<TokenLogprob> logprobs;
+  std::vector<TokenLogprob> prompt_logprobs;  // first event of each sample: prompt positions 1..P-1
   FinishReason finish = FinishReason::None;
   std::string error;  // when finish == Error
   // Usage, filled on the final event of each sample.
@@ -91,6 +95,7 @@ struct EngineMetrics {
   int64_t waiting = 0, running = 0;
   int64_t blocks_total = 0, blocks_free = 0, blocks_cached = 0;
   int64_t capacity_tokens = 0;
+  int64_t max_model_len = 0;  // longest sequence accepted: the model's context clamped to the pool
   double prefix_hit_rate = 0;  // cached prompt tokens / prompt tokens
   int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
   int64_t requests_finished = 0, requests_aborted = 0, preemptions = 0;

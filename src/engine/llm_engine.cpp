@@ -16,6 +16,7 @@
 
 #include "engine/model_runner.h"
 #include "engine/mtp_drafter.h"
+#include "engine/output_processor.h"
 #include "engine/sampler.h"
 #include "engine/state_manager.h"
 #include "model/checkpoint.h"
@@ -142,16 +143,14 @@ struct SeqRec {
   bool fork_pending = false;  // n > 1: waits for sample 0's prompt logits
   int64_t cached_tokens = -1;
   SamplerState sampler{0};
-  int32_t completion = 0;
-  std::optional<IncrementalDecoder> decoder;
-  std::string text;
-  size_t emitted = 0;
+  std::optional<OutputProcessor> output;  // stops, length, text
   bool finished = false;
   // Speculative decoding: the MTP block's drafts for the positions after the last token, and
   // the distribution each was drawn from (empty for greedy requests).
   std::vector<int32_t> drafts;
   std::vector<std::vector<float>> draft_probs;
   int64_t computed() const { return has_state ? state.st.num_tokens : 0; }
+  int32_t completion() const { return int32_t(output->completion_tokens()); }
 };
 
 struct RequestRec {
@@ -160,6 +159,7 @@ struct RequestRec {
   uint64_t arrival = 0;
   std::vector<std::unique_ptr<SeqRec>> samples;
   int32_t live = 0;
+  std::vector<TokenLogprob> prompt_logprobs;  // scored so far: positions 1..size()
 };
 
 // Ordering of the waiting queue: priority (higher first), then arrival, then sample index.
@@ -205,8 +205,13 @@ class EngineImpl final : public LLMEngine {
     if (mtp) drafter_ = std::make_unique<MtpDrafter>(model);
     capacity_tokens_ = plan.num_blocks * B;
     device_sampling_ = cfg_.device_sampling.value_or(model.backend().name() != "cpu");
-    max_model_len_ = cfg_.max_model_len > 0 ? cfg_.max_model_len : mc.max_position_embeddings;
-    if (max_model_len_ <= 0) max_model_len_ = capacity_tokens_;
+    // A sequence cannot outgrow the state pool: the context is what the model allows, clamped to
+    // what the pool holds, so longer requests are refused at submit rather than failing part-way.
+    const int64_t asked = cfg_.max_model_len > 0 ? cfg_.max_model_len : mc.max_position_embeddings;
+    max_model_len_ = asked > 0 ? std::min(asked, capacity_tokens_) : capacity_tokens_;
+    if (cfg_.log_startup && max_model_len_ < asked)
+      log_info("engine: max model length {} tokens: the state pool holds {} tokens ({} asked; raise --kv-memory or "
+               "--gpu-memory-utilization for more)", max_model_len_, capacity_tokens_, asked);
     eos_.insert(int32_t(mc.eos_token_id));
     if (lm_->tokenizer)
       if (auto e = lm_->tokenizer->eos_id()) eos_.insert(*e);
@@ -255,13 +260,17 @@ class EngineImpl final : public LLMEngine {
     if (sp.n < 1) reject(Kind::InvalidRequest, "n", "must be at least 1, got {}", sp.n);
     if (sp.n > cfg_.max_running_requests)
       reject(Kind::InvalidRequest, "n", "{} samples exceed --max-running-requests ({})", sp.n, cfg_.max_running_requests);
-    if (sp.max_tokens < 1) reject(Kind::InvalidRequest, "max_tokens", "must be at least 1, got {}", sp.max_tokens);
+    if (sp.max_tokens < 0) reject(Kind::InvalidRequest, "max_tokens", "must be >= 0, got {}", sp.max_tokens);
+    if (sp.max_tokens == 0 && sp.prompt_logprobs < 0)
+      reject(Kind::InvalidRequest, "max_tokens", "0 generates nothing: only for prompt scoring (prompt logprobs)");
     if (!(sp.temperature >= 0)) reject(Kind::InvalidRequest, "temperature", "must be >= 0, got {}", sp.temperature);
     if (!(sp.top_p > 0 && sp.top_p <= 1)) reject(Kind::InvalidRequest, "top_p", "must be in (0, 1], got {}", sp.top_p);
     if (sp.top_k < 0 && sp.top_k != -1) reject(Kind::InvalidRequest, "top_k", "must be >= 0 (or -1 for off), got {}", sp.top_k);
     if (!(sp.min_p >= 0 && sp.min_p <= 1)) reject(Kind::InvalidRequest, "min_p", "must be in [0, 1], got {}", sp.min_p);
     if (!(sp.repetition_penalty > 0)) reject(Kind::InvalidRequest, "repetition_penalty", "must be > 0, got {}", sp.repetition_penalty);
     if (sp.logprobs > 20) reject(Kind::InvalidRequest, "logprobs", "at most 20 alternatives, got {}", sp.logprobs);
+    if (sp.prompt_logprobs > 20)
+      reject(Kind::InvalidRequest, "prompt_logprobs", "at most 20 alternatives, got {}", sp.prompt_logprobs);
     for (int32_t t : sp.stop_token_ids)
       if (t < 0 || t >= mc.vocab_size) reject(Kind::InvalidRequest, "stop_token_ids", "{} is out of range (vocab size {})", t, mc.vocab_size);
     for (const auto& s : sp.stop)
@@ -392,7 +401,8 @@ class EngineImpl final : public LLMEngine {
       s->prompt_len = int64_t(rp->req.prompt.size());
       s->sampler = SamplerState(sample_seed(sp, i, fallback));
       if (sp.repetition_penalty != 1.0f) s->sampler.add_prompt(rp->req.prompt, lm_->config().vocab_size);
-      if (lm_->tokenizer) s->decoder.emplace(*lm_->tokenizer, true);
+      s->output.emplace(lm_->tokenizer ? &*lm_->tokenizer : nullptr, sp, std::vector<int32_t>(eos_.begin(), eos_.end()),
+                        std::min<int64_t>(sp.max_tokens, max_model_len_ - s->prompt_len));
       s->fork_pending = i > 0;
       rp->samples.push_back(std::move(s));
     }
@@ -400,6 +410,12 @@ class EngineImpl final : public LLMEngine {
     enqueue(rp->samples[0].get());
     prompt_tokens_total_ += int64_t(rp->req.prompt.size()) * sp.n;
     requests_.emplace(rp->req.id, std::move(r));
+  }
+
+  // Whether s still has prompt tokens to score: sample 0 scores the prompt for all samples.
+  static bool scores_prompt(const SeqRec* s) {
+    const RequestRec* r = s->req;
+    return r->req.sampling.prompt_logprobs >= 0 && s->index == 0 && int64_t(r->prompt_logprobs.size()) + 1 < s->prompt_len;
   }
 
   WaitKey key(const SeqRec* s) const { return {-s->req->req.priority, s->req->arrival, s->index}; }
@@ -432,7 +448,7 @@ class EngineImpl final : public LLMEngine {
     ev.finish = why;
     ev.error = error;
     ev.prompt_tokens = int32_t(s->prompt_len);
-    ev.completion_tokens = s->completion;
+    ev.completion_tokens = s->completion();
     ev.cached_prompt_tokens = int32_t(std::max<int64_t>(0, s->cached_tokens));
     emit(s->req, ev);
     --s->req->live;
@@ -551,7 +567,7 @@ class EngineImpl final : public LLMEngine {
       const int64_t B = mgr_->block_tokens(), len = int64_t(s->tokens.size());
       // Nothing can run if the pool cannot take even one more block for it.
       StateManager::Seq st = mgr_->acquire();
-      const int64_t hit = mgr_->lookup(s->tokens, (len - 1) / B);
+      const int64_t hit = scores_prompt(s) ? 0 : mgr_->lookup(s->tokens, (len - 1) / B);
       mgr_->attach(st, s->tokens, hit);
       s->state = std::move(st);
       s->has_state = true;
@@ -584,6 +600,7 @@ class EngineImpl final : public LLMEngine {
     const int64_t V = lm_->config().vocab_size;
     std::vector<ModelRunner::Item> items;
     std::vector<SeqRec*> seqs, dev_seqs, host_seqs;
+    std::vector<size_t> host_items;  // index in items of each host_seqs entry
     std::vector<int64_t> pass_start;
     std::vector<float> params(work.size() * size_t(kSampleParams));
     for (const Work& w : work) {
@@ -596,17 +613,19 @@ class EngineImpl final : public LLMEngine {
       it.state = &s->state.st;
       it.tokens = std::span(s->tokens).subspan(size_t(at), size_t(w.n));
       it.sampled = at + w.n == int64_t(s->tokens.size());
+      it.scored = scores_prompt(s);
       it.draft_rows = int64_t(s->drafts.size());
       it.keep_streams = bool(drafter_);
-      it.on_device = it.sampled && !it.draft_rows && device_sampled(s);
+      it.on_device = it.sampled && !it.scored && !it.draft_rows && device_sampled(s);
       if (it.on_device) {
         const SamplingParams& sp = s->req->req.sampling;
         it.params = &params[items.size() * size_t(kSampleParams)];
         write_sample_params(sample_filter(sp), &params[items.size() * size_t(kSampleParams)]);
         it.uniform = draw_uniform(sp, s->sampler);  // drawn exactly when the host sampler would draw it
         dev_seqs.push_back(s);
-      } else if (it.sampled) {
+      } else if (it.sampled || it.scored) {
         host_seqs.push_back(s);
+        host_items.push_back(items.size());
       }
       items.push_back(it);
       seqs.push_back(s);
@@ -638,17 +657,27 @@ class EngineImpl final : public LLMEngine {
     }
     std::vector<int64_t> accepted;  // per sequence of res.drafts, in its order
     std::map<const SequenceState*, int64_t> accepted_of;
-    for (size_t i = 0, row = host0; i < host_seqs.size(); ++i) {
+    size_t at_row = host0;
+    for (size_t i = 0; i < host_seqs.size(); ++i) {
       SeqRec* s = host_seqs[i];
-      const int64_t drafts = int64_t(s->drafts.size());
-      const auto rows = std::span(res.host_logits).subspan(row * size_t(V), size_t((drafts + 1) * V));
-      row += size_t(drafts + 1);
+      const ModelRunner::Item& it = items[host_items[i]];
+      const size_t rows = it.scored ? it.tokens.size() : size_t(it.draft_rows + 1);
+      const auto logits = std::span(res.host_logits).subspan(at_row * size_t(V), rows * size_t(V));
+      at_row += rows;
+      if (it.scored) score_prompt(s, s->computed() - int64_t(rows), logits);
+      if (!it.sampled) continue;
       Decided& d = decided[s];
-      if (s->index == 0 && s->completion == 0 && s->req->req.sampling.n > 1) d.fork_row.assign(rows.begin(), rows.end());
-      decide_tokens(s, rows, d);
-      if (drafts) {
+      if (s->req->req.sampling.max_tokens == 0) {  // scoring only: the prompt was the work
+        d.scoring_only = true;
+        continue;
+      }
+      const auto sampled_rows = logits.last(size_t(it.draft_rows + 1) * size_t(V));
+      if (s->index == 0 && s->completion() == 0 && s->req->req.sampling.n > 1)
+        d.fork_row.assign(sampled_rows.begin(), sampled_rows.end());
+      decide_tokens(s, sampled_rows, d);
+      if (it.draft_rows) {
         accepted_of[&s->state.st] = int64_t(d.tokens.size()) - 1;
-        draft_tokens_ += drafts;
+        draft_tokens_ += it.draft_rows;
         accepted_draft_tokens_ += int64_t(d.tokens.size()) - 1;
         ++speculative_steps_;
       }
@@ -669,11 +698,11 @@ class EngineImpl final : public LLMEngine {
       auto it = decided.find(s);
       if (it == decided.end()) continue;
       Decided& d = it->second;
-      for (size_t j = 0; j < d.tokens.size() && !s->finished; ++j) {
-        Event ev;
-        if (j < d.logprobs.size()) ev.logprobs.push_back(std::move(d.logprobs[j]));
-        emit_token(s, d.tokens[j], std::move(ev));
+      if (d.scoring_only) {
+        finish_scored(s);
+        continue;
       }
+      emit_tokens(s, d.tokens, std::move(d.logprobs));
       if (!d.fork_row.empty()) start_forks(s->req, s, d.fork_row);
     }
   }
@@ -685,6 +714,7 @@ class EngineImpl final : public LLMEngine {
     std::vector<int32_t> tokens;
     std::vector<TokenLogprob> logprobs;
     std::vector<float> fork_row;
+    bool scoring_only = false;  // max_tokens 0 with prompt logprobs: finishes without a token
   };
 
   // Host sampling of s's rows (drafts + 1 of them): each draft is verified against its row in
@@ -745,7 +775,7 @@ class EngineImpl final : public LLMEngine {
   int32_t next_draft_count(const SeqRec* s, int64_t fresh) const {
     const int64_t N = s->state.st.num_tokens, len = int64_t(s->tokens.size()) + fresh, B = mgr_->block_tokens();
     int64_t k = cfg_.speculative_tokens;
-    k = std::min(k, int64_t(s->req->req.sampling.max_tokens) - (s->completion + fresh) - 1);
+    k = std::min(k, int64_t(s->req->req.sampling.max_tokens) - (s->completion() + fresh) - 1);
     k = std::min(k, max_model_len_ - len - 1);
     k = std::min(k, (N / B + 1) * B - N - 1);
     return int32_t(std::max<int64_t>(0, k));
@@ -755,7 +785,7 @@ class EngineImpl final : public LLMEngine {
   // logprobs, except the first token of n > 1 (its forks sample the same row on the host).
   bool device_sampled(const SeqRec* s) const {
     const SamplingParams& sp = s->req->req.sampling;
-    return device_sampling_ && !needs_host_sampling(sp) && !(sp.n > 1 && s->index == 0 && s->completion == 0);
+    return device_sampling_ && !needs_host_sampling(sp) && !(sp.n > 1 && s->index == 0 && s->completion() == 0);
   }
 
   // n > 1: the other samples share sample 0's prompt state (its full blocks; a copy of the rest).
@@ -779,71 +809,63 @@ class EngineImpl final : public LLMEngine {
     }
   }
 
+  // Logprobs of the prompt tokens that rows [from, from + rows) predict (row p scores token p + 1).
+  void score_prompt(SeqRec* s, int64_t from, std::span<const float> logits) {
+    RequestRec* r = s->req;
+    const int64_t V = lm_->config().vocab_size;
+    for (int64_t p = from; p + 1 < s->prompt_len && p < from + int64_t(logits.size()) / V; ++p) {
+      if (p != int64_t(r->prompt_logprobs.size())) continue;  // scored before a preemption
+      r->prompt_logprobs.push_back(token_logprobs(logits.subspan(size_t((p - from) * V), size_t(V)),
+                                                  s->tokens[size_t(p + 1)], r->req.sampling.prompt_logprobs));
+    }
+  }
+
+  // max_tokens 0: every sample ends after the prompt, with its logprobs and no token.
+  void finish_scored(SeqRec* s) {
+    RequestRec* r = s->req;
+    for (auto& c : r->samples) {
+      if (c->finished) continue;
+      Event ev;
+      ev.prompt_logprobs = r->prompt_logprobs;
+      c->fork_pending = false;
+      finish_seq(c.get(), FinishReason::Length, "", std::move(ev));
+    }
+    ++requests_finished_;
+    finish_request_if_done(r);
+  }
+
   void sample_and_emit(SeqRec* s, const std::vector<float>& row) {
     RequestRec* r = s->req;
     const SamplingParams& sp = r->req.sampling;
     if (cfg_.on_logits) cfg_.on_logits(r->req.id, s->index, int64_t(s->tokens.size()) - 1, row);
     const int32_t tok = sample_token(row, sp, s->sampler);
     s->sampler.add_generated(tok, lm_->config().vocab_size);
-    Event ev;
-    if (sp.logprobs >= 0) ev.logprobs.push_back(token_logprobs(row, tok, sp.logprobs));
-    emit_token(s, tok, std::move(ev));
+    std::vector<TokenLogprob> logprobs;
+    if (sp.logprobs >= 0) logprobs.push_back(token_logprobs(row, tok, sp.logprobs));
+    emit_tokens(s, std::span(&tok, 1), std::move(logprobs));
   }
 
-  // Appends a sampled token (already counted by the sampler) to s: stop handling, text, the
-  // event, finishing.
-  void emit_token(SeqRec* s, int32_t tok, Event ev) {
+  // Appends sampled tokens (already counted by the sampler; several after a speculative step)
+  // to s: the output processor consumes them up to the first that finishes the sample; one event.
+  void emit_tokens(SeqRec* s, std::span<const int32_t> toks, std::vector<TokenLogprob> logprobs) {
     RequestRec* r = s->req;
-    const SamplingParams& sp = r->req.sampling;
-    s->tokens.push_back(tok);
-    ++s->completion;
-    ++generation_tokens_total_;
-    gen_window_.emplace_back(Clock::now(), 1);
-    FinishReason fin = FinishReason::None;
-    bool by_string = false;
-    const bool stop_tok = (!sp.ignore_eos && eos_.count(tok)) ||
-                          std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), tok) != sp.stop_token_ids.end();
-    if (stop_tok) {
-      fin = FinishReason::Stop;
-    } else {
-      ev.tokens.push_back(tok);
-      if (s->decoder && lm_->tokenizer->contains(tok)) s->decoder->push(tok, s->text);  // no text for unknown ids
-      if (!sp.stop.empty()) {
-        size_t maxlen = 0;
-        for (const auto& st : sp.stop) maxlen = std::max(maxlen, st.size());
-        const size_t from = s->emitted > maxlen ? s->emitted - maxlen : 0;
-        size_t best = std::string::npos;
-        for (const auto& st : sp.stop) best = std::min(best, s->text.find(st, from));
-        if (best != std::string::npos) {
-          s->text.resize(best);
-          fin = FinishReason::Stop;
-          by_string = true;
-        }
-      }
-    }
-    if (fin == FinishReason::None &&
-        (s->completion >= sp.max_tokens || int64_t(s->tokens.size()) >= max_model_len_))
-      fin = FinishReason::Length;
-    if (fin != FinishReason::None && !by_string && s->decoder) s->text += s->decoder->flush();
-    // Emit complete text, holding back what could still turn into a stop string.
-    size_t upto = s->text.size();
-    if (fin == FinishReason::None) {
-      size_t hold = 0;
-      for (const auto& st : sp.stop) hold = std::max(hold, st.size() - 1);
-      upto = s->text.size() > hold ? s->text.size() - hold : 0;
-      while (upto > s->emitted && upto < s->text.size() && (uint8_t(s->text[upto]) & 0xC0) == 0x80) --upto;
-    }
-    if (upto > s->emitted) {
-      ev.text = s->text.substr(s->emitted, upto - s->emitted);
-      s->emitted = upto;
-    }
-    if (fin == FinishReason::None) {
+    Event ev;
+    if (s->completion() == 0 && r->req.sampling.prompt_logprobs >= 0) ev.prompt_logprobs = r->prompt_logprobs;
+    OutputProcessor::Delta d = s->output->append(toks);
+    s->tokens.insert(s->tokens.end(), toks.begin(), toks.begin() + d.consumed);
+    generation_tokens_total_ += d.consumed;
+    for (int32_t i = 0; i < d.consumed; ++i) gen_window_.emplace_back(Clock::now(), 1);
+    if (logprobs.size() > size_t(d.consumed)) logprobs.resize(size_t(d.consumed));
+    ev.logprobs = std::move(logprobs);
+    ev.tokens = std::move(d.tokens);
+    ev.text = std::move(d.text);
+    if (d.finish == FinishReason::None) {
       ev.request_id = r->req.id;
       ev.index = s->index;
       emit(r, ev);
       return;
     }
-    finish_seq(s, fin, "", std::move(ev));
+    finish_seq(s, d.finish, "", std::move(ev));
     if (r->live == 0) {
       ++requests_finished_;
       finish_request_if_done(r);
@@ -861,6 +883,7 @@ class EngineImpl final : public LLMEngine {
     m.blocks_free = mgr_->free_blocks();
     m.blocks_cached = mgr_->evictable_blocks();
     m.capacity_tokens = capacity_tokens_;
+    m.max_model_len = max_model_len_;
     m.prompt_tokens_total = prompt_tokens_total_;
     m.generation_tokens_total = generation_tokens_total_;
     m.prefix_hit_rate = prompt_tokens_total_ ? double(cached_prompt_tokens_total_) / double(prompt_tokens_total_) : 0;

@@ -7,20 +7,21 @@ namespace dsv4 {
 ModelRunner::Result ModelRunner::run(std::span<const Item> items, bool with_device_rows) {
   Backend& be = model_.backend();
   const int64_t V = model_.config().vocab_size;
-  // Logit rows come out in batch order: device-sampled sequences first, then host-sampled ones,
-  // so that each group is one contiguous block of rows.
+  // Logit rows come out in batch order: device-sampled sequences first, then host-sampled and
+  // scored ones, so that each group is one contiguous block of rows.
   std::vector<ForwardSeq> batch;
   batch.reserve(items.size());
   std::vector<float> params, uniforms;
   std::vector<size_t> order;  // item of each batch entry
   for (int pass = 0; pass < 3; ++pass)
     for (const Item& it : items) {
-      const int group = !it.sampled ? 2 : it.on_device ? 0 : 1;
+      const int group = it.on_device ? 0 : it.sampled || it.scored ? 1 : 2;
       if (group != pass) continue;
-      DSV4_CHECK(!(it.draft_rows && (it.on_device || !it.sampled)));
+      DSV4_CHECK(!(it.draft_rows && (it.on_device || !it.sampled || it.scored)));
       order.push_back(size_t(&it - items.data()));
       const int64_t len = int64_t(it.tokens.size());
-      batch.push_back({it.state, it.tokens, it.sampled ? 1 + it.draft_rows : 0, it.keep_streams ? len : 0, it.draft_rows});
+      const int64_t rows = it.scored ? len : it.sampled ? 1 + it.draft_rows : 0;
+      batch.push_back({it.state, it.tokens, rows, it.keep_streams ? len : 0, it.draft_rows});
       if (group == 0) {
         params.insert(params.end(), it.params, it.params + kSampleParams);
         uniforms.push_back(it.uniform);

@@ -42,7 +42,7 @@ std::vector<float> apply_penalties(std::span<const float> logits, const Sampling
 SampleFilter sample_filter(const SamplingParams& p) { return {p.temperature, p.top_k, p.top_p, p.min_p}; }
 
 bool needs_host_sampling(const SamplingParams& p) {
-  return p.logprobs >= 0 || p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+  return p.logprobs >= 0 || p.prompt_logprobs >= 0 || p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
 }
 
 float draw_uniform(const SamplingParams& p, SamplerState& s) { return p.temperature > 0 ? s.rng.uniform_f32() : 0.f; }

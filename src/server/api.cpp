@@ -169,10 +169,12 @@ void parse_common(const ojson& j, ParsedRequest& r, const ParseLimits& lim) {
     else wrong_type("seed", "an integer", *v);
   }
   // max_completion_tokens wins over the deprecated max_tokens.
+  // 0 is only meaningful for /v1/completions with echo (scoring the prompt): checked there.
   for (const char* key : {"max_tokens", "max_completion_tokens"}) {
-    if (auto v = get_int(j, key, 1, INT32_MAX)) {
+    if (auto v = get_int(j, key, 0, INT32_MAX)) {
       s.max_tokens = int32_t(*v);
       r.max_tokens_set = true;
+      r.max_tokens_key = key;
     }
   }
   if (auto v = get_int(j, "min_tokens", 0, INT32_MAX)) r.min_tokens = int32_t(*v);
@@ -387,6 +389,7 @@ ParsedRequest parse_chat_request(std::string_view body, const ParseLimits& lim) 
     r.top_logprobs = int32_t(*v);
   }
   r.sampling.logprobs = r.logprobs ? r.top_logprobs : -1;
+  if (r.max_tokens_set && r.sampling.max_tokens == 0) bad(r.max_tokens_key, fmt::format("'{}' must be at least 1", r.max_tokens_key));
   return r;
 }
 
@@ -423,6 +426,10 @@ ParsedRequest parse_completion_request(std::string_view body, const ParseLimits&
     r.top_logprobs = int32_t(*lp);
   }
   r.sampling.logprobs = r.logprobs ? r.top_logprobs : -1;
+  // echo with logprobs scores the prompt too (lm-eval's loglikelihood requests).
+  if (r.echo && r.logprobs) r.sampling.prompt_logprobs = r.top_logprobs;
+  if (r.max_tokens_set && r.sampling.max_tokens == 0 && !(r.echo && r.logprobs))
+    bad(r.max_tokens_key, fmt::format("'{}' of 0 needs 'echo': true with 'logprobs' (prompt scoring)", r.max_tokens_key));
   if (const ojson* s = field(j, "suffix"); s && !(s->is_string() && s->get<std::string>().empty()))
     bad("suffix", "'suffix' is not supported");
   if (auto b = get_int(j, "best_of", 1, 1 << 20); b && *b != r.sampling.n) bad("best_of", "'best_of' other than n is not supported");

@@ -54,6 +54,7 @@ struct ParsedRequest {
 
   SamplingParams sampling;           // max_tokens there only when max_tokens_set
   bool max_tokens_set = false;
+  std::string max_tokens_key = "max_tokens";  // the field that set it (max_completion_tokens wins)
   int32_t min_tokens = 0;
   bool stream = false;
   bool include_usage = false;        // stream_options.include_usage

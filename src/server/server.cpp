@@ -77,6 +77,8 @@ struct SampleOut {
   std::vector<int32_t> tokens;
   std::string text;
   std::vector<TokenLogprob> logprobs;
+  std::vector<TokenLogprob> prompt_logprobs;  // echo with logprobs: prompt positions 1..P-1
+  bool echo_sent = false;                     // streamed completions: the prompt chunk went out
   TextOffsets text_offsets;  // streamed completions: text_offset of the next logprobs token
   FinishReason finish = FinishReason::None;
   std::string error;
@@ -268,6 +270,7 @@ struct Gen {
     }
     o.text += text;
     o.logprobs.insert(o.logprobs.end(), e.logprobs.begin(), e.logprobs.end());
+    if (!e.prompt_logprobs.empty()) o.prompt_logprobs = e.prompt_logprobs;
     if (!e.tokens.empty()) {
       auto now = Clock::now();
       if (!first_token_seen) {
@@ -346,24 +349,31 @@ struct Gen {
   }
 
   // `offsets` continues over the sample's tokens (text_offset counts characters).
-  json completion_logprobs(const std::vector<TokenLogprob>& lps, TextOffsets& offsets, bool with_prompt) const {
+  // `prompt_lps` (echo): the prompt's tokens come first, the first one without a logprob.
+  json completion_logprobs(const std::vector<TokenLogprob>& lps, TextOffsets& offsets,
+                           const std::vector<TokenLogprob>* prompt_lps) const {
     json tokens = json::array(), tlp = json::array(), top = json::array(), offs = json::array();
-    if (with_prompt) {
-      for (int32_t t : prompt) {
-        tokens.push_back(token_str(t));
-        tlp.push_back(nullptr);
-        top.push_back(nullptr);
-        offs.push_back(offsets.next(token_bytes(t)));
-      }
-    }
-    for (const auto& lp : lps) {
+    auto add = [&](const TokenLogprob& lp) {
       tokens.push_back(token_str(lp.token));
       tlp.push_back(lp.logprob);
       json t = json::object();
       for (size_t k = 0; k < lp.top.size() && int32_t(k) < r.top_logprobs; ++k) t[token_str(lp.top[k].first)] = lp.top[k].second;
       top.push_back(t);
       offs.push_back(offsets.next(token_bytes(lp.token)));
+    };
+    if (prompt_lps) {
+      for (size_t p = 0; p < prompt.size(); ++p) {
+        if (p > 0 && p - 1 < prompt_lps->size() && (*prompt_lps)[p - 1].token == prompt[p]) {
+          add((*prompt_lps)[p - 1]);
+          continue;
+        }
+        tokens.push_back(token_str(prompt[p]));
+        tlp.push_back(nullptr);
+        top.push_back(nullptr);
+        offs.push_back(offsets.next(token_bytes(prompt[p])));
+      }
     }
+    for (const auto& lp : lps) add(lp);
     return {{"tokens", tokens}, {"token_logprobs", tlp}, {"top_logprobs", top}, {"text_offset", offs}};
   }
 
@@ -401,7 +411,8 @@ struct Gen {
       std::string text = r.echo ? prompt_text + out[i].text : out[i].text;
       json c = {{"index", i}, {"text", text}, {"finish_reason", out[i].finish == FinishReason::None ? "stop" : finish_reason_name(out[i].finish)}};
       TextOffsets offsets;
-      c["logprobs"] = r.logprobs ? completion_logprobs(out[i].logprobs, offsets, r.echo) : json(nullptr);
+      c["logprobs"] = r.logprobs ? completion_logprobs(out[i].logprobs, offsets, r.echo ? &out[i].prompt_logprobs : nullptr)
+                                 : json(nullptr);
       choices.push_back(c);
     }
     return {{"id", id}, {"object", "text_completion"}, {"created", created}, {"model", S->cfg.model_name},
@@ -426,9 +437,17 @@ struct Gen {
     SampleOut& o = out[i];
     std::string s;
     if (ep == Endpoint::Completion) {
+      if (r.echo && r.logprobs && !o.echo_sent) {  // the prompt's logprobs arrive with the first event
+        o.echo_sent = true;
+        json c = {{"index", i}, {"text", prompt_text}, {"finish_reason", nullptr}};
+        c["logprobs"] = completion_logprobs({}, o.text_offsets, &o.prompt_logprobs);
+        json j = chunk_base();
+        j["choices"] = json::array({c});
+        s += sse(j);
+      }
       if (!text.empty() || !e.logprobs.empty() || o.finish != FinishReason::None) {
         json c = {{"index", i}, {"text", text}, {"finish_reason", nullptr}};
-        c["logprobs"] = r.logprobs ? completion_logprobs(e.logprobs, o.text_offsets, false) : json(nullptr);
+        c["logprobs"] = r.logprobs ? completion_logprobs(e.logprobs, o.text_offsets, nullptr) : json(nullptr);
         if (o.finish != FinishReason::None) c["finish_reason"] = finish_reason_name(o.finish);
         json j = chunk_base();
         j["choices"] = json::array({c});
@@ -490,10 +509,9 @@ struct Gen {
         json delta = {{"role", "assistant"}, {"content", ""}};
         if (thinking) delta["reasoning_content"] = "";
         j["choices"] = json::array({{{"index", i}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", nullptr}}});
-      } else if (r.echo) {
+      } else if (r.echo && !r.logprobs) {  // with logprobs: sent with the first event (stream_event)
         json c = {{"index", i}, {"text", prompt_text}, {"finish_reason", nullptr}};
-        TextOffsets offsets;
-        c["logprobs"] = r.logprobs ? completion_logprobs({}, offsets, true) : json(nullptr);
+        c["logprobs"] = nullptr;
         j["choices"] = json::array({c});
       } else {
         continue;

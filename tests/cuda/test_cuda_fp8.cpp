@@ -127,6 +127,10 @@ TEST(CudaFp8, LinearAllPaths) {
   };
   const std::vector<C> cases = {
       {WeightFormat::FP8, 1, 4096, 1024, false},     // wq_a decode: GEMV on the round trip
+      {WeightFormat::FP8, 3, 4096, 1024, false},     // last GEMV row count for FP8 weights
+      {WeightFormat::FP8, 4, 8192, 4096, false},     // wo_b, 4 tokens: tensor cores
+      {WeightFormat::FP8, 8, 1024, 32768, false},    // wq_b, 8 tokens
+      {WeightFormat::FP8, 16, 4096, 1024, false},
       {WeightFormat::FP8, 17, 4096, 1024, false},    // just above the GEMV bound
       {WeightFormat::FP8, 300, 1024, 32768, false},  // wq_b prefill
       {WeightFormat::FP8, 64, 4096, 1024, false},    // wq_a, a cuBLASLt-friendly M
@@ -166,7 +170,9 @@ TEST(CudaFp8, LinearAllPaths) {
     EXPECT_GT(diff, 0.f) << "FP8 activations did not change the CPU result";
     for (Path p : paths) {
       if (p == Path::CublasLt && c.fmt != WeightFormat::FP8) continue;
-      if (p == Path::CublasLt && c.T <= cuda::kGemvMaxRows) continue;
+      // FP8 weights leave the GEMV at kFp8TensorCoreMinRows rows, FP4 ones above kGemvMaxRows.
+      const bool gemv = c.T < (c.fmt == WeightFormat::FP8 ? cuda::kFp8TensorCoreMinRows : cuda::kGemvMaxRows + 1);
+      if (p == Path::CublasLt && gemv) continue;
       CudaOptions o;
       o.fp8_gemm = p;
       auto gpu = poisoned_cuda_backend(o);
@@ -183,7 +189,6 @@ TEST(CudaFp8, LinearAllPaths) {
       cublaslt_ran += p == Path::CublasLt;
       std::vector<float> got(c.T * c.out);
       gpu->download(yg, got.data());
-      const bool gemv = c.T <= cuda::kGemvMaxRows;
       expect_close(ref, got, gemv ? kGemvTol : kTensorCoreTol,
                    fmt::format("fp8-act linear {} fmt={} T={} in={} out={}{}", path_name(p), int(c.fmt), c.T, c.in,
                                c.out, c.f32_scale ? " f32scale" : ""));

@@ -33,6 +33,7 @@ struct Output {
   Event final;
   int events = 0;
   std::vector<TokenLogprob> logprobs;
+  std::vector<TokenLogprob> prompt_logprobs;
 };
 
 class Harness {
@@ -59,6 +60,10 @@ class Harness {
         o.tokens.insert(o.tokens.end(), e.tokens.begin(), e.tokens.end());
         o.text += e.text;
         o.logprobs.insert(o.logprobs.end(), e.logprobs.begin(), e.logprobs.end());
+        if (!e.prompt_logprobs.empty()) {
+          EXPECT_TRUE(o.prompt_logprobs.empty()) << "prompt logprobs twice for " << e.request_id;
+          o.prompt_logprobs = e.prompt_logprobs;
+        }
         if (e.finish != FinishReason::None) {
           EXPECT_EQ(o.finish, FinishReason::None) << "two final events for " << e.request_id;
           o.finish = e.finish;

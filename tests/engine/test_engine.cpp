@@ -538,3 +538,84 @@ TEST(Engine, GenerateCommand) {
   EXPECT_NE(msg.find("-n"), std::string::npos) << msg;
   EXPECT_EQ(msg.find("length"), std::string::npos) << msg;
 }
+
+// Prompt logprobs (echo scoring) equal log-softmax of a whole-prompt forward pass of the same
+// weights, computed in double here; the prompt is scored whole even when the prefix cache holds
+// it, in chunks mixed with other requests, with max_tokens 0 (scoring only) and with generation.
+TEST(Engine, PromptLogprobsMatchWholePromptForward) {
+  auto lm = tiny_model();
+  const ModelConfig& mc = lm->config();
+  Backend& be = *lm->backend;
+  const int64_t V = mc.vocab_size;
+  Model ref(mc, lm->generated->weights(), be);
+  const auto prompt = random_prompt(150, 4242);
+  SequenceState st = ref.new_sequence(int64_t(prompt.size()));
+  Tensor lg = ref.forward(st, prompt);
+  std::vector<float> all(size_t(lg.dim(0) * V));
+  be.download(lg, all.data());
+  constexpr int32_t k = 3;
+  auto check = [&](const std::vector<TokenLogprob>& got, const std::string& what) {
+    ASSERT_EQ(got.size(), prompt.size() - 1) << what;
+    for (size_t p = 0; p + 1 < prompt.size(); ++p) {
+      const float* row = &all[p * size_t(V)];
+      double mx = -INFINITY, sum = 0;
+      for (int64_t v = 0; v < V; ++v) mx = std::max(mx, double(row[v]));
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
+      const double lse = mx + std::log(sum);
+      const int32_t want_tok = prompt[p + 1];
+      EXPECT_EQ(got[p].token, want_tok) << what << " position " << p + 1;
+      EXPECT_NEAR(got[p].logprob, double(row[want_tok]) - lse, 1e-5) << what << " position " << p + 1;
+      ASSERT_EQ(got[p].top.size(), size_t(k)) << what;
+      // The best alternative is the row's argmax (lowest id among ties).
+      const int32_t best = int32_t(std::max_element(row, row + V) - row);
+      EXPECT_EQ(got[p].top[0].first, best) << what << " position " << p + 1;
+      for (int i = 1; i < k; ++i) EXPECT_LE(got[p].top[i].second, got[p].top[i - 1].second) << what;
+    }
+  };
+  Harness h(small_blocks(256, true));
+  h.submit(greedy("warm", prompt, 1));  // fills the prefix cache with this prompt's blocks
+  h.wait();
+  Request only = greedy("score", prompt, 0);
+  only.sampling.prompt_logprobs = k;
+  Request gen = greedy("score+gen", prompt, 4);
+  gen.sampling.prompt_logprobs = k;
+  gen.sampling.n = 2;
+  h.submit(only);
+  h.submit(gen);
+  for (int i = 0; i < 6; ++i) h.submit(greedy("other" + std::to_string(i), random_prompt(20 + 17 * i, 90 + i), 5));
+  h.wait();
+  const Output o = h.output("score");
+  EXPECT_EQ(o.finish, FinishReason::Length);
+  EXPECT_TRUE(o.tokens.empty());
+  EXPECT_EQ(o.final.completion_tokens, 0);
+  EXPECT_EQ(o.final.cached_prompt_tokens, 0);
+  check(o.prompt_logprobs, "max_tokens 0");
+  for (int32_t i = 0; i < 2; ++i) {
+    const Output g = h.output("score+gen", i);
+    EXPECT_EQ(g.tokens.size(), 4u);
+    check(g.prompt_logprobs, "with generation, sample " + std::to_string(i));
+  }
+  EXPECT_EQ(h.output("score+gen", 1).tokens, h.output("score+gen", 0).tokens);  // greedy samples agree
+  Request bad = greedy("bad", prompt, 0);
+  EXPECT_THROW(h.engine().submit(bad, {}), EngineError);  // max_tokens 0 without scoring
+  expect_pool_full(h.engine());
+}
+
+// The context is clamped to what the state pool holds: a prompt that fits the model's context
+// but not the pool is refused at submit (typed, naming the prompt), before any work.
+TEST(Engine, MaxModelLenClampedToThePool) {
+  Harness h(small_blocks(8));  // 8 blocks of 16 tokens
+  EXPECT_EQ(h.engine().metrics().max_model_len, 128);
+  EXPECT_LT(128, tiny_model()->config().max_position_embeddings);
+  try {
+    h.engine().submit(greedy("long", random_prompt(130, 5), 1), {});
+    ADD_FAILURE() << "a 130-token prompt was accepted by a 128-token pool";
+  } catch (const EngineError& e) {
+    EXPECT_EQ(e.kind, EngineError::Kind::ContextLength);
+    EXPECT_EQ(e.param, "prompt");
+  }
+  h.submit(greedy("fits", random_prompt(120, 6), 8));
+  h.wait();
+  EXPECT_EQ(h.output("fits").tokens.size(), 8u);
+  expect_pool_full(h.engine());
+}

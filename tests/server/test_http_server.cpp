@@ -6,7 +6,7 @@
 
 #include <thread>
 
-#include "server/scripted_engine.h"
+#include "engine/scripted_engine.h"
 #include "server/server.h"
 #include "text/tiny_tokenizer.h"
 #include "util/error.h"

@@ -2,6 +2,10 @@
 // step's fresh keys, paged compressed entries; F32 or packed production rows decoded on the fly),
 // the gated-pooling compressor (CSA overlap / HCA) over a flattened batch of sequences with
 // slot-indexed state, and the Lightning Indexer's paged scoring plus per-row top-k.
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+
 #include "backend/cuda/kv.cuh"
 
 namespace dsv4::cuda {
@@ -41,17 +45,27 @@ struct KeySources {
 // Block (t, head group): keys in tiles of kTile with an online softmax that starts from the sink
 // (running max = sink logit, running sum = 1, zero value). smem: q [kHG][d] (dynamic). An index
 // past its store makes the block's outputs NaN.
+//
+// Decode has few query rows (T x H/kHG blocks: 8 for one token), so the keys are split over
+// gridDim.z blocks (flash-decoding): split z takes tiles [z*tps, (z+1)*tps), starts from an
+// empty softmax (max -inf, sum 0) and writes its unnormalised partial (o [d], m, l, bad) to
+// `part`; attend_combine_kernel merges the splits with the sink. gridDim.z == 1: the block writes
+// the output itself.
 template <bool kPacked>
 __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, int64_t d, KeySources<kPacked> ks,
                                                      const int32_t* idx_a, int64_t Ka, const int32_t* idx_b,
-                                                     int64_t Kb, Vec sinks, float scale, float* out) {
+                                                     int64_t Kb, Vec sinks, float scale, float* out, float* part) {
   extern __shared__ __align__(16) float qs[];
   __shared__ float ps[kHG][kTile];
   __shared__ int32_t ix[kTile];
   __shared__ int8_t src[kTile];
   __shared__ float mrun[kHG], lrun[kHG], corr[kHG];
   __shared__ int bad;
-  const int64_t K = Ka + Kb, t = blockIdx.x, h0 = int64_t(blockIdx.y) * kHG;
+  const int64_t t = blockIdx.x, h0 = int64_t(blockIdx.y) * kHG;
+  const bool split = gridDim.z > 1;
+  const int64_t tiles = (Ka + Kb + kTile - 1) / kTile, tps = (tiles + gridDim.z - 1) / gridDim.z;
+  const int64_t kbeg = int64_t(blockIdx.z) * tps * kTile;
+  const int64_t K = (int64_t(blockIdx.z) + 1) * tps * kTile < Ka + Kb ? (int64_t(blockIdx.z) + 1) * tps * kTile : Ka + Kb;
   const int nh = int(H - h0 < kHG ? H - h0 : kHG);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
   for (int64_t i = tid; i < kHG * d; i += blockDim.x) {
@@ -59,8 +73,8 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
     qs[i] = h < nh ? q[(t * H + h0 + h) * d + i % d] : 0.f;
   }
   if (tid < kHG) {
-    mrun[tid] = tid < nh ? vec_at(sinks, h0 + tid) : 0.f;
-    lrun[tid] = 1.f;
+    mrun[tid] = split ? -INFINITY : tid < nh ? vec_at(sinks, h0 + tid) : 0.f;
+    lrun[tid] = split ? 0.f : 1.f;
     corr[tid] = 1.f;
   }
   if (tid == 0) bad = 0;
@@ -70,7 +84,7 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
 #pragma unroll
     for (int h = 0; h < kHG; ++h) acc[j][h] = 0.f;
   __syncthreads();
-  for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+  for (int64_t k0 = kbeg; k0 < K; k0 += kTile) {
     const int nk = int(K - k0 < kTile ? K - k0 : kTile);
     if (tid < kTile) {
       int32_t v = -1;
@@ -123,16 +137,17 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
       float mx = -INFINITY;
       for (int kk = lane; kk < nk; kk += 32) mx = fmaxf(mx, ps[h][kk]);
       mx = warp_max(mx);
-      const float mnew = fmaxf(mrun[h], mx);
+      const float mnew = fmaxf(mrun[h], mx);  // -inf only in a split whose keys so far are all -1
+      const bool none = mnew == -INFINITY;
       float sum = 0.f;
       for (int kk = lane; kk < nk; kk += 32) {
-        const float p = ix[kk] >= 0 ? expf(ps[h][kk] - mnew) : 0.f;
+        const float p = ix[kk] >= 0 && !none ? expf(ps[h][kk] - mnew) : 0.f;
         ps[h][kk] = p;
         sum += p;
       }
       sum = warp_sum(sum);
       if (lane == 0) {
-        const float c = expf(mrun[h] - mnew);
+        const float c = none ? 1.f : expf(mrun[h] - mnew);
         corr[h] = c;
         lrun[h] = lrun[h] * c + sum;
         mrun[h] = mnew;
@@ -160,8 +175,44 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
     const int64_t i = tid + int64_t(j) * blockDim.x;
     if (i >= d) continue;
 #pragma unroll
-    for (int h = 0; h < kHG; ++h)
-      if (h < nh) out[(t * H + h0 + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc[j][h] / lrun[h];
+    for (int h = 0; h < kHG; ++h) {
+      if (h >= nh) continue;
+      if (split) part[((t * H + h0 + h) * gridDim.z + blockIdx.z) * (d + 3) + i] = acc[j][h];
+      else out[(t * H + h0 + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc[j][h] / lrun[h];
+    }
+  }
+  if (split && tid < nh) {
+    float* ml = part + ((t * H + h0 + tid) * gridDim.z + blockIdx.z) * (d + 3) + d;
+    ml[0] = mrun[tid];
+    ml[1] = lrun[tid];
+    ml[2] = float(bad);
+  }
+}
+
+// Block (t, h): merges the S splits of attend_kernel with the sink (max = sink, sum = 1, zero
+// value), as the unsplit kernel starts its softmax.
+__global__ void attend_combine_kernel(const float* part, int64_t H, int64_t d, int64_t S, Vec sinks, float* out) {
+  const int64_t t = blockIdx.x, h = blockIdx.y;
+  const float* ph = part + (t * H + h) * S * (d + 3);
+  const float sink = vec_at(sinks, h);
+  float M = sink;
+  bool bad = false;
+  for (int64_t z = 0; z < S; ++z) {
+    M = fmaxf(M, ph[z * (d + 3) + d]);
+    bad |= ph[z * (d + 3) + d + 2] != 0.f;
+  }
+  float L = expf(sink - M);
+  for (int64_t z = 0; z < S; ++z) {
+    const float m = ph[z * (d + 3) + d];
+    if (m != -INFINITY) L += ph[z * (d + 3) + d + 1] * expf(m - M);
+  }
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t z = 0; z < S; ++z) {
+      const float m = ph[z * (d + 3) + d];
+      if (m != -INFINITY) acc = fmaf(ph[z * (d + 3) + i], expf(m - M), acc);
+    }
+    out[(t * H + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc / L;
   }
 }
 
@@ -173,10 +224,15 @@ void launch_attend(const AttendArgs& a, cudaStream_t s) {
   const size_t smem = size_t(kHG * a.d) * 4;
   if (smem > 48 * 1024)
     cudaFuncSetAttribute(attend_kernel<kPacked>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  dim3 grid(unsigned(a.T), unsigned((a.H + kHG - 1) / kHG));
+  const int64_t S = attend_splits(a.T, a.H, a.Ka, a.Kb);
+  dim3 grid(unsigned(a.T), unsigned((a.H + kHG - 1) / kHG), unsigned(S));
   attend_kernel<kPacked><<<grid, 256, smem, s>>>(a.q, a.H, a.d, ks, a.idx_a, a.Ka, a.idx_b, a.Kb, a.sinks, a.scale,
-                                                 a.out);
+                                                 a.out, a.scratch);
   DSV4_LAUNCH_CHECK();
+  if (S > 1) {
+    attend_combine_kernel<<<dim3(unsigned(a.T), unsigned(a.H)), 128, 0, s>>>(a.scratch, a.H, a.d, S, a.sinks, a.out);
+    DSV4_LAUNCH_CHECK();
+  }
 }
 
 // ---- compressor ----------------------------------------------------------------------------
@@ -277,34 +333,97 @@ __device__ __forceinline__ uint32_t ordered(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Block per row: bitonic sort (descending) of (score, -j) keys in shared memory (logical j: ties
-// go to the lower j), first K kept and written as pool rows.
-__global__ void __launch_bounds__(1024) topk_kernel(IndexArgs a, int64_t P) {
-  extern __shared__ unsigned long long keys[];
-  const int64_t t = blockIdx.x, n = a.usable[t] < a.n_max ? a.usable[t] : a.n_max;
-  for (int64_t i = threadIdx.x; i < P; i += blockDim.x)
-    keys[i] = i < n ? (uint64_t(ordered(a.scores[t * a.n_max + i])) << 32) | uint64_t(0xffffffffu - uint32_t(i)) : 0ull;
+constexpr int kTopkThreads = 1024;
+
+// (ordered score, -j): unique per key, larger = better; ties of the score go to the lower j.
+__device__ __forceinline__ unsigned long long rank_key(uint32_t u, int64_t j) {
+  return (uint64_t(u) << 32) | uint64_t(0xffffffffu - uint32_t(j));
+}
+
+// Block per row, any number of keys: a radix select finds the K-th largest ordered score (four
+// passes of 8 bits, a shared histogram each), the winners are gathered (every key above it, and
+// the lowest-j keys equal to it, in j order through a block scan), then sorted descending in
+// shared memory ([P] slots, P = K rounded up to a power of two) and written as pool rows.
+__global__ void __launch_bounds__(kTopkThreads) topk_kernel(IndexArgs a, int64_t P) {
+  extern __shared__ unsigned long long picked[];
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t s_prefix, s_need, s_above;
+  using Scan = cub::BlockScan<uint32_t, kTopkThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  const int64_t t = blockIdx.x, n = a.usable[t] < a.n_max ? a.usable[t] : a.n_max, K = a.K;
+  const float* row = a.scores + t * a.n_max;
+  const bool take_all = n <= K;
+  uint32_t prefix = 0, mask = 0, need = uint32_t(K);  // winners still to find under `prefix`
+  for (int shift = 24; shift >= 0 && !take_all; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const uint32_t u = ordered(row[j]);
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 0xffu], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      uint32_t above = 0;
+      int digit = 255;
+      for (; digit > 0 && above + hist[digit] < need; --digit) above += hist[digit];
+      s_prefix = prefix | (uint32_t(digit) << shift);
+      s_need = need - above;
+    }
+    __syncthreads();
+    prefix = s_prefix;
+    need = s_need;
+    mask |= 0xffu << shift;
+  }
+  // Keys above `prefix` fill slots [0, K - need) in any order; keys equal to it take the `need`
+  // slots after them, lowest j first.
+  if (threadIdx.x == 0) s_above = 0;
+  __syncthreads();
+  const uint32_t first_tie = uint32_t(K) - need;
+  uint32_t ties_before = 0;
+  for (int64_t base = 0; base < n; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    const uint32_t u = j < n ? ordered(row[j]) : 0u;
+    const bool above = j < n && (take_all || u > prefix), tie = j < n && !take_all && u == prefix;
+    uint32_t rank, ties;
+    Scan(scan).ExclusiveSum(tie ? 1u : 0u, rank, ties);
+    if (above) picked[atomicAdd(&s_above, 1u)] = rank_key(u, j);
+    if (tie && ties_before + rank < need) picked[first_tie + ties_before + rank] = rank_key(u, j);
+    ties_before += ties;
+    __syncthreads();  // the scan's storage is reused
+  }
+  const int64_t taken = take_all ? n : K;
+  for (int64_t i = taken + threadIdx.x; i < P; i += blockDim.x) picked[i] = 0ull;  // sorts last
   __syncthreads();
   for (int64_t k = 2; k <= P; k <<= 1)
     for (int64_t j = k >> 1; j > 0; j >>= 1) {
       for (int64_t i = threadIdx.x; i < P; i += blockDim.x) {
         const int64_t l = i ^ j;
         if (l > i) {
-          const unsigned long long x = keys[i], y = keys[l];
+          const unsigned long long x = picked[i], y = picked[l];
           if (((i & k) == 0) ? (x < y) : (x > y)) {
-            keys[i] = y;
-            keys[l] = x;
+            picked[i] = y;
+            picked[l] = x;
           }
         }
       }
       __syncthreads();
     }
-  for (int64_t i = threadIdx.x; i < a.K; i += blockDim.x)
-    a.idx[t * a.K + i] =
-        i < n ? int32_t(paged_row(a, t, int64_t(0xffffffffu - uint32_t(keys[i] & 0xffffffffu)))) : -1;
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x)
+    a.idx[t * K + i] = i < taken ? int32_t(paged_row(a, t, int64_t(0xffffffffu - uint32_t(picked[i] & 0xffffffffu)))) : -1;
 }
 
 }  // namespace
+
+int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb) {
+  // Enough blocks for two waves of 132 SMs, at least one key tile per split.
+  const int64_t blocks = T * ((H + kHG - 1) / kHG), tiles = (Ka + Kb + kTile - 1) / kTile;
+  const int64_t want = (264 + blocks - 1) / blocks;
+  return std::max<int64_t>(1, std::min(want, tiles));
+}
+int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64_t Kb) {
+  const int64_t S = attend_splits(T, H, Ka, Kb);
+  return S > 1 ? T * H * S * (d + 3) : 1;
+}
 
 void attend(const AttendArgs& a, cudaStream_t s) {
   if (a.T <= 0 || a.H <= 0) return;
@@ -325,20 +444,31 @@ void compress(const CompressArgs& a, cudaStream_t s) {
 
 void index_topk(const IndexArgs& a, cudaStream_t s) {
   if (a.T <= 0) return;
-  if (a.n_max > 0) {
-    const size_t smem = size_t(a.H * a.d + a.H) * 4;
-    if (smem > 48 * 1024)
-      cudaFuncSetAttribute(index_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    dim3 grid(unsigned((a.n_max + 127) / 128), unsigned(a.T));
-    index_score_kernel<<<grid, 128, smem, s>>>(a);
+  int64_t P = 1;
+  while (P < a.K) P <<= 1;
+  const size_t topk_smem = size_t(P) * 8;
+  if (topk_smem > 48 * 1024)
+    cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(topk_smem));
+  const size_t score_smem = size_t(a.H * a.d + a.H) * 4;
+  if (score_smem > 48 * 1024)
+    cudaFuncSetAttribute(index_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+  // Query rows in tiles of score_rows: the scores scratch holds one tile.
+  for (int64_t t0 = 0; t0 < a.T; t0 += a.score_rows) {
+    IndexArgs b = a;
+    b.T = std::min(a.score_rows, a.T - t0);
+    b.q += t0 * a.H * a.d;
+    b.w += t0 * a.H;
+    b.query_seq += t0;
+    b.usable += t0;
+    b.idx += t0 * a.K;
+    if (b.n_max > 0) {
+      dim3 grid(unsigned((b.n_max + 127) / 128), unsigned(b.T));
+      index_score_kernel<<<grid, 128, score_smem, s>>>(b);
+      DSV4_LAUNCH_CHECK();
+    }
+    topk_kernel<<<unsigned(b.T), kTopkThreads, topk_smem, s>>>(b, P);
     DSV4_LAUNCH_CHECK();
   }
-  int64_t P = 1;
-  while (P < a.n_max) P <<= 1;
-  const size_t smem = size_t(P) * 8;
-  if (smem > 48 * 1024) cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  topk_kernel<<<unsigned(a.T), 1024, smem, s>>>(a, P);
-  DSV4_LAUNCH_CHECK();
 }
 
 }  // namespace dsv4::cuda

@@ -309,6 +309,23 @@ class CudaBackend final : public Backend {
   }
 
   size_t arena_peak() const { return arena_ ? arena_->peak() : 0; }
+  double device_ms(int reps, const std::function<void()>& fn) {
+    fn();
+    synchronize();
+    cudaEvent_t e0, e1;
+    DSV4_CK(cudaEventCreate(&e0));
+    DSV4_CK(cudaEventCreate(&e1));
+    cuda::spin(int64_t(100000) * (reps + 10), s_);  // ~50 us per call at ~2 GHz: longer than enqueueing it
+    DSV4_CK(cudaEventRecord(e0, s_));
+    for (int i = 0; i < reps; ++i) fn();
+    DSV4_CK(cudaEventRecord(e1, s_));
+    synchronize();
+    float ms = 0.f;
+    DSV4_CK(cudaEventElapsedTime(&ms, e0, e1));
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return double(ms) / reps;
+  }
   void set_fp8_gemm(CudaOptions::Fp8Gemm path) { opts_.fp8_gemm = path; }
   std::optional<size_t> device_free_bytes() override {
     size_t free_b = 0, total = 0;
@@ -342,7 +359,11 @@ class CudaBackend final : public Backend {
     QuantizedRows qr;
     if (quantises_input(w)) {
       const int64_t M = x.rows(), K = w.in;
-      qr = quantize_rows(x.f32(), M, K, tensor_cores(M, K));
+      // FP8 weights take the tensor cores from kFp8TensorCoreMinRows rows (forced cuBLASLt, for
+      // benchmarks, at any M); fewer rows stream the FP32 round trip through the GEMV.
+      const bool fp8_tc = w.format == WeightFormat::FP8 && sm_ >= 89 && K % 32 == 0 &&
+                          (M >= cuda::kFp8TensorCoreMinRows || opts_.fp8_gemm == CudaOptions::Fp8Gemm::CublasLt);
+      qr = quantize_rows(x.f32(), M, K, tensor_cores(M, K) || fp8_tc);
       if (qr.ldq) {
         if (w.format == WeightFormat::FP8 && cublaslt_fp8(qr, a.wd, out.f32(), M)) return;
         a.xq = qr.bytes();
@@ -379,16 +400,18 @@ class CudaBackend final : public Backend {
   }
   void hc_pre(const Tensor& X, const HyperConn& hc, int64_t iters, float hc_eps, float norm_eps, const Tensor& u,
               const Tensor& post, const Tensor& comb) override {
+    Tensor scratch = alloc({cuda::hc_scratch_floats(X.dim(0), X.dim(1), X.dim(2))});
     cuda::hc_pre(X.f32(), X.dim(0), X.dim(1), X.dim(2), f32p(*hc.fn), f32p(*hc.base), f32p(*hc.scale), iters, hc_eps,
-                 norm_eps, u.f32(), post.f32(), comb.f32(), s_);
+                 norm_eps, u.f32(), post.f32(), comb.f32(), scratch.f32(), s_);
   }
   void hc_post(const Tensor& y, const Tensor& X, const Tensor& post, const Tensor& comb, const Tensor& out) override {
     DSV4_CHECK(out.storage != X.storage || out.offset != X.offset);
     cuda::hc_post(y.f32(), X.f32(), post.f32(), comb.f32(), X.dim(0), X.dim(1), X.dim(2), out.f32(), s_);
   }
   void hc_head(const Tensor& X, const HyperConn& hc, float hc_eps, float norm_eps, const Tensor& u) override {
+    Tensor scratch = alloc({cuda::hc_scratch_floats(X.dim(0), X.dim(1), X.dim(2))});
     cuda::hc_head(X.f32(), X.dim(0), X.dim(1), X.dim(2), f32p(*hc.fn), f32p(*hc.base), f32p(*hc.scale), hc_eps,
-                  norm_eps, u.f32(), s_);
+                  norm_eps, u.f32(), scratch.f32(), s_);
   }
   void attend(const Tensor& q, const Tensor& window, const Tensor& fresh, const Tensor& idx_a, const Tensor& entries,
               const Tensor& idx_b, int64_t nope, const TensorData& sinks, float scale, const Tensor& out) override {
@@ -425,6 +448,8 @@ class CudaBackend final : public Backend {
     a.sinks = vec(sinks);
     a.scale = scale;
     a.out = out.f32();
+    Tensor scratch = alloc({cuda::attend_scratch_floats(a.T, a.H, a.d, a.Ka, a.Kb)});
+    a.scratch = scratch.f32();
     cuda::attend(a, s_);
   }
   void compress(const Tensor& kv, const Tensor& gate, const TensorData& ape, const Tensor& seqs, int64_t ratio,
@@ -463,12 +488,13 @@ class CudaBackend final : public Backend {
     a.max_blocks = block_table.cols();
     a.per_block = per_block;
     a.n_max = a.max_blocks * per_block;
-    if (a.n_max > cuda::kTopkMaxKeys)
-      fail("index_topk: block tables of {} blocks x {} rows ({} keys) exceed the CUDA limit of {} keys", a.max_blocks,
-           per_block, a.n_max, cuda::kTopkMaxKeys);
+    if (idx.cols() > cuda::kTopkMaxK) fail("index_topk: top-{} exceeds the CUDA limit of {}", idx.cols(), cuda::kTopkMaxK);
+    if (a.n_max >= int64_t(INT32_MAX)) fail("index_topk: {} keys per sequence overflow 32-bit indices", a.n_max);
     a.query_seq = query_seq.i32();
     a.usable = usable.i32();
-    Tensor scratch = alloc({std::max<int64_t>(a.T * a.n_max, 1)}, ElemType::F32);
+    // At most kIndexScoreBytes of scores at a time (1M context: 64 query rows of 262,144 keys).
+    a.score_rows = std::clamp<int64_t>(cuda::kIndexScoreBytes / 4 / std::max<int64_t>(a.n_max, 1), 1, std::max<int64_t>(a.T, 1));
+    Tensor scratch = alloc({std::max<int64_t>(a.score_rows * a.n_max, 1)}, ElemType::F32);
     a.scores = scratch.f32();
     a.idx = idx.i32();
     a.K = idx.cols();
@@ -554,6 +580,7 @@ class CudaBackend final : public Backend {
       a.Z = int(zmax);
       a.zmap = active.i32();
       a.force_gemv = force_gemv;
+      a.typical_rows = (n + zmax - 1) / zmax;  // assignments over the active slices
       cuda::gemm(a, s_);
     };
     if (max_rows > 0) {
@@ -813,6 +840,7 @@ void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, u
 
 size_t cuda_arena_peak(Backend& be) { return as_cuda(be).arena_peak(); }
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path) { as_cuda(be).set_fp8_gemm(path); }
+double cuda_device_ms(Backend& be, int reps, const std::function<void()>& fn) { return as_cuda(be).device_ms(reps, fn); }
 
 CudaDeviceInfo cuda_device_info(int device) {
   CudaDeviceInfo d;

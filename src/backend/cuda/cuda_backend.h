@@ -2,6 +2,7 @@
 // CUDA-only extras beyond the Backend interface: options, random on-device weights for the
 // benchmark, device facts, and cuBLASLt reference timings.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,6 +42,11 @@ struct CudaDeviceInfo {
 CudaDeviceInfo cuda_device_info(int device);
 size_t cuda_arena_peak(Backend& be);  // bytes of the activation arena ever in use at once
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path);  // benchmarks compare the paths
+
+// Device milliseconds per call of fn() (one warm-up call first): the stream is held by a spin
+// kernel while the host enqueues reps calls between two events, so host launch gaps stay out and
+// the calls run back to back as under a CUDA graph.
+double cuda_device_ms(Backend& be, int reps, const std::function<void()>& fn);
 
 // Median milliseconds of cuBLASLt BF16 x BF16 -> FP32 (FP32 accumulate) for y[M,N] = x[M,K] W[N,K]^T.
 double cublaslt_bf16_gemm_ms(int64_t M, int64_t N, int64_t K, int reps);

@@ -48,6 +48,9 @@ struct GemmArgs {
   // Use the GEMV kernel with one row-loop per warp whatever max_rows is (MoE decode: rows per
   // expert are few on average although the bound is large).
   bool force_gemv = false;
+  // Expected rows per problem (0: max_rows): the GEMV passes one activation row at a time when
+  // it is 1 (MoE decode: about one row per active expert although the bound is larger).
+  int64_t typical_rows = 0;
   // FP8 activations (act_quant output). When xq is set, x is unused and the tensor-core kernel
   // runs (FP8 or FP4 weights, K % 32 == 0, x_z_off == 0): activation row i (after x_rows) is
   // xq + i * ldxq with the scale of K-block kb at xs[kb * xs_ld + i].
@@ -59,6 +62,11 @@ struct GemmArgs {
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel.
 constexpr int64_t kGemvMaxRows = 16;
+// FP8-weight linears with FP8 activations and at least this many rows take the tensor cores
+// (cuBLASLt on sm_90 when offered, else the mma kernel) instead of the FP32 GEMV, which is
+// compute-bound there (H200, 2026-12-02: wq_b 4 rows 86 us vs cuBLASLt FP8 21 us; wo_b 16 rows
+// 181 vs 20 us; at 4 rows the 4 MB wq_a is even, 16.2 vs 17.8 us).
+constexpr int64_t kFp8TensorCoreMinRows = 4;
 
 // Dynamic FP8 activation quantisation (tensor/quant.h fp8_dynamic_quant) of x [M, K] (row stride
 // ldx) in 1x128 blocks: q [M, ldq] E4M3, scales [ceil(K/128), M] (row index fastest, the layout
@@ -77,12 +85,15 @@ void embed(Vec table, int64_t d, const int32_t* ids, int64_t n, float* out, cuda
 void rms_norm(const float* x, Vec w, float eps, int64_t rows, int64_t d, float* out, cudaStream_t s);
 void rope(float* x, const int32_t* pos, const float* inv_freq, int64_t T, int64_t heads, int64_t dim,
           int64_t rope_dim, bool inverse, cudaStream_t s);
+// mHC pre/head: scratch holds hc_scratch_floats(T, m, D) floats (per-chunk partial mixes).
+int64_t hc_scratch_floats(int64_t T, int64_t m, int64_t D);
 void hc_pre(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, const float* base, const float* scale,
-            int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, cudaStream_t s);
+            int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, float* scratch,
+            cudaStream_t s);
 void hc_post(const float* y, const float* X, const float* post, const float* comb, int64_t T, int64_t m, int64_t D,
              float* out, cudaStream_t s);
 void hc_head(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, const float* base, const float* scale,
-             float hc_eps, float norm_eps, float* u, cudaStream_t s);
+             float hc_eps, float norm_eps, float* u, float* scratch, cudaStream_t s);
 void gather_rows(const float* src, int64_t src_rows, int64_t d, const int32_t* rows, int64_t n, float* out,
                  cudaStream_t s);
 void broadcast_streams(const float* v, float* X, int64_t T, int64_t m, int64_t D, bool accumulate, cudaStream_t s);
@@ -128,7 +139,11 @@ struct AttendArgs {
   Vec sinks;
   float scale = 1.f;
   float* out = nullptr;
+  float* scratch = nullptr;  // attend_scratch_floats(T, H, d, Ka, Kb) floats: split-K partials
 };
+// Key splits per (token, head group) block: decode (few rows) spreads the keys over the chip.
+int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb);
+int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64_t Kb);
 void attend(const AttendArgs& a, cudaStream_t s);
 // Backend::compress over S sequences (seqs [S, kSegCols] device table); state tensors hold
 // ratio rows per slot (prev_* only with overlap).
@@ -142,8 +157,9 @@ struct CompressArgs {
   float* entries = nullptr;
 };
 void compress(const CompressArgs& a, cudaStream_t s);
-// Backend::index_topk: scores [T, n_max] scratch (n_max = max_blocks * per_block <=
-// kTopkMaxKeys), then top-k per row into idx [T, K] as pool rows of keys [N, d].
+// Backend::index_topk: scores of score_rows query rows at a time ([score_rows, n_max] scratch,
+// n_max = max_blocks * per_block keys, any number), then the top K <= kTopkMaxK per row into
+// idx [T, K] as pool rows of keys [N, d], best first, ties to the lower logical index.
 struct IndexArgs {
   const float *q = nullptr, *w = nullptr;
   float w_scale = 1.f;
@@ -154,12 +170,13 @@ struct IndexArgs {
   int64_t max_blocks = 0, per_block = 0, n_max = 0;
   const int32_t *query_seq = nullptr, *usable = nullptr;
   float* scores = nullptr;
+  int64_t score_rows = 0;
   int32_t* idx = nullptr;
   int64_t K = 0;
 };
 void index_topk(const IndexArgs& a, cudaStream_t s);
-// Largest number of logical keys (max_blocks * per_block) index_topk can sort per row.
-constexpr int64_t kTopkMaxKeys = 16384;
+constexpr int64_t kTopkMaxK = 4096;                 // selected keys per row (the model: 512)
+constexpr int64_t kIndexScoreBytes = int64_t(64) << 20;  // the scores scratch of one call
 
 // ---- MoE family (moe.cu) -------------------------------------------------------------------
 // scoring: 0 softmax, 1 sigmoid, 2 sqrtsoftplus. tid2eid: I32 (tid_i64 = 0) or I64.
@@ -201,5 +218,7 @@ void random_fill_bf16(uint16_t* x, int64_t n, int kind, float a, uint64_t seed, 
 void random_fill_bytes(uint8_t* x, int64_t n, int fmt, uint64_t seed, cudaStream_t s);  // fmt: 0 e4m3, 1 packed e2m1
 void fill_u8(uint8_t* x, int64_t n, uint8_t v, cudaStream_t s);
 void random_ids(void* x, int64_t n, bool i64, int64_t below, uint64_t seed, cudaStream_t s);
+// Holds the stream for `cycles` SM clocks (benchmarks queue timed work behind it).
+void spin(int64_t cycles, cudaStream_t s);
 
 }  // namespace dsv4::cuda

@@ -4,6 +4,7 @@
 //    activation rows at a time (decode; memory bound);
 //  - tiled: 64x64 output tiles with the dequantised weight tile in shared memory (prefill).
 // Both also serve grouped projections and the MoE's per-expert problems (blockIdx.z).
+#include <algorithm>
 #include <cstdint>
 
 #include "backend/cuda/common.cuh"
@@ -15,55 +16,197 @@ namespace {
 
 constexpr int kRB = 8;  // activation rows per pass of the GEMV kernel
 
+// The GEMV streams each weight row in 16-byte chunks, one 128-bit load per chunk; a chunk holds
+// 16 FP8, 32 FP4, 8 BF16 or 4 F32 elements and lies inside one scale block (FP8 128 columns, FP4
+// 32), so the scale multiplies the chunk's dot product once instead of every element.
+template <int FMT>
+constexpr int kChunkElems = FMT == kFP8 ? 16 : FMT == kFP4 ? 32 : FMT == kBF16 ? 8 : 4;
+// Chunks per lane per load group: a warp has 8 x 16 B per lane (4 KB) in flight before the math
+// (one 16-byte load per lane measured 0.26-0.9 TB/s; 8 reached 3.9 TB/s on the BF16 lm_head).
+// Double-buffering 4 + 4 by copying the next group into the current one measured worse (head
+// 272 -> 474 us), most likely because the copy waits for the loads. Fewer with kRB rows per pass,
+// whose accumulators need the registers.
+template <int RB>
+constexpr int kGemvUnroll = RB == 1 ? 8 : 4;
+
+// Weights are read once per step: no L1 allocation, so the activation rows stay in L1.
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
 template <int FMT, bool SF32>
-__global__ void __launch_bounds__(256) gemv_kernel(GemmArgs a, bool vec) {
+__device__ __forceinline__ float chunk_scale(const WeightDesc& w, int64_t r, int64_t c) {
+  if constexpr (FMT == kFP8) return scale_at<SF32>(w.s, (r / 128) * ((w.in + 127) / 128) + c / 8);
+  else if constexpr (FMT == kFP4) return scale_at<SF32>(w.s, r * (w.in / 32) + c);
+  else return 1.f;
+}
+
+// The chunk's elements, unscaled (exact: E4M3 and E2M1 values are F16 values).
+template <int FMT>
+__device__ __forceinline__ void decode_chunk(const uint4& q, float* v) {
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  auto fp8x2 = [](uint32_t pair, float* out) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(pair & 0xffffu), __NV_E4M3);
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    out[0] = f.x;
+    out[1] = f.y;
+  };
+  if constexpr (FMT == kFP8) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) fp8x2(words[i / 2] >> (16 * (i % 2)), v + 2 * i);
+  } else if constexpr (FMT == kFP4) {  // E2M1 -> E4M3 by byte permutation, then the hardware F16 path
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t e4 = e2m1x4_to_e4m3x4(words[i / 2] >> (16 * (i % 2)));
+      fp8x2(e4, v + 4 * i);
+      fp8x2(e4 >> 16, v + 4 * i + 2);
+    }
+  } else if constexpr (FMT == kBF16) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = bf16_bits_to_float(uint16_t(words[i / 2] >> (16 * (i % 2))));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(words[i]);
+  }
+}
+
+// Activation tile in shared memory, transposed so that the warp's reads are conflict-free: a
+// lane's chunk needs E consecutive x values, which straight from global memory means lanes 64 or
+// 128 bytes apart (16-32 L1 wavefronts per float4 load: the FP8/FP4 GEMV ran at 0.3-1.2 TB/s
+// while BF16, 2 loads per chunk, reached 4 TB/s). Layout [RB][E/4][CT] float4 for CT chunks of
+// the tile: lane L reads float4 q of its chunk at consecutive 16-byte slots. 32 KB either way.
+template <int RB>
+constexpr int kGemvTileK = RB == 1 ? 8192 : 1024;
+constexpr int kGemvThreads = 256;
+template <int RB>
+constexpr size_t gemv_smem_bytes() { return size_t(RB) * kGemvTileK<RB> * sizeof(float); }
+
+// The warp's chunk stream: rows n0 .. n0 + rows - 1 of the tile's ct chunks each, flattened
+// (g = row * ct + chunk). With rows > 1, ct % 32 == 0, so the 32 chunks of a load step share one
+// row (warp-uniform row changes).
+struct ChunkStream {
+  const uint4* w;  // weight rows as 16-byte chunks
+  int64_t nchunks, row0, cb;  // chunks per row, first weight row, first chunk of the tile
+  int ct, rows;
+};
+
+// Load group starting at flat chunk g0 + lane: U chunks 32 apart, with their scales.
+template <int FMT, bool SF32, int U>
+__device__ __forceinline__ void load_chunks(uint4 (&q)[U], float (&sc)[U], const ChunkStream& cs, int g0, int lane,
+                                            const WeightDesc& w) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int gu = g0 + u * 32;  // warp-uniform
+    if (gu < cs.rows * cs.ct) {
+      const int i = gu / cs.ct, c = gu - i * cs.ct + lane;
+      if (c < cs.ct) {
+        q[u] = load_stream(cs.w + (cs.row0 + i) * cs.nchunks + cs.cb + c);
+        sc[u] = chunk_scale<FMT, SF32>(w, cs.row0 + i, cs.cb + c);
+      }
+    }
+  }
+}
+
+// One warp per `rpw` consecutive output features (rows per warp: 1, or more for short rows so
+// that each warp streams a few KB): each weight row is streamed once and applied to up to RB
+// activation rows per pass (decode; memory bound). RB = 1 (one token) or kRB. vec: 16-byte
+// chunks (K % elements-per-chunk == 0, 16-byte aligned rows) with x tiles in shared memory;
+// otherwise one element per lane, x from global memory. rpw > 1 needs RB = 1, K <= the tile and
+// K / E % 32 == 0 (host checks).
+template <int FMT, bool SF32, int RB>
+__global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool vec, int rpw) {
+  constexpr int E = kChunkElems<FMT>, U = kGemvUnroll<RB>, KT = kGemvTileK<RB>, CT = KT / E, Q = E / 4;
+  extern __shared__ float4 xs[];  // [RB][Q][CT]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n = int64_t(blockIdx.x) * (blockDim.x >> 5) + warp;
-  if (n >= a.N) return;
+  const int64_t n0 = (int64_t(blockIdx.x) * (blockDim.x >> 5) + warp) * rpw;
+  const int rows_w = int(a.N - n0 < rpw ? (a.N - n0 > 0 ? a.N - n0 : 0) : rpw);  // 0: inactive warp
+  const bool active = rows_w > 0;  // inactive warps still stage x and meet the barriers
   const Problem p = problem(a);
-  const int64_t wr = p.wrow0 + n, K = a.K;
-  for (int64_t r0 = int64_t(blockIdx.y) * kRB; r0 < p.rows; r0 += int64_t(gridDim.y) * kRB) {
-    const int nb = int(p.rows - r0 < kRB ? p.rows - r0 : kRB);
-    const float* xr[kRB];
+  const int64_t K = a.K, nchunks = K / E;
+  for (int64_t r0 = int64_t(blockIdx.y) * RB; r0 < p.rows; r0 += int64_t(gridDim.y) * RB) {
+    const int nb = int(p.rows - r0 < RB ? p.rows - r0 : RB);
+    float acc[RB];
 #pragma unroll
-    for (int b = 0; b < kRB; ++b) xr[b] = b < nb ? x_row(a, p, r0 + b) : nullptr;
-    float acc[kRB];
+    for (int b = 0; b < RB; ++b) acc[b] = 0.f;
+    int cur = 0;  // the row of the warp's stream that acc belongs to
+    auto flush = [&](int i) {
 #pragma unroll
-    for (int b = 0; b < kRB; ++b) acc[b] = 0.f;
+      for (int b = 0; b < RB; ++b) {
+        const float v = warp_sum(acc[b]);
+        if (lane == 0 && b < nb) p.y[(p.base + r0 + b) * a.ldy + n0 + i] = v;
+        acc[b] = 0.f;
+      }
+    };
     if (vec) {
-      for (int64_t k0 = int64_t(lane) * 16; k0 < K; k0 += 512) {
-        float wv[16];
-        wload16<FMT, SF32>(p.w, wr, k0, wv);
+      for (int64_t k0 = 0; k0 < K; k0 += KT) {
+        ChunkStream cs;
+        cs.w = reinterpret_cast<const uint4*>(p.w.w);
+        cs.nchunks = nchunks;
+        cs.row0 = p.wrow0 + n0;
+        cs.cb = k0 / E;
+        cs.ct = int((K - k0 < KT ? K - k0 : KT) / E);
+        cs.rows = rows_w;
+        const int G = rows_w * cs.ct;
+        uint4 q[U] = {};
+        float sc[U] = {};
+        // Weight loads first: their latency overlaps the x staging.
+        load_chunks<FMT, SF32, U>(q, sc, cs, 0, lane, p.w);
+        __syncthreads();  // the previous tile is consumed
+        constexpr int kSlots = RB * KT / 4, kPerThread = kSlots / kGemvThreads;
+        static_assert(kSlots % kGemvThreads == 0);
 #pragma unroll
-        for (int b = 0; b < kRB; ++b) {
-          if (b < nb) {
-            const float4* xp = reinterpret_cast<const float4*>(xr[b] + k0);
-            float s = acc[b];
+        for (int i = 0; i < kPerThread; ++i) {
+          const int slot = i * kGemvThreads + threadIdx.x, b = slot / (KT / 4), k = (slot % (KT / 4)) * 4;
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (b < nb && k < cs.ct * E) v = *reinterpret_cast<const float4*>(x_row(a, p, r0 + b) + k0 + k);
+          xs[(b * Q + (k % E) / 4) * CT + k / E] = v;
+        }
+        __syncthreads();
+        for (int g0 = 0; g0 < G; g0 += 32 * U) {
+          if (g0 > 0) load_chunks<FMT, SF32, U>(q, sc, cs, g0, lane, p.w);
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const float4 xv = xp[q];
-              s = fmaf(wv[4 * q], xv.x, s);
-              s = fmaf(wv[4 * q + 1], xv.y, s);
-              s = fmaf(wv[4 * q + 2], xv.z, s);
-              s = fmaf(wv[4 * q + 3], xv.w, s);
+          for (int u = 0; u < U; ++u) {
+            const int gu = g0 + u * 32;  // warp-uniform
+            if (gu >= G) continue;
+            const int i = gu / cs.ct, c = gu - i * cs.ct + lane;
+            if (i != cur) {  // rows > 1 only: the row is complete
+              flush(cur);
+              cur = i;
             }
-            acc[b] = s;
+            if (c >= cs.ct) continue;
+            float wv[E];
+            decode_chunk<FMT>(q[u], wv);
+#pragma unroll
+            for (int b = 0; b < RB; ++b) {
+              if (b < nb) {
+                float d = 0.f;
+#pragma unroll
+                for (int e = 0; e < Q; ++e) {
+                  const float4 xv = xs[(b * Q + e) * CT + c];
+                  d = fmaf(wv[4 * e], xv.x, d);
+                  d = fmaf(wv[4 * e + 1], xv.y, d);
+                  d = fmaf(wv[4 * e + 2], xv.z, d);
+                  d = fmaf(wv[4 * e + 3], xv.w, d);
+                }
+                acc[b] = fmaf(sc[u], d, acc[b]);
+              }
+            }
           }
         }
       }
-    } else {
-      for (int64_t k = lane; k < K; k += 32) {
-        const float wv = wload1<FMT, SF32>(p.w, wr, k);
+    } else if (active) {
+      for (int64_t k = lane; k < K; k += 32) {  // rpw == 1 here
+        const float wv = wload1<FMT, SF32>(p.w, p.wrow0 + n0, k);
 #pragma unroll
-        for (int b = 0; b < kRB; ++b)
-          if (b < nb) acc[b] = fmaf(wv, xr[b][k], acc[b]);
+        for (int b = 0; b < RB; ++b)
+          if (b < nb) acc[b] = fmaf(wv, x_row(a, p, r0 + b)[k], acc[b]);
       }
     }
-#pragma unroll
-    for (int b = 0; b < kRB; ++b) {
-      const float v = warp_sum(acc[b]);
-      if (lane == 0 && b < nb) p.y[(p.base + r0 + b) * a.ldy + n] = v;
-    }
+    if (active) flush(cur);
   }
 }
 
@@ -145,16 +288,32 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
   }
   // Vector loads need 16-element rows and 16-byte aligned x rows; weights live in 256-byte
   // aligned arena blocks (MoE descriptors too), so only the single descriptor is checked.
-  const bool vec = a.K % 16 == 0 && a.ldx % 4 == 0 && a.x_z_off % 4 == 0 && aligned16(a.x) &&
-                   (a.descs || aligned16(a.wd.w));
+  const bool rows16 = a.ldx % 4 == 0 && a.x_z_off % 4 == 0 && aligned16(a.x) && (a.descs || aligned16(a.wd.w));
   const WeightDesc& fmt_of = a.wd;  // descs share the format of wd (the caller sets both)
   dispatch_format(fmt_of, [&]<int F, bool S>() {
     if (a.max_rows <= kGemvMaxRows || a.force_gemv) {
-      const int warps = 8;
+      constexpr int E = kChunkElems<F>;
+      const bool vec = rows16 && a.K % E == 0;
+      const int warps = kGemvThreads / 32;
       const int64_t gy = a.force_gemv ? 1 : (a.max_rows + kRB - 1) / kRB;
-      dim3 grid(unsigned((a.N + warps - 1) / warps), unsigned(gy), unsigned(a.Z));
-      gemv_kernel<F, S><<<grid, warps * 32, 0, stream>>>(a, vec);
+      // One activation row per pass when that is the expected count (one token; MoE slices
+      // with about one row per expert); larger counts share each weight pass among kRB rows.
+      const bool one = (a.typical_rows ? a.typical_rows : a.max_rows) == 1;
+      // Rows per warp: short rows (under 8 KB) are grouped so that a warp streams ~8 KB, while
+      // keeping at least 16 warps per SM of work (132 SMs).
+      int rpw = 1;
+      const int64_t nchunks = a.K / E;
+      if (one && vec && a.K <= kGemvTileK<1> && nchunks % 32 == 0) {
+        const int64_t by_bytes = std::max<int64_t>(1, 512 / nchunks);  // 512 chunks = 8 KB
+        const int64_t by_occupancy = std::max<int64_t>(1, a.N * a.Z / (132 * 16));
+        rpw = int(std::min<int64_t>({by_bytes, by_occupancy, 8}));
+      }
+      const int64_t per_block = int64_t(warps) * rpw;
+      dim3 grid(unsigned((a.N + per_block - 1) / per_block), unsigned(gy), unsigned(a.Z));
+      if (one) gemv_kernel<F, S, 1><<<grid, kGemvThreads, gemv_smem_bytes<1>(), stream>>>(a, vec, rpw);
+      else gemv_kernel<F, S, kRB><<<grid, kGemvThreads, gemv_smem_bytes<kRB>(), stream>>>(a, vec, 1);
     } else {
+      const bool vec = rows16 && a.K % 16 == 0;
       dim3 grid(unsigned((a.N + kBN - 1) / kBN), unsigned((a.max_rows + kBM - 1) / kBM), unsigned(a.Z));
       tiled_kernel<F, S><<<grid, 256, 0, stream>>>(a, vec);
     }

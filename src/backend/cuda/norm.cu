@@ -1,5 +1,7 @@
 // Elementwise family: fill, embedding, RMSNorm, RoPE/YaRN, mHC (pre with Sinkhorn, post, head),
 // row gathers and stream broadcast.
+#include <algorithm>
+
 #include <cuda_fp8.h>
 
 #include "backend/cuda/common.cuh"
@@ -47,90 +49,130 @@ __global__ void rope_kernel(float* x, const int32_t* pos, const float* inv_freq,
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
 
-// mu[j] = rsqrt(mean(x^2) + eps) * (fn_j . x) over the flattened streams of one token.
+// mHC pre/head in two launches so that a decode step (T = 1) spreads over the chip instead of
+// one block streaming the whole (2+m)m x m*D mixing matrix (1.5 MB for m = 4, D = 4096):
+//  1. hc_mix_partial_kernel: grid (chunks of kHcChunk values, T); each block writes the partial
+//     sum of squares and the MIX partial dot products fn_j . x over its chunk;
+//  2. hc_finish_kernel: grid (D / kHcChunk, T); each block reduces the partials of its token (in
+//     chunk order: deterministic), recomputes the small mixing (sigmoids, Sinkhorn on M x M
+//     threads) and writes its slice of u; block 0 also writes post and comb.
+// One value per thread: every load of a block is in flight at once (25 for m = 4), and a decode
+// step spreads over m*D/256 blocks (64 for m = 4, D = 4096).
+constexpr int kHcThreads = 256, kHcPerThread = 1, kHcChunk = kHcThreads * kHcPerThread;
+
+int64_t hc_chunks(int64_t n) { return (n + kHcChunk - 1) / kHcChunk; }
+
 template <int MIX>
-__device__ void hc_mix(const float* x, int64_t n, const float* fn, float norm_eps, float* mu /* smem */,
-                       float* red) {
-  float part[MIX];
+__global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const float* X, int64_t n, const float* fn,
+                                                                      float* part) {
+  __shared__ float red[MIX + 1][kHcThreads / 32];
+  const int64_t t = blockIdx.y, c0 = int64_t(blockIdx.x) * kHcChunk;
+  const float* x = X + t * n;
+  float acc[MIX + 1];
 #pragma unroll
-  for (int j = 0; j < MIX; ++j) part[j] = 0.f;
-  float ss = 0.f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const float v = x[i];
-    ss = fmaf(v, v, ss);
+  for (int j = 0; j <= MIX; ++j) acc[j] = 0.f;
 #pragma unroll
-    for (int j = 0; j < MIX; ++j) part[j] = fmaf(fn[j * n + i], v, part[j]);
+  for (int e = 0; e < kHcPerThread; ++e) {
+    const int64_t i = c0 + e * kHcThreads + threadIdx.x;  // coalesced; MIX independent loads in flight
+    if (i < n) {
+      const float v = x[i];
+      acc[MIX] = fmaf(v, v, acc[MIX]);
+#pragma unroll
+      for (int j = 0; j < MIX; ++j) acc[j] = fmaf(__ldg(fn + j * n + i), v, acc[j]);
+    }
   }
-  ss = block_sum(ss, red);
-  const float rs = 1.f / sqrtf(ss / float(n) + norm_eps);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-  for (int j = 0; j < MIX; ++j) {
-    const float s = block_sum(part[j], red);
-    if (threadIdx.x == 0) mu[j] = s * rs;
+  for (int j = 0; j <= MIX; ++j) {
+    const float s = warp_sum(acc[j]);
+    if (lane == 0) red[j][warp] = s;
   }
   __syncthreads();
+  for (int j = threadIdx.x; j <= MIX; j += kHcThreads) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kHcThreads / 32; ++w) s += red[j][w];
+    part[(t * gridDim.x + blockIdx.x) * (MIX + 1) + j] = s;
+  }
 }
 
-template <int M>
-__global__ void hc_pre_kernel(const float* X, int64_t D, const float* fn, const float* base, const float* scale,
-                              int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb) {
-  constexpr int MIX = (2 + M) * M;
-  __shared__ float red[33], mu[MIX], pre[M];
-  const int64_t t = blockIdx.x;
+// SINKHORN: hc_pre (pre, post, comb from (2+M)M mixes); otherwise hc_head (pre from M mixes).
+template <int M, bool SINKHORN>
+__global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, int64_t D, const float* part,
+                                                                 int64_t chunks, const float* base, const float* scale,
+                                                                 int64_t iters, float hc_eps, float norm_eps, float* u,
+                                                                 float* post, float* comb) {
+  constexpr int MIX = SINKHORN ? (2 + M) * M : M;
+  __shared__ float tot[MIX + 1], pre[M], C[M * M];
+  const int64_t t = blockIdx.y;
+  const int tid = threadIdx.x;
+  for (int j = tid; j <= MIX; j += kHcThreads) {
+    float s = 0.f;
+#pragma unroll 16
+    for (int64_t c = 0; c < chunks; ++c) s += part[(t * chunks + c) * (MIX + 1) + j];  // loads batched
+    tot[j] = s;
+  }
+  __syncthreads();
+  const float rs = 1.f / sqrtf(tot[MIX] / float(M * D) + norm_eps);
+  const bool writer = blockIdx.x == 0;
+  if (tid < M) {
+    pre[tid] = sigmoidf_(scale[0] * (tot[tid] * rs) + base[tid]) + hc_eps;
+    if (SINKHORN && writer) post[t * M + tid] = 2.f * sigmoidf_(scale[1] * (tot[M + tid] * rs) + base[M + tid]);
+  }
+  __syncthreads();
   const float* x = X + t * M * D;
-  hc_mix<MIX>(x, M * D, fn, norm_eps, mu, red);
-  if (threadIdx.x == 0) {
-    float C[M * M];
-    for (int k = 0; k < M; ++k) {
-      pre[k] = sigmoidf_(scale[0] * mu[k] + base[k]) + hc_eps;
-      post[t * M + k] = 2.f * sigmoidf_(scale[1] * mu[M + k] + base[M + k]);
-    }
-    for (int i = 0; i < M * M; ++i) C[i] = scale[2] * mu[2 * M + i] + base[2 * M + i];
-    for (int j = 0; j < M; ++j) {
-      float mx = -INFINITY, s = 0.f;
-      for (int k = 0; k < M; ++k) mx = fmaxf(mx, C[j * M + k]);
-      for (int k = 0; k < M; ++k) s += (C[j * M + k] = expf(C[j * M + k] - mx));
-      for (int k = 0; k < M; ++k) C[j * M + k] = C[j * M + k] / s + hc_eps;
-    }
-    for (int64_t it = 0; it < iters; ++it) {
-      if (it > 0)
-        for (int j = 0; j < M; ++j) {
-          float s = 0.f;
-          for (int k = 0; k < M; ++k) s += C[j * M + k];
-          for (int k = 0; k < M; ++k) C[j * M + k] /= s + hc_eps;
-        }
-      for (int k = 0; k < M; ++k) {
-        float s = 0.f;
-        for (int j = 0; j < M; ++j) s += C[j * M + k];
-        for (int j = 0; j < M; ++j) C[j * M + k] /= s + hc_eps;
+#pragma unroll
+  for (int e = 0; e < kHcPerThread; ++e) {
+    const int64_t d = int64_t(blockIdx.x) * kHcChunk + e * kHcThreads + tid;
+    if (d >= D) continue;
+    float s = 0.f;
+#pragma unroll
+    for (int q = 0; q < M; ++q) s += pre[q] * x[q * D + d];
+    u[t * D + d] = s;
+  }
+  // Only block 0 writes comb: the others are done (u does not wait for the Sinkhorn passes).
+  if constexpr (SINKHORN) {
+    if (!writer) return;
+    // Thread i = j*M + k owns C[j][k]; sums run in the CPU twin's order (k, resp. j ascending).
+    // M*M <= 32: warp 0 alone, ordered by __syncwarp; larger M: the whole block.
+    constexpr bool kOneWarp = M * M <= 32;
+    const bool owner = tid < M * M;
+    const int j = tid / M, k = tid % M;
+    auto sync = [] {
+      if constexpr (kOneWarp) __syncwarp();
+      else __syncthreads();
+    };
+    if (!kOneWarp || tid < 32) {
+      float c = 0.f;
+      if (owner) C[tid] = scale[2] * (tot[2 * M + tid] * rs) + base[2 * M + tid];
+      sync();
+      if (owner) {  // row softmax + eps
+        float mx = -INFINITY, s = 0.f;
+        for (int q = 0; q < M; ++q) mx = fmaxf(mx, C[j * M + q]);
+        for (int q = 0; q < M; ++q) s += expf(C[j * M + q] - mx);
+        c = expf(C[tid] - mx) / s + hc_eps;
       }
+      sync();
+      if (owner) C[tid] = c;
+      sync();
+      for (int64_t it = 0; it < iters; ++it) {
+        if (it > 0) {  // row normalise
+          float s = 0.f;
+          if (owner)
+            for (int q = 0; q < M; ++q) s += C[j * M + q];
+          sync();
+          if (owner) C[tid] = c = c / (s + hc_eps);
+          sync();
+        }
+        float s = 0.f;  // column normalise
+        if (owner)
+          for (int q = 0; q < M; ++q) s += C[q * M + k];
+        sync();
+        if (owner) C[tid] = c = c / (s + hc_eps);
+        sync();
+      }
+      if (owner) comb[t * M * M + tid] = c;
     }
-    for (int i = 0; i < M * M; ++i) comb[t * M * M + i] = C[i];
-  }
-  __syncthreads();
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float s = 0.f;
-#pragma unroll
-    for (int k = 0; k < M; ++k) s += pre[k] * x[k * D + d];
-    u[t * D + d] = s;
-  }
-}
-
-template <int M>
-__global__ void hc_head_kernel(const float* X, int64_t D, const float* fn, const float* base, const float* scale,
-                               float hc_eps, float norm_eps, float* u) {
-  __shared__ float red[33], mu[M];
-  const int64_t t = blockIdx.x;
-  const float* x = X + t * M * D;
-  hc_mix<M>(x, M * D, fn, norm_eps, mu, red);
-  float pre[M];
-#pragma unroll
-  for (int k = 0; k < M; ++k) pre[k] = sigmoidf_(scale[0] * mu[k] + base[k]) + hc_eps;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float s = 0.f;
-#pragma unroll
-    for (int k = 0; k < M; ++k) s += pre[k] * x[k * D + d];
-    u[t * D + d] = s;
   }
 }
 
@@ -192,32 +234,48 @@ void rope(float* x, const int32_t* pos, const float* inv_freq, int64_t T, int64_
 
 #define DSV4_HC_M_CASES(X) X(1) X(2) X(3) X(4) X(5) X(6) X(8)
 
+int64_t hc_scratch_floats(int64_t T, int64_t m, int64_t D) {
+  return std::max<int64_t>(T * hc_chunks(m * D) * ((2 + m) * m + 1), 1);
+}
+
+namespace {
+template <int M, bool SINKHORN>
+void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const float* base, const float* scale,
+               int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, float* scratch,
+               cudaStream_t s) {
+  constexpr int MIX = SINKHORN ? (2 + M) * M : M;
+  const int64_t n = M * D, chunks = hc_chunks(n);
+  hc_mix_partial_kernel<MIX><<<dim3(unsigned(chunks), unsigned(T)), kHcThreads, 0, s>>>(X, n, fn, scratch);
+  DSV4_LAUNCH_CHECK();
+  hc_finish_kernel<M, SINKHORN><<<dim3(unsigned(hc_chunks(D)), unsigned(T)), kHcThreads, 0, s>>>(
+      X, D, scratch, chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
+  DSV4_LAUNCH_CHECK();
+}
+}  // namespace
+
 void hc_pre(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, const float* base, const float* scale,
-            int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, cudaStream_t s) {
+            int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, float* scratch,
+            cudaStream_t s) {
   if (T <= 0) return;
   switch (m) {
-#define CASE(M)                                                                                                \
-  case M:                                                                                                      \
-    hc_pre_kernel<M><<<unsigned(T), 256, 0, s>>>(X, D, fn, base, scale, iters, hc_eps, norm_eps, u, post, comb); \
-    break;
+#define CASE(M)                                                                                                 \
+  case M: launch_hc<M, true>(X, T, D, fn, base, scale, iters, hc_eps, norm_eps, u, post, comb, scratch, s); break;
     DSV4_HC_M_CASES(CASE)
 #undef CASE
     default: std::fprintf(stderr, "hc_pre: hc_mult %lld not compiled\n", (long long)m); std::abort();
   }
-  DSV4_LAUNCH_CHECK();
 }
 
 void hc_head(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, const float* base, const float* scale,
-             float hc_eps, float norm_eps, float* u, cudaStream_t s) {
+             float hc_eps, float norm_eps, float* u, float* scratch, cudaStream_t s) {
   if (T <= 0) return;
   switch (m) {
-#define CASE(M)                                                                                       \
-  case M: hc_head_kernel<M><<<unsigned(T), 256, 0, s>>>(X, D, fn, base, scale, hc_eps, norm_eps, u); break;
+#define CASE(M)                                                                                                    \
+  case M: launch_hc<M, false>(X, T, D, fn, base, scale, 0, hc_eps, norm_eps, u, nullptr, nullptr, scratch, s); break;
     DSV4_HC_M_CASES(CASE)
 #undef CASE
     default: std::fprintf(stderr, "hc_head: hc_mult %lld not compiled\n", (long long)m); std::abort();
   }
-  DSV4_LAUNCH_CHECK();
 }
 
 void hc_post(const float* y, const float* X, const float* post, const float* comb, int64_t T, int64_t m, int64_t D,

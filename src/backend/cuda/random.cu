@@ -72,4 +72,17 @@ void random_ids(void* x, int64_t n, bool i64, int64_t below, uint64_t seed, cuda
   DSV4_LAUNCH_CHECK();
 }
 
+namespace {
+__global__ void spin_kernel(long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {
+  }
+}
+}  // namespace
+
+void spin(int64_t cycles, cudaStream_t s) {
+  spin_kernel<<<1, 32, 0, s>>>(cycles);
+  DSV4_LAUNCH_CHECK();
+}
+
 }  // namespace dsv4::cuda

@@ -162,7 +162,10 @@ describe('dsv4 serve with the openai client', () => {
     assert.equal(e.choices[0].text, 'Once upon a time' + r.choices[0].text);
     const lp = e.choices[0].logprobs;
     assert.equal(lp.tokens.length, lp.token_logprobs.length);
-    assert.equal(lp.token_logprobs.filter((x) => x !== null).length, 8);
+    // The prompt is scored too: only its first token has no logprob.
+    assert.equal(lp.token_logprobs[0], null);
+    assert.equal(lp.token_logprobs.filter((x) => x !== null).length, lp.tokens.length - 1);
+    assert.ok(lp.tokens.length > 8);
     const ids = await client.completions.create({ model, prompt: [5, 6, 7, 8, 9], max_tokens: 4, ignore_eos: true });
     assert.equal(ids.usage.prompt_tokens, 5);
     assert.equal(ids.usage.completion_tokens, 4);

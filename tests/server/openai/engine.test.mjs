@@ -41,6 +41,25 @@ describe('real engine + tiny demo model', () => {
     for (const lp of c.choices[0].logprobs.token_logprobs) assert.ok(lp <= 0);
   });
 
+  it('echo + logprobs scores the prompt: the greedy token\'s logprob is the best alternative of the scored row', async () => {
+    const prompt = [5, 6, 7, 8];
+    const g = await client.completions.create({ model: 'dsv4-demo', prompt, max_tokens: 1, temperature: 0, ignore_eos: true, logprobs: 1 });
+    const greedyLogprob = g.choices[0].logprobs.token_logprobs[0];
+    // Score prompt + any next token: the row that scores position 4 is the row greedy decoding drew from.
+    const s = await client.completions.create({ model: 'dsv4-demo', prompt: [...prompt, 9], max_tokens: 0, echo: true, logprobs: 3 });
+    const lp = s.choices[0].logprobs;
+    assert.equal(s.usage.completion_tokens, 0);
+    assert.equal(lp.token_logprobs.length, prompt.length + 1);
+    assert.equal(lp.token_logprobs[0], null);
+    assert.equal(lp.top_logprobs[0], null);
+    for (const v of lp.token_logprobs.slice(1)) assert.ok(v <= 0);
+    const best = Math.max(...Object.values(lp.top_logprobs[prompt.length]));
+    assert.ok(Math.abs(best - greedyLogprob) < 1e-5, `${best} vs ${greedyLogprob}`);
+    assert.ok(lp.token_logprobs[prompt.length] <= best);
+    assert.equal(lp.text_offset.length, prompt.length + 1);
+    await assert.rejects(client.completions.create({ model: 'dsv4-demo', prompt, max_tokens: 0 }), /max_tokens/);
+  });
+
   it('tool call and reasoning through the engine schedule (forced output)', async () => {
     const r = await client.chat.completions.create({
       model: 'dsv4-demo', messages: [{ role: 'user', content: 'f?' }],

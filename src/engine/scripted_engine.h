@@ -1,7 +1,7 @@
 #pragma once
 // A deterministic stand-in Engine: no model, tokens are a pure function of (prompt, seed, sample,
 // position), emitted one per step on an engine thread with real queueing, batching limits,
-// stop handling, logprobs, n, abort and metrics. Used by the server tests (fast, reproducible
+// logprobs, n, abort and metrics; stops and text go through the real engine's OutputProcessor. Used by the server tests (fast, reproducible
 // under any concurrency) and by `dsv4 serve --engine scripted`.
 #include <condition_variable>
 #include <deque>
@@ -12,7 +12,7 @@
 #include "engine/engine.h"
 #include "text/tokenizer.h"
 
-namespace dsv4::server {
+namespace dsv4 {
 
 class ScriptedEngine : public Engine {
  public:
@@ -35,6 +35,7 @@ class ScriptedEngine : public Engine {
   struct Live;
   void loop();
   int32_t pick(const Live& r, const Sample& s, uint64_t salt) const;
+  std::vector<TokenLogprob> scripted_prompt_logprobs(const Request& req) const;
 
   Tokenizer tok_;
   Options opts_;
@@ -51,4 +52,4 @@ class ScriptedEngine : public Engine {
   std::thread thread_;
 };
 
-}  // namespace dsv4::server
+}  // namespace dsv4

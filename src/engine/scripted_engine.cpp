@@ -1,18 +1,18 @@
-#include "server/scripted_engine.h"
+#include "engine/scripted_engine.h"
 
 #include <algorithm>
 #include <cmath>
 
+#include "engine/output_processor.h"
 #include "util/error.h"
 #include "util/random.h"
 
-namespace dsv4::server {
+namespace dsv4 {
 
 struct ScriptedEngine::Sample {
   int32_t index = 0;
   std::vector<int32_t> generated;
-  std::unique_ptr<IncrementalDecoder> dec;
-  std::string pending;  // decoded text held back (possible stop-string prefix)
+  std::unique_ptr<OutputProcessor> output;
   bool done = false;
 };
 
@@ -57,6 +57,10 @@ std::string ScriptedEngine::submit(Request req, EventSink sink) {
     reject(EngineError::Kind::ContextLength, "max_tokens", "prompt ({} tokens) + max_tokens ({}) exceeds the context ({})", req.prompt.size(), s.max_tokens,
          opts_.context);
   if (s.n < 1) reject(EngineError::Kind::InvalidRequest, "n", "must be >= 1");
+  if (s.max_tokens < 0 || (s.max_tokens == 0 && s.prompt_logprobs < 0))
+    reject(EngineError::Kind::InvalidRequest, "max_tokens", "must be >= 1 (0 only for prompt scoring), got {}", s.max_tokens);
+  for (const auto& st : s.stop)
+    if (st.empty()) reject(EngineError::Kind::InvalidRequest, "stop", "stop strings must not be empty");
   for (int32_t t : req.prompt)
     if (!tok_.contains(t)) reject(EngineError::Kind::InvalidRequest, "prompt", "token id {} is not in the vocabulary", t);
   auto live = std::make_shared<Live>();
@@ -72,7 +76,9 @@ std::string ScriptedEngine::submit(Request req, EventSink sink) {
   for (int32_t i = 0; i < live->req.sampling.n; ++i) {
     Sample smp;
     smp.index = i;
-    smp.dec = std::make_unique<IncrementalDecoder>(tok_);
+    std::vector<int32_t> eos;
+    if (eos_) eos.push_back(*eos_);
+    smp.output = std::make_unique<OutputProcessor>(&tok_, live->req.sampling, eos, live->req.sampling.max_tokens);
     live->samples.push_back(std::move(smp));
   }
   std::string id = live->req.id;
@@ -111,6 +117,19 @@ void ScriptedEngine::shutdown(bool drain) {
     cv_.notify_all();
   }
   if (thread_.joinable() && std::this_thread::get_id() != thread_.get_id()) thread_.join();
+}
+
+// Deterministic stand-ins for the prompt's logprobs (position p scores prompt[p]).
+std::vector<TokenLogprob> ScriptedEngine::scripted_prompt_logprobs(const Request& req) const {
+  std::vector<TokenLogprob> lps;
+  for (size_t p = 1; p < req.prompt.size(); ++p) {
+    TokenLogprob lp{req.prompt[p], -float(mix(uint64_t(req.prompt[p]), p) % 1000) / 250.0f, {}};
+    for (int32_t k = 0; k < req.sampling.prompt_logprobs; ++k)
+      lp.top.emplace_back(k == 0 ? lp.token : plain_[(size_t(lp.token) + size_t(k) * 7) % plain_.size()],
+                          lp.logprob - 0.5f * float(k));
+    lps.push_back(std::move(lp));
+  }
+  return lps;
 }
 
 int32_t ScriptedEngine::pick(const Live& r, const Sample& s, uint64_t salt) const {
@@ -172,16 +191,23 @@ void ScriptedEngine::loop() {
         }
         for (auto& s : r->samples) {
           if (s.done) continue;
+          Event e;
+          e.request_id = r->req.id;
+          e.index = s.index;
+          if (s.generated.empty() && sp.prompt_logprobs >= 0) e.prompt_logprobs = scripted_prompt_logprobs(r->req);
+          if (sp.max_tokens == 0) {  // prompt scoring only
+            s.done = true;
+            e.finish = FinishReason::Length;
+            e.prompt_tokens = int32_t(r->req.prompt.size());
+            out.emplace_back(r, std::move(e));
+            continue;
+          }
           int32_t tok = pick(*r, s, 0);
           bool eos = false;
           if (!sp.ignore_eos && eos_ && sp.max_tokens > 1) {
             uint64_t h = mix(mix(r->prompt_hash, r->seed), mix(uint64_t(s.index) + 7, s.generated.size()));
             eos = double(h % 1000000) / 1e6 < opts_.eos_probability;
           }
-          bool stop_tok = eos || std::find(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), tok) != sp.stop_token_ids.end();
-          Event e;
-          e.request_id = r->req.id;
-          e.index = s.index;
           if (eos) tok = *eos_;
           ++m_.generation_tokens_total;
           s.generated.push_back(tok);
@@ -195,34 +221,10 @@ void ScriptedEngine::loop() {
             }
             e.logprobs.push_back(std::move(lp));
           }
-          if (stop_tok) {
-            e.finish = FinishReason::Stop;
-          } else {
-            e.tokens.push_back(tok);
-            s.pending += s.dec->push(tok);
-            if (int32_t(s.generated.size()) >= sp.max_tokens) e.finish = FinishReason::Length;
-          }
-          // Stop strings: cut at the first match; hold back a possible partial match.
-          size_t hold = 0;
-          for (const auto& st : sp.stop) {
-            auto p = s.pending.find(st);
-            if (p != std::string::npos) {
-              s.pending.resize(p);
-              e.finish = FinishReason::Stop;
-            }
-          }
-          if (e.finish == FinishReason::None) {
-            for (const auto& st : sp.stop)
-              for (size_t k = std::min(st.size() - 1, s.pending.size()); k > hold; --k)
-                if (s.pending.compare(s.pending.size() - k, k, st, 0, k) == 0) {
-                  hold = k;
-                  break;
-                }
-          } else {
-            s.pending += s.dec->flush();
-          }
-          e.text = s.pending.substr(0, s.pending.size() - hold);
-          s.pending.erase(0, e.text.size());
+          OutputProcessor::Delta d = s.output->append(std::span(&tok, 1));
+          e.tokens = std::move(d.tokens);
+          e.text = std::move(d.text);
+          e.finish = d.finish;
           if (e.finish != FinishReason::None) {
             s.done = true;
             e.prompt_tokens = int32_t(r->req.prompt.size());
@@ -242,4 +244,4 @@ void ScriptedEngine::loop() {
   }
 }
 
-}  // namespace dsv4::server
+}  // namespace dsv4

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Decode-kernel work (issue #13) in one device call: build, the GPU op tests of the kernels it
+# touches (against the CPU twins), the full-width benchmark with its per-op table (our kernels
+# next to cuBLASLt, same run), and an Nsight Compute per-kernel profile of one decode step of 4
+# layers (the command of /work/shared/measurements/2026-12-01-decode-profile.md).
+#   run: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/device/decode-kernels.sh  (carry [".deps"])
+# Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, BENCH_LAYERS (30), BENCH_ARGS (extra), GTEST_FILTER.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/decode-kernels.log") 2>&1
+echo "== $(date -u +%FT%TZ) commit ${GIT_COMMIT:-unknown}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv,noheader || true
+eval "$(bash scripts/device/setup-deps.sh)" || exit 1
+t0=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a -DCMAKE_CUDA_FLAGS=-lineinfo \
+  >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
+cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_fp8 test_cuda_model 2>&1 | tail -15
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
+echo "== build: $(( $(date +%s) - t0 )) s"
+rc=0
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  t0=$(date +%s)
+  for b in test_cuda_ops test_cuda_fp8 test_cuda_model; do
+    timeout 300 ./build-gpu/tests/cuda/$b --gtest_filter="${GTEST_FILTER:-*}" >"$OUT/$b.log" 2>&1 || { rc=1; echo "FAILED: $b"; grep -E "Failure|FAILED|error" -A4 "$OUT/$b.log" | head -40; }
+    grep -E "^\[  PASSED|^\[  FAILED" "$OUT/$b.log"
+  done
+  echo "== tests: $(( $(date +%s) - t0 )) s, rc=$rc"
+fi
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  t0=$(date +%s)
+  timeout 300 ./build-gpu/dsv4 bench model --random --layers "${BENCH_LAYERS:-30}" --batch 1,8 --ctx 1024 --steps 5 \
+    --gemm fp8 --kv-fp8 ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 || rc=1
+  cat "$OUT/bench.log"
+  echo "== bench: $(( $(date +%s) - t0 )) s"
+fi
+if [ "${SKIP_NCU:-0}" != 1 ]; then
+  t0=$(date +%s)
+  # The random-weight kernels (thousands) are left out of the profile.
+  timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+    --kernel-name-base function --kernel-name "regex:^(?!.*(f32|bf16|bytes|u8|ids)_kernel)" \
+    ./build-gpu/dsv4 bench model --random --layers 4 --batch 1 --ctx 1024 --steps 1 --gemm fp8 --kv-fp8 --no-ops \
+    >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || echo "ncu rc=$?"
+  if ! grep -q embed_kernel "$OUT/ncu.csv"; then  # the filter matched nothing useful: profile everything
+    timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+      ./build-gpu/dsv4 bench model --random --layers 4 --batch 1 --ctx 1024 --steps 1 --gemm fp8 --kv-fp8 --no-ops \
+      >"$OUT/ncu.csv" 2>>"$OUT/ncu.err" || echo "ncu rc=$?"
+  fi
+  python3 scripts/device/ncu_step_summary.py "$OUT/ncu.csv" | tee "$OUT/ncu-step.md"
+  gzip -f "$OUT/ncu.csv"
+  echo "== ncu: $(( $(date +%s) - t0 )) s"
+fi
+echo "== rc=$rc"
+exit $rc
