@@ -257,3 +257,52 @@ TEST(Speculative, GreedyOutputsIdenticalDemoModel) {
     EXPECT_LE(spec.metrics.accepted_draft_tokens, spec.metrics.draft_tokens);
   }
 }
+
+// Stops stay exact when a step accepts several tokens: stop token ids, stop strings (cut inside a
+// multi-token step), max_tokens and logprobs (one per emitted token, the same values) are what
+// the same greedy requests get without speculation, on the demo model where steps often accept
+// 2-4 tokens. The stop token and stop string are taken from the middle of the plain output.
+TEST(Speculative, StopsAndLogprobsExactWithSeveralTokensPerStep) {
+  EngineConfig cfg;
+  cfg.block_size = 64;
+  cfg.num_blocks = 64;
+  auto prompts = demo_prompts();
+  prompts.resize(3);
+  std::vector<Request> probe;
+  for (size_t i = 0; i < prompts.size(); ++i) probe.push_back(greedy("p" + std::to_string(i), prompts[i], 40));
+  const Wave plain = run_wave(cfg, demo_model(), probe);
+  std::vector<Request> reqs;
+  Rng rng(4);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const Output& o = plain.outputs[i];
+    ASSERT_GT(o.tokens.size(), 20u);
+    Request stop_id = greedy("id" + std::to_string(i), prompts[i], 40);
+    stop_id.sampling.stop_token_ids = {o.tokens[8 + rng.below(10)]};
+    stop_id.sampling.logprobs = 2;
+    reqs.push_back(stop_id);
+    Request stop_str = greedy("str" + std::to_string(i), prompts[i], 40);
+    const size_t at = o.text.size() / 3 + rng.below(o.text.size() / 3);
+    stop_str.sampling.stop = {o.text.substr(at, 4)};
+    reqs.push_back(stop_str);
+    reqs.push_back(greedy("len" + std::to_string(i), prompts[i], 5 + int32_t(rng.below(20))));
+  }
+  const Wave base = run_wave(cfg, demo_model(), reqs);
+  for (int32_t k = 1; k <= 3; k += 2) {
+    SCOPED_TRACE(k);
+    cfg.speculative_tokens = k;
+    const Wave spec = run_wave(cfg, demo_model(), reqs);
+    EXPECT_GT(spec.metrics.accepted_draft_tokens, 20);
+    for (size_t j = 0; j < reqs.size(); ++j) {
+      const Output &a = spec.outputs[j], &b = base.outputs[j];
+      EXPECT_EQ(a.tokens, b.tokens) << reqs[j].id;
+      EXPECT_EQ(a.text, b.text) << reqs[j].id;
+      EXPECT_EQ(a.finish, b.finish) << reqs[j].id << " " << a.final.error;
+      EXPECT_EQ(a.final.completion_tokens, b.final.completion_tokens) << reqs[j].id;
+      ASSERT_EQ(a.logprobs.size(), b.logprobs.size()) << reqs[j].id;
+      for (size_t t = 0; t < a.logprobs.size(); ++t) {
+        EXPECT_EQ(a.logprobs[t].token, b.logprobs[t].token);
+        EXPECT_NEAR(a.logprobs[t].logprob, b.logprobs[t].logprob, 1e-4);
+      }
+    }
+  }
+}
