@@ -5,16 +5,17 @@
 # MAX_TOKENS tokens at --speculative-tokens k = 1, 2, 3 (greedy unless TEMPERATURE is set).
 # Prints, per k, drafts, accepted drafts, verify steps and the mean acceptance length (tokens per
 # verify step) summed over the prompts.
-# Usage: scripts/bench/spec-accept-demo.sh TEST_TXT [N=10] [WORDS=48] [MAX_TOKENS=64]
+# Usage: [KS="1 2 3"] [TEMPERATURE=0] scripts/bench/spec-accept-demo.sh TEST_TXT [N=10] [WORDS=48] [MAX_TOKENS=64]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 test_txt="$1"; n="${2:-10}"; words="${3:-48}"; max_tokens="${4:-64}"; temperature="${TEMPERATURE:-0}"
-for k in 1 2 3; do
+for k in ${KS:-1 2 3}; do
   drafts=0; accepted=0; steps=0
   while IFS= read -r line; do
     prompt=$(echo "$line" | tr -s ' ' '\n' | head -n "$words" | tr '\n' ' ')
     stats=$(./build/dsv4 generate --raw --prompt "$prompt" --max-tokens "$max_tokens" --temperature "$temperature" \
       --seed 1 --speculative-tokens "$k" --usage 2>&1 >/dev/null | sed -n 's/^speculative: \([0-9]*\) drafts, \([0-9]*\) accepted, .* over \([0-9]*\) steps$/\1 \2 \3/p')
+    [ -n "$stats" ] || { echo "dsv4 generate failed (k=$k)" >&2; exit 1; }
     read -r d a s <<< "$stats"
     drafts=$((drafts + d)); accepted=$((accepted + a)); steps=$((steps + s))
   done < <(head -n "$n" "$test_txt")
