@@ -12,7 +12,7 @@ test_txt="$1"; n="${2:-10}"; words="${3:-48}"; max_tokens="${4:-64}"; temperatur
 for k in ${KS:-1 2 3}; do
   drafts=0; accepted=0; steps=0
   while IFS= read -r line; do
-    prompt=$(echo "$line" | tr -s ' ' '\n' | head -n "$words" | tr '\n' ' ')
+    prompt=$(awk -v n="$words" '{ for (i = 1; i <= n && i <= NF; ++i) printf "%s ", $i }' <<< "$line")
     stats=$(./build/dsv4 generate --raw --prompt "$prompt" --max-tokens "$max_tokens" --temperature "$temperature" \
       --seed 1 --speculative-tokens "$k" --usage 2>&1 >/dev/null | sed -n 's/^speculative: \([0-9]*\) drafts, \([0-9]*\) accepted, .* over \([0-9]*\) steps$/\1 \2 \3/p')
     [ -n "$stats" ] || { echo "dsv4 generate failed (k=$k)" >&2; exit 1; }
