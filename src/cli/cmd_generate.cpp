@@ -15,7 +15,7 @@ void register_generate(CLI::App& app, Action& action) {
   struct Opts {
     std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny", gemm = "exact", kv = "f32";
     bool raw = false, show_usage = false;
-    int32_t max_tokens = 64, top_k = 0, n = 1;
+    int32_t max_tokens = 64, top_k = 0, n = 1, speculative_tokens = 0;
     float temperature = 0.f, top_p = 1.f, min_p = 0.f;
     int64_t seed = -1, block_size = 0;
   };
@@ -44,7 +44,10 @@ void register_generate(CLI::App& app, Action& action) {
   cmd->add_option("--backend", o->backend, "cpu | cuda");
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
       ->check(CLI::IsMember({"exact", "fp8"}));
-  cmd->add_flag("--usage", o->show_usage, "Print token usage to stderr at the end");
+  cmd->add_option("--speculative-tokens", o->speculative_tokens,
+                  "Speculative decoding: tokens the MTP block drafts per step (0: off; 1..3)")
+      ->check(CLI::Range(0, 3));
+  cmd->add_flag("--usage", o->show_usage, "Print token usage (and speculative acceptance) to stderr at the end");
   cmd->callback([o, preset_opt, &action] {
     const bool random_demo = o->model.empty() && (preset_opt->count() > 0 || default_demo_model_dir().empty());
     action = [o, random_demo] {
@@ -64,6 +67,7 @@ void register_generate(CLI::App& app, Action& action) {
       cfg.block_size = o->block_size;
       cfg.kv_fp8 = o->kv == "fp8";
       cfg.max_running_requests = std::max(4, o->n);
+      cfg.speculative_tokens = o->speculative_tokens;
       auto engine = make_engine(cfg, lm);
       Request req;
       req.prompt = std::move(prompt);
@@ -106,6 +110,10 @@ void register_generate(CLI::App& app, Action& action) {
         const EngineMetrics m = engine->metrics();
         std::fprintf(stderr, "prompt %d tokens, completion %d tokens (finish: %s), %.1f tokens/s\n", last.prompt_tokens,
                      last.completion_tokens, finish_reason_name(last.finish), m.tokens_per_second);
+        if (m.speculative_steps)
+          std::fprintf(stderr, "speculative: %lld drafts, %lld accepted, mean acceptance length %.3f over %lld steps\n",
+                       (long long)m.draft_tokens, (long long)m.accepted_draft_tokens, m.mean_acceptance_length,
+                       (long long)m.speculative_steps);
       }
       return last.finish == FinishReason::Error ? 1 : 0;
     };

@@ -32,6 +32,7 @@ struct ServeOpts {
   int max_running = 64;
   int64_t max_batched_tokens = 2048;
   int64_t block_size = 0;
+  int32_t speculative_tokens = 0;
   double gpu_memory_utilization = 0.9;
   bool no_prefix_caching = false;
   int tp = 1;
@@ -100,6 +101,7 @@ Loaded load(const ServeOpts& o) {
     EngineConfig ec;
     ec.max_running_requests = o.max_running;
     ec.max_batched_tokens = o.max_batched_tokens;
+    ec.speculative_tokens = o.speculative_tokens;
     ec.block_size = o.block_size;
     ec.gpu_memory_utilization = o.gpu_memory_utilization;
     ec.enable_prefix_caching = !o.no_prefix_caching;
@@ -259,6 +261,10 @@ void register_serve(CLI::App& app, Action& action) {
         return u > 0 && u <= 1 ? "" : "must be in (0, 1], got " + s;
       });
   cmd->add_flag("--no-prefix-caching", o->no_prefix_caching, "Disable prefix caching");
+  cmd->add_option("--speculative-tokens", o->speculative_tokens,
+                  "Speculative decoding: tokens the MTP block drafts per step (0: off; 1..3)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 3));
   cmd->add_option("--tp", o->tp, "Tensor/expert-parallel size")->capture_default_str()->check(positive)->check(CLI::Range(1, 64));
   cmd->add_option("--max-model-len", o->max_model_len, "Context limit (prompt + max_tokens); default: the model's")->check(positive);
   cmd->add_flag("--allow-long-max-model-len", o->allow_long_max_model_len,

@@ -100,6 +100,10 @@ struct EngineMetrics {
   int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
   int64_t requests_finished = 0, requests_aborted = 0, preemptions = 0;
   int64_t device_sampled_tokens = 0;  // tokens drawn by Backend::sample (not on the host)
+  // Speculative decoding: draft tokens verified, how many of them were accepted, and the passes
+  // that verified drafts (per sequence). Mean acceptance length = tokens per such pass.
+  int64_t draft_tokens = 0, accepted_draft_tokens = 0, speculative_steps = 0;
+  double mean_acceptance_length = 0;  // (accepted_draft_tokens + speculative_steps) / speculative_steps
   double tokens_per_second = 0;  // generation, recent
 };
 

@@ -15,6 +15,7 @@
 #include <unordered_map>
 
 #include "engine/model_runner.h"
+#include "engine/mtp_drafter.h"
 #include "engine/output_processor.h"
 #include "engine/sampler.h"
 #include "engine/state_manager.h"
@@ -144,6 +145,10 @@ struct SeqRec {
   SamplerState sampler{0};
   std::optional<OutputProcessor> output;  // stops, length, text
   bool finished = false;
+  // Speculative decoding: the MTP block's drafts for the positions after the last token, and
+  // the distribution each was drawn from (empty for greedy requests).
+  std::vector<int32_t> drafts;
+  std::vector<std::vector<float>> draft_probs;
   int64_t computed() const { return has_state ? state.st.num_tokens : 0; }
   int32_t completion() const { return int32_t(output->completion_tokens()); }
 };
@@ -180,7 +185,9 @@ class EngineImpl final : public LLMEngine {
     if (!(cfg_.gpu_memory_utilization > 0 && cfg_.gpu_memory_utilization <= 1))
       fail("--gpu-memory-utilization: must be in (0, 1], got {}", cfg_.gpu_memory_utilization);
     const KvFormat kv = cfg_.kv_fp8 ? KvFormat::FP8 : KvFormat::F32;
-    const StateLayout layout = state_layout(mc, B, kv);
+    check_speculative(mc);
+    const bool mtp = cfg_.speculative_tokens > 0;
+    const StateLayout layout = state_layout(mc, B, kv, mtp);
     StatePlan plan;
     plan.num_slots = cfg_.max_running_requests;
     if (cfg_.num_blocks > 0) {
@@ -192,9 +199,10 @@ class EngineImpl final : public LLMEngine {
       if (cfg_.num_snapshots >= 0) plan.num_snapshots = cfg_.num_snapshots;
     }
     if (!cfg_.enable_prefix_caching) plan.num_snapshots = 0;
-    mgr_ = std::make_unique<StateManager>(model, B, plan.num_blocks, plan.num_slots, plan.num_snapshots, kv);
+    mgr_ = std::make_unique<StateManager>(model, B, plan.num_blocks, plan.num_slots, plan.num_snapshots, kv, mtp);
     mgr_->set_caching(cfg_.enable_prefix_caching);
     runner_ = std::make_unique<ModelRunner>(model);
+    if (mtp) drafter_ = std::make_unique<MtpDrafter>(model);
     capacity_tokens_ = plan.num_blocks * B;
     device_sampling_ = cfg_.device_sampling.value_or(model.backend().name() != "cpu");
     // A sequence cannot outgrow the state pool: the context is what the model allows, clamped to
@@ -218,6 +226,25 @@ class EngineImpl final : public LLMEngine {
   }
 
   ~EngineImpl() override { shutdown(false); }
+
+  // Speculation needs an MTP block without compressed state (its drafts run ahead of the main
+  // model and are never committed) and passes whose k + 1 rows fit every compressor window and
+  // the sliding window (Model::accept_drafts restores rows by position).
+  void check_speculative(const ModelConfig& mc) const {
+    const int32_t k = cfg_.speculative_tokens;
+    if (k == 0) return;
+    if (k < 0 || k > 3) fail("--speculative-tokens: must be 0..3, got {}", k);
+    if (mc.num_nextn_predict_layers < 1) fail("--speculative-tokens: the model has no MTP block");
+    for (int64_t l = mc.num_hidden_layers; l < mc.total_layers(); ++l)
+      if (mc.compress_ratio(l))
+        fail("--speculative-tokens: the MTP block has compressed attention (ratio {}); only sliding-window MTP "
+             "blocks are supported",
+             mc.compress_ratio(l));
+    for (int64_t l = 0; l < mc.num_hidden_layers; ++l)
+      if (const int64_t r = mc.compress_ratio(l); r && k + 1 > r)
+        fail("--speculative-tokens: {} drafts + 1 exceed compress ratio {}", k, r);
+    if (k + 1 > mc.sliding_window) fail("--speculative-tokens: {} drafts + 1 exceed the window", k);
+  }
 
   int64_t block_size() const override { return mgr_->block_tokens(); }
   int64_t block_bytes() const override { return mgr_->layout().block_bytes; }
@@ -251,7 +278,9 @@ class EngineImpl final : public LLMEngine {
     if (!sp.stop.empty() && !lm_->tokenizer) reject(Kind::InvalidRequest, "stop", "stop strings need a tokenizer (the model has none)");
     const int64_t P = int64_t(req.prompt.size());
     if (P >= max_model_len_)
-      reject(Kind::ContextLength, "prompt", "{} tokens do not fit the context of {} tokens (--max-model-len)", P, max_model_len_);
+      reject(Kind::ContextLength, "prompt", "{} tokens do not fit the context of {} tokens ({})", P, max_model_len_,
+             max_model_len_ == capacity_tokens_ ? "all the state pool holds: --kv-memory, --gpu-memory-utilization"
+                                                : "--max-model-len");
     const int64_t total = std::min<int64_t>(P + sp.max_tokens, max_model_len_);
     if (total > capacity_tokens_)
       reject(Kind::ContextLength, "prompt", "the request needs state for {} tokens ({} prompt + {} max_tokens) but the whole pool holds {} "
@@ -451,6 +480,8 @@ class EngineImpl final : public LLMEngine {
     preempted_this_step_ = true;
     mgr_->release(s->state);
     s->has_state = false;
+    s->drafts.clear();  // the MTP state is recomputed with the rest
+    s->draft_probs.clear();
     running_.erase(std::remove(running_.begin(), running_.end(), s), running_.end());
     enqueue(s);
     ++preemptions_;
@@ -517,7 +548,13 @@ class EngineImpl final : public LLMEngine {
         if (std::find(running_.begin(), running_.end(), s) == running_.end()) continue;  // preempted
         const int64_t remaining = int64_t(s->tokens.size()) - s->computed();
         if ((remaining == 1) != (pass == 0)) continue;
-        const int64_t n = to_boundary(s, grant(s, std::min(remaining, budget), work, budget, true));
+        // A decode feeds its last token and its drafts (cut to what the budget and pool allow).
+        const int64_t want = remaining == 1 ? 1 + int64_t(s->drafts.size()) : remaining;
+        const int64_t n = to_boundary(s, grant(s, std::min(want, budget), work, budget, true));
+        if (remaining == 1 && n > 0 && n - 1 < int64_t(s->drafts.size())) {
+          s->drafts.resize(size_t(n - 1));
+          s->draft_probs.resize(size_t(n - 1));
+        }
         if (n > 0) {
           work.push_back({s, n});
           budget -= n;
@@ -555,7 +592,10 @@ class EngineImpl final : public LLMEngine {
   }
 
   // One step: the scheduled work runs as one batched forward pass (ModelRunner); every
-  // sequence whose chunk reaches the end of its known tokens gets one token.
+  // sequence whose chunk reaches the end of its known tokens gets one token, or with drafts the
+  // accepted drafts and one more. Tokens are decided first, then the model keeps the accepted
+  // drafts, the MTP block catches up and drafts for the next step, completed blocks are
+  // registered, and only then are tokens emitted (emitting may finish sequences and fork others).
   void step() {
     std::vector<Work> work = schedule();
     if (work.empty()) return;  // running sequences exist but none could be scheduled: transient
@@ -563,17 +603,22 @@ class EngineImpl final : public LLMEngine {
     std::vector<ModelRunner::Item> items;
     std::vector<SeqRec*> seqs, dev_seqs, host_seqs;
     std::vector<size_t> host_items;  // index in items of each host_seqs entry
+    std::vector<int64_t> pass_start;
     std::vector<float> params(work.size() * size_t(kSampleParams));
     for (const Work& w : work) {
       SeqRec* s = w.seq;
       if (s->finished || !s->has_state) continue;
       const int64_t at = s->computed();
+      // Drafts are fed after the last token and taken off again once verified.
+      s->tokens.insert(s->tokens.end(), s->drafts.begin(), s->drafts.end());
       ModelRunner::Item it;
       it.state = &s->state.st;
       it.tokens = std::span(s->tokens).subspan(size_t(at), size_t(w.n));
       it.sampled = at + w.n == int64_t(s->tokens.size());
       it.scored = scores_prompt(s);
-      it.on_device = it.sampled && !it.scored && device_sampled(s);
+      it.draft_rows = int64_t(s->drafts.size());
+      it.keep_streams = bool(drafter_);
+      it.on_device = it.sampled && !it.scored && !it.draft_rows && device_sampled(s);
       if (it.on_device) {
         const SamplingParams& sp = s->req->req.sampling;
         it.params = &params[items.size() * size_t(kSampleParams)];
@@ -586,49 +631,156 @@ class EngineImpl final : public LLMEngine {
       }
       items.push_back(it);
       seqs.push_back(s);
+      pass_start.push_back(at);
     }
     ModelRunner::Result res;
     try {
       res = runner_->run(items, bool(cfg_.on_logits));
     } catch (const std::exception& e) {
       // The whole batch failed (a bug or a device error, not bad input): fail its requests.
-      for (SeqRec* s : seqs) abort_request(s->req->req.id, FinishReason::Error, e.what());
+      for (SeqRec* s : seqs) {
+        s->tokens.resize(s->tokens.size() - s->drafts.size());
+        abort_request(s->req->req.id, FinishReason::Error, e.what());
+      }
       return;
     }
-    for (SeqRec* s : seqs)
-      if (s->has_state) mgr_->register_blocks(s->state, s->tokens);
+
+    // Decide every sampled sequence's new tokens.
+    std::map<SeqRec*, Decided> decided;
     const size_t host0 = cfg_.on_logits ? dev_seqs.size() : 0;  // the hook also downloads device rows
     for (size_t i = 0; i < dev_seqs.size(); ++i) {
       SeqRec* s = dev_seqs[i];
-      if (s->finished) continue;
       if (cfg_.on_logits)
         cfg_.on_logits(s->req->req.id, s->index, int64_t(s->tokens.size()) - 1,
                        std::span(res.host_logits).subspan(i * size_t(V), size_t(V)));
       ++device_sampled_tokens_;
-      emit_token(s, res.device_tokens[i], Event{});
+      s->sampler.add_generated(res.device_tokens[i], V);
+      decided[s].tokens.push_back(res.device_tokens[i]);
     }
-    std::vector<float> row(static_cast<size_t>(V));
+    std::vector<int64_t> accepted;  // per sequence of res.drafts, in its order
+    std::map<const SequenceState*, int64_t> accepted_of;
     size_t at_row = host0;
     for (size_t i = 0; i < host_seqs.size(); ++i) {
       SeqRec* s = host_seqs[i];
-      const size_t k = host_items[i];
-      const bool scored = items[k].scored;
-      const size_t rows = scored ? items[k].tokens.size() : 1;
-      const size_t first_row = at_row;
+      const ModelRunner::Item& it = items[host_items[i]];
+      const size_t rows = it.scored ? it.tokens.size() : size_t(it.draft_rows + 1);
+      const auto logits = std::span(res.host_logits).subspan(at_row * size_t(V), rows * size_t(V));
       at_row += rows;
-      if (s->finished) continue;
-      if (scored) score_prompt(s, s->computed() - int64_t(rows), std::span(res.host_logits).subspan(first_row * size_t(V), rows * size_t(V)));
-      if (!items[k].sampled) continue;
-      const auto src = res.host_logits.begin() + long((first_row + rows - 1) * size_t(V));
-      std::copy(src, src + V, row.begin());
+      if (it.scored) score_prompt(s, s->computed() - int64_t(rows), logits);
+      if (!it.sampled) continue;
+      Decided& d = decided[s];
       if (s->req->req.sampling.max_tokens == 0) {  // scoring only: the prompt was the work
+        d.scoring_only = true;
+        continue;
+      }
+      const auto sampled_rows = logits.last(size_t(it.draft_rows + 1) * size_t(V));
+      if (s->index == 0 && s->completion() == 0 && s->req->req.sampling.n > 1)
+        d.fork_row.assign(sampled_rows.begin(), sampled_rows.end());
+      decide_tokens(s, sampled_rows, d);
+      if (it.draft_rows) {
+        accepted_of[&s->state.st] = int64_t(d.tokens.size()) - 1;
+        draft_tokens_ += it.draft_rows;
+        accepted_draft_tokens_ += int64_t(d.tokens.size()) - 1;
+        ++speculative_steps_;
+      }
+    }
+    for (const DraftCommit::Seq& d : res.drafts.seqs) accepted.push_back(accepted_of.at(d.state));
+    lm_->model->accept_drafts(res.drafts, accepted);
+    for (SeqRec* s : seqs) {
+      s->tokens.resize(s->tokens.size() - s->drafts.size());
+      s->drafts.clear();
+      s->draft_probs.clear();
+    }
+
+    if (drafter_) draft(seqs, pass_start, res, decided);
+    for (SeqRec* s : seqs)
+      if (s->has_state) mgr_->register_blocks(s->state, s->tokens);
+
+    for (SeqRec* s : seqs) {
+      auto it = decided.find(s);
+      if (it == decided.end()) continue;
+      Decided& d = it->second;
+      if (d.scoring_only) {
         finish_scored(s);
         continue;
       }
-      const bool first = s->completion() == 0 && s->index == 0;
-      sample_and_emit(s, row);
-      if (first) start_forks(s->req, s, row);
+      emit_tokens(s, d.tokens, std::move(d.logprobs));
+      if (!d.fork_row.empty()) start_forks(s->req, s, d.fork_row);
     }
+  }
+
+  // What a sampled sequence gets from a step: its new tokens (accepted drafts, then the target's
+  // own token), their logprobs when asked for, and for the first token of n > 1 the logits row
+  // its forks sample from.
+  struct Decided {
+    std::vector<int32_t> tokens;
+    std::vector<TokenLogprob> logprobs;
+    std::vector<float> fork_row;
+    bool scoring_only = false;  // max_tokens 0 with prompt logprobs: finishes without a token
+  };
+
+  // Host sampling of s's rows (drafts + 1 of them): each draft is verified against its row in
+  // order (the penalties see the drafts accepted before it); the first rejection gives the
+  // replacement token; when all are accepted the last row gives one more.
+  void decide_tokens(SeqRec* s, std::span<const float> rows, Decided& d) {
+    const SamplingParams& sp = s->req->req.sampling;
+    const int64_t V = lm_->config().vocab_size, drafts = int64_t(s->drafts.size());
+    const int64_t first_pos = int64_t(s->tokens.size()) - 1 - drafts;
+    for (int64_t j = 0; j <= drafts; ++j) {
+      const auto row = rows.subspan(size_t(j * V), size_t(V));
+      if (cfg_.on_logits) cfg_.on_logits(s->req->req.id, s->index, first_pos + j, row);
+      DraftVerdict v;
+      if (j < drafts) v = verify_draft(row, s->drafts[size_t(j)], s->draft_probs[size_t(j)], sp, s->sampler);
+      else v.token = sample_token(row, sp, s->sampler);
+      s->sampler.add_generated(v.token, V);
+      d.tokens.push_back(v.token);
+      if (sp.logprobs >= 0) d.logprobs.push_back(token_logprobs(row, v.token, sp.logprobs));
+      if (!v.accepted) break;
+    }
+  }
+
+  // The MTP block commits the positions this step completed, for every sequence of the pass, and
+  // drafts for each sequence that got a token (as many as its next step may verify).
+  void draft(const std::vector<SeqRec*>& seqs, const std::vector<int64_t>& pass_start, const ModelRunner::Result& res,
+             const std::map<SeqRec*, Decided>& decided) {
+    std::vector<MtpDrafter::Item> items;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      SeqRec* s = seqs[i];
+      const SequenceState& st = s->state.st;
+      auto d = decided.find(s);
+      const std::vector<int32_t> none;
+      const std::vector<int32_t>& fresh = d == decided.end() ? none : d->second.tokens;
+      MtpDrafter::Item it;
+      it.state = &s->state.st;
+      it.pass_start = pass_start[i];
+      it.stream_first = res.stream_first[i];
+      const int64_t known = int64_t(s->tokens.size() + fresh.size());
+      for (int64_t p = st.mtp_tokens + 1; p <= st.num_tokens && p < known; ++p)
+        it.next_tokens.push_back(p < int64_t(s->tokens.size()) ? s->tokens[size_t(p)]
+                                                               : fresh[size_t(p - int64_t(s->tokens.size()))]);
+      it.drafts = fresh.empty() ? 0 : next_draft_count(s, int64_t(fresh.size()));
+      it.params = &s->req->req.sampling;
+      it.sampler = &s->sampler;
+      items.push_back(std::move(it));
+    }
+    std::vector<MtpDrafter::Drafts> out = drafter_->run(items, res.streams);
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      seqs[i]->drafts = std::move(out[i].tokens);
+      seqs[i]->draft_probs = std::move(out[i].probs);
+    }
+  }
+
+  // Drafts the next step of s may verify, `fresh` tokens being about to be appended: at most
+  // --speculative-tokens, no more tokens than max_tokens and the context allow, and a verify pass
+  // never crosses a block boundary (every boundary is reached exactly, so the prefix cache
+  // snapshots it; unverified rows never complete a block).
+  int32_t next_draft_count(const SeqRec* s, int64_t fresh) const {
+    const int64_t N = s->state.st.num_tokens, len = int64_t(s->tokens.size()) + fresh, B = mgr_->block_tokens();
+    int64_t k = cfg_.speculative_tokens;
+    k = std::min(k, int64_t(s->req->req.sampling.max_tokens) - (s->completion() + fresh) - 1);
+    k = std::min(k, max_model_len_ - len - 1);
+    k = std::min(k, (N / B + 1) * B - N - 1);
+    return int32_t(std::max<int64_t>(0, k));
   }
 
   // Whether s's next token is drawn by Backend::sample: requests without penalties and
@@ -689,20 +841,24 @@ class EngineImpl final : public LLMEngine {
     const SamplingParams& sp = r->req.sampling;
     if (cfg_.on_logits) cfg_.on_logits(r->req.id, s->index, int64_t(s->tokens.size()) - 1, row);
     const int32_t tok = sample_token(row, sp, s->sampler);
-    Event ev;
-    if (sp.logprobs >= 0) ev.logprobs.push_back(token_logprobs(row, tok, sp.logprobs));
-    emit_token(s, tok, std::move(ev));
+    s->sampler.add_generated(tok, lm_->config().vocab_size);
+    std::vector<TokenLogprob> logprobs;
+    if (sp.logprobs >= 0) logprobs.push_back(token_logprobs(row, tok, sp.logprobs));
+    emit_tokens(s, std::span(&tok, 1), std::move(logprobs));
   }
 
-  // Appends a sampled token to s: stop handling, text, the event, finishing.
-  void emit_token(SeqRec* s, int32_t tok, Event ev) {
+  // Appends sampled tokens (already counted by the sampler; several after a speculative step)
+  // to s: the output processor consumes them up to the first that finishes the sample; one event.
+  void emit_tokens(SeqRec* s, std::span<const int32_t> toks, std::vector<TokenLogprob> logprobs) {
     RequestRec* r = s->req;
-    s->sampler.add_generated(tok, lm_->config().vocab_size);
-    s->tokens.push_back(tok);
-    ++generation_tokens_total_;
-    gen_window_.emplace_back(Clock::now(), 1);
+    Event ev;
     if (s->completion() == 0 && r->req.sampling.prompt_logprobs >= 0) ev.prompt_logprobs = r->prompt_logprobs;
-    OutputProcessor::Delta d = s->output->append(std::span(&tok, 1));
+    OutputProcessor::Delta d = s->output->append(toks);
+    s->tokens.insert(s->tokens.end(), toks.begin(), toks.begin() + d.consumed);
+    generation_tokens_total_ += d.consumed;
+    for (int32_t i = 0; i < d.consumed; ++i) gen_window_.emplace_back(Clock::now(), 1);
+    if (logprobs.size() > size_t(d.consumed)) logprobs.resize(size_t(d.consumed));
+    ev.logprobs = std::move(logprobs);
     ev.tokens = std::move(d.tokens);
     ev.text = std::move(d.text);
     if (d.finish == FinishReason::None) {
@@ -737,6 +893,11 @@ class EngineImpl final : public LLMEngine {
     m.requests_aborted = requests_aborted_;
     m.preemptions = preemptions_;
     m.device_sampled_tokens = device_sampled_tokens_;
+    m.draft_tokens = draft_tokens_;
+    m.accepted_draft_tokens = accepted_draft_tokens_;
+    m.speculative_steps = speculative_steps_;
+    if (speculative_steps_)
+      m.mean_acceptance_length = double(accepted_draft_tokens_ + speculative_steps_) / double(speculative_steps_);
     const auto now = Clock::now();
     while (!gen_window_.empty() && now - gen_window_.front().first > std::chrono::seconds(10)) gen_window_.pop_front();
     if (!gen_window_.empty()) {
@@ -754,6 +915,7 @@ class EngineImpl final : public LLMEngine {
   std::shared_ptr<LoadedModel> lm_;
   std::unique_ptr<StateManager> mgr_;
   std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<MtpDrafter> drafter_;  // speculative decoding only
   int64_t capacity_tokens_ = 0, max_model_len_ = 0;
   bool device_sampling_ = false;
   std::set<int32_t> eos_;
@@ -764,6 +926,7 @@ class EngineImpl final : public LLMEngine {
   std::vector<SeqRec*> running_;
   int64_t prompt_tokens_total_ = 0, cached_prompt_tokens_total_ = 0, generation_tokens_total_ = 0;
   int64_t requests_finished_ = 0, requests_aborted_ = 0, preemptions_ = 0, device_sampled_tokens_ = 0;
+  int64_t draft_tokens_ = 0, accepted_draft_tokens_ = 0, speculative_steps_ = 0;
   std::deque<std::pair<Clock::time_point, int>> gen_window_;
   std::vector<std::unique_ptr<RequestRec>> graveyard_;
   std::vector<std::string> done_ids_;

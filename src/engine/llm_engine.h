@@ -55,6 +55,9 @@ struct EngineConfig {
   double snapshot_fraction = 0.15;       // share of the budget for prefix-cache boundary snapshots
   int64_t num_snapshots = -1;            // >= 0: overrides the share (tests)
   uint64_t seed = 0;                     // seeds of requests without one
+  // --speculative-tokens k: the MTP block drafts k tokens (1..3) per decode step, verified in
+  // the next batched pass (docs/ENGINE.md, "Speculative decoding"); 0: off.
+  int32_t speculative_tokens = 0;
   // Sample with Backend::sample (only token ids leave the device) for requests without
   // penalties or logprobs; the tokens equal the host sampler's. Unset: on unless the backend is
   // the CPU reference (tests force it on there).

@@ -5,6 +5,8 @@
 #include <limits>
 #include <numeric>
 
+#include "util/error.h"
+
 namespace dsv4 {
 
 void SamplerState::add_prompt(std::span<const int32_t> prompt, int64_t vocab) {
@@ -52,6 +54,34 @@ std::vector<float> sampling_probs(std::span<const float> logits, const SamplingP
 int32_t sample_token(std::span<const float> logits, const SamplingParams& p, SamplerState& s) {
   const std::vector<float> z = apply_penalties(logits, p, s);
   return sample_row(z, sample_filter(p), draw_uniform(p, s));
+}
+
+int32_t draft_token(std::span<const float> mtp_logits, const SamplingParams& p, SamplerState& s,
+                    std::vector<float>& probs) {
+  probs.clear();
+  if (p.temperature <= 0) return greedy_token(mtp_logits);
+  probs = filtered_probs(mtp_logits, sample_filter(p));
+  return draw_token(probs, s.rng.uniform_f32());
+}
+
+DraftVerdict verify_draft(std::span<const float> logits, int32_t draft, std::span<const float> draft_probs,
+                          const SamplingParams& p, SamplerState& s) {
+  if (p.temperature <= 0) {
+    const int32_t target = sample_token(logits, p, s);
+    return {target == draft, target};
+  }
+  const std::vector<float> target = sampling_probs(logits, p, s);
+  DSV4_CHECK(draft_probs.size() == target.size() && draft >= 0 && size_t(draft) < target.size());
+  const double pd = target[size_t(draft)], qd = draft_probs[size_t(draft)];
+  if (double(s.rng.uniform_f32()) * qd < pd) return {true, draft};
+  std::vector<float> residual(target.size());
+  double mass = 0;
+  for (size_t i = 0; i < target.size(); ++i) mass += residual[i] = std::max(0.f, target[i] - draft_probs[i]);
+  const float u = s.rng.uniform_f32();
+  // p == q up to rounding: the rejection had probability ~0; fall back to the target itself.
+  if (!(mass > 0)) return {false, draw_token(target, u)};
+  for (float& v : residual) v = float(double(v) / mass);
+  return {false, draw_token(residual, u)};
 }
 
 TokenLogprob token_logprobs(std::span<const float> logits, int32_t token, int32_t k) {

@@ -46,6 +46,25 @@ std::vector<float> sampling_probs(std::span<const float> logits, const SamplingP
 // penalised logits) and advances the state's RNG by draw_uniform().
 int32_t sample_token(std::span<const float> logits, const SamplingParams& p, SamplerState& s);
 
+// Speculative decoding (docs/ENGINE.md). A draft token is drawn from the MTP logits through the
+// request's filters (temperature, top-k, top-p, min-p; no penalties): greedy requests take its
+// argmax (`probs` left empty), others draw from `probs` = that distribution with one uniform of
+// s's RNG. Whatever q is, the rejection rule below makes the output distribution the target's.
+int32_t draft_token(std::span<const float> mtp_logits, const SamplingParams& p, SamplerState& s,
+                    std::vector<float>& probs);
+
+// Verifies draft `draft` (drawn from `draft_probs`, empty for greedy) against the target logits
+// of its position, with the penalties of s. Greedy: accepted iff it is the target's greedy token.
+// Otherwise the standard rejection rule on the filtered target distribution p and q: accept with
+// probability min(1, p(d) / q(d)) (one uniform), else draw from normalised max(0, p - q) (a
+// second uniform). `token` is the draft when accepted, else the replacement.
+struct DraftVerdict {
+  bool accepted = false;
+  int32_t token = -1;
+};
+DraftVerdict verify_draft(std::span<const float> logits, int32_t draft, std::span<const float> draft_probs,
+                          const SamplingParams& p, SamplerState& s);
+
 // log-softmax of the raw logits: the chosen token's logprob and the top `k` alternatives.
 TokenLogprob token_logprobs(std::span<const float> logits, int32_t token, int32_t k);
 

@@ -10,13 +10,18 @@
 
 namespace dsv4 {
 
-StateLayout state_layout(const ModelConfig& c, int64_t B, KvFormat kv) {
+StateLayout state_layout(const ModelConfig& c, int64_t B, KvFormat kv, bool mtp) {
   StateLayout L;
   L.kv = kv;
   L.block_tokens = B;
   L.kv_row_bytes = kv_row_bytes(c, kv);
-  const int64_t eb = 4;  // indexer keys and compressor states are F32
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+  const int64_t eb = 4;  // indexer keys, compressor states and streams are F32
+  const bool with_mtp = mtp && c.num_nextn_predict_layers > 0;
+  if (with_mtp) {
+    L.tail_bytes += c.hc_mult * c.hidden_size * eb;  // the MTP block's next input stream
+    L.snapshot_bytes += c.hc_mult * c.hidden_size * eb;
+  }
+  for (int64_t l = 0; l < (with_mtp ? c.total_layers() : c.num_hidden_layers); ++l) {
     const int64_t window = c.sliding_window * L.kv_row_bytes;
     L.tail_bytes += window;
     L.snapshot_bytes += window;
@@ -51,26 +56,18 @@ StatePlan plan_state(const StateLayout& L, int64_t budget, int64_t num_slots, do
 }
 
 StateManager::StateManager(Model& model, int64_t B, int64_t num_blocks, int64_t num_slots, int64_t num_snapshots,
-                           KvFormat kv)
-    : model_(model), be_(model.backend()), layout_(state_layout(model.config(), B, kv)), num_blocks_(num_blocks) {
-  const ModelConfig& c = model.config();
+                           KvFormat kv, bool mtp)
+    : model_(model), be_(model.backend()), layout_(state_layout(model.config(), B, kv, mtp)), num_blocks_(num_blocks) {
   if (num_blocks <= 0 || num_blocks > std::numeric_limits<int32_t>::max()) fail("state pool: {} blocks", num_blocks);
   if (num_slots <= 0) fail("--max-running-requests must be positive, got {}", num_slots);
-  store_ = model.new_store(num_slots, num_blocks, B, false, kv);
+  store_ = model.new_store(num_slots, num_blocks, B, mtp, kv);
   for (int i = int(num_slots) - 1; i >= 0; --i) free_slots_.push_back(i);
   refs_.assign(size_t(num_blocks), 0);
   block_node_.assign(size_t(num_blocks), -1);
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_blocks_.push_back(int32_t(b));
   for (int64_t i = 0; i < num_snapshots; ++i) {
     Snapshot snap;
-    for (size_t l = 0; l < store_->layers.size(); ++l) {
-      Snapshot::Layer sl;
-      for (const Tensor& part : snapshot_parts(l, 0)) {
-        std::vector<int64_t> shape = part.shape;
-        sl.parts.push_back(be_.alloc(shape, part.type));
-      }
-      snap.layers.push_back(std::move(sl));
-    }
+    for (const Tensor& part : snapshot_parts(0)) snap.parts.push_back(be_.alloc(part.shape, part.type));
     snapshots_.push_back(std::move(snap));
   }
   snapshot_node_.assign(size_t(num_snapshots), -1);
@@ -218,6 +215,7 @@ void StateManager::attach(Seq& s, std::span<const int32_t> tokens, int64_t block
   DSV4_CHECK(last.snapshot >= 0);
   load_snapshot(snapshots_[size_t(last.snapshot)], s.st);
   s.st.num_tokens = blocks * B;
+  if (!store_->mtp_layers.empty()) s.st.mtp_tokens = blocks * B - 1;  // the snapshot holds stream kB - 1
   s.st.capacity = blocks * B;
 }
 
@@ -293,32 +291,34 @@ void StateManager::register_blocks(Seq& s, std::span<const int32_t> tokens) {
   }
 }
 
-// The slot-private tensors a snapshot holds (window ring; CSA previous-window halves), as views
-// of slot `slot`, in the order of Snapshot::Layer::parts.
-std::vector<Tensor> StateManager::snapshot_parts(size_t layer, int32_t slot) const {
-  const LayerStore& ls = store_->layers[layer];
+// The slot-private tensors a snapshot holds, as views of slot `slot`, in the order of
+// Snapshot::parts: per layer (main, then MTP) the window ring and the CSA previous-window halves;
+// with MTP, the MTP block's next input stream (the main streams of position kB - 1: MTP position
+// kB - 1 also reads token kB, which the block's hash does not cover, so it is not run yet).
+std::vector<Tensor> StateManager::snapshot_parts(int32_t slot) const {
   const int64_t n = store_->num_slots;
-  std::vector<Tensor> v{slot_rows(ls.window, n, slot)};
-  for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
-    if (!c->prev_kv.empty()) {
-      v.push_back(slot_rows(c->prev_kv, n, slot));
-      v.push_back(slot_rows(c->prev_gate, n, slot));
+  std::vector<Tensor> v;
+  for (const auto* layers : {&store_->layers, &store_->mtp_layers})
+    for (const LayerStore& ls : *layers) {
+      v.push_back(slot_rows(ls.window, n, slot));
+      for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
+        if (!c->prev_kv.empty()) {
+          v.push_back(slot_rows(c->prev_kv, n, slot));
+          v.push_back(slot_rows(c->prev_gate, n, slot));
+        }
     }
+  if (!store_->mtp_stream.empty()) v.push_back(slot_rows(store_->mtp_stream, n, slot));
   return v;
 }
 
 void StateManager::save_snapshot(const SequenceState& st, Snapshot& snap) {
-  for (size_t l = 0; l < snap.layers.size(); ++l) {
-    const std::vector<Tensor> src = snapshot_parts(l, st.slot);
-    for (size_t i = 0; i < src.size(); ++i) be_.copy(src[i], snap.layers[l].parts[i]);
-  }
+  const std::vector<Tensor> src = snapshot_parts(st.slot);
+  for (size_t i = 0; i < src.size(); ++i) be_.copy(src[i], snap.parts[i]);
 }
 
 void StateManager::load_snapshot(const Snapshot& snap, SequenceState& st) {
-  for (size_t l = 0; l < snap.layers.size(); ++l) {
-    const std::vector<Tensor> dst = snapshot_parts(l, st.slot);
-    for (size_t i = 0; i < dst.size(); ++i) be_.copy(snap.layers[l].parts[i], dst[i]);
-  }
+  const std::vector<Tensor> dst = snapshot_parts(st.slot);
+  for (size_t i = 0; i < dst.size(); ++i) be_.copy(snap.parts[i], dst[i]);
 }
 
 bool StateManager::fork(const Seq& parent, Seq& child) {
@@ -329,13 +329,16 @@ bool StateManager::fork(const Seq& parent, Seq& child) {
   const SequenceState& ps = parent.st;
   SequenceState& cs = child.st;
   const int64_t slots = store_->num_slots;
-  for (const LayerStore& ls : store_->layers) {
-    std::vector<const Tensor*> slot_tensors{&ls.window};
-    for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
-      for (const Tensor* t : {&c->kv, &c->gate, &c->prev_kv, &c->prev_gate})
-        if (!t->empty()) slot_tensors.push_back(t);
-    for (const Tensor* t : slot_tensors) be_.copy(slot_rows(*t, slots, ps.slot), slot_rows(*t, slots, cs.slot));
-  }
+  for (const auto* layers : {&store_->layers, &store_->mtp_layers})
+    for (const LayerStore& ls : *layers) {
+      std::vector<const Tensor*> slot_tensors{&ls.window};
+      for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
+        for (const Tensor* t : {&c->kv, &c->gate, &c->prev_kv, &c->prev_gate})
+          if (!t->empty()) slot_tensors.push_back(t);
+      for (const Tensor* t : slot_tensors) be_.copy(slot_rows(*t, slots, ps.slot), slot_rows(*t, slots, cs.slot));
+    }
+  if (!store_->mtp_stream.empty())
+    be_.copy(slot_rows(store_->mtp_stream, slots, ps.slot), slot_rows(store_->mtp_stream, slots, cs.slot));
   for (int64_t k = 0; k < full; ++k) {
     ++refs_[size_t(ps.blocks[size_t(k)])];
     cs.blocks.push_back(ps.blocks[size_t(k)]);
@@ -357,6 +360,7 @@ bool StateManager::fork(const Seq& parent, Seq& child) {
     cs.blocks.push_back(dst);
   }
   cs.num_tokens = n;
+  cs.mtp_tokens = ps.mtp_tokens;
   cs.capacity = int64_t(cs.blocks.size()) * B;
   return true;
 }

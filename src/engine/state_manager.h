@@ -33,8 +33,9 @@ struct StateLayout {
   int64_t kv_row_bytes = 0;    // one window key / compressed entry in format kv (model/memory.h)
   double bytes_per_token() const { return double(block_bytes) / double(block_tokens); }
 };
-// Exact bytes of what StateManager allocates (main layers: the engine does not run MTP).
-StateLayout state_layout(const ModelConfig& cfg, int64_t block_tokens, KvFormat kv = KvFormat::F32);
+// Exact bytes of what StateManager allocates: the main layers, and with mtp (speculative
+// decoding) the MTP layers and the slot's MTP input stream row.
+StateLayout state_layout(const ModelConfig& cfg, int64_t block_tokens, KvFormat kv = KvFormat::F32, bool mtp = false);
 
 struct StatePlan {
   int64_t num_blocks = 0, num_slots = 0, num_snapshots = 0;
@@ -46,9 +47,10 @@ StatePlan plan_state(const StateLayout& layout, int64_t budget_bytes, int64_t nu
 class StateManager {
  public:
   // Window rings, entry pools and snapshots are stored in format kv (indexer keys and
-  // compressor states in F32).
+  // compressor states in F32). mtp: the store also holds the MTP layers' state (speculative
+  // decoding), and snapshots and forks carry it.
   StateManager(Model& model, int64_t block_tokens, int64_t num_blocks, int64_t num_slots, int64_t num_snapshots,
-               KvFormat kv = KvFormat::F32);
+               KvFormat kv = KvFormat::F32, bool mtp = false);
 
   const StateLayout& layout() const { return layout_; }
   int64_t block_tokens() const { return layout_.block_tokens; }
@@ -95,10 +97,7 @@ class StateManager {
 
  private:
   struct Snapshot {
-    struct Layer {
-      std::vector<Tensor> parts;  // copies of snapshot_parts()
-    };
-    std::vector<Layer> layers;
+    std::vector<Tensor> parts;  // copies of snapshot_parts()
   };
   struct Node {
     uint64_t hash = 0;
@@ -113,7 +112,7 @@ class StateManager {
   void unref(int32_t block);
   void evict_node(int32_t node);
   int32_t take_snapshot_slot();
-  std::vector<Tensor> snapshot_parts(size_t layer, int32_t slot) const;
+  std::vector<Tensor> snapshot_parts(int32_t slot) const;
   void save_snapshot(const SequenceState& st, Snapshot& snap);
   void load_snapshot(const Snapshot& snap, SequenceState& st);
   uint64_t chain_hash(uint64_t parent, std::span<const int32_t> block) const;

@@ -70,9 +70,11 @@ std::shared_ptr<StateStore> Model::new_store(int64_t slots, int64_t blocks, int6
   s->num_blocks = blocks;
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
     s->layers.push_back(new_layer_store(l, slots, blocks, block_tokens, kv));
-  if (mtp)
+  if (mtp && cfg_.num_nextn_predict_layers > 0) {
     for (int64_t i = 0; i < cfg_.num_nextn_predict_layers; ++i)
       s->mtp_layers.push_back(new_layer_store(cfg_.num_hidden_layers + i, slots, blocks, block_tokens, kv));
+    s->mtp_stream = be_.alloc({slots, cfg_.hc_mult * cfg_.hidden_size});
+  }
   return s;
 }
 
@@ -111,6 +113,9 @@ struct Model::Plan {
   std::map<int64_t, Ratio> ratios;
   Tensor logit_rows, stream_rows;  // batch rows (empty: every row)
   int64_t n_logits = 0, n_streams = 0;
+  Tensor draft_rows;  // [n_drafts]: batch rows of main-pass drafts, whose window keys are held back
+  int64_t n_drafts = 0;
+  mutable std::vector<Tensor> draft_keys;  // filled per layer by attention()
 
   const Ratio& ratio(int64_t r) const { return ratios.at(r); }
 };
@@ -135,12 +140,19 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
     start[s] = mtp ? st.mtp_tokens : st.num_tokens;
     len[s] = int64_t(f.tokens.size());
     if (len[s] == 0) fail("forward: empty token list");
-    if (f.logit_rows < 0 || f.logit_rows > len[s] || f.stream_rows < 0 || f.stream_rows > len[s])
-      fail("forward: {} logit rows / {} stream rows of a {}-token chunk", f.logit_rows, f.stream_rows, len[s]);
-    if (mtp && start[s] + len[s] > st.num_tokens)
-      fail("forward_mtp: positions {}..{} have not been run by the main model", start[s], start[s] + len[s] - 1);
-    if (start[s] + len[s] > st.capacity || start[s] + len[s] > int64_t(st.blocks.size()) * B)
+    if (f.logit_rows < 0 || f.logit_rows > len[s] || f.stream_rows < 0 || f.stream_rows > len[s] ||
+        f.draft_rows < 0 || f.draft_rows > len[s])
+      fail("forward: {} logit rows / {} stream rows / {} draft rows of a {}-token chunk", f.logit_rows, f.stream_rows,
+           f.draft_rows, len[s]);
+    // MTP draft rows (chained drafts) may run ahead of the main model: they are never committed.
+    if (mtp && start[s] + len[s] - f.draft_rows > st.num_tokens)
+      fail("forward_mtp: positions {}..{} have not been run by the main model", start[s],
+           start[s] + len[s] - f.draft_rows - 1);
+    // (The MTP block is sliding-window only when it has draft rows: they need no blocks.)
+    const int64_t last = start[s] + len[s] - (mtp ? f.draft_rows : 0);
+    if (last > st.capacity || (!mtp && last > int64_t(st.blocks.size()) * B))
       fail("forward: {} tokens exceed the sequence capacity of {}", start[s] + len[s], st.capacity);
+    if (!mtp) p.n_drafts += f.draft_rows;
     if (st.slot < 0 || st.slot >= store.num_slots) fail("forward: slot {} of a {}-slot store", st.slot, store.num_slots);
     for (int64_t t = 0; t < len[s]; ++t)
       if (f.tokens[size_t(t)] < 0 || f.tokens[size_t(t)] >= cfg_.vocab_size)
@@ -183,7 +195,9 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
       for (int64_t j = lo; j <= at; ++j)
         host[widx + size_t(row * W + j - lo)] =
             int32_t(j < start[s] ? st.slot * W + j % W : Nw + first[s] + (j - start[s]));
-      if (t >= len[s] - W) host[wdest + size_t(row)] = int32_t(st.slot * W + at % W);
+      // The last W committed keys enter the ring; draft keys wait for accept_drafts (MTP: never).
+      const int64_t committed = len[s] - batch[size_t(s)].draft_rows;
+      if (t >= committed - W && t < committed) host[wdest + size_t(row)] = int32_t(st.slot * W + at % W);
     }
   }
 
@@ -197,6 +211,9 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
       (cfg_.attn_kind(l) == AttnKind::CSA ? k.first : k.second) = true;
     }
   std::map<int64_t, std::array<size_t, 5>> offsets;
+  if (mtp && !kinds.empty())
+    for (const ForwardSeq& f : batch)
+      if (f.draft_rows) fail("forward_mtp: draft rows need a sliding-window-only MTP block (compress ratio 0)");
   for (auto& [r, kind] : kinds) {
     Plan::Ratio& pr = p.ratios[r];
     const int64_t per = B / r;
@@ -240,11 +257,13 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
   const bool all_logits = p.n_logits == T, all_streams = p.n_streams == T;
   const size_t lrows = all_logits ? 0 : stage(p.logit_rows, {p.n_logits}, 0);
   const size_t srows = all_streams ? 0 : stage(p.stream_rows, {p.n_streams}, 0);
-  for (int64_t s = 0, li = 0, si = 0; s < S; ++s) {
+  const size_t drows = p.n_drafts ? stage(p.draft_rows, {p.n_drafts}, 0) : 0;
+  for (int64_t s = 0, li = 0, si = 0, di = 0; s < S; ++s) {
     const ForwardSeq& f = batch[size_t(s)];
     for (int64_t t = len[s] - f.logit_rows; !all_logits && t < len[s]; ++t) host[lrows + size_t(li++)] = int32_t(first[s] + t);
     for (int64_t t = len[s] - f.stream_rows; !all_streams && t < len[s]; ++t)
       host[srows + size_t(si++)] = int32_t(first[s] + t);
+    for (int64_t t = len[s] - f.draft_rows; p.n_drafts && t < len[s]; ++t) host[drows + size_t(di++)] = int32_t(first[s] + t);
   }
 
   Tensor flat = be_.alloc({int64_t(host.size())}, ElemType::I32);
@@ -328,6 +347,11 @@ Tensor Model::attention(const AttentionWeights& a, LayerStore& ls, const Plan& p
   be_.attend(q, ls.window, kv, p.window_idx, a.has_compressor ? ls.entries : Tensor{}, compressed_idx, nope,
              *a.attn_sink, 1.f / std::sqrt(float(hd)), o);
   be_.store_rows(kv, p.window_dest, nope, ls.window);
+  if (p.n_drafts) {
+    Tensor keys = be_.alloc({p.n_drafts, hd});
+    be_.gather_rows(kv, p.draft_rows, keys);
+    p.draft_keys.push_back(keys);
+  }
 
   // Undo the rotation of the values' RoPE dims at the query position, then the grouped projection.
   be_.rope(o, p.pos, rope, cfg_.rope_dim(), true);
@@ -385,16 +409,105 @@ Tensor select_rows(Backend& be, const Tensor& x, const Tensor& rows, int64_t n) 
 
 ForwardOutput Model::forward(std::span<const ForwardSeq> batch) {
   Plan p = plan(batch, false);
+  ForwardOutput out;
+  if (p.n_drafts) out.drafts = save_draft_state(batch);
   Tensor e = be_.alloc({p.T, cfg_.hidden_size});
   be_.embed(*w_.embed, p.ids, e);
   Tensor X = be_.alloc({p.T, cfg_.hc_mult, cfg_.hidden_size});
   be_.broadcast_streams(e, X, false);
   for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], p.store->layers[l], p, X);
   for (const ForwardSeq& f : batch) f.state->num_tokens += int64_t(f.tokens.size());
-  ForwardOutput out;
+  out.drafts.keys = std::move(p.draft_keys);
   if (p.n_streams) out.streams = select_rows(be_, X, p.stream_rows, p.n_streams);
   if (p.n_logits) out.logits = logits(select_rows(be_, X, p.logit_rows, p.n_logits), w_.hc_head, *w_.norm);
   return out;
+}
+
+// The compressor rows that the draft positions of `batch` will overwrite, copied before the pass.
+// A position p writes partial-window row p % r of its slot and, completing a window, replaces the
+// CSA previous-window halves (all r rows). A sequence with drafts feeds at most r rows, so no two
+// of its positions share a row and at most one completes a window: restoring a rejected draft's
+// rows to their value before the pass undoes exactly that draft.
+DraftCommit Model::save_draft_state(std::span<const ForwardSeq> batch) {
+  DraftCommit dc;
+  for (const ForwardSeq& f : batch) {
+    if (!f.draft_rows) continue;
+    const int64_t len = int64_t(f.tokens.size());
+    for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
+      if (const int64_t r = cfg_.compress_ratio(l); r && len > r)
+        fail("forward: {} rows with drafts exceed compress ratio {} (a draft would overwrite a kept row)", len, r);
+    if (len > cfg_.sliding_window) fail("forward: {} rows with drafts exceed the window of {}", len, cfg_.sliding_window);
+    dc.seqs.push_back({f.state, f.state->num_tokens + len - f.draft_rows, f.draft_rows});
+  }
+  StateStore& store = *batch[0].state->store;
+  for (size_t l = 0; l < store.layers.size(); ++l) {
+    const int64_t r = cfg_.compress_ratio(int64_t(l));
+    if (!r) continue;
+    for (const CompressorSlots* cs : {&store.layers[l].compressor, &store.layers[l].index_compressor}) {
+      if (cs->kv.empty()) continue;
+      DraftCommit::Saved partial, prev;
+      for (size_t i = 0; i < dc.seqs.size(); ++i) {
+        const DraftCommit::Seq& d = dc.seqs[i];
+        for (int64_t j = 0; j < d.drafts; ++j) {
+          const int64_t pos = d.first_pos + j;
+          partial.rows.push_back(int32_t(d.state->slot * r + pos % r));
+          partial.seq.push_back(int32_t(i));
+          partial.draft.push_back(int32_t(j));
+          if (pos % r == r - 1 && !cs->prev_kv.empty())
+            for (int64_t k = 0; k < r; ++k) {
+              prev.rows.push_back(int32_t(d.state->slot * r + k));
+              prev.seq.push_back(int32_t(i));
+              prev.draft.push_back(int32_t(j));
+            }
+        }
+      }
+      auto save = [&](const Tensor& t, const DraftCommit::Saved& like) {
+        if (like.rows.empty()) return;
+        DraftCommit::Saved sv = like;
+        sv.store = t;
+        const int64_t n = int64_t(sv.rows.size());
+        Tensor idx = be_.alloc({n}, ElemType::I32);
+        be_.upload(idx, sv.rows.data());
+        sv.values = be_.alloc({n, t.cols()});
+        be_.gather_rows(t, idx, sv.values);
+        dc.saved.push_back(std::move(sv));
+      };
+      save(cs->kv, partial);
+      save(cs->gate, partial);
+      save(cs->prev_kv, prev);
+      save(cs->prev_gate, prev);
+    }
+  }
+  return dc;
+}
+
+void Model::accept_drafts(const DraftCommit& dc, std::span<const int64_t> accepted) {
+  if (accepted.size() != dc.seqs.size()) fail("accept_drafts: {} counts for {} sequences", accepted.size(), dc.seqs.size());
+  if (dc.empty()) return;
+  StateStore& store = *dc.seqs[0].state->store;
+  const int64_t W = cfg_.sliding_window;
+  std::vector<int32_t> ring_dest;
+  for (size_t i = 0; i < dc.seqs.size(); ++i) {
+    const DraftCommit::Seq& d = dc.seqs[i];
+    if (accepted[i] < 0 || accepted[i] > d.drafts) fail("accept_drafts: {} of {} drafts accepted", accepted[i], d.drafts);
+    for (int64_t j = 0; j < d.drafts; ++j)
+      ring_dest.push_back(j < accepted[i] ? int32_t(d.state->slot * W + (d.first_pos + j) % W) : -1);
+    d.state->num_tokens -= d.drafts - accepted[i];
+  }
+  auto upload = [&](const std::vector<int32_t>& v) {
+    Tensor t = be_.alloc({int64_t(v.size())}, ElemType::I32);
+    be_.upload(t, v.data());
+    return t;
+  };
+  const Tensor ring_rows = upload(ring_dest);
+  DSV4_CHECK(dc.keys.size() == store.layers.size());
+  for (size_t l = 0; l < store.layers.size(); ++l) be_.store_rows(dc.keys[l], ring_rows, cfg_.nope_dim(), store.layers[l].window);
+  for (const DraftCommit::Saved& sv : dc.saved) {
+    std::vector<int32_t> dest(sv.rows.size(), -1);
+    for (size_t i = 0; i < sv.rows.size(); ++i)
+      if (sv.draft[i] >= accepted[size_t(sv.seq[i])]) dest[i] = sv.rows[i];
+    be_.store_rows(sv.values, upload(dest), 0, sv.store);
+  }
 }
 
 Tensor Model::forward(SequenceState& st, std::span<const int32_t> tokens, Tensor* streams) {
@@ -406,12 +519,18 @@ Tensor Model::forward(SequenceState& st, std::span<const int32_t> tokens, Tensor
 }
 
 Tensor Model::forward_mtp(SequenceState& st, const Tensor& streams, std::span<const int32_t> next_tokens) {
-  if (w_.mtp.empty()) fail("this model has no MTP block (num_nextn_predict_layers = 0)");
-  if (st.store->mtp_layers.empty()) fail("forward_mtp: this sequence's state store has no MTP layers");
-  const int64_t n = int64_t(next_tokens.size()), m = cfg_.hc_mult, D = cfg_.hidden_size;
-  DSV4_CHECK(streams.dim(0) == n);
+  const int64_t n = int64_t(next_tokens.size());
   const ForwardSeq one{&st, next_tokens, n, 0};
-  Plan p = plan(std::span(&one, 1), true);
+  return forward_mtp(std::span(&one, 1), streams).logits;
+}
+
+ForwardOutput Model::forward_mtp(std::span<const ForwardSeq> batch, const Tensor& streams) {
+  if (w_.mtp.empty()) fail("this model has no MTP block (num_nextn_predict_layers = 0)");
+  for (const ForwardSeq& f : batch)
+    if (f.state->store->mtp_layers.empty()) fail("forward_mtp: this sequence's state store has no MTP layers");
+  Plan p = plan(batch, true);
+  const int64_t n = p.T, m = cfg_.hc_mult, D = cfg_.hidden_size;
+  DSV4_CHECK(streams.dim(0) == n);
   const MtpWeights& mw = w_.mtp[0];
   const float ne = eps(cfg_.rms_norm_eps);
 
@@ -425,8 +544,11 @@ Tensor Model::forward_mtp(SequenceState& st, const Tensor& streams, std::span<co
   be_.linear(h, mw.h_proj, X.reshaped({n * m, D}));
   be_.broadcast_streams(ep, X, true);
   X = block(mw.block, p.store->mtp_layers[0], p, X);
-  st.mtp_tokens += n;
-  return logits(X, mw.hc_head, *mw.norm);
+  for (const ForwardSeq& f : batch) f.state->mtp_tokens += int64_t(f.tokens.size()) - f.draft_rows;
+  ForwardOutput out;
+  if (p.n_streams) out.streams = select_rows(be_, X, p.stream_rows, p.n_streams);
+  if (p.n_logits) out.logits = logits(select_rows(be_, X, p.logit_rows, p.n_logits), mw.hc_head, *mw.norm);
+  return out;
 }
 
 }  // namespace dsv4

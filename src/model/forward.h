@@ -37,6 +37,9 @@ struct StateStore {
   int64_t block_tokens = 0;  // a multiple of every compress ratio
   int64_t num_slots = 0, num_blocks = 0;
   std::vector<LayerStore> layers, mtp_layers;
+  // With MTP layers: [slots, hc_mult * hidden] F32, slot s's main-model final streams of position
+  // mtp_tokens, the next row the MTP block reads (its token, the one after, may not be known yet).
+  Tensor mtp_stream;
 };
 
 // Rows of `slot` in a slot-indexed tensor of `slots` slots (a view).
@@ -60,16 +63,44 @@ struct SequenceState {
 // state->num_tokens... Logits are computed for its last `logit_rows` rows only (1 for a decode
 // or the end of a prompt, 0 for a prefill chunk that does not reach it) and the final residual
 // streams kept for its last `stream_rows` rows (the MTP block's input).
+// The last `draft_rows` tokens are unverified drafts (speculative decoding): they are computed
+// like the others, but what they write to the sequence's private state is held back or saved
+// (DraftCommit) until Model::accept_drafts keeps a prefix of them. In an MTP pass draft rows
+// write no state at all and mtp_tokens advances by the other rows only.
 struct ForwardSeq {
   SequenceState* state = nullptr;
   std::span<const int32_t> tokens;
   int64_t logit_rows = 1;
   int64_t stream_rows = 0;
+  int64_t draft_rows = 0;
+};
+
+// What a main-model pass with draft rows did not commit yet (docs/ENGINE.md, "Speculative
+// decoding"): the window keys of the draft rows (kept out of the rings) and copies of the
+// compressor rows the draft positions overwrote (partial-window rows; the CSA previous-window
+// halves when a draft completes a window). Entries and indexer keys a draft writes need no undo:
+// they lie beyond every later query's visible range until their window is recomputed.
+struct DraftCommit {
+  struct Seq {
+    SequenceState* state;
+    int64_t first_pos, drafts;  // position of the first draft row; number of draft rows
+  };
+  struct Saved {
+    Tensor store;            // the slot-indexed compressor tensor
+    Tensor values;           // [n, cols]: its rows before the pass
+    std::vector<int32_t> rows;         // store row of each saved row
+    std::vector<int32_t> seq, draft;   // restored when draft index `draft` of sequence `seq` is rejected
+  };
+  std::vector<Seq> seqs;          // sequences with drafts, in batch order
+  std::vector<Tensor> keys;       // per main layer: [all draft rows, row width] F32 window keys
+  std::vector<Saved> saved;
+  bool empty() const { return seqs.empty(); }
 };
 
 struct ForwardOutput {
   Tensor logits;   // [sum of logit_rows, vocab], in sequence order
   Tensor streams;  // [sum of stream_rows, hc_mult, hidden], in sequence order (empty when none)
+  DraftCommit drafts;  // main passes with draft rows: pass to Model::accept_drafts
 };
 
 class Model {
@@ -95,10 +126,20 @@ class Model {
   // A batch of one: logits [T, vocab] of every row; streams (when given) receives the final
   // residual streams [T, hc_mult, hidden].
   Tensor forward(SequenceState& state, std::span<const int32_t> tokens, Tensor* streams = nullptr);
+  // After a pass with draft rows: sequence i of `drafts` keeps its first accepted[i] draft rows
+  // (their window keys enter the rings) and every trace of the others is undone (saved
+  // compressor rows restored, num_tokens set back). The state is then what a pass over the
+  // kept rows alone would have left.
+  void accept_drafts(const DraftCommit& drafts, std::span<const int64_t> accepted);
 
   // MTP draft logits [n, vocab] for positions state.mtp_tokens...: row i combines the main
   // streams of that position with the token that follows it (next_tokens[i]).
   Tensor forward_mtp(SequenceState& state, const Tensor& streams, std::span<const int32_t> next_tokens);
+  // The MTP block over a batch: `streams` [T, hc_mult, hidden] holds, in batch row order, the
+  // streams each row combines with its token (the main model's for a real position, the MTP
+  // block's own output for a chained draft). Sequences start at their mtp_tokens; logits and
+  // output streams (the block's, before hc_head) of the rows ForwardSeq asks for.
+  ForwardOutput forward_mtp(std::span<const ForwardSeq> batch, const Tensor& streams);
 
   // The KV format of sequences made by new_sequence (--kv). forward() follows the format each
   // sequence was allocated with (SequenceState::kv), so a model serves sequences of any format.
@@ -117,6 +158,7 @@ class Model {
   struct Plan;
   Plan plan(std::span<const ForwardSeq> batch, bool mtp);
   Tensor block(const BlockWeights& b, LayerStore& ls, const Plan& p, const Tensor& X);
+  DraftCommit save_draft_state(std::span<const ForwardSeq> batch);
   Tensor attention(const AttentionWeights& a, LayerStore& ls, const Plan& p, const Tensor& x);
   Tensor compress(const CompressorWeights& c, const CompressorSlots& cs, const Tensor& x, const Plan& p);
   LayerStore new_layer_store(int64_t layer, int64_t slots, int64_t blocks, int64_t block_tokens, KvFormat kv) const;

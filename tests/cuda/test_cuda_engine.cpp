@@ -34,9 +34,11 @@ struct RoundResult {
 };
 
 // Two rounds of 8 concurrent greedy requests whose prompts share a 2-block prefix.
-std::vector<RoundResult> run_rounds(std::shared_ptr<LoadedModel> model, bool kv_fp8 = false) {
+std::vector<RoundResult> run_rounds(std::shared_ptr<LoadedModel> model, bool kv_fp8 = false,
+                                    int32_t speculative_tokens = 0) {
   EngineConfig cfg;
   cfg.kv_fp8 = kv_fp8;
+  cfg.speculative_tokens = speculative_tokens;
   cfg.block_size = 16;
   cfg.num_blocks = 256;
   cfg.max_batched_tokens = 48;  // forces chunked prefill mixed with decodes
@@ -92,6 +94,24 @@ TEST(CudaEngine, MatchesCpuEngineWithPrefixCacheAndChunkedPrefill) {
 // logits row of every request (the prompt's last position: computed cold in round 0, from
 // restored packed snapshots and shared packed blocks in round 1) with the CPU engine's --kv fp8
 // run, to the whole-model FP8 bound (2e-2 of the logit scale), and the prefix-cache hits.
+// Speculative decoding on the device (drafts verified in the batched pass, rollback through
+// gather_rows/store_rows): the same greedy tokens as without it, F32 and FP8 KV, k = 1..3, both
+// rounds (the second one from the prefix cache, MTP state included in the snapshots).
+TEST(CudaEngine, SpeculativeGreedyMatchesPlain) {
+  DSV4_REQUIRE_GPU();
+  for (bool fp8 : {false, true}) {
+    const auto plain = run_rounds(tiny_on_cuda(7), fp8);
+    for (int32_t k = 1; k <= 3; ++k) {
+      SCOPED_TRACE(testing::Message() << (fp8 ? "fp8" : "f32") << " k=" << k);
+      const auto spec = run_rounds(tiny_on_cuda(7), fp8, k);
+      for (size_t r = 0; r < plain.size(); ++r)
+        for (size_t i = 0; i < plain[r].outputs.size(); ++i)
+          EXPECT_EQ(spec[r].outputs[i].tokens, plain[r].outputs[i].tokens) << "round " << r << " request " << i;
+      EXPECT_EQ(spec[1].cached, plain[1].cached);
+    }
+  }
+}
+
 TEST(CudaEngine, KvFp8MatchesCpuEngine) {
   DSV4_REQUIRE_GPU();
   auto cpu = run_rounds(LoadedModel::demo("tiny", 7), true);

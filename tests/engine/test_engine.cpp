@@ -116,9 +116,9 @@ TEST(Engine, PreemptionUnderTinyPoolKeepsOutputs) {
     }
     EXPECT_GT(h.engine().metrics().preemptions, 0);
     expect_pool_full(h.engine());
-    // A request larger than the whole pool is rejected up front.
+    // A prompt larger than the whole pool is rejected up front (the context is clamped to the pool).
     try {
-      h.engine().submit(greedy("big", random_prompt(25, 9), 10), {});
+      h.engine().submit(greedy("big", random_prompt(40, 9), 10), {});
       ADD_FAILURE() << "no error for a request larger than the pool";
     } catch (const Error& e) {
       EXPECT_NE(std::string(e.what()).find("--kv-memory"), std::string::npos) << e.what();
