@@ -1073,8 +1073,13 @@ class Session : public std::enable_shared_from_this<Session> {
     response_complete();
   }
 
-  // The last bytes of the response are queued: once written, log and read the next request.
+  // The last bytes of the response are queued: the request's metrics are recorded now (a client
+  // that reads the response may ask /metrics at once); once written, log and read the next request.
   void response_complete() {
+    if (gen_) {
+      S.finish_generation(*gen_, false);
+      gen_.reset();
+    }
     complete_ = true;
     if (!writing_) after_response();
   }
@@ -1109,10 +1114,6 @@ class Session : public std::enable_shared_from_this<Session> {
   void after_response() {
     complete_ = false;
     ++served_;
-    if (gen_) {
-      S.finish_generation(*gen_, false);
-      gen_.reset();
-    }
     access_log("");
     if (close_after_) return linger_close();
     parser_.reset();
