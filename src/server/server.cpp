@@ -299,6 +299,11 @@ struct HttpServer::Impl {
     counter("dsv4_engine_preemptions_total", "Preemptions", double(em.preemptions));
     counter("dsv4_engine_device_sampled_tokens_total", "Tokens sampled on the backend device",
             double(em.device_sampled_tokens));
+    counter("dsv4_spec_decode_num_draft_tokens_total", "Draft tokens proposed by the MTP block", double(em.draft_tokens));
+    counter("dsv4_spec_decode_num_accepted_tokens_total", "Draft tokens accepted", double(em.accepted_draft_tokens));
+    counter("dsv4_spec_decode_num_verify_steps_total", "Verification passes with drafts", double(em.speculative_steps));
+    gauge("dsv4_spec_decode_mean_acceptance_length", "Tokens per verification pass (accepted drafts + 1)",
+          em.mean_acceptance_length);
     gauge("dsv4_generation_tokens_per_second", "Recent generation throughput", em.tokens_per_second);
     metrics.ttft.write(out, "dsv4_time_to_first_token_seconds", "Time from request arrival to the first token");
     metrics.tpot.write(out, "dsv4_time_per_output_token_seconds", "Mean time between output tokens, per request");

@@ -446,7 +446,7 @@ describe('dsv4 serve with the openai client', () => {
       'dsv4_requests_total', 'dsv4_prompt_tokens_total', 'dsv4_generation_tokens_total',
       'dsv4_time_to_first_token_seconds_bucket', 'dsv4_time_per_output_token_seconds_count',
       'dsv4_e2e_request_latency_seconds_sum', 'dsv4_num_requests_waiting', 'dsv4_num_requests_running',
-      'dsv4_kv_cache_usage_perc', 'dsv4_prefix_cache_hit_rate',
+      'dsv4_kv_cache_usage_perc', 'dsv4_prefix_cache_hit_rate', 'dsv4_spec_decode_num_draft_tokens_total',
     ]) assert.ok(text.includes(name), name);
     assert.ok((await metric(srv.base, 'dsv4_generation_tokens_total')) > 50);
     assert.ok((await metric(srv.base, 'dsv4_time_to_first_token_seconds_count')) > 5);
