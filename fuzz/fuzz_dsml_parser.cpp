@@ -25,23 +25,13 @@
 #include "text/output_parser.h"
 #include "util/error.h"
 #include "util/utf8.h"
+#include "stream_fuzz_util.h"
 
 using namespace dsv4;
+using dsv4::fuzz::same;
+using dsv4::fuzz::same_calls;
 
 namespace {
-
-bool same_calls(const ParsedMessage& a, const ParsedMessage& b, size_t n) {
-  if (a.tool_calls.size() < n || b.tool_calls.size() < n) return false;
-  for (size_t i = 0; i < n; ++i)
-    if (a.tool_calls[i].name != b.tool_calls[i].name || a.tool_calls[i].arguments_json != b.tool_calls[i].arguments_json)
-      return false;
-  return true;
-}
-
-bool same(const ParsedMessage& a, const ParsedMessage& b) {
-  return a.reasoning_content == b.reasoning_content && a.content == b.content &&
-         a.tool_calls.size() == b.tool_calls.size() && same_calls(a, b, a.tool_calls.size());
-}
 
 struct Streamed {
   ParsedMessage msg;
@@ -52,17 +42,9 @@ struct Streamed {
 Streamed stream(std::string_view text, const ToolNames& tools, uint32_t seed) {
   StreamParser p(false, tools);
   Streamed s;
-  size_t pos = 0;
-  uint32_t x = seed * 2654435761u + 1;
-  while (pos < text.size()) {
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    size_t n = seed == 0 ? text.size() : 1 + (x % 8 == 0 ? x % 97 : x % 5);
-    n = std::min(n, text.size() - pos);
-    for (const auto& d : p.feed(text.substr(pos, n))) apply_delta(s.msg, d);
-    pos += n;
-  }
+  fuzz::for_each_piece(text, seed, [&](std::string_view piece) {
+    for (const auto& d : p.feed(piece)) apply_delta(s.msg, d);
+  });
   for (const auto& d : p.finish()) apply_delta(s.msg, d);
   s.error = p.error();
   return s;

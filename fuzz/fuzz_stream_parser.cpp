@@ -15,37 +15,22 @@
 #include "text/output_parser.h"
 #include "util/utf8.h"
 #include "util/error.h"
+#include "stream_fuzz_util.h"
 
 using namespace dsv4;
+using dsv4::fuzz::same;
 
 namespace {
-
-bool same(const ParsedMessage& a, const ParsedMessage& b) {
-  if (a.reasoning_content != b.reasoning_content || a.content != b.content) return false;
-  if (a.tool_calls.size() != b.tool_calls.size()) return false;
-  for (size_t i = 0; i < a.tool_calls.size(); ++i)
-    if (a.tool_calls[i].name != b.tool_calls[i].name || a.tool_calls[i].arguments_json != b.tool_calls[i].arguments_json)
-      return false;
-  return true;
-}
 
 ParsedMessage stream(std::string_view text, bool thinking, uint32_t seed, bool check_utf8, std::string* err) {
   StreamParser p(thinking);
   ParsedMessage m;
-  size_t pos = 0;
-  uint32_t x = seed * 2654435761u + 1;
-  while (pos < text.size()) {
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    size_t n = seed == 0 ? text.size() : 1 + (x % 8 == 0 ? x % 97 : x % 5);
-    n = std::min(n, text.size() - pos);
-    for (const auto& d : p.feed(text.substr(pos, n))) {
+  fuzz::for_each_piece(text, seed, [&](std::string_view piece) {
+    for (const auto& d : p.feed(piece)) {
       if (check_utf8 && d.kind != StreamDelta::Kind::ToolCallStart && !utf8::valid(d.text)) std::abort();
       apply_delta(m, d);
     }
-    pos += n;
-  }
+  });
   for (const auto& d : p.finish()) apply_delta(m, d);
   if (err) *err = p.error();
   return m;
