@@ -119,16 +119,19 @@ void ScriptedEngine::shutdown(bool drain) {
   if (thread_.joinable() && std::this_thread::get_id() != thread_.get_id()) thread_.join();
 }
 
-// Deterministic stand-ins for the prompt's logprobs (position p scores prompt[p]).
+// A deterministic stand-in logprob of `tok` at `position`, with k alternatives (tok first).
+TokenLogprob ScriptedEngine::scripted_logprob(int32_t tok, uint64_t position, int32_t k) const {
+  TokenLogprob lp{tok, -float(mix(uint64_t(tok), position) % 1000) / 250.0f, {}};
+  for (int32_t i = 0; i < k; ++i)
+    lp.top.emplace_back(i == 0 ? tok : plain_[(size_t(tok) + size_t(i) * 7) % plain_.size()], lp.logprob - 0.5f * float(i));
+  return lp;
+}
+
+// Stand-ins for the prompt's logprobs (position p scores prompt[p]).
 std::vector<TokenLogprob> ScriptedEngine::scripted_prompt_logprobs(const Request& req) const {
   std::vector<TokenLogprob> lps;
-  for (size_t p = 1; p < req.prompt.size(); ++p) {
-    TokenLogprob lp{req.prompt[p], -float(mix(uint64_t(req.prompt[p]), p) % 1000) / 250.0f, {}};
-    for (int32_t k = 0; k < req.sampling.prompt_logprobs; ++k)
-      lp.top.emplace_back(k == 0 ? lp.token : plain_[(size_t(lp.token) + size_t(k) * 7) % plain_.size()],
-                          lp.logprob - 0.5f * float(k));
-    lps.push_back(std::move(lp));
-  }
+  for (size_t p = 1; p < req.prompt.size(); ++p)
+    lps.push_back(scripted_logprob(req.prompt[p], p, req.sampling.prompt_logprobs));
   return lps;
 }
 
@@ -211,16 +214,7 @@ void ScriptedEngine::loop() {
           if (eos) tok = *eos_;
           ++m_.generation_tokens_total;
           s.generated.push_back(tok);
-          if (sp.logprobs >= 0) {
-            TokenLogprob lp;
-            lp.token = tok;
-            lp.logprob = -float(mix(tok, s.generated.size()) % 1000) / 250.0f;
-            for (int32_t k = 0; k < sp.logprobs; ++k) {
-              int32_t alt = k == 0 ? tok : plain_[(size_t(tok) + size_t(k) * 7) % plain_.size()];
-              lp.top.emplace_back(alt, k == 0 ? lp.logprob : lp.logprob - 0.5f * float(k));
-            }
-            e.logprobs.push_back(std::move(lp));
-          }
+          if (sp.logprobs >= 0) e.logprobs.push_back(scripted_logprob(tok, s.generated.size(), sp.logprobs));
           OutputProcessor::Delta d = s.output->append(std::span(&tok, 1));
           e.tokens = std::move(d.tokens);
           e.text = std::move(d.text);

@@ -35,6 +35,7 @@ class ScriptedEngine : public Engine {
   struct Live;
   void loop();
   int32_t pick(const Live& r, const Sample& s, uint64_t salt) const;
+  TokenLogprob scripted_logprob(int32_t tok, uint64_t position, int32_t k) const;
   std::vector<TokenLogprob> scripted_prompt_logprobs(const Request& req) const;
 
   Tokenizer tok_;
