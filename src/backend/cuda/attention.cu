@@ -12,19 +12,50 @@ namespace dsv4::cuda {
 
 namespace {
 
-constexpr int kHG = 8;       // query heads per block (they share the index list and the key rows)
-constexpr int kTile = 64;    // keys per online-softmax step
-constexpr int kMaxDpt = 4;   // head dims per thread (d <= 4 * 256)
+constexpr int kHG = 8;          // query heads per block (they share the index list and the key rows)
+constexpr int kTileKeys = 32;   // keys per online-softmax step (16 for d > 512: shared memory)
+constexpr int kMaxDpt = 4;      // head dims per thread (d <= 4 * 256)
 
-// Rows [n, L.dim] of one store: F32 values, or packed production rows decoded element by element.
+int tile_keys(int64_t d) { return d <= 512 ? kTileKeys : kTileKeys / 2; }
+
+// Rows [n, L.dim] of one store: F32 values, or packed production rows decoded V values at a time.
 template <bool kPacked>
 struct Rows {
   const void* p;
   int64_t n;
   KvRowLayout L;
-  __device__ __forceinline__ float at(int64_t r, int64_t i) const {
-    if constexpr (kPacked) return kv_decode(static_cast<const uint8_t*>(p) + r * L.bytes, L, i);
-    else return static_cast<const float*>(p)[r * L.dim + i];
+  // Values c .. c + V - 1 of row r (V = 4: c % 4 == 0, d % 4 == 0 and, packed, nope % 4 == 0, so
+  // the group lies in one part of the row and its bytes are 4-aligned; same decode as kv_decode).
+  template <int V>
+  __device__ __forceinline__ void group(int64_t r, int64_t c, float* v) const {
+    if constexpr (kPacked) {
+      const uint8_t* row = static_cast<const uint8_t*>(p) + r * L.bytes;
+      if constexpr (V == 4) {
+        if (c < L.nope) {
+          const uint32_t codes = *reinterpret_cast<const uint32_t*>(row + c);
+          const float scale = e8m0_to_float(row[L.scale_offset + c / kKvScaleBlock]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) v[i] = e4m3_to_float(uint8_t(codes >> (8 * i))) * scale;
+        } else {
+          const uint32_t* h = reinterpret_cast<const uint32_t*>(row + L.rope_offset + 2 * (c - L.nope));
+          const uint32_t lo = h[0], hi = h[1];
+          v[0] = bf16_bits_to_float(uint16_t(lo));
+          v[1] = bf16_bits_to_float(uint16_t(lo >> 16));
+          v[2] = bf16_bits_to_float(uint16_t(hi));
+          v[3] = bf16_bits_to_float(uint16_t(hi >> 16));
+        }
+      } else {
+        v[0] = kv_decode(row, L, c);
+      }
+    } else {
+      const float* row = static_cast<const float*>(p) + r * L.dim;
+      if constexpr (V == 4) {
+        const float4 f = *reinterpret_cast<const float4*>(row + c);
+        v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+      } else {
+        v[0] = row[c];
+      }
+    }
   }
 };
 
@@ -37,35 +68,42 @@ struct KeySources {
   Rows<kPacked> window;
   Rows<false> fresh;
   Rows<kPacked> entries;
-  __device__ __forceinline__ float at(int8_t src, int32_t r, int64_t i) const {
-    return src == kWindow ? window.at(r, i) : src == kFresh ? fresh.at(r, i) : entries.at(r, i);
+  template <int V>
+  __device__ __forceinline__ void group(int8_t src, int32_t r, int64_t c, float* v) const {
+    if (src == kWindow) window.template group<V>(r, c, v);
+    else if (src == kFresh) fresh.template group<V>(r, c, v);
+    else entries.template group<V>(r, c, v);
   }
 };
 
-// Block (t, head group): keys in tiles of kTile with an online softmax that starts from the sink
-// (running max = sink logit, running sum = 1, zero value). smem: q [kHG][d] (dynamic). An index
-// past its store makes the block's outputs NaN.
+// Block (t, head group): keys in tiles of tk with an online softmax that starts from the sink
+// (running max = sink logit, running sum = 1, zero value). Each tile's rows are decoded into
+// shared memory once, every thread issuing its loads together (latency paid once per tile, not
+// once per element), then read by the QK and PV loops of all kHG heads. smem (dynamic): q [kHG][d],
+// keys [tk][d]. An index past its store makes the block's outputs NaN. V: values per decoded group.
 //
 // Decode has few query rows (T x H/kHG blocks: 8 for one token), so the keys are split over
 // gridDim.z blocks (flash-decoding): split z takes tiles [z*tps, (z+1)*tps), starts from an
 // empty softmax (max -inf, sum 0) and writes its unnormalised partial (o [d], m, l, bad) to
 // `part`; attend_combine_kernel merges the splits with the sink. gridDim.z == 1: the block writes
 // the output itself.
-template <bool kPacked>
-__global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, int64_t d, KeySources<kPacked> ks,
-                                                     const int32_t* idx_a, int64_t Ka, const int32_t* idx_b,
-                                                     int64_t Kb, Vec sinks, float scale, float* out, float* part) {
+template <bool kPacked, int V>
+__global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, int64_t d, int tk,
+                                                     KeySources<kPacked> ks, const int32_t* idx_a, int64_t Ka,
+                                                     const int32_t* idx_b, int64_t Kb, Vec sinks, float scale,
+                                                     float* out, float* part) {
   extern __shared__ __align__(16) float qs[];
-  __shared__ float ps[kHG][kTile];
-  __shared__ int32_t ix[kTile];
-  __shared__ int8_t src[kTile];
+  float* kvs = qs + kHG * d;
+  __shared__ float ps[kHG][kTileKeys];
+  __shared__ int32_t ix[kTileKeys];
+  __shared__ int8_t src[kTileKeys];
   __shared__ float mrun[kHG], lrun[kHG], corr[kHG];
   __shared__ int bad;
   const int64_t t = blockIdx.x, h0 = int64_t(blockIdx.y) * kHG;
   const bool split = gridDim.z > 1;
-  const int64_t tiles = (Ka + Kb + kTile - 1) / kTile, tps = (tiles + gridDim.z - 1) / gridDim.z;
-  const int64_t kbeg = int64_t(blockIdx.z) * tps * kTile;
-  const int64_t K = (int64_t(blockIdx.z) + 1) * tps * kTile < Ka + Kb ? (int64_t(blockIdx.z) + 1) * tps * kTile : Ka + Kb;
+  const int64_t tiles = (Ka + Kb + tk - 1) / tk, tps = (tiles + gridDim.z - 1) / gridDim.z;
+  const int64_t kbeg = int64_t(blockIdx.z) * tps * tk;
+  const int64_t K = (int64_t(blockIdx.z) + 1) * tps * tk < Ka + Kb ? (int64_t(blockIdx.z) + 1) * tps * tk : Ka + Kb;
   const int nh = int(H - h0 < kHG ? H - h0 : kHG);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
   for (int64_t i = tid; i < kHG * d; i += blockDim.x) {
@@ -83,10 +121,10 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
   for (int j = 0; j < kMaxDpt; ++j)
 #pragma unroll
     for (int h = 0; h < kHG; ++h) acc[j][h] = 0.f;
-  __syncthreads();
-  for (int64_t k0 = kbeg; k0 < K; k0 += kTile) {
-    const int nk = int(K - k0 < kTile ? K - k0 : kTile);
-    if (tid < kTile) {
+  const int64_t groups = d / V;  // value groups per row
+  for (int64_t k0 = kbeg; k0 < K; k0 += tk) {
+    const int nk = int(K - k0 < tk ? K - k0 : tk);
+    if (tid < tk) {
       int32_t v = -1;
       int8_t where = kWindow;
       if (tid < nk) {
@@ -112,16 +150,42 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
       ix[tid] = v;
       src[tid] = where;
     }
+    __syncthreads();  // also: the previous tile's PV loop is done with kvs
+    // Stage the tile: kU groups per thread in flight at once.
+    constexpr int kU = V == 4 ? 4 : 8;
+    const int64_t slots = int64_t(nk) * groups;
+    for (int64_t s0 = tid; s0 < slots; s0 += int64_t(blockDim.x) * kU) {
+      float v[kU][V];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t slot = s0 + int64_t(u) * blockDim.x;
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[u][e] = 0.f;
+        if (slot < slots) {
+          const int kk = int(slot / groups);
+          if (ix[kk] >= 0) ks.template group<V>(src[kk], ix[kk], (slot % groups) * V, v[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t slot = s0 + int64_t(u) * blockDim.x;
+        if (slot < slots) {
+          float* dst = kvs + (slot / groups) * d + (slot % groups) * V;
+          if constexpr (V == 4) *reinterpret_cast<float4*>(dst) = make_float4(v[u][0], v[u][1], v[u][2], v[u][3]);
+          else dst[0] = v[u][0];
+        }
+      }
+    }
     __syncthreads();
     for (int kk = warp; kk < nk; kk += nw) {
       const int32_t r = ix[kk];
-      const int8_t where = src[kk];
+      const float* kr = kvs + int64_t(kk) * d;
       float a[kHG];
 #pragma unroll
       for (int h = 0; h < kHG; ++h) a[h] = 0.f;
       if (r >= 0) {
         for (int64_t i = lane; i < d; i += 32) {
-          const float v = ks.at(where, r, i);
+          const float v = kr[i];
 #pragma unroll
           for (int h = 0; h < kHG; ++h) a[h] = fmaf(qs[h * d + i], v, a[h]);
         }
@@ -134,18 +198,12 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
     }
     __syncthreads();
     for (int h = warp; h < nh; h += nw) {
-      float mx = -INFINITY;
-      for (int kk = lane; kk < nk; kk += 32) mx = fmaxf(mx, ps[h][kk]);
-      mx = warp_max(mx);
+      const float mx = warp_max(lane < nk ? ps[h][lane] : -INFINITY);
       const float mnew = fmaxf(mrun[h], mx);  // -inf only in a split whose keys so far are all -1
       const bool none = mnew == -INFINITY;
-      float sum = 0.f;
-      for (int kk = lane; kk < nk; kk += 32) {
-        const float p = ix[kk] >= 0 && !none ? expf(ps[h][kk] - mnew) : 0.f;
-        ps[h][kk] = p;
-        sum += p;
-      }
-      sum = warp_sum(sum);
+      const float p = lane < nk && ix[lane] >= 0 && !none ? expf(ps[h][lane] - mnew) : 0.f;
+      if (lane < nk) ps[h][lane] = p;
+      const float sum = warp_sum(p);
       if (lane == 0) {
         const float c = none ? 1.f : expf(mrun[h] - mnew);
         corr[h] = c;
@@ -161,14 +219,11 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
 #pragma unroll
       for (int h = 0; h < kHG; ++h) acc[j][h] *= corr[h];
       for (int kk = 0; kk < nk; ++kk) {
-        const int32_t r = ix[kk];
-        if (r < 0) continue;
-        const float v = ks.at(src[kk], r, i);
+        const float v = kvs[int64_t(kk) * d + i];  // zero for missing keys, whose p is zero too
 #pragma unroll
         for (int h = 0; h < kHG; ++h) acc[j][h] = fmaf(ps[h][kk], v, acc[j][h]);
       }
     }
-    __syncthreads();
   }
 #pragma unroll
   for (int j = 0; j < kMaxDpt; ++j) {
@@ -181,6 +236,7 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
       else out[(t * H + h0 + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc[j][h] / lrun[h];
     }
   }
+  __syncthreads();  // bad and the running sums are final
   if (split && tid < nh) {
     float* ml = part + ((t * H + h0 + tid) * gridDim.z + blockIdx.z) * (d + 3) + d;
     ml[0] = mrun[tid];
@@ -216,18 +272,27 @@ __global__ void attend_combine_kernel(const float* part, int64_t H, int64_t d, i
   }
 }
 
-template <bool kPacked>
+// Raises a kernel's dynamic shared memory limit once (a no-op below the 48 KB default).
+template <typename Kernel>
+void allow_smem(Kernel k, size_t bytes) {
+  // A failure here surfaces as the launch error of the first launch that needs the memory.
+  if (bytes > 48 * 1024) cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+template <bool kPacked, int V>
 void launch_attend(const AttendArgs& a, cudaStream_t s) {
   const KvRowLayout L = kv_row_layout(a.d, a.nope);
   const KvRowLayout F = kv_row_layout(a.d, a.d);  // F32 rows: only L.dim is read
   KeySources<kPacked> ks{{a.window.p, a.window.n, L}, {a.fresh, a.n_fresh, F}, {a.entries.p, a.entries.n, L}};
-  const size_t smem = size_t(kHG * a.d) * 4;
-  if (smem > 48 * 1024)
-    cudaFuncSetAttribute(attend_kernel<kPacked>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  const int tk = tile_keys(a.d);
+  const size_t smem = size_t((kHG + tk) * a.d) * 4;
+  // The largest request: d 1024 with 16-key tiles (96 KB; fits sm_89/sm_120's 99 KB).
+  static const bool allowed = (allow_smem(attend_kernel<kPacked, V>, size_t((kHG + kTileKeys / 2) * 1024) * 4), true);
+  (void)allowed;
   const int64_t S = attend_splits(a.T, a.H, a.Ka, a.Kb);
   dim3 grid(unsigned(a.T), unsigned((a.H + kHG - 1) / kHG), unsigned(S));
-  attend_kernel<kPacked><<<grid, 256, smem, s>>>(a.q, a.H, a.d, ks, a.idx_a, a.Ka, a.idx_b, a.Kb, a.sinks, a.scale,
-                                                 a.out, a.scratch);
+  attend_kernel<kPacked, V><<<grid, 256, smem, s>>>(a.q, a.H, a.d, tk, ks, a.idx_a, a.Ka, a.idx_b, a.Kb, a.sinks,
+                                                    a.scale, a.out, a.scratch);
   DSV4_LAUNCH_CHECK();
   if (S > 1) {
     attend_combine_kernel<<<dim3(unsigned(a.T), unsigned(a.H)), 128, 0, s>>>(a.scratch, a.H, a.d, S, a.sinks, a.out);
@@ -285,7 +350,9 @@ __global__ void compress_kernel(CompressArgs a) {
 
 // ---- indexer -------------------------------------------------------------------------------
 
-constexpr int kHC = 16;  // heads per register pass
+constexpr int kScoreKeys = 64;      // keys per scoring block (two per lane)
+constexpr int kScoreThreads = 256;  // 8 warps: the heads are split among them
+constexpr int kScoreHeads = 8;      // heads per register pass of a warp
 
 // Pool row of query t's logical key j: through its sequence's block table.
 __device__ __forceinline__ int64_t paged_row(const IndexArgs& a, int64_t t, int64_t j) {
@@ -293,39 +360,88 @@ __device__ __forceinline__ int64_t paged_row(const IndexArgs& a, int64_t t, int6
   return int64_t(table[j / a.per_block]) * a.per_block + j % a.per_block;
 }
 
-// Block (logical key tile of 128, t): scores[t, j] for j < usable[t]; a key row outside the pool
-// scores NaN (sorts first, so the bad row reaches the output). smem: q_t [H*d], w_t [H].
-__global__ void __launch_bounds__(128) index_score_kernel(IndexArgs a) {
+size_t index_score_smem(int64_t H, int64_t d) { return size_t(H * d + H + kScoreKeys * (d + 1)) * 4; }
+
+// Block (key tile of kScoreKeys, t): scores[t, j] for j < usable[t]. The tile's key rows are
+// staged in shared memory (rows padded to d + 1 floats: lane-per-key reads are conflict-free);
+// warp w takes heads [w * hpw, (w + 1) * hpw), lane l keys l and l + 32, and the warps' partial
+// sums are added in warp order (the same order for every key: copies of a key score equal). A key
+// row outside the pool scores NaN (sorts first, so the bad row reaches the output).
+// smem: q_t [H*d], w_t [H], keys [kScoreKeys][d + 1].
+__global__ void __launch_bounds__(kScoreThreads) index_score_kernel(IndexArgs a) {
   extern __shared__ __align__(16) float sm[];
-  const int64_t H = a.H, d = a.d, t = blockIdx.y, j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  __shared__ int64_t rows[kScoreKeys];
+  __shared__ float partial[kScoreThreads / 32][kScoreKeys];
+  const int64_t H = a.H, d = a.d, t = blockIdx.y, j0 = int64_t(blockIdx.x) * kScoreKeys;
+  const int64_t n = a.usable[t] < a.n_max ? a.usable[t] : a.n_max;
+  if (j0 >= n) return;  // whole block
   float* qs = sm;
   float* wsm = sm + H * d;
-  for (int64_t i = threadIdx.x; i < H * d; i += blockDim.x) qs[i] = a.q[t * H * d + i];
-  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) wsm[i] = a.w[t * H + i];
-  __syncthreads();
-  if (j >= a.usable[t] || j >= a.n_max) return;
-  const int64_t row = paged_row(a, t, j);
-  if (row < 0 || row >= a.N) {
-    a.scores[t * a.n_max + j] = __int_as_float(0x7fc00000);
-    return;
+  float* ks = wsm + H;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid < kScoreKeys) {
+    const int64_t j = j0 + tid;
+    int64_t row = -1;
+    if (j < n) {
+      row = paged_row(a, t, j);
+      if (row < 0 || row >= a.N) row = -2;  // outside the pool
+    }
+    rows[tid] = row;
   }
-  const float* kj = a.keys + row * d;
-  float total = 0.f;
-  for (int64_t h0 = 0; h0 < H; h0 += kHC) {
-    float acc[kHC];
+  for (int64_t i = tid; i < H * d; i += blockDim.x) qs[i] = a.q[t * H * d + i];
+  for (int64_t i = tid; i < H; i += blockDim.x) wsm[i] = a.w[t * H + i];
+  __syncthreads();
+  // Stage the keys, 8 loads per thread in flight.
+  const int64_t slots = kScoreKeys * d;
+  for (int64_t s0 = tid; s0 < slots; s0 += int64_t(blockDim.x) * 8) {
+    float v[8];
 #pragma unroll
-    for (int h = 0; h < kHC; ++h) acc[h] = 0.f;
-    for (int64_t i = 0; i < d; ++i) {
-      const float kv = kj[i];
-#pragma unroll
-      for (int h = 0; h < kHC; ++h)
-        if (h0 + h < H) acc[h] = fmaf(qs[(h0 + h) * d + i], kv, acc[h]);
+    for (int u = 0; u < 8; ++u) {
+      const int64_t slot = s0 + int64_t(u) * blockDim.x, kk = slot / d;
+      v[u] = slot < slots && rows[kk] >= 0 ? a.keys[rows[kk] * d + slot % d] : 0.f;
     }
 #pragma unroll
-    for (int h = 0; h < kHC; ++h)
-      if (h0 + h < H) total += wsm[h0 + h] * fmaxf(0.f, acc[h]);
+    for (int u = 0; u < 8; ++u) {
+      const int64_t slot = s0 + int64_t(u) * blockDim.x;
+      if (slot < slots) ks[(slot / d) * (d + 1) + slot % d] = v[u];
+    }
   }
-  a.scores[t * a.n_max + j] = total * a.w_scale;
+  __syncthreads();
+  const int64_t hpw = (H + kScoreThreads / 32 - 1) / (kScoreThreads / 32);
+  const int64_t hb = warp * hpw, he = hb + hpw < H ? hb + hpw : H;
+  const float* k0 = ks + int64_t(lane) * (d + 1);
+  const float* k1 = ks + int64_t(lane + 32) * (d + 1);
+  float total0 = 0.f, total1 = 0.f;
+  for (int64_t h0 = hb; h0 < he; h0 += kScoreHeads) {
+    float acc0[kScoreHeads], acc1[kScoreHeads];
+#pragma unroll
+    for (int h = 0; h < kScoreHeads; ++h) acc0[h] = acc1[h] = 0.f;
+    for (int64_t i = 0; i < d; ++i) {
+      const float x0 = k0[i], x1 = k1[i];
+#pragma unroll
+      for (int h = 0; h < kScoreHeads; ++h) {
+        if (h0 + h < he) {
+          const float qv = qs[(h0 + h) * d + i];
+          acc0[h] = fmaf(qv, x0, acc0[h]);
+          acc1[h] = fmaf(qv, x1, acc1[h]);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < kScoreHeads; ++h)
+      if (h0 + h < he) {
+        total0 += wsm[h0 + h] * fmaxf(0.f, acc0[h]);
+        total1 += wsm[h0 + h] * fmaxf(0.f, acc1[h]);
+      }
+  }
+  partial[warp][lane] = total0;
+  partial[warp][lane + 32] = total1;
+  __syncthreads();
+  if (tid < kScoreKeys && j0 + tid < n) {
+    float total = 0.f;
+    for (int w = 0; w < kScoreThreads / 32; ++w) total += partial[w][tid];
+    a.scores[t * a.n_max + j0 + tid] = rows[tid] == -2 ? __int_as_float(0x7fc00000) : total * a.w_scale;
+  }
 }
 
 __device__ __forceinline__ uint32_t ordered(float f) {
@@ -416,7 +532,7 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(IndexArgs a, int64_t
 
 int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb) {
   // Enough blocks for two waves of 132 SMs, at least one key tile per split.
-  const int64_t blocks = T * ((H + kHG - 1) / kHG), tiles = (Ka + Kb + kTile - 1) / kTile;
+  const int64_t blocks = T * ((H + kHG - 1) / kHG), tiles = (Ka + Kb + kTileKeys - 1) / kTileKeys;
   const int64_t want = (264 + blocks - 1) / blocks;
   return std::max<int64_t>(1, std::min(want, tiles));
 }
@@ -431,8 +547,10 @@ void attend(const AttendArgs& a, cudaStream_t s) {
     std::fprintf(stderr, "attend: head_dim %lld exceeds %d\n", (long long)a.d, kMaxDpt * 256);
     std::abort();
   }
-  if (a.packed) launch_attend<true>(a, s);
-  else launch_attend<false>(a, s);
+  // Groups of 4 values need 4-aligned parts of the row (every model and test shape has them).
+  const bool by4 = a.d % 4 == 0 && a.nope % 4 == 0;
+  if (a.packed) by4 ? launch_attend<true, 4>(a, s) : launch_attend<true, 1>(a, s);
+  else by4 ? launch_attend<false, 4>(a, s) : launch_attend<false, 1>(a, s);
 }
 
 void compress(const CompressArgs& a, cudaStream_t s) {
@@ -447,11 +565,9 @@ void index_topk(const IndexArgs& a, cudaStream_t s) {
   int64_t P = 1;
   while (P < a.K) P <<= 1;
   const size_t topk_smem = size_t(P) * 8;
-  if (topk_smem > 48 * 1024)
-    cudaFuncSetAttribute(topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(topk_smem));
-  const size_t score_smem = size_t(a.H * a.d + a.H) * 4;
-  if (score_smem > 48 * 1024)
-    cudaFuncSetAttribute(index_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+  allow_smem(topk_kernel, topk_smem);
+  const size_t score_smem = index_score_smem(a.H, a.d);
+  allow_smem(index_score_kernel, score_smem);
   // Query rows in tiles of score_rows: the scores scratch holds one tile.
   for (int64_t t0 = 0; t0 < a.T; t0 += a.score_rows) {
     IndexArgs b = a;
@@ -462,8 +578,8 @@ void index_topk(const IndexArgs& a, cudaStream_t s) {
     b.usable += t0;
     b.idx += t0 * a.K;
     if (b.n_max > 0) {
-      dim3 grid(unsigned((b.n_max + 127) / 128), unsigned(b.T));
-      index_score_kernel<<<grid, 128, score_smem, s>>>(b);
+      dim3 grid(unsigned((b.n_max + kScoreKeys - 1) / kScoreKeys), unsigned(b.T));
+      index_score_kernel<<<grid, kScoreThreads, score_smem, s>>>(b);
       DSV4_LAUNCH_CHECK();
     }
     topk_kernel<<<unsigned(b.T), kTopkThreads, topk_smem, s>>>(b, P);
