@@ -246,29 +246,42 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
 }
 
 // Block (t, h): merges the S splits of attend_kernel with the sink (max = sink, sum = 1, zero
-// value), as the unsplit kernel starts its softmax.
-__global__ void attend_combine_kernel(const float* part, int64_t H, int64_t d, int64_t S, Vec sinks, float* out) {
+// value), as the unsplit kernel starts its softmax. The splits' (m, l, bad) are read in parallel
+// into shared memory; each split's weight exp(m - M) is computed once.
+constexpr int kCombineThreads = 128;
+constexpr int kMaxSplits = 512;
+__global__ void __launch_bounds__(kCombineThreads) attend_combine_kernel(const float* part, int64_t H, int64_t d,
+                                                                         int64_t S, Vec sinks, float* out) {
+  __shared__ float f[kMaxSplits];
+  __shared__ float total;
+  __shared__ int bad;
   const int64_t t = blockIdx.x, h = blockIdx.y;
   const float* ph = part + (t * H + h) * S * (d + 3);
-  const float sink = vec_at(sinks, h);
-  float M = sink;
-  bool bad = false;
-  for (int64_t z = 0; z < S; ++z) {
-    M = fmaxf(M, ph[z * (d + 3) + d]);
-    bad |= ph[z * (d + 3) + d + 2] != 0.f;
+  if (threadIdx.x == 0) bad = 0;
+  __syncthreads();
+  for (int64_t z = threadIdx.x; z < S; z += blockDim.x) {
+    f[z] = ph[z * (d + 3) + d];
+    if (ph[z * (d + 3) + d + 2] != 0.f) bad = 1;
   }
-  float L = expf(sink - M);
-  for (int64_t z = 0; z < S; ++z) {
-    const float m = ph[z * (d + 3) + d];
-    if (m != -INFINITY) L += ph[z * (d + 3) + d + 1] * expf(m - M);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const float sink = vec_at(sinks, h);
+    float M = sink;
+    for (int64_t z = 0; z < S; ++z) M = fmaxf(M, f[z]);
+    float L = expf(sink - M);
+    for (int64_t z = 0; z < S; ++z) {
+      const float m = f[z], w = m != -INFINITY ? expf(m - M) : 0.f;
+      L += m != -INFINITY ? ph[z * (d + 3) + d + 1] * w : 0.f;
+      f[z] = w;
+    }
+    total = L;
   }
+  __syncthreads();
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     float acc = 0.f;
-    for (int64_t z = 0; z < S; ++z) {
-      const float m = ph[z * (d + 3) + d];
-      if (m != -INFINITY) acc = fmaf(ph[z * (d + 3) + i], expf(m - M), acc);
-    }
-    out[(t * H + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc / L;
+#pragma unroll 8
+    for (int64_t z = 0; z < S; ++z) acc = fmaf(ph[z * (d + 3) + i], f[z], acc);
+    out[(t * H + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc / total;
   }
 }
 
@@ -295,7 +308,7 @@ void launch_attend(const AttendArgs& a, cudaStream_t s) {
                                                     a.scale, a.out, a.scratch);
   DSV4_LAUNCH_CHECK();
   if (S > 1) {
-    attend_combine_kernel<<<dim3(unsigned(a.T), unsigned(a.H)), 128, 0, s>>>(a.scratch, a.H, a.d, S, a.sinks, a.out);
+    attend_combine_kernel<<<dim3(unsigned(a.T), unsigned(a.H)), kCombineThreads, 0, s>>>(a.scratch, a.H, a.d, S, a.sinks, a.out);
     DSV4_LAUNCH_CHECK();
   }
 }
@@ -534,7 +547,7 @@ int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb) {
   // Enough blocks for two waves of 132 SMs, at least one key tile per split.
   const int64_t blocks = T * ((H + kHG - 1) / kHG), tiles = (Ka + Kb + kTileKeys - 1) / kTileKeys;
   const int64_t want = (264 + blocks - 1) / blocks;
-  return std::max<int64_t>(1, std::min(want, tiles));
+  return std::max<int64_t>(1, std::min({want, tiles, int64_t(kMaxSplits)}));
 }
 int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64_t Kb) {
   const int64_t S = attend_splits(T, H, Ka, Kb);
