@@ -4,7 +4,8 @@
 # next to cuBLASLt, same run), and an Nsight Compute per-kernel profile of one decode step of 4
 # layers (the command of /work/shared/measurements/2026-12-01-decode-profile.md).
 #   run: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/device/decode-kernels.sh  (carry [".deps"])
-# Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, BENCH_LAYERS (30), BENCH_ARGS (extra), GTEST_FILTER.
+# Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, NCU_BATCHES ("1"; e.g. "1 8"), BENCH_LAYERS (30), BENCH_ARGS
+# (extra), GTEST_FILTER.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
@@ -36,20 +37,23 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== bench: $(( $(date +%s) - t0 )) s"
 fi
 if [ "${SKIP_NCU:-0}" != 1 ]; then
-  t0=$(date +%s)
-  # The random-weight kernels (thousands) are left out of the profile.
-  timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-    --kernel-name-base function --kernel-name "regex:^(?!.*(f32|bf16|bytes|u8|ids)_kernel)" \
-    ./build-gpu/dsv4 bench model --random --layers 4 --batch 1 --ctx 1024 --steps 1 --gemm fp8 --kv-fp8 --no-ops \
-    >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || echo "ncu rc=$?"
-  if ! grep -q embed_kernel "$OUT/ncu.csv"; then  # the filter matched nothing useful: profile everything
+  for nb in ${NCU_BATCHES:-1}; do  # decode batch sizes to profile, e.g. "1 8"
+    t0=$(date +%s)
+    csv="$OUT/ncu-b$nb.csv"
+    cmd=(./build-gpu/dsv4 bench model --random --layers 4 --batch "$nb" --ctx 1024 --steps 1 --gemm fp8 --kv-fp8 --no-ops)
+    # The random-weight kernels (thousands) are left out of the profile.
     timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-      ./build-gpu/dsv4 bench model --random --layers 4 --batch 1 --ctx 1024 --steps 1 --gemm fp8 --kv-fp8 --no-ops \
-      >"$OUT/ncu.csv" 2>>"$OUT/ncu.err" || echo "ncu rc=$?"
-  fi
-  python3 scripts/device/ncu_step_summary.py "$OUT/ncu.csv" | tee "$OUT/ncu-step.md"
-  gzip -f "$OUT/ncu.csv"
-  echo "== ncu: $(( $(date +%s) - t0 )) s"
+      --kernel-name-base function --kernel-name "regex:^(?!.*(f32|bf16|bytes|u8|ids)_kernel)" "${cmd[@]}" \
+      >"$csv" 2>"$OUT/ncu.err" || echo "ncu rc=$?"
+    if ! grep -q embed_kernel "$csv"; then  # the filter matched nothing useful: profile everything
+      timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+        "${cmd[@]}" >"$csv" 2>>"$OUT/ncu.err" || echo "ncu rc=$?"
+    fi
+    echo "== ncu decode batch $nb"
+    python3 scripts/device/ncu_step_summary.py "$csv" | tee "$OUT/ncu-step-b$nb.md"
+    gzip -f "$csv"
+    echo "== ncu: $(( $(date +%s) - t0 )) s"
+  done
 fi
 echo "== rc=$rc"
 exit $rc

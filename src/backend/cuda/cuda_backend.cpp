@@ -556,7 +556,7 @@ class CudaBackend final : public Backend {
       qx = quantize_rows(x.f32(), T, D, tc);
       if (!tc) xin = qx.roundtrip.f32();
     }
-    auto expert_gemm = [&](const cuda::WeightDesc* descs, const float* xin, const QuantizedRows& q, int64_t q_rows,
+    auto expert_args = [&](const cuda::WeightDesc* descs, const float* xin, const QuantizedRows& q, int64_t q_rows,
                            const int32_t* rows, int64_t ldx, float* yout, int64_t N, int64_t K) {
       cuda::GemmArgs a;
       a.x = xin;
@@ -581,26 +581,49 @@ class CudaBackend final : public Backend {
       a.zmap = active.i32();
       a.force_gemv = force_gemv;
       a.typical_rows = (n + zmax - 1) / zmax;  // assignments over the active slices
-      cuda::gemm(a, s_);
+      return a;
     };
     if (max_rows > 0) {
-      expert_gemm(tb.w1, xin, qx, T, perm.i32(), D, h1.f32(), F, D);
-      expert_gemm(tb.w3, xin, qx, T, perm.i32(), D, h3.f32(), F, D);
-      cuda::swiglu(h1.f32(), h3.f32(), n * F, limit, s_);
+      cuda::GemmArgs up = expert_args(tb.w1, xin, qx, T, perm.i32(), D, h1.f32(), F, D);
+      up.descs3 = tb.w3;
+      up.wd3 = tb.first;
+      up.swiglu_limit = limit;
+      cuda::gemm_swiglu(up, n, h3.f32(), s_);
       if (quant) {
         if (tc) qh = quantize_rows(h1.f32(), n, F, true);
         else cuda::act_quant(h1.f32(), n, F, F, pow2_scales(), nullptr, 0, nullptr, h1.f32(), s_);  // in place
       }
-      expert_gemm(tb.w2, h1.f32(), qh, n, nullptr, F, y.f32(), D, F);
+      cuda::gemm(expert_args(tb.w2, h1.f32(), qh, n, nullptr, F, y.f32(), D, F), s_);
     }
     Tensor shared;
     if (moe.has_shared) {
       const int64_t Fs = moe.shared.w1.out;
       Tensor s1 = alloc({T, Fs}), s3 = alloc({T, Fs});
       shared = alloc({T, D});
-      linear(x, moe.shared.w1, s1);
-      linear(x, moe.shared.w3, s3);
-      cuda::swiglu(s1.f32(), s3.f32(), T * Fs, limit, s_);
+      if (T < cuda::kFp8TensorCoreMinRows && opts_.fp8_gemm != CudaOptions::Fp8Gemm::CublasLt) {
+        // GEMV-sized (as linear() decides): w1 and w3 in one streaming pass with the SwiGLU fused, on the FP32 round
+        // trip of x that linear() would make (the routed experts' one when they made it).
+        cuda::GemmArgs a;
+        a.x = x.f32();
+        if (quantises_input(moe.shared.w1)) {
+          if (qx.roundtrip.empty()) qx = quantize_rows(x.f32(), T, D, false);
+          a.x = qx.roundtrip.f32();
+        }
+        a.ldx = D;
+        a.y = s1.f32();
+        a.ldy = Fs;
+        a.M = a.max_rows = T;
+        a.N = Fs;
+        a.K = D;
+        a.wd = desc(moe.shared.w1);
+        a.wd3 = desc(moe.shared.w3);
+        a.swiglu_limit = limit;
+        cuda::gemm_swiglu(a, T, s3.f32(), s_);
+      } else {
+        linear(x, moe.shared.w1, s1);
+        linear(x, moe.shared.w3, s3);
+        cuda::swiglu(s1.f32(), s3.f32(), T * Fs, limit, s_);
+      }
       linear(s1, moe.shared.w2, shared);
     }
     cuda::moe_combine(y.f32(), slot.i32(), weights.f32(), moe.has_shared ? shared.f32() : nullptr, T, k, D, out.f32(),

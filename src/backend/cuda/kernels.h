@@ -58,8 +58,18 @@ struct GemmArgs {
   int64_t ldxq = 0;
   const float* xs = nullptr;
   int64_t xs_ld = 0;
+  // gemm_swiglu: the second weight of each problem (descs3 ? descs3[z] : wd3, same shape and
+  // format) and the clamp of the clamped SwiGLU (<= 0: none).
+  const WeightDesc* descs3 = nullptr;
+  WeightDesc wd3;
+  float swiglu_limit = 0.f;
 };
 void gemm(const GemmArgs& a, cudaStream_t stream);
+// y = silu(min(x W1^T, L)) * clamp(x W3^T, -L, L) (no clamp when L <= 0), W1 = the problem's
+// weight, W3 = its descs3/wd3 twin; y holds dense rows [y_rows, N] (ldy == N, y_z_off == 0).
+// One pass streaming both weights where the one-row GEMV applies (decode); otherwise two GEMMs
+// and the SwiGLU kernel, with h3 (y_rows x N floats) as the second product's scratch.
+void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stream);
 // Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel.
 constexpr int64_t kGemvMaxRows = 16;
 // FP8-weight linears with FP8 activations and at least this many rows take the tensor cores

@@ -231,21 +231,37 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-// Position in a warp's stream: weight row n (of the problem), 32-chunk step within the row.
+// Position in a warp's stream: weight row n (of the problem), which weight (W1 or, with
+// SwiGLU, W3), 32-chunk step within the row.
 struct StreamPos {
   int64_t n;
   int64_t step;
-  __device__ __forceinline__ void advance(int64_t steps_per_row, int64_t warps) {
+  int part;
+  __device__ __forceinline__ void advance(int64_t steps_per_row, int64_t warps, int parts) {
     if (++step == steps_per_row) {
       step = 0;
-      n += warps;
+      if (++part == parts) {
+        part = 0;
+        n += warps;
+      }
     }
   }
 };
 
+// The clamped SwiGLU of one element (the twin of swiglu_kernel in moe.cu).
+__device__ __forceinline__ float swiglu_value(float g, float u, float limit) {
+  if (limit > 0) {
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+  }
+  return g / (1.f + expf(-g)) * u;
+}
+
 size_t stream_gemv_smem(int64_t K) { return size_t((K + 3) / 4 * 4) * 4 + size_t(kStreamRing) * 16; }
 
-template <int FMT, bool SF32>
+// kSwiglu: each row n is streamed twice, from W1 then from W3 (the problem's twin), and y gets
+// silu(min(a1, L)) * clamp(a3, -L, L): both products and the SwiGLU in one pass.
+template <int FMT, bool SF32, bool kSwiglu>
 __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a) {
   constexpr int E = kChunkElems<FMT>, Q = E / 4, U = kStepsPerStage;
   extern __shared__ float4 sm4[];
@@ -255,23 +271,31 @@ __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a
   const int64_t warps = int64_t(gridDim.x) * (kGemvThreads / 32), wid = int64_t(blockIdx.x) * (kGemvThreads / 32) + warp;
   float4* xs = sm4;  // [Q][ct]: lane L's chunk c reads float4 q at xs[q * ct + c]
   uint4* ring = reinterpret_cast<uint4*>(sm4 + (K + 3) / 4) + warp * kStages * U * 32;  // [stage][u][lane]
-  const uint4* wq = reinterpret_cast<const uint4*>(p.w.w);
+  constexpr int kParts = kSwiglu ? 2 : 1;
+  WeightDesc w3 = p.w;
+  if constexpr (kSwiglu) {
+    int z = blockIdx.z;
+    if (a.zmap) z = a.zmap[z] < 0 ? 0 : a.zmap[z];
+    w3 = a.descs3 ? a.descs3[z] : a.wd3;
+  }
+  float a1 = 0.f;  // W1's product of the current row (SwiGLU)
   for (int64_t r = 0; r < p.rows; ++r) {
     __syncthreads();  // the previous row's x is consumed
     const float* xr = x_row(a, p, r);
     for (int64_t k = int64_t(threadIdx.x) * 4; k < K; k += int64_t(kGemvThreads) * 4)
       xs[((k % E) / 4) * ct + k / E] = *reinterpret_cast<const float4*>(xr + k);
     __syncthreads();
-    StreamPos in{wid, 0}, out{wid, 0};
+    StreamPos in{wid, 0, 0}, out{wid, 0, 0};
     float sc[kStages][U];
     auto issue = [&](int slot) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (in.n < a.N) {
           const int64_t row = p.wrow0 + in.n, c = in.step * 32 + lane;
-          cp_async16(ring + (slot * U + u) * 32 + lane, wq + row * nchunks + c);
-          sc[slot][u] = chunk_scale<FMT, SF32>(p.w, row, c);
-          in.advance(spr, warps);
+          const WeightDesc& w = in.part ? w3 : p.w;  // warp-uniform
+          cp_async16(ring + (slot * U + u) * 32 + lane, reinterpret_cast<const uint4*>(w.w) + row * nchunks + c);
+          sc[slot][u] = chunk_scale<FMT, SF32>(w, row, c);
+          in.advance(spr, warps, kParts);
         }
       }
       cp_async_commit();
@@ -302,10 +326,14 @@ __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a
           acc = fmaf(sc[j][u], d, acc);
           if (out.step == spr - 1) {  // row complete (warp-uniform)
             const float v = warp_sum(acc);
-            if (lane == 0) p.y[(p.base + r) * a.ldy + out.n] = v;
             acc = 0.f;
+            if (kSwiglu && out.part == 0) {
+              a1 = v;
+            } else if (lane == 0) {
+              p.y[(p.base + r) * a.ldy + out.n] = kSwiglu ? swiglu_value(a1, v, a.swiglu_limit) : v;
+            }
           }
-          out.advance(spr, warps);
+          out.advance(spr, warps, kParts);
         }
       }
     }
@@ -381,6 +409,27 @@ __global__ void __launch_bounds__(256) tiled_kernel(GemmArgs a, bool vec) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+template <int F, bool S, bool kSwiglu>
+void launch_stream_gemv(const GemmArgs& a, cudaStream_t stream) {
+  // Persistent: about two blocks per SM in all, shared among the problems.
+  constexpr int64_t warps = kGemvThreads / 32;
+  const int64_t want = std::max<int64_t>(1, 2 * 132 / a.Z), need = (a.N + warps - 1) / warps;
+  static const bool allowed = (cudaFuncSetAttribute(stream_gemv_kernel<F, S, kSwiglu>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    int(stream_gemv_smem(kGemvTileK<1>))), true);
+  (void)allowed;
+  stream_gemv_kernel<F, S, kSwiglu><<<dim3(unsigned(std::min(want, need)), 1, unsigned(a.Z)), kGemvThreads,
+                                      stream_gemv_smem(a.K), stream>>>(a);
+}
+
+// Whether gemm() takes the one-row streaming kernel (vec rows, chunks % 32, K within the tile).
+bool streams_one_row(const GemmArgs& a, int chunk_elems) {
+  const bool rows16 = a.ldx % 4 == 0 && a.x_z_off % 4 == 0 && aligned16(a.x) && (a.descs || aligned16(a.wd.w));
+  const bool one = (a.typical_rows ? a.typical_rows : a.max_rows) == 1;
+  return !a.xq && (a.max_rows <= kGemvMaxRows || a.force_gemv) && one && rows16 && a.K % chunk_elems == 0 &&
+         (a.K / chunk_elems) % 32 == 0 && a.K <= kGemvTileK<1>;
+}
+
 }  // namespace
 
 void gemm(const GemmArgs& a, cudaStream_t stream) {
@@ -414,14 +463,7 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
       const int64_t per_block = int64_t(warps) * rpw;
       dim3 grid(unsigned((a.N + per_block - 1) / per_block), unsigned(gy), unsigned(a.Z));
       if (one && vec && nchunks % 32 == 0 && a.K <= kGemvTileK<1>) {
-        // Persistent: about two blocks per SM in all, shared among the problems.
-        const int64_t want = std::max<int64_t>(1, 2 * 132 / a.Z), need = (a.N + warps - 1) / warps;
-        const size_t smem = stream_gemv_smem(a.K);
-        static const bool allowed = (cudaFuncSetAttribute(stream_gemv_kernel<F, S>,
-                                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                          int(stream_gemv_smem(kGemvTileK<1>))), true);
-        (void)allowed;
-        stream_gemv_kernel<F, S><<<dim3(unsigned(std::min(want, need)), 1, unsigned(a.Z)), kGemvThreads, smem, stream>>>(a);
+        launch_stream_gemv<F, S, false>(a, stream);
       } else if (one) {
         gemv_kernel<F, S, 1><<<grid, kGemvThreads, gemv_smem_bytes<1>(), stream>>>(a, vec, rpw);
       } else {
@@ -434,6 +476,33 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
     }
   });
   DSV4_LAUNCH_CHECK();
+}
+
+void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stream) {
+  if (a.max_rows <= 0 || a.N <= 0 || a.Z <= 0) return;
+  if (a.ldy != a.N || a.y_z_off != 0) {
+    std::fprintf(stderr, "gemm_swiglu: y must be dense rows [y_rows, N] (ldy %lld, N %lld)\n", (long long)a.ldy,
+                 (long long)a.N);
+    std::abort();
+  }
+  bool fused = false;
+  dispatch_format(a.wd, [&]<int F, bool S>() {
+    if (streams_one_row(a, kChunkElems<F>)) {
+      launch_stream_gemv<F, S, true>(a, stream);
+      fused = true;
+    }
+  });
+  if (fused) {
+    DSV4_LAUNCH_CHECK();
+    return;
+  }
+  GemmArgs a3 = a;
+  a3.descs = a.descs3;
+  a3.wd = a.wd3;
+  a3.y = h3;
+  gemm(a, stream);
+  gemm(a3, stream);
+  swiglu(a.y, h3, y_rows * a.N, a.swiglu_limit, stream);
 }
 
 }  // namespace dsv4::cuda

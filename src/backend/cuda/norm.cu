@@ -19,40 +19,39 @@ __global__ void embed_kernel(Vec table, int64_t d, const int32_t* ids, float* ou
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = vec_at(table, row * d + i);
 }
 
-// Block per row. kPer > 0: the row is held in registers as kPer float4 per thread (d % 4 == 0,
-// 16-byte aligned rows, d <= 4 * kPer * blockDim.x), so every load of the block is in flight at
-// once and the row is read once; kPer == 0: any d, two passes over global memory.
+// Block of kNormThreads per row. kPer > 0: thread t holds values t, t + 256, ... of the row in
+// registers (d <= kPer * 256), so every load of the block is in flight at once and the row is
+// read once; kPer == 0: any d, two passes over global memory. Both sum the squares in the same
+// order (per-thread FMA chain, then block_sum): the results are bitwise equal. (FP8 KV rows are
+// quantised right after this norm, so a changed summation order moves values across E4M3
+// rounding boundaries; the mixed-batch FP8 test against the CPU notices.)
+constexpr int kNormThreads = 256;
 template <int kPer>
-__global__ void rms_norm_kernel(const float* x, Vec w, float eps, int64_t d, float* out) {
+__global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const float* x, Vec w, float eps, int64_t d, float* out) {
   __shared__ float red[33];
   const int64_t r = blockIdx.x;
   const float* xi = x + r * d;
   float ss = 0.f;
   if constexpr (kPer > 0) {
-    const int64_t d4 = d / 4;
-    float4 v[kPer];
+    float v[kPer];
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
-      const int64_t i = threadIdx.x + int64_t(j) * blockDim.x;
-      v[j] = i < d4 ? reinterpret_cast<const float4*>(xi)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-      ss = fmaf(v[j].x, v[j].x, fmaf(v[j].y, v[j].y, fmaf(v[j].z, v[j].z, fmaf(v[j].w, v[j].w, ss))));
+      const int64_t i = threadIdx.x + int64_t(j) * kNormThreads;
+      v[j] = i < d ? xi[i] : 0.f;
+      if (i < d) ss = fmaf(v[j], v[j], ss);
     }
     ss = block_sum(ss, red);
     const float rs = 1.f / sqrtf(ss / float(d) + eps);
 #pragma unroll
     for (int j = 0; j < kPer; ++j) {
-      const int64_t i = threadIdx.x + int64_t(j) * blockDim.x;
-      if (i >= d4) continue;
-      float4 o = v[j];
-      o.x *= rs, o.y *= rs, o.z *= rs, o.w *= rs;
-      if (w.p) o.x *= vec_at(w, 4 * i), o.y *= vec_at(w, 4 * i + 1), o.z *= vec_at(w, 4 * i + 2), o.w *= vec_at(w, 4 * i + 3);
-      reinterpret_cast<float4*>(out + r * d)[i] = o;
+      const int64_t i = threadIdx.x + int64_t(j) * kNormThreads;
+      if (i < d) out[r * d + i] = v[j] * rs * (w.p ? vec_at(w, i) : 1.f);
     }
   } else {
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss = fmaf(xi[i], xi[i], ss);
+    for (int64_t i = threadIdx.x; i < d; i += kNormThreads) ss = fmaf(xi[i], xi[i], ss);
     ss = block_sum(ss, red);
     const float rs = 1.f / sqrtf(ss / float(d) + eps);
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[r * d + i] = xi[i] * rs * (w.p ? vec_at(w, i) : 1.f);
+    for (int64_t i = threadIdx.x; i < d; i += kNormThreads) out[r * d + i] = xi[i] * rs * (w.p ? vec_at(w, i) : 1.f);
   }
 }
 
@@ -246,16 +245,12 @@ void embed(Vec table, int64_t d, const int32_t* ids, int64_t n, float* out, cuda
 
 void rms_norm(const float* x, Vec w, float eps, int64_t rows, int64_t d, float* out, cudaStream_t s) {
   if (rows <= 0) return;
-  const bool vec = d % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0;
-  const int64_t d4 = d / 4;
-  if (vec && d4 <= 1024 * 4) {
-    // One float4 per thread up to 1024 threads, then up to 4 per thread.
-    const int threads = int(std::min<int64_t>(1024, (d4 + 31) / 32 * 32));
-    if (d4 <= threads) rms_norm_kernel<1><<<unsigned(rows), threads, 0, s>>>(x, w, eps, d, out);
-    else rms_norm_kernel<4><<<unsigned(rows), threads, 0, s>>>(x, w, eps, d, out);
-  } else {
-    rms_norm_kernel<0><<<unsigned(rows), 256, 0, s>>>(x, w, eps, d, out);
-  }
+  const unsigned grid = unsigned(rows);
+  if (d <= 1 * kNormThreads) rms_norm_kernel<1><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
+  else if (d <= 2 * kNormThreads) rms_norm_kernel<2><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
+  else if (d <= 4 * kNormThreads) rms_norm_kernel<4><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
+  else if (d <= 16 * kNormThreads) rms_norm_kernel<16><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
+  else rms_norm_kernel<0><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
   DSV4_LAUNCH_CHECK();
 }
 
