@@ -221,6 +221,10 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool 
 // needs no barrier, only cp.async.wait_group. Chunk scales are prefetched into registers with the
 // same lead. Needs: vec rows, chunks per row % 32 == 0, K <= kGemvTileK<1>.
 constexpr int kStages = 4, kStepsPerStage = 4;
+// Up to this many problems per launch (dense, the grouped wo_a, the MoE of one token). With more
+// (48 expert slices at 8 tokens) each persistent warp streams ~50 rows and the launch measured
+// 1.5x slower than the non-persistent GEMV (H200, 2026-12-02, 8c7e426: MoE layer 1.19 vs 0.77 ms).
+constexpr int kStreamMaxProblems = 8;
 constexpr int kStreamRing = kGemvThreads / 32 * kStages * kStepsPerStage * 32;  // uint4 slots per block
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -427,7 +431,7 @@ bool streams_one_row(const GemmArgs& a, int chunk_elems) {
   const bool rows16 = a.ldx % 4 == 0 && a.x_z_off % 4 == 0 && aligned16(a.x) && (a.descs || aligned16(a.wd.w));
   const bool one = (a.typical_rows ? a.typical_rows : a.max_rows) == 1;
   return !a.xq && (a.max_rows <= kGemvMaxRows || a.force_gemv) && one && rows16 && a.K % chunk_elems == 0 &&
-         (a.K / chunk_elems) % 32 == 0 && a.K <= kGemvTileK<1>;
+         (a.K / chunk_elems) % 32 == 0 && a.K <= kGemvTileK<1> && a.Z <= kStreamMaxProblems;
 }
 
 }  // namespace
@@ -462,7 +466,7 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
       }
       const int64_t per_block = int64_t(warps) * rpw;
       dim3 grid(unsigned((a.N + per_block - 1) / per_block), unsigned(gy), unsigned(a.Z));
-      if (one && vec && nchunks % 32 == 0 && a.K <= kGemvTileK<1>) {
+      if (streams_one_row(a, E)) {
         launch_stream_gemv<F, S, false>(a, stream);
       } else if (one) {
         gemv_kernel<F, S, 1><<<grid, kGemvThreads, gemv_smem_bytes<1>(), stream>>>(a, vec, rpw);
