@@ -106,10 +106,8 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
   const int64_t K = (int64_t(blockIdx.z) + 1) * tps * tk < Ka + Kb ? (int64_t(blockIdx.z) + 1) * tps * tk : Ka + Kb;
   const int nh = int(H - h0 < kHG ? H - h0 : kHG);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
-  for (int64_t i = tid; i < kHG * d; i += blockDim.x) {
-    const int h = int(i / d);
-    qs[i] = h < nh ? q[(t * H + h0 + h) * d + i % d] : 0.f;
-  }
+  block_copy_to_smem(qs, q + (t * H + h0) * d, nh * d);
+  for (int64_t i = nh * d + tid; i < kHG * d; i += blockDim.x) qs[i] = 0.f;
   if (tid < kHG) {
     mrun[tid] = split ? -INFINITY : tid < nh ? vec_at(sinks, h0 + tid) : 0.f;
     lrun[tid] = split ? 0.f : 1.f;
@@ -401,8 +399,8 @@ __global__ void __launch_bounds__(kScoreThreads) index_score_kernel(IndexArgs a)
     }
     rows[tid] = row;
   }
-  for (int64_t i = tid; i < H * d; i += blockDim.x) qs[i] = a.q[t * H * d + i];
-  for (int64_t i = tid; i < H; i += blockDim.x) wsm[i] = a.w[t * H + i];
+  block_copy_to_smem(qs, a.q + t * H * d, H * d);
+  block_copy_to_smem(wsm, a.w + t * H, H);
   __syncthreads();
   // Stage the keys, 8 loads per thread in flight.
   const int64_t slots = kScoreKeys * d;
