@@ -3,6 +3,7 @@
 // reference; the CUDA backend implements the same ops and is tested op by op against it.
 // Activations are F32 (index lists I32, packed KV rows U8); weights are the checkpoint's own tensors.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -60,6 +61,20 @@ class Backend {
   // Called once by Model's constructor: a device backend uploads every weight tensor here
   // (the CPU backend reads the mmapped checkpoint directly and does nothing).
   virtual void prepare_weights(const ModelWeights&) {}
+
+  // A fixed-shape step (Model's decode steps): `record` enqueues the step's ops, reading its
+  // inputs from tensors that keep their addresses between calls (rewritten before each call), and
+  // neither uploads nor downloads. Every call with the same key must enqueue the same ops on the
+  // same state and weights. A backend with graphs (CUDA) runs record() eagerly the first time,
+  // captures it the second time into a graph with memory of its own and from then on replays the
+  // graph without calling record(): the tensors record() allocated keep their addresses and are
+  // rewritten by every replay. Other backends just call record().
+  virtual void run_graph(uint64_t key, const std::function<void()>& record) {
+    (void)key;
+    record();
+  }
+  // Frees the graph of `key` (its owner will not run that step again).
+  virtual void drop_graph(uint64_t key) { (void)key; }
 
   // out[t] = table[ids[t]]
   virtual void embed(const TensorData& table, const Tensor& ids, const Tensor& out) = 0;

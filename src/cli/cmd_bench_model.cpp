@@ -141,7 +141,7 @@ double attended_keys(const ModelConfig& c, int64_t layer, double p) {
 }
 
 int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, std::vector<int64_t> seq_counts,
-              int steps, bool kv_fp8, bool fp8_act, bool ops) {
+              int steps, bool kv_fp8, bool fp8_act, bool ops, bool graphs) {
   const CudaDeviceInfo dev = cuda_device_info(0);
   const double bw = dev.mem_bandwidth_gbs * 1e9;
   // H200 SXM dense peaks (datasheet): FP8 tensor 1979 TFLOP/s, FP32 (non-tensor) 67 TFLOP/s.
@@ -163,6 +163,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   Model model(cfg, w, *be);
   model.set_kv_fp8(kv_fp8);
   model.set_fp8_activations(fp8_act);
+  model.set_decode_graphs(graphs);
   out("linears: {}", fp8_act ? "FP8 activations (1x128, ue8m0 scales), tensor-core GEMMs" : "exact (FP32 activations)");
 
   // Roofline inputs.
@@ -293,6 +294,10 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   out("decode B = B tokens appended to one sequence per step (same GEMM/MoE shapes as B single-token sequences);");
   out("decode S seqs = S sequences at context ctx, one token each, in one batched forward pass.");
   out("arena peak: {:.2f} GiB", double(cuda_arena_peak(*be)) / (1 << 30));
+  const CudaGraphStats gs = cuda_graph_stats(*be);
+  out("cuda graphs {}: {} decode steps captured, {} replays; a captured step holds {} kernels ({} graph nodes): the "
+      "launches one decode step makes without graphs",
+      graphs ? "on" : "off", gs.captures, gs.replays, gs.kernels, gs.nodes);
   if (!ops) return 0;
 
   // Per-op: our kernels in exact mode and with FP8 activations (each GEMM path), next to cuBLASLt
@@ -431,7 +436,7 @@ void register_bench_model(CLI::App& app, Action& action) {
     std::string batch = "1,8,64", ctx = "1024,8192", seqs;
     int steps = 5;
     bool random = false, kv_fp8 = false, ops = true;
-    std::string gemm = "exact";
+    std::string gemm = "exact", cuda_graphs = "on";
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = nullptr;
@@ -452,6 +457,8 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_flag("--kv-fp8", o->kv_fp8, "Production KV format (FP8 nope dims, BF16 rope dims)");
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (1x128 FP8 activations)")
       ->check(CLI::IsMember({"exact", "fp8"}));
+  cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
+      ->check(CLI::IsMember({"on", "off"}));
   cmd->add_flag("!--no-ops", o->ops, "Skip the per-op table");
   cmd->callback([o, &action] {
     action = [o] {
@@ -469,7 +476,8 @@ void register_bench_model(CLI::App& app, Action& action) {
       [[maybe_unused]] const auto seq_counts = o->seqs.empty() ? std::vector<int64_t>{} : sizes(o->seqs, "--seqs");
 #ifdef DSV4_HAVE_CUDA
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
-      return run_bench(o->layers, batches, ctxs, seq_counts, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops);
+      return run_bench(o->layers, batches, ctxs, seq_counts, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops,
+                       o->cuda_graphs == "on");
 #else
       fail("bench model needs the CUDA backend (built without CUDA)");
       return 1;

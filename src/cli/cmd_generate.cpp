@@ -13,7 +13,7 @@ namespace dsv4::cli {
 
 void register_generate(CLI::App& app, Action& action) {
   struct Opts {
-    std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny", gemm = "exact", kv = "f32";
+    std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny", gemm = "exact", kv = "f32", cuda_graphs = "on";
     bool raw = false, show_usage = false;
     int32_t max_tokens = 64, top_k = 0, n = 1, speculative_tokens = 0;
     float temperature = 0.f, top_p = 1.f, min_p = 0.f;
@@ -44,6 +44,8 @@ void register_generate(CLI::App& app, Action& action) {
   cmd->add_option("--backend", o->backend, "cpu | cuda");
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
       ->check(CLI::IsMember({"exact", "fp8"}));
+  cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
+      ->check(CLI::IsMember({"on", "off"}));
   cmd->add_option("--speculative-tokens", o->speculative_tokens,
                   "Speculative decoding: tokens the MTP block drafts per step (0: off; 1..3)")
       ->check(CLI::Range(0, 3));
@@ -55,6 +57,7 @@ void register_generate(CLI::App& app, Action& action) {
                             : LoadedModel::load(o->model.empty() ? default_demo_model_dir() : o->model, o->backend);
       if (!lm->tokenizer) fail("--model: {} has no tokenizer.json", o->model);
       lm->model->set_fp8_activations(o->gemm == "fp8");
+      lm->model->set_decode_graphs(o->cuda_graphs == "on");
       std::vector<int32_t> prompt;
       if (o->raw) {
         prompt = lm->tokenizer->encode(o->prompt);

@@ -27,7 +27,7 @@ namespace {
 
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
-  std::string backend = "cpu", kv_memory, gemm = "exact", kv = "f32";
+  std::string backend = "cpu", kv_memory, gemm = "exact", kv = "f32", cuda_graphs = "on";
   int port = 8000;
   int max_running = 64;
   int64_t max_batched_tokens = 2048;
@@ -97,6 +97,7 @@ Loaded load(const ServeOpts& o) {
     bar.advance(1);
     if (!lm->tokenizer) fail("--model: {} has no tokenizer.json (the server needs one)", o.model);
     lm->model->set_fp8_activations(o.gemm == "fp8");
+    lm->model->set_decode_graphs(o.cuda_graphs == "on");
     L.tok = *lm->tokenizer;
     EngineConfig ec;
     ec.max_running_requests = o.max_running;
@@ -302,6 +303,9 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
       ->check(CLI::IsMember({"exact", "fp8"}))
       ->capture_default_str();
+  cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"on", "off"}));
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
   cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) or fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims)")
       ->capture_default_str()

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <array>
+#include <atomic>
+#include <bit>
 #include <map>
 #include <numeric>
 
@@ -120,17 +122,26 @@ struct Model::Plan {
   const Ratio& ratio(int64_t r) const { return ratios.at(r); }
 };
 
-Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
+// With `fixed` (a decode step, every sequence one token): the batch is padded to fixed->rows
+// sequences of one inactive row each (token 0 at position 0, no window, no compressor rows, no
+// visible entries: they write nothing and nothing reads them), block tables to fixed->blocks
+// columns; each compressor gets one candidate entry row per sequence (destination -1 unless its
+// token completes a window), the indexer top-k and the HCA visible lists are as wide as the
+// block tables allow, and logits and streams cover every row. The plan is then uploaded into
+// *into (allocated on first use), so its tensors keep their addresses from step to step.
+Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp, const DecodeShape* fixed, Tensor* into) {
   if (batch.empty()) fail("forward: empty batch");
   Plan p;
   p.mtp = mtp;
   p.store = batch[0].state->store.get();
   StateStore& store = *p.store;
-  const int64_t S = int64_t(batch.size()), W = cfg_.sliding_window, B = store.block_tokens;
+  const int64_t n_seqs = int64_t(batch.size()), S = fixed ? fixed->rows : n_seqs, W = cfg_.sliding_window,
+                B = store.block_tokens;
+  DSV4_CHECK(S >= n_seqs);
   const int64_t Nw = store.num_slots * W;
-  std::vector<int64_t> first(S), start(S), len(S);
+  std::vector<int64_t> first(S), start(S), len(S, 1);
   int64_t max_blocks = 1;
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < n_seqs; ++s) {
     const ForwardSeq& f = batch[size_t(s)];
     const SequenceState& st = *f.state;
     if (st.store.get() != p.store) fail("forward: the sequences of one batch must share a state store");
@@ -163,6 +174,12 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
     p.n_logits += f.logit_rows;
     p.n_streams += f.stream_rows;
   }
+  if (fixed) {
+    DSV4_CHECK(max_blocks <= fixed->blocks && p.T == n_seqs);
+    max_blocks = fixed->blocks;
+    for (int64_t s = n_seqs; s < S; ++s) first[s] = p.T++;
+    p.n_logits = p.n_streams = p.T;
+  }
   const int64_t T = p.T;
 
   // Every list is staged in one host vector, uploaded once, and handed out as views.
@@ -184,7 +201,8 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
   const size_t ids = stage(p.ids, {T}, 0), pos = stage(p.pos, {T}, 0), widx = stage(p.window_idx, {T, W}, -1);
   const size_t wdest = stage(p.window_dest, {T}, -1), table = stage(p.block_table, {S, max_blocks}, -1);
   const size_t qseq = stage(p.query_seq, {T}, 0);
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = n_seqs; s < S; ++s) host[qseq + size_t(first[s])] = int32_t(s);
+  for (int64_t s = 0; s < n_seqs; ++s) {
     const SequenceState& st = *batch[size_t(s)].state;
     std::copy(st.blocks.begin(), st.blocks.end(), host.begin() + long(table + size_t(s * max_blocks)));
     for (int64_t t = 0; t < len[s]; ++t) {
@@ -218,9 +236,14 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
     Plan::Ratio& pr = p.ratios[r];
     const int64_t per = B / r;
     int64_t max_usable = 0;
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t s = 0; s < n_seqs; ++s) {
       pr.n_new += (start[s] + len[s]) / r - start[s] / r;
       max_usable = std::max(max_usable, (start[s] + len[s]) / r);
+    }
+    // Fixed: every entry the block tables can address (max_usable never exceeds it).
+    if (fixed) {
+      pr.n_new = S;
+      max_usable = max_blocks * per;
     }
     pr.topk = std::min<int64_t>(cfg_.index_topk, std::max<int64_t>(max_usable, 1));
     const int64_t K = kind.second ? std::max<int64_t>(max_usable, 1) : 0;
@@ -231,10 +254,16 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
     o[3] = kind.first ? stage(pr.usable, {T}, 0) : 0;
     o[4] = kind.second ? stage(pr.visible, {T, K}, -1) : 0;
     int64_t out = 0;
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t s = n_seqs; s < S; ++s) {  // padding: no rows fed, candidate entry s unused
+      int32_t* seg = host.data() + o[0] + size_t(s * kSegCols);
+      seg[kSegFirstRow] = int32_t(first[s]);
+      seg[kSegOutFirst] = int32_t(s);
+    }
+    for (int64_t s = 0; s < n_seqs; ++s) {
       const SequenceState& st = *batch[size_t(s)].state;
       auto pool_row = [&](int64_t j) { return int32_t(int64_t(st.blocks[size_t(j / per)]) * per + j % per); };
       int32_t* seg = host.data() + o[0] + size_t(s * kSegCols);
+      if (fixed) out = s;  // candidate row s: written only when the token completes a window
       seg[kSegFirstRow] = int32_t(first[s]);
       seg[kSegRows] = int32_t(len[s]);
       seg[kSegStart] = int32_t(start[s]);
@@ -258,7 +287,7 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
   const size_t lrows = all_logits ? 0 : stage(p.logit_rows, {p.n_logits}, 0);
   const size_t srows = all_streams ? 0 : stage(p.stream_rows, {p.n_streams}, 0);
   const size_t drows = p.n_drafts ? stage(p.draft_rows, {p.n_drafts}, 0) : 0;
-  for (int64_t s = 0, li = 0, si = 0, di = 0; s < S; ++s) {
+  for (int64_t s = 0, li = 0, si = 0, di = 0; s < n_seqs; ++s) {
     const ForwardSeq& f = batch[size_t(s)];
     for (int64_t t = len[s] - f.logit_rows; !all_logits && t < len[s]; ++t) host[lrows + size_t(li++)] = int32_t(first[s] + t);
     for (int64_t t = len[s] - f.stream_rows; !all_streams && t < len[s]; ++t)
@@ -266,7 +295,14 @@ Model::Plan Model::plan(std::span<const ForwardSeq> batch, bool mtp) {
     for (int64_t t = len[s] - f.draft_rows; p.n_drafts && t < len[s]; ++t) host[drows + size_t(di++)] = int32_t(first[s] + t);
   }
 
-  Tensor flat = be_.alloc({int64_t(host.size())}, ElemType::I32);
+  Tensor flat;
+  if (into) {
+    if (into->empty()) *into = be_.alloc({int64_t(host.size())}, ElemType::I32);
+    DSV4_CHECK(into->numel() == int64_t(host.size()));
+    flat = *into;
+  } else {
+    flat = be_.alloc({int64_t(host.size())}, ElemType::I32);
+  }
   be_.upload(flat, host.data());
   for (const Staged& st : staged) {
     int64_t n = 1;
@@ -407,19 +443,87 @@ Tensor select_rows(Backend& be, const Tensor& x, const Tensor& rows, int64_t n) 
 }
 }  // namespace
 
-ForwardOutput Model::forward(std::span<const ForwardSeq> batch) {
-  Plan p = plan(batch, false);
-  ForwardOutput out;
-  if (p.n_drafts) out.drafts = save_draft_state(batch);
+Tensor Model::main_layers(const Plan& p) {
   Tensor e = be_.alloc({p.T, cfg_.hidden_size});
   be_.embed(*w_.embed, p.ids, e);
   Tensor X = be_.alloc({p.T, cfg_.hc_mult, cfg_.hidden_size});
   be_.broadcast_streams(e, X, false);
   for (size_t l = 0; l < w_.layers.size(); ++l) X = block(w_.layers[l], p.store->layers[l], p, X);
+  return X;
+}
+
+ForwardOutput Model::forward(std::span<const ForwardSeq> batch) {
+  if (is_fixed_shape_decode(batch)) return forward_decode(batch);
+  Plan p = plan(batch, false);
+  ForwardOutput out;
+  if (p.n_drafts) out.drafts = save_draft_state(batch);
+  Tensor X = main_layers(p);
   for (const ForwardSeq& f : batch) f.state->num_tokens += int64_t(f.tokens.size());
   out.drafts.keys = std::move(p.draft_keys);
   if (p.n_streams) out.streams = select_rows(be_, X, p.stream_rows, p.n_streams);
   if (p.n_logits) out.logits = logits(select_rows(be_, X, p.logit_rows, p.n_logits), w_.hc_head, *w_.norm);
+  return out;
+}
+
+Model::~Model() {
+  for (const DecodeStep& d : decode_steps_) be_.drop_graph(d.key);
+}
+
+bool Model::is_fixed_shape_decode(std::span<const ForwardSeq> batch) const {
+  if (!decode_graphs_ || batch.empty()) return false;
+  for (const ForwardSeq& f : batch)
+    if (f.tokens.size() != 1 || f.logit_rows != 1 || f.draft_rows != 0 || f.stream_rows != batch[0].stream_rows)
+      return false;
+  return true;
+}
+
+Model::DecodeStep& Model::decode_step(const SequenceState& st, const DecodeShape& shape) {
+  for (DecodeStep& d : decode_steps_)
+    if (d.store.lock() == st.store && d.shape == shape && d.act == be_.act_quant()) return d;
+  // A new step replaces those of freed stores (their graphs hold the stores' addresses) and the
+  // one of the same rows with another block-table width (one graph's memory per row bucket).
+  std::erase_if(decode_steps_, [&](const DecodeStep& d) {
+    if (!d.store.expired() && !(d.store.lock() == st.store && d.shape.rows == shape.rows && d.act == be_.act_quant()))
+      return false;
+    be_.drop_graph(d.key);
+    return true;
+  });
+  static std::atomic<uint64_t> next_key{1};  // graph keys are unique across models sharing a backend
+  DecodeStep& d = decode_steps_.emplace_back();
+  d.store = st.store;
+  d.shape = shape;
+  d.act = be_.act_quant();
+  d.key = next_key++;
+  return d;
+}
+
+// A decode step in its bucket's fixed shape: the plan goes into the bucket's persistent buffer,
+// then the layers and the logits of every row run as one recorded step (a graph replay on CUDA
+// after the first steps); the real sequences' rows are copied out of the step's outputs, which
+// the next step of the bucket overwrites.
+ForwardOutput Model::forward_decode(std::span<const ForwardSeq> batch) {
+  const int64_t n = int64_t(batch.size());
+  int64_t blocks = 1;
+  for (const ForwardSeq& f : batch) blocks = std::max<int64_t>(blocks, int64_t(f.state->blocks.size()));
+  const DecodeShape shape{int64_t(std::bit_ceil(uint64_t(n))), int64_t(std::bit_ceil(uint64_t(blocks)))};
+  DecodeStep& step = decode_step(*batch[0].state, shape);
+  const Plan p = plan(batch, false, &shape, &step.plan);
+  be_.run_graph(step.key, [&] {
+    step.X = main_layers(p);
+    step.logits = logits(step.X, w_.hc_head, *w_.norm);
+  });
+  for (const ForwardSeq& f : batch) f.state->num_tokens += 1;
+  ++fixed_decode_steps_;
+  ForwardOutput out;
+  auto copy_rows = [&](const Tensor& t) {
+    std::vector<int64_t> shape = t.shape;
+    shape[0] = n;
+    Tensor c = be_.alloc(shape);
+    be_.copy(t.rows_view(0, n), c);
+    return c;
+  };
+  out.logits = copy_rows(step.logits);
+  if (batch[0].stream_rows) out.streams = copy_rows(step.X);
   return out;
 }
 

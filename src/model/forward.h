@@ -106,6 +106,9 @@ struct ForwardOutput {
 class Model {
  public:
   Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
 
   // A store for `slots` sequences and `blocks` blocks of block_tokens tokens, in format kv, with
   // the MTP layers' state when mtp is set.
@@ -151,12 +154,39 @@ class Model {
   void set_fp8_activations(bool on) {
     be_.set_act_quant(!on ? ActQuant::None : cfg_.act_scale_pow2 ? ActQuant::Fp8Pow2 : ActQuant::Fp8);
   }
+  // Decode steps with fixed shapes, replayed as CUDA graphs (docs/ENGINE.md, "Decode steps with
+  // fixed shapes"): a main-model batch of one-token rows that all want their logits and no drafts
+  // runs a plan padded to a bucket (rows and block-table width rounded up to powers of two, every
+  // list as wide as the bucket allows) through Backend::run_graph. The logits are bit-identical
+  // to the unpadded plan's on the CPU. Off: every batch takes the unpadded plan.
+  void set_decode_graphs(bool on) { decode_graphs_ = on; }
+  bool decode_graphs() const { return decode_graphs_; }
+  int64_t fixed_decode_steps() const { return fixed_decode_steps_; }  // steps run in a bucket's fixed shape
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() const { return be_; }
 
  private:
   struct Plan;
-  Plan plan(std::span<const ForwardSeq> batch, bool mtp);
+  // The bucket of a fixed-shape decode step: batch rows (sequences, then inactive padding rows)
+  // and block-table columns.
+  struct DecodeShape {
+    int64_t rows = 0, blocks = 0;
+    bool operator==(const DecodeShape&) const = default;
+  };
+  // One bucket's persistent step of one state store: the plan's device buffer (rewritten each
+  // step, same address) and the outputs of the recorded step; `key` names its graph in the backend.
+  struct DecodeStep {
+    std::weak_ptr<StateStore> store;
+    DecodeShape shape;
+    ActQuant act = ActQuant::None;
+    uint64_t key = 0;
+    Tensor plan, X, logits;
+  };
+  Plan plan(std::span<const ForwardSeq> batch, bool mtp, const DecodeShape* fixed = nullptr, Tensor* into = nullptr);
+  bool is_fixed_shape_decode(std::span<const ForwardSeq> batch) const;
+  ForwardOutput forward_decode(std::span<const ForwardSeq> batch);
+  DecodeStep& decode_step(const SequenceState& st, const DecodeShape& shape);
+  Tensor main_layers(const Plan& p);
   Tensor block(const BlockWeights& b, LayerStore& ls, const Plan& p, const Tensor& X);
   DraftCommit save_draft_state(std::span<const ForwardSeq> batch);
   Tensor attention(const AttentionWeights& a, LayerStore& ls, const Plan& p, const Tensor& x);
@@ -169,6 +199,9 @@ class Model {
   Backend& be_;
   RopeTable rope_main_, rope_compressed_;
   KvFormat kv_format_ = KvFormat::F32;
+  bool decode_graphs_ = true;
+  int64_t fixed_decode_steps_ = 0;
+  std::vector<DecodeStep> decode_steps_;
 };
 
 }  // namespace dsv4

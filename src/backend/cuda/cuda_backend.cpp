@@ -14,6 +14,7 @@
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 
 #include <cuda_runtime.h>
 
@@ -41,36 +42,23 @@ static_assert(cuda::kSegFirstRow == int64_t(kSegFirstRow) && cuda::kSegRows == i
 constexpr size_t kAlign = 256;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-// One cudaMalloc, best-fit sub-allocation with coalescing. Reuse is safe without events because
-// every kernel runs on the backend's single stream in issue order.
-class Arena {
+// Best-fit placement of aligned blocks in [0, size) with coalescing (host bookkeeping only).
+class FreeList {
  public:
-  explicit Arena(size_t bytes) : size_(bytes) {
-    DSV4_CK(cudaMalloc(&base_, bytes));
-    free_[0] = bytes;
-  }
-  ~Arena() { cudaFree(base_); }
-  uint8_t* allocate(size_t bytes) {
-    bytes = align_up(std::max<size_t>(bytes, 1));
-    std::lock_guard<std::mutex> g(mu_);
+  explicit FreeList(size_t size) { free_[0] = size; }
+  // The offset of a new block of `bytes` (aligned), or SIZE_MAX when no free range fits.
+  size_t allocate(size_t bytes) {
     auto best = free_.end();
     for (auto it = free_.begin(); it != free_.end(); ++it)
       if (it->second >= bytes && (best == free_.end() || it->second < best->second)) best = it;
-    if (best == free_.end())
-      fail("CUDA activation arena exhausted: {} bytes requested, {} of {} bytes in use (raise DSV4_CUDA_ARENA_MB)",
-           bytes, used_, size_);
+    if (best == free_.end()) return SIZE_MAX;
     const size_t off = best->first, sz = best->second;
     free_.erase(best);
     if (sz > bytes) free_[off + bytes] = sz - bytes;
-    used_ += bytes;
-    peak_ = std::max(peak_, used_);
-    return base_ + off;
+    return off;
   }
-  void release(uint8_t* p, size_t bytes) {
-    bytes = align_up(std::max<size_t>(bytes, 1));
-    std::lock_guard<std::mutex> g(mu_);
-    used_ -= bytes;
-    auto it = free_.emplace(size_t(p - base_), bytes).first;
+  void release(size_t off, size_t bytes) {
+    auto it = free_.emplace(off, bytes).first;
     auto nx = std::next(it);
     if (nx != free_.end() && it->first + it->second == nx->first) {
       it->second += nx->second;
@@ -84,15 +72,91 @@ class Arena {
       }
     }
   }
+
+ private:
+  std::map<size_t, size_t> free_;
+};
+
+// One cudaMalloc (or a region of another arena: a CUDA graph's own memory), sub-allocated
+// best-fit. Reuse is safe without events because every kernel runs on the backend's single
+// stream in issue order.
+class Arena {
+ public:
+  // What a traced run allocated and released, in order (offsets in this arena).
+  struct Event {
+    size_t off, bytes;
+    bool alloc;
+  };
+  explicit Arena(size_t bytes) : size_(bytes), free_(bytes) { DSV4_CK(cudaMalloc(&base_, bytes)); }
+  // `region` keeps the memory [base, base + bytes) alive while this arena's tensors live.
+  Arena(uint8_t* base, size_t bytes, std::shared_ptr<uint8_t> region)
+      : base_(base), size_(bytes), free_(bytes), region_(std::move(region)) {}
+  ~Arena() {
+    if (!region_) cudaFree(base_);
+  }
+  uint8_t* allocate(size_t bytes) {
+    bytes = align_up(std::max<size_t>(bytes, 1));
+    std::lock_guard<std::mutex> g(mu_);
+    const size_t off = free_.allocate(bytes);
+    if (off == SIZE_MAX)
+      fail("CUDA activation arena exhausted: {} bytes requested, {} of {} bytes in use (raise DSV4_CUDA_ARENA_MB)",
+           bytes, used_, size_);
+    used_ += bytes;
+    peak_ = std::max(peak_, used_);
+    if (trace_) trace_->push_back({off, bytes, true});
+    return base_ + off;
+  }
+  void release(uint8_t* p, size_t bytes) {
+    bytes = align_up(std::max<size_t>(bytes, 1));
+    std::lock_guard<std::mutex> g(mu_);
+    used_ -= bytes;
+    free_.release(size_t(p - base_), bytes);
+    if (trace_) trace_->push_back({size_t(p - base_), bytes, false});
+  }
+  void set_trace(std::vector<Event>* t) {
+    std::lock_guard<std::mutex> g(mu_);
+    trace_ = t;
+  }
   size_t peak() const { return peak_; }
   size_t size() const { return size_; }
 
  private:
   uint8_t* base_ = nullptr;
   size_t size_, used_ = 0, peak_ = 0;
-  std::map<size_t, size_t> free_;
+  FreeList free_;
+  std::shared_ptr<uint8_t> region_;
+  std::vector<Event>* trace_ = nullptr;
   std::mutex mu_;
 };
+
+// The size of an empty arena in which the traced allocations land exactly as they will again:
+// the extent they reach in an unbounded one, grown until a run in an arena of that very size
+// (where best fit may place blocks differently) fits. Releases of blocks from before the trace
+// are not the new arena's.
+size_t graph_arena_bytes(const std::vector<Arena::Event>& trace) {
+  auto run = [&](size_t size, size_t& extent) {
+    FreeList fl(size);
+    std::unordered_map<size_t, size_t> at;  // traced offset -> offset here
+    extent = 0;
+    for (const Arena::Event& e : trace) {
+      if (e.alloc) {
+        const size_t off = fl.allocate(e.bytes);
+        if (off == SIZE_MAX) return false;
+        at[e.off] = off;
+        extent = std::max(extent, off + e.bytes);
+      } else if (auto it = at.find(e.off); it != at.end()) {
+        fl.release(it->second, e.bytes);
+        at.erase(it);
+      }
+    }
+    return true;
+  };
+  size_t extent = 0, unused = 0;
+  run(SIZE_MAX / 2, extent);
+  size_t bytes = std::max<size_t>(extent, kAlign);
+  while (!run(bytes, unused)) bytes += align_up(bytes / 8);
+  return bytes;
+}
 
 void collect(const Linear& l, std::vector<const TensorData*>& v) {
   v.push_back(l.weight);
@@ -157,6 +221,8 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(s_);
+    for (auto& [key, g] : graphs_)
+      if (g.exec) cudaGraphExecDestroy(g.exec);
     for (void* p : extra_) cudaFree(p);
     if (weights_) cudaFree(weights_);
     cudaFreeHost(ring_);
@@ -178,6 +244,7 @@ class CudaBackend final : public Backend {
     return t;
   }
   void upload(const Tensor& dst, const void* src) override {
+    no_capture("an upload");
     const size_t bytes = size_t(dst.nbytes());
     if (!bytes) return;
     uint8_t* d = dst.storage.get() + dst.offset;
@@ -195,6 +262,7 @@ class CudaBackend final : public Backend {
     ring_pos_ += align_up(bytes);
   }
   void download(const Tensor& src, void* dst) override {
+    no_capture("a download");
     const size_t bytes = size_t(src.nbytes());
     if (bytes) DSV4_CK(cudaMemcpyAsync(dst, src.storage.get() + src.offset, bytes, cudaMemcpyDeviceToHost, s_));
     synchronize();
@@ -207,6 +275,7 @@ class CudaBackend final : public Backend {
                               cudaMemcpyDeviceToDevice, s_));
   }
   void synchronize() override {
+    no_capture("a stream synchronisation");
     DSV4_CK(cudaStreamSynchronize(s_));
     ring_pos_ = 0;
   }
@@ -307,6 +376,86 @@ class CudaBackend final : public Backend {
     }
     synchronize();
   }
+
+  // ---- fixed-shape steps: CUDA graphs ----
+  void run_graph(uint64_t key, const std::function<void()>& record) override {
+    const FixedStep fixed(fixed_step_);
+    if (!opts_.graphs) {
+      record();
+      ++graph_stats_.eager;
+      return;
+    }
+    Graph& g = graphs_[key];
+    if (g.exec) {
+      DSV4_CK(cudaGraphLaunch(g.exec, s_));
+      ++graph_stats_.replays;
+      return;
+    }
+    if (!arena_) make_arena();
+    if (!g.arena_bytes) {  // first run: eager, with lazy device set-up (tables, workspaces) and the arena traced
+      std::vector<Arena::Event> trace;
+      arena_->set_trace(&trace);
+      try {
+        record();
+      } catch (...) {
+        arena_->set_trace(nullptr);
+        throw;
+      }
+      arena_->set_trace(nullptr);
+      g.arena_bytes = graph_arena_bytes(trace);
+      ++graph_stats_.eager;
+      return;
+    }
+    // Second run: captured with its activations in an arena of its own, so that nothing allocated
+    // between replays can hold the addresses the graph writes.
+    Tensor region = alloc({int64_t(g.arena_bytes)}, ElemType::U8);
+    auto arena = std::make_shared<Arena>(region.storage.get() + region.offset, g.arena_bytes, region.storage);
+    std::shared_ptr<Arena> main = std::exchange(arena_, arena);
+    cudaGraph_t graph = nullptr;
+    DSV4_CK(cudaStreamBeginCapture(s_, cudaStreamCaptureModeThreadLocal));
+    try {
+      record();
+    } catch (...) {
+      arena_ = main;
+      cudaStreamEndCapture(s_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      cudaGetLastError();  // an invalidated capture leaves its error behind
+      throw;
+    }
+    arena_ = main;
+    DSV4_CK(cudaStreamEndCapture(s_, &graph));
+    size_t n = 0;
+    DSV4_CK(cudaGraphGetNodes(graph, nullptr, &n));
+    std::vector<cudaGraphNode_t> nodes(n);
+    DSV4_CK(cudaGraphGetNodes(graph, nodes.data(), &n));
+    int64_t kernels = 0;
+    for (cudaGraphNode_t node : nodes) {
+      cudaGraphNodeType type{};
+      DSV4_CK(cudaGraphNodeGetType(node, &type));
+      kernels += type == cudaGraphNodeTypeKernel;
+    }
+    const cudaError_t inst = cudaGraphInstantiate(&g.exec, graph, 0);
+    cudaGraphDestroy(graph);
+    DSV4_CK(inst);
+    g.arena = std::move(arena);
+    graph_stats_.captures++;
+    graph_stats_.kernels = kernels;
+    graph_stats_.nodes = int64_t(n);
+    log_info("cuda graphs: step {} captured: {} kernels ({} nodes), {:.1f} MiB of activations", key, kernels, n,
+             double(g.arena_bytes) / (1 << 20));
+    DSV4_CK(cudaGraphLaunch(g.exec, s_));
+  }
+  void drop_graph(uint64_t key) override {
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) return;
+    if (it->second.exec) {
+      DSV4_CK(cudaStreamSynchronize(s_));  // not while a replay may still run
+      cudaGraphExecDestroy(it->second.exec);
+    }
+    graphs_.erase(it);
+  }
+  CudaGraphStats graph_stats() const { return graph_stats_; }
+  void set_graphs(bool on) { opts_.graphs = on; }
 
   size_t arena_peak() const { return arena_ ? arena_->peak() : 0; }
   double device_ms(int reps, const std::function<void()>& fn) {
@@ -538,9 +687,10 @@ class CudaBackend final : public Backend {
     Tensor active = alloc({std::max<int64_t>(zmax, 1)}, ElemType::I32);
     cuda::moe_group(experts.i32(), T, k, E, counts.i32(), offsets.i32(), cursor.i32(), perm.i32(), slot.i32(),
                     active.i32(), zmax, s_);
-    // Rows per expert: at most T for learned routing (distinct experts), T*k for hash tables.
+    // Rows per expert: at most T for learned routing (distinct experts), T*k for hash tables. A
+    // fixed-shape step cannot read the counts back: it keeps the bound.
     int64_t max_rows = moe.hash_routed ? n : T;
-    if (max_rows > 64) {
+    if (max_rows > 64 && !fixed_step_) {
       std::vector<int32_t> c(E);
       download(counts, c.data());
       max_rows = E ? *std::max_element(c.begin(), c.end()) : 0;
@@ -669,6 +819,29 @@ class CudaBackend final : public Backend {
  private:
   static constexpr size_t kRing = 16 << 20;
 
+  // A recorded fixed-shape step: the activation bytes it needs (from its eager first run), then
+  // its graph and the arena it was captured in.
+  struct Graph {
+    size_t arena_bytes = 0;
+    std::shared_ptr<Arena> arena;
+    cudaGraphExec_t exec = nullptr;
+  };
+  // Marks the ops enqueued while it lives as part of a fixed-shape step.
+  struct FixedStep {
+    bool& flag;
+    explicit FixedStep(bool& f) : flag(f) { flag = true; }
+    ~FixedStep() { flag = false; }
+  };
+  // Host reads, staged uploads and synchronisation cannot be part of a graph: a step that tries
+  // fails here, naming what it did, instead of with an invalidated capture.
+  void no_capture(const char* what) const {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    DSV4_CK(cudaStreamIsCapturing(s_, &st));
+    if (st != cudaStreamCaptureStatusNone)
+      fail("CUDA graph capture: {} inside a fixed-shape step (inputs must be in place before Backend::run_graph)",
+           what);
+  }
+
   // FP8 activation rows (act_quant): E4M3 bytes + scales [K/128][M] for the tensor-core GEMMs
   // (ldq > 0), or else the FP32 round trip.
   struct QuantizedRows {
@@ -698,6 +871,7 @@ class CudaBackend final : public Backend {
     if (opts_.fp8_gemm == F::Kernel || (opts_.fp8_gemm == F::Auto && sm_ / 10 != 9)) return false;
     float*& ws = padded_scales_[w.s];
     if (!ws) {
+      no_capture("a new cuBLASLt scale layout");
       void* p = nullptr;
       DSV4_CK(cudaMalloc(&p, size_t((w.out + 127) / 128 * cuda::padded_scale_cols(w.in)) * 4));
       extra_.push_back(p);
@@ -737,6 +911,7 @@ class CudaBackend final : public Backend {
     if (it != map_.end()) return it->second;
     // Not part of prepare_weights (op tests, ad-hoc weights): upload it on its own, once.
     if (!t.data) fail("tensor '{}' has no data and was not prepared on the device", t.name);
+    no_capture("a first use of a weight tensor");
     void* p = nullptr;
     DSV4_CK(cudaMalloc(&p, std::max<size_t>(t.nbytes, 1)));
     // On the backend's stream + sync: a pageable cudaMemcpy on the legacy stream may return before
@@ -779,6 +954,7 @@ class CudaBackend final : public Backend {
   const float* rope_table(const RopeTable& t) {
     auto& e = ropes_[&t];
     if (e.first != t.inv_freq) {
+      no_capture("a new RoPE table");
       e.first = t.inv_freq;
       if (!e.second) {
         void* p = nullptr;
@@ -799,6 +975,7 @@ class CudaBackend final : public Backend {
         it->second.host[0].w == (m.experts.empty() ? nullptr : dev(*m.experts[0].w1.weight)))
       return it->second;
     if (m.experts.empty()) fail("MoE layer without routed experts");
+    no_capture("a new MoE descriptor table");
     for (int which = 0; which < 3; ++which)
       for (const auto& e : m.experts) host.push_back(desc(which == 0 ? e.w1 : which == 1 ? e.w2 : e.w3));
     for (const auto& d : host)
@@ -836,6 +1013,9 @@ class CudaBackend final : public Backend {
   std::unordered_map<const MoEWeights*, MoeTables> moes_;
   uint8_t* ring_ = nullptr;
   size_t ring_pos_ = 0;
+  std::unordered_map<uint64_t, Graph> graphs_;
+  CudaGraphStats graph_stats_;
+  bool fixed_step_ = false;  // inside Backend::run_graph's record()
 };
 
 CudaBackend& as_cuda(Backend& be) {
@@ -864,6 +1044,8 @@ void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, u
 size_t cuda_arena_peak(Backend& be) { return as_cuda(be).arena_peak(); }
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path) { as_cuda(be).set_fp8_gemm(path); }
 double cuda_device_ms(Backend& be, int reps, const std::function<void()>& fn) { return as_cuda(be).device_ms(reps, fn); }
+CudaGraphStats cuda_graph_stats(Backend& be) { return as_cuda(be).graph_stats(); }
+void cuda_set_graphs(Backend& be, bool on) { as_cuda(be).set_graphs(on); }
 
 CudaDeviceInfo cuda_device_info(int device) {
   CudaDeviceInfo d;

@@ -22,6 +22,9 @@ struct CudaOptions {
   // the portable tensor-core kernel (sm_89+); the other two force one (CublasLt fails when it
   // cannot run the shape).
   enum class Fp8Gemm { Auto, Kernel, CublasLt } fp8_gemm = Fp8Gemm::Auto;
+  // Backend::run_graph captures fixed-shape steps as CUDA graphs and replays them; off: every
+  // step runs its ops eagerly (the same ops: tests compare the two bit for bit).
+  bool graphs = true;
 };
 std::unique_ptr<Backend> make_cuda_backend(int device, const CudaOptions& opts);
 
@@ -42,6 +45,15 @@ struct CudaDeviceInfo {
 CudaDeviceInfo cuda_device_info(int device);
 size_t cuda_arena_peak(Backend& be);  // bytes of the activation arena ever in use at once
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path);  // benchmarks compare the paths
+
+// CUDA graphs of fixed-shape steps (Backend::run_graph): steps run eagerly (a key's first run, or
+// graphs off), captured and replayed so far; the kernels and nodes of the last captured step (=
+// the launches the step makes without a graph).
+struct CudaGraphStats {
+  int64_t eager = 0, captures = 0, replays = 0, kernels = 0, nodes = 0;
+};
+CudaGraphStats cuda_graph_stats(Backend& be);
+void cuda_set_graphs(Backend& be, bool on);
 
 // Device milliseconds per call of fn() (one warm-up call first): the stream is held by a spin
 // kernel while the host enqueues reps calls between two events, so host launch gaps stay out and
