@@ -180,7 +180,7 @@ TEST(CudaModel, DecodeGraphsMatchEagerSteps) {
           const auto prompt = rand_ints(prompts[size_t(s)], V, 100 + uint64_t(s));
           ASSERT_TRUE(r.mgr->reserve(r.seqs.back(), prompts[size_t(s)]));
           const Tensor lg = r.model->forward(r.seqs.back().st, prompt);
-          std::vector<float> last(size_t(V));
+          std::vector<float> last(static_cast<size_t>(V));
           bes[i]->download(lg.rows_view(lg.rows() - 1, lg.rows()), last.data());
           r.next.push_back(int32_t(std::max_element(last.begin(), last.end()) - last.begin()));
         }

@@ -43,7 +43,7 @@ TEST(FixedShapeDecode, PaddedPlanEqualsPlainPlanBitForBit) {
       const std::vector<int64_t> prompts = {1, 3, W - 1, 2 * W + 3, 3 * B + ratio - 1};
       const int64_t S = int64_t(prompts.size()), per_seq = (prompts.back() + steps) / B + 2;
       StateManager fm(fixed, B, S * per_seq, S, 0, kv), pm(plain, B, S * per_seq, S, 0, kv);
-      std::vector<StateManager::Seq> fs(size_t(S)), ps(size_t(S));
+      std::vector<StateManager::Seq> fs(static_cast<size_t>(S)), ps(static_cast<size_t>(S));
       Rng rng(7);
       auto token = [&] { return int32_t(rng.below(uint64_t(c.vocab_size))); };
       for (int64_t s = 0; s < S; ++s) {
@@ -56,7 +56,7 @@ TEST(FixedShapeDecode, PaddedPlanEqualsPlainPlanBitForBit) {
         plain.forward(ps[size_t(s)].st, prompt);
       }
       const int64_t fixed_before = fixed.fixed_decode_steps();
-      std::vector<int32_t> toks(size_t(S));
+      std::vector<int32_t> toks(static_cast<size_t>(S));
       float scale = 0;
       for (int64_t step = 0; step < steps; ++step) {
         // Buckets change: 5 sequences (8 rows), then 4 (4), then 1 (1), then all again.
