@@ -114,33 +114,32 @@ TEST(CudaEngine, SpeculativeGreedyMatchesPlain) {
 
 // `dsv4 serve --cuda-graphs on|off`: the engine's all-decode steps replayed as CUDA graphs give
 // the same greedy tokens as the plain per-batch plan, and logits within 1e-5 of their scale
-// (the padded plan's kernels may split their work differently), F32 and FP8 KV, both rounds.
+// (the padded plan's kernels may split their work differently), both rounds. F32 KV: with FP8
+// KV such a difference may cross an E4M3 rounding step and part the token streams
+// (gpu.CudaModel.DecodeGraphsMatchEagerSteps compares FP8 runs fed the same tokens).
 TEST(CudaEngine, GreedyIdenticalWithAndWithoutGraphs) {
   DSV4_REQUIRE_GPU();
-  for (bool fp8 : {false, true}) {
-    SCOPED_TRACE(fp8 ? "fp8" : "f32");
-    auto off = tiny_on_cuda(7), on = tiny_on_cuda(7);
-    off->model->set_decode_graphs(false);
-    ASSERT_TRUE(on->model->decode_graphs());
-    Backend& on_be = *on->backend;
-    const Model& on_model = *on->model;
-    const auto plain = run_rounds(off, fp8), graphed = run_rounds(on, fp8);
-    for (size_t r = 0; r < plain.size(); ++r)
-      for (size_t i = 0; i < plain[r].outputs.size(); ++i) {
-        const std::string what = "round " + std::to_string(r) + " request " + std::to_string(i);
-        EXPECT_EQ(graphed[r].outputs[i].tokens, plain[r].outputs[i].tokens) << what;
-        float scale = 0;
-        for (const auto& row : plain[r].logits[i])
-          for (float x : row) scale = std::max(scale, std::fabs(x));
-        expect_rows_near(graphed[r].logits[i], plain[r].logits[i], 1e-5f * scale, what);
-      }
-    const CudaGraphStats g = cuda_graph_stats(on_be);
-    std::printf("[diag] engine decode graphs %s: %lld fixed-shape steps, %lld captures, %lld replays, %lld kernels per step\n",
-                fp8 ? "fp8" : "f32", (long long)on_model.fixed_decode_steps(), (long long)g.captures,
-                (long long)g.replays, (long long)g.kernels);
-    EXPECT_GT(g.captures, 0);
-    EXPECT_GT(g.replays, 0);
-  }
+  auto off = tiny_on_cuda(7), on = tiny_on_cuda(7);
+  off->model->set_decode_graphs(false);
+  ASSERT_TRUE(on->model->decode_graphs());
+  Backend& on_be = *on->backend;
+  const Model& on_model = *on->model;
+  const auto plain = run_rounds(off), graphed = run_rounds(on);
+  for (size_t r = 0; r < plain.size(); ++r)
+    for (size_t i = 0; i < plain[r].outputs.size(); ++i) {
+      const std::string what = "round " + std::to_string(r) + " request " + std::to_string(i);
+      EXPECT_EQ(graphed[r].outputs[i].tokens, plain[r].outputs[i].tokens) << what;
+      float scale = 0;
+      for (const auto& row : plain[r].logits[i])
+        for (float x : row) scale = std::max(scale, std::fabs(x));
+      expect_rows_near(graphed[r].logits[i], plain[r].logits[i], 1e-5f * scale, what);
+    }
+  const CudaGraphStats g = cuda_graph_stats(on_be);
+  std::printf("[diag] engine decode graphs: %lld fixed-shape steps, %lld captures, %lld replays, %lld kernels per step\n",
+              (long long)on_model.fixed_decode_steps(), (long long)g.captures, (long long)g.replays,
+              (long long)g.kernels);
+  EXPECT_GT(g.captures, 0);
+  EXPECT_GT(g.replays, 0);
 }
 
 TEST(CudaEngine, KvFp8MatchesCpuEngine) {

@@ -138,13 +138,15 @@ TEST(CudaModel, MixedBatchMatchesCpuAlone) {
 }
 
 // CUDA graphs of decode steps (Model::set_decode_graphs, Backend::run_graph): three runs of the
-// same greedy decode, each model picking its next tokens from its own logits: graphs (captured,
-// then replayed), the same fixed-shape steps without graphs, and the plain per-batch plan. Five
+// same greedy decode (every run fed the tokens the graph run picks): graphs (captured, then
+// replayed), the same fixed-shape steps without graphs, and the plain per-batch plan. Five
 // sequences at different offsets decode 320 steps through window, compression and block
 // boundaries; the batch shrinks to three and one sequence and grows back (row buckets 8, 4, 1)
-// and the block tables grow (block buckets 1..32): every bucket change is a new capture. Replays
-// must equal the eager fixed-shape steps bit for bit (they run the same kernels on the same
-// addresses); the plain plan gives the same greedy tokens and logits within 1e-5 of their scale.
+// and the block tables grow: every bucket change is a new capture. Replays must equal the eager
+// fixed-shape steps bit for bit (they run the same kernels on the same addresses). The plain plan
+// splits attention differently (narrower lists): F32 KV gives the same greedy tokens and logits
+// within 1e-5 of their scale; with FP8 KV a rounding difference can cross an E4M3 step, so there
+// the bound is the whole-model FP8 one (2e-2, >= 99 % of the greedy tokens).
 TEST(CudaModel, DecodeGraphsMatchEagerSteps) {
   DSV4_REQUIRE_GPU();
   for (const std::string preset : {"tiny", "small"}) {
@@ -186,6 +188,7 @@ TEST(CudaModel, DecodeGraphsMatchEagerSteps) {
         }
       }
       float scale = 0, worst = 0;
+      int64_t same_token = 0, rows = 0;
       for (int64_t step = 0; step < steps; ++step) {
         std::vector<int64_t> active;
         for (int64_t s = 0; s < S; ++s)
@@ -205,11 +208,15 @@ TEST(CudaModel, DecodeGraphsMatchEagerSteps) {
             r.next[size_t(active[b])] = int32_t(std::max_element(row, row + V) - row);
           }
         }
+        for (int64_t s : active) {
+          same_token += runs[0].next[size_t(s)] == runs[2].next[size_t(s)];
+          ++rows;
+        }
+        runs[1].next = runs[2].next = runs[0].next;
         for (size_t i = 0; i < runs[0].logits.size(); ++i)
           ASSERT_EQ(std::bit_cast<uint32_t>(runs[0].logits[i]), std::bit_cast<uint32_t>(runs[1].logits[i]))
               << "step " << step << " logit " << i << ": graph replay " << runs[0].logits[i] << ", eager "
               << runs[1].logits[i];
-        ASSERT_EQ(runs[0].next, runs[2].next) << "greedy tokens of graphs and the plain plan part at step " << step;
         for (size_t i = 0; i < runs[0].logits.size(); ++i) {
           scale = std::max(scale, std::fabs(runs[2].logits[i]));
           worst = std::max(worst, std::fabs(runs[0].logits[i] - runs[2].logits[i]));
@@ -217,12 +224,18 @@ TEST(CudaModel, DecodeGraphsMatchEagerSteps) {
       }
       const CudaGraphStats g = cuda_graph_stats(*graphed_be);
       std::printf("[diag] decode graphs %s kv=%s: %lld captures, %lld replays, %lld kernels per step (%lld nodes); "
-                  "graphs vs plain plan worst %.3e of the logit scale\n",
+                  "graphs vs plain plan worst %.3e of the logit scale, greedy tokens %lld/%lld\n",
                   preset.c_str(), kv_format_name(kv), (long long)(g.captures - before.captures),
                   (long long)(g.replays - before.replays), (long long)g.kernels, (long long)g.nodes,
-                  double(worst / scale));
+                  double(worst / scale), (long long)same_token, (long long)rows);
       EXPECT_GT(scale, 0.1f);
-      EXPECT_LE(worst, 1e-5f * scale);
+      if (kv == KvFormat::F32) {
+        EXPECT_LE(worst, 1e-5f * scale);
+        EXPECT_EQ(same_token, rows) << "greedy tokens of graphs and the plain plan differ";
+      } else {
+        EXPECT_LE(worst, 2e-2f * scale);
+        EXPECT_GE(double(same_token), 0.99 * double(rows));
+      }
       // Row buckets 8, 4, 1 and the growing block tables: several captures; every fixed-shape step
       // ran eagerly (a bucket's first), was captured or was replayed, most of them replays.
       const int64_t captures = g.captures - before.captures, replays = g.replays - before.replays;
