@@ -119,12 +119,17 @@ TEST(CudaEngine, SpeculativeGreedyMatchesPlain) {
 // (gpu.CudaModel.DecodeGraphsMatchEagerSteps compares FP8 runs fed the same tokens).
 TEST(CudaEngine, GreedyIdenticalWithAndWithoutGraphs) {
   DSV4_REQUIRE_GPU();
-  auto off = tiny_on_cuda(7), on = tiny_on_cuda(7);
-  off->model->set_decode_graphs(false);
+  std::vector<RoundResult> plain;
+  {  // freed before the second engine sizes its arena from the free device memory
+    auto off = tiny_on_cuda(7);
+    off->model->set_decode_graphs(false);
+    plain = run_rounds(std::move(off));
+  }
+  auto on = tiny_on_cuda(7);
   ASSERT_TRUE(on->model->decode_graphs());
   Backend& on_be = *on->backend;
   const Model& on_model = *on->model;
-  const auto plain = run_rounds(off), graphed = run_rounds(on);
+  const auto graphed = run_rounds(on);
   for (size_t r = 0; r < plain.size(); ++r)
     for (size_t i = 0; i < plain[r].outputs.size(); ++i) {
       const std::string what = "round " + std::to_string(r) + " request " + std::to_string(i);
