@@ -420,8 +420,9 @@ TEST(Speculative, SampledTokensFollowTheNonSpeculativeDistribution) {
         chi.add(counts, sampling_probs(last, sp, SamplerState(0)), size);
         tested += size;
       }
+      // Position 1 follows " America" in 97 % of the samples; position 2 is spread wider.
       if (pos < 3) {
-        EXPECT_GE(tested, requests * n / 3) << "samples in groups of at least " << min_group;
+        EXPECT_GE(tested, requests * n / (pos == 1 ? 2 : 5)) << "samples in groups of at least " << min_group;
       }
       if (chi.dof == 0) continue;
       EXPECT_LT(chi.value, chi.quantile_999()) << chi.dof << " degrees of freedom, " << tested << " samples";
