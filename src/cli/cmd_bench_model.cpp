@@ -1,6 +1,8 @@
-// dsv4 bench model --random: a full-width DeepSeek-V4-Flash model with N layers of random weights
-// built directly on the GPU (no checkpoint), timed for prefill and decode, with the bytes/FLOPs
-// roofline of the same shapes and per-op times next to cuBLASLt.
+// dsv4 bench model --random: a full-width DeepSeek-V4-Flash model with N layers and its MTP block
+// of random weights built directly on the GPU (no checkpoint), timed for prefill and decode, with
+// the bytes/FLOPs roofline of the same shapes and per-op times next to cuBLASLt. With --spec-accept:
+// decode with and without speculative decoding (cli/bench_spec.h), on the GPU or, with a tiny
+// preset, on the CPU.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -8,7 +10,9 @@
 #include <map>
 
 #include "cli/args.h"
+#include "cli/bench_spec.h"
 #include "cli/commands.h"
+#include "engine/llm_engine.h"
 #include "engine/state_manager.h"
 #include "model/config.h"
 #include "model/forward.h"
@@ -50,12 +54,13 @@ nlohmann::json flash_config(int64_t layers) {
   c["index_n_heads"] = 64;
   c["index_head_dim"] = 128;
   c["index_topk"] = 512;
-  c["num_nextn_predict_layers"] = 0;
+  c["num_nextn_predict_layers"] = 1;  // the MTP block: a sliding-window layer, as in the checkpoint
   c["max_position_embeddings"] = 1048576;
   c["rope_scaling"] = {{"type", "yarn"}, {"factor", 16.0}, {"original_max_position_embeddings", 65536},
                        {"beta_fast", 32}, {"beta_slow", 1}};
   std::vector<int64_t> ratios;
   for (int64_t i = 0; i < layers; ++i) ratios.push_back(i < 2 ? 0 : (i % 2 == 0 ? 4 : 128));
+  ratios.push_back(0);
   c["compress_ratios"] = ratios;
   return c;
 }
@@ -141,7 +146,7 @@ double attended_keys(const ModelConfig& c, int64_t layer, double p) {
 }
 
 int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, std::vector<int64_t> seq_counts,
-              int steps, bool kv_fp8, bool fp8_act, bool ops, bool graphs) {
+              int steps, bool kv_fp8, bool fp8_act, bool ops, bool graphs, const SpecBenchOptions* spec) {
   const CudaDeviceInfo dev = cuda_device_info(0);
   const double bw = dev.mem_bandwidth_gbs * 1e9;
   // H200 SXM dense peaks (datasheet): FP8 tensor 1979 TFLOP/s, FP32 (non-tensor) 67 TFLOP/s.
@@ -152,7 +157,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   ModelConfig cfg = parse_model_config(cj, "bench:flash");
   RandomProvider prov(cfg.n_routed_experts);
   ModelWeights w = bind_weights(cfg, prov);
-  out("model: {} layers full width (DeepSeek-V4-Flash shapes), random weights: {:.2f} GiB", layers,
+  out("model: {} layers + MTP block full width (DeepSeek-V4-Flash shapes), random weights: {:.2f} GiB", layers,
       double(prov.bytes) / (1 << 30));
   CudaOptions opts;
   opts.arena_bytes = SIZE_MAX;
@@ -205,6 +210,11 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     std::vector<int32_t> tok(16, 7);
     model.forward(st, tok);
     be->synchronize();
+  }
+  if (spec) {
+    run_spec_bench(model, *spec);
+    out("arena peak: {:.2f} GiB", double(cuda_arena_peak(*be)) / (1 << 30));
+    return 0;
   }
   // A prompt as the engine runs it: logits of its last row only.
   auto prefill = [&](SequenceState& st, const std::vector<int32_t>& tokens) {
@@ -436,7 +446,9 @@ void register_bench_model(CLI::App& app, Action& action) {
     std::string batch = "1,8,64", ctx = "1024,8192", seqs;
     int steps = 5;
     bool random = false, kv_fp8 = false, ops = true;
-    std::string gemm = "exact", cuda_graphs = "on";
+    std::string gemm = "exact", cuda_graphs = "on", backend = "cuda", preset = "flash";
+    double spec_accept = 0;
+    int32_t spec_tokens = 0;
   };
   auto o = std::make_shared<Opts>();
   CLI::App* bench = nullptr;
@@ -446,9 +458,17 @@ void register_bench_model(CLI::App& app, Action& action) {
     bench = app.add_subcommand("bench", "Benchmarks");
     bench->require_subcommand(1);
   }
-  auto* cmd = bench->add_subcommand("model", "Time prefill and decode of a full-width model (CUDA)");
+  auto* cmd = bench->add_subcommand("model", "Time prefill and decode of a full-width model (CUDA), or decode with and "
+                                              "without speculative decoding (--spec-accept; CUDA or CPU)");
   cmd->add_flag("--random", o->random, "Random weights generated on the device (no checkpoint)")->required();
-  cmd->add_option("--layers", o->layers, "Number of layers N (all 43 do not fit one H200 in FP4: N <= 30)");
+  cmd->add_option("--backend", o->backend, "cuda | cpu (the CPU runs --spec-accept with a tiny --preset only)")
+      ->check(CLI::IsMember({"cuda", "cpu"}));
+  cmd->add_option("--preset", o->preset,
+                  "flash: DeepSeek-V4-Flash shapes, --layers N + MTP block (CUDA); tiny | tiny-fp8 | small: the "
+                  "make-tiny presets (CPU)")
+      ->check(CLI::IsMember({"flash", "tiny", "tiny-fp8", "small"}));
+  auto* layers_opt =
+      cmd->add_option("--layers", o->layers, "Number of layers N (all 43 do not fit one H200 in FP4: N <= 30)");
   cmd->add_option("--tp", o->tp, "Tensor-parallel GPUs (only 1 is implemented)");
   cmd->add_option("--batch", o->batch, "Decode batch sizes, comma-separated");
   cmd->add_option("--ctx", o->ctx, "Prefill lengths / decode contexts, comma-separated");
@@ -460,8 +480,15 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
       ->check(CLI::IsMember({"on", "off"}));
   cmd->add_flag("!--no-ops", o->ops, "Skip the per-op table");
-  cmd->callback([o, &action] {
-    action = [o] {
+  cmd->add_option("--spec-accept", o->spec_accept,
+                  "Speculative decoding with this imposed mean acceptance length L (tokens per verify pass, "
+                  "1..k+1; e.g. 2.35): decode tok/s with and without speculation at each --ctx and --seqs "
+                  "(default 1,16), instead of the prefill/decode tables");
+  auto* spec_tokens_opt =
+      cmd->add_option("--speculative-tokens", o->spec_tokens, "Drafts k per verify pass with --spec-accept (1..3)");
+  cmd->callback([o, &action, layers_opt, spec_tokens_opt] {
+    const bool layers_given = layers_opt->count() > 0, spec_tokens_given = spec_tokens_opt->count() > 0;
+    action = [o, layers_given, spec_tokens_given] {
       auto sizes = [](const std::string& s, const char* flag) {
         auto v = parse_int_list<int64_t>(s, flag);
         if (v.empty()) fail("{}: empty list", flag);
@@ -473,13 +500,40 @@ void register_bench_model(CLI::App& app, Action& action) {
       if (o->layers < 1) fail("--layers must be >= 1");
       if (o->steps < 1) fail("--steps must be >= 1");
       [[maybe_unused]] const auto batches = sizes(o->batch, "--batch"), ctxs = sizes(o->ctx, "--ctx");
-      [[maybe_unused]] const auto seq_counts = o->seqs.empty() ? std::vector<int64_t>{} : sizes(o->seqs, "--seqs");
+      const bool speculate = o->spec_accept != 0;
+      [[maybe_unused]] const auto seq_counts = !o->seqs.empty() ? sizes(o->seqs, "--seqs")
+                                               : speculate        ? std::vector<int64_t>{1, 16}
+                                                                  : std::vector<int64_t>{};
+      SpecBenchOptions spec;
+      if (speculate) {
+        if (!spec_tokens_given) fail("--spec-accept needs --speculative-tokens k");
+        if (o->spec_tokens < 1 || o->spec_tokens > 3) fail("--speculative-tokens: must be 1..3, got {}", o->spec_tokens);
+        if (!(o->spec_accept >= 1 && o->spec_accept <= o->spec_tokens + 1))
+          fail("--spec-accept: {} is outside [1, k + 1 = {}] (tokens per verify pass with --speculative-tokens {})",
+               o->spec_accept, o->spec_tokens + 1, o->spec_tokens);
+        spec = {ctxs, seq_counts, o->steps, o->spec_tokens, o->spec_accept, o->kv_fp8 ? KvFormat::FP8 : KvFormat::F32};
+      } else if (spec_tokens_given) {
+        fail("--speculative-tokens needs --spec-accept L");
+      }
+      if (o->backend == "cpu") {
+        if (o->preset == "flash") fail("--backend cpu: the flash preset does not fit a CPU run; use --preset tiny or small");
+        if (!speculate) fail("--backend cpu: only the --spec-accept mode runs on the CPU");
+        if (layers_given) fail("--layers: the {} preset has its own layers (--layers is for --preset flash)", o->preset);
+        auto lm = LoadedModel::demo(o->preset, 1234);
+        lm->model->set_kv_fp8(o->kv_fp8);
+        lm->model->set_fp8_activations(o->gemm == "fp8");
+        fmt::print("model: random {} preset ({} layers + {} MTP), CPU backend\n", o->preset,
+                   lm->config().num_hidden_layers, lm->config().num_nextn_predict_layers);
+        run_spec_bench(*lm->model, spec);
+        return 0;
+      }
+      if (o->preset != "flash") fail("--preset {}: the tiny presets run on the CPU (--backend cpu)", o->preset);
 #ifdef DSV4_HAVE_CUDA
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
       return run_bench(o->layers, batches, ctxs, seq_counts, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops,
-                       o->cuda_graphs == "on");
+                       o->cuda_graphs == "on", speculate ? &spec : nullptr);
 #else
-      fail("bench model needs the CUDA backend (built without CUDA)");
+      fail("bench model --backend cuda: built without CUDA (use --backend cpu with a tiny --preset)");
       return 1;
 #endif
     };

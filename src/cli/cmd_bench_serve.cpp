@@ -5,13 +5,16 @@
 #include <httplib.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -245,6 +248,29 @@ Outcome run_one(const Target& t, const BenchOpts& o, const Prompt& p) {
   return r;
 }
 
+// The server's speculative-decoding counters (dsv4's Prometheus /metrics, at the root of the
+// host): draft tokens, accepted drafts, verify passes. Empty when the server exports none.
+std::optional<std::array<double, 3>> spec_counters(const Target& t, const BenchOpts& o) {
+  auto cli = client_for(t, o);
+  httplib::Headers h;
+  if (!o.api_key.empty()) h.emplace("Authorization", "Bearer " + o.api_key);
+  auto res = cli->Get("/metrics", h);
+  if (!res || res->status != 200) return std::nullopt;
+  const char* names[] = {"dsv4_spec_decode_num_draft_tokens_total", "dsv4_spec_decode_num_accepted_tokens_total",
+                         "dsv4_spec_decode_num_verify_steps_total"};
+  std::array<double, 3> v{};
+  std::array<bool, 3> found{};
+  std::istringstream in(res->body);
+  for (std::string line; std::getline(in, line);)
+    for (size_t i = 0; i < 3; ++i)
+      if (line.rfind(std::string(names[i]) + " ", 0) == 0) {
+        v[i] = std::strtod(line.c_str() + std::strlen(names[i]) + 1, nullptr);
+        found[i] = true;
+      }
+  if (!found[0] || !found[1] || !found[2]) return std::nullopt;
+  return v;
+}
+
 // ---------------------------------------------------------------- statistics
 
 struct Stat {
@@ -295,6 +321,7 @@ json run_point(const Target& t, const BenchOpts& o, const Point& pt, const std::
       th.clear();
     }
   }
+  const auto spec_before = spec_counters(t, o);
   std::vector<Outcome> out(prompts.size());
   std::mutex mu;
   std::condition_variable cv;
@@ -335,6 +362,7 @@ json run_point(const Target& t, const BenchOpts& o, const Point& pt, const std::
   for (auto& x : threads) x.join();
   if (!o.quiet) bar.finish();
   double duration = std::chrono::duration<double>(Clock::now() - t0).count();
+  const auto spec_after = spec_before ? spec_counters(t, o) : std::nullopt;
 
   std::vector<double> ttft, tpot, itl, e2e;
   int64_t in_tok = 0, out_tok = 0;
@@ -372,6 +400,17 @@ json run_point(const Target& t, const BenchOpts& o, const Point& pt, const std::
   j["tpot_ms"] = stat_json(stat_of(tpot));
   j["itl_ms"] = stat_json(stat_of(itl));
   j["e2el_ms"] = stat_json(stat_of(e2e));
+  // Speculative decoding during the run (the server's counters before and after it; requests of
+  // other clients in that time count too).
+  if (spec_before && spec_after && (*spec_after)[0] > (*spec_before)[0]) {
+    const double drafts = (*spec_after)[0] - (*spec_before)[0], accepted = (*spec_after)[1] - (*spec_before)[1],
+                 passes = (*spec_after)[2] - (*spec_before)[2];
+    j["spec_decode"] = {{"draft_tokens", drafts},
+                        {"accepted_tokens", accepted},
+                        {"verify_passes", passes},
+                        {"acceptance_rate", accepted / drafts},
+                        {"mean_acceptance_length", (accepted + passes) / passes}};
+  }
   return j;
 }
 
@@ -400,6 +439,15 @@ void print_point(const json& j) {
     line(fmt::format("Median {} (ms):", name), fmt::format("{:.2f}", s["median"].get<double>()));
     line(fmt::format("P90 {} (ms):", name), fmt::format("{:.2f}", s["p90"].get<double>()));
     line(fmt::format("P99 {} (ms):", name), fmt::format("{:.2f}", s["p99"].get<double>()));
+  }
+  if (j.contains("spec_decode")) {
+    const json& sd = j["spec_decode"];
+    std::printf("%s\n", fmt::format("{:-^50}", " Speculative Decoding ").c_str());
+    line("Draft tokens:", fmt::format("{:.0f}", sd["draft_tokens"].get<double>()));
+    line("Accepted draft tokens:", fmt::format("{:.0f}", sd["accepted_tokens"].get<double>()));
+    line("Verify passes with drafts:", fmt::format("{:.0f}", sd["verify_passes"].get<double>()));
+    line("Acceptance rate (%):", fmt::format("{:.2f}", 100 * sd["acceptance_rate"].get<double>()));
+    line("Mean acceptance length:", fmt::format("{:.3f}", sd["mean_acceptance_length"].get<double>()));
   }
   for (auto& e : j["errors"]) std::printf("error: %s\n", e.get<std::string>().c_str());
   std::printf("==================================================\n");

@@ -38,12 +38,14 @@ struct Output {
 
 class Harness {
  public:
-  explicit Harness(EngineConfig c, std::shared_ptr<LoadedModel> m = tiny_model()) {
+  // record_logits: keep every sampled row for logits() (off for runs of many thousand samples).
+  explicit Harness(EngineConfig c, std::shared_ptr<LoadedModel> m = tiny_model(), bool record_logits = true) {
     c.log_startup = false;
-    c.on_logits = [this](const std::string& id, int32_t index, int64_t, std::span<const float> row) {
-      std::lock_guard lk(mu_);
-      logits_[{id, index}].emplace_back(row.begin(), row.end());
-    };
+    if (record_logits)
+      c.on_logits = [this](const std::string& id, int32_t index, int64_t, std::span<const float> row) {
+        std::lock_guard lk(mu_);
+        logits_[{id, index}].emplace_back(row.begin(), row.end());
+      };
     engine_ = make_engine(c, std::move(m));
   }
   ~Harness() { engine_->shutdown(false); }
