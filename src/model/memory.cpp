@@ -88,9 +88,4 @@ int64_t fixed_state_bytes(const ModelConfig& c, KvFormat kv) {
   return total;
 }
 
-int64_t weight_bytes_per_gpu(const WeightStats& s, int tp) {
-  const int64_t replicated = s.bytes - s.routed_expert_bytes - s.vocab_bytes;
-  return replicated + (s.routed_expert_bytes + s.vocab_bytes + tp - 1) / tp;
-}
-
 }  // namespace dsv4

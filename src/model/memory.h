@@ -30,8 +30,4 @@ double kv_bytes_per_token(const ModelConfig& cfg, KvFormat kv);
 // and previous-window halves), in bytes, all layers (MTP included).
 int64_t fixed_state_bytes(const ModelConfig& cfg, KvFormat kv);
 
-// Weight bytes per GPU with routed experts split over `tp` ranks (expert parallel),
-// vocab-parallel embed/head, everything else replicated.
-int64_t weight_bytes_per_gpu(const WeightStats& s, int tp);
-
 }  // namespace dsv4

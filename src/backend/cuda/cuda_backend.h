@@ -41,6 +41,8 @@ struct CudaDeviceInfo {
 };
 CudaDeviceInfo cuda_device_info(int device);
 size_t cuda_arena_peak(Backend& be);  // bytes of the activation arena ever in use at once
+void* cuda_stream(Backend& be);        // the cudaStream_t every op of the backend runs on
+int cuda_device(Backend& be);          // its device
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path);  // benchmarks compare the paths
 
 // Device milliseconds per call of fn() (one warm-up call first): the stream is held by a spin
