@@ -11,21 +11,22 @@ using namespace dsv4::test;
 
 namespace {
 
-struct Run {
+struct RunResult {
   std::map<std::string, std::vector<int32_t>> tokens;  // "id/index"
   std::map<std::string, std::vector<std::vector<float>>> logits;
+  EngineMetrics metrics;
 };
 
 // Two rounds of requests: the second shares prompt prefixes with the first (prefix-cache hits);
 // one request has two sampled samples (a fork); the pool is small enough to preempt.
-Run run_rounds(std::shared_ptr<LoadedModel> model) {
+RunResult run_rounds(std::shared_ptr<LoadedModel> model) {
   EngineConfig c;
   c.block_size = 16;
-  c.num_blocks = 40;
+  c.num_blocks = 12;
   c.max_running_requests = 8;
   c.max_batched_tokens = 48;
   Harness h(c, std::move(model));
-  Run out;
+  RunResult out;
   std::vector<std::pair<std::string, int32_t>> ids;
   Rng r(5);
   std::vector<std::vector<int32_t>> prompts;
@@ -49,6 +50,7 @@ Run run_rounds(std::shared_ptr<LoadedModel> model) {
     }
     h.wait();
   }
+  out.metrics = h.engine().metrics();
   for (const auto& [id, k] : ids) {
     const Output o = h.output(id, k);
     EXPECT_EQ(o.finish, FinishReason::Length) << id << "/" << k;
@@ -61,11 +63,14 @@ Run run_rounds(std::shared_ptr<LoadedModel> model) {
 }  // namespace
 
 TEST(ParallelEngine, SameTokensAsOneRank) {
-  const Run ref = run_rounds(LoadedModel::demo("tiny", 7));
+  const RunResult ref = run_rounds(LoadedModel::demo("tiny", 7));
+  EXPECT_GT(ref.metrics.prefix_hit_rate, 0) << "the second round must hit the prefix cache";
+  EXPECT_GT(ref.metrics.preemptions, 0) << "the pool must be small enough to preempt";
   for (const ParallelConfig par : {ParallelConfig{2, 1}, ParallelConfig{1, 2}, ParallelConfig{2, 2}}) {
     SCOPED_TRACE("tp " + std::to_string(par.tp) + " ep " + std::to_string(par.ep));
-    const Run got = run_rounds(LoadedModel::demo("tiny", 7, par));
+    const RunResult got = run_rounds(LoadedModel::demo("tiny", 7, par));
     EXPECT_EQ(got.tokens, ref.tokens);
+    EXPECT_GT(got.metrics.prefix_hit_rate, 0);  // (how many preemptions depends on request arrival timing)
     for (const auto& [id, rows] : ref.logits) {
       float scale = 0;
       for (const auto& row : rows)

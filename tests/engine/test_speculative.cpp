@@ -32,7 +32,7 @@ TEST(Speculative, RejectedDraftsLeaveNoTrace) {
   for (const std::string preset : {"tiny"}) {
     auto lm = tiny_model();
     const ModelConfig& c = lm->config();
-    Backend& be = *lm->backend;
+    Backend& be = lm->model->backend();
     const int64_t V = c.vocab_size;
     for (KvFormat kv : {KvFormat::F32, KvFormat::FP8}) {
       SCOPED_TRACE(preset + " " + kv_format_name(kv));
