@@ -166,6 +166,7 @@ int serve(const ServeOpts& o) {
   ::signal(SIGPIPE, SIG_IGN);
 
   if (!o.chat_template.empty()) check_chat_template(o.chat_template);
+  if (o.engine == "scripted" && (o.tp > 1 || o.ep > 1)) fail("--tp/--ep: --engine scripted runs no model to split");
   Loaded L = load(o);
   if (o.trained_demo) {
     log_info("dsv4 serve: no --model given: serving the demo model {} (a small DeepSeek-V4 trained on the Brown "

@@ -71,6 +71,7 @@ struct Split {
   std::string preset;
   int tp, ep;
 };
+void PrintTo(const Split& s, std::ostream* os) { *os << s.preset << " --tp " << s.tp << " --ep " << s.ep; }
 
 class ParallelForward : public ::testing::TestWithParam<Split> {};
 

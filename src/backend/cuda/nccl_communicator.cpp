@@ -56,8 +56,8 @@ std::vector<std::unique_ptr<Communicator>> make_nccl_group(int n) {
   if (n > devices) fail("--tp/--ep: {} ranks need {} GPUs, {} visible", n, n, devices);
   // Multicast over NVLink needs fabric-manager support that the machines here do not lend.
   setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
-  std::vector<ncclComm_t> comms(size_t(n));
-  std::vector<int> devs(size_t(n));
+  std::vector<ncclComm_t> comms(static_cast<size_t>(n));
+  std::vector<int> devs(static_cast<size_t>(n));
   std::iota(devs.begin(), devs.end(), 0);
   check_nccl(ncclCommInitAll(comms.data(), n, devs.data()), "init");
   std::vector<std::unique_ptr<Communicator>> v;
