@@ -14,8 +14,6 @@ struct WeightStats {
   int64_t params = 0;  // logical elements of weights (scales not counted)
   int64_t bytes = 0;   // stored bytes including scales
   std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // dtype -> (elements, bytes)
-  int64_t routed_expert_bytes = 0;
-  int64_t vocab_bytes = 0;  // embed + head
 };
 WeightStats weight_stats(const ModelConfig& cfg, const ModelWeights& w);
 

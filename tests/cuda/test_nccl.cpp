@@ -52,7 +52,9 @@ TEST(Nccl, CollectivesMatchReference) {
         double sum = 0;
         for (int q = 0; q < n; ++q) sum += in[size_t(q)][size_t(i)];
         ASSERT_NEAR(reduced[size_t(r)][size_t(i)], sum, 1e-5) << n << " ranks, element " << i;
-        if (i / len == r) ASSERT_NEAR(scattered[size_t(r)][size_t(i % len)], sum, 1e-5) << n << " ranks, " << i;
+        if (i / len == r) {
+          ASSERT_NEAR(scattered[size_t(r)][size_t(i % len)], sum, 1e-5) << n << " ranks, " << i;
+        }
       }
       for (int q = 0; q < n; ++q)
         for (int64_t i = 0; i < len; ++i)
