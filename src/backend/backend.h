@@ -128,6 +128,8 @@ class Backend {
   virtual void route(const Tensor& x, const MoEWeights& moe, const Tensor& tokens, const ModelConfig& cfg,
                      const Tensor& weights, const Tensor& experts) = 0;
   // out[t] = sum_i weights[t,i] * expert_{experts[t,i]}(x[t]) + shared(x[t]) (clamped SwiGLU).
+  // Expert parallelism: moe.experts holds experts first_expert.. only; assignments to the others
+  // (held by other ranks) add nothing here.
   virtual void moe(const Tensor& x, const MoEWeights& moe, const Tensor& weights, const Tensor& experts,
                    float swiglu_limit, const Tensor& out) = 0;
   // out[i] = src[rows[i]]

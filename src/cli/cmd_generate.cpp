@@ -18,6 +18,7 @@ void register_generate(CLI::App& app, Action& action) {
     int32_t max_tokens = 64, top_k = 0, n = 1, speculative_tokens = 0;
     float temperature = 0.f, top_p = 1.f, min_p = 0.f;
     int64_t seed = -1, block_size = 0;
+    int tp = 1, ep = 1;
   };
   auto o = std::make_shared<Opts>();
   auto* cmd = app.add_subcommand("generate", "Generate a completion for one prompt with the serving engine");
@@ -42,6 +43,8 @@ void register_generate(CLI::App& app, Action& action) {
   cmd->add_option("--block-size", o->block_size, "Tokens per state block (default 256)")
       ->check(CLI::Range(int64_t(0), int64_t(1) << 20));  // as dsv4 serve; negative silently meant 256
   cmd->add_option("--backend", o->backend, "cpu | cuda");
+  cmd->add_option("--tp", o->tp, "Tensor-parallel ranks: attention heads split over GPUs (docs/ENGINE.md)")->check(CLI::Range(1, 64));
+  cmd->add_option("--ep", o->ep, "Expert-parallel ranks: routed experts split over GPUs (1 or --tp's value, or alone)")->check(CLI::Range(1, 64));
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
       ->check(CLI::IsMember({"exact", "fp8"}));
   cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
@@ -53,8 +56,9 @@ void register_generate(CLI::App& app, Action& action) {
   cmd->callback([o, preset_opt, &action] {
     const bool random_demo = o->model.empty() && (preset_opt->count() > 0 || default_demo_model_dir().empty());
     action = [o, random_demo] {
-      auto lm = random_demo ? LoadedModel::demo(o->demo_preset)
-                            : LoadedModel::load(o->model.empty() ? default_demo_model_dir() : o->model, o->backend);
+      const ParallelConfig par{o->tp, o->ep};
+      auto lm = random_demo ? LoadedModel::demo(o->demo_preset, 1, par)
+                            : LoadedModel::load(o->model.empty() ? default_demo_model_dir() : o->model, o->backend, par);
       if (!lm->tokenizer) fail("--model: {} has no tokenizer.json", o->model);
       lm->model->set_fp8_activations(o->gemm == "fp8");
       lm->model->set_decode_graphs(o->cuda_graphs == "on");

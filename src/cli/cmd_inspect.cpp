@@ -4,6 +4,7 @@
 #include "cli/commands.h"
 #include "model/checkpoint.h"
 #include "model/memory.h"
+#include "model/parallel.h"
 
 namespace dsv4::cli {
 
@@ -16,7 +17,7 @@ std::string human(double bytes) {
   return fmt::format("{:.2f} {}", bytes, units[u]);
 }
 
-void print_report(const Checkpoint& ck, int tp) {
+void print_report(const Checkpoint& ck, const ParallelConfig& par) {
   const ModelConfig& c = ck.config();
   std::printf("model: %s\n", ck.dir().c_str());
   std::printf("architecture: DeepSeek-V4 (%s), %lld layers + %lld MTP, hidden %lld, vocab %lld\n", c.model_type.c_str(),
@@ -59,8 +60,13 @@ void print_report(const Checkpoint& ck, int tp) {
                 human(double(fixed_state_bytes(c, kv))).c_str(), (long long)kv_row_bytes(c, kv));
   const double per_tok = kv_bytes_per_token(c, KvFormat::FP8);
   const int64_t fixed = fixed_state_bytes(c, KvFormat::FP8);
-  std::printf("per-GPU estimate at tp=%d: weights %s; state for 128K tokens (--kv fp8) %s\n", tp,
-              human(double(weight_bytes_per_gpu(s, tp))).c_str(), human(per_tok * 131072 + double(fixed)).c_str());
+  // Each rank's shard as the loader builds it (shapes only: nothing is read), and the state,
+  // which every rank holds whole (model/parallel.h).
+  std::printf("\nper GPU at --tp %d --ep %d (%d rank%s):\n", par.tp, par.ep, par.world(), par.world() > 1 ? "s" : "");
+  for (int r = 0; r < par.world(); ++r)
+    std::printf("  rank %d: weights %s\n", r,
+                human(double(WeightShard(c, ck.weights(), par, r, /*materialize=*/false).bytes())).c_str());
+  std::printf("  every rank: state for 128K tokens (--kv fp8) %s\n", human(per_tok * 131072 + double(fixed)).c_str());
   auto unused = ck.unused_tensors();
   if (!unused.empty()) {
     std::printf("\nnote: %zu tensor(s) in the checkpoint are not used by the model, e.g. '%s'\n", unused.size(),
@@ -74,16 +80,19 @@ void print_report(const Checkpoint& ck, int tp) {
 void register_inspect(CLI::App& app, Action& action) {
   struct Opts {
     std::string model;
-    int tp = 1;
+    int tp = 1, ep = 1;
   };
   auto o = std::make_shared<Opts>();
   auto* cmd = app.add_subcommand("inspect", "Validate a model directory and print its architecture and sizes");
   cmd->add_option("--model", o->model, "Model directory (config.json + safetensors)")->required();
-  cmd->add_option("--tp", o->tp, "Tensor/expert-parallel size for the memory estimate")->check(CLI::Range(1, 64));
+  cmd->add_option("--tp", o->tp, "Tensor-parallel ranks of the per-GPU memory report")->check(CLI::Range(1, 64));
+  cmd->add_option("--ep", o->ep, "Expert-parallel ranks of the per-GPU memory report")->check(CLI::Range(1, 64));
   cmd->callback([o, &action] {
     action = [o] {
       auto ck = Checkpoint::open(o->model);
-      print_report(*ck, o->tp);
+      const ParallelConfig par{o->tp, o->ep};
+      check_parallel(ck->config(), par);
+      print_report(*ck, par);
       return 0;
     };
   });

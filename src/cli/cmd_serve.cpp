@@ -35,7 +35,7 @@ struct ServeOpts {
   int32_t speculative_tokens = 0;
   double gpu_memory_utilization = 0.9;
   bool no_prefix_caching = false;
-  int tp = 1;
+  int tp = 1, ep = 1;
   int64_t max_model_len = 0;
   int32_t default_max_tokens = 0;
   int64_t max_body_bytes = 8 << 20;
@@ -93,7 +93,8 @@ Loaded load(const ServeOpts& o) {
   ProgressBar bar(o.model.empty() ? "generating demo model" : "loading model", 3);
   if (o.engine != "scripted") {
     std::shared_ptr<LoadedModel> lm =
-        o.model.empty() ? LoadedModel::demo(o.demo_preset, 1234) : LoadedModel::load(o.model, o.backend);
+        o.model.empty() ? LoadedModel::demo(o.demo_preset, 1234, {o.tp, o.ep})
+                        : LoadedModel::load(o.model, o.backend, {o.tp, o.ep});
     bar.advance(1);
     if (!lm->tokenizer) fail("--model: {} has no tokenizer.json (the server needs one)", o.model);
     lm->model->set_fp8_activations(o.gemm == "fp8");
@@ -166,7 +167,7 @@ int serve(const ServeOpts& o) {
   ::signal(SIGPIPE, SIG_IGN);
 
   if (!o.chat_template.empty()) check_chat_template(o.chat_template);
-  if (o.tp > 1) fail("--tp: {} GPUs requested; this engine runs one device per server (use --tp 1)", o.tp);
+  if (o.engine == "scripted" && (o.tp > 1 || o.ep > 1)) fail("--tp/--ep: --engine scripted runs no model to split");
   Loaded L = load(o);
   if (o.trained_demo) {
     log_info("dsv4 serve: no --model given: serving the demo model {} (a small DeepSeek-V4 trained on the Brown "
@@ -266,7 +267,8 @@ void register_serve(CLI::App& app, Action& action) {
                   "Speculative decoding: tokens the MTP block drafts per step (0: off; 1..3)")
       ->capture_default_str()
       ->check(CLI::Range(0, 3));
-  cmd->add_option("--tp", o->tp, "Tensor/expert-parallel size")->capture_default_str()->check(positive)->check(CLI::Range(1, 64));
+  cmd->add_option("--tp", o->tp, "Tensor-parallel ranks: attention heads split over GPUs (docs/ENGINE.md)")->capture_default_str()->check(CLI::Range(1, 64));
+  cmd->add_option("--ep", o->ep, "Expert-parallel ranks: routed experts split over GPUs (1 or --tp's value, or alone)")->capture_default_str()->check(CLI::Range(1, 64));
   cmd->add_option("--max-model-len", o->max_model_len, "Context limit (prompt + max_tokens); default: the model's")->check(positive);
   cmd->add_flag("--allow-long-max-model-len", o->allow_long_max_model_len,
                 "Accept a --max-model-len above the model's context (as vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN)");

@@ -14,12 +14,16 @@
 #include <thread>
 #include <unordered_map>
 
+#ifdef DSV4_HAVE_CUDA
+#include "backend/cuda/nccl_communicator.h"
+#endif
 #include "engine/model_runner.h"
 #include "engine/mtp_drafter.h"
 #include "engine/output_processor.h"
 #include "engine/sampler.h"
 #include "engine/state_manager.h"
 #include "model/checkpoint.h"
+#include "model/parallel.h"
 #include "model/tiny.h"
 #include "text/tiny_tokenizer.h"
 #include "util/error.h"
@@ -39,40 +43,86 @@ const char* finish_reason_name(FinishReason r) {
 }
 
 LoadedModel::~LoadedModel() {
-  model.reset();  // references the weights and the backend
-  backend.reset();
+  // Models reference their weights and backends, backends their devices' communicators: tear
+  // down in reverse order of construction, each rank on its own thread.
+  if (threads)
+    threads->run([&](int r) {
+      ranks[size_t(r)].model.reset();
+      ranks[size_t(r)].backend.reset();
+    });
+  ranks.clear();
+  comms.clear();
 }
 
-std::shared_ptr<LoadedModel> LoadedModel::load(const std::string& dir, const std::string& backend) {
+namespace {
+
+std::unique_ptr<Backend> make_backend(const std::string& backend, int device) {
+  if (backend == "cpu") return make_cpu_backend();
+#ifdef DSV4_HAVE_CUDA
+  if (backend == "cuda") return make_cuda_backend(device);
+#endif
+  (void)device;
+  fail("--backend: '{}' is not available in this build (cpu{})", backend,
+#ifdef DSV4_HAVE_CUDA
+       ", cuda"
+#else
+       ""
+#endif
+  );
+}
+
+// Rank r of the group: its shard of the weights, backend (device r) and model, each built on the
+// rank's own thread (a CUDA device is current per thread); rank 0 then leads the others.
+void build_ranks(LoadedModel& m, const ModelConfig& c, const ModelWeights& full, const std::string& backend,
+                 const ParallelConfig& par) {
+  check_parallel(c, par);
+  const int n = par.world();
+  m.ranks.resize(size_t(n));
+  if (n == 1) {
+    m.ranks[0].backend = make_backend(backend, 0);
+    m.ranks[0].model = std::make_unique<Model>(c, full, *m.ranks[0].backend);
+    m.model = m.ranks[0].model.get();
+    return;
+  }
+#ifdef DSV4_HAVE_CUDA
+  if (backend == "cuda") m.comms = make_nccl_group(n);
+#endif
+  if (backend == "cpu") m.comms = make_thread_group(n);
+  if (m.comms.empty()) make_backend(backend, 0);  // names the flag
+  m.threads = std::make_unique<RankThreads>(n);
+  m.threads->run([&](int r) {
+    LoadedModel::Rank& rk = m.ranks[size_t(r)];
+    rk.shard = std::make_unique<WeightShard>(c, full, par, r);
+    rk.backend = make_backend(backend, r);
+#ifdef DSV4_HAVE_CUDA
+    if (backend == "cuda") nccl_bind_stream(*m.comms[size_t(r)], *rk.backend);
+#endif
+    rk.model = std::make_unique<Model>(c, rk.shard->weights(), *rk.backend, ModelRank{par, m.comms[size_t(r)].get()});
+  });
+  std::vector<Model*> peers;
+  for (int r = 1; r < n; ++r) peers.push_back(m.ranks[size_t(r)].model.get());
+  m.model = m.ranks[0].model.get();
+  m.model->set_peers(std::move(peers), m.threads.get());
+}
+
+}  // namespace
+
+std::shared_ptr<LoadedModel> LoadedModel::load(const std::string& dir, const std::string& backend,
+                                               const ParallelConfig& par) {
   auto m = std::make_shared<LoadedModel>();
   m->checkpoint = Checkpoint::open(dir);
-  if (backend == "cpu") {
-    m->backend = make_cpu_backend();
-  } else {
-#ifdef DSV4_HAVE_CUDA
-    if (backend == "cuda") m->backend = make_cuda_backend();
-#endif
-    if (!m->backend) fail("--backend: '{}' is not available in this build (cpu{})", backend,
-#ifdef DSV4_HAVE_CUDA
-                          ", cuda"
-#else
-                          ""
-#endif
-      );
-  }
-  m->model = std::make_unique<Model>(m->checkpoint->config(), m->checkpoint->weights(), *m->backend);
+  build_ranks(*m, m->checkpoint->config(), m->checkpoint->weights(), backend, par);
   const auto tok = std::filesystem::path(dir) / "tokenizer.json";
   if (std::filesystem::exists(tok)) m->tokenizer = Tokenizer::load(tok.string());
   m->name = model_dir_name(dir);
   return m;
 }
 
-std::shared_ptr<LoadedModel> LoadedModel::demo(const std::string& preset, uint64_t seed) {
+std::shared_ptr<LoadedModel> LoadedModel::demo(const std::string& preset, uint64_t seed, const ParallelConfig& par) {
   auto m = std::make_shared<LoadedModel>();
   m->generated = std::make_unique<GeneratedModel>(tiny_preset_config(preset), seed);
-  m->backend = make_cpu_backend();
   const ModelConfig& c = m->generated->config();
-  m->model = std::make_unique<Model>(c, m->generated->weights(), *m->backend);
+  build_ranks(*m, c, m->generated->weights(), "cpu", par);
   m->tokenizer = Tokenizer::from_json(tiny_tokenizer_json(c.vocab_size, c.bos_token_id, c.eos_token_id),
                                       "<tiny tokenizer>");
   m->name = "dsv4-demo-" + preset;
@@ -113,8 +163,17 @@ using Clock = std::chrono::steady_clock;
 // itself (the backend default, at most 8 GiB, is meant for activations alone): arena = state +
 // headroom, headroom = min(8 GiB, usable / 2) for activations, state = --kv-memory or the rest
 // of usable. Why: a pool sized from free memory alone would starve the activations (or not fit).
-int64_t state_budget(const EngineConfig& cfg, Backend& be) {
-  if (const std::optional<size_t> free_b = be.device_free_bytes()) {
+// With --tp/--ep every rank holds the whole state (model/parallel.h): the rank with the least
+// free memory sizes it, and every rank's arena is sized alike.
+int64_t state_budget(const EngineConfig& cfg, Model& model) {
+  std::optional<size_t> free_b;
+  std::mutex mu;
+  model.on_every_rank([&](int, Model& m) {
+    const std::optional<size_t> f = m.backend().device_free_bytes();
+    std::lock_guard lk(mu);
+    if (f) free_b = free_b ? std::min(*free_b, *f) : *f;
+  });
+  if (free_b) {
     const size_t usable = size_t(cfg.gpu_memory_utilization * double(*free_b));
     const size_t headroom = std::min<size_t>(size_t(8) << 30, usable / 2);
     size_t state = usable - headroom;
@@ -125,7 +184,7 @@ int64_t state_budget(const EngineConfig& cfg, Backend& be) {
              "device",
              state, headroom, *free_b);
     }
-    be.set_arena_bytes(state + headroom);
+    model.on_every_rank([&](int, Model& m) { m.backend().set_arena_bytes(state + headroom); });
     return int64_t(state);
   }
   return cfg.kv_memory_bytes > 0 ? cfg.kv_memory_bytes : int64_t(256) << 20;
@@ -186,6 +245,8 @@ class EngineImpl final : public LLMEngine {
       fail("--gpu-memory-utilization: must be in (0, 1], got {}", cfg_.gpu_memory_utilization);
     const KvFormat kv = cfg_.kv_fp8 ? KvFormat::FP8 : KvFormat::F32;
     check_speculative(mc);
+    if (cfg_.speculative_tokens > 0 && !model.peers().empty())
+      fail("--speculative-tokens: not supported with --tp/--ep > 1 yet (the MTP drafter runs on one rank)");
     const bool mtp = cfg_.speculative_tokens > 0;
     const StateLayout layout = state_layout(mc, B, kv, mtp);
     StatePlan plan;
@@ -194,7 +255,7 @@ class EngineImpl final : public LLMEngine {
       plan.num_blocks = cfg_.num_blocks;
       plan.num_snapshots = cfg_.num_snapshots >= 0 ? cfg_.num_snapshots : cfg_.num_blocks;
     } else {
-      const int64_t budget = state_budget(cfg_, model.backend());
+      const int64_t budget = state_budget(cfg_, model);
       plan = plan_state(layout, budget, plan.num_slots, cfg_.enable_prefix_caching ? cfg_.snapshot_fraction : 0.0);
       if (cfg_.num_snapshots >= 0) plan.num_snapshots = cfg_.num_snapshots;
     }

@@ -18,11 +18,20 @@ class GeneratedModel;
 
 // Everything the engine runs: owns the weights (a checkpoint or a generated model), the
 // backend and the forward pass; the tokenizer is optional (no text, no stop strings without it).
+// With --tp/--ep (model/parallel.h) it holds one rank per backend (CPU: threads of one process;
+// CUDA: device r), and `model` is rank 0, the leader that drives the others in lock step.
 struct LoadedModel {
+  struct Rank {
+    std::unique_ptr<WeightShard> shard;  // null when unsharded
+    std::unique_ptr<Backend> backend;
+    std::unique_ptr<Model> model;
+  };
   std::unique_ptr<Checkpoint> checkpoint;
   std::unique_ptr<GeneratedModel> generated;
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Model> model;
+  std::vector<std::unique_ptr<Communicator>> comms;  // one per rank (none when unsharded)
+  std::unique_ptr<RankThreads> threads;
+  std::vector<Rank> ranks;
+  Model* model = nullptr;  // ranks[0].model
   std::optional<Tokenizer> tokenizer;
   std::string name;  // model id reported to clients
 
@@ -30,10 +39,12 @@ struct LoadedModel {
   ~LoadedModel();
 
   // A model directory (config.json, safetensors, tokenizer.json when present); backend "cpu"
-  // (or "cuda" when compiled in).
-  static std::shared_ptr<LoadedModel> load(const std::string& dir, const std::string& backend = "cpu");
+  // (or "cuda" when compiled in); par: the --tp/--ep split (each rank reads only its shard).
+  static std::shared_ptr<LoadedModel> load(const std::string& dir, const std::string& backend = "cpu",
+                                           const ParallelConfig& par = {});
   // The built-in demo: a GeneratedModel of a tiny preset with tiny_tokenizer_json.
-  static std::shared_ptr<LoadedModel> demo(const std::string& preset = "tiny", uint64_t seed = 1);
+  static std::shared_ptr<LoadedModel> demo(const std::string& preset = "tiny", uint64_t seed = 1,
+                                           const ParallelConfig& par = {});
 };
 
 struct EngineConfig {

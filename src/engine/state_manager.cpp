@@ -57,7 +57,7 @@ StatePlan plan_state(const StateLayout& L, int64_t budget, int64_t num_slots, do
 
 StateManager::StateManager(Model& model, int64_t B, int64_t num_blocks, int64_t num_slots, int64_t num_snapshots,
                            KvFormat kv, bool mtp)
-    : model_(model), be_(model.backend()), layout_(state_layout(model.config(), B, kv, mtp)), num_blocks_(num_blocks) {
+    : model_(model), layout_(state_layout(model.config(), B, kv, mtp)), num_blocks_(num_blocks) {
   if (num_blocks <= 0 || num_blocks > std::numeric_limits<int32_t>::max()) fail("state pool: {} blocks", num_blocks);
   if (num_slots <= 0) fail("--max-running-requests must be positive, got {}", num_slots);
   store_ = model.new_store(num_slots, num_blocks, B, mtp, kv);
@@ -67,7 +67,12 @@ StateManager::StateManager(Model& model, int64_t B, int64_t num_blocks, int64_t 
   for (int64_t b = num_blocks - 1; b >= 0; --b) free_blocks_.push_back(int32_t(b));
   for (int64_t i = 0; i < num_snapshots; ++i) {
     Snapshot snap;
-    for (const Tensor& part : snapshot_parts(0)) snap.parts.push_back(be_.alloc(part.shape, part.type));
+    snap.parts.resize(store_->peers.size() + 1);
+    model_.on_every_rank([&](int r, Model& m) {
+      Backend& be = m.backend();
+      StateStore& st = Model::rank_store(*store_, r);
+      for (const Tensor& part : snapshot_parts(st, 0)) snap.parts[size_t(r)].push_back(be.alloc(part.shape, part.type));
+    });
     snapshots_.push_back(std::move(snap));
   }
   snapshot_node_.assign(size_t(num_snapshots), -1);
@@ -295,10 +300,10 @@ void StateManager::register_blocks(Seq& s, std::span<const int32_t> tokens) {
 // Snapshot::parts: per layer (main, then MTP) the window ring and the CSA previous-window halves;
 // with MTP, the MTP block's next input stream (the main streams of position kB - 1: MTP position
 // kB - 1 also reads token kB, which the block's hash does not cover, so it is not run yet).
-std::vector<Tensor> StateManager::snapshot_parts(int32_t slot) const {
-  const int64_t n = store_->num_slots;
+std::vector<Tensor> StateManager::snapshot_parts(const StateStore& store, int32_t slot) const {
+  const int64_t n = store.num_slots;
   std::vector<Tensor> v;
-  for (const auto* layers : {&store_->layers, &store_->mtp_layers})
+  for (const auto* layers : {&store.layers, &store.mtp_layers})
     for (const LayerStore& ls : *layers) {
       v.push_back(slot_rows(ls.window, n, slot));
       for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
@@ -307,18 +312,26 @@ std::vector<Tensor> StateManager::snapshot_parts(int32_t slot) const {
           v.push_back(slot_rows(c->prev_gate, n, slot));
         }
     }
-  if (!store_->mtp_stream.empty()) v.push_back(slot_rows(store_->mtp_stream, n, slot));
+  if (!store.mtp_stream.empty()) v.push_back(slot_rows(store.mtp_stream, n, slot));
   return v;
 }
 
 void StateManager::save_snapshot(const SequenceState& st, Snapshot& snap) {
-  const std::vector<Tensor> src = snapshot_parts(st.slot);
-  for (size_t i = 0; i < src.size(); ++i) be_.copy(src[i], snap.parts[i]);
+  model_.on_every_rank([&](int r, Model& m) {
+    Backend& be = m.backend();
+    StateStore& store = Model::rank_store(*store_, r);
+    const std::vector<Tensor> src = snapshot_parts(store, st.slot);
+    for (size_t i = 0; i < src.size(); ++i) be.copy(src[i], snap.parts[size_t(r)][i]);
+  });
 }
 
 void StateManager::load_snapshot(const Snapshot& snap, SequenceState& st) {
-  const std::vector<Tensor> dst = snapshot_parts(st.slot);
-  for (size_t i = 0; i < dst.size(); ++i) be_.copy(snap.parts[i], dst[i]);
+  model_.on_every_rank([&](int r, Model& m) {
+    Backend& be = m.backend();
+    StateStore& store = Model::rank_store(*store_, r);
+    const std::vector<Tensor> dst = snapshot_parts(store, st.slot);
+    for (size_t i = 0; i < dst.size(); ++i) be.copy(snap.parts[size_t(r)][i], dst[i]);
+  });
 }
 
 bool StateManager::fork(const Seq& parent, Seq& child) {
@@ -329,16 +342,20 @@ bool StateManager::fork(const Seq& parent, Seq& child) {
   const SequenceState& ps = parent.st;
   SequenceState& cs = child.st;
   const int64_t slots = store_->num_slots;
-  for (const auto* layers : {&store_->layers, &store_->mtp_layers})
-    for (const LayerStore& ls : *layers) {
-      std::vector<const Tensor*> slot_tensors{&ls.window};
-      for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
-        for (const Tensor* t : {&c->kv, &c->gate, &c->prev_kv, &c->prev_gate})
-          if (!t->empty()) slot_tensors.push_back(t);
-      for (const Tensor* t : slot_tensors) be_.copy(slot_rows(*t, slots, ps.slot), slot_rows(*t, slots, cs.slot));
-    }
-  if (!store_->mtp_stream.empty())
-    be_.copy(slot_rows(store_->mtp_stream, slots, ps.slot), slot_rows(store_->mtp_stream, slots, cs.slot));
+  model_.on_every_rank([&](int r, Model& m) {
+    Backend& be = m.backend();
+    StateStore& store = Model::rank_store(*store_, r);
+    for (const auto* layers : {&store.layers, &store.mtp_layers})
+      for (const LayerStore& ls : *layers) {
+        std::vector<const Tensor*> slot_tensors{&ls.window};
+        for (const CompressorSlots* c : {&ls.compressor, &ls.index_compressor})
+          for (const Tensor* t : {&c->kv, &c->gate, &c->prev_kv, &c->prev_gate})
+            if (!t->empty()) slot_tensors.push_back(t);
+        for (const Tensor* t : slot_tensors) be.copy(slot_rows(*t, slots, ps.slot), slot_rows(*t, slots, cs.slot));
+      }
+    if (!store.mtp_stream.empty())
+      be.copy(slot_rows(store.mtp_stream, slots, ps.slot), slot_rows(store.mtp_stream, slots, cs.slot));
+  });
   for (int64_t k = 0; k < full; ++k) {
     ++refs_[size_t(ps.blocks[size_t(k)])];
     cs.blocks.push_back(ps.blocks[size_t(k)]);
@@ -349,14 +366,18 @@ bool StateManager::fork(const Seq& parent, Seq& child) {
     const int32_t src = ps.blocks[size_t(full)], dst = take_block();
     DSV4_CHECK(dst >= 0);
     const ModelConfig& c = model_.config();
-    for (size_t l = 0; l < store_->layers.size(); ++l) {
-      const int64_t r = c.compress_ratio(int64_t(l));
-      if (!r) continue;
-      const int64_t per = B / r;
-      for (const Tensor* pool : {&store_->layers[l].entries, &store_->layers[l].index_keys})
-        if (!pool->empty())
-          be_.copy(pool->rows_view(src * per, (src + 1) * per), pool->rows_view(dst * per, (dst + 1) * per));
-    }
+    model_.on_every_rank([&](int r, Model& m) {
+      Backend& be = m.backend();
+      StateStore& store = Model::rank_store(*store_, r);
+      for (size_t l = 0; l < store.layers.size(); ++l) {
+        const int64_t r = c.compress_ratio(int64_t(l));
+        if (!r) continue;
+        const int64_t per = B / r;
+        for (const Tensor* pool : {&store.layers[l].entries, &store.layers[l].index_keys})
+          if (!pool->empty())
+            be.copy(pool->rows_view(src * per, (src + 1) * per), pool->rows_view(dst * per, (dst + 1) * per));
+      }
+    });
     cs.blocks.push_back(dst);
   }
   cs.num_tokens = n;

@@ -97,7 +97,7 @@ class StateManager {
 
  private:
   struct Snapshot {
-    std::vector<Tensor> parts;  // copies of snapshot_parts()
+    std::vector<std::vector<Tensor>> parts;  // per rank (ranks()): copies of snapshot_parts()
   };
   struct Node {
     uint64_t hash = 0;
@@ -112,13 +112,13 @@ class StateManager {
   void unref(int32_t block);
   void evict_node(int32_t node);
   int32_t take_snapshot_slot();
-  std::vector<Tensor> snapshot_parts(int32_t slot) const;
+  // (Every state copy is made on each rank of the model's group: Model::on_every_rank.)
+  std::vector<Tensor> snapshot_parts(const StateStore& store, int32_t slot) const;
   void save_snapshot(const SequenceState& st, Snapshot& snap);
   void load_snapshot(const Snapshot& snap, SequenceState& st);
   uint64_t chain_hash(uint64_t parent, std::span<const int32_t> block) const;
 
   Model& model_;
-  Backend& be_;
   StateLayout layout_;
   int64_t num_blocks_;
   bool caching_ = true;

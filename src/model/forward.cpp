@@ -16,8 +16,16 @@ namespace {
 float eps(double e) { return float(e); }
 }  // namespace
 
-Model::Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend)
-    : cfg_(cfg), w_(w), be_(backend), rope_main_(make_rope_table(cfg, false)), rope_compressed_(make_rope_table(cfg, true)) {
+Model::Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend, ModelRank rank)
+    : cfg_(cfg),
+      w_(w),
+      be_(backend),
+      rank_(rank),
+      rope_main_(make_rope_table(cfg, false)),
+      rope_compressed_(make_rope_table(cfg, true)) {
+  check_parallel(cfg, rank_.parallel);
+  if (rank_.parallel.world() > 1 && (!rank_.comm || rank_.comm->size() != rank_.parallel.world()))
+    fail("Model: a {}-rank group needs a communicator of that size", rank_.parallel.world());
   be_.prepare_weights(w_);
 }
 
@@ -77,7 +85,26 @@ std::shared_ptr<StateStore> Model::new_store(int64_t slots, int64_t blocks, int6
       s->mtp_layers.push_back(new_layer_store(cfg_.num_hidden_layers + i, slots, blocks, block_tokens, kv));
     s->mtp_stream = be_.alloc({slots, cfg_.hc_mult * cfg_.hidden_size});
   }
+  if (!peers_.empty()) {
+    s->peers.resize(peers_.size());
+    threads_->run([&](int r) {
+      if (r) s->peers[size_t(r - 1)] = peers_[size_t(r - 1)]->new_store(slots, blocks, block_tokens, mtp, kv);
+    });
+  }
   return s;
+}
+
+void Model::on_every_rank(const std::function<void(int, Model&)>& fn) {
+  if (peers_.empty()) return fn(0, *this);
+  threads_->run([&](int r) { fn(r, r ? *peers_[size_t(r - 1)] : *this); });
+}
+
+void Model::set_peers(std::vector<Model*> peers, RankThreads* threads) {
+  if (int(peers.size()) + 1 != rank_.parallel.world() || !threads || threads->size() != rank_.parallel.world())
+    fail("Model::set_peers: {} peers and {} threads for a {}-rank group", peers.size(), threads ? threads->size() : 0,
+         rank_.parallel.world());
+  peers_ = std::move(peers);
+  threads_ = threads;
 }
 
 SequenceState Model::new_sequence(int64_t capacity) const {
@@ -329,7 +356,9 @@ Tensor Model::compress(const CompressorWeights& c, const CompressorSlots& cs, co
 }
 
 Tensor Model::attention(const AttentionWeights& a, LayerStore& ls, const Plan& p, const Tensor& x) {
-  const int64_t T = x.dim(0), H = cfg_.num_attention_heads, hd = cfg_.head_dim, nope = cfg_.nope_dim();
+  // This rank's heads and output groups (tensor parallelism splits both).
+  const int64_t T = x.dim(0), H = cfg_.num_attention_heads / rank_.parallel.tp, hd = cfg_.head_dim;
+  const int64_t nope = cfg_.nope_dim();
   const RopeTable& rope = a.has_compressor ? rope_compressed_ : rope_main_;
   const KvFormat kvf = p.store->kv;
 
@@ -391,11 +420,12 @@ Tensor Model::attention(const AttentionWeights& a, LayerStore& ls, const Plan& p
 
   // Undo the rotation of the values' RoPE dims at the query position, then the grouped projection.
   be_.rope(o, p.pos, rope, cfg_.rope_dim(), true);
-  const int64_t G = cfg_.o_groups;
+  const int64_t G = cfg_.o_groups / rank_.parallel.tp;
   Tensor z = be_.alloc({T, G, cfg_.o_lora_rank});
   be_.grouped_linear(o.reshaped({T, G, H / G * hd}), a.wo_a, G, z);
   Tensor out = be_.alloc({T, cfg_.hidden_size});
   be_.linear(z.reshaped({T, G * cfg_.o_lora_rank}), a.wo_b, out);
+  if (rank_.parallel.tp > 1) rank_.comm->all_reduce_sum(out);  // each rank's groups give a partial sum
   return out;
 }
 
@@ -416,6 +446,7 @@ Tensor Model::block(const BlockWeights& b, LayerStore& ls, const Plan& p, const 
   be_.route(u, b.ffn, p.ids, cfg_, gw, ge);
   Tensor f = be_.alloc({T, D});
   be_.moe(u, b.ffn, gw, ge, float(cfg_.swiglu_limit), f);
+  if (rank_.parallel.world() > 1) rank_.comm->all_reduce_sum(f);  // the combine: every rank's experts and shard
   Tensor X2 = be_.alloc({T, m, D});
   be_.hc_post(f, X1, post, comb, X2);
   return X2;
@@ -453,6 +484,30 @@ Tensor Model::main_layers(const Plan& p) {
 }
 
 ForwardOutput Model::forward(std::span<const ForwardSeq> batch) {
+  if (peers_.empty()) return forward_rank(batch);
+  for (const ForwardSeq& f : batch)
+    if (f.draft_rows) fail("forward: draft rows (speculative decoding) are not supported with --tp/--ep > 1 yet");
+  // Each peer runs the batch on its copy of the store; only rank 0's states advance for real.
+  ForwardOutput out;
+  threads_->run([&](int r) {
+    if (r == 0) {
+      out = forward_rank(batch);
+      return;
+    }
+    std::vector<SequenceState> states;
+    states.reserve(batch.size());
+    std::vector<ForwardSeq> rebased(batch.begin(), batch.end());
+    for (ForwardSeq& f : rebased) {
+      states.push_back(*f.state);
+      states.back().store = f.state->store->peers.at(size_t(r - 1));
+      f.state = &states.back();
+    }
+    peers_[size_t(r - 1)]->forward_rank(rebased);
+  });
+  return out;
+}
+
+ForwardOutput Model::forward_rank(std::span<const ForwardSeq> batch) {
   if (is_fixed_shape_decode(batch)) return forward_decode(batch);
   Plan p = plan(batch, false);
   ForwardOutput out;
@@ -470,7 +525,8 @@ Model::~Model() {
 }
 
 bool Model::is_fixed_shape_decode(std::span<const ForwardSeq> batch) const {
-  if (!decode_graphs_ || batch.empty()) return false;
+  // (Not yet for a tensor/expert-parallel group: its ranks' graphs would hold the collectives.)
+  if (!decode_graphs_ || batch.empty() || rank_.parallel.world() > 1) return false;
   for (const ForwardSeq& f : batch)
     if (f.tokens.size() != 1 || f.logit_rows != 1 || f.draft_rows != 0 || f.stream_rows != batch[0].stream_rows)
       return false;
@@ -630,6 +686,7 @@ Tensor Model::forward_mtp(SequenceState& st, const Tensor& streams, std::span<co
 
 ForwardOutput Model::forward_mtp(std::span<const ForwardSeq> batch, const Tensor& streams) {
   if (w_.mtp.empty()) fail("this model has no MTP block (num_nextn_predict_layers = 0)");
+  if (!peers_.empty()) fail("forward_mtp: the MTP block is not supported with --tp/--ep > 1 yet");
   for (const ForwardSeq& f : batch)
     if (f.state->store->mtp_layers.empty()) fail("forward_mtp: this sequence's state store has no MTP layers");
   Plan p = plan(batch, true);

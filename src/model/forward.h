@@ -2,12 +2,15 @@
 // The DeepSeek-V4 forward pass, written once against the Backend interface
 // (docs/MODEL.md Phase 2): embed -> mHC expand -> blocks -> hc_head -> norm -> head, and the MTP block.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/communicator.h"
 #include "model/config.h"
+#include "model/parallel.h"
 #include "model/weights.h"
 #include "tensor/kv_format.h"
 
@@ -40,6 +43,9 @@ struct StateStore {
   // With MTP layers: [slots, hc_mult * hidden] F32, slot s's main-model final streams of position
   // mtp_tokens, the next row the MTP block reads (its token, the one after, may not be known yet).
   Tensor mtp_stream;
+  // A group leader's store (Model::set_peers): the same store on ranks 1.. (each rank's backend
+  // holds a full copy of the state: V4's single key/value head is replicated, model/parallel.h).
+  std::vector<std::shared_ptr<StateStore>> peers;
 };
 
 // Rows of `slot` in a slot-indexed tensor of `slots` slots (a view).
@@ -103,9 +109,17 @@ struct ForwardOutput {
   DraftCommit drafts;  // main passes with draft rows: pass to Model::accept_drafts
 };
 
+// A Model's place in a tensor/expert-parallel group (model/parallel.h): its weights are the
+// rank's WeightShard and `comm` (of size parallel.world()) adds the ranks' partial outputs. The
+// default is the unsharded model, which runs no collective.
+struct ModelRank {
+  ParallelConfig parallel;
+  Communicator* comm = nullptr;
+};
+
 class Model {
  public:
-  Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend);
+  Model(const ModelConfig& cfg, const ModelWeights& w, Backend& backend, ModelRank rank = {});
   ~Model();
   Model(const Model&) = delete;
   Model& operator=(const Model&) = delete;
@@ -153,6 +167,7 @@ class Model {
   // checkpoint's scale format.
   void set_fp8_activations(bool on) {
     be_.set_act_quant(!on ? ActQuant::None : cfg_.act_scale_pow2 ? ActQuant::Fp8Pow2 : ActQuant::Fp8);
+    for (Model* p : peers_) p->set_fp8_activations(on);
   }
   // Decode steps with fixed shapes, replayed as CUDA graphs (docs/ENGINE.md, "Decode steps with
   // fixed shapes"): a main-model batch of one-token rows that all want their logits and no drafts
@@ -164,6 +179,19 @@ class Model {
   int64_t fixed_decode_steps() const { return fixed_decode_steps_; }  // steps run in a bucket's fixed shape
   const ModelConfig& config() const { return cfg_; }
   Backend& backend() const { return be_; }
+  const ModelRank& rank() const { return rank_; }
+
+  // Makes this model (rank 0 of an in-process group) the leader of `peers` (ranks 1.., same
+  // config, own backends): its stores get a copy on every peer (StateStore::peers) and forward()
+  // runs every rank in lock step on `threads`, returning rank 0's output. Speculative decoding
+  // (draft rows, the MTP block) is not supported in a group yet.
+  void set_peers(std::vector<Model*> peers, RankThreads* threads);
+  const std::vector<Model*>& peers() const { return peers_; }
+  // fn(r, model of rank r) for every rank of the group, each on its own thread (a device backend
+  // takes calls only from its rank's thread); without peers fn(0, *this) here.
+  void on_every_rank(const std::function<void(int, Model&)>& fn);
+  // Rank r's copy of a store of the group leader (r = 0: the store itself).
+  static StateStore& rank_store(StateStore& s, int r) { return r ? *s.peers.at(size_t(r - 1)) : s; }
 
  private:
   struct Plan;
@@ -187,6 +215,7 @@ class Model {
   ForwardOutput forward_decode(std::span<const ForwardSeq> batch);
   DecodeStep& decode_step(const SequenceState& st, const DecodeShape& shape);
   Tensor main_layers(const Plan& p);
+  ForwardOutput forward_rank(std::span<const ForwardSeq> batch);
   Tensor block(const BlockWeights& b, LayerStore& ls, const Plan& p, const Tensor& X);
   DraftCommit save_draft_state(std::span<const ForwardSeq> batch);
   Tensor attention(const AttentionWeights& a, LayerStore& ls, const Plan& p, const Tensor& x);
@@ -197,6 +226,9 @@ class Model {
   const ModelConfig& cfg_;
   const ModelWeights& w_;
   Backend& be_;
+  ModelRank rank_;
+  std::vector<Model*> peers_;
+  RankThreads* threads_ = nullptr;
   RopeTable rope_main_, rope_compressed_;
   KvFormat kv_format_ = KvFormat::F32;
   bool decode_graphs_ = true;

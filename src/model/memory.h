@@ -14,8 +14,6 @@ struct WeightStats {
   int64_t params = 0;  // logical elements of weights (scales not counted)
   int64_t bytes = 0;   // stored bytes including scales
   std::map<std::string, std::pair<int64_t, int64_t>> by_dtype;  // dtype -> (elements, bytes)
-  int64_t routed_expert_bytes = 0;
-  int64_t vocab_bytes = 0;  // embed + head
 };
 WeightStats weight_stats(const ModelConfig& cfg, const ModelWeights& w);
 
@@ -29,9 +27,5 @@ double kv_bytes_per_token(const ModelConfig& cfg, KvFormat kv);
 // Fixed per-sequence state (sliding-window rings in format kv, F32 compressor partial windows
 // and previous-window halves), in bytes, all layers (MTP included).
 int64_t fixed_state_bytes(const ModelConfig& cfg, KvFormat kv);
-
-// Weight bytes per GPU with routed experts split over `tp` ranks (expert parallel),
-// vocab-parallel embed/head, everything else replicated.
-int64_t weight_bytes_per_gpu(const WeightStats& s, int tp);
 
 }  // namespace dsv4

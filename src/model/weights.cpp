@@ -1,5 +1,7 @@
 #include "model/weights.h"
 
+#include <unordered_set>
+
 #include "tensor/quant.h"
 #include "util/error.h"
 
@@ -138,6 +140,61 @@ ModelWeights bind_weights(const ModelConfig& c, TensorProvider& provider) {
     w.mtp.push_back(std::move(m));
   }
   return w;
+}
+
+namespace {
+
+void collect(const Linear& l, std::vector<const TensorData*>& v) {
+  v.push_back(l.weight);
+  v.push_back(l.scale);
+}
+void collect(const HyperConn& h, std::vector<const TensorData*>& v) {
+  v.insert(v.end(), {h.fn, h.base, h.scale});
+}
+void collect(const CompressorWeights& c, std::vector<const TensorData*>& v) {
+  v.insert(v.end(), {c.ape, c.wkv, c.wgate, c.norm});
+}
+void collect(const ExpertWeights& e, std::vector<const TensorData*>& v) {
+  collect(e.w1, v);
+  collect(e.w2, v);
+  collect(e.w3, v);
+}
+void collect(const BlockWeights& b, std::vector<const TensorData*>& v) {
+  v.insert(v.end(), {b.attn_norm, b.ffn_norm});
+  collect(b.hc_attn, v);
+  collect(b.hc_ffn, v);
+  const auto& a = b.attn;
+  for (const Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b}) collect(*l, v);
+  v.insert(v.end(), {a.q_norm, a.kv_norm, a.attn_sink});
+  if (a.has_compressor) collect(a.compressor, v);
+  if (a.has_indexer) {
+    collect(a.indexer.wq_b, v);
+    v.push_back(a.indexer.weights_proj);
+    collect(a.indexer.compressor, v);
+  }
+  const auto& m = b.ffn;
+  v.insert(v.end(), {m.gate, m.bias, m.tid2eid});
+  for (const auto& e : m.experts) collect(e, v);
+  if (m.has_shared) collect(m.shared, v);
+}
+}  // namespace
+
+std::vector<const TensorData*> weight_tensors(const ModelWeights& w) {
+  std::vector<const TensorData*> v{w.embed, w.head, w.norm};
+  collect(w.hc_head, v);
+  for (const auto& b : w.layers) collect(b, v);
+  for (const auto& m : w.mtp) {
+    collect(m.block, v);
+    collect(m.e_proj, v);
+    collect(m.h_proj, v);
+    v.insert(v.end(), {m.enorm, m.hnorm, m.norm});
+    collect(m.hc_head, v);
+  }
+  std::vector<const TensorData*> out;
+  std::unordered_set<const TensorData*> seen;
+  for (auto* t : v)
+    if (t && seen.insert(t).second) out.push_back(t);
+  return out;
 }
 
 }  // namespace dsv4

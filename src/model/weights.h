@@ -75,7 +75,8 @@ struct MoEWeights {
   const TensorData* gate = nullptr;
   const TensorData* bias = nullptr;     // score-routed layers
   const TensorData* tid2eid = nullptr;  // hash-routed layers: [vocab, top_k]
-  std::vector<ExpertWeights> experts;
+  std::vector<ExpertWeights> experts;  // experts[i] is expert first_expert + i
+  int64_t first_expert = 0;             // expert parallelism: this rank holds a range (model/parallel.h)
   bool has_shared = false;
   ExpertWeights shared;
 };
@@ -104,5 +105,8 @@ struct ModelWeights {
 
 // Walks the whole architecture; pointers are null where the provider reported a problem.
 ModelWeights bind_weights(const ModelConfig& cfg, TensorProvider& provider);
+
+// Every distinct tensor the weights reference (scales included), in model order.
+std::vector<const TensorData*> weight_tensors(const ModelWeights& w);
 
 }  // namespace dsv4

@@ -19,9 +19,11 @@ namespace {
 std::shared_ptr<LoadedModel> tiny_on_cuda(uint64_t seed) {
   auto m = std::make_shared<LoadedModel>();
   m->generated = std::make_unique<GeneratedModel>(tiny_preset_config("tiny"), seed);
-  m->backend = poisoned_cuda_backend();
+  LoadedModel::Rank& rank = m->ranks.emplace_back();
+  rank.backend = poisoned_cuda_backend();
   const ModelConfig& c = m->generated->config();
-  m->model = std::make_unique<Model>(c, m->generated->weights(), *m->backend);
+  rank.model = std::make_unique<Model>(c, m->generated->weights(), *rank.backend);
+  m->model = rank.model.get();
   m->tokenizer = Tokenizer::from_json(tiny_tokenizer_json(c.vocab_size, c.bos_token_id, c.eos_token_id), "<tiny>");
   m->name = "tiny-cuda";
   return m;

@@ -364,7 +364,7 @@ TEST(Engine, SeededSamplingAndParallelSamples) {
 TEST(Engine, KvFp8MatchesSelfContainedModel) {
   auto lm = tiny_model();
   const ModelConfig& mc = lm->config();
-  Backend& be = *lm->backend;
+  Backend& be = lm->model->backend();
   const int64_t V = mc.vocab_size;
   // Reference models on the same weights (the engine's own Model is left alone).
   Model fp8(mc, lm->generated->weights(), be), exact(mc, lm->generated->weights(), be);
@@ -545,7 +545,7 @@ TEST(Engine, GenerateCommand) {
 TEST(Engine, PromptLogprobsMatchWholePromptForward) {
   auto lm = tiny_model();
   const ModelConfig& mc = lm->config();
-  Backend& be = *lm->backend;
+  Backend& be = lm->model->backend();
   const int64_t V = mc.vocab_size;
   Model ref(mc, lm->generated->weights(), be);
   const auto prompt = random_prompt(150, 4242);

@@ -70,7 +70,7 @@ TEST(Speculative, RejectedDraftsLeaveNoTrace) {
   for (const std::string preset : {"tiny"}) {
     auto lm = tiny_model();
     const ModelConfig& c = lm->config();
-    Backend& be = *lm->backend;
+    Backend& be = lm->model->backend();
     const int64_t V = c.vocab_size;
     for (KvFormat kv : {KvFormat::F32, KvFormat::FP8}) {
       SCOPED_TRACE(preset + " " + kv_format_name(kv));
@@ -415,7 +415,7 @@ TEST(Speculative, SampledTokensFollowTheNonSpeculativeDistribution) {
         std::vector<int32_t> ids = prompt;
         ids.insert(ids.end(), prefix.begin(), prefix.end());
         SequenceState st = lm->model->new_sequence(int64_t(ids.size()));
-        const std::vector<float> logits = download(*lm->backend, lm->model->forward(st, ids));
+        const std::vector<float> logits = download(lm->model->backend(), lm->model->forward(st, ids));
         const auto last = std::span(logits).last(size_t(lm->config().vocab_size));
         chi.add(counts, sampling_probs(last, sp, SamplerState(0)), size);
         tested += size;

@@ -131,7 +131,7 @@ TEST(EngineState, LayoutMatchesAllocatedTensors) {
 TEST(EngineState, PagedForwardIsExact) {
   auto lm = tiny_model();
   const ModelConfig& c = lm->config();
-  Backend& be = *lm->backend;
+  Backend& be = lm->model->backend();
   const int64_t V = c.vocab_size, T = 40;
   auto tokens = random_prompt(T, 11);
   std::vector<float> f32_ref;

@@ -500,8 +500,10 @@ class CpuBackend final : public Backend {
     std::vector<std::vector<float>> gates(moe.experts.size());
     for (int64_t t = 0; t < T; ++t)
       for (int64_t i = 0; i < k; ++i) {
-        const int32_t e = experts.i32()[t * k + i];
-        DSV4_CHECK(e >= 0 && e < int64_t(moe.experts.size()));
+        const int32_t id = experts.i32()[t * k + i];
+        DSV4_CHECK(id >= 0 && id < moe.gate->shape[0]);
+        const int64_t e = id - moe.first_expert;
+        if (e < 0 || e >= int64_t(moe.experts.size())) continue;  // held by another rank
         toks[e].push_back(t);
         gates[e].push_back(weights.f32()[t * k + i]);
       }

@@ -158,57 +158,6 @@ size_t graph_arena_bytes(const std::vector<Arena::Event>& trace) {
   return bytes;
 }
 
-void collect(const Linear& l, std::vector<const TensorData*>& v) {
-  v.push_back(l.weight);
-  v.push_back(l.scale);
-}
-void collect(const HyperConn& h, std::vector<const TensorData*>& v) {
-  v.insert(v.end(), {h.fn, h.base, h.scale});
-}
-void collect(const CompressorWeights& c, std::vector<const TensorData*>& v) {
-  v.insert(v.end(), {c.ape, c.wkv, c.wgate, c.norm});
-}
-void collect(const ExpertWeights& e, std::vector<const TensorData*>& v) {
-  collect(e.w1, v);
-  collect(e.w2, v);
-  collect(e.w3, v);
-}
-void collect(const BlockWeights& b, std::vector<const TensorData*>& v) {
-  v.insert(v.end(), {b.attn_norm, b.ffn_norm});
-  collect(b.hc_attn, v);
-  collect(b.hc_ffn, v);
-  const auto& a = b.attn;
-  for (const Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b}) collect(*l, v);
-  v.insert(v.end(), {a.q_norm, a.kv_norm, a.attn_sink});
-  if (a.has_compressor) collect(a.compressor, v);
-  if (a.has_indexer) {
-    collect(a.indexer.wq_b, v);
-    v.push_back(a.indexer.weights_proj);
-    collect(a.indexer.compressor, v);
-  }
-  const auto& m = b.ffn;
-  v.insert(v.end(), {m.gate, m.bias, m.tid2eid});
-  for (const auto& e : m.experts) collect(e, v);
-  if (m.has_shared) collect(m.shared, v);
-}
-std::vector<const TensorData*> all_tensors(const ModelWeights& w) {
-  std::vector<const TensorData*> v{w.embed, w.head, w.norm};
-  collect(w.hc_head, v);
-  for (const auto& b : w.layers) collect(b, v);
-  for (const auto& m : w.mtp) {
-    collect(m.block, v);
-    collect(m.e_proj, v);
-    collect(m.h_proj, v);
-    v.insert(v.end(), {m.enorm, m.hnorm, m.norm});
-    collect(m.hc_head, v);
-  }
-  std::vector<const TensorData*> out;
-  std::unordered_set<const TensorData*> seen;
-  for (auto* t : v)
-    if (t && seen.insert(t).second) out.push_back(t);
-  return out;
-}
-
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, const CudaOptions& o) : device_(device), opts_(o) {
@@ -282,7 +231,7 @@ class CudaBackend final : public Backend {
 
   // ---- weights ----
   void prepare_weights(const ModelWeights& w) override {
-    auto ts = all_tensors(w);
+    auto ts = weight_tensors(w);
     size_t total = 0, payload = 0;
     for (auto* t : ts)
       if (!map_.count(t)) {
@@ -458,6 +407,8 @@ class CudaBackend final : public Backend {
   void set_graphs(bool on) { opts_.graphs = on; }
 
   size_t arena_peak() const { return arena_ ? arena_->peak() : 0; }
+  cudaStream_t stream() const { return s_; }
+  int device() const { return device_; }
   double device_ms(int reps, const std::function<void()>& fn) {
     fn();
     synchronize();
@@ -685,8 +636,8 @@ class CudaBackend final : public Backend {
     // Grid slices only for experts that received tokens (at most min(E, T*k) of them).
     const int64_t zmax = std::min(E, n);
     Tensor active = alloc({std::max<int64_t>(zmax, 1)}, ElemType::I32);
-    cuda::moe_group(experts.i32(), T, k, E, counts.i32(), offsets.i32(), cursor.i32(), perm.i32(), slot.i32(),
-                    active.i32(), zmax, s_);
+    cuda::moe_group(experts.i32(), T, k, moe.first_expert, E, moe.gate->shape[0], counts.i32(), offsets.i32(),
+                    cursor.i32(), perm.i32(), slot.i32(), active.i32(), zmax, s_);
     // Rows per expert: at most T for learned routing (distinct experts), T*k for hash tables. A
     // fixed-shape step cannot read the counts back: it keeps the bound.
     int64_t max_rows = moe.hash_routed ? n : T;
@@ -1042,6 +993,8 @@ void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, u
 }
 
 size_t cuda_arena_peak(Backend& be) { return as_cuda(be).arena_peak(); }
+void* cuda_stream(Backend& be) { return as_cuda(be).stream(); }
+int cuda_device(Backend& be) { return as_cuda(be).device(); }
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path) { as_cuda(be).set_fp8_gemm(path); }
 double cuda_device_ms(Backend& be, int reps, const std::function<void()>& fn) { return as_cuda(be).device_ms(reps, fn); }
 CudaGraphStats cuda_graph_stats(Backend& be) { return as_cuda(be).graph_stats(); }

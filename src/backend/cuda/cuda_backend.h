@@ -44,6 +44,8 @@ struct CudaDeviceInfo {
 };
 CudaDeviceInfo cuda_device_info(int device);
 size_t cuda_arena_peak(Backend& be);  // bytes of the activation arena ever in use at once
+void* cuda_stream(Backend& be);        // the cudaStream_t every op of the backend runs on
+int cuda_device(Backend& be);          // its device
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path);  // benchmarks compare the paths
 
 // CUDA graphs of fixed-shape steps (Backend::run_graph): steps run eagerly (a key's first run, or

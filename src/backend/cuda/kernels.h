@@ -204,14 +204,18 @@ struct RouteArgs {
   int32_t* experts = nullptr;
 };
 void route(const RouteArgs& a, cudaStream_t s);
-// Groups the T*k assignments by expert: counts[E], offsets[E] (exclusive scan), perm[T*k]
-// (token of each grouped row), slot[T*k] (grouped row of assignment t*k+i). cursor: E ints scratch.
-// active[0..zmax): the experts with tokens in ascending order, then -1.
-void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* offsets,
-               int32_t* cursor, int32_t* perm, int32_t* slot, int32_t* active, int64_t zmax, cudaStream_t s);
+// Groups the T*k assignments by expert: the E local experts are ids first..first+E-1 (expert
+// parallelism; first = 0 and E = total otherwise). counts[E], offsets[E] (exclusive scan),
+// perm[T*k] (token of each grouped row), slot[T*k] (grouped row of assignment t*k+i; kRemoteSlot
+// for an expert of another rank, -1 for an id outside [0, total)). cursor: E ints scratch.
+// active[0..zmax): the local experts with tokens in ascending order, then -1.
+inline constexpr int32_t kRemoteSlot = -2;
+void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t first, int64_t E, int64_t total, int32_t* counts,
+               int32_t* offsets, int32_t* cursor, int32_t* perm, int32_t* slot, int32_t* active, int64_t zmax,
+               cudaStream_t s);
 // h1 <- silu(min(h1, L)) * clamp(h3, -L, L) (no clamp when L <= 0), rows*F elements.
 void swiglu(float* h1, const float* h3, int64_t n, float limit, cudaStream_t s);
-// out[t] = sum_i weights[t,i] * Y[slot[t*k+i]] (+ shared[t] when non-null).
+// out[t] = sum_i weights[t,i] * Y[slot[t*k+i]] (+ shared[t] when non-null); kRemoteSlot adds 0, -1 NaN.
 void moe_combine(const float* Y, const int32_t* slot, const float* weights, const float* shared, int64_t T,
                  int64_t k, int64_t D, float* out, cudaStream_t s);
 

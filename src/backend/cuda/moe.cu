@@ -89,9 +89,9 @@ __global__ void route_kernel(RouteArgs a) {
   }
 }
 
-__global__ void count_kernel(const int32_t* experts, int64_t n, int64_t E, int32_t* counts) {
+__global__ void count_kernel(const int32_t* experts, int64_t n, int64_t first, int64_t E, int32_t* counts) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int32_t e = experts[i];
+    const int64_t e = experts[i] - first;
     if (e >= 0 && e < E) atomicAdd(&counts[e], 1);
   }
 }
@@ -124,12 +124,13 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const int32_t* count
   for (int64_t i = active_before + threadIdx.x; i < zmax; i += kScanThreads) active[i] = -1;
 }
 
-__global__ void place_kernel(const int32_t* experts, int64_t n, int64_t k, int64_t E, const int32_t* offsets,
-                             int32_t* cursor, int32_t* perm, int32_t* slot) {
+__global__ void place_kernel(const int32_t* experts, int64_t n, int64_t k, int64_t first, int64_t E, int64_t total,
+                             const int32_t* offsets, int32_t* cursor, int32_t* perm, int32_t* slot) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int32_t e = experts[i];
+    const int32_t id = experts[i];
+    const int64_t e = id - first;
     if (e < 0 || e >= E) {
-      slot[i] = -1;
+      slot[i] = id >= 0 && id < total ? kRemoteSlot : -1;
       continue;
     }
     const int32_t at = offsets[e] + atomicAdd(&cursor[e], 1);
@@ -157,7 +158,7 @@ __global__ void combine_kernel(const float* Y, const int32_t* slot, const float*
     float s = 0.f;
     for (int64_t i = 0; i < k; ++i) {
       const int32_t r = slot[t * k + i];
-      s += r >= 0 ? w[t * k + i] * Y[int64_t(r) * D + c] : __int_as_float(0x7fc00000);
+      s += r >= 0 ? w[t * k + i] * Y[int64_t(r) * D + c] : r == kRemoteSlot ? 0.f : __int_as_float(0x7fc00000);
     }
     out[g] = shared ? s + shared[g] : s;
   }
@@ -172,13 +173,14 @@ void route(const RouteArgs& a, cudaStream_t s) {
   DSV4_LAUNCH_CHECK();
 }
 
-void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* offsets,
-               int32_t* cursor, int32_t* perm, int32_t* slot, int32_t* active, int64_t zmax, cudaStream_t s) {
+void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t first, int64_t E, int64_t total, int32_t* counts,
+               int32_t* offsets, int32_t* cursor, int32_t* perm, int32_t* slot, int32_t* active, int64_t zmax,
+               cudaStream_t s) {
   cudaMemsetAsync(counts, 0, size_t(E) * 4, s);
   const int64_t n = T * k;
-  count_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, E, counts);
+  count_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, first, E, counts);
   scan_kernel<<<1, kScanThreads, 0, s>>>(counts, E, offsets, cursor, active, zmax);
-  place_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, k, E, offsets, cursor, perm, slot);
+  place_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, k, first, E, total, offsets, cursor, perm, slot);
   DSV4_LAUNCH_CHECK();
 }
 
