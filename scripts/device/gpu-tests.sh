@@ -19,7 +19,7 @@ eval "$(bash scripts/device/setup-deps.sh)" || exit 1
 t0=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a -DCMAKE_CUDA_FLAGS=-lineinfo >"$OUT/configure.log" 2>&1 \
   || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden test_cuda_engine test_cuda_fp8 2>&1 | tail -25
+cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden test_cuda_engine test_cuda_fp8 test_nccl 2>&1 | tail -25
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
 echo "== build: $(( $(date +%s) - t0 )) s"
 rc=0

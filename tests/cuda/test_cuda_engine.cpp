@@ -129,7 +129,7 @@ TEST(CudaEngine, GreedyIdenticalWithAndWithoutGraphs) {
   }
   auto on = tiny_on_cuda(7);
   ASSERT_TRUE(on->model->decode_graphs());
-  Backend& on_be = *on->backend;
+  Backend& on_be = on->model->backend();
   const Model& on_model = *on->model;
   const auto graphed = run_rounds(on);
   for (size_t r = 0; r < plain.size(); ++r)
