@@ -79,6 +79,9 @@ struct MoEWeights {
   int64_t first_expert = 0;             // expert parallelism: this rank holds a range (model/parallel.h)
   bool has_shared = false;
   ExpertWeights shared;
+  // Routed experts of the whole layer (all ranks): the router's rows; a MoE without a router (ops
+  // fed explicit routing, as the op tests do) holds all of its experts.
+  int64_t routed_experts() const { return gate ? gate->shape[0] : first_expert + int64_t(experts.size()); }
 };
 
 struct BlockWeights {

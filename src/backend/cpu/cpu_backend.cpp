@@ -505,7 +505,7 @@ class CpuBackend final : public Backend {
     for (int64_t t = 0; t < T; ++t)
       for (int64_t i = 0; i < k; ++i) {
         const int32_t id = experts.i32()[t * k + i];
-        DSV4_CHECK(id >= 0 && id < moe.gate->shape[0]);
+        DSV4_CHECK(id >= 0 && id < moe.routed_experts());
         const int64_t e = id - moe.first_expert;
         if (e < 0 || e >= int64_t(moe.experts.size())) continue;  // held by another rank
         toks[e].push_back(t);

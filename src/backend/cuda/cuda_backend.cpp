@@ -636,7 +636,7 @@ class CudaBackend final : public Backend {
     // Grid slices only for experts that received tokens (at most min(E, T*k) of them).
     const int64_t zmax = std::min(E, n);
     Tensor active = alloc({std::max<int64_t>(zmax, 1)}, ElemType::I32);
-    cuda::moe_group(experts.i32(), T, k, moe.first_expert, E, moe.gate->shape[0], counts.i32(), offsets.i32(),
+    cuda::moe_group(experts.i32(), T, k, moe.first_expert, E, moe.routed_experts(), counts.i32(), offsets.i32(),
                     cursor.i32(), perm.i32(), slot.i32(), active.i32(), zmax, s_);
     // Rows per expert: at most T for learned routing (distinct experts), T*k for hash tables. A
     // fixed-shape step cannot read the counts back: it keeps the bound.
