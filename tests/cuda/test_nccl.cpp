@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "backend/cuda/nccl_communicator.h"
+#include "../model/collectives_check.h"
 #include "cuda_test_util.h"
 #include "model/forward.h"
 #include "model/parallel.h"
@@ -29,37 +30,16 @@ TEST(Nccl, CollectivesMatchReference) {
   for (int n = 1; n <= std::min(4, device_count()); ++n) {
     const int64_t len = 4099;
     auto comms = make_nccl_group(n);
-    std::vector<std::vector<float>> in(static_cast<size_t>(n)), reduced(static_cast<size_t>(n)), gathered(static_cast<size_t>(n)), scattered(static_cast<size_t>(n));
+    std::vector<std::vector<float>> in(static_cast<size_t>(n));
     for (int r = 0; r < n; ++r) in[size_t(r)] = normal(n * len, uint64_t(40 + r));
+    std::vector<test::CollectiveResults> out(static_cast<size_t>(n));
     RankThreads threads(n);
     threads.run([&](int r) {
       auto be = make_cuda_backend(r, {});
-      Communicator& comm = *comms[size_t(r)];
-      nccl_bind_stream(comm, *be);
-      Tensor t = be->alloc({n * len}), g = be->alloc({n, len}), s = be->alloc({len});
-      be->upload(t, in[size_t(r)].data());
-      comm.reduce_scatter_sum(t, s);
-      comm.all_gather(t.rows_view(0, len), g);
-      comm.all_reduce_sum(t);
-      for (auto [v, x] : {std::pair{&reduced, t}, {&gathered, g}, {&scattered, s}}) {
-        (*v)[size_t(r)].resize(size_t(x.numel()));
-        be->download(x, (*v)[size_t(r)].data());
-      }
+      nccl_bind_stream(*comms[size_t(r)], *be);
+      out[size_t(r)] = test::run_collectives(*be, *comms[size_t(r)], in[size_t(r)], n, len);
     });
-    for (int r = 0; r < n; ++r) {
-      EXPECT_EQ(reduced[size_t(r)], reduced[0]) << n << " ranks: all-reduce results differ between ranks";
-      for (int64_t i = 0; i < n * len; ++i) {
-        double sum = 0;
-        for (int q = 0; q < n; ++q) sum += in[size_t(q)][size_t(i)];
-        ASSERT_NEAR(reduced[size_t(r)][size_t(i)], sum, 1e-5) << n << " ranks, element " << i;
-        if (i / len == r) {
-          ASSERT_NEAR(scattered[size_t(r)][size_t(i % len)], sum, 1e-5) << n << " ranks, " << i;
-        }
-      }
-      for (int q = 0; q < n; ++q)
-        for (int64_t i = 0; i < len; ++i)
-          ASSERT_EQ(gathered[size_t(r)][size_t(q * len + i)], in[size_t(q)][size_t(i)]) << n << " ranks";
-    }
+    test::expect_collectives_match(in, out, len, 1e-5);
   }
 }
 

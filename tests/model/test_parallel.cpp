@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "agreement.h"
+#include "collectives_check.h"
 #include "backend/backend.h"
 #include "backend/communicator.h"
 #include "model/forward.h"
@@ -149,34 +150,14 @@ TEST(ThreadCommunicator, CollectivesMatchReference) {
       Rng rng(uint64_t(100 + r));
       for (int64_t i = 0; i < n * len; ++i) in[size_t(r)].push_back(rng.uniform_f32() * 2 - 1);
     }
-    std::vector<double> sum(size_t(n * len), 0.0);
-    for (int r = 0; r < n; ++r)
-      for (int64_t i = 0; i < n * len; ++i) sum[size_t(i)] += in[size_t(r)][size_t(i)];
-    std::vector<std::vector<float>> reduced(static_cast<size_t>(n)), gathered(static_cast<size_t>(n)), scattered(static_cast<size_t>(n));
+    std::vector<test::CollectiveResults> out(static_cast<size_t>(n));
     std::vector<std::thread> threads;
     for (int r = 0; r < n; ++r)
       threads.emplace_back([&, r] {
         auto be = make_cpu_backend();
-        Communicator& comm = *comms[size_t(r)];
-        Tensor t = be->alloc({n * len}), g = be->alloc({n, len}), s = be->alloc({len});
-        be->upload(t, in[size_t(r)].data());
-        comm.reduce_scatter_sum(t, s);
-        comm.all_gather(t.rows_view(0, len), g);
-        comm.all_reduce_sum(t);
-        for (auto [v, x] : {std::pair{&reduced, t}, {&gathered, g}, {&scattered, s}}) {
-          (*v)[size_t(r)].resize(size_t(x.numel()));
-          be->download(x, (*v)[size_t(r)].data());
-        }
+        out[size_t(r)] = test::run_collectives(*be, *comms[size_t(r)], in[size_t(r)], n, len);
       });
     for (auto& t : threads) t.join();
-    for (int r = 0; r < n; ++r) {
-      EXPECT_EQ(reduced[size_t(r)], reduced[0]) << n << " ranks: results must be identical on every rank";
-      for (int64_t i = 0; i < n * len; ++i) EXPECT_NEAR(reduced[size_t(r)][size_t(i)], sum[size_t(i)], 1e-6) << i;
-      for (int64_t i = 0; i < len; ++i) {
-        EXPECT_NEAR(scattered[size_t(r)][size_t(i)], sum[size_t(r * len + i)], 1e-6) << i;
-        for (int q = 0; q < n; ++q)
-          EXPECT_EQ(gathered[size_t(r)][size_t(q * len + i)], in[size_t(q)][size_t(i)]) << q << " " << i;
-      }
-    }
+    test::expect_collectives_match(in, out, len, 1e-6);
   }
 }
