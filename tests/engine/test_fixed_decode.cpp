@@ -30,6 +30,9 @@ TEST(FixedShapeDecode, PaddedPlanEqualsPlainPlanBitForBit) {
     const ModelConfig& c = gm.config();
     auto be = make_cpu_backend();
     for (KvFormat kv : {KvFormat::F32, KvFormat::FP8}) {
+      // CI time: the wider preset runs the FP8 KV case only (the padded entry rows go through the
+      // packed stores there; tiny covers both formats).
+      if (preset == "small" && kv == KvFormat::F32) continue;
       SCOPED_TRACE(preset + " " + kv_format_name(kv));
       Model fixed(c, gm.weights(), *be), plain(c, gm.weights(), *be);
       plain.set_decode_graphs(false);
