@@ -118,6 +118,16 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// The clamped SwiGLU of one element: silu(min(g, L)) * clamp(u, -L, L), no clamp when L <= 0
+// (the MoE's SwiGLU kernel and the fused w1/w3 GEMV).
+__device__ __forceinline__ float swiglu_value(float g, float u, float limit) {
+  if (limit > 0) {
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+  }
+  return g / (1.f + expf(-g)) * u;
+}
+
 // dst[0, n) = src[0, n) (global -> shared) by the whole block, kBatch independent loads per
 // thread in flight before their stores (a plain strided loop waits for each load in turn: ~16
 // round trips for 16 KB of queries per attention block). 16-byte vectors when both are aligned.

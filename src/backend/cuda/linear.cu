@@ -252,15 +252,6 @@ struct StreamPos {
   }
 };
 
-// The clamped SwiGLU of one element (the twin of swiglu_kernel in moe.cu).
-__device__ __forceinline__ float swiglu_value(float g, float u, float limit) {
-  if (limit > 0) {
-    g = fminf(g, limit);
-    u = fminf(fmaxf(u, -limit), limit);
-  }
-  return g / (1.f + expf(-g)) * u;
-}
-
 size_t stream_gemv_smem(int64_t K) { return size_t((K + 3) / 4 * 4) * 4 + size_t(kStreamRing) * 16; }
 
 // kSwiglu: each row n is streamed twice, from W1 then from W3 (the problem's twin), and y gets

@@ -141,12 +141,7 @@ __global__ void place_kernel(const int32_t* experts, int64_t n, int64_t k, int64
 
 __global__ void swiglu_kernel(float* h1, const float* h3, int64_t n, float limit) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    float g = h1[i], u = h3[i];
-    if (limit > 0) {
-      g = fminf(g, limit);
-      u = fminf(fmaxf(u, -limit), limit);
-    }
-    h1[i] = g / (1.f + expf(-g)) * u;
+    h1[i] = swiglu_value(h1[i], h3[i], limit);
   }
 }
 
