@@ -74,6 +74,22 @@ __device__ __forceinline__ void decode_chunk(const uint4& q, float* v) {
   }
 }
 
+// Unscaled dot product of a decoded chunk (4Q values) with its x values, stored transposed in
+// shared memory: float4 e of chunk c at xs[e * stride + c] (both GEMV kernels' layout).
+template <int Q>
+__device__ __forceinline__ float chunk_dot(const float* wv, const float4* xs, int64_t stride, int64_t c) {
+  float d = 0.f;
+#pragma unroll
+  for (int e = 0; e < Q; ++e) {
+    const float4 xv = xs[e * stride + c];
+    d = fmaf(wv[4 * e], xv.x, d);
+    d = fmaf(wv[4 * e + 1], xv.y, d);
+    d = fmaf(wv[4 * e + 2], xv.z, d);
+    d = fmaf(wv[4 * e + 3], xv.w, d);
+  }
+  return d;
+}
+
 // Activation tile in shared memory, transposed so that the warp's reads are conflict-free: a
 // lane's chunk needs E consecutive x values, which straight from global memory means lanes 64 or
 // 128 bytes apart (16-32 L1 wavefronts per float4 load: the FP8/FP4 GEMV ran at 0.3-1.2 TB/s
@@ -183,16 +199,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool 
 #pragma unroll
             for (int b = 0; b < RB; ++b) {
               if (b < nb) {
-                float d = 0.f;
-#pragma unroll
-                for (int e = 0; e < Q; ++e) {
-                  const float4 xv = xs[(b * Q + e) * CT + c];
-                  d = fmaf(wv[4 * e], xv.x, d);
-                  d = fmaf(wv[4 * e + 1], xv.y, d);
-                  d = fmaf(wv[4 * e + 2], xv.z, d);
-                  d = fmaf(wv[4 * e + 3], xv.w, d);
-                }
-                acc[b] = fmaf(sc[u], d, acc[b]);
+                acc[b] = fmaf(sc[u], chunk_dot<Q>(wv, xs + b * Q * CT, CT, c), acc[b]);
               }
             }
           }
@@ -309,16 +316,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a
           float wv[E];
           decode_chunk<FMT>(ring[(j * U + u) * 32 + lane], wv);
           const int64_t c = out.step * 32 + lane;
-          float d = 0.f;
-#pragma unroll
-          for (int e = 0; e < Q; ++e) {
-            const float4 xv = xs[e * ct + c];
-            d = fmaf(wv[4 * e], xv.x, d);
-            d = fmaf(wv[4 * e + 1], xv.y, d);
-            d = fmaf(wv[4 * e + 2], xv.z, d);
-            d = fmaf(wv[4 * e + 3], xv.w, d);
-          }
-          acc = fmaf(sc[j][u], d, acc);
+          acc = fmaf(sc[j][u], chunk_dot<Q>(wv, xs, ct, c), acc);
           if (out.step == spr - 1) {  // row complete (warp-uniform)
             const float v = warp_sum(acc);
             acc = 0.f;
