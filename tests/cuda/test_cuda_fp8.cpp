@@ -139,6 +139,13 @@ TEST(CudaFp8, LinearAllPaths) {
       {WeightFormat::FP4, 64, 4096, 2048, false},    // expert w1 shape
       {WeightFormat::FP4, 200, 2048, 4096, true},    // expert w2 shape, f32 scales
       {WeightFormat::FP4, 33, 96, 40, false},        // tiny, partial tiles
+      // Few rows on the weight-streaming tensor-core kernel (FP8 with the Kernel path from 4 rows):
+      {WeightFormat::FP8, 2, 8192, 4096, false},     // K split across the block's warps
+      {WeightFormat::FP8, 12, 1024, 4096, false},    // two B tiles per pass
+      {WeightFormat::FP8, 3, 256, 200, true},        // partial 16-row tile, f32 scales
+      {WeightFormat::FP4, 1, 4096, 2048, false},     // expert w1, one token
+      {WeightFormat::FP4, 5, 2048, 4096, true},      // expert w2, f32 group scales
+      {WeightFormat::FP4, 16, 512, 40, false},       // partial tile, 16 rows
   };
   auto cpu = make_cpu_backend();
   cpu->set_act_quant(ActQuant::Fp8Pow2);
@@ -212,8 +219,10 @@ TEST(CudaFp8, MoE) {
   cpu->set_act_quant(ActQuant::Fp8Pow2);
   WeightStore ws;
   uint64_t seed = 5000;
-  for (auto c : std::vector<C>{{1, 4096, 2048, 256, 6}, {8, 4096, 2048, 256, 6}, {300, 1024, 512, 32, 6},
-                               {512, 4096, 2048, 16, 6}}) {
+  // 1, 8 and 64 tokens over 256 experts and 16 over 32 (some experts get more than 8 rows: a second
+  // pass) take the weight-streaming kernel; 300 and 512 the tiled one.
+  for (auto c : std::vector<C>{{1, 4096, 2048, 256, 6}, {8, 4096, 2048, 256, 6}, {64, 4096, 2048, 256, 6},
+                               {16, 1024, 512, 32, 6}, {300, 1024, 512, 32, 6}, {512, 4096, 2048, 16, 6}}) {
     RandomMoE rm = random_moe(ws, WeightFormat::FP4, c.T, c.D, c.F, c.E, c.k, true, false, seed);
     auto xv = normal(c.T * c.D, ++seed, 2.f);
     for (int64_t r = 0; r < c.T; ++r)

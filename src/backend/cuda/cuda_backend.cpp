@@ -463,9 +463,9 @@ class CudaBackend final : public Backend {
       // benchmarks, at any M); fewer rows stream the FP32 round trip through the GEMV.
       const bool fp8_tc = w.format == WeightFormat::FP8 && sm_ >= 89 && K % 32 == 0 &&
                           (M >= cuda::kFp8TensorCoreMinRows || opts_.fp8_gemm == CudaOptions::Fp8Gemm::CublasLt);
-      qr = quantize_rows(x.f32(), M, K, tensor_cores(M, K) || fp8_tc);
+      qr = quantize_rows(x.f32(), M, K, tensor_cores(M, K) || fp8_tc || skinny(M, a.wd.fmt, K));
       if (qr.ldq) {
-        if (w.format == WeightFormat::FP8 && cublaslt_fp8(qr, a.wd, out.f32(), M)) return;
+        if (fp8_tc && cublaslt_fp8(qr, a.wd, out.f32(), M)) return;
         a.xq = qr.bytes();
         a.ldxq = qr.ldq;
         a.xs = qr.scales.f32();
@@ -651,11 +651,14 @@ class CudaBackend final : public Backend {
     const bool force_gemv = n <= 4 * E;  // <= 4 rows per expert on average: stream each expert's weights once
     const bool quant = act_quant_ != ActQuant::None && (tb.first.fmt == cuda::kFP8 || tb.first.fmt == cuda::kFP4);
     const bool tc = quant && !force_gemv && tensor_cores(max_rows, D) && F % 32 == 0;
+    // Few rows per expert with FP8 activations: the weight-streaming tensor-core kernel.
+    const bool sk = quant && !tc && skinny(force_gemv ? 1 : max_rows, tb.first.fmt, D) &&
+                    cuda::skinny_fits(tb.first.fmt, F);
     QuantizedRows qx, qh;
     const float* xin = x.f32();
     if (quant) {
-      qx = quantize_rows(x.f32(), T, D, tc);
-      if (!tc) xin = qx.roundtrip.f32();
+      qx = quantize_rows(x.f32(), T, D, tc || sk);
+      if (!tc && !sk) xin = qx.roundtrip.f32();
     }
     auto expert_args = [&](const cuda::WeightDesc* descs, const float* xin, const QuantizedRows& q, int64_t q_rows,
                            const int32_t* rows, int64_t ldx, float* yout, int64_t N, int64_t K) {
@@ -691,7 +694,7 @@ class CudaBackend final : public Backend {
       up.swiglu_limit = limit;
       cuda::gemm_swiglu(up, n, h3.f32(), s_);
       if (quant) {
-        if (tc) qh = quantize_rows(h1.f32(), n, F, true);
+        if (tc || sk) qh = quantize_rows(h1.f32(), n, F, true);
         else cuda::act_quant(h1.f32(), n, F, F, pow2_scales(), nullptr, 0, nullptr, h1.f32(), s_);  // in place
       }
       cuda::gemm(expert_args(tb.w2, h1.f32(), qh, n, nullptr, F, y.f32(), D, F), s_);
@@ -706,9 +709,18 @@ class CudaBackend final : public Backend {
         // trip of x that linear() would make (the routed experts' one when they made it).
         cuda::GemmArgs a;
         a.x = x.f32();
+        QuantizedRows qs;
         if (quantises_input(moe.shared.w1)) {
-          if (qx.roundtrip.empty()) qx = quantize_rows(x.f32(), T, D, false);
-          a.x = qx.roundtrip.f32();
+          if (skinny(T, desc(moe.shared.w1).fmt, D)) {  // FP8 bytes: the weight-streaming tensor-core kernel
+            const QuantizedRows& q = qx.ldq ? qx : (qs = quantize_rows(x.f32(), T, D, true));
+            a.xq = q.bytes();
+            a.ldxq = q.ldq;
+            a.xs = q.scales.f32();
+            a.xs_ld = T;
+          } else {
+            if (qx.roundtrip.empty()) qx = quantize_rows(x.f32(), T, D, false);
+            a.x = qx.roundtrip.f32();
+          }
         }
         a.ldx = D;
         a.y = s1.f32();
@@ -816,6 +828,10 @@ class CudaBackend final : public Backend {
   }
   // FP8 tensor cores (mma.sync E4M3) exist from sm_89; GEMV-sized problems stay on the GEMV.
   bool tensor_cores(int64_t rows, int64_t K) const { return sm_ >= 89 && K % 32 == 0 && rows > cuda::kGemvMaxRows; }
+  // ... or, with FP8 activations, on its weight-streaming tensor-core twin (gemm_fp8.cu).
+  bool skinny(int64_t rows, int32_t fmt, int64_t K) const {
+    return sm_ >= 89 && rows <= cuda::kGemvMaxRows && cuda::skinny_fits(fmt, K);
+  }
   // cuBLASLt's block-scaled FP8 GEMM (sm_90 only); false when not chosen or not offered.
   bool cublaslt_fp8(const QuantizedRows& q, const cuda::WeightDesc& w, float* y, int64_t M) {
     using F = CudaOptions::Fp8Gemm;

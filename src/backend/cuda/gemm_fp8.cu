@@ -276,6 +276,299 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
     }
 }
 
+// ---- weight-streaming tensor-core GEMM for few rows per problem (decode) ------------------------
+// Decode multiplies 1-16 activation rows per problem (a dense linear, or one MoE expert's tokens):
+// the weights must stream at the memory roofline and the arithmetic must stay off the critical
+// path. The FP32 GEMV spends ~30 instructions per 16 weight bytes on decoding and FMAs (FP4
+// experts measured 470 GB/s); here a warp owns 16 weight rows (the A operand of mma.sync
+// m16n8k32 E4M3) and the problem's rows are the 8 columns of B, so the tensor cores do the
+// products and the warp only converts FP4 nibbles.
+//  - Weights stream through a per-warp ring of kSkStages shared-memory stages filled with
+//    cp.async (16 rows x 128 bytes per stage: FP8 k128 = one scale block, FP4 k256 = 8 groups),
+//    stored so that ldmatrix hands each lane its A fragment words (conflict-free).
+//  - FP4 e2m1 -> E4M3 is two shifts and a mask per 4 bytes: the nibble s|e1e0|m placed at bits
+//    7 and 4..2 of a byte is exactly 2^-6 times its value (e = 0 lands on the subnormals); the
+//    2^6 goes into the group scale. Even and odd nibbles become separate fragment registers;
+//    B's bytes are permuted to match (any permutation of k within one scale group is allowed).
+//  - Partial sums are promoted to FP32 once per scale group (FP4: 32 of K, FP8: 128), as in
+//    mma_kernel; mma.sync accumulates like FP32 there (test_cuda_fp8.cpp).
+//  - Few tiles (a dense decode linear): the block's warps split K and add their partials in a
+//    fixed order through shared memory (deterministic, no atomics).
+// B fragments come straight from global memory (the activation rows are a few KB, L1-resident).
+constexpr int kSkWarps = 8, kSkStages = 4, kSkUnits = 8;  // units: 16-byte pieces of a row per stage
+constexpr int kSkStageBytes = 16 * kSkUnits * 16;         // 16 rows
+template <int FMT>
+constexpr int kSkStageK = int(skinny_stage_k(FMT));
+template <int FMT, bool SF32>
+constexpr int kSkSlotBytes = kSkStageBytes + (FMT == kFP4 ? 16 * 8 * (SF32 ? 4 : 1) : 0);  // + FP4 group scales
+template <int FMT, bool SF32, int NT, bool kSwiglu>
+constexpr size_t skinny_smem() {
+  return size_t(kSkWarps) * kSkStages * kSkSlotBytes<FMT, SF32> + size_t(kSkWarps) * 32 * 4 * NT * (kSwiglu ? 2 : 1) * 4;
+}
+
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 8 : 0));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+// E2M1 nibbles of a word (elements 2i in the low nibbles, 2i + 1 in the high ones) -> E4M3 bytes
+// of 2^-6 times their values.
+__device__ __forceinline__ uint32_t e2m1_even_to_e4m3_scaled(uint32_t w) {
+  return ((w << 4) & 0x80808080u) | ((w << 2) & 0x1c1c1c1cu);
+}
+__device__ __forceinline__ uint32_t e2m1_odd_to_e4m3_scaled(uint32_t w) {
+  return (w & 0x80808080u) | ((w >> 2) & 0x1c1c1c1cu);
+}
+
+// One warp: 16 weight rows [row0, row0 + 16) x the K range of its slice, for the problem's
+// activation rows in passes of 8 * NT. kSwiglu: the rows are streamed from W1 then from W3 and y
+// gets their clamped SwiGLU (gemm_swiglu). Warps of a block share the problem (blockIdx.z);
+// kSkWarps / ks consecutive tiles, ks K-slices each.
+template <int FMT, bool SF32, int NT, bool kSwiglu>
+__global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, int ks) {
+  constexpr int SK = kSkStageK<FMT>, SLOT = kSkSlotBytes<FMT, SF32>, kParts = kSwiglu ? 2 : 1;
+  constexpr int64_t kRowBytesPerK2 = FMT == kFP8 ? 2 : 1;  // weight bytes per 2 elements
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  const Problem p = problem(a);
+  if (p.rows <= 0) return;  // block-uniform
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+  const int64_t K = a.K, N = a.N, row0 = (int64_t(blockIdx.x) * (kSkWarps / ks) + warp / ks) * 16;
+  const int slice = warp % ks;
+  const int64_t stages = K / SK / ks, k_first = slice * stages * SK, total = kParts * stages;
+  const int64_t row_bytes = K * kRowBytesPerK2 / 2;
+  const bool live = row0 < N;  // warps past N still meet the block's barriers
+  uint8_t* ring = smem_raw + warp * kSkStages * SLOT;
+  float* red = reinterpret_cast<float*>(smem_raw + kSkWarps * kSkStages * SLOT);
+  WeightDesc w3 = p.w;
+  if constexpr (kSwiglu) {
+    int z = blockIdx.z;
+    if (a.zmap) z = a.zmap[z];
+    w3 = a.descs3 ? a.descs3[z] : a.wd3;
+  }
+  auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
+  const int64_t nkw = (p.w.in + 127) / 128;  // FP8 weight scale columns
+
+  for (int64_t t0 = 0; t0 < p.rows; t0 += 8 * NT) {
+    const uint8_t* xr[NT];  // this lane's B column: problem row t0 + 8j + g
+    int64_t sr[NT][2];      // the C columns' rows (t0 + 8j + 2 t4 + {0, 1}) for the activation scales
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      const int64_t r = t0 + 8 * j + g;
+      xr[j] = r < p.rows ? a.xq + act_row(r) * a.ldxq : nullptr;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = t0 + 8 * j + 2 * t4 + h;
+        sr[j][h] = c < p.rows ? act_row(c) : -1;
+      }
+    }
+    // cur: the part being streamed; first: W1's finished sums (SwiGLU).
+    float cur[NT][4], first[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) cur[j][e] = first[j][e] = 0.f;
+    if (live) {
+      // FP8: the block scales of rows g and g + 8 of the stages in flight, oldest first (a shift
+      // register: only constant indices, so it stays in registers).
+      float wsc[kSkStages][2];
+      auto issue = [&](int64_t s, int at) {  // stage s; its scales go to wsc[at]
+        if (s < total) {
+          const int q = int(s / stages);
+          const int64_t kst = k_first + (s % stages) * SK;
+          const uint8_t* wq = q ? w3.w : p.w.w;  // warp-uniform
+          const uint8_t* sq = q ? w3.s : p.w.s;
+          uint8_t* slot = ring + (s % kSkStages) * SLOT;
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int i = lane + 32 * u, r = i & 15, unit = i >> 4;
+            const int64_t n = row0 + r;
+            const uint8_t* src = wq + (p.wrow0 + n) * row_bytes + kst * kRowBytesPerK2 / 2 + unit * 16;
+            cp_async16(slot + i * 16, n < N ? src : wq, n < N);
+          }
+          if constexpr (FMT == kFP4) {
+            const int64_t groups = K / 32;
+            if constexpr (SF32) {  // 8 floats per row: two 16-byte pieces
+              const int r = lane >> 1, half = lane & 1;
+              const int64_t n = row0 + r;
+              const float* src = reinterpret_cast<const float*>(sq) + (p.wrow0 + n) * groups + kst / 32 + half * 4;
+              cp_async16(slot + kSkStageBytes + lane * 16, n < N ? src : reinterpret_cast<const float*>(sq), n < N);
+            } else if (lane < 16) {
+              const int64_t n = row0 + lane;
+              cp_async8(slot + kSkStageBytes + lane * 8, n < N ? sq + (p.wrow0 + n) * groups + kst / 32 : sq, n < N);
+            }
+          } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int64_t n = row0 + g + 8 * h;
+              wsc[at][h] = n < N ? scale_at<SF32>(sq, ((p.wrow0 + n) / 128) * nkw + kst / 128) : 0.f;
+            }
+          }
+        }
+        cp_async_commit();  // empty groups keep the wait counts uniform
+      };
+#pragma unroll
+      for (int j = 0; j < kSkStages - 1; ++j) issue(j, j);
+#pragma unroll 1
+      for (int64_t s = 0; s < total; ++s) {
+        {
+          cp_async_wait<kSkStages - 2>();
+          __syncwarp();  // every lane's copies of stage s have landed; slot (s - 1) is consumed
+          issue(s + kSkStages - 1, kSkStages - 1);
+          const uint8_t* slot = ring + (s % kSkStages) * SLOT;
+          const int64_t kst = k_first + (s % stages) * SK;
+          if constexpr (FMT == kFP8) {
+            float part[NT][4];
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) part[j][e] = 0.f;
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {  // k32 steps: units 2m, 2m + 1 = the row's two 16-byte halves
+              uint32_t af[4];
+              ldmatrix_x4(af, slot + (2 * m * 16 + lane) * 16);
+#pragma unroll
+              for (int j = 0; j < NT; ++j) {
+                uint32_t bf[2] = {0u, 0u};
+                if (xr[j]) {
+                  bf[0] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 32 * m + 4 * t4);
+                  bf[1] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 32 * m + 16 + 4 * t4);
+                }
+                mma_e4m3(part[j], af, bf);
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+              const float s0 = sr[j][0] >= 0 ? a.xs[(kst / 128) * a.xs_ld + sr[j][0]] : 0.f;
+              const float s1 = sr[j][1] >= 0 ? a.xs[(kst / 128) * a.xs_ld + sr[j][1]] : 0.f;
+              cur[j][0] = fmaf(part[j][0], wsc[0][0] * s0, cur[j][0]);
+              cur[j][1] = fmaf(part[j][1], wsc[0][0] * s1, cur[j][1]);
+              cur[j][2] = fmaf(part[j][2], wsc[0][1] * s0, cur[j][2]);
+              cur[j][3] = fmaf(part[j][3], wsc[0][1] * s1, cur[j][3]);
+            }
+#pragma unroll
+            for (int i = 0; i + 1 < kSkStages; ++i) {
+              wsc[i][0] = wsc[i + 1][0];
+              wsc[i][1] = wsc[i + 1][1];
+            }
+          } else {
+            // Group scales of rows g and g + 8, times the 2^6 of the nibble conversion.
+            auto group_scale = [&](int h, int gi) -> float {
+              const uint8_t* sp = slot + kSkStageBytes + (g + 8 * h) * 8 * (SF32 ? 4 : 1);
+              if constexpr (SF32) return reinterpret_cast<const float*>(sp)[gi] * 64.f;
+              else return e8m0_to_float(sp[gi]) * 64.f;
+            };
+            float blk[NT][4];  // this 128-block's sums, before the activation scale
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {  // units 2m, 2m + 1 = groups 2m, 2m + 1
+              uint32_t wf[4];              // rows g / g + 8 of group 2m, then of group 2m + 1
+              ldmatrix_x4(wf, slot + (2 * m * 16 + lane) * 16);
+#pragma unroll
+              for (int hg = 0; hg < 2; ++hg) {
+                const int gi = 2 * m + hg;
+                const uint32_t A[4] = {e2m1_even_to_e4m3_scaled(wf[2 * hg]), e2m1_even_to_e4m3_scaled(wf[2 * hg + 1]),
+                                       e2m1_odd_to_e4m3_scaled(wf[2 * hg]), e2m1_odd_to_e4m3_scaled(wf[2 * hg + 1])};
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                  if (gi % 4 == 0)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) blk[j][e] = 0.f;
+                  uint32_t bf[2] = {0u, 0u};
+                  if (xr[j]) {  // elements 8 t4 + {0, 2, 4, 6} and + {1, 3, 5, 7} of the group
+                    const uint2 v = *reinterpret_cast<const uint2*>(xr[j] + kst + 32 * gi + 8 * t4);
+                    bf[0] = __byte_perm(v.x, v.y, 0x6420);
+                    bf[1] = __byte_perm(v.x, v.y, 0x7531);
+                  }
+                  float c[4] = {0.f, 0.f, 0.f, 0.f};
+                  mma_e4m3(c, A, bf);
+                  const float sg0 = group_scale(0, gi), sg1 = group_scale(1, gi);
+                  blk[j][0] = fmaf(c[0], sg0, blk[j][0]);
+                  blk[j][1] = fmaf(c[1], sg0, blk[j][1]);
+                  blk[j][2] = fmaf(c[2], sg1, blk[j][2]);
+                  blk[j][3] = fmaf(c[3], sg1, blk[j][3]);
+                  if (gi % 4 == 3) {  // end of a 128-block: its activation scales
+                    const int64_t kb = (kst + 32 * gi) / 128;
+                    const float s0 = sr[j][0] >= 0 ? a.xs[kb * a.xs_ld + sr[j][0]] : 0.f;
+                    const float s1 = sr[j][1] >= 0 ? a.xs[kb * a.xs_ld + sr[j][1]] : 0.f;
+                    cur[j][0] = fmaf(blk[j][0], s0, cur[j][0]);
+                    cur[j][1] = fmaf(blk[j][1], s1, cur[j][1]);
+                    cur[j][2] = fmaf(blk[j][2], s0, cur[j][2]);
+                    cur[j][3] = fmaf(blk[j][3], s1, cur[j][3]);
+                  }
+                }
+              }
+            }
+          }
+          if (kSwiglu && s == stages - 1) {  // W1 done: W3 follows
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                first[j][e] = cur[j][e];
+                cur[j][e] = 0.f;
+              }
+          }
+        }
+      }
+      cp_async_wait<0>();
+    }
+    // K slices: partials through shared memory, added by slice 0 in slice order.
+    constexpr int kVals = kParts * NT * 4;
+    auto val = [&](int i) -> float& { return i < NT * 4 ? (kSwiglu ? first : cur)[i / 4][i % 4] : cur[(i - NT * 4) / 4][i % 4]; };
+    if (ks > 1) {
+      float* mine = red + (warp * 32 + lane) * kVals;
+#pragma unroll
+      for (int i = 0; i < kVals; ++i) mine[i] = val(i);
+      __syncthreads();
+      if (slice == 0) {
+        for (int o = 1; o < ks; ++o) {
+          const float* other = red + ((warp + o) * 32 + lane) * kVals;
+#pragma unroll
+          for (int i = 0; i < kVals; ++i) val(i) += other[i];
+        }
+      }
+      __syncthreads();  // red is reused by the next pass
+    }
+    if (live && slice == 0) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t n = row0 + g + 8 * (e >> 1), r = t0 + 8 * j + 2 * t4 + (e & 1);
+          if (n < N && r < p.rows) p.y[(p.base + r) * a.ldy + n] = kSwiglu ? swiglu_value(first[j][e], cur[j][e], a.swiglu_limit) : cur[j][e];
+        }
+    }
+  }
+}
+
+template <int FMT, bool SF32, int NT, bool kSwiglu>
+void launch_skinny_nt(const GemmArgs& a, int ks, dim3 grid, cudaStream_t stream) {
+  constexpr size_t smem = skinny_smem<FMT, SF32, NT, kSwiglu>();
+  static const bool configured =
+      (cudaFuncSetAttribute(skinny_kernel<FMT, SF32, NT, kSwiglu>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            int(smem)),
+       true);
+  (void)configured;
+  skinny_kernel<FMT, SF32, NT, kSwiglu><<<grid, kSkWarps * 32, smem, stream>>>(a, ks);
+}
+
+template <int FMT, bool SF32, bool kSwiglu>
+void launch_skinny(const GemmArgs& a, cudaStream_t stream) {
+  // K slices until the launch has about 16 warps per SM (132 SMs) or each slice is 1 stage.
+  const int64_t tiles = (a.N + 15) / 16, stages = a.K / kSkStageK<FMT>;
+  int ks = 1;
+  while (ks < kSkWarps && tiles * a.Z * ks < 132 * 16 && stages % (2 * ks) == 0) ks *= 2;
+  const int64_t per_block = kSkWarps / ks;
+  const dim3 grid(unsigned((tiles + per_block - 1) / per_block), 1, unsigned(a.Z));
+  // Two B column tiles per pass where problems have more than 8 rows (weights streamed once).
+  if ((a.typical_rows ? a.typical_rows : a.max_rows) > 8) launch_skinny_nt<FMT, SF32, 2, kSwiglu>(a, ks, grid, stream);
+  else launch_skinny_nt<FMT, SF32, 1, kSwiglu>(a, ks, grid, stream);
+}
+
 __global__ void padded_scales_kernel(const uint8_t* s, bool f32, int64_t rows, int64_t cols, int64_t ld, float* out) {
   const int64_t n = rows * ld;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -311,9 +604,26 @@ void padded_block_scales(const uint8_t* s, bool scale_f32, int64_t N, int64_t K,
   DSV4_LAUNCH_CHECK();
 }
 
+bool gemm_fp8_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
+  const bool few_rows = a.max_rows <= kGemvMaxRows || a.force_gemv;
+  if (!a.xq || !few_rows || a.x_z_off || a.ldxq % 16 || !a.xs) return false;
+  bool launched = false;
+  dispatch_format(a.wd, [&]<int F, bool S>() {
+    if constexpr (F == kFP8 || F == kFP4) {
+      if (skinny_fits(F, a.K)) {
+        swiglu ? launch_skinny<F, S, true>(a, stream) : launch_skinny<F, S, false>(a, stream);
+        launched = true;
+      }
+    }
+  });
+  if (launched) DSV4_LAUNCH_CHECK();
+  return launched;
+}
+
 void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.K % 32 || a.x_z_off || !a.xs)
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
+  if (gemm_fp8_skinny(a, false, stream)) return;
   switch (a.wd.fmt) {
     case kFP8: a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream); break;
     case kFP4: a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream); break;

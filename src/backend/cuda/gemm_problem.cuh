@@ -42,5 +42,9 @@ __device__ __forceinline__ const float* x_row(const GemmArgs& a, const Problem& 
 
 // The FP8-activation GEMM (a.xq set): tensor cores, FP8 or FP4 weights (gemm_fp8.cu).
 void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream);
+// Its weight-streaming kernel for few rows per problem (max_rows <= kGemvMaxRows or force_gemv;
+// K a multiple of 128 (FP8) or 256 (FP4)), with the SwiGLU of gemm_swiglu when swiglu is set.
+// False (nothing launched) when the arguments do not fit it.
+bool gemm_fp8_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream);
 
 }  // namespace dsv4::cuda

@@ -70,8 +70,13 @@ void gemm(const GemmArgs& a, cudaStream_t stream);
 // One pass streaming both weights where the one-row GEMV applies (decode); otherwise two GEMMs
 // and the SwiGLU kernel, with h3 (y_rows x N floats) as the second product's scratch.
 void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stream);
-// Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel.
+// Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel, or
+// with FP8 activations (xq) its tensor-core twin when K is a multiple of skinny_stage_k.
 constexpr int64_t kGemvMaxRows = 16;
+// K covered by one pipeline stage of the FP8-activation weight-streaming kernel (gemm_fp8.cu):
+// one 128-block of FP8 weights, eight 32-groups of FP4 ones; 0: no such kernel for the format.
+constexpr int64_t skinny_stage_k(int32_t fmt) { return fmt == kFP8 ? 128 : fmt == kFP4 ? 256 : 0; }
+constexpr bool skinny_fits(int32_t fmt, int64_t K) { return skinny_stage_k(fmt) > 0 && K % skinny_stage_k(fmt) == 0; }
 // FP8-weight linears with FP8 activations and at least this many rows take the tensor cores
 // (cuBLASLt on sm_90 when offered, else the mma kernel) instead of the FP32 GEMV, which is
 // compute-bound there (H200, 2026-12-02: wq_b 4 rows 86 us vs cuBLASLt FP8 21 us; wo_b 16 rows

@@ -478,6 +478,7 @@ void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stre
                  (long long)a.N);
     std::abort();
   }
+  if (gemm_fp8_skinny(a, true, stream)) return;
   bool fused = false;
   dispatch_format(a.wd, [&]<int F, bool S>() {
     if (streams_one_row(a, kChunkElems<F>)) {
