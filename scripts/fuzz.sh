@@ -24,6 +24,8 @@
 # separate build in build-fuzz/ (override with DSV4_FUZZ_BUILD) with -DDSV4_FUZZ=ON and builds
 # only the target. The corpus grows in build-fuzz/fuzz-corpus/TARGET/; findings (crash-*, leak-*,
 # timeout-*) land in build-fuzz/fuzz-artifacts/TARGET/; libFuzzer logs in build-fuzz/fuzz-logs/TARGET/.
+# DSV4_FUZZ_SANITIZERS (default address,undefined) picks the sanitizers, e.g. "undefined" for
+# the cheaper build of the long runs (use its own DSV4_FUZZ_BUILD).
 # Exit status: 0 when no worker reported a finding.
 #
 # `pack` prepares a run elsewhere (scripts/device/fuzz.sh on the device machine, which has no
@@ -39,6 +41,7 @@ configure() {
   local launcher=()
   command -v ccache >/dev/null && launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
   CC=${CC:-clang} CXX=${CXX:-clang++} cmake -S . -B "$build" -G Ninja -DDSV4_FUZZ=ON -DDSV4_CUDA=OFF \
+    -DDSV4_FUZZ_SANITIZERS="${DSV4_FUZZ_SANITIZERS:-address,undefined}" \
     -DBUILD_TESTING=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo "${launcher[@]}" >/dev/null
 }
 

@@ -4,7 +4,8 @@
 # next to cuBLASLt, same run), and an Nsight Compute per-kernel profile of one decode step of 4
 # layers (the command of /work/shared/measurements/2026-12-01-decode-profile.md).
 #   run: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/device/decode-kernels.sh  (carry [".deps"])
-# Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, NCU_BATCHES ("1"; e.g. "1 8"), BENCH_LAYERS (30), BENCH_ARGS
+# Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, NCU_BATCHES ("1"; e.g. "1 8"), NCU_ARGS (extra bench
+# arguments of the profiled run; e.g. "--seqs 64": the last step profiled is then 64 sequences), BENCH_LAYERS (30), BENCH_ARGS
 # (extra), GTEST_FILTER.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -40,7 +41,8 @@ if [ "${SKIP_NCU:-0}" != 1 ]; then
   for nb in ${NCU_BATCHES:-1}; do  # decode batch sizes to profile, e.g. "1 8"
     t0=$(date +%s)
     csv="$OUT/ncu-b$nb.csv"
-    cmd=(./build-gpu/dsv4 bench model --random --layers 4 --batch "$nb" --ctx 1024 --steps 1 --gemm fp8 --kv-fp8 --no-ops)
+    cmd=(./build-gpu/dsv4 bench model --random --layers 4 --batch "$nb" --ctx 1024 --steps 1 --gemm fp8 --kv-fp8 --no-ops
+         ${NCU_ARGS:-})
     # The random-weight kernels (thousands) are left out of the profile.
     timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
       --kernel-name-base function --kernel-name "regex:^(?!.*(f32|bf16|bytes|u8|ids)_kernel)" "${cmd[@]}" \

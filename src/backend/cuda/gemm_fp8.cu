@@ -459,8 +459,12 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
             // Group scales of rows g and g + 8, times the 2^6 of the nibble conversion.
             auto group_scale = [&](int h, int gi) -> float {
               const uint8_t* sp = slot + kSkStageBytes + (g + 8 * h) * 8 * (SF32 ? 4 : 1);
-              if constexpr (SF32) return reinterpret_cast<const float*>(sp)[gi] * 64.f;
-              else return e8m0_to_float(sp[gi]) * 64.f;
+              if constexpr (SF32) {
+                return reinterpret_cast<const float*>(sp)[gi] * 64.f;
+              } else {  // 2^(e - 127 + 6) built directly (e8m0_to_float(e) * 64 for e in 1..254)
+                const uint32_t e = sp[gi];
+                return e - 1u < 254u ? __uint_as_float(min(e + 6u, 255u) << 23) : e8m0_to_float(uint8_t(e)) * 64.f;
+              }
             };
             float blk[NT][4];  // this 128-block's sums, before the activation scale
 #pragma unroll
@@ -558,10 +562,11 @@ void launch_skinny_nt(const GemmArgs& a, int ks, dim3 grid, cudaStream_t stream)
 
 template <int FMT, bool SF32, bool kSwiglu>
 void launch_skinny(const GemmArgs& a, cudaStream_t stream) {
-  // K slices until the launch has about 16 warps per SM (132 SMs) or each slice is 1 stage.
+  // K slices while the launch still fits one wave of 16 warps per SM (132 SMs): more warps in
+  // flight, but a second wave of short streams costs more than it hides.
   const int64_t tiles = (a.N + 15) / 16, stages = a.K / kSkStageK<FMT>;
   int ks = 1;
-  while (ks < kSkWarps && tiles * a.Z * ks < 132 * 16 && stages % (2 * ks) == 0) ks *= 2;
+  while (ks < kSkWarps && tiles * a.Z * ks * 2 <= 132 * 16 && stages % (2 * ks) == 0) ks *= 2;
   const int64_t per_block = kSkWarps / ks;
   const dim3 grid(unsigned((tiles + per_block - 1) / per_block), 1, unsigned(a.Z));
   // Two B column tiles per pass where problems have more than 8 rows (weights streamed once).
