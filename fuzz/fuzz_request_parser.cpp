@@ -10,7 +10,8 @@
 //     ApiError, always with a 4xx status and a non-empty message;
 //   * an accepted chat request renders a prompt or fails with ApiError (400, param "messages"
 //     or "tool_choice") -- never another exception;
-//   * accepted requests keep their invariants: n >= 1, max_tokens >= 1 when set, logprobs
+//   * accepted requests keep their invariants: n >= 1, max_tokens >= 1 when set (0 for prompt
+//     scoring: completions with echo and logprobs), logprobs
 //     consistent with top_logprobs; the error body of a rejection is valid JSON.
 #include <algorithm>
 #include <cstdint>
@@ -74,7 +75,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   if (r.sampling.n < 1) std::abort();
-  if (r.max_tokens_set && r.sampling.max_tokens < 1) std::abort();
+  // max_tokens 0 is prompt scoring: completions with echo and logprobs only.
+  const bool scoring = ep == Endpoint::Completion && r.echo && r.logprobs;
+  if (r.max_tokens_set && r.sampling.max_tokens < (scoring ? 0 : 1)) std::abort();
   if (r.logprobs != (r.sampling.logprobs >= 0)) std::abort();
   if (ep == Endpoint::Completion && r.prompt_is_ids == r.prompt_ids.empty()) std::abort();
   if (ep == Endpoint::Chat) {
