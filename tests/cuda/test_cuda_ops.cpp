@@ -96,14 +96,14 @@ TEST_F(CudaOps, Linear) {
       {WeightFormat::FP8, 1, 4096, 1024, false, false},    // wq_a decode
       {WeightFormat::FP8, 8, 1024, 32768, false, false},   // wq_b, batch 8
       {WeightFormat::FP8, 16, 8192, 4096, false, false},   // wo_b
-      {WeightFormat::FP8, 100, 192, 80, true, false},      // partial 128-blocks, f32 scales; few tiles: GEMV
+      {WeightFormat::FP8, 100, 192, 80, true, false},      // partial 128-blocks, f32 scales, tiled
       {WeightFormat::FP8, 3, 72, 200, false, false},       // K % 16 != 0: scalar path
       {WeightFormat::FP8, 300, 1024, 256, false, false},   // prefill tile path
       {WeightFormat::FP4, 1, 4096, 2048, false, false},    // expert w1 decode
-      {WeightFormat::FP4, 70, 2048, 4096, true, false},    // expert w2, f32 scales; 128 tiles: GEMV, 8 rows a pass
+      {WeightFormat::FP4, 70, 2048, 4096, true, false},    // expert w2, tiled, f32 scales
       {WeightFormat::FP4, 300, 512, 256, true, false},     // tiled
       {WeightFormat::BF16, 300, 256, 512, false, false},   // tiled
-      {WeightFormat::BF16, 64, 4096, 512, false, false},   // compressor wkv, 64 sequences: GEMV
+      {WeightFormat::BF16, 64, 4096, 512, false, false},   // compressor wkv, 64 sequences: GEMV, 8 rows a pass
       {WeightFormat::FP4, 5, 96, 40, false, false},
       {WeightFormat::BF16, 2, 4096, 129280, false, false}, // lm_head
       {WeightFormat::BF16, 20, 4096, 512, false, false},   // compressor wkv

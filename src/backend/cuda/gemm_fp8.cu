@@ -459,12 +459,10 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
             // Group scales of rows g and g + 8, times the 2^6 of the nibble conversion.
             auto group_scale = [&](int h, int gi) -> float {
               const uint8_t* sp = slot + kSkStageBytes + (g + 8 * h) * 8 * (SF32 ? 4 : 1);
-              if constexpr (SF32) {
-                return reinterpret_cast<const float*>(sp)[gi] * 64.f;
-              } else {  // 2^(e - 127 + 6) built directly (e8m0_to_float(e) * 64 for e in 1..254)
-                const uint32_t e = sp[gi];
-                return e - 1u < 254u ? __uint_as_float(min(e + 6u, 255u) << 23) : e8m0_to_float(uint8_t(e)) * 64.f;
-              }
+              // (Building 2^(e - 121) from the exponent with a guarded fallback measured slower: MoE
+              // layer of 64 tokens 1.87 -> 2.45 ms, H200.)
+              if constexpr (SF32) return reinterpret_cast<const float*>(sp)[gi] * 64.f;
+              else return e8m0_to_float(sp[gi]) * 64.f;
             };
             float blk[NT][4];  // this 128-block's sums, before the activation scale
 #pragma unroll

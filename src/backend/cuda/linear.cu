@@ -435,11 +435,13 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
   // aligned arena blocks (MoE descriptors too), so only the single descriptor is checked.
   const bool rows16 = a.ldx % 4 == 0 && a.x_z_off % 4 == 0 && aligned16(a.x) && (a.descs || aligned16(a.wd.w));
   const WeightDesc& fmt_of = a.wd;  // descs share the format of wd (the caller sets both)
-  // A few hundred rows against a narrow weight (the router, compressor and indexer projections
-  // of a 64-sequence decode step) give the 64x64 tiled kernel fewer blocks than SMs, each
-  // looping over all of K (H200: 0.4 ms per call): the GEMV, 8 rows per weight pass, instead.
+  // A few hundred rows against a narrow BF16/F32 weight (the router, compressor and indexer
+  // projections of a 64-sequence decode step) give the 64x64 tiled kernel fewer blocks than SMs,
+  // each looping over all of K (H200: 12 calls 8.1 ms in a 4-layer step): the GEMV, 8 rows per
+  // weight pass, instead (64-sequence step 153 -> 123 ms). Not for FP8/FP4 weights: the grouped
+  // wo_a at 64 rows measured 0.36 ms tiled, 0.71 ms on the GEMV.
   const int64_t tiled_blocks = (a.N + kBN - 1) / kBN * ((a.max_rows + kBM - 1) / kBM) * a.Z;
-  const bool few_tiles = tiled_blocks < 132 && a.max_rows <= 256;
+  const bool few_tiles = (a.wd.fmt == kBF16 || a.wd.fmt == kF32) && tiled_blocks < 132 && a.max_rows <= 256;
   dispatch_format(fmt_of, [&]<int F, bool S>() {
     if (a.max_rows <= kGemvMaxRows || a.force_gemv || few_tiles) {
       constexpr int E = kChunkElems<F>;
