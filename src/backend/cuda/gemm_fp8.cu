@@ -415,105 +415,103 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
       for (int j = 0; j < kSkStages - 1; ++j) issue(j, j);
 #pragma unroll 1
       for (int64_t s = 0; s < total; ++s) {
-        {
-          cp_async_wait<kSkStages - 2>();
-          __syncwarp();  // every lane's copies of stage s have landed; slot (s - 1) is consumed
-          issue(s + kSkStages - 1, kSkStages - 1);
-          const uint8_t* slot = ring + (s % kSkStages) * SLOT;
-          const int64_t kst = k_first + (s % stages) * SK;
-          if constexpr (FMT == kFP8) {
-            float part[NT][4];
+        cp_async_wait<kSkStages - 2>();
+        __syncwarp();  // every lane's copies of stage s have landed; slot (s - 1) is consumed
+        issue(s + kSkStages - 1, kSkStages - 1);
+        const uint8_t* slot = ring + (s % kSkStages) * SLOT;
+        const int64_t kst = k_first + (s % stages) * SK;
+        if constexpr (FMT == kFP8) {
+          float part[NT][4];
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
+          for (int j = 0; j < NT; ++j)
 #pragma unroll
-              for (int e = 0; e < 4; ++e) part[j][e] = 0.f;
+            for (int e = 0; e < 4; ++e) part[j][e] = 0.f;
 #pragma unroll
-            for (int m = 0; m < 4; ++m) {  // k32 steps: units 2m, 2m + 1 = the row's two 16-byte halves
-              uint32_t af[4];
-              ldmatrix_x4(af, slot + (2 * m * 16 + lane) * 16);
-#pragma unroll
-              for (int j = 0; j < NT; ++j) {
-                uint32_t bf[2] = {0u, 0u};
-                if (xr[j]) {
-                  bf[0] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 32 * m + 4 * t4);
-                  bf[1] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 32 * m + 16 + 4 * t4);
-                }
-                mma_e4m3(part[j], af, bf);
-              }
-            }
+          for (int m = 0; m < 4; ++m) {  // k32 steps: units 2m, 2m + 1 = the row's two 16-byte halves
+            uint32_t af[4];
+            ldmatrix_x4(af, slot + (2 * m * 16 + lane) * 16);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-              const float s0 = sr[j][0] >= 0 ? a.xs[(kst / 128) * a.xs_ld + sr[j][0]] : 0.f;
-              const float s1 = sr[j][1] >= 0 ? a.xs[(kst / 128) * a.xs_ld + sr[j][1]] : 0.f;
-              cur[j][0] = fmaf(part[j][0], wsc[0][0] * s0, cur[j][0]);
-              cur[j][1] = fmaf(part[j][1], wsc[0][0] * s1, cur[j][1]);
-              cur[j][2] = fmaf(part[j][2], wsc[0][1] * s0, cur[j][2]);
-              cur[j][3] = fmaf(part[j][3], wsc[0][1] * s1, cur[j][3]);
+              uint32_t bf[2] = {0u, 0u};
+              if (xr[j]) {
+                bf[0] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 32 * m + 4 * t4);
+                bf[1] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 32 * m + 16 + 4 * t4);
+              }
+              mma_e4m3(part[j], af, bf);
             }
+          }
 #pragma unroll
-            for (int i = 0; i + 1 < kSkStages; ++i) {
-              wsc[i][0] = wsc[i + 1][0];
-              wsc[i][1] = wsc[i + 1][1];
-            }
-          } else {
-            // Group scales of rows g and g + 8, times the 2^6 of the nibble conversion.
-            auto group_scale = [&](int h, int gi) -> float {
-              const uint8_t* sp = slot + kSkStageBytes + (g + 8 * h) * 8 * (SF32 ? 4 : 1);
-              // (Building 2^(e - 121) from the exponent with a guarded fallback measured slower: MoE
-              // layer of 64 tokens 1.87 -> 2.45 ms, H200.)
-              if constexpr (SF32) return reinterpret_cast<const float*>(sp)[gi] * 64.f;
-              else return e8m0_to_float(sp[gi]) * 64.f;
-            };
-            float blk[NT][4];  // this 128-block's sums, before the activation scale
+          for (int j = 0; j < NT; ++j) {
+            const float s0 = sr[j][0] >= 0 ? a.xs[(kst / 128) * a.xs_ld + sr[j][0]] : 0.f;
+            const float s1 = sr[j][1] >= 0 ? a.xs[(kst / 128) * a.xs_ld + sr[j][1]] : 0.f;
+            cur[j][0] = fmaf(part[j][0], wsc[0][0] * s0, cur[j][0]);
+            cur[j][1] = fmaf(part[j][1], wsc[0][0] * s1, cur[j][1]);
+            cur[j][2] = fmaf(part[j][2], wsc[0][1] * s0, cur[j][2]);
+            cur[j][3] = fmaf(part[j][3], wsc[0][1] * s1, cur[j][3]);
+          }
 #pragma unroll
-            for (int m = 0; m < 4; ++m) {  // units 2m, 2m + 1 = groups 2m, 2m + 1
-              uint32_t wf[4];              // rows g / g + 8 of group 2m, then of group 2m + 1
-              ldmatrix_x4(wf, slot + (2 * m * 16 + lane) * 16);
+          for (int i = 0; i + 1 < kSkStages; ++i) {
+            wsc[i][0] = wsc[i + 1][0];
+            wsc[i][1] = wsc[i + 1][1];
+          }
+        } else {
+          // Group scales of rows g and g + 8, times the 2^6 of the nibble conversion.
+          auto group_scale = [&](int h, int gi) -> float {
+            const uint8_t* sp = slot + kSkStageBytes + (g + 8 * h) * 8 * (SF32 ? 4 : 1);
+            // (Building 2^(e - 121) from the exponent with a guarded fallback measured slower: MoE
+            // layer of 64 tokens 1.87 -> 2.45 ms, H200.)
+            if constexpr (SF32) return reinterpret_cast<const float*>(sp)[gi] * 64.f;
+            else return e8m0_to_float(sp[gi]) * 64.f;
+          };
+          float blk[NT][4];  // this 128-block's sums, before the activation scale
 #pragma unroll
-              for (int hg = 0; hg < 2; ++hg) {
-                const int gi = 2 * m + hg;
-                const uint32_t A[4] = {e2m1_even_to_e4m3_scaled(wf[2 * hg]), e2m1_even_to_e4m3_scaled(wf[2 * hg + 1]),
-                                       e2m1_odd_to_e4m3_scaled(wf[2 * hg]), e2m1_odd_to_e4m3_scaled(wf[2 * hg + 1])};
+          for (int m = 0; m < 4; ++m) {  // units 2m, 2m + 1 = groups 2m, 2m + 1
+            uint32_t wf[4];              // rows g / g + 8 of group 2m, then of group 2m + 1
+            ldmatrix_x4(wf, slot + (2 * m * 16 + lane) * 16);
 #pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                  if (gi % 4 == 0)
+            for (int hg = 0; hg < 2; ++hg) {
+              const int gi = 2 * m + hg;
+              const uint32_t A[4] = {e2m1_even_to_e4m3_scaled(wf[2 * hg]), e2m1_even_to_e4m3_scaled(wf[2 * hg + 1]),
+                                     e2m1_odd_to_e4m3_scaled(wf[2 * hg]), e2m1_odd_to_e4m3_scaled(wf[2 * hg + 1])};
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) blk[j][e] = 0.f;
-                  uint32_t bf[2] = {0u, 0u};
-                  if (xr[j]) {  // elements 8 t4 + {0, 2, 4, 6} and + {1, 3, 5, 7} of the group
-                    const uint2 v = *reinterpret_cast<const uint2*>(xr[j] + kst + 32 * gi + 8 * t4);
-                    bf[0] = __byte_perm(v.x, v.y, 0x6420);
-                    bf[1] = __byte_perm(v.x, v.y, 0x7531);
-                  }
-                  float c[4] = {0.f, 0.f, 0.f, 0.f};
-                  mma_e4m3(c, A, bf);
-                  const float sg0 = group_scale(0, gi), sg1 = group_scale(1, gi);
-                  blk[j][0] = fmaf(c[0], sg0, blk[j][0]);
-                  blk[j][1] = fmaf(c[1], sg0, blk[j][1]);
-                  blk[j][2] = fmaf(c[2], sg1, blk[j][2]);
-                  blk[j][3] = fmaf(c[3], sg1, blk[j][3]);
-                  if (gi % 4 == 3) {  // end of a 128-block: its activation scales
-                    const int64_t kb = (kst + 32 * gi) / 128;
-                    const float s0 = sr[j][0] >= 0 ? a.xs[kb * a.xs_ld + sr[j][0]] : 0.f;
-                    const float s1 = sr[j][1] >= 0 ? a.xs[kb * a.xs_ld + sr[j][1]] : 0.f;
-                    cur[j][0] = fmaf(blk[j][0], s0, cur[j][0]);
-                    cur[j][1] = fmaf(blk[j][1], s1, cur[j][1]);
-                    cur[j][2] = fmaf(blk[j][2], s0, cur[j][2]);
-                    cur[j][3] = fmaf(blk[j][3], s1, cur[j][3]);
-                  }
+              for (int j = 0; j < NT; ++j) {
+                if (gi % 4 == 0)
+#pragma unroll
+                  for (int e = 0; e < 4; ++e) blk[j][e] = 0.f;
+                uint32_t bf[2] = {0u, 0u};
+                if (xr[j]) {  // elements 8 t4 + {0, 2, 4, 6} and + {1, 3, 5, 7} of the group
+                  const uint2 v = *reinterpret_cast<const uint2*>(xr[j] + kst + 32 * gi + 8 * t4);
+                  bf[0] = __byte_perm(v.x, v.y, 0x6420);
+                  bf[1] = __byte_perm(v.x, v.y, 0x7531);
+                }
+                float c[4] = {0.f, 0.f, 0.f, 0.f};
+                mma_e4m3(c, A, bf);
+                const float sg0 = group_scale(0, gi), sg1 = group_scale(1, gi);
+                blk[j][0] = fmaf(c[0], sg0, blk[j][0]);
+                blk[j][1] = fmaf(c[1], sg0, blk[j][1]);
+                blk[j][2] = fmaf(c[2], sg1, blk[j][2]);
+                blk[j][3] = fmaf(c[3], sg1, blk[j][3]);
+                if (gi % 4 == 3) {  // end of a 128-block: its activation scales
+                  const int64_t kb = (kst + 32 * gi) / 128;
+                  const float s0 = sr[j][0] >= 0 ? a.xs[kb * a.xs_ld + sr[j][0]] : 0.f;
+                  const float s1 = sr[j][1] >= 0 ? a.xs[kb * a.xs_ld + sr[j][1]] : 0.f;
+                  cur[j][0] = fmaf(blk[j][0], s0, cur[j][0]);
+                  cur[j][1] = fmaf(blk[j][1], s1, cur[j][1]);
+                  cur[j][2] = fmaf(blk[j][2], s0, cur[j][2]);
+                  cur[j][3] = fmaf(blk[j][3], s1, cur[j][3]);
                 }
               }
             }
           }
-          if (kSwiglu && s == stages - 1) {  // W1 done: W3 follows
+        }
+        if (kSwiglu && s == stages - 1) {  // W1 done: W3 follows
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
+          for (int j = 0; j < NT; ++j)
 #pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                first[j][e] = cur[j][e];
-                cur[j][e] = 0.f;
-              }
-          }
+            for (int e = 0; e < 4; ++e) {
+              first[j][e] = cur[j][e];
+              cur[j][e] = 0.f;
+            }
         }
       }
       cp_async_wait<0>();
