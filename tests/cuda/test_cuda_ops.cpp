@@ -105,7 +105,10 @@ TEST_F(CudaOps, Linear) {
       {WeightFormat::BF16, 300, 256, 512, false, false},   // tiled
       {WeightFormat::BF16, 64, 4096, 512, false, false},   // compressor wkv, 64 sequences: GEMV, 8 rows a pass
       {WeightFormat::FP4, 5, 96, 40, false, false},
-      {WeightFormat::BF16, 2, 4096, 129280, false, false}, // lm_head
+      {WeightFormat::BF16, 2, 4096, 129280, false, false}, // lm_head (2-64 rows: the skinny tensor-core kernel)
+      {WeightFormat::BF16, 12, 4096, 1000, false, false},  // two B tiles a pass, partial 16-row tile
+      {WeightFormat::BF16, 40, 4096, 512, false, false},   // three passes of 16 rows
+      {WeightFormat::BF16, 5, 192, 33, false, false},      // K split over the block's warps, 3 stages
       {WeightFormat::BF16, 20, 4096, 512, false, false},   // compressor wkv
       {WeightFormat::BF16, 3, 72, 33, false, false},
       {WeightFormat::BF16, 9, 4096, 256, false, true},     // router gate stored as F32

@@ -6,7 +6,13 @@
 //    once per scale block: every 128 of K for FP8 weights, every 32 for FP4.
 // Products of E4M3/E2M1 values are exact in FP32, so the CPU twin (the FP32 GEMM on round-tripped
 // activations) differs only in summation order.
+// The weight-streaming kernel for few rows also serves BF16 weights with FP32 activations (the
+// lm_head and the BF16 projections of speculative verification and decode batches): each x is
+// split into three BF16 parts that sum to it exactly, so the tensor-core products are exact too.
 #include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cublaslt_fp8.h"
@@ -65,6 +71,32 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, const uint32_t* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // the host never launches this kernel below sm_89
+#endif
+}
+
+// Two FP32 values (lower k first) as three BF16 pairs hi + mid + lo that sum to them exactly: each
+// part rounds the remainder to 8 significant bits, and 3 x 8 covers FP32's 24. BF16 weights times
+// each part are exact FP32 products, so only the summation order differs from the FP32 GEMV.
+__device__ __forceinline__ void split_bf16x3(float2 v, uint32_t (&part)[3]) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
+    part[i] = *reinterpret_cast<const uint32_t*>(&h);
+    const float2 back = __bfloat1622float2(h);
+    v.x -= back.x;
+    v.y -= back.y;
+  }
 }
 
 __device__ __forceinline__ void mma_e4m3(float* c, const uint32_t* a, const uint32_t* b) {
@@ -332,7 +364,8 @@ __device__ __forceinline__ uint32_t e2m1_odd_to_e4m3_scaled(uint32_t w) {
 template <int FMT, bool SF32, int NT, bool kSwiglu>
 __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, int ks) {
   constexpr int SK = kSkStageK<FMT>, SLOT = kSkSlotBytes<FMT, SF32>, kParts = kSwiglu ? 2 : 1;
-  constexpr int64_t kRowBytesPerK2 = FMT == kFP8 ? 2 : 1;  // weight bytes per 2 elements
+  constexpr int64_t kRowBytesPerK2 = FMT == kBF16 ? 4 : FMT == kFP8 ? 2 : 1;  // weight bytes per 2 elements
+  using XT = std::conditional_t<FMT == kBF16, float, uint8_t>;  // activations: FP32 or E4M3
   extern __shared__ __align__(16) uint8_t smem_raw[];
   const Problem p = problem(a);
   if (p.rows <= 0) return;  // block-uniform
@@ -354,12 +387,13 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
   const int64_t nkw = (p.w.in + 127) / 128;  // FP8 weight scale columns
 
   for (int64_t t0 = 0; t0 < p.rows; t0 += 8 * NT) {
-    const uint8_t* xr[NT];  // this lane's B column: problem row t0 + 8j + g
+    const XT* xr[NT];       // this lane's B column: problem row t0 + 8j + g
     int64_t sr[NT][2];      // the C columns' rows (t0 + 8j + 2 t4 + {0, 1}) for the activation scales
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int64_t r = t0 + 8 * j + g;
-      xr[j] = r < p.rows ? a.xq + act_row(r) * a.ldxq : nullptr;
+      if constexpr (FMT == kBF16) xr[j] = r < p.rows ? p.x + act_row(r) * a.ldx : nullptr;
+      else xr[j] = r < p.rows ? a.xq + act_row(r) * a.ldxq : nullptr;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t c = t0 + 8 * j + 2 * t4 + h;
@@ -401,7 +435,7 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
               const int64_t n = row0 + lane;
               cp_async8(slot + kSkStageBytes + lane * 8, n < N ? sq + (p.wrow0 + n) * groups + kst / 32 : sq, n < N);
             }
-          } else {
+          } else if constexpr (FMT == kFP8) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
               const int64_t n = row0 + g + 8 * h;
@@ -420,7 +454,25 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
         issue(s + kSkStages - 1, kSkStages - 1);
         const uint8_t* slot = ring + (s % kSkStages) * SLOT;
         const int64_t kst = k_first + (s % stages) * SK;
-        if constexpr (FMT == kFP8) {
+        if constexpr (FMT == kBF16) {
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {  // k16 steps: units 2m, 2m + 1 = the row's two 8-column halves
+            uint32_t af[4];
+            ldmatrix_x4(af, slot + (2 * m * 16 + lane) * 16);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+              uint32_t lo[3], hi[3];  // zeros for a column without a row (the mma is warp-wide)
+              const float2 z = make_float2(0.f, 0.f);
+              split_bf16x3(xr[j] ? *reinterpret_cast<const float2*>(xr[j] + kst + 16 * m + 2 * t4) : z, lo);
+              split_bf16x3(xr[j] ? *reinterpret_cast<const float2*>(xr[j] + kst + 16 * m + 8 + 2 * t4) : z, hi);
+#pragma unroll
+              for (int i = 0; i < 3; ++i) {
+                const uint32_t bf[2] = {lo[i], hi[i]};
+                mma_bf16(cur[j], af, bf);
+              }
+            }
+          }
+        } else if constexpr (FMT == kFP8) {
           float part[NT][4];
 #pragma unroll
           for (int j = 0; j < NT; ++j)
@@ -605,12 +657,19 @@ void padded_block_scales(const uint8_t* s, bool scale_f32, int64_t N, int64_t K,
   DSV4_LAUNCH_CHECK();
 }
 
-bool gemm_fp8_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
-  const bool few_rows = a.max_rows <= kGemvMaxRows || a.force_gemv;
-  if (!a.xq || !few_rows || a.x_z_off || a.ldxq % 16 || !a.xs) return false;
+bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
+  bool fits = false;
+  if (a.wd.fmt == kBF16) {  // FP32 rows, 8-byte aligned pairs; one row stays on the stream GEMV
+    const int64_t rows = a.typical_rows ? a.typical_rows : a.max_rows;
+    fits = !a.xq && rows >= 2 && a.max_rows <= kSkinnyBf16MaxRows && a.ldx % 2 == 0 && a.x_z_off % 2 == 0 &&
+           (reinterpret_cast<uintptr_t>(a.x) & 7) == 0;
+  } else {
+    fits = a.xq && (a.max_rows <= kGemvMaxRows || a.force_gemv) && !a.x_z_off && a.ldxq % 16 == 0 && a.xs;
+  }
+  if (!fits) return false;
   bool launched = false;
   dispatch_format(a.wd, [&]<int F, bool S>() {
-    if constexpr (F == kFP8 || F == kFP4) {
+    if constexpr (F == kFP8 || F == kFP4 || F == kBF16) {
       if (skinny_fits(F, a.K)) {
         swiglu ? launch_skinny<F, S, true>(a, stream) : launch_skinny<F, S, false>(a, stream);
         launched = true;
@@ -624,7 +683,7 @@ bool gemm_fp8_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
 void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.K % 32 || a.x_z_off || !a.xs)
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
-  if (gemm_fp8_skinny(a, false, stream)) return;
+  if (gemm_skinny(a, false, stream)) return;
   switch (a.wd.fmt) {
     case kFP8: a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream); break;
     case kFP4: a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream); break;

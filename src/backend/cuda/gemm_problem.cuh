@@ -42,9 +42,13 @@ __device__ __forceinline__ const float* x_row(const GemmArgs& a, const Problem& 
 
 // The FP8-activation GEMM (a.xq set): tensor cores, FP8 or FP4 weights (gemm_fp8.cu).
 void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream);
-// Its weight-streaming kernel for few rows per problem (max_rows <= kGemvMaxRows or force_gemv;
-// K a multiple of 128 (FP8) or 256 (FP4)), with the SwiGLU of gemm_swiglu when swiglu is set.
-// False (nothing launched) when the arguments do not fit it.
-bool gemm_fp8_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream);
+// The weight-streaming tensor-core kernel for few rows per problem, with the SwiGLU of
+// gemm_swiglu when swiglu is set: FP8 activations (xq) with FP8/FP4 weights (max_rows <=
+// kGemvMaxRows or force_gemv), or FP32 activations with BF16 weights (2 to kSkinnyBf16MaxRows
+// rows); K a multiple of skinny_stage_k. False (nothing launched) when the arguments do not fit.
+bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream);
+// BF16 weights: up to this many rows take the skinny kernel (16 rows a weight pass; more rows
+// stream the weights again, still cheaper than the FP32 tiled kernel below a few hundred rows).
+constexpr int64_t kSkinnyBf16MaxRows = 64;
 
 }  // namespace dsv4::cuda

@@ -73,9 +73,10 @@ void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stre
 // Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel, or
 // with FP8 activations (xq) its tensor-core twin when K is a multiple of skinny_stage_k.
 constexpr int64_t kGemvMaxRows = 16;
-// K covered by one pipeline stage of the FP8-activation weight-streaming kernel (gemm_fp8.cu):
-// one 128-block of FP8 weights, eight 32-groups of FP4 ones; 0: no such kernel for the format.
-constexpr int64_t skinny_stage_k(int32_t fmt) { return fmt == kFP8 ? 128 : fmt == kFP4 ? 256 : 0; }
+// K covered by one pipeline stage of the weight-streaming tensor-core kernel (gemm_fp8.cu): one
+// 128-block of FP8 weights, eight 32-groups of FP4 ones (both with FP8 activations), 64 columns
+// of BF16 weights (FP32 activations); 0: no such kernel for the format.
+constexpr int64_t skinny_stage_k(int32_t fmt) { return fmt == kFP8 ? 128 : fmt == kFP4 ? 256 : fmt == kBF16 ? 64 : 0; }
 constexpr bool skinny_fits(int32_t fmt, int64_t K) { return skinny_stage_k(fmt) > 0 && K % skinny_stage_k(fmt) == 0; }
 // FP8-weight linears with FP8 activations and at least this many rows take the tensor cores
 // (cuBLASLt on sm_90 when offered, else the mma kernel) instead of the FP32 GEMV, which is

@@ -434,6 +434,7 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
   // Vector loads need 16-element rows and 16-byte aligned x rows; weights live in 256-byte
   // aligned arena blocks (MoE descriptors too), so only the single descriptor is checked.
   const bool rows16 = a.ldx % 4 == 0 && a.x_z_off % 4 == 0 && aligned16(a.x) && (a.descs || aligned16(a.wd.w));
+  if (gemm_skinny(a, false, stream)) return;  // BF16 weights, 2 to 64 rows: tensor cores
   const WeightDesc& fmt_of = a.wd;  // descs share the format of wd (the caller sets both)
   // A few hundred rows against a narrow BF16/F32 weight (the router, compressor and indexer
   // projections of a 64-sequence decode step) give the 64x64 tiled kernel fewer blocks than SMs,
@@ -485,7 +486,7 @@ void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stre
                  (long long)a.N);
     std::abort();
   }
-  if (gemm_fp8_skinny(a, true, stream)) return;
+  if (gemm_skinny(a, true, stream)) return;
   bool fused = false;
   dispatch_format(a.wd, [&]<int F, bool S>() {
     if (streams_one_row(a, kChunkElems<F>)) {
