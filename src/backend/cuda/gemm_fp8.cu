@@ -10,6 +10,8 @@
 // lm_head and the BF16 projections of speculative verification and decode batches): each x is
 // split into three BF16 parts that sum to it exactly, so the tensor-core products are exact too.
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -660,6 +662,12 @@ void padded_block_scales(const uint8_t* s, bool scale_f32, int64_t N, int64_t K,
 bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
   bool fits = false;
   if (a.wd.fmt == kBF16) {  // FP32 rows, 8-byte aligned pairs; one row stays on the stream GEMV
+    // Off until measured on the H200: DSV4_CUDA_SKINNY_BF16=1 turns it on.
+    static const bool on = [] {
+      const char* v = std::getenv("DSV4_CUDA_SKINNY_BF16");
+      return v && std::string_view(v) == "1";
+    }();
+    if (!on) return false;
     const int64_t rows = a.typical_rows ? a.typical_rows : a.max_rows;
     fits = !a.xq && rows >= 2 && a.max_rows <= kSkinnyBf16MaxRows && a.ldx % 2 == 0 && a.x_z_off % 2 == 0 &&
            (reinterpret_cast<uintptr_t>(a.x) & 7) == 0;
