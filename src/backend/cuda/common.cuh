@@ -28,7 +28,7 @@ namespace dsv4::cuda {
 // kernel's tail; a decode step is ~1,500 short kernels, each paying a few microseconds there.
 // Every such kernel starts with pdl_prologue(): wait until the previous grid has completed and
 // its writes are visible (nothing is read before), then let the next kernel launch in turn. No
-// effect on older GPUs. DSV4_CUDA_PDL=0 launches plainly (for A/B measurements).
+// effect on older GPUs. Off until measured on the H200: DSV4_CUDA_PDL=1 turns it on.
 __device__ __forceinline__ void pdl_prologue() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

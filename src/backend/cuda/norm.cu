@@ -13,7 +13,7 @@ namespace dsv4::cuda {
 bool pdl_enabled() {
   static const bool env_on = [] {
     const char* v = std::getenv("DSV4_CUDA_PDL");
-    return !(v && std::string_view(v) == "0");
+    return v && std::string_view(v) == "1";
   }();
   if (!env_on) return false;
   constexpr int kMaxDevices = 64;
