@@ -92,6 +92,7 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
                                                      KeySources<kPacked> ks, const int32_t* idx_a, int64_t Ka,
                                                      const int32_t* idx_b, int64_t Kb, Vec sinks, float scale,
                                                      float* out, float* part) {
+  pdl_prologue();
   extern __shared__ __align__(16) float qs[];
   float* kvs = qs + kHG * d;
   __shared__ float ps[kHG][kTileKeys];
@@ -250,6 +251,7 @@ constexpr int kCombineThreads = 128;
 constexpr int kMaxSplits = 512;
 __global__ void __launch_bounds__(kCombineThreads) attend_combine_kernel(const float* part, int64_t H, int64_t d,
                                                                          int64_t S, Vec sinks, float* out) {
+  pdl_prologue();
   __shared__ float f[kMaxSplits];
   __shared__ float total;
   __shared__ int bad;
@@ -302,11 +304,12 @@ void launch_attend(const AttendArgs& a, cudaStream_t s) {
   (void)allowed;
   const int64_t S = attend_splits(a.T, a.H, a.Ka, a.Kb);
   dim3 grid(unsigned(a.T), unsigned((a.H + kHG - 1) / kHG), unsigned(S));
-  attend_kernel<kPacked, V><<<grid, 256, smem, s>>>(a.q, a.H, a.d, tk, ks, a.idx_a, a.Ka, a.idx_b, a.Kb, a.sinks,
-                                                    a.scale, a.out, a.scratch);
+  launch_pdl(attend_kernel<kPacked, V>, grid, 256, smem, s, a.q, a.H, a.d, tk, ks, a.idx_a, a.Ka, a.idx_b, a.Kb,
+             a.sinks, a.scale, a.out, a.scratch);
   DSV4_LAUNCH_CHECK();
   if (S > 1) {
-    attend_combine_kernel<<<dim3(unsigned(a.T), unsigned(a.H)), kCombineThreads, 0, s>>>(a.scratch, a.H, a.d, S, a.sinks, a.out);
+    launch_pdl(attend_combine_kernel, dim3(unsigned(a.T), unsigned(a.H)), kCombineThreads, 0, s, a.scratch, a.H, a.d, S,
+               a.sinks, a.out);
     DSV4_LAUNCH_CHECK();
   }
 }
@@ -317,6 +320,7 @@ void launch_attend(const AttendArgs& a, cudaStream_t s) {
 // columns n (and d + n with overlap) of its slot's pending rows and pooling channel n of every
 // window that completes; the channels of a slot are independent, so no synchronisation.
 __global__ void compress_kernel(CompressArgs a) {
+  pdl_prologue();
   const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (n >= a.d) return;
   const int32_t* seg = a.seqs + int64_t(blockIdx.y) * kSegCols;
@@ -380,6 +384,7 @@ size_t index_score_smem(int64_t H, int64_t d) { return size_t(H * d + H + kScore
 // row outside the pool scores NaN (sorts first, so the bad row reaches the output).
 // smem: q_t [H*d], w_t [H], keys [kScoreKeys][d + 1].
 __global__ void __launch_bounds__(kScoreThreads) index_score_kernel(IndexArgs a) {
+  pdl_prologue();
   extern __shared__ __align__(16) float sm[];
   __shared__ int64_t rows[kScoreKeys];
   __shared__ float partial[kScoreThreads / 32][kScoreKeys];
@@ -472,6 +477,7 @@ __device__ __forceinline__ unsigned long long rank_key(uint32_t u, int64_t j) {
 // the lowest-j keys equal to it, in j order through a block scan), then sorted descending in
 // shared memory ([P] slots, P = K rounded up to a power of two) and written as pool rows.
 __global__ void __launch_bounds__(kTopkThreads) topk_kernel(IndexArgs a, int64_t P) {
+  pdl_prologue();
   extern __shared__ unsigned long long picked[];
   __shared__ uint32_t hist[256];
   __shared__ uint32_t s_prefix, s_need, s_above;
@@ -567,7 +573,7 @@ void attend(const AttendArgs& a, cudaStream_t s) {
 void compress(const CompressArgs& a, cudaStream_t s) {
   if (a.S <= 0 || a.d <= 0) return;
   dim3 grid(unsigned((a.d + 127) / 128), unsigned(a.S));
-  compress_kernel<<<grid, 128, 0, s>>>(a);
+  launch_pdl(compress_kernel, grid, 128, 0, s, a);
   DSV4_LAUNCH_CHECK();
 }
 
@@ -590,10 +596,10 @@ void index_topk(const IndexArgs& a, cudaStream_t s) {
     b.idx += t0 * a.K;
     if (b.n_max > 0) {
       dim3 grid(unsigned((b.n_max + kScoreKeys - 1) / kScoreKeys), unsigned(b.T));
-      index_score_kernel<<<grid, kScoreThreads, score_smem, s>>>(b);
+      launch_pdl(index_score_kernel, grid, kScoreThreads, score_smem, s, b);
       DSV4_LAUNCH_CHECK();
     }
-    topk_kernel<<<unsigned(b.T), kTopkThreads, topk_smem, s>>>(b, P);
+    launch_pdl(topk_kernel, unsigned(b.T), kTopkThreads, topk_smem, s, b, P);
     DSV4_LAUNCH_CHECK();
   }
 }

@@ -28,6 +28,7 @@ namespace {
 // ---- activation quantisation: one warp per (row, 128-block) ----------------------------------
 __global__ void act_quant_kernel(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uint8_t* q,
                                  int64_t ldq, float* scales, float* rt) {
+  pdl_prologue();
   const int lane = threadIdx.x & 31;
   const int64_t nkb = (K + 127) / 128;
   const int64_t w = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -139,6 +140,7 @@ __device__ __forceinline__ void promote(Frag& acc, Frag& part, int nt, const flo
 
 template <int FMT, bool SF32>
 __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
+  pdl_prologue();
   extern __shared__ __align__(16) uint8_t smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const Problem p = problem(a);
@@ -365,6 +367,7 @@ __device__ __forceinline__ uint32_t e2m1_odd_to_e4m3_scaled(uint32_t w) {
 // kSkWarps / ks consecutive tiles, ks K-slices each.
 template <int FMT, bool SF32, int NT, bool kSwiglu>
 __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, int ks) {
+  pdl_prologue();
   constexpr int SK = kSkStageK<FMT>, SLOT = kSkSlotBytes<FMT, SF32>, kParts = kSwiglu ? 2 : 1;
   constexpr int64_t kRowBytesPerK2 = FMT == kBF16 ? 4 : FMT == kFP8 ? 2 : 1;  // weight bytes per 2 elements
   using XT = std::conditional_t<FMT == kBF16, float, uint8_t>;  // activations: FP32 or E4M3
@@ -607,7 +610,7 @@ void launch_skinny_nt(const GemmArgs& a, int ks, dim3 grid, cudaStream_t stream)
                             int(smem)),
        true);
   (void)configured;
-  skinny_kernel<FMT, SF32, NT, kSwiglu><<<grid, kSkWarps * 32, smem, stream>>>(a, ks);
+  launch_pdl(skinny_kernel<FMT, SF32, NT, kSwiglu>, grid, kSkWarps * 32, smem, stream, a, ks);
 }
 
 template <int FMT, bool SF32, bool kSwiglu>
@@ -625,6 +628,7 @@ void launch_skinny(const GemmArgs& a, cudaStream_t stream) {
 }
 
 __global__ void padded_scales_kernel(const uint8_t* s, bool f32, int64_t rows, int64_t cols, int64_t ld, float* out) {
+  pdl_prologue();
   const int64_t n = rows * ld;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / ld, c = i % ld;
@@ -640,7 +644,7 @@ void launch_mma(const GemmArgs& a, cudaStream_t stream) {
     configured = true;
   }
   dim3 grid(unsigned((a.N + kTN - 1) / kTN), unsigned((a.max_rows + kTM - 1) / kTM), unsigned(a.Z));
-  mma_kernel<FMT, SF32><<<grid, 256, sizeof(Smem), stream>>>(a);
+  launch_pdl(mma_kernel<FMT, SF32>, grid, 256, sizeof(Smem), stream, a);
 }
 
 }  // namespace
@@ -649,13 +653,13 @@ void act_quant(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uin
                float* roundtrip, cudaStream_t stream) {
   const int64_t warps = M * ((K + 127) / 128);
   if (warps <= 0) return;
-  act_quant_kernel<<<blocks_for(warps * 32), 256, 0, stream>>>(x, M, K, ldx, pow2, q, ldq, scales, roundtrip);
+  launch_pdl(act_quant_kernel, blocks_for(warps * 32), 256, 0, stream, x, M, K, ldx, pow2, q, ldq, scales, roundtrip);
   DSV4_LAUNCH_CHECK();
 }
 
 void padded_block_scales(const uint8_t* s, bool scale_f32, int64_t N, int64_t K, float* out, cudaStream_t stream) {
   const int64_t rows = (N + 127) / 128, cols = (K + 127) / 128, ld = padded_scale_cols(K);
-  padded_scales_kernel<<<blocks_for(rows * ld), 256, 0, stream>>>(s, scale_f32, rows, cols, ld, out);
+  launch_pdl(padded_scales_kernel, blocks_for(rows * ld), 256, 0, stream, s, scale_f32, rows, cols, ld, out);
   DSV4_LAUNCH_CHECK();
 }
 

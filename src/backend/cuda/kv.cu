@@ -13,6 +13,7 @@ namespace {
 // rows >= N are skipped.
 __global__ void __launch_bounds__(256) store_rows_kernel(const float* x, const int32_t* rows, int64_t N,
                                                          KvRowLayout L, bool packed, void* store) {
+  pdl_prologue();
   const int64_t i = blockIdx.x, r = rows ? int64_t(rows[i]) : i;
   if (r < 0 || r >= N) return;
   const float* v = x + i * L.dim;
@@ -26,6 +27,7 @@ __global__ void __launch_bounds__(256) store_rows_kernel(const float* x, const i
 
 // One block per output row: out[i] = decode(packed[rows ? rows[i] : i]); NaN for rows outside [0, N).
 __global__ void unpack_kv_kernel(const uint8_t* packed, int64_t N, const int32_t* rows, KvRowLayout L, float* out) {
+  pdl_prologue();
   const int64_t i = blockIdx.x, r = rows ? int64_t(rows[i]) : i;
   float* o = out + i * L.dim;
   if (r < 0 || r >= N) {
@@ -38,6 +40,7 @@ __global__ void unpack_kv_kernel(const uint8_t* packed, int64_t N, const int32_t
 
 // In place: each value becomes decode(encode(value)), with the same codecs as above.
 __global__ void quantize_kv_kernel(float* x, KvRowLayout L) {
+  pdl_prologue();
   float* v = x + int64_t(blockIdx.x) * L.dim;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (int64_t b = int64_t(warp) * kKvScaleBlock; b < L.nope; b += int64_t(nw) * kKvScaleBlock) {
@@ -52,14 +55,14 @@ __global__ void quantize_kv_kernel(float* x, KvRowLayout L) {
 
 void quantize_kv(float* x, int64_t rows, int64_t d, int64_t nope, cudaStream_t s) {
   if (rows <= 0) return;
-  quantize_kv_kernel<<<unsigned(rows), 256, 0, s>>>(x, kv_row_layout(d, nope));
+  launch_pdl(quantize_kv_kernel, unsigned(rows), 256, 0, s, x, kv_row_layout(d, nope));
   DSV4_LAUNCH_CHECK();
 }
 
 void store_rows(const float* x, const int32_t* rows, int64_t n, int64_t d, int64_t nope, void* store, int64_t N,
                 bool packed, cudaStream_t s) {
   if (n <= 0 || d <= 0) return;
-  store_rows_kernel<<<unsigned(n), 256, 0, s>>>(x, rows, N, kv_row_layout(d, nope), packed, store);
+  launch_pdl(store_rows_kernel, unsigned(n), 256, 0, s, x, rows, N, kv_row_layout(d, nope), packed, store);
   DSV4_LAUNCH_CHECK();
 }
 
@@ -70,7 +73,7 @@ void pack_kv(const float* x, int64_t rows, int64_t d, int64_t nope, uint8_t* pac
 void unpack_kv(const uint8_t* packed, int64_t N, const int32_t* rows, int64_t n, int64_t d, int64_t nope, float* out,
                cudaStream_t s) {
   if (n <= 0 || d <= 0) return;
-  unpack_kv_kernel<<<unsigned(n), 128, 0, s>>>(packed, N, rows, kv_row_layout(d, nope), out);
+  launch_pdl(unpack_kv_kernel, unsigned(n), 128, 0, s, packed, N, rows, kv_row_layout(d, nope), out);
   DSV4_LAUNCH_CHECK();
 }
 

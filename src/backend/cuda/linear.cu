@@ -135,6 +135,7 @@ __device__ __forceinline__ void load_chunks(uint4 (&q)[U], float (&sc)[U], const
 // K / E % 32 == 0 (host checks).
 template <int FMT, bool SF32, int RB>
 __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(GemmArgs a, bool vec, int rpw) {
+  pdl_prologue();
   constexpr int E = kChunkElems<FMT>, U = kGemvUnroll<RB>, KT = kGemvTileK<RB>, CT = KT / E, Q = E / 4;
   extern __shared__ float4 xs[];  // [RB][Q][CT]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -265,6 +266,7 @@ size_t stream_gemv_smem(int64_t K) { return size_t((K + 3) / 4 * 4) * 4 + size_t
 // silu(min(a1, L)) * clamp(a3, -L, L): both products and the SwiGLU in one pass.
 template <int FMT, bool SF32, bool kSwiglu>
 __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a) {
+  pdl_prologue();
   constexpr int E = kChunkElems<FMT>, Q = E / 4, U = kStepsPerStage;
   extern __shared__ float4 sm4[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -338,6 +340,7 @@ constexpr int kBM = 64, kBN = 64, kBK = 16;
 
 template <int FMT, bool SF32>
 __global__ void __launch_bounds__(256) tiled_kernel(GemmArgs a, bool vec) {
+  pdl_prologue();
   __shared__ __align__(16) float xs[kBK][kBM + 4];
   __shared__ __align__(16) float ws[kBK][kBN + 4];
   const Problem p = problem(a);
@@ -411,8 +414,8 @@ void launch_stream_gemv(const GemmArgs& a, cudaStream_t stream) {
                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                     int(stream_gemv_smem(kGemvTileK<1>))), true);
   (void)allowed;
-  stream_gemv_kernel<F, S, kSwiglu><<<dim3(unsigned(std::min(want, need)), 1, unsigned(a.Z)), kGemvThreads,
-                                      stream_gemv_smem(a.K), stream>>>(a);
+  launch_pdl(stream_gemv_kernel<F, S, kSwiglu>, dim3(unsigned(std::min(want, need)), 1, unsigned(a.Z)), kGemvThreads,
+             stream_gemv_smem(a.K), stream, a);
 }
 
 // Whether gemm() takes the one-row streaming kernel (vec rows, chunks % 32, K within the tile).
@@ -466,14 +469,14 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
       if (streams_one_row(a, E)) {
         launch_stream_gemv<F, S, false>(a, stream);
       } else if (one) {
-        gemv_kernel<F, S, 1><<<grid, kGemvThreads, gemv_smem_bytes<1>(), stream>>>(a, vec, rpw);
+        launch_pdl(gemv_kernel<F, S, 1>, grid, kGemvThreads, gemv_smem_bytes<1>(), stream, a, vec, rpw);
       } else {
-        gemv_kernel<F, S, kRB><<<grid, kGemvThreads, gemv_smem_bytes<kRB>(), stream>>>(a, vec, 1);
+        launch_pdl(gemv_kernel<F, S, kRB>, grid, kGemvThreads, gemv_smem_bytes<kRB>(), stream, a, vec, 1);
       }
     } else {
       const bool vec = rows16 && a.K % 16 == 0;
       dim3 grid(unsigned((a.N + kBN - 1) / kBN), unsigned((a.max_rows + kBM - 1) / kBM), unsigned(a.Z));
-      tiled_kernel<F, S><<<grid, 256, 0, stream>>>(a, vec);
+      launch_pdl(tiled_kernel<F, S>, grid, 256, 0, stream, a, vec);
     }
   });
   DSV4_LAUNCH_CHECK();

@@ -18,6 +18,7 @@ __device__ __forceinline__ void better(float& v, int& i, float v2, int i2) {
 
 // Block per token; shared: score[E], biased[E], taken[E].
 __global__ void route_kernel(RouteArgs a) {
+  pdl_prologue();
   extern __shared__ float sm[];
   float* score = sm;
   float* biased = sm + a.E;
@@ -90,6 +91,7 @@ __global__ void route_kernel(RouteArgs a) {
 }
 
 __global__ void count_kernel(const int32_t* experts, int64_t n, int64_t first, int64_t E, int32_t* counts) {
+  pdl_prologue();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = experts[i] - first;
     if (e >= 0 && e < E) atomicAdd(&counts[e], 1);
@@ -102,6 +104,7 @@ __global__ void count_kernel(const int32_t* experts, int64_t n, int64_t first, i
 constexpr int kScanThreads = 256;
 __global__ void __launch_bounds__(kScanThreads) scan_kernel(const int32_t* counts, int64_t E, int32_t* offsets,
                                                             int32_t* cursor, int32_t* active, int64_t zmax) {
+  pdl_prologue();
   using Scan = cub::BlockScan<int32_t, kScanThreads>;
   __shared__ typename Scan::TempStorage tmp;
   int32_t rows_before = 0, active_before = 0;
@@ -126,6 +129,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const int32_t* count
 
 __global__ void place_kernel(const int32_t* experts, int64_t n, int64_t k, int64_t first, int64_t E, int64_t total,
                              const int32_t* offsets, int32_t* cursor, int32_t* perm, int32_t* slot) {
+  pdl_prologue();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int32_t id = experts[i];
     const int64_t e = id - first;
@@ -140,6 +144,7 @@ __global__ void place_kernel(const int32_t* experts, int64_t n, int64_t k, int64
 }
 
 __global__ void swiglu_kernel(float* h1, const float* h3, int64_t n, float limit) {
+  pdl_prologue();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     h1[i] = swiglu_value(h1[i], h3[i], limit);
   }
@@ -147,6 +152,7 @@ __global__ void swiglu_kernel(float* h1, const float* h3, int64_t n, float limit
 
 __global__ void combine_kernel(const float* Y, const int32_t* slot, const float* w, const float* shared, int64_t T,
                                int64_t k, int64_t D, float* out) {
+  pdl_prologue();
   const int64_t n = T * D;
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = g / D, c = g % D;
@@ -164,7 +170,7 @@ __global__ void combine_kernel(const float* Y, const int32_t* slot, const float*
 void route(const RouteArgs& a, cudaStream_t s) {
   if (a.T <= 0) return;
   const size_t smem = size_t(3 * a.E) * 4;
-  route_kernel<<<unsigned(a.T), 256, smem, s>>>(a);
+  launch_pdl(route_kernel, unsigned(a.T), 256, smem, s, a);
   DSV4_LAUNCH_CHECK();
 }
 
@@ -173,22 +179,22 @@ void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t first, int6
                cudaStream_t s) {
   cudaMemsetAsync(counts, 0, size_t(E) * 4, s);
   const int64_t n = T * k;
-  count_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, first, E, counts);
-  scan_kernel<<<1, kScanThreads, 0, s>>>(counts, E, offsets, cursor, active, zmax);
-  place_kernel<<<blocks_for(n), 256, 0, s>>>(experts, n, k, first, E, total, offsets, cursor, perm, slot);
+  launch_pdl(count_kernel, blocks_for(n), 256, 0, s, experts, n, first, E, counts);
+  launch_pdl(scan_kernel, 1, kScanThreads, 0, s, counts, E, offsets, cursor, active, zmax);
+  launch_pdl(place_kernel, blocks_for(n), 256, 0, s, experts, n, k, first, E, total, offsets, cursor, perm, slot);
   DSV4_LAUNCH_CHECK();
 }
 
 void swiglu(float* h1, const float* h3, int64_t n, float limit, cudaStream_t s) {
   if (n <= 0) return;
-  swiglu_kernel<<<blocks_for(n), 256, 0, s>>>(h1, h3, n, limit);
+  launch_pdl(swiglu_kernel, blocks_for(n), 256, 0, s, h1, h3, n, limit);
   DSV4_LAUNCH_CHECK();
 }
 
 void moe_combine(const float* Y, const int32_t* slot, const float* weights, const float* shared, int64_t T, int64_t k,
                  int64_t D, float* out, cudaStream_t s) {
   if (T * D <= 0) return;
-  combine_kernel<<<blocks_for(T * D), 256, 0, s>>>(Y, slot, weights, shared, T, k, D, out);
+  launch_pdl(combine_kernel, blocks_for(T * D), 256, 0, s, Y, slot, weights, shared, T, k, D, out);
   DSV4_LAUNCH_CHECK();
 }
 

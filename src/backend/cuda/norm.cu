@@ -1,6 +1,8 @@
 // Elementwise family: fill, embedding, RMSNorm, RoPE/YaRN, mHC (pre with Sinkhorn, post, head),
 // row gathers and stream broadcast.
 #include <algorithm>
+#include <atomic>
+#include <string_view>
 
 #include <cuda_fp8.h>
 
@@ -8,13 +10,36 @@
 
 namespace dsv4::cuda {
 
+bool pdl_enabled() {
+  static const bool env_on = [] {
+    const char* v = std::getenv("DSV4_CUDA_PDL");
+    return v && std::string_view(v) == "1";
+  }();
+  if (!env_on) return false;
+  constexpr int kMaxDevices = 64;
+  // Per device (GPUs may differ; rank threads call this concurrently): 0 unknown, 1 yes, -1 no.
+  static std::atomic<int8_t> known[kMaxDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  int8_t k = known[dev].load(std::memory_order_relaxed);
+  if (!k) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    k = major >= 9 ? 1 : -1;
+    known[dev].store(k, std::memory_order_relaxed);
+  }
+  return k > 0;
+}
+
 namespace {
 
 __global__ void fill_kernel(float* x, int64_t n, float v) {
+  pdl_prologue();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) x[i] = v;
 }
 
 __global__ void embed_kernel(Vec table, int64_t d, const int32_t* ids, float* out) {
+  pdl_prologue();
   const int64_t t = blockIdx.x, row = ids[t];
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = vec_at(table, row * d + i);
 }
@@ -28,6 +53,7 @@ __global__ void embed_kernel(Vec table, int64_t d, const int32_t* ids, float* ou
 constexpr int kNormThreads = 256;
 template <int kPer>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const float* x, Vec w, float eps, int64_t d, float* out) {
+  pdl_prologue();
   __shared__ float red[33];
   const int64_t r = blockIdx.x;
   const float* xi = x + r * d;
@@ -57,6 +83,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const float* x, 
 
 __global__ void rope_kernel(float* x, const int32_t* pos, const float* inv_freq, int64_t T, int64_t heads,
                             int64_t dim, int64_t half, bool inverse) {
+  pdl_prologue();
   const int64_t n = T * heads * half;
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = g % half, th = g / half, t = th / heads;
@@ -90,6 +117,7 @@ int64_t hc_chunks(int64_t n) { return (n + kHcChunk - 1) / kHcChunk; }
 template <int MIX>
 __global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const float* X, int64_t n, const float* fn,
                                                                       float* part) {
+  pdl_prologue();
   __shared__ float red[MIX + 1][kHcThreads / 32];
   const int64_t t = blockIdx.y, c0 = int64_t(blockIdx.x) * kHcChunk;
   const float* x = X + t * n;
@@ -127,6 +155,7 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, i
                                                                  int64_t chunks, const float* base, const float* scale,
                                                                  int64_t iters, float hc_eps, float norm_eps, float* u,
                                                                  float* post, float* comb) {
+  pdl_prologue();
   constexpr int MIX = SINKHORN ? (2 + M) * M : M;
   __shared__ float tot[MIX + 1], pre[M], C[M * M];
   const int64_t t = blockIdx.y;
@@ -203,6 +232,7 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, i
 
 __global__ void hc_post_kernel(const float* y, const float* X, const float* post, const float* comb, int64_t T,
                                int64_t m, int64_t D, float* out) {
+  pdl_prologue();
   const int64_t n = T * m * D;
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t d = g % D, k = (g / D) % m, t = g / (m * D);
@@ -214,6 +244,7 @@ __global__ void hc_post_kernel(const float* y, const float* X, const float* post
 
 __global__ void gather_kernel(const float* src, int64_t src_rows, int64_t d, const int32_t* rows, int64_t n,
                               float* out) {
+  pdl_prologue();
   const int64_t total = n * d;
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < total; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = g / d, r = rows[i];
@@ -222,6 +253,7 @@ __global__ void gather_kernel(const float* src, int64_t src_rows, int64_t d, con
 }
 
 __global__ void broadcast_kernel(const float* v, float* X, int64_t T, int64_t m, int64_t D, bool acc) {
+  pdl_prologue();
   const int64_t n = T * m * D;
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t d = g % D, t = g / (m * D);
@@ -233,24 +265,24 @@ __global__ void broadcast_kernel(const float* v, float* X, int64_t T, int64_t m,
 
 void fill(float* x, int64_t n, float v, cudaStream_t s) {
   if (n <= 0) return;
-  fill_kernel<<<blocks_for(n), 256, 0, s>>>(x, n, v);
+  launch_pdl(fill_kernel, blocks_for(n), 256, 0, s, x, n, v);
   DSV4_LAUNCH_CHECK();
 }
 
 void embed(Vec table, int64_t d, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
   if (n <= 0) return;
-  embed_kernel<<<unsigned(n), 256, 0, s>>>(table, d, ids, out);
+  launch_pdl(embed_kernel, unsigned(n), 256, 0, s, table, d, ids, out);
   DSV4_LAUNCH_CHECK();
 }
 
 void rms_norm(const float* x, Vec w, float eps, int64_t rows, int64_t d, float* out, cudaStream_t s) {
   if (rows <= 0) return;
   const unsigned grid = unsigned(rows);
-  if (d <= 1 * kNormThreads) rms_norm_kernel<1><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
-  else if (d <= 2 * kNormThreads) rms_norm_kernel<2><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
-  else if (d <= 4 * kNormThreads) rms_norm_kernel<4><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
-  else if (d <= 16 * kNormThreads) rms_norm_kernel<16><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
-  else rms_norm_kernel<0><<<grid, kNormThreads, 0, s>>>(x, w, eps, d, out);
+  if (d <= 1 * kNormThreads) launch_pdl(rms_norm_kernel<1>, grid, kNormThreads, 0, s, x, w, eps, d, out);
+  else if (d <= 2 * kNormThreads) launch_pdl(rms_norm_kernel<2>, grid, kNormThreads, 0, s, x, w, eps, d, out);
+  else if (d <= 4 * kNormThreads) launch_pdl(rms_norm_kernel<4>, grid, kNormThreads, 0, s, x, w, eps, d, out);
+  else if (d <= 16 * kNormThreads) launch_pdl(rms_norm_kernel<16>, grid, kNormThreads, 0, s, x, w, eps, d, out);
+  else launch_pdl(rms_norm_kernel<0>, grid, kNormThreads, 0, s, x, w, eps, d, out);
   DSV4_LAUNCH_CHECK();
 }
 
@@ -258,7 +290,7 @@ void rope(float* x, const int32_t* pos, const float* inv_freq, int64_t T, int64_
           bool inverse, cudaStream_t s) {
   const int64_t n = T * heads * (rope_dim / 2);
   if (n <= 0) return;
-  rope_kernel<<<blocks_for(n), 256, 0, s>>>(x, pos, inv_freq, T, heads, dim, rope_dim / 2, inverse);
+  launch_pdl(rope_kernel, blocks_for(n), 256, 0, s, x, pos, inv_freq, T, heads, dim, rope_dim / 2, inverse);
   DSV4_LAUNCH_CHECK();
 }
 
@@ -275,10 +307,10 @@ void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const floa
                cudaStream_t s) {
   constexpr int MIX = SINKHORN ? (2 + M) * M : M;
   const int64_t n = M * D, chunks = hc_chunks(n);
-  hc_mix_partial_kernel<MIX><<<dim3(unsigned(chunks), unsigned(T)), kHcThreads, 0, s>>>(X, n, fn, scratch);
+  launch_pdl(hc_mix_partial_kernel<MIX>, dim3(unsigned(chunks), unsigned(T)), kHcThreads, 0, s, X, n, fn, scratch);
   DSV4_LAUNCH_CHECK();
-  hc_finish_kernel<M, SINKHORN><<<dim3(unsigned(hc_chunks(D)), unsigned(T)), kHcThreads, 0, s>>>(
-      X, D, scratch, chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
+  launch_pdl(hc_finish_kernel<M, SINKHORN>, dim3(unsigned(hc_chunks(D)), unsigned(T)), kHcThreads, 0, s, X, D, scratch,
+             chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
   DSV4_LAUNCH_CHECK();
 }
 }  // namespace
@@ -311,20 +343,20 @@ void hc_head(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, c
 void hc_post(const float* y, const float* X, const float* post, const float* comb, int64_t T, int64_t m, int64_t D,
              float* out, cudaStream_t s) {
   if (T * m * D <= 0) return;
-  hc_post_kernel<<<blocks_for(T * m * D), 256, 0, s>>>(y, X, post, comb, T, m, D, out);
+  launch_pdl(hc_post_kernel, blocks_for(T * m * D), 256, 0, s, y, X, post, comb, T, m, D, out);
   DSV4_LAUNCH_CHECK();
 }
 
 void gather_rows(const float* src, int64_t src_rows, int64_t d, const int32_t* rows, int64_t n, float* out,
                  cudaStream_t s) {
   if (n * d <= 0) return;
-  gather_kernel<<<blocks_for(n * d), 256, 0, s>>>(src, src_rows, d, rows, n, out);
+  launch_pdl(gather_kernel, blocks_for(n * d), 256, 0, s, src, src_rows, d, rows, n, out);
   DSV4_LAUNCH_CHECK();
 }
 
 void broadcast_streams(const float* v, float* X, int64_t T, int64_t m, int64_t D, bool accumulate, cudaStream_t s) {
   if (T * m * D <= 0) return;
-  broadcast_kernel<<<blocks_for(T * m * D), 256, 0, s>>>(v, X, T, m, D, accumulate);
+  launch_pdl(broadcast_kernel, blocks_for(T * m * D), 256, 0, s, v, X, T, m, D, accumulate);
   DSV4_LAUNCH_CHECK();
 }
 

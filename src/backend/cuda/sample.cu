@@ -265,6 +265,7 @@ __device__ Cut radix_select(const Row& row, Cut in, Smem& s, double frac) {
 
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(const float* logits, int V, const float* params, const float* uniforms, int32_t* tokens) {
+  pdl_prologue();
   __shared__ Smem s;
   const int64_t r = blockIdx.x;
   const float* pr = params + r * kSampleParams;
@@ -371,7 +372,7 @@ __global__ void __launch_bounds__(kThreads)
 void sample(const float* logits, int64_t B, int64_t V, const float* params, const float* uniforms, int32_t* tokens,
             cudaStream_t s) {
   if (B <= 0 || V <= 0) return;
-  sample_kernel<<<unsigned(B), kThreads, 0, s>>>(logits, int(V), params, uniforms, tokens);
+  launch_pdl(sample_kernel, unsigned(B), kThreads, 0, s, logits, int(V), params, uniforms, tokens);
   DSV4_LAUNCH_CHECK();
 }
 
