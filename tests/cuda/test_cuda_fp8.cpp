@@ -127,7 +127,7 @@ TEST(CudaFp8, LinearAllPaths) {
   };
   const std::vector<C> cases = {
       {WeightFormat::FP8, 1, 4096, 1024, false},     // wq_a decode: GEMV on the round trip
-      {WeightFormat::FP8, 3, 4096, 1024, false},     // last GEMV row count for FP8 weights
+      {WeightFormat::FP8, 3, 4096, 1024, false},     // 2-3 rows: the skinny tensor-core kernel
       {WeightFormat::FP8, 4, 8192, 4096, false},     // wo_b, 4 tokens: tensor cores
       {WeightFormat::FP8, 8, 1024, 32768, false},    // wq_b, 8 tokens
       {WeightFormat::FP8, 16, 4096, 1024, false},
