@@ -1,8 +1,10 @@
 #pragma once
 // Device helpers shared by the kernel families: weight element loaders per format, reductions.
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <string_view>
 #include <utility>
 
 #include <cuda_fp16.h>
@@ -35,7 +37,29 @@ __device__ __forceinline__ void pdl_prologue() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-bool pdl_enabled();  // this process, current device (norm.cu)
+// An experimental path's switch: environment variable `name` set to "1".
+inline bool env_flag_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::string_view(v) == "1";
+}
+// Whether launch_pdl uses PDL: DSV4_CUDA_PDL=1 and a current device of sm_90 or newer (checked once
+// per device: GPUs may differ, and rank threads call this concurrently).
+inline bool pdl_enabled() {
+  static const bool on = env_flag_on("DSV4_CUDA_PDL");
+  if (!on) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
+  int8_t k = known[dev].load(std::memory_order_relaxed);
+  if (!k) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    k = major >= 9 ? 1 : -1;
+    known[dev].store(k, std::memory_order_relaxed);
+  }
+  return k > 0;
+}
 template <class... P, class... A>
 void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
   cudaLaunchAttribute attr;

@@ -10,11 +10,10 @@
 // lm_head and the BF16 projections of speculative verification and decode batches): each x is
 // split into three BF16 parts that sum to it exactly, so the tensor-core products are exact too.
 #include <cstdint>
-#include <cstdlib>
-#include <string_view>
 #include <type_traits>
 
 #include <cuda_bf16.h>
+#include <nv/target>
 
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/cublaslt_fp8.h"
@@ -76,18 +75,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, const uint32_t* b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();  // the host never launches this kernel below sm_89
-#endif
-}
-
 // Two FP32 values (lower k first) as three BF16 pairs hi + mid + lo that sum to them exactly: each
 // part rounds the remainder to 8 significant bits, and 3 x 8 covers FP32's 24. BF16 weights times
 // each part are exact FP32 products, so only the summation order differs from the FP32 GEMV.
@@ -102,17 +89,21 @@ __device__ __forceinline__ void split_bf16x3(float2 v, uint32_t (&part)[3]) {
   }
 }
 
-__device__ __forceinline__ void mma_e4m3(float* c, const uint32_t* a, const uint32_t* b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  __trap();  // the host never launches this kernel below sm_89
-#endif
-}
+// c += a * b on one m16n8 tile with FP32 accumulators (fragments as the PTX ISA lays them out),
+// compiled only for GPUs with the instruction; elsewhere it traps (the host never launches the
+// kernels that use it there).
+#define DSV4_MMA_16X8(name, provides_sm, shape_and_types)                                                 \
+  __device__ __forceinline__ void name(float* c, const uint32_t* a, const uint32_t* b) {                 \
+    NV_IF_ELSE_TARGET(provides_sm,                                                                       \
+                      (asm volatile("mma.sync.aligned." shape_and_types                                  \
+                                    " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"           \
+                                    : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                     \
+                                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));), \
+                      (__trap();))                                                                       \
+  }
+DSV4_MMA_16X8(mma_bf16, NV_PROVIDES_SM_80, "m16n8k16.row.col.f32.bf16.bf16.f32")
+DSV4_MMA_16X8(mma_e4m3, NV_PROVIDES_SM_89, "m16n8k32.row.col.f32.e4m3.e4m3.f32")
+#undef DSV4_MMA_16X8
 
 // A warp's accumulators: 2 m16 x 4 n8 tiles of the mma C fragment (rows g, g+8; columns 2t, 2t+1).
 using Frag = float[2][4][4];
@@ -667,10 +658,7 @@ bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
   bool fits = false;
   if (a.wd.fmt == kBF16) {  // FP32 rows, 8-byte aligned pairs; one row stays on the stream GEMV
     // Off until measured on the H200: DSV4_CUDA_SKINNY_BF16=1 turns it on.
-    static const bool on = [] {
-      const char* v = std::getenv("DSV4_CUDA_SKINNY_BF16");
-      return v && std::string_view(v) == "1";
-    }();
+    static const bool on = env_flag_on("DSV4_CUDA_SKINNY_BF16");
     if (!on) return false;
     const int64_t rows = a.typical_rows ? a.typical_rows : a.max_rows;
     fits = !a.xq && rows >= 2 && a.max_rows <= kSkinnyBf16MaxRows && a.ldx % 2 == 0 && a.x_z_off % 2 == 0 &&

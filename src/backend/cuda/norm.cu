@@ -1,35 +1,12 @@
 // Elementwise family: fill, embedding, RMSNorm, RoPE/YaRN, mHC (pre with Sinkhorn, post, head),
 // row gathers and stream broadcast.
 #include <algorithm>
-#include <atomic>
-#include <string_view>
 
 #include <cuda_fp8.h>
 
 #include "backend/cuda/common.cuh"
 
 namespace dsv4::cuda {
-
-bool pdl_enabled() {
-  static const bool env_on = [] {
-    const char* v = std::getenv("DSV4_CUDA_PDL");
-    return v && std::string_view(v) == "1";
-  }();
-  if (!env_on) return false;
-  constexpr int kMaxDevices = 64;
-  // Per device (GPUs may differ; rank threads call this concurrently): 0 unknown, 1 yes, -1 no.
-  static std::atomic<int8_t> known[kMaxDevices] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return false;
-  int8_t k = known[dev].load(std::memory_order_relaxed);
-  if (!k) {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    k = major >= 9 ? 1 : -1;
-    known[dev].store(k, std::memory_order_relaxed);
-  }
-  return k > 0;
-}
 
 namespace {
 
