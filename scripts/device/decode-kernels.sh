@@ -4,7 +4,7 @@
 # next to cuBLASLt, same run), and an Nsight Compute per-kernel profile of one decode step of 4
 # layers (the command of /work/shared/measurements/2026-12-01-decode-profile.md).
 #   run: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/device/decode-kernels.sh  (carry [".deps"])
-# Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, PDL_AB=1 (the bench again with DSV4_CUDA_PDL=1), NCU_BATCHES ("1"; e.g. "1 8"), NCU_ARGS (extra bench
+# Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, PDL_AB=1 (the bench again with DSV4_CUDA_PDL=0: without programmatic dependent launch), NCU_BATCHES ("1"; e.g. "1 8"), NCU_ARGS (extra bench
 # arguments of the profiled run; e.g. "--seqs 64": the last step profiled is then 64 sequences), BENCH_LAYERS (30), BENCH_ARGS
 # (extra), GTEST_FILTER.
 set -uo pipefail
@@ -35,10 +35,10 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout 300 ./build-gpu/dsv4 bench model --random --layers "${BENCH_LAYERS:-30}" --batch 1,8 --ctx 1024 --steps 5 \
     --gemm fp8 --kv-fp8 ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 || rc=1
   cat "$OUT/bench.log"
-  if [ "${PDL_AB:-0}" = 1 ]; then  # the same with programmatic dependent launch
-    DSV4_CUDA_PDL=1 timeout 300 ./build-gpu/dsv4 bench model --random --layers "${BENCH_LAYERS:-30}" --batch 1,8 --ctx 1024 \
+  if [ "${PDL_AB:-0}" = 1 ]; then  # the same without programmatic dependent launch
+    DSV4_CUDA_PDL=0 timeout 300 ./build-gpu/dsv4 bench model --random --layers "${BENCH_LAYERS:-30}" --batch 1,8 --ctx 1024 \
       --steps 5 --gemm fp8 --kv-fp8 --no-ops ${BENCH_ARGS:-} >"$OUT/bench-pdl.log" 2>&1 || rc=1
-    echo "== DSV4_CUDA_PDL=1:"; grep -E '^\| (decode|prefill)' "$OUT/bench-pdl.log"
+    echo "== DSV4_CUDA_PDL=0:"; grep -E '^\| (decode|prefill)' "$OUT/bench-pdl.log"
   fi
   echo "== bench: $(( $(date +%s) - t0 )) s"
 fi

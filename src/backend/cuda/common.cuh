@@ -28,24 +28,35 @@ namespace dsv4::cuda {
 // Programmatic dependent launch (sm_90 and newer): a kernel launched with launch_pdl may begin
 // while the previous kernel of its stream drains, so its launch and block scheduling overlap that
 // kernel's tail; a decode step is ~1,500 short kernels, each paying a few microseconds there.
-// Every such kernel starts with pdl_prologue(): wait until the previous grid has completed and
-// its writes are visible (nothing is read before), then let the next kernel launch in turn. No
-// effect on older GPUs. Off until measured on the H200: DSV4_CUDA_PDL=1 turns it on.
-__device__ __forceinline__ void pdl_prologue() {
+// Every such kernel calls pdl_wait() before it reads anything an earlier kernel wrote (or writes
+// anything an earlier kernel reads), then pdl_trigger() to let the next kernel launch in turn;
+// pdl_prologue() is both at once. Reads of constant data (weights) may come before pdl_wait():
+// the weight-streaming kernels start their first copies there. No effect on older GPUs. On by
+// default; DSV4_CUDA_PDL=0 turns it off (H200, 30 layers: B=1 10.67 -> 10.33 ms, docs/PERF.md).
+__device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
-// An experimental path's switch: environment variable `name` set to "1".
-inline bool env_flag_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v && std::string_view(v) == "1";
+__device__ __forceinline__ void pdl_prologue() {
+  pdl_wait();
+  pdl_trigger();
 }
-// Whether launch_pdl uses PDL: DSV4_CUDA_PDL=1 and a current device of sm_90 or newer (checked once
+// A switch of a fast path that is on by default: environment variable `name` set to "0" turns it
+// off (for A/B measurements and bisecting).
+inline bool env_flag_default_on(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && std::string_view(v) == "0");
+}
+// Whether launch_pdl uses PDL: not DSV4_CUDA_PDL=0, and a current device of sm_90 or newer (checked once
 // per device: GPUs may differ, and rank threads call this concurrently).
 inline bool pdl_enabled() {
-  static const bool on = env_flag_on("DSV4_CUDA_PDL");
+  static const bool on = env_flag_default_on("DSV4_CUDA_PDL");
   if (!on) return false;
   constexpr int kMaxDevices = 64;
   static std::atomic<int8_t> known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no

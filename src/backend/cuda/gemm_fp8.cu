@@ -358,7 +358,10 @@ __device__ __forceinline__ uint32_t e2m1_odd_to_e4m3_scaled(uint32_t w) {
 // kSkWarps / ks consecutive tiles, ks K-slices each.
 template <int FMT, bool SF32, int NT, bool kSwiglu>
 __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, int ks) {
-  pdl_prologue();
+  // A dense problem (no expert map or counts, which earlier kernels write) starts streaming its
+  // weights before waiting for the previous kernel: they are constants.
+  const bool early = !a.zmap && !a.counts;
+  if (!early) pdl_prologue();
   constexpr int SK = kSkStageK<FMT>, SLOT = kSkSlotBytes<FMT, SF32>, kParts = kSwiglu ? 2 : 1;
   constexpr int64_t kRowBytesPerK2 = FMT == kBF16 ? 4 : FMT == kFP8 ? 2 : 1;  // weight bytes per 2 elements
   using XT = std::conditional_t<FMT == kBF16, float, uint8_t>;  // activations: FP32 or E4M3
@@ -381,6 +384,52 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
   }
   auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
   const int64_t nkw = (p.w.in + 127) / 128;  // FP8 weight scale columns
+  // FP8: the block scales of rows g and g + 8 of the stages in flight, oldest first (a shift
+  // register: only constant indices, so it stays in registers).
+  float wsc[kSkStages][2];
+  auto issue = [&](int64_t s, int at) {  // stage s; its scales go to wsc[at]
+    if (s < total) {
+      const int q = int(s / stages);
+      const int64_t kst = k_first + (s % stages) * SK;
+      const uint8_t* wq = q ? w3.w : p.w.w;  // warp-uniform
+      const uint8_t* sq = q ? w3.s : p.w.s;
+      uint8_t* slot = ring + (s % kSkStages) * SLOT;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = lane + 32 * u, r = i & 15, unit = i >> 4;
+        const int64_t n = row0 + r;
+        const uint8_t* src = wq + (p.wrow0 + n) * row_bytes + kst * kRowBytesPerK2 / 2 + unit * 16;
+        cp_async16(slot + i * 16, n < N ? src : wq, n < N);
+      }
+      if constexpr (FMT == kFP4) {
+        const int64_t groups = K / 32;
+        if constexpr (SF32) {  // 8 floats per row: two 16-byte pieces
+          const int r = lane >> 1, half = lane & 1;
+          const int64_t n = row0 + r;
+          const float* src = reinterpret_cast<const float*>(sq) + (p.wrow0 + n) * groups + kst / 32 + half * 4;
+          cp_async16(slot + kSkStageBytes + lane * 16, n < N ? src : reinterpret_cast<const float*>(sq), n < N);
+        } else if (lane < 16) {
+          const int64_t n = row0 + lane;
+          cp_async8(slot + kSkStageBytes + lane * 8, n < N ? sq + (p.wrow0 + n) * groups + kst / 32 : sq, n < N);
+        }
+      } else if constexpr (FMT == kFP8) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t n = row0 + g + 8 * h;
+          wsc[at][h] = n < N ? scale_at<SF32>(sq, ((p.wrow0 + n) / 128) * nkw + kst / 128) : 0.f;
+        }
+      }
+    }
+    cp_async_commit();  // empty groups keep the wait counts uniform
+  };
+  auto start_stream = [&] {  // the first kSkStages - 1 stages
+#pragma unroll
+    for (int j = 0; j < kSkStages - 1; ++j) issue(j, j);
+  };
+  if (early) {
+    if (live && p.rows > 0) start_stream();
+    pdl_prologue();
+  }
 
   for (int64_t t0 = 0; t0 < p.rows; t0 += 8 * NT) {
     const XT* xr[NT];       // this lane's B column: problem row t0 + 8j + g
@@ -403,46 +452,7 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
 #pragma unroll
       for (int e = 0; e < 4; ++e) cur[j][e] = first[j][e] = 0.f;
     if (live) {
-      // FP8: the block scales of rows g and g + 8 of the stages in flight, oldest first (a shift
-      // register: only constant indices, so it stays in registers).
-      float wsc[kSkStages][2];
-      auto issue = [&](int64_t s, int at) {  // stage s; its scales go to wsc[at]
-        if (s < total) {
-          const int q = int(s / stages);
-          const int64_t kst = k_first + (s % stages) * SK;
-          const uint8_t* wq = q ? w3.w : p.w.w;  // warp-uniform
-          const uint8_t* sq = q ? w3.s : p.w.s;
-          uint8_t* slot = ring + (s % kSkStages) * SLOT;
-#pragma unroll
-          for (int u = 0; u < 4; ++u) {
-            const int i = lane + 32 * u, r = i & 15, unit = i >> 4;
-            const int64_t n = row0 + r;
-            const uint8_t* src = wq + (p.wrow0 + n) * row_bytes + kst * kRowBytesPerK2 / 2 + unit * 16;
-            cp_async16(slot + i * 16, n < N ? src : wq, n < N);
-          }
-          if constexpr (FMT == kFP4) {
-            const int64_t groups = K / 32;
-            if constexpr (SF32) {  // 8 floats per row: two 16-byte pieces
-              const int r = lane >> 1, half = lane & 1;
-              const int64_t n = row0 + r;
-              const float* src = reinterpret_cast<const float*>(sq) + (p.wrow0 + n) * groups + kst / 32 + half * 4;
-              cp_async16(slot + kSkStageBytes + lane * 16, n < N ? src : reinterpret_cast<const float*>(sq), n < N);
-            } else if (lane < 16) {
-              const int64_t n = row0 + lane;
-              cp_async8(slot + kSkStageBytes + lane * 8, n < N ? sq + (p.wrow0 + n) * groups + kst / 32 : sq, n < N);
-            }
-          } else if constexpr (FMT == kFP8) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int64_t n = row0 + g + 8 * h;
-              wsc[at][h] = n < N ? scale_at<SF32>(sq, ((p.wrow0 + n) / 128) * nkw + kst / 128) : 0.f;
-            }
-          }
-        }
-        cp_async_commit();  // empty groups keep the wait counts uniform
-      };
-#pragma unroll
-      for (int j = 0; j < kSkStages - 1; ++j) issue(j, j);
+      if (t0 > 0 || !early) start_stream();
 #pragma unroll 1
       for (int64_t s = 0; s < total; ++s) {
         cp_async_wait<kSkStages - 2>();
@@ -657,8 +667,9 @@ void padded_block_scales(const uint8_t* s, bool scale_f32, int64_t N, int64_t K,
 bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
   bool fits = false;
   if (a.wd.fmt == kBF16) {  // FP32 rows, 8-byte aligned pairs; one row stays on the stream GEMV
-    // Off until measured on the H200: DSV4_CUDA_SKINNY_BF16=1 turns it on.
-    static const bool on = env_flag_on("DSV4_CUDA_SKINNY_BF16");
+    // DSV4_CUDA_SKINNY_BF16=0: the FP32 GEMV/tiled kernels instead (H200, 8-token decode step of
+    // 30 layers 30.8 -> 28.8 ms, docs/PERF.md).
+    static const bool on = env_flag_default_on("DSV4_CUDA_SKINNY_BF16");
     if (!on) return false;
     const int64_t rows = a.typical_rows ? a.typical_rows : a.max_rows;
     fits = !a.xq && rows >= 2 && a.max_rows <= kSkinnyBf16MaxRows && a.ldx % 2 == 0 && a.x_z_off % 2 == 0 &&

@@ -45,7 +45,7 @@ void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream);
 // The weight-streaming tensor-core kernel for few rows per problem, with the SwiGLU of
 // gemm_swiglu when swiglu is set: FP8 activations (xq) with FP8/FP4 weights (max_rows <=
 // kGemvMaxRows or force_gemv), or FP32 activations with BF16 weights (2 to kSkinnyBf16MaxRows
-// rows; only with DSV4_CUDA_SKINNY_BF16=1 until measured); K a multiple of skinny_stage_k.
+// rows; DSV4_CUDA_SKINNY_BF16=0 turns that off); K a multiple of skinny_stage_k.
 // False (nothing launched) when the arguments do not fit.
 bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream);
 // BF16 weights: up to this many rows take the skinny kernel (16 rows a weight pass; more rows

@@ -266,7 +266,10 @@ size_t stream_gemv_smem(int64_t K) { return size_t((K + 3) / 4 * 4) * 4 + size_t
 // silu(min(a1, L)) * clamp(a3, -L, L): both products and the SwiGLU in one pass.
 template <int FMT, bool SF32, bool kSwiglu>
 __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a) {
-  pdl_prologue();
+  // A dense problem (no expert map or counts, which earlier kernels write) starts streaming its
+  // first row's weights before waiting for the previous kernel: they are constants.
+  const bool early = !a.zmap && !a.counts;
+  if (!early) pdl_wait();
   constexpr int E = kChunkElems<FMT>, Q = E / 4, U = kStepsPerStage;
   extern __shared__ float4 sm4[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -282,6 +285,29 @@ __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a
     if (a.zmap) z = a.zmap[z] < 0 ? 0 : a.zmap[z];
     w3 = a.descs3 ? a.descs3[z] : a.wd3;
   }
+  StreamPos in{wid, 0, 0}, out{wid, 0, 0};
+  float sc[kStages][U];
+  auto issue = [&](int slot) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (in.n < a.N) {
+        const int64_t row = p.wrow0 + in.n, c = in.step * 32 + lane;
+        const WeightDesc& w = in.part ? w3 : p.w;  // warp-uniform
+        cp_async16(ring + (slot * U + u) * 32 + lane, reinterpret_cast<const uint4*>(w.w) + row * nchunks + c);
+        sc[slot][u] = chunk_scale<FMT, SF32>(w, row, c);
+        in.advance(spr, warps, kParts);
+      }
+    }
+    cp_async_commit();
+  };
+  auto start_row = [&] {  // the first kStages - 1 stages of a row's stream
+    in = out = StreamPos{wid, 0, 0};
+#pragma unroll
+    for (int j = 0; j < kStages - 1; ++j) issue(j);
+  };
+  if (early && p.rows > 0) start_row();
+  if (early) pdl_wait();
+  pdl_trigger();
   float a1 = 0.f;  // W1's product of the current row (SwiGLU)
   for (int64_t r = 0; r < p.rows; ++r) {
     __syncthreads();  // the previous row's x is consumed
@@ -289,23 +315,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a
     for (int64_t k = int64_t(threadIdx.x) * 4; k < K; k += int64_t(kGemvThreads) * 4)
       xs[((k % E) / 4) * ct + k / E] = *reinterpret_cast<const float4*>(xr + k);
     __syncthreads();
-    StreamPos in{wid, 0, 0}, out{wid, 0, 0};
-    float sc[kStages][U];
-    auto issue = [&](int slot) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (in.n < a.N) {
-          const int64_t row = p.wrow0 + in.n, c = in.step * 32 + lane;
-          const WeightDesc& w = in.part ? w3 : p.w;  // warp-uniform
-          cp_async16(ring + (slot * U + u) * 32 + lane, reinterpret_cast<const uint4*>(w.w) + row * nchunks + c);
-          sc[slot][u] = chunk_scale<FMT, SF32>(w, row, c);
-          in.advance(spr, warps, kParts);
-        }
-      }
-      cp_async_commit();
-    };
-#pragma unroll
-    for (int j = 0; j < kStages - 1; ++j) issue(j);
+    if (r > 0 || !early) start_row();
     float acc = 0.f;
     while (out.n < a.N) {
 #pragma unroll
