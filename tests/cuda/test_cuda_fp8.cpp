@@ -117,6 +117,42 @@ TEST(CudaFp8, ActQuantBitExact) {
   }
 }
 
+// One-row FP8 linears round x through FP8 inside the stream GEMV (no act_quant launch): the
+// output must be bit for bit the GEMV's on the round trip act_quant makes (both scale formats,
+// a row with a block under the amax floor and an all-zero block).
+TEST(CudaFp8, GemvRoundTripMatchesActQuant) {
+  DSV4_REQUIRE_GPU();
+  WeightStore ws;
+  uint64_t seed = 4500;
+  for (auto [in, out] : std::vector<std::pair<int64_t, int64_t>>{{4096, 1024}, {1024, 32768}, {8192, 4096}}) {
+    Linear w = ws.linear("w", WeightFormat::FP8, out, in, ++seed, false);
+    auto xv = normal(in, ++seed, 2.f);
+    for (int64_t k = 0; k < in; ++k) xv[k] *= std::exp2(float((k / 128) % 7 - 3));
+    for (int64_t k = 0; k < 128; ++k) xv[k] = 1e-7f * float(k % 3);
+    for (int64_t k = 128; k < 256; ++k) xv[k] = 0.f;
+    for (ActQuant mode : {ActQuant::Fp8Pow2, ActQuant::Fp8}) {
+      std::vector<float> rt(in), scales(in / 128);
+      std::vector<uint8_t> q(in);
+      fp8_dynamic_quant(xv.data(), in, kActBlock, mode == ActQuant::Fp8Pow2, q.data(), scales.data(), rt.data());
+      std::vector<float> fused(out), plain(out);
+      for (bool fuse : {true, false}) {
+        auto gpu = poisoned_cuda_backend({});
+        gpu->set_act_quant(fuse ? mode : ActQuant::None);
+        Tensor xg = gpu->alloc({1, in}), yg = gpu->alloc({1, out});
+        gpu->upload(xg, (fuse ? xv : rt).data());
+        gpu->linear(xg, w, yg);
+        gpu->download(yg, (fuse ? fused : plain).data());
+      }
+      int64_t differ = 0;
+      for (int64_t i = 0; i < out; ++i) differ += std::memcmp(&fused[i], &plain[i], 4) != 0;
+      EXPECT_EQ(differ, 0) << in << "->" << out << " pow2=" << (mode == ActQuant::Fp8Pow2);
+      float scale = 0.f;
+      for (float v : plain) scale = std::max(scale, std::fabs(v));
+      EXPECT_GT(scale, 0.f);
+    }
+  }
+}
+
 // linear() with FP8 activations, every GEMM path, real shapes, against the CPU simulation.
 TEST(CudaFp8, LinearAllPaths) {
   DSV4_REQUIRE_GPU();

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include "backend/cuda/dequant.cuh"
+#include "tensor/quant.h"
 #include "backend/cuda/kernels.h"
 
 namespace dsv4::cuda {
@@ -107,6 +108,16 @@ __device__ __forceinline__ uint8_t pow2_scale_code(float amax) {
   const uint32_t bits = __float_as_uint(amax * (1.f / 448.f));
   return uint8_t(((bits >> 23) & 0xff) + ((bits & 0x7fffff) ? 1 : 0));
 }
+// The FP8 activation quantiser of one 1x128 block (act_quant; docs/MODEL.md §2.9): its scale from
+// the block's amax (power of two or amax / 448), each value as E4M3 and back.
+__device__ __forceinline__ float fp8_block_scale(float amax, bool pow2) {
+  amax = fmaxf(amax, kFp8AmaxFloor);
+  return pow2 ? __uint_as_float(uint32_t(pow2_scale_code(amax)) << 23) : amax * (1.f / 448.f);
+}
+__device__ __forceinline__ uint8_t fp8_quantise(float v, float scale) {
+  return __nv_cvt_float_to_fp8(fminf(fmaxf(v / scale, -448.f), 448.f), __NV_SATFINITE, __NV_E4M3);
+}
+__device__ __forceinline__ float fp8_roundtrip(float v, float scale) { return e4m3_to_float(fp8_quantise(v, scale)) * scale; }
 
 template <bool F32>
 __device__ __forceinline__ float scale_at(const uint8_t* s, int64_t i) {

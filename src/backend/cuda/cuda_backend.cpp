@@ -463,7 +463,9 @@ class CudaBackend final : public Backend {
       // benchmarks, at any M); fewer rows stream the FP32 round trip through the GEMV.
       const bool fp8_tc = w.format == WeightFormat::FP8 && sm_ >= 89 && K % 32 == 0 &&
                           (M >= cuda::kFp8TensorCoreMinRows || opts_.fp8_gemm == CudaOptions::Fp8Gemm::CublasLt);
-      qr = quantize_rows(x.f32(), M, K, tensor_cores(M, K) || fp8_tc || skinny(M, a.wd.fmt, K));
+      const bool for_tensor_cores = tensor_cores(M, K) || fp8_tc || skinny(M, a.wd.fmt, K);
+      if (!for_tensor_cores && rounds_x_in_gemm(a)) return cuda::gemm(a, s_);
+      qr = quantize_rows(x.f32(), M, K, for_tensor_cores);
       if (qr.ldq) {
         if (fp8_tc && cublaslt_fp8(qr, a.wd, out.f32(), M)) return;
         a.xq = qr.bytes();
@@ -706,10 +708,11 @@ class CudaBackend final : public Backend {
       shared = alloc({T, D});
       if (T < cuda::kFp8TensorCoreMinRows && opts_.fp8_gemm != CudaOptions::Fp8Gemm::CublasLt) {
         // GEMV-sized (as linear() decides): w1 and w3 in one streaming pass with the SwiGLU fused, on the FP32 round
-        // trip of x that linear() would make (the routed experts' one when they made it).
+        // trip of x that linear() would make (the routed experts' one when they made it, else the GEMV's own).
         cuda::GemmArgs a;
         a.x = x.f32();
         QuantizedRows qs;
+        bool round_x = false;
         if (quantises_input(moe.shared.w1)) {
           if (skinny(T, desc(moe.shared.w1).fmt, D)) {  // FP8 bytes: the weight-streaming tensor-core kernel
             const QuantizedRows& q = qx.ldq ? qx : (qs = quantize_rows(x.f32(), T, D, true));
@@ -717,9 +720,10 @@ class CudaBackend final : public Backend {
             a.ldxq = q.ldq;
             a.xs = q.scales.f32();
             a.xs_ld = T;
-          } else {
-            if (qx.roundtrip.empty()) qx = quantize_rows(x.f32(), T, D, false);
+          } else if (!qx.roundtrip.empty()) {
             a.x = qx.roundtrip.f32();
+          } else {
+            round_x = true;  // once the shape is set: in the GEMV where it can, else act_quant
           }
         }
         a.ldx = D;
@@ -731,6 +735,10 @@ class CudaBackend final : public Backend {
         a.wd = desc(moe.shared.w1);
         a.wd3 = desc(moe.shared.w3);
         a.swiglu_limit = limit;
+        if (round_x && !rounds_x_in_gemm(a)) {
+          qx = quantize_rows(x.f32(), T, D, false);
+          a.x = qx.roundtrip.f32();
+        }
         cuda::gemm_swiglu(a, T, s3.f32(), s_);
       } else {
         linear(x, moe.shared.w1, s1);
@@ -825,6 +833,15 @@ class CudaBackend final : public Backend {
       cuda::act_quant(x, M, K, K, pow2_scales(), nullptr, 0, nullptr, r.roundtrip.f32(), s_);
     }
     return r;
+  }
+  using XRoundTrip = cuda::GemmArgs::XRoundTrip;
+  // The one-row stream GEMV rounds x through FP8 itself while staging it (no act_quant launch):
+  // sets a.x_roundtrip and says true where that kernel runs.
+  bool rounds_x_in_gemm(cuda::GemmArgs& a) const {
+    a.x_roundtrip = pow2_scales() ? XRoundTrip::Pow2 : XRoundTrip::Amax;
+    if (cuda::gemm_rounds_x(a)) return true;
+    a.x_roundtrip = XRoundTrip::None;
+    return false;
   }
   // FP8 tensor cores (mma.sync E4M3) exist from sm_89; GEMV-sized problems stay on the GEMV.
   bool tensor_cores(int64_t rows, int64_t K) const { return sm_ >= 89 && K % 32 == 0 && rows > cuda::kGemvMaxRows; }

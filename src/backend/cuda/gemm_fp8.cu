@@ -41,14 +41,12 @@ __global__ void act_quant_kernel(const float* x, int64_t M, int64_t K, int64_t l
     v[j] = k < K ? xr[k] : 0.f;
     amax = fmaxf(amax, fabsf(v[j]));
   }
-  amax = warp_max(amax);
-  amax = fmaxf(amax, kFp8AmaxFloor);
-  const float s = pow2 ? __uint_as_float(uint32_t(pow2_scale_code(amax)) << 23) : amax * (1.f / 448.f);
+  const float s = fp8_block_scale(warp_max(amax), pow2);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int64_t k = kb * 128 + j * 32 + lane;
     if (k >= K) continue;
-    const uint8_t e = __nv_cvt_float_to_fp8(fminf(fmaxf(v[j] / s, -448.f), 448.f), __NV_SATFINITE, __NV_E4M3);
+    const uint8_t e = fp8_quantise(v[j], s);
     if (q) q[m * ldq + k] = e;
     if (rt) rt[m * K + k] = e4m3_to_float(e) * s;
   }
@@ -453,13 +451,54 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
       for (int e = 0; e < 4; ++e) cur[j][e] = first[j][e] = 0.f;
     if (live) {
       if (t0 > 0 || !early) start_stream();
+      // This lane's B fragment words (activations) and activation scales of a stage, all loaded
+      // before the wait for the stage's weights, so that their L2 latency overlaps that wait
+      // instead of stalling each mma in turn.
+      constexpr int kBW = 16;  // FP8: 4 k32 steps x 2; FP4: 8 groups x 2; BF16: 4 k16 steps x 2 x float2
+      auto load_b = [&](int64_t st, uint32_t (&xb)[NT][kBW], float (&xsc)[NT][2][2]) {
+        const int64_t kst = k_first + (st % stages) * SK;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+#pragma unroll
+          for (int i = 0; i < kBW; ++i) xb[j][i] = 0u;
+          if (xr[j]) {
+            if constexpr (FMT == kBF16) {
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {  // k16 step i / 2, half i % 2
+                const float2 v = *reinterpret_cast<const float2*>(xr[j] + kst + 8 * i + 2 * t4);
+                xb[j][2 * i] = __float_as_uint(v.x);
+                xb[j][2 * i + 1] = __float_as_uint(v.y);
+              }
+            } else if constexpr (FMT == kFP8) {
+#pragma unroll
+              for (int i = 0; i < 8; ++i) xb[j][i] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 16 * i + 4 * t4);
+            } else {
+#pragma unroll
+              for (int gi = 0; gi < 8; ++gi) {  // elements 8 t4 .. 8 t4 + 7 of group gi
+                const uint2 v = *reinterpret_cast<const uint2*>(xr[j] + kst + 32 * gi + 8 * t4);
+                xb[j][2 * gi] = v.x;
+                xb[j][2 * gi + 1] = v.y;
+              }
+            }
+          }
+          if constexpr (FMT != kBF16) {
+#pragma unroll
+            for (int blk = 0; blk < SK / 128; ++blk)
+#pragma unroll
+              for (int h = 0; h < 2; ++h)
+                xsc[j][blk][h] = sr[j][h] >= 0 ? a.xs[(kst / 128 + blk) * a.xs_ld + sr[j][h]] : 0.f;
+          }
+        }
+      };
 #pragma unroll 1
       for (int64_t s = 0; s < total; ++s) {
+        uint32_t xb[NT][kBW];
+        float xsc[NT][2][2];
+        load_b(s, xb, xsc);
         cp_async_wait<kSkStages - 2>();
         __syncwarp();  // every lane's copies of stage s have landed; slot (s - 1) is consumed
         issue(s + kSkStages - 1, kSkStages - 1);
         const uint8_t* slot = ring + (s % kSkStages) * SLOT;
-        const int64_t kst = k_first + (s % stages) * SK;
         if constexpr (FMT == kBF16) {
 #pragma unroll
           for (int m = 0; m < 4; ++m) {  // k16 steps: units 2m, 2m + 1 = the row's two 8-column halves
@@ -468,9 +507,8 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
               uint32_t lo[3], hi[3];  // zeros for a column without a row (the mma is warp-wide)
-              const float2 z = make_float2(0.f, 0.f);
-              split_bf16x3(xr[j] ? *reinterpret_cast<const float2*>(xr[j] + kst + 16 * m + 2 * t4) : z, lo);
-              split_bf16x3(xr[j] ? *reinterpret_cast<const float2*>(xr[j] + kst + 16 * m + 8 + 2 * t4) : z, hi);
+              split_bf16x3(make_float2(__uint_as_float(xb[j][4 * m]), __uint_as_float(xb[j][4 * m + 1])), lo);
+              split_bf16x3(make_float2(__uint_as_float(xb[j][4 * m + 2]), __uint_as_float(xb[j][4 * m + 3])), hi);
 #pragma unroll
               for (int i = 0; i < 3; ++i) {
                 const uint32_t bf[2] = {lo[i], hi[i]};
@@ -490,18 +528,13 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
             ldmatrix_x4(af, slot + (2 * m * 16 + lane) * 16);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
-              uint32_t bf[2] = {0u, 0u};
-              if (xr[j]) {
-                bf[0] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 32 * m + 4 * t4);
-                bf[1] = *reinterpret_cast<const uint32_t*>(xr[j] + kst + 32 * m + 16 + 4 * t4);
-              }
+              const uint32_t bf[2] = {xb[j][2 * m], xb[j][2 * m + 1]};
               mma_e4m3(part[j], af, bf);
             }
           }
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
-            const float s0 = sr[j][0] >= 0 ? a.xs[(kst / 128) * a.xs_ld + sr[j][0]] : 0.f;
-            const float s1 = sr[j][1] >= 0 ? a.xs[(kst / 128) * a.xs_ld + sr[j][1]] : 0.f;
+            const float s0 = xsc[j][0][0], s1 = xsc[j][0][1];
             cur[j][0] = fmaf(part[j][0], wsc[0][0] * s0, cur[j][0]);
             cur[j][1] = fmaf(part[j][1], wsc[0][0] * s1, cur[j][1]);
             cur[j][2] = fmaf(part[j][2], wsc[0][1] * s0, cur[j][2]);
@@ -536,12 +569,9 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
                 if (gi % 4 == 0)
 #pragma unroll
                   for (int e = 0; e < 4; ++e) blk[j][e] = 0.f;
-                uint32_t bf[2] = {0u, 0u};
-                if (xr[j]) {  // elements 8 t4 + {0, 2, 4, 6} and + {1, 3, 5, 7} of the group
-                  const uint2 v = *reinterpret_cast<const uint2*>(xr[j] + kst + 32 * gi + 8 * t4);
-                  bf[0] = __byte_perm(v.x, v.y, 0x6420);
-                  bf[1] = __byte_perm(v.x, v.y, 0x7531);
-                }
+                // elements 8 t4 + {0, 2, 4, 6} and + {1, 3, 5, 7} of the group
+                const uint32_t bf[2] = {__byte_perm(xb[j][2 * gi], xb[j][2 * gi + 1], 0x6420),
+                                        __byte_perm(xb[j][2 * gi], xb[j][2 * gi + 1], 0x7531)};
                 float c[4] = {0.f, 0.f, 0.f, 0.f};
                 mma_e4m3(c, A, bf);
                 const float sg0 = group_scale(0, gi), sg1 = group_scale(1, gi);
@@ -550,9 +580,7 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
                 blk[j][2] = fmaf(c[2], sg1, blk[j][2]);
                 blk[j][3] = fmaf(c[3], sg1, blk[j][3]);
                 if (gi % 4 == 3) {  // end of a 128-block: its activation scales
-                  const int64_t kb = (kst + 32 * gi) / 128;
-                  const float s0 = sr[j][0] >= 0 ? a.xs[kb * a.xs_ld + sr[j][0]] : 0.f;
-                  const float s1 = sr[j][1] >= 0 ? a.xs[kb * a.xs_ld + sr[j][1]] : 0.f;
+                  const float s0 = xsc[j][gi / 4][0], s1 = xsc[j][gi / 4][1];
                   cur[j][0] = fmaf(blk[j][0], s0, cur[j][0]);
                   cur[j][1] = fmaf(blk[j][1], s1, cur[j][1]);
                   cur[j][2] = fmaf(blk[j][2], s0, cur[j][2]);

@@ -63,8 +63,15 @@ struct GemmArgs {
   const WeightDesc* descs3 = nullptr;
   WeightDesc wd3;
   float swiglu_limit = 0.f;
+  // FP32 x whose 1x128 E4M3 round trip (act_quant's, scales amax / 448 or, with kPow2, powers of
+  // two) the kernel computes itself while staging x: one launch fewer per FP8 linear of one row.
+  // Only where gemm_rounds_x() says so.
+  enum class XRoundTrip : int8_t { None, Amax, Pow2 } x_roundtrip = XRoundTrip::None;
 };
 void gemm(const GemmArgs& a, cudaStream_t stream);
+// Whether gemm() and gemm_swiglu() take the one-row stream GEMV for these arguments, the kernel
+// that applies x_roundtrip (any other path aborts when it is set).
+bool gemm_rounds_x(const GemmArgs& a);
 // y = silu(min(x W1^T, L)) * clamp(x W3^T, -L, L) (no clamp when L <= 0), W1 = the problem's
 // weight, W3 = its descs3/wd3 twin; y holds dense rows [y_rows, N] (ldy == N, y_z_off == 0).
 // One pass streaming both weights where the one-row GEMV applies (decode); otherwise two GEMMs

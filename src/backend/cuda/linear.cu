@@ -312,8 +312,15 @@ __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a
   for (int64_t r = 0; r < p.rows; ++r) {
     __syncthreads();  // the previous row's x is consumed
     const float* xr = x_row(a, p, r);
-    for (int64_t k = int64_t(threadIdx.x) * 4; k < K; k += int64_t(kGemvThreads) * 4)
-      xs[((k % E) / 4) * ct + k / E] = *reinterpret_cast<const float4*>(xr + k);
+    for (int64_t k = int64_t(threadIdx.x) * 4; k < K; k += int64_t(kGemvThreads) * 4) {
+      float4 v = *reinterpret_cast<const float4*>(xr + k);
+      if (a.x_roundtrip != GemmArgs::XRoundTrip::None) {  // a warp holds one 128-block (K % 128 == 0)
+        const float amax = warp_max(fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w))));
+        const float sc = fp8_block_scale(amax, a.x_roundtrip == GemmArgs::XRoundTrip::Pow2);
+        v = make_float4(fp8_roundtrip(v.x, sc), fp8_roundtrip(v.y, sc), fp8_roundtrip(v.z, sc), fp8_roundtrip(v.w, sc));
+      }
+      xs[((k % E) / 4) * ct + k / E] = v;
+    }
     __syncthreads();
     if (r > 0 || !early) start_row();
     float acc = 0.f;
@@ -438,8 +445,22 @@ bool streams_one_row(const GemmArgs& a, int chunk_elems) {
 
 }  // namespace
 
+bool gemm_rounds_x(const GemmArgs& a) {
+  bool streams = false;
+  dispatch_format(a.wd, [&]<int F, bool S>() { streams = streams_one_row(a, kChunkElems<F>); });
+  return streams && a.K % 128 == 0;
+}
+
+// x_roundtrip set where no kernel applies it: a caller bug (it must ask gemm_rounds_x first).
+static void check_roundtrip(const GemmArgs& a, const char* what) {
+  if (a.x_roundtrip == GemmArgs::XRoundTrip::None || gemm_rounds_x(a)) return;
+  std::fprintf(stderr, "%s: x_roundtrip set where gemm_rounds_x() is false\n", what);
+  std::abort();
+}
+
 void gemm(const GemmArgs& a, cudaStream_t stream) {
   if (a.max_rows <= 0 || a.N <= 0 || a.Z <= 0) return;
+  check_roundtrip(a, "gemm");
   if (a.xq) {
     gemm_fp8_tensor_core(a, stream);
     return;
@@ -499,6 +520,7 @@ void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stre
                  (long long)a.N);
     std::abort();
   }
+  check_roundtrip(a, "gemm_swiglu");
   if (gemm_skinny(a, true, stream)) return;
   bool fused = false;
   dispatch_format(a.wd, [&]<int F, bool S>() {
