@@ -548,9 +548,9 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(IndexArgs a, int64_t
 }  // namespace
 
 int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb) {
-  // Enough blocks for two waves of 132 SMs, at least one key tile per split.
+  // Enough blocks for two waves of the SMs, at least one key tile per split.
   const int64_t blocks = T * ((H + kHG - 1) / kHG), tiles = (Ka + Kb + kTileKeys - 1) / kTileKeys;
-  const int64_t want = (264 + blocks - 1) / blocks;
+  const int64_t want = (2 * sm_count() + blocks - 1) / blocks;
   return std::max<int64_t>(1, std::min({want, tiles, int64_t(kMaxSplits)}));
 }
 int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64_t Kb) {

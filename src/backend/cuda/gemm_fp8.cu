@@ -644,11 +644,11 @@ void launch_skinny_nt(const GemmArgs& a, int ks, dim3 grid, cudaStream_t stream)
 
 template <int FMT, bool SF32, bool kSwiglu>
 void launch_skinny(const GemmArgs& a, cudaStream_t stream) {
-  // K slices until the launch has about 16 warps per SM (132 SMs) or each slice is 1 stage.
+  // K slices until the launch has about 16 warps per SM or each slice is 1 stage.
   // (Stopping before a second wave instead measured slower: 64-token MoE layer 1.87 -> 2.44 ms.)
   const int64_t tiles = (a.N + 15) / 16, stages = a.K / kSkStageK<FMT>;
   int ks = 1;
-  while (ks < kSkWarps && tiles * a.Z * ks < 132 * 16 && stages % (2 * ks) == 0) ks *= 2;
+  while (ks < kSkWarps && tiles * a.Z * ks < sm_count() * 16 && stages % (2 * ks) == 0) ks *= 2;
   const int64_t per_block = kSkWarps / ks;
   const dim3 grid(unsigned((tiles + per_block - 1) / per_block), 1, unsigned(a.Z));
   // Two B column tiles per pass where problems have more than 8 rows (weights streamed once).

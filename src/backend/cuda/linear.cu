@@ -426,7 +426,7 @@ template <int F, bool S, bool kSwiglu>
 void launch_stream_gemv(const GemmArgs& a, cudaStream_t stream) {
   // Persistent: about two blocks per SM in all, shared among the problems.
   constexpr int64_t warps = kGemvThreads / 32;
-  const int64_t want = std::max<int64_t>(1, 2 * 132 / a.Z), need = (a.N + warps - 1) / warps;
+  const int64_t want = std::max<int64_t>(1, 2 * sm_count() / a.Z), need = (a.N + warps - 1) / warps;
   static const bool allowed = (cudaFuncSetAttribute(stream_gemv_kernel<F, S, kSwiglu>,
                                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                     int(stream_gemv_smem(kGemvTileK<1>))), true);
@@ -476,7 +476,7 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
   // weight pass, instead (64-sequence step 153 -> 123 ms). Not for FP8/FP4 weights: the grouped
   // wo_a at 64 rows measured 0.36 ms tiled, 0.71 ms on the GEMV.
   const int64_t tiled_blocks = (a.N + kBN - 1) / kBN * ((a.max_rows + kBM - 1) / kBM) * a.Z;
-  const bool few_tiles = (a.wd.fmt == kBF16 || a.wd.fmt == kF32) && tiled_blocks < 132 && a.max_rows <= 256;
+  const bool few_tiles = (a.wd.fmt == kBF16 || a.wd.fmt == kF32) && tiled_blocks < sm_count() && a.max_rows <= 256;
   dispatch_format(fmt_of, [&]<int F, bool S>() {
     if (a.max_rows <= kGemvMaxRows || a.force_gemv || few_tiles) {
       constexpr int E = kChunkElems<F>;
@@ -487,12 +487,12 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
       // with about one row per expert); larger counts share each weight pass among kRB rows.
       const bool one = (a.typical_rows ? a.typical_rows : a.max_rows) == 1;
       // Rows per warp: short rows (under 8 KB) are grouped so that a warp streams ~8 KB, while
-      // keeping at least 16 warps per SM of work (132 SMs).
+      // keeping at least 16 warps per SM of work.
       int rpw = 1;
       const int64_t nchunks = a.K / E;
       if (one && vec && a.K <= kGemvTileK<1> && nchunks % 32 == 0) {
         const int64_t by_bytes = std::max<int64_t>(1, 512 / nchunks);  // 512 chunks = 8 KB
-        const int64_t by_occupancy = std::max<int64_t>(1, a.N * a.Z / (132 * 16));
+        const int64_t by_occupancy = std::max<int64_t>(1, a.N * a.Z / (int64_t(sm_count()) * 16));
         rpw = int(std::min<int64_t>({by_bytes, by_occupancy, 8}));
       }
       const int64_t per_block = int64_t(warps) * rpw;
