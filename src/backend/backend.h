@@ -61,6 +61,10 @@ class Backend {
   // Called once by Model's constructor: a device backend uploads every weight tensor here
   // (the CPU backend reads the mmapped checkpoint directly and does nothing).
   virtual void prepare_weights(const ModelWeights&) {}
+  // Before the weights are placed (prepare_weights, or the CUDA random weights): these tensors
+  // stay in pinned host memory that the device reads over the bus (model/placement.h: routed
+  // experts of whole layers when the model does not fit). Host backends have nothing to do.
+  virtual void set_host_resident(std::vector<const TensorData*>) {}
 
   // A fixed-shape step (Model's decode steps): `record` enqueues the step's ops, reading its
   // inputs from tensors that keep their addresses between calls (rewritten before each call), and

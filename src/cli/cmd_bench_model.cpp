@@ -146,7 +146,8 @@ double attended_keys(const ModelConfig& c, int64_t layer, double p) {
 }
 
 int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, std::vector<int64_t> seq_counts,
-              int steps, bool kv_fp8, bool fp8_act, bool ops, bool graphs, const SpecBenchOptions* spec) {
+              int steps, bool kv_fp8, bool fp8_act, bool ops, bool graphs, const SpecBenchOptions* spec,
+              const OffloadSpec& offload, int64_t offload_reserve) {
   const CudaDeviceInfo dev = cuda_device_info(0);
   const double bw = dev.mem_bandwidth_gbs * 1e9;
   // H200 SXM dense peaks (datasheet): FP8 tensor 1979 TFLOP/s, FP32 (non-tensor) 67 TFLOP/s.
@@ -162,6 +163,14 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   CudaOptions opts;
   opts.arena_bytes = SIZE_MAX;
   auto be = make_cuda_backend(0, opts);
+  if (offload.kind != OffloadSpec::Kind::None) {
+    const ExpertOffloadPlan plan = plan_expert_offload(cfg, w, offload, int64_t(*be->device_free_bytes()) - offload_reserve);
+    be->set_host_resident(plan.host_tensors);
+    const double gbs = cuda_host_to_device_gbs(size_t(256) << 20);
+    out("weights: {}", describe(plan));
+    out("host-to-device copies (pinned, measured now): {:.1f} GB/s; the offloaded experts of one decoded token: "
+        "{:.2f} ms at that rate", gbs, plan.bus_bytes_per_token / (gbs * 1e6));
+  }
   double t0 = now_s();
   cuda_random_weights(*be, prov.specs, 1234);
   out("weights generated on the device in {:.2f} s", now_s() - t0);
@@ -447,6 +456,7 @@ void register_bench_model(CLI::App& app, Action& action) {
     int steps = 5;
     bool random = false, kv_fp8 = false, ops = true;
     std::string gemm = "exact", cuda_graphs = "on", backend = "cuda", preset = "flash";
+    std::string offload = "none", offload_reserve = "16G";
     double spec_accept = 0;
     int32_t spec_tokens = 0;
   };
@@ -468,7 +478,7 @@ void register_bench_model(CLI::App& app, Action& action) {
                   "make-tiny presets (CPU)")
       ->check(CLI::IsMember({"flash", "tiny", "tiny-fp8", "small"}));
   auto* layers_opt =
-      cmd->add_option("--layers", o->layers, "Number of layers N (all 43 do not fit one H200 in FP4: N <= 30)");
+      cmd->add_option("--layers", o->layers, "Number of layers N (all 43 fit one H200 only with --offload-experts; without it N <= 30)");
   cmd->add_option("--tp", o->tp, "Tensor-parallel GPUs (only 1 is implemented)");
   cmd->add_option("--batch", o->batch, "Decode batch sizes, comma-separated");
   cmd->add_option("--ctx", o->ctx, "Prefill lengths / decode contexts, comma-separated");
@@ -480,6 +490,10 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
       ->check(CLI::IsMember({"on", "off"}));
   cmd->add_flag("!--no-ops", o->ops, "Skip the per-op table");
+  cmd->add_option("--offload-experts", o->offload,
+                  "Routed experts in pinned host memory, as dsv4 serve: none | auto | N | layer list");
+  cmd->add_option("--offload-reserve", o->offload_reserve,
+                  "With --offload-experts auto: device memory kept free for state and activations (e.g. 16G)");
   cmd->add_option("--spec-accept", o->spec_accept,
                   "Speculative decoding with this imposed mean acceptance length L (tokens per verify pass, "
                   "1..k+1; e.g. 2.35): decode tok/s with and without speculation at each --ctx and --seqs "
@@ -531,7 +545,8 @@ void register_bench_model(CLI::App& app, Action& action) {
 #ifdef DSV4_HAVE_CUDA
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
       return run_bench(o->layers, batches, ctxs, seq_counts, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops,
-                       o->cuda_graphs == "on", speculate ? &spec : nullptr);
+                       o->cuda_graphs == "on", speculate ? &spec : nullptr, parse_offload_spec(o->offload),
+                       parse_memory_size(o->offload_reserve, "--offload-reserve"));
 #else
       fail("bench model --backend cuda: built without CUDA (use --backend cpu with a tiny --preset)");
       return 1;

@@ -28,6 +28,7 @@ namespace {
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
   std::string backend = "cpu", kv_memory, gemm = "exact", kv = "f32", cuda_graphs = "on";
+  std::string offload_experts = "none", offload_reserve = "16G";
   int port = 8000;
   int max_running = 64;
   int64_t max_batched_tokens = 2048;
@@ -94,7 +95,8 @@ Loaded load(const ServeOpts& o) {
   if (o.engine != "scripted") {
     std::shared_ptr<LoadedModel> lm =
         o.model.empty() ? LoadedModel::demo(o.demo_preset, 1234, {o.tp, o.ep})
-                        : LoadedModel::load(o.model, o.backend, {o.tp, o.ep});
+                        : LoadedModel::load(o.model, o.backend, {o.tp, o.ep}, parse_offload_spec(o.offload_experts),
+                                            parse_memory_size(o.offload_reserve, "--offload-reserve"));
     bar.advance(1);
     if (!lm->tokenizer) fail("--model: {} has no tokenizer.json (the server needs one)", o.model);
     lm->model->set_fp8_activations(o.gemm == "fp8");
@@ -308,6 +310,11 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
+  cmd->add_option("--offload-experts", o->offload_experts,
+                  "cuda: routed experts kept in pinned host memory and read over the bus: none, auto (as many layers "
+                  "as needed to fit), N (the last N MoE layers) or a list of layer indices (e.g. 40,41,42)");
+  cmd->add_option("--offload-reserve", o->offload_reserve,
+                  "With --offload-experts auto: device memory kept free for the state pool and activations (e.g. 16G)");
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
   cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) or fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims)")
       ->capture_default_str()

@@ -74,13 +74,23 @@ std::unique_ptr<Backend> make_backend(const std::string& backend, int device) {
 // Rank r of the group: its shard of the weights, backend (device r) and model, each built on the
 // rank's own thread (a CUDA device is current per thread); rank 0 then leads the others.
 void build_ranks(LoadedModel& m, const ModelConfig& c, const ModelWeights& full, const std::string& backend,
-                 const ParallelConfig& par) {
+                 const ParallelConfig& par, const OffloadSpec& offload = {}, int64_t offload_reserve = 0) {
   check_parallel(c, par);
   const int n = par.world();
   m.ranks.resize(size_t(n));
+  if (offload.kind != OffloadSpec::Kind::None && n > 1)
+    fail("--offload-experts: not with --tp/--ep (each rank holds only its share of the experts)");
   if (n == 1) {
     m.ranks[0].backend = make_backend(backend, 0);
-    m.ranks[0].model = std::make_unique<Model>(c, full, *m.ranks[0].backend);
+    Backend& be = *m.ranks[0].backend;
+    const std::optional<size_t> free = be.device_free_bytes();
+    if (offload.kind != OffloadSpec::Kind::None && free) {  // host backends hold everything in host memory
+      m.offload_plan = plan_expert_offload(c, full, offload, int64_t(*free) - offload_reserve);
+      be.set_host_resident(m.offload_plan->host_tensors);
+      log_info("weights: {} ({:.2f} GiB free on the device, {:.2f} GiB kept for state and activations)",
+               describe(*m.offload_plan), double(*free) / double(1 << 30), double(offload_reserve) / double(1 << 30));
+    }
+    m.ranks[0].model = std::make_unique<Model>(c, full, be);
     m.model = m.ranks[0].model.get();
     return;
   }
@@ -108,10 +118,11 @@ void build_ranks(LoadedModel& m, const ModelConfig& c, const ModelWeights& full,
 }  // namespace
 
 std::shared_ptr<LoadedModel> LoadedModel::load(const std::string& dir, const std::string& backend,
-                                               const ParallelConfig& par) {
+                                               const ParallelConfig& par, const OffloadSpec& offload,
+                                               int64_t offload_reserve_bytes) {
   auto m = std::make_shared<LoadedModel>();
   m->checkpoint = Checkpoint::open(dir);
-  build_ranks(*m, m->checkpoint->config(), m->checkpoint->weights(), backend, par);
+  build_ranks(*m, m->checkpoint->config(), m->checkpoint->weights(), backend, par, offload, offload_reserve_bytes);
   const auto tok = std::filesystem::path(dir) / "tokenizer.json";
   if (std::filesystem::exists(tok)) m->tokenizer = Tokenizer::load(tok.string());
   m->name = model_dir_name(dir);

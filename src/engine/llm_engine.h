@@ -9,6 +9,7 @@
 
 #include "engine/engine.h"
 #include "model/forward.h"
+#include "model/placement.h"
 #include "text/tokenizer.h"
 
 namespace dsv4 {
@@ -40,8 +41,14 @@ struct LoadedModel {
 
   // A model directory (config.json, safetensors, tokenizer.json when present); backend "cpu"
   // (or "cuda" when compiled in); par: the --tp/--ep split (each rank reads only its shard).
+  // offload: where routed experts go when the weights do not fit the device (model/placement.h);
+  // with Auto, offload_reserve_bytes of the free device memory stay for the state pool and
+  // activations. The plan is logged.
   static std::shared_ptr<LoadedModel> load(const std::string& dir, const std::string& backend = "cpu",
-                                           const ParallelConfig& par = {});
+                                           const ParallelConfig& par = {}, const OffloadSpec& offload = {},
+                                           int64_t offload_reserve_bytes = kDefaultOffloadReserve);
+  static constexpr int64_t kDefaultOffloadReserve = int64_t(16) << 30;
+  std::optional<ExpertOffloadPlan> offload_plan;  // set when experts were placed in host memory
   // The built-in demo: a GeneratedModel of a tiny preset with tiny_tokenizer_json.
   static std::shared_ptr<LoadedModel> demo(const std::string& preset = "tiny", uint64_t seed = 1,
                                            const ParallelConfig& par = {});

@@ -14,6 +14,7 @@
 #include "engine/state_manager.h"
 #include "model/checkpoint.h"
 #include "model/forward.h"
+#include "model/placement.h"
 #include "model/tiny.h"
 
 namespace fs = std::filesystem;
@@ -39,6 +40,48 @@ TEST(CudaModel, GeneratedTinyMatchesCpu) {
                     a.worst_rel, (long long)a.argmax_same, (long long)a.rows);
         EXPECT_LE(a.worst_rel, 1e-4f) << preset;
         EXPECT_EQ(a.argmax_same, a.rows) << preset;
+      }
+    }
+  }
+}
+
+// Routed experts in pinned host memory (Backend::set_host_resident, --offload-experts) are read
+// over the bus by the same kernels: the logits must be bit for bit those of the all-device
+// placement (prefill, chunks, decode; main model and MTP block), as long as the all-device run is
+// itself deterministic (two runs compared first; otherwise the golden tolerance).
+TEST(CudaModel, HostResidentExpertsMatchDevicePlacement) {
+  DSV4_REQUIRE_GPU();
+  for (const std::string& preset : tiny_preset_names()) {
+    GeneratedModel gm(tiny_preset_config(preset), 41);
+    const auto& cfg = gm.config();
+    OffloadSpec spec;
+    spec.kind = OffloadSpec::Kind::Layers;
+    spec.layers = {0, cfg.num_hidden_layers - 1};
+    if (cfg.num_nextn_predict_layers) spec.layers.push_back(cfg.num_hidden_layers);
+    if (cfg.num_hidden_layers == 1) spec.layers.erase(spec.layers.begin());
+    const ExpertOffloadPlan plan = plan_expert_offload(cfg, gm.weights(), spec, -1);
+    ASSERT_FALSE(plan.host_tensors.empty()) << preset;
+    auto dev_be = poisoned_cuda_backend(), dev_again_be = poisoned_cuda_backend(), host_be = poisoned_cuda_backend();
+    host_be->set_host_resident(plan.host_tensors);
+    Model md(cfg, gm.weights(), *dev_be), md_again(cfg, gm.weights(), *dev_again_be), mh(cfg, gm.weights(), *host_be);
+    const auto tok = test::rand_ints(40, cfg.vocab_size, 43);
+    const std::vector<int64_t> sched = {7, 1, 13, 1, 1, 17};
+    for (bool mtp : {false, true}) {
+      if (mtp && cfg.num_nextn_predict_layers == 0) continue;
+      const auto ref = run_chunked(md, tok, sched, mtp), again = run_chunked(md_again, tok, sched, mtp),
+                 got = run_chunked(mh, tok, sched, mtp);
+      ASSERT_EQ(ref.size(), got.size());
+      const bool deterministic = std::memcmp(ref.data(), again.data(), ref.size() * 4) == 0;
+      int64_t differ = 0;
+      for (size_t i = 0; i < ref.size(); ++i) differ += std::memcmp(&ref[i], &got[i], 4) != 0;
+      std::printf("[model] %s host-resident experts (%s) mtp=%d: %lld of %zu logits differ (device run %s)\n",
+                  preset.c_str(), describe(plan).c_str(), mtp, (long long)differ, ref.size(),
+                  deterministic ? "deterministic" : "not deterministic");
+      if (deterministic) {
+        EXPECT_EQ(differ, 0) << preset << " mtp=" << mtp;
+      } else {
+        const auto a = agree(ref, got, cfg.vocab_size);
+        EXPECT_LE(a.worst_rel, 1e-4f) << preset;
       }
     }
   }

@@ -174,6 +174,7 @@ class CudaBackend final : public Backend {
       if (g.exec) cudaGraphExecDestroy(g.exec);
     for (void* p : extra_) cudaFree(p);
     if (weights_) cudaFree(weights_);
+    if (host_weights_) cudaFreeHost(host_weights_);
     cudaFreeHost(ring_);
     cudaStreamDestroy(s_);
   }
@@ -230,17 +231,44 @@ class CudaBackend final : public Backend {
   }
 
   // ---- weights ----
-  void prepare_weights(const ModelWeights& w) override {
-    auto ts = weight_tensors(w);
-    size_t total = 0, payload = 0;
-    for (auto* t : ts)
-      if (!map_.count(t)) {
-        total += align_up(t->nbytes);
-        payload += t->nbytes;
+  void set_host_resident(std::vector<const TensorData*> ts) override {
+    if (weights_ || host_weights_) fail("CUDA backend: set_host_resident after the weights were placed");
+    host_resident_ = std::unordered_set<const TensorData*>(ts.begin(), ts.end());
+  }
+  // One device arena for the weights not yet placed, one pinned mapped host region for the
+  // host-resident ones (their device addresses go to map_: kernels read them over the bus).
+  // Returns the newly placed tensors.
+  std::vector<const TensorData*> place_weights(const std::vector<const TensorData*>& ts) {
+    size_t device = 0, host = 0;
+    std::vector<const TensorData*> fresh;
+    for (const TensorData* t : ts)
+      if (!map_.count(t) && std::find(fresh.begin(), fresh.end(), t) == fresh.end()) {
+        fresh.push_back(t);
+        (host_resident_.count(t) ? host : device) += align_up(t->nbytes);
       }
-    if (!total) return;
-    if (weights_) fail("CUDA backend: weights of a second model; one backend holds one model's weights (one arena)");
-    DSV4_CK(cudaMalloc(&weights_, total));
+    if (fresh.empty()) return fresh;
+    if (weights_ || host_weights_)
+      fail("CUDA backend: weights of a second model; one backend holds one model's weights (one arena)");
+    DSV4_CK(cudaMalloc(&weights_, std::max<size_t>(device, 1)));
+    if (host) {
+      if (cudaHostAlloc(&host_weights_, host, cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess)
+        fail("CUDA backend: {:.2f} GiB of pinned host memory for the host-resident experts could not be allocated",
+             double(host) / double(1 << 30));
+      DSV4_CK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_weights_dev_), host_weights_, 0));
+    }
+    size_t at_device = 0, at_host = 0;
+    for (const TensorData* t : fresh) {
+      size_t& at = host_resident_.count(t) ? at_host : at_device;
+      map_[t] = (host_resident_.count(t) ? host_weights_dev_ : weights_) + at;
+      at += align_up(t->nbytes);
+    }
+    return fresh;
+  }
+  void prepare_weights(const ModelWeights& w) override {
+    const auto ts = place_weights(weight_tensors(w));
+    size_t payload = 0;
+    for (auto* t : ts) payload += t->nbytes;
+    if (ts.empty()) return;
     constexpr size_t kChunk = 32 << 20;
     uint8_t* stage[2];
     cudaEvent_t ev[2];
@@ -252,13 +280,14 @@ class CudaBackend final : public Backend {
       DSV4_CK(cudaEventRecord(ev[i], up));
     }
     ProgressBar bar("uploading weights", payload);
-    size_t at = 0;
     int turn = 0;
     for (auto* t : ts) {
-      if (map_.count(t)) continue;
-      uint8_t* dst = weights_ + at;
-      map_[t] = dst;
-      at += align_up(t->nbytes);
+      uint8_t* dst = map_.at(t);
+      if (host_resident_.count(t)) {  // mapped pinned memory: the host pointer of the same bytes
+        std::memcpy(host_weights_ + (dst - host_weights_dev_), t->data, t->nbytes);
+        bar.advance(t->nbytes);
+        continue;
+      }
       for (size_t off = 0; off < t->nbytes; off += kChunk) {
         const size_t n = std::min(kChunk, t->nbytes - off);
         DSV4_CK(cudaEventSynchronize(ev[turn]));
@@ -277,19 +306,14 @@ class CudaBackend final : public Backend {
     }
     cudaStreamDestroy(up);
   }
-
   void random_weights(const std::vector<RandomTensorSpec>& ts, uint64_t seed) {
-    size_t total = 0;
-    for (const auto& r : ts) total += align_up(r.t->nbytes);
-    DSV4_CHECK(!weights_);
-    DSV4_CK(cudaMalloc(&weights_, std::max<size_t>(total, 1)));
-    size_t at = 0;
+    std::vector<const TensorData*> all;
+    for (const auto& r : ts) all.push_back(r.t);
+    DSV4_CHECK(!weights_ && place_weights(all).size() == all.size());
     uint64_t k = seed;
     for (const auto& r : ts) {
       const TensorData& t = *r.t;
-      uint8_t* p = weights_ + at;
-      map_[&t] = p;
-      at += align_up(t.nbytes);
+      uint8_t* p = map_.at(&t);  // host-resident ones are written over the bus
       const int64_t n = t.numel();
       ++k;
       const float dense = std::sqrt(3.f / float(std::max<int64_t>(r.fan_in, 1)));
@@ -993,6 +1017,9 @@ class CudaBackend final : public Backend {
   cudaStream_t s_ = nullptr;
   std::shared_ptr<Arena> arena_;
   uint8_t* weights_ = nullptr;
+  uint8_t* host_weights_ = nullptr;      // pinned, mapped: the host-resident weights (set_host_resident)
+  uint8_t* host_weights_dev_ = nullptr;  // its device address
+  std::unordered_set<const TensorData*> host_resident_;
   std::unordered_map<const TensorData*, uint8_t*> map_;
   std::vector<void*> extra_;
   std::unordered_map<const RopeTable*, std::pair<std::vector<float>, float*>> ropes_;
@@ -1032,6 +1059,32 @@ void* cuda_stream(Backend& be) { return as_cuda(be).stream(); }
 int cuda_device(Backend& be) { return as_cuda(be).device(); }
 void cuda_set_fp8_gemm(Backend& be, CudaOptions::Fp8Gemm path) { as_cuda(be).set_fp8_gemm(path); }
 double cuda_device_ms(Backend& be, int reps, const std::function<void()>& fn) { return as_cuda(be).device_ms(reps, fn); }
+
+double cuda_host_to_device_gbs(size_t bytes) {
+  void *host = nullptr, *dev = nullptr;
+  DSV4_CK(cudaMallocHost(&host, bytes));
+  DSV4_CK(cudaMalloc(&dev, bytes));
+  std::memset(host, 1, bytes);
+  cudaEvent_t a, b;
+  DSV4_CK(cudaEventCreate(&a));
+  DSV4_CK(cudaEventCreate(&b));
+  std::vector<float> ms;
+  for (int i = 0; i < 6; ++i) {
+    DSV4_CK(cudaEventRecord(a));
+    DSV4_CK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice));
+    DSV4_CK(cudaEventRecord(b));
+    DSV4_CK(cudaEventSynchronize(b));
+    float t = 0;
+    DSV4_CK(cudaEventElapsedTime(&t, a, b));
+    if (i) ms.push_back(t);  // the first copy warms up
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  cudaFree(dev);
+  cudaFreeHost(host);
+  std::sort(ms.begin(), ms.end());
+  return double(bytes) / (double(ms[ms.size() / 2]) * 1e6);
+}
 CudaGraphStats cuda_graph_stats(Backend& be) { return as_cuda(be).graph_stats(); }
 void cuda_set_graphs(Backend& be, bool on) { as_cuda(be).set_graphs(on); }
 

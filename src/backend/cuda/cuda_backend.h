@@ -62,6 +62,10 @@ void cuda_set_graphs(Backend& be, bool on);
 // the calls run back to back as under a CUDA graph.
 double cuda_device_ms(Backend& be, int reps, const std::function<void()>& fn);
 
+// GB/s of host-to-device copies from pinned memory (median of a few copies of `bytes`): the bus
+// rate that host-resident weights (Backend::set_host_resident) are read at, at best.
+double cuda_host_to_device_gbs(size_t bytes);
+
 // Median milliseconds of cuBLASLt BF16 x BF16 -> FP32 (FP32 accumulate) for y[M,N] = x[M,K] W[N,K]^T.
 double cublaslt_bf16_gemm_ms(int64_t M, int64_t N, int64_t K, int reps);
 

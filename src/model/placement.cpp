@@ -1,0 +1,144 @@
+#include "model/placement.h"
+
+#include <algorithm>
+#include <charconv>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "util/error.h"
+
+namespace dsv4 {
+
+namespace {
+
+int64_t parse_index(std::string_view s, const std::string& text) {
+  int64_t v = -1;
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc() || end != s.data() + s.size() || v < 0)
+    fail("--offload-experts: '{}' is not none, auto, a layer count or a comma-separated list of layer indices "
+         "('{}' is not a non-negative integer)",
+         text, s);
+  return v;
+}
+
+// Routed-expert tensors of a block (weights and scales), in model order.
+std::vector<const TensorData*> routed_tensors(const BlockWeights& b) {
+  std::vector<const TensorData*> ts;
+  for (const ExpertWeights& e : b.ffn.experts)
+    for (const Linear* l : {&e.w1, &e.w2, &e.w3})
+      for (const TensorData* t : {l->weight, l->scale})
+        if (t) ts.push_back(t);
+  return ts;
+}
+
+int64_t bytes_of(const std::vector<const TensorData*>& ts) {
+  int64_t n = 0;
+  for (const TensorData* t : ts) n += int64_t(t->nbytes);
+  return n;
+}
+
+constexpr double kGiB = double(1 << 30);
+
+}  // namespace
+
+OffloadSpec parse_offload_spec(const std::string& text) {
+  OffloadSpec s;
+  if (text.empty() || text == "none") return s;
+  if (text == "auto") {
+    s.kind = OffloadSpec::Kind::Auto;
+    return s;
+  }
+  if (text.find(',') == std::string::npos && text.find_first_not_of("0123456789") == std::string::npos) {
+    s.kind = OffloadSpec::Kind::Count;
+    s.count = parse_index(text, text);
+    return s;
+  }
+  s.kind = OffloadSpec::Kind::Layers;
+  std::string_view rest(text);
+  while (true) {
+    const size_t comma = rest.find(',');
+    s.layers.push_back(parse_index(rest.substr(0, comma), text));
+    if (comma == std::string_view::npos) break;
+    rest.remove_prefix(comma + 1);
+  }
+  std::sort(s.layers.begin(), s.layers.end());
+  if (std::adjacent_find(s.layers.begin(), s.layers.end()) != s.layers.end())
+    fail("--offload-experts: '{}' names a layer twice", text);
+  return s;
+}
+
+std::vector<const BlockWeights*> model_blocks(const ModelWeights& w) {
+  std::vector<const BlockWeights*> bs;
+  for (const BlockWeights& b : w.layers) bs.push_back(&b);
+  for (const MtpWeights& m : w.mtp) bs.push_back(&m.block);
+  return bs;
+}
+
+ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights& w, const OffloadSpec& spec,
+                                      int64_t device_budget_bytes) {
+  ExpertOffloadPlan p;
+  p.weight_bytes = bytes_of(weight_tensors(w));
+  const auto blocks = model_blocks(w);
+  auto has_experts = [](const BlockWeights* b) { return !b->ffn.experts.empty(); };
+  std::vector<const BlockWeights*> chosen;
+  switch (spec.kind) {
+    case OffloadSpec::Kind::None: break;
+    case OffloadSpec::Kind::Layers:
+      for (int64_t l : spec.layers) {
+        auto it = std::find_if(blocks.begin(), blocks.end(), [&](const BlockWeights* b) { return b->layer == l; });
+        if (it == blocks.end() || !has_experts(*it))
+          fail("--offload-experts: layer {} has no routed experts (the model has layers 0..{}, MTP from {})", l,
+               cfg.num_hidden_layers - 1, cfg.num_hidden_layers);
+        chosen.push_back(*it);
+      }
+      break;
+    case OffloadSpec::Kind::Count:
+    case OffloadSpec::Kind::Auto: {
+      // Main layers from the last one down, then the MTP blocks (drafting reads them every step).
+      std::vector<const BlockWeights*> order;
+      for (auto it = w.layers.rbegin(); it != w.layers.rend(); ++it)
+        if (has_experts(&*it)) order.push_back(&*it);
+      for (const MtpWeights& m : w.mtp)
+        if (has_experts(&m.block)) order.push_back(&m.block);
+      if (spec.kind == OffloadSpec::Kind::Count) {
+        if (spec.count > int64_t(order.size()))
+          fail("--offload-experts: {} layers asked, the model has {} with routed experts", spec.count, order.size());
+        chosen.assign(order.begin(), order.begin() + spec.count);
+        break;
+      }
+      int64_t device = p.weight_bytes;
+      for (size_t i = 0; i < order.size() && device > device_budget_bytes; ++i) {
+        device -= bytes_of(routed_tensors(*order[i]));
+        chosen.push_back(order[i]);
+      }
+      if (device > device_budget_bytes)
+        fail("--offload-experts auto: the weights need {:.2f} GiB on the GPU even with every routed expert in host "
+             "memory, {:.2f} GiB are available for them (free memory minus --offload-reserve)",
+             double(device) / kGiB, double(device_budget_bytes) / kGiB);
+      break;
+    }
+  }
+  std::sort(chosen.begin(), chosen.end(), [](const BlockWeights* a, const BlockWeights* b) { return a->layer < b->layer; });
+  for (const BlockWeights* b : chosen) {
+    p.layers.push_back(b->layer);
+    const auto ts = routed_tensors(*b);
+    p.host_tensors.insert(p.host_tensors.end(), ts.begin(), ts.end());
+    const int64_t experts = int64_t(b->ffn.experts.size());
+    p.bus_bytes_per_token += double(bytes_of(ts)) / double(experts) * double(std::min(cfg.num_experts_per_tok, experts));
+  }
+  p.host_bytes = bytes_of(p.host_tensors);
+  p.device_bytes = p.weight_bytes - p.host_bytes;
+  return p;
+}
+
+std::string describe(const ExpertOffloadPlan& p) {
+  if (p.layers.empty()) return fmt::format("all {:.2f} GiB of weights on the GPU", double(p.weight_bytes) / kGiB);
+  return fmt::format(
+      "routed experts of {} layer(s) [{}] in pinned host memory: {:.2f} GiB on the GPU, {:.2f} GiB in host memory, "
+      "{:.1f} MB over the bus per decoded token",
+      p.layers.size(), fmt::join(p.layers, ","), double(p.device_bytes) / kGiB, double(p.host_bytes) / kGiB,
+      p.bus_bytes_per_token / 1e6);
+}
+
+}  // namespace dsv4

@@ -1,0 +1,43 @@
+#pragma once
+// Where the weights live when the model does not fit the GPU: the routed experts of whole layers
+// go to pinned host memory (`--offload-experts`), read by the expert kernels over the bus; only the
+// experts a token selects cross it (docs/ENGINE.md "Experts in host memory").
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/config.h"
+#include "model/weights.h"
+
+namespace dsv4 {
+
+// --offload-experts: none | auto | N (the last N MoE layers) | L1,L2,... (block indices; the MTP
+// block is n_layers).
+struct OffloadSpec {
+  enum class Kind { None, Auto, Count, Layers } kind = Kind::None;
+  int64_t count = 0;
+  std::vector<int64_t> layers;
+};
+// Errors name the flag and the offending text.
+OffloadSpec parse_offload_spec(const std::string& text);
+
+struct ExpertOffloadPlan {
+  std::vector<int64_t> layers;      // blocks whose routed experts are in host memory, ascending
+  int64_t weight_bytes = 0;         // all weights
+  int64_t host_bytes = 0;           // of which in host memory
+  int64_t device_bytes = 0;         // weight_bytes - host_bytes
+  double bus_bytes_per_token = 0;   // decode: routed experts a token selects in those layers
+  std::vector<const TensorData*> host_tensors;  // the tensors placed in host memory
+};
+// The blocks in model order: layers 0..n-1, then the MTP blocks (n, n + 1, ...).
+std::vector<const BlockWeights*> model_blocks(const ModelWeights& w);
+// Auto: as few layers as make the device-resident weights fit device_budget_bytes, taken from the
+// last main layer down (then the MTP block); fails, saying what would be needed, when even all
+// routed experts in host memory do not fit. Count / Layers: those layers whatever the budget
+// (a budget < 0 means unknown: no check).
+ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights& w, const OffloadSpec& spec,
+                                      int64_t device_budget_bytes);
+// One line for logs and `inspect`: layers, GiB on each side, bus bytes per decoded token.
+std::string describe(const ExpertOffloadPlan& plan);
+
+}  // namespace dsv4
