@@ -2,9 +2,11 @@
 #include <cstdio>
 
 #include "cli/commands.h"
+#include "engine/llm_engine.h"
 #include "model/checkpoint.h"
 #include "model/memory.h"
 #include "model/parallel.h"
+#include "model/placement.h"
 
 namespace dsv4::cli {
 
@@ -17,7 +19,13 @@ std::string human(double bytes) {
   return fmt::format("{:.2f} {}", bytes, units[u]);
 }
 
-void print_report(const Checkpoint& ck, const ParallelConfig& par) {
+struct OffloadQuery {
+  int64_t gpu_bytes = 0;  // 0: no placement report
+  OffloadSpec spec;
+  int64_t reserve = 0;
+};
+
+void print_report(const Checkpoint& ck, const ParallelConfig& par, const OffloadQuery& off) {
   const ModelConfig& c = ck.config();
   std::printf("model: %s\n", ck.dir().c_str());
   std::printf("architecture: DeepSeek-V4 (%s), %lld layers + %lld MTP, hidden %lld, vocab %lld\n", c.model_type.c_str(),
@@ -67,6 +75,11 @@ void print_report(const Checkpoint& ck, const ParallelConfig& par) {
     std::printf("  rank %d: weights %s\n", r,
                 human(double(WeightShard(c, ck.weights(), par, r, /*materialize=*/false).bytes())).c_str());
   std::printf("  every rank: state for 128K tokens (--kv fp8) %s\n", human(per_tok * 131072 + double(fixed)).c_str());
+  if (off.gpu_bytes) {  // the plan `serve --backend cuda --offload-experts` makes on a GPU with that much free
+    const ExpertOffloadPlan plan = plan_expert_offload(c, ck.weights(), off.spec, off.gpu_bytes - off.reserve);
+    std::printf("\nplacement on one GPU with %s free (%s kept for state and activations):\n  %s\n",
+                human(double(off.gpu_bytes)).c_str(), human(double(off.reserve)).c_str(), describe(plan).c_str());
+  }
   auto unused = ck.unused_tensors();
   if (!unused.empty()) {
     std::printf("\nnote: %zu tensor(s) in the checkpoint are not used by the model, e.g. '%s'\n", unused.size(),
@@ -81,18 +94,29 @@ void register_inspect(CLI::App& app, Action& action) {
   struct Opts {
     std::string model;
     int tp = 1, ep = 1;
+    std::string gpu_memory, offload = "auto", offload_reserve = "16G";
   };
   auto o = std::make_shared<Opts>();
   auto* cmd = app.add_subcommand("inspect", "Validate a model directory and print its architecture and sizes");
   cmd->add_option("--model", o->model, "Model directory (config.json + safetensors)")->required();
   cmd->add_option("--tp", o->tp, "Tensor-parallel ranks of the per-GPU memory report")->check(CLI::Range(1, 64));
   cmd->add_option("--ep", o->ep, "Expert-parallel ranks of the per-GPU memory report")->check(CLI::Range(1, 64));
+  cmd->add_option("--gpu-memory", o->gpu_memory,
+                  "Also print the expert placement on one GPU with this much free memory (e.g. 139G)");
+  cmd->add_option("--offload-experts", o->offload, "With --gpu-memory: none | auto | N | layer list, as dsv4 serve");
+  cmd->add_option("--offload-reserve", o->offload_reserve, "With --gpu-memory: kept for state and activations (16G)");
   cmd->callback([o, &action] {
     action = [o] {
+      OffloadQuery off;
+      if (!o->gpu_memory.empty()) {
+        off.gpu_bytes = parse_memory_size(o->gpu_memory, "--gpu-memory");
+        off.spec = parse_offload_spec(o->offload);
+        off.reserve = parse_memory_size(o->offload_reserve, "--offload-reserve");
+      }
       auto ck = Checkpoint::open(o->model);
       const ParallelConfig par{o->tp, o->ep};
       check_parallel(ck->config(), par);
-      print_report(*ck, par);
+      print_report(*ck, par, off);
       return 0;
     };
   });

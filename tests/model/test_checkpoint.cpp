@@ -136,6 +136,30 @@ TEST_F(CheckpointTest, InspectPrintsScheduleAndSizes) {
     EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
 }
 
+// The placement report (serve --offload-experts): with one byte too few for all weights, the last
+// layer's routed experts go to host memory; with far too little, a clear error.
+TEST_F(CheckpointTest, InspectPrintsExpertPlacement) {
+  int64_t total = 0;
+  {
+    auto ck = Checkpoint::open(dir_.string());
+    for (const TensorData* t : weight_tensors(ck->weights())) total += int64_t(t->nbytes);
+  }
+  const std::string base = std::string(DSV4_BINARY) + " inspect --model " + dir_.string();
+  RunResult r = run(base + " --gpu-memory " + std::to_string(total) + " --offload-reserve 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("routed experts of 1 layer(s) [3] in pinned host memory"), std::string::npos) << r.output;
+  r = run(base + " --gpu-memory " + std::to_string(total + 1) + " --offload-reserve 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("all "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("of weights on the GPU"), std::string::npos) << r.output;
+  r = run(base + " --gpu-memory 1K --offload-reserve 1");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("--offload-experts auto"), std::string::npos) << r.output;
+  r = run(base + " --gpu-memory 1G --offload-experts 7,x");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("--offload-experts: '7,x'"), std::string::npos) << r.output;
+}
+
 TEST_F(CheckpointTest, AllFp8VariantLoads) {
   fs::remove_all(dir_);
   GeneratedModel(tiny_preset_config("tiny-fp8"), 3).write(dir_.string(), 1);
