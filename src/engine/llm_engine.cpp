@@ -256,8 +256,6 @@ class EngineImpl final : public LLMEngine {
       fail("--gpu-memory-utilization: must be in (0, 1], got {}", cfg_.gpu_memory_utilization);
     const KvFormat kv = cfg_.kv_fp8 ? KvFormat::FP8 : KvFormat::F32;
     check_speculative(mc);
-    if (cfg_.speculative_tokens > 0 && !model.peers().empty())
-      fail("--speculative-tokens: not supported with --tp/--ep > 1 yet (the MTP drafter runs on one rank)");
     const bool mtp = cfg_.speculative_tokens > 0;
     const StateLayout layout = state_layout(mc, B, kv, mtp);
     StatePlan plan;

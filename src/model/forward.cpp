@@ -483,17 +483,13 @@ Tensor Model::main_layers(const Plan& p) {
   return X;
 }
 
-ForwardOutput Model::forward(std::span<const ForwardSeq> batch) {
-  if (peers_.empty()) return forward_rank(batch);
-  for (const ForwardSeq& f : batch)
-    if (f.draft_rows) fail("forward: draft rows (speculative decoding) are not supported with --tp/--ep > 1 yet");
-  // Each peer runs the batch on its copy of the store; only rank 0's states advance for real.
-  ForwardOutput out;
+void Model::run_on_ranks(std::span<const ForwardSeq> batch,
+                         const std::function<void(int, Model&, std::span<const ForwardSeq>)>& fn) {
+  // Each peer runs the batch on its copy of the states with its own store; only rank 0's states
+  // advance for real. (A peer copies them before its first collective, so before rank 0 can
+  // advance them.)
   threads_->run([&](int r) {
-    if (r == 0) {
-      out = forward_rank(batch);
-      return;
-    }
+    if (r == 0) return fn(0, *this, batch);
     std::vector<SequenceState> states;
     states.reserve(batch.size());
     std::vector<ForwardSeq> rebased(batch.begin(), batch.end());
@@ -502,8 +498,27 @@ ForwardOutput Model::forward(std::span<const ForwardSeq> batch) {
       states.back().store = f.state->store->peers.at(size_t(r - 1));
       f.state = &states.back();
     }
-    peers_[size_t(r - 1)]->forward_rank(rebased);
+    fn(r, *peers_[size_t(r - 1)], rebased);
   });
+}
+
+ForwardOutput Model::forward(std::span<const ForwardSeq> batch) {
+  if (peers_.empty()) return forward_rank(batch);
+  ForwardOutput out;
+  std::vector<DraftCommit> peer_drafts(peers_.size());
+  run_on_ranks(batch, [&](int r, Model& m, std::span<const ForwardSeq> b) {
+    ForwardOutput o = m.forward_rank(b);
+    if (r == 0) {
+      out = std::move(o);
+      return;
+    }
+    // The peer's commit names rank 0's states (its own copies end with this call).
+    for (DraftCommit::Seq& d : o.drafts.seqs)
+      for (size_t i = 0; i < b.size(); ++i)
+        if (d.state == b[i].state) d.state = batch[i].state;
+    peer_drafts[size_t(r - 1)] = std::move(o.drafts);
+  });
+  if (!out.drafts.empty()) out.drafts.peers = std::move(peer_drafts);
   return out;
 }
 
@@ -644,15 +659,26 @@ DraftCommit Model::save_draft_state(std::span<const ForwardSeq> batch) {
 void Model::accept_drafts(const DraftCommit& dc, std::span<const int64_t> accepted) {
   if (accepted.size() != dc.seqs.size()) fail("accept_drafts: {} counts for {} sequences", accepted.size(), dc.seqs.size());
   if (dc.empty()) return;
+  for (size_t i = 0; i < dc.seqs.size(); ++i)
+    if (accepted[i] < 0 || accepted[i] > dc.seqs[i].drafts)
+      fail("accept_drafts: {} of {} drafts accepted", accepted[i], dc.seqs[i].drafts);
   StateStore& store = *dc.seqs[0].state->store;
+  if (peers_.empty()) return accept_rank(dc, accepted, store, true);
+  if (dc.peers.size() != peers_.size()) fail("accept_drafts: the commit of a pass without this model's ranks");
+  threads_->run([&](int r) {
+    if (r == 0) accept_rank(dc, accepted, store, true);
+    else peers_[size_t(r - 1)]->accept_rank(dc.peers[size_t(r - 1)], accepted, *store.peers.at(size_t(r - 1)), false);
+  });
+}
+
+void Model::accept_rank(const DraftCommit& dc, std::span<const int64_t> accepted, StateStore& store, bool advance) {
   const int64_t W = cfg_.sliding_window;
   std::vector<int32_t> ring_dest;
   for (size_t i = 0; i < dc.seqs.size(); ++i) {
     const DraftCommit::Seq& d = dc.seqs[i];
-    if (accepted[i] < 0 || accepted[i] > d.drafts) fail("accept_drafts: {} of {} drafts accepted", accepted[i], d.drafts);
     for (int64_t j = 0; j < d.drafts; ++j)
       ring_dest.push_back(j < accepted[i] ? int32_t(d.state->slot * W + (d.first_pos + j) % W) : -1);
-    d.state->num_tokens -= d.drafts - accepted[i];
+    if (advance) d.state->num_tokens -= d.drafts - accepted[i];
   }
   auto upload = [&](const std::vector<int32_t>& v) {
     Tensor t = be_.alloc({int64_t(v.size())}, ElemType::I32);
@@ -686,9 +712,27 @@ Tensor Model::forward_mtp(SequenceState& st, const Tensor& streams, std::span<co
 
 ForwardOutput Model::forward_mtp(std::span<const ForwardSeq> batch, const Tensor& streams) {
   if (w_.mtp.empty()) fail("this model has no MTP block (num_nextn_predict_layers = 0)");
-  if (!peers_.empty()) fail("forward_mtp: the MTP block is not supported with --tp/--ep > 1 yet");
   for (const ForwardSeq& f : batch)
     if (f.state->store->mtp_layers.empty()) fail("forward_mtp: this sequence's state store has no MTP layers");
+  if (peers_.empty()) return forward_mtp_rank(batch, streams);
+  // The input streams live in rank 0's backend (the drafter assembles them there); every rank
+  // holds the same replicated streams, so each peer gets a copy of rank 0's.
+  std::vector<float> host(size_t(streams.numel()));
+  be_.download(streams, host.data());
+  ForwardOutput out;
+  run_on_ranks(batch, [&](int r, Model& m, std::span<const ForwardSeq> b) {
+    if (r == 0) {
+      out = forward_mtp_rank(b, streams);
+      return;
+    }
+    Tensor own = m.be_.alloc(streams.shape);
+    m.be_.upload(own, host.data());
+    m.forward_mtp_rank(b, own);
+  });
+  return out;
+}
+
+ForwardOutput Model::forward_mtp_rank(std::span<const ForwardSeq> batch, const Tensor& streams) {
   Plan p = plan(batch, true);
   const int64_t n = p.T, m = cfg_.hc_mult, D = cfg_.hidden_size;
   DSV4_CHECK(streams.dim(0) == n);

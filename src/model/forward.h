@@ -100,6 +100,9 @@ struct DraftCommit {
   std::vector<Seq> seqs;          // sequences with drafts, in batch order
   std::vector<Tensor> keys;       // per main layer: [all draft rows, row width] F32 window keys
   std::vector<Saved> saved;
+  // A tensor/expert-parallel group's pass: rank r's own commit (its store's rows) at r - 1, its
+  // seqs naming rank 0's states (only their slots are read there).
+  std::vector<DraftCommit> peers;
   bool empty() const { return seqs.empty(); }
 };
 
@@ -216,6 +219,13 @@ class Model {
   DecodeStep& decode_step(const SequenceState& st, const DecodeShape& shape);
   Tensor main_layers(const Plan& p);
   ForwardOutput forward_rank(std::span<const ForwardSeq> batch);
+  ForwardOutput forward_mtp_rank(std::span<const ForwardSeq> batch, const Tensor& streams);
+  // Runs fn on every rank of the group on its own thread with rank r's copy of the batch: the
+  // states of rank 0 with the rank's store (rank 0 gets the batch itself).
+  void run_on_ranks(std::span<const ForwardSeq> batch, const std::function<void(int, Model&, std::span<const ForwardSeq>)>& fn);
+  // accept_drafts on one rank: `store` is the rank's; advance: set the states' num_tokens back
+  // (rank 0 only: the peers' states are copies of rank 0's).
+  void accept_rank(const DraftCommit& dc, std::span<const int64_t> accepted, StateStore& store, bool advance);
   Tensor block(const BlockWeights& b, LayerStore& ls, const Plan& p, const Tensor& X);
   DraftCommit save_draft_state(std::span<const ForwardSeq> batch);
   Tensor attention(const AttentionWeights& a, LayerStore& ls, const Plan& p, const Tensor& x);
