@@ -84,7 +84,9 @@ void build_ranks(LoadedModel& m, const ModelConfig& c, const ModelWeights& full,
     m.ranks[0].backend = make_backend(backend, 0);
     Backend& be = *m.ranks[0].backend;
     const std::optional<size_t> free = be.device_free_bytes();
-    if (offload.kind != OffloadSpec::Kind::None && free) {  // host backends hold everything in host memory
+    if (offload.kind != OffloadSpec::Kind::None && !free)
+      log_info("--offload-experts: nothing to do on the {} backend (its weights are in host memory)", backend);
+    if (offload.kind != OffloadSpec::Kind::None && free) {
       m.offload_plan = plan_expert_offload(c, full, offload, int64_t(*free) - offload_reserve);
       be.set_host_resident(m.offload_plan->host_tensors);
       log_info("weights: {} ({:.2f} GiB free on the device, {:.2f} GiB kept for state and activations)",
