@@ -241,8 +241,9 @@ class CudaBackend final : public Backend {
   std::vector<const TensorData*> place_weights(const std::vector<const TensorData*>& ts) {
     size_t device = 0, host = 0;
     std::vector<const TensorData*> fresh;
+    std::unordered_set<const TensorData*> seen;  // (tens of thousands of expert tensors)
     for (const TensorData* t : ts)
-      if (!map_.count(t) && std::find(fresh.begin(), fresh.end(), t) == fresh.end()) {
+      if (!map_.count(t) && seen.insert(t).second) {
         fresh.push_back(t);
         (host_resident_.count(t) ? host : device) += align_up(t->nbytes);
       }
