@@ -61,27 +61,27 @@ inline bool env_flag_default_on(const char* name) {
   const char* v = std::getenv(name);
   return !(v && std::string_view(v) == "0");
 }
-// An attribute of the current device, read once per device (GPUs may differ, and rank threads ask
-// concurrently); 0 when there is no current device.
-inline int device_attribute(cudaDeviceAttr attr) {
+// Attribute A of the current device, read once per device (GPUs may differ, and rank threads
+// ask concurrently); 0 when there is no current device.
+template <cudaDeviceAttr A>
+int device_attribute() {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[2][kMaxDevices] = {};  // 0 = not read yet
-  const int slot = attr == cudaDevAttrMultiProcessorCount ? 0 : 1;
+  static std::atomic<int> known[kMaxDevices] = {};  // 0 = not read yet
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return 0;
-  int v = known[slot][dev].load(std::memory_order_relaxed);
+  int v = known[dev].load(std::memory_order_relaxed);
   if (!v) {
-    if (cudaDeviceGetAttribute(&v, attr, dev) != cudaSuccess) return 0;
-    known[slot][dev].store(v, std::memory_order_relaxed);
+    if (cudaDeviceGetAttribute(&v, A, dev) != cudaSuccess) return 0;
+    known[dev].store(v, std::memory_order_relaxed);
   }
   return v;
 }
 // Streaming multiprocessors of the current device: launch shapes aim at whole waves of them.
-inline int sm_count() { return std::max(1, device_attribute(cudaDevAttrMultiProcessorCount)); }
+inline int sm_count() { return std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>()); }
 // Whether launch_pdl uses PDL: not DSV4_CUDA_PDL=0, and a current device of sm_90 or newer.
 inline bool pdl_enabled() {
   static const bool on = env_flag_default_on("DSV4_CUDA_PDL");
-  return on && device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
+  return on && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
 }
 template <class... P, class... A>
 void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {

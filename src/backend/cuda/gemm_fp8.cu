@@ -356,9 +356,8 @@ __device__ __forceinline__ uint32_t e2m1_odd_to_e4m3_scaled(uint32_t w) {
 // kSkWarps / ks consecutive tiles, ks K-slices each.
 template <int FMT, bool SF32, int NT, bool kSwiglu>
 __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, int ks) {
-  // A dense problem (no expert map or counts, which earlier kernels write) starts streaming its
-  // weights before waiting for the previous kernel: they are constants.
-  const bool early = !a.zmap && !a.counts;
+  // A dense problem starts streaming its weights before waiting for the previous kernel.
+  const bool early = problem_known_before_wait(a);
   if (!early) pdl_prologue();
   constexpr int SK = kSkStageK<FMT>, SLOT = kSkSlotBytes<FMT, SF32>, kParts = kSwiglu ? 2 : 1;
   constexpr int64_t kRowBytesPerK2 = FMT == kBF16 ? 4 : FMT == kFP8 ? 2 : 1;  // weight bytes per 2 elements

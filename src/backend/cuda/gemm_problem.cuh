@@ -36,6 +36,10 @@ __device__ __forceinline__ Problem problem(const GemmArgs& a) {
   return p;
 }
 
+// Whether problem(a) reads nothing an earlier kernel wrote (no expert map or counts): such a
+// kernel may read its problem and stream its (constant) weights before pdl_wait().
+__device__ __forceinline__ bool problem_known_before_wait(const GemmArgs& a) { return !a.zmap && !a.counts; }
+
 __device__ __forceinline__ const float* x_row(const GemmArgs& a, const Problem& p, int64_t r) {
   return p.x + (a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r) * a.ldx;
 }

@@ -266,9 +266,8 @@ size_t stream_gemv_smem(int64_t K) { return size_t((K + 3) / 4 * 4) * 4 + size_t
 // silu(min(a1, L)) * clamp(a3, -L, L): both products and the SwiGLU in one pass.
 template <int FMT, bool SF32, bool kSwiglu>
 __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a) {
-  // A dense problem (no expert map or counts, which earlier kernels write) starts streaming its
-  // first row's weights before waiting for the previous kernel: they are constants.
-  const bool early = !a.zmap && !a.counts;
+  // A dense problem starts streaming its first row's weights before waiting for the previous kernel.
+  const bool early = problem_known_before_wait(a);
   if (!early) pdl_wait();
   constexpr int E = kChunkElems<FMT>, Q = E / 4, U = kStepsPerStage;
   extern __shared__ float4 sm4[];
