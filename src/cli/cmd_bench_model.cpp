@@ -456,7 +456,7 @@ void register_bench_model(CLI::App& app, Action& action) {
     int steps = 5;
     bool random = false, kv_fp8 = false, ops = true;
     std::string gemm = "exact", cuda_graphs = "on", backend = "cuda", preset = "flash";
-    std::string offload = "none", offload_reserve = "16G";
+    std::string offload = "none", offload_reserve = kDefaultOffloadReserve;
     double spec_accept = 0;
     int32_t spec_tokens = 0;
   };
@@ -493,7 +493,7 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_option("--offload-experts", o->offload,
                   "Routed experts in pinned host memory, as dsv4 serve: none | auto | N | layer list");
   cmd->add_option("--offload-reserve", o->offload_reserve,
-                  "With --offload-experts auto: device memory kept free for state and activations (e.g. 16G)");
+                  "With --offload-experts auto: device memory kept free for state and activations")->capture_default_str();
   cmd->add_option("--spec-accept", o->spec_accept,
                   "Speculative decoding with this imposed mean acceptance length L (tokens per verify pass, "
                   "1..k+1; e.g. 2.35): decode tok/s with and without speculation at each --ctx and --seqs "

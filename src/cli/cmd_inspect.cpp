@@ -94,7 +94,7 @@ void register_inspect(CLI::App& app, Action& action) {
   struct Opts {
     std::string model;
     int tp = 1, ep = 1;
-    std::string gpu_memory, offload = "auto", offload_reserve = "16G";
+    std::string gpu_memory, offload = "auto", offload_reserve = kDefaultOffloadReserve;
   };
   auto o = std::make_shared<Opts>();
   auto* cmd = app.add_subcommand("inspect", "Validate a model directory and print its architecture and sizes");
@@ -104,7 +104,7 @@ void register_inspect(CLI::App& app, Action& action) {
   cmd->add_option("--gpu-memory", o->gpu_memory,
                   "Also print the expert placement on one GPU with this much free memory (e.g. 139G)");
   cmd->add_option("--offload-experts", o->offload, "With --gpu-memory: none | auto | N | layer list, as dsv4 serve");
-  cmd->add_option("--offload-reserve", o->offload_reserve, "With --gpu-memory: kept for state and activations (16G)");
+  cmd->add_option("--offload-reserve", o->offload_reserve, "With --gpu-memory: kept for state and activations")->capture_default_str();
   cmd->callback([o, &action] {
     action = [o] {
       OffloadQuery off;

@@ -28,7 +28,7 @@ namespace {
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
   std::string backend = "cpu", kv_memory, gemm = "exact", kv = "f32", cuda_graphs = "on";
-  std::string offload_experts = "none", offload_reserve = "16G";
+  std::string offload_experts = "none", offload_reserve = kDefaultOffloadReserve;
   int port = 8000;
   int max_running = 64;
   int64_t max_batched_tokens = 2048;
@@ -314,7 +314,7 @@ void register_serve(CLI::App& app, Action& action) {
                   "cuda: routed experts kept in pinned host memory and read over the bus: none, auto (as many layers "
                   "as needed to fit), N (the last N MoE layers) or a list of layer indices (e.g. 40,41,42)");
   cmd->add_option("--offload-reserve", o->offload_reserve,
-                  "With --offload-experts auto: device memory kept free for the state pool and activations (e.g. 16G)");
+                  "With --offload-experts auto: device memory kept free for the state pool and activations")->capture_default_str();
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
   cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) or fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims)")
       ->capture_default_str()

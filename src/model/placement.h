@@ -20,6 +20,9 @@ struct OffloadSpec {
 };
 // Errors name the flag and the offending text.
 OffloadSpec parse_offload_spec(const std::string& text);
+// --offload-reserve's default: device memory auto keeps free for the state pool, activations
+// and graphs.
+inline constexpr const char* kDefaultOffloadReserve = "16G";
 
 struct ExpertOffloadPlan {
   std::vector<int64_t> layers;      // blocks whose routed experts are in host memory, ascending
