@@ -188,27 +188,6 @@ Wave run_wave(EngineConfig cfg, std::shared_ptr<LoadedModel> model, const std::v
   return w;
 }
 
-// Two waves on one engine: the second extends every first-wave prompt with its output (a
-// multi-turn follow-up), so its prompts hit the prefix cache, snapshots included.
-std::vector<Output> run_two_turns(EngineConfig cfg, std::shared_ptr<LoadedModel> model, std::vector<Request> reqs,
-                                  EngineMetrics* metrics) {
-  Harness h(cfg, std::move(model));
-  std::vector<Output> all;
-  for (int turn = 0; turn < 2; ++turn) {
-    std::vector<std::string> ids;
-    for (const Request& r : reqs) ids.push_back(h.submit(r));
-    h.wait();
-    for (size_t i = 0; i < ids.size(); ++i) {
-      Output o = h.output(ids[i]);
-      all.push_back(o);
-      reqs[i].id += "-next";
-      reqs[i].prompt.insert(reqs[i].prompt.end(), o.tokens.begin(), o.tokens.end());
-      reqs[i].prompt.push_back(int32_t(2 + i));
-    }
-  }
-  *metrics = h.engine().metrics();
-  return all;
-}
 
 }  // namespace
 
