@@ -163,13 +163,11 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   CudaOptions opts;
   opts.arena_bytes = SIZE_MAX;
   auto be = make_cuda_backend(0, opts);
-  if (offload.kind != OffloadSpec::Kind::None) {
-    const ExpertOffloadPlan plan = plan_expert_offload(cfg, w, offload, int64_t(*be->device_free_bytes()) - offload_reserve);
-    be->set_host_resident(plan.host_tensors);
+  if (const auto plan = offload_experts(*be, cfg, w, offload, offload_reserve)) {
     const double gbs = cuda_host_to_device_gbs(size_t(256) << 20);
-    out("weights: {}", describe(plan));
+    out("weights: {}", describe(*plan));
     out("host-to-device copies (pinned, measured now): {:.1f} GB/s; the offloaded experts of one decoded token: "
-        "{:.2f} ms at that rate", gbs, plan.bus_bytes_per_token / (gbs * 1e6));
+        "{:.2f} ms at that rate", gbs, plan->bus_bytes_per_token / (gbs * 1e6));
   }
   double t0 = now_s();
   cuda_random_weights(*be, prov.specs, 1234);

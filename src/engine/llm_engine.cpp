@@ -83,15 +83,11 @@ void build_ranks(LoadedModel& m, const ModelConfig& c, const ModelWeights& full,
   if (n == 1) {
     m.ranks[0].backend = make_backend(backend, 0);
     Backend& be = *m.ranks[0].backend;
-    const std::optional<size_t> free = be.device_free_bytes();
-    if (offload.kind != OffloadSpec::Kind::None && !free)
+    if (const auto plan = offload_experts(be, c, full, offload, offload_reserve))
+      log_info("weights: {} ({:.2f} GiB kept free for state and activations)", describe(*plan),
+               double(offload_reserve) / double(1 << 30));
+    else if (offload.kind != OffloadSpec::Kind::None)
       log_info("--offload-experts: nothing to do on the {} backend (its weights are in host memory)", backend);
-    if (offload.kind != OffloadSpec::Kind::None && free) {
-      m.offload_plan = plan_expert_offload(c, full, offload, int64_t(*free) - offload_reserve);
-      be.set_host_resident(m.offload_plan->host_tensors);
-      log_info("weights: {} ({:.2f} GiB free on the device, {:.2f} GiB kept for state and activations)",
-               describe(*m.offload_plan), double(*free) / double(1 << 30), double(offload_reserve) / double(1 << 30));
-    }
     m.ranks[0].model = std::make_unique<Model>(c, full, be);
     m.model = m.ranks[0].model.get();
     return;

@@ -47,7 +47,6 @@ struct LoadedModel {
   static std::shared_ptr<LoadedModel> load(const std::string& dir, const std::string& backend = "cpu",
                                            const ParallelConfig& par = {}, const OffloadSpec& offload = {},
                                            int64_t offload_reserve_bytes = 0);
-  std::optional<ExpertOffloadPlan> offload_plan;  // set when experts were placed in host memory
   // The built-in demo: a GeneratedModel of a tiny preset with tiny_tokenizer_json.
   static std::shared_ptr<LoadedModel> demo(const std::string& preset = "tiny", uint64_t seed = 1,
                                            const ParallelConfig& par = {});

@@ -132,6 +132,15 @@ ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights
   return p;
 }
 
+std::optional<ExpertOffloadPlan> offload_experts(Backend& be, const ModelConfig& cfg, const ModelWeights& w,
+                                                 const OffloadSpec& spec, int64_t reserve) {
+  const std::optional<size_t> free = be.device_free_bytes();
+  if (spec.kind == OffloadSpec::Kind::None || !free) return std::nullopt;
+  ExpertOffloadPlan plan = plan_expert_offload(cfg, w, spec, int64_t(*free) - reserve);
+  be.set_host_resident(plan.host_tensors);
+  return plan;
+}
+
 std::string describe(const ExpertOffloadPlan& p) {
   if (p.layers.empty()) return fmt::format("all {:.2f} GiB of weights on the GPU", double(p.weight_bytes) / kGiB);
   return fmt::format(

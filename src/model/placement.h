@@ -3,9 +3,11 @@
 // go to pinned host memory (`--offload-experts`), read by the expert kernels over the bus; only the
 // experts a token selects cross it (docs/ENGINE.md "Experts in host memory").
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "backend/backend.h"
 #include "model/config.h"
 #include "model/weights.h"
 
@@ -42,5 +44,10 @@ ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights
                                       int64_t device_budget_bytes);
 // One line for logs and `inspect`: layers, GiB on each side, bus bytes per decoded token.
 std::string describe(const ExpertOffloadPlan& plan);
+// Before the weights are placed on `be`: plans with the device memory free now less `reserve` and
+// marks the planned tensors host-resident. Nothing (nullopt) for Kind::None or a backend without
+// device memory (its weights are host memory already).
+std::optional<ExpertOffloadPlan> offload_experts(Backend& be, const ModelConfig& cfg, const ModelWeights& w,
+                                                 const OffloadSpec& spec, int64_t reserve);
 
 }  // namespace dsv4
