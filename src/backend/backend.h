@@ -62,9 +62,12 @@ class Backend {
   // (the CPU backend reads the mmapped checkpoint directly and does nothing).
   virtual void prepare_weights(const ModelWeights&) {}
   // Before the weights are placed (prepare_weights, or the CUDA random weights): these tensors
-  // stay in pinned host memory that the device reads over the bus (model/placement.h: routed
-  // experts of whole layers when the model does not fit). Host backends have nothing to do.
-  virtual void set_host_resident(std::vector<const TensorData*>) {}
+  // stay in pinned host memory (model/placement.h: the token embedding, read a row per token over
+  // the bus, and routed experts of whole layers when the model does not fit). Host-resident
+  // routed experts are used from a device cache of expert_cache_bytes (LRU; at least one expert):
+  // only the experts a step selects and the cache lacks cross the bus. Host backends have nothing
+  // to do.
+  virtual void set_host_resident(std::vector<const TensorData*>, size_t /*expert_cache_bytes*/) {}
 
   // A fixed-shape step (Model's decode steps): `record` enqueues the step's ops, reading its
   // inputs from tensors that keep their addresses between calls (rewritten before each call), and

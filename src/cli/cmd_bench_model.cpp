@@ -163,12 +163,24 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   CudaOptions opts;
   opts.arena_bytes = SIZE_MAX;
   auto be = make_cuda_backend(0, opts);
-  if (const auto plan = offload_experts(*be, cfg, w, offload, offload_reserve)) {
+  const auto plan = offload_experts(*be, cfg, w, offload, offload_reserve);
+  if (plan) {
     const double gbs = cuda_host_to_device_gbs(size_t(256) << 20);
     out("weights: {}", describe(*plan));
     out("host-to-device copies (pinned, measured now): {:.1f} GB/s; the offloaded experts of one decoded token: "
         "{:.2f} ms at that rate", gbs, plan->bus_bytes_per_token / (gbs * 1e6));
   }
+  // Expert cache traffic of the forwards since `before` (host-resident experts only): hit rate,
+  // bytes fetched per forward and the bus rate they imply over the forward's median time.
+  auto cache_note = [&](const CudaExpertCacheStats& before, int64_t forwards, double ms) {
+    if (!plan || plan->layers.empty()) return;
+    const CudaExpertCacheStats now = cuda_expert_cache_stats(*be);
+    const double hits = double(now.hits - before.hits), misses = double(now.misses - before.misses);
+    const double fetched = misses * double(now.slot_bytes) / double(forwards);
+    out("|  | expert cache ({} slots): {:.1f} % hits, {:.1f} MB fetched per forward ({:.1f} GB/s over its {:.2f} ms) |",
+        now.slots, hits + misses > 0 ? 100.0 * hits / (hits + misses) : 0.0, fetched / 1e6, fetched / (ms * 1e6), ms);
+    if (now.overflows) fail("expert cache: {} passes needed more experts than slots", now.overflows);
+  };
   double t0 = now_s();
   cuda_random_weights(*be, prov.specs, 1234);
   out("weights generated on the device in {:.2f} s", now_s() - t0);
@@ -241,6 +253,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     std::vector<int32_t> tok(C);
     for (auto& x : tok) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
     be->synchronize();
+    const CudaExpertCacheStats before_prefill = cuda_expert_cache_stats(*be);
     t0 = now_s();
     prefill(st, tok);
     be->synchronize();
@@ -250,8 +263,10 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     const double rb = by / bw * 1e3, r8 = fl / peak_fp8 * 1e3, r32 = fl / peak_fp32 * 1e3;
     out("| prefill | {} | 0 | {:.1f} | {:.0f} | {:.2f} | {:.2f} / {:.2f} / {:.1f} | {:.3f} | {:.3f} |", C, pms,
         double(C) / pms * 1e3, pms / double(layers), rb, r8, r32, std::max(rb, r8) / pms, std::max(rb, r32) / pms);
+    cache_note(before_prefill, 1, pms);
     for (int64_t B : batches) {
       std::vector<double> v;
+      const CudaExpertCacheStats before = cuda_expert_cache_stats(*be);
       for (int s = 0; s <= steps; ++s) {
         std::vector<int32_t> t(B);
         for (auto& x : t) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
@@ -268,6 +283,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
           st.num_tokens, ms, double(B) / ms * 1e3, ms / double(layers), db, d8, d32, std::max(db, d8) / ms,
           std::max(db, d32) / ms);
       one_seq_ms[{C, B}] = ms;
+      cache_note(before, steps + 1, ms);
     }
     // S sequences at context C, one token each per step, as the engine batches them: one parent
     // prefilled, the others forked from it (full blocks shared, slot state and partial block copied).
@@ -283,6 +299,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
           fail("bench: state pool too small");
       std::vector<double> v;
       std::vector<int32_t> t(static_cast<size_t>(S));
+      const CudaExpertCacheStats before = cuda_expert_cache_stats(*be);
       for (int s = 0; s <= steps; ++s) {
         std::vector<ForwardSeq> batch;
         for (int64_t i = 0; i < S; ++i) {
@@ -304,6 +321,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
           std::max(db, d32) / ms,
           same == one_seq_ms.end() ? std::string()
                                    : fmt::format(" {:.3f}x the time of decode B={}", ms / same->second, S));
+      cache_note(before, steps + 1, ms);
       for (auto& q : seqs) mgr.release(q);
     }
   }
@@ -543,7 +561,7 @@ void register_bench_model(CLI::App& app, Action& action) {
 #ifdef DSV4_HAVE_CUDA
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
       return run_bench(o->layers, batches, ctxs, seq_counts, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops,
-                       o->cuda_graphs == "on", speculate ? &spec : nullptr, parse_offload_spec(o->offload),
+                       o->cuda_graphs == "on", speculate ? &spec : nullptr, parse_offload_spec(o->offload, speculate),
                        parse_memory_size(o->offload_reserve, "--offload-reserve"));
 #else
       fail("bench model --backend cuda: built without CUDA (use --backend cpu with a tiny --preset)");

@@ -103,7 +103,7 @@ void register_inspect(CLI::App& app, Action& action) {
   cmd->add_option("--ep", o->ep, "Expert-parallel ranks of the per-GPU memory report")->check(CLI::Range(1, 64));
   cmd->add_option("--gpu-memory", o->gpu_memory,
                   "Also print the expert placement on one GPU with this much free memory (e.g. 139G)");
-  cmd->add_option("--offload-experts", o->offload, "With --gpu-memory: none | auto | N | layer list, as dsv4 serve");
+  cmd->add_option("--offload-experts", o->offload, "With --gpu-memory: none | auto | N | layer list, as dsv4 serve without --speculative-tokens");
   cmd->add_option("--offload-reserve", o->offload_reserve, "With --gpu-memory: kept for state and activations")->capture_default_str();
   cmd->callback([o, &action] {
     action = [o] {

@@ -95,7 +95,7 @@ Loaded load(const ServeOpts& o) {
   if (o.engine != "scripted") {
     std::shared_ptr<LoadedModel> lm =
         o.model.empty() ? LoadedModel::demo(o.demo_preset, 1234, {o.tp, o.ep})
-                        : LoadedModel::load(o.model, o.backend, {o.tp, o.ep}, parse_offload_spec(o.offload_experts),
+                        : LoadedModel::load(o.model, o.backend, {o.tp, o.ep}, parse_offload_spec(o.offload_experts, o.speculative_tokens > 0),
                                             parse_memory_size(o.offload_reserve, "--offload-reserve"));
     bar.advance(1);
     if (!lm->tokenizer) fail("--model: {} has no tokenizer.json (the server needs one)", o.model);
@@ -311,8 +311,10 @@ void register_serve(CLI::App& app, Action& action) {
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
   cmd->add_option("--offload-experts", o->offload_experts,
-                  "cuda: routed experts kept in pinned host memory and read over the bus: none, auto (as many layers "
-                  "as needed to fit), N (the last N MoE layers) or a list of layer indices (e.g. 40,41,42)");
+                  "cuda: the token embedding and routed experts kept in pinned host memory, used from a device "
+                  "expert cache (what --offload-reserve leaves): none, auto (as many layers as needed to fit), N (N "
+                  "MoE blocks: the MTP block first unless --speculative-tokens, then the last layers) or a list of "
+                  "layer indices (e.g. 40,41,42; the MTP block is 43)");
   cmd->add_option("--offload-reserve", o->offload_reserve,
                   "With --offload-experts auto: device memory kept free for the state pool and activations")->capture_default_str();
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");

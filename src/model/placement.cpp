@@ -42,8 +42,9 @@ constexpr double kGiB = double(1 << 30);
 
 }  // namespace
 
-OffloadSpec parse_offload_spec(const std::string& text) {
+OffloadSpec parse_offload_spec(const std::string& text, bool drafting) {
   OffloadSpec s;
+  s.drafting = drafting;
   if (text.empty() || text == "none") return s;
   if (text == "auto") {
     s.kind = OffloadSpec::Kind::Auto;
@@ -81,6 +82,14 @@ ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights
   p.weight_bytes = bytes_of(weight_tensors(w));
   const auto blocks = model_blocks(w);
   auto has_experts = [](const BlockWeights* b) { return !b->ffn.experts.empty(); };
+  for (const BlockWeights* b : blocks)
+    if (has_experts(b)) {
+      p.expert_bytes = bytes_of(routed_tensors(*b)) / int64_t(b->ffn.experts.size());
+      break;
+    }
+  const int64_t min_cache = p.expert_bytes * cfg.num_experts_per_tok;
+  // The embedding is only gathered (a row per token): it leaves the GPU first.
+  const TensorData* embed = w.embed && w.embed != w.head ? w.embed : nullptr;
   std::vector<const BlockWeights*> chosen;
   switch (spec.kind) {
     case OffloadSpec::Kind::None: break;
@@ -92,32 +101,45 @@ ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights
                cfg.num_hidden_layers - 1, cfg.num_hidden_layers);
         chosen.push_back(*it);
       }
+      p.embedding = embed != nullptr;
       break;
     case OffloadSpec::Kind::Count:
     case OffloadSpec::Kind::Auto: {
-      // Main layers from the last one down, then the MTP blocks (drafting reads them every step).
-      std::vector<const BlockWeights*> order;
+      // Main layers from the last one down; the MTP blocks before them when nothing drafts.
+      std::vector<const BlockWeights*> order, mtp;
       for (auto it = w.layers.rbegin(); it != w.layers.rend(); ++it)
         if (has_experts(&*it)) order.push_back(&*it);
       for (const MtpWeights& m : w.mtp)
-        if (has_experts(&m.block)) order.push_back(&m.block);
+        if (has_experts(&m.block)) mtp.push_back(&m.block);
+      order.insert(spec.drafting ? order.end() : order.begin(), mtp.begin(), mtp.end());
       if (spec.kind == OffloadSpec::Kind::Count) {
         if (spec.count > int64_t(order.size()))
           fail("--offload-experts: {} layers asked, the model has {} with routed experts", spec.count, order.size());
         chosen.assign(order.begin(), order.begin() + spec.count);
+        p.embedding = embed != nullptr;
         break;
       }
       int64_t device = p.weight_bytes;
-      for (size_t i = 0; i < order.size() && device > device_budget_bytes; ++i) {
+      auto fits = [&] { return device + (chosen.empty() ? 0 : min_cache) <= device_budget_bytes; };
+      if (!fits() && embed) {
+        device -= int64_t(embed->nbytes);
+        p.embedding = true;
+      }
+      for (size_t i = 0; i < order.size() && !fits(); ++i) {
         device -= bytes_of(routed_tensors(*order[i]));
         chosen.push_back(order[i]);
       }
-      if (device > device_budget_bytes)
-        fail("--offload-experts auto: the weights need {:.2f} GiB on the GPU even with every routed expert in host "
-             "memory, {:.2f} GiB are available for them (free memory minus --offload-reserve)",
-             double(device) / kGiB, double(device_budget_bytes) / kGiB);
+      if (!fits())
+        fail("--offload-experts auto: the weights and the smallest expert cache need {:.2f} GiB on the GPU even with "
+             "every routed expert in host memory, {:.2f} GiB are available for them (free memory minus "
+             "--offload-reserve)",
+             double(device + min_cache) / kGiB, double(device_budget_bytes) / kGiB);
       break;
     }
+  }
+  if (p.embedding) {
+    p.host_tensors.push_back(embed);
+    p.bus_bytes_per_token += double(embed->nbytes) / double(cfg.vocab_size);
   }
   std::sort(chosen.begin(), chosen.end(), [](const BlockWeights* a, const BlockWeights* b) { return a->layer < b->layer; });
   for (const BlockWeights* b : chosen) {
@@ -129,6 +151,11 @@ ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights
   }
   p.host_bytes = bytes_of(p.host_tensors);
   p.device_bytes = p.weight_bytes - p.host_bytes;
+  if (!p.layers.empty()) {
+    const int64_t host_experts = p.host_bytes - (p.embedding ? int64_t(embed->nbytes) : 0);
+    const int64_t left = device_budget_bytes < 0 ? 0 : device_budget_bytes - p.device_bytes;
+    p.cache_bytes = std::max(min_cache, std::min(left, host_experts));
+  }
   return p;
 }
 
@@ -137,17 +164,24 @@ std::optional<ExpertOffloadPlan> offload_experts(Backend& be, const ModelConfig&
   const std::optional<size_t> free = be.device_free_bytes();
   if (spec.kind == OffloadSpec::Kind::None || !free) return std::nullopt;
   ExpertOffloadPlan plan = plan_expert_offload(cfg, w, spec, int64_t(*free) - reserve);
-  be.set_host_resident(plan.host_tensors);
+  be.set_host_resident(plan.host_tensors, size_t(plan.cache_bytes));
   return plan;
 }
 
 std::string describe(const ExpertOffloadPlan& p) {
-  if (p.layers.empty()) return fmt::format("all {:.2f} GiB of weights on the GPU", double(p.weight_bytes) / kGiB);
-  return fmt::format(
-      "routed experts of {} layer(s) [{}] in pinned host memory: {:.2f} GiB on the GPU, {:.2f} GiB in host memory, "
-      "{:.1f} MB over the bus per decoded token",
-      p.layers.size(), fmt::join(p.layers, ","), double(p.device_bytes) / kGiB, double(p.host_bytes) / kGiB,
-      p.bus_bytes_per_token / 1e6);
+  if (p.host_tensors.empty()) return fmt::format("all {:.2f} GiB of weights on the GPU", double(p.weight_bytes) / kGiB);
+  const std::string what =
+      p.layers.empty() ? std::string("the token embedding")
+                       : fmt::format("{}routed experts of {} layer(s) [{}]", p.embedding ? "the token embedding and " : "",
+                                     p.layers.size(), fmt::join(p.layers, ","));
+  const std::string cache =
+      p.layers.empty() ? std::string()
+                       : fmt::format(", expert cache {:.2f} GiB ({} experts)", double(p.cache_bytes) / kGiB,
+                                     p.expert_bytes ? p.cache_bytes / p.expert_bytes : 0);
+  return fmt::format("{} in pinned host memory: {:.2f} GiB on the GPU, {:.2f} GiB in host memory{}, {:.1f} MB over the "
+                     "bus per decoded token without cache hits",
+                     what, double(p.device_bytes) / kGiB, double(p.host_bytes) / kGiB, cache,
+                     p.bus_bytes_per_token / 1e6);
 }
 
 }  // namespace dsv4

@@ -45,10 +45,13 @@ TEST(CudaModel, GeneratedTinyMatchesCpu) {
   }
 }
 
-// Routed experts in pinned host memory (Backend::set_host_resident, --offload-experts) are read
-// over the bus by the same kernels: the logits must be bit for bit those of the all-device
-// placement (prefill, chunks, decode; main model and MTP block), as long as the all-device run is
-// itself deterministic (two runs compared first; otherwise the golden tolerance).
+// Routed experts in pinned host memory (Backend::set_host_resident, --offload-experts) are used
+// from the device expert cache by the same kernels, and the embedding is gathered over the bus:
+// the logits must be bit for bit those of the all-device placement (prefill, chunks, decode; main
+// model and MTP block; exact and FP8 activations), as long as the all-device run is itself
+// deterministic (two runs compared first; otherwise the golden tolerance). Two caches: one
+// token's experts (prefill chunks take several passes, every layer evicts the previous one's
+// experts) and every offloaded expert (later steps hit).
 TEST(CudaModel, HostResidentExpertsMatchDevicePlacement) {
   DSV4_REQUIRE_GPU();
   for (const std::string& preset : tiny_preset_names()) {
@@ -60,28 +63,44 @@ TEST(CudaModel, HostResidentExpertsMatchDevicePlacement) {
     if (cfg.num_nextn_predict_layers) spec.layers.push_back(cfg.num_hidden_layers);
     if (cfg.num_hidden_layers == 1) spec.layers.erase(spec.layers.begin());
     const ExpertOffloadPlan plan = plan_expert_offload(cfg, gm.weights(), spec, -1);
-    ASSERT_FALSE(plan.host_tensors.empty()) << preset;
-    auto dev_be = poisoned_cuda_backend(), dev_again_be = poisoned_cuda_backend(), host_be = poisoned_cuda_backend();
-    host_be->set_host_resident(plan.host_tensors);
-    Model md(cfg, gm.weights(), *dev_be), md_again(cfg, gm.weights(), *dev_again_be), mh(cfg, gm.weights(), *host_be);
-    const auto tok = test::rand_ints(40, cfg.vocab_size, 43);
-    const std::vector<int64_t> sched = {7, 1, 13, 1, 1, 17};
-    for (bool mtp : {false, true}) {
-      if (mtp && cfg.num_nextn_predict_layers == 0) continue;
-      const auto ref = run_chunked(md, tok, sched, mtp), again = run_chunked(md_again, tok, sched, mtp),
-                 got = run_chunked(mh, tok, sched, mtp);
-      ASSERT_EQ(ref.size(), got.size());
-      const bool deterministic = std::memcmp(ref.data(), again.data(), ref.size() * 4) == 0;
-      int64_t differ = 0;
-      for (size_t i = 0; i < ref.size(); ++i) differ += std::memcmp(&ref[i], &got[i], 4) != 0;
-      std::printf("[model] %s host-resident experts (%s) mtp=%d: %lld of %zu logits differ (device run %s)\n",
-                  preset.c_str(), describe(plan).c_str(), mtp, (long long)differ, ref.size(),
-                  deterministic ? "deterministic" : "not deterministic");
-      if (deterministic) {
-        EXPECT_EQ(differ, 0) << preset << " mtp=" << mtp;
-      } else {
-        const auto a = agree(ref, got, cfg.vocab_size);
-        EXPECT_LE(a.worst_rel, 1e-4f) << preset;
+    ASSERT_TRUE(plan.embedding) << preset;
+    ASSERT_EQ(plan.cache_bytes, plan.expert_bytes * cfg.num_experts_per_tok) << preset;
+    const int64_t all_experts = plan.host_bytes - int64_t(gm.weights().embed->nbytes);
+    for (const int64_t cache : {plan.cache_bytes, all_experts + (int64_t(1) << 20)}) {
+      for (bool fp8 : {false, true}) {
+        auto dev_be = poisoned_cuda_backend(), dev_again_be = poisoned_cuda_backend(),
+             host_be = poisoned_cuda_backend();
+        host_be->set_host_resident(plan.host_tensors, size_t(cache));
+        Model md(cfg, gm.weights(), *dev_be), md_again(cfg, gm.weights(), *dev_again_be),
+            mh(cfg, gm.weights(), *host_be);
+        for (Model* m : {&md, &md_again, &mh}) m->set_fp8_activations(fp8);
+        const auto tok = test::rand_ints(40, cfg.vocab_size, 43);
+        const std::vector<int64_t> sched = {7, 1, 13, 1, 1, 17};
+        for (bool mtp : {false, true}) {
+          if (mtp && cfg.num_nextn_predict_layers == 0) continue;
+          const auto ref = run_chunked(md, tok, sched, mtp), again = run_chunked(md_again, tok, sched, mtp),
+                     got = run_chunked(mh, tok, sched, mtp);
+          ASSERT_EQ(ref.size(), got.size());
+          const bool deterministic = std::memcmp(ref.data(), again.data(), ref.size() * 4) == 0;
+          int64_t differ = 0;
+          for (size_t i = 0; i < ref.size(); ++i) differ += std::memcmp(&ref[i], &got[i], 4) != 0;
+          const CudaExpertCacheStats st = cuda_expert_cache_stats(*host_be);
+          std::printf("[model] %s cache %lld B (%lld slots) fp8=%d mtp=%d: %lld of %zu logits differ (device run %s); "
+                      "cache hits %llu misses %llu\n",
+                      preset.c_str(), (long long)cache, (long long)st.slots, fp8, mtp, (long long)differ, ref.size(),
+                      deterministic ? "deterministic" : "not deterministic", (unsigned long long)st.hits,
+                      (unsigned long long)st.misses);
+          EXPECT_EQ(st.overflows, 0u) << preset;
+          EXPECT_GT(st.misses, 0u) << preset;
+          // A cache of every offloaded expert fetches each at most once; one token's worth refetches.
+          if (cache > plan.cache_bytes) EXPECT_GT(st.hits, 0u) << preset;
+          if (deterministic) {
+            EXPECT_EQ(differ, 0) << preset << " mtp=" << mtp << " fp8=" << fp8;
+          } else {
+            const auto a = agree(ref, got, cfg.vocab_size);
+            EXPECT_LE(a.worst_rel, 1e-4f) << preset;
+          }
+        }
       }
     }
   }

@@ -136,18 +136,26 @@ TEST_F(CheckpointTest, InspectPrintsScheduleAndSizes) {
     EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
 }
 
-// The placement report (serve --offload-experts): with one byte too few for all weights, the last
-// layer's routed experts go to host memory; with far too little, a clear error.
+// The placement report (serve --offload-experts): with one byte too few for all weights, the token
+// embedding goes to host memory; one byte too few for the rest, the last layer's routed experts
+// too, with an expert cache; with far too little, a clear error.
 TEST_F(CheckpointTest, InspectPrintsExpertPlacement) {
-  int64_t total = 0;
+  int64_t total = 0, embed = 0;
   {
     auto ck = Checkpoint::open(dir_.string());
     for (const TensorData* t : weight_tensors(ck->weights())) total += int64_t(t->nbytes);
+    embed = int64_t(ck->weights().embed->nbytes);
   }
   const std::string base = std::string(DSV4_BINARY) + " inspect --model " + dir_.string();
   RunResult r = run(base + " --gpu-memory " + std::to_string(total) + " --offload-reserve 1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find("routed experts of 1 layer(s) [3] in pinned host memory"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("the token embedding in pinned host memory"), std::string::npos) << r.output;
+  r = run(base + " --gpu-memory " + std::to_string(total - embed) + " --offload-reserve 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("the token embedding and routed experts of 1 layer(s) [3] in pinned host memory"),
+            std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("expert cache"), std::string::npos) << r.output;
   r = run(base + " --gpu-memory " + std::to_string(total + 1) + " --offload-reserve 1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("all "), std::string::npos) << r.output;

@@ -6,6 +6,7 @@
 #include "backend/cuda/cuda_backend.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -175,6 +176,7 @@ class CudaBackend final : public Backend {
     for (void* p : extra_) cudaFree(p);
     if (weights_) cudaFree(weights_);
     if (host_weights_) cudaFreeHost(host_weights_);
+    if (cache_.pool) cudaFree(cache_.pool);
     cudaFreeHost(ring_);
     cudaStreamDestroy(s_);
   }
@@ -231,9 +233,10 @@ class CudaBackend final : public Backend {
   }
 
   // ---- weights ----
-  void set_host_resident(std::vector<const TensorData*> ts) override {
+  void set_host_resident(std::vector<const TensorData*> ts, size_t expert_cache_bytes) override {
     if (weights_ || host_weights_) fail("CUDA backend: set_host_resident after the weights were placed");
     host_resident_ = std::unordered_set<const TensorData*>(ts.begin(), ts.end());
+    cache_.bytes = expert_cache_bytes;
   }
   // One device arena for the weights not yet placed, one pinned mapped host region for the
   // host-resident ones (their device addresses go to map_: kernels read them over the bus).
@@ -256,6 +259,7 @@ class CudaBackend final : public Backend {
         fail("CUDA backend: {:.2f} GiB of pinned host memory for the host-resident experts could not be allocated",
              double(host) / double(1 << 30));
       DSV4_CK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_weights_dev_), host_weights_, 0));
+      make_expert_cache();
     }
     size_t at_device = 0, at_host = 0;
     for (const TensorData* t : fresh) {
@@ -429,6 +433,20 @@ class CudaBackend final : public Backend {
     graphs_.erase(it);
   }
   CudaGraphStats graph_stats() const { return graph_stats_; }
+  CudaExpertCacheStats expert_cache_stats() {
+    CudaExpertCacheStats st;
+    st.slots = cache_.slots;
+    st.slot_bytes = cache_.layout.slot_bytes;
+    if (!cache_.stats) return st;
+    no_capture("a read of the expert cache counters");
+    unsigned long long c[3];
+    DSV4_CK(cudaMemcpyAsync(c, cache_.stats, sizeof c, cudaMemcpyDeviceToHost, s_));
+    DSV4_CK(cudaStreamSynchronize(s_));
+    st.hits = c[0];
+    st.misses = c[1];
+    st.overflows = c[2];
+    return st;
+  }
   void set_graphs(bool on) { opts_.graphs = on; }
 
   size_t arena_peak() const { return arena_ ? arena_->peak() : 0; }
@@ -674,6 +692,11 @@ class CudaBackend final : public Backend {
       max_rows = E ? *std::max_element(c.begin(), c.end()) : 0;
     }
     Tensor h1 = alloc({n, F}), h3 = alloc({n, F}), y = alloc({n, D});
+    // Experts in host memory: passes over at most one pool of them, each fetched into the cache
+    // first (zmap: the pass's experts). The kernels and their row layout are those of one pass
+    // over device-resident experts, so the results are bit for bit the same.
+    const int64_t pass_experts = tb.cached && zmax > cache_.slots ? cache_.slots : E;
+    Tensor pass_zmap = tb.cached ? alloc({std::max<int64_t>(zmax, 1)}, ElemType::I32) : Tensor{};
     // FP8 activations: E4M3 rows for the tensor-core kernel, or their FP32 round trip for the GEMV.
     const bool force_gemv = n <= 4 * E;  // <= 4 rows per expert on average: stream each expert's weights once
     const bool quant = act_quant_ != ActQuant::None && (tb.first.fmt == cuda::kFP8 || tb.first.fmt == cuda::kFP4);
@@ -709,22 +732,25 @@ class CudaBackend final : public Backend {
       a.descs = descs;
       a.wd = tb.first;
       a.Z = int(zmax);
-      a.zmap = active.i32();
+      a.zmap = tb.cached ? pass_zmap.i32() : active.i32();
       a.force_gemv = force_gemv;
       a.typical_rows = (n + zmax - 1) / zmax;  // assignments over the active slices
       return a;
     };
-    if (max_rows > 0) {
+    for (int64_t lo = 0; max_rows > 0 && lo < E; lo += pass_experts) {
+      if (tb.cached) fetch_experts(tb, active, zmax, lo, std::min(E, lo + pass_experts), pass_zmap);
       cuda::GemmArgs up = expert_args(tb.w1, xin, qx, T, perm.i32(), D, h1.f32(), F, D);
       up.descs3 = tb.w3;
       up.wd3 = tb.first;
       up.swiglu_limit = limit;
       cuda::gemm_swiglu(up, n, h3.f32(), s_);
+      const float* hin = h1.f32();
       if (quant) {
         if (tc || sk) qh = quantize_rows(h1.f32(), n, F, true);
+        else if (pass_experts < E) hin = (qh = quantize_rows(h1.f32(), n, F, false)).roundtrip.f32();  // rows of later passes stay unrounded
         else cuda::act_quant(h1.f32(), n, F, F, pow2_scales(), nullptr, 0, nullptr, h1.f32(), s_);  // in place
       }
-      cuda::gemm(expert_args(tb.w2, h1.f32(), qh, n, nullptr, F, y.f32(), D, F), s_);
+      cuda::gemm(expert_args(tb.w2, hin, qh, n, nullptr, F, y.f32(), D, F), s_);
     }
     Tensor shared;
     if (moe.has_shared) {
@@ -901,7 +927,114 @@ class CudaBackend final : public Backend {
     size_t capacity = 0;  // descriptors devp holds
     cuda::WeightDesc first;
     const cuda::WeightDesc *w1 = nullptr, *w2 = nullptr, *w3 = nullptr;
+    // Host-resident experts: devp is rewritten as experts enter the cache; home keeps where they
+    // live, map their slots (cuda::ExpertCacheArgs).
+    bool cached = false;
+    cuda::WeightDesc* home = nullptr;
+    int32_t* map = nullptr;
   };
+  // The device pool host-resident experts are used from (cuda::expert_cache_fetch): slots of one
+  // expert each (the layout of the first cached layer; all must match) and the LRU state.
+  struct ExpertCache {
+    size_t bytes = 0;  // set_host_resident's budget
+    uint8_t* pool = nullptr;
+    cuda::ExpertSlotLayout layout;
+    int64_t slots = 0;
+    int32_t** owner = nullptr;
+    uint32_t *stamp = nullptr, *tick = nullptr;
+    int32_t *order = nullptr, *job_slot = nullptr, *job_expert = nullptr, *n_jobs = nullptr;
+    unsigned long long* stats = nullptr;  // hits, misses, overflows
+  };
+  // The pool (its budget, set before the weights are placed) and the LRU state, all empty.
+  void make_expert_cache() {
+    if (!cache_.bytes) fail("CUDA backend: experts in host memory need an expert cache (set_host_resident budget 0)");
+    DSV4_CK(cudaMalloc(&cache_.pool, cache_.bytes));
+    constexpr int64_t S = cuda::kExpertCacheMaxSlots;
+    const size_t state = S * (sizeof(int32_t*) + 4 * sizeof(int32_t) + sizeof(uint32_t)) + 4 * 3 + 8 * 3 + 64;
+    void* p = nullptr;
+    DSV4_CK(cudaMalloc(&p, state));
+    DSV4_CK(cudaMemset(p, 0, state));
+    extra_.push_back(p);
+    uint8_t* at = static_cast<uint8_t*>(p);
+    auto take = [&](size_t bytes) {
+      uint8_t* r = at;
+      at += (bytes + 7) / 8 * 8;
+      return r;
+    };
+    cache_.owner = reinterpret_cast<int32_t**>(take(S * sizeof(int32_t*)));
+    cache_.stats = reinterpret_cast<unsigned long long*>(take(3 * 8));
+    cache_.stamp = reinterpret_cast<uint32_t*>(take(S * 4));
+    cache_.order = reinterpret_cast<int32_t*>(take(S * 4));
+    cache_.job_slot = reinterpret_cast<int32_t*>(take(S * 4));
+    cache_.job_expert = reinterpret_cast<int32_t*>(take(S * 4));
+    cache_.tick = reinterpret_cast<uint32_t*>(take(4));
+    cache_.n_jobs = reinterpret_cast<int32_t*>(take(4));
+  }
+  // A cached layer's slot layout: its experts' parts (w1 | w2 | w3, weight then scale), 256-byte
+  // aligned. The first cached layer sizes the pool's slots; the others must match them.
+  void check_slot_layout(const MoEWeights& m) {
+    cuda::ExpertSlotLayout l;
+    auto parts = [](const ExpertWeights& e) {
+      std::array<size_t, 6> b{};
+      const Linear* ls[3] = {&e.w1, &e.w2, &e.w3};
+      for (int i = 0; i < 3; ++i) {
+        b[2 * i] = ls[i]->weight->nbytes;
+        b[2 * i + 1] = ls[i]->scale ? ls[i]->scale->nbytes : 0;
+      }
+      return b;
+    };
+    const auto first = parts(m.experts[0]);
+    for (int i = 0; i < 6; ++i) {
+      l.off[i] = l.slot_bytes;
+      l.bytes[i] = int64_t(first[i]);
+      l.slot_bytes += int64_t(align_up(first[i]));
+    }
+    for (const ExpertWeights& e : m.experts) {
+      if (parts(e) != first) fail("expert cache: experts of '{}' differ in size", e.w1.weight->name);
+      for (const Linear* x : {&e.w1, &e.w2, &e.w3})
+        for (const TensorData* t : {x->weight, x->scale})
+          if (t && !host_resident_.count(t))
+            fail("expert cache: '{}' is on the GPU while other experts of its layer are in host memory", t->name);
+    }
+    if (!cache_.slots) {
+      cache_.layout = l;
+      cache_.slots = std::min<int64_t>(int64_t(cache_.bytes) / l.slot_bytes, cuda::kExpertCacheMaxSlots);
+      if (cache_.slots < 1)
+        fail("expert cache: {} bytes hold no expert of {} bytes ('{}')", cache_.bytes, l.slot_bytes,
+             m.experts[0].w1.weight->name);
+      return;
+    }
+    if (std::memcmp(l.bytes, cache_.layout.bytes, sizeof l.bytes) != 0)
+      fail("expert cache: the experts of '{}' differ in size from those of the first cached layer",
+           m.experts[0].w1.weight->name);
+  }
+  // Fetches this pass's experts (lo..hi-1 of the layer) into the cache; pass_zmap: the pass's
+  // experts for the expert GEMMs.
+  void fetch_experts(const MoeTables& tb, const Tensor& active, int64_t zmax, int64_t lo, int64_t hi,
+                     const Tensor& pass_zmap) {
+    cuda::ExpertCacheArgs a;
+    a.active = active.i32();
+    a.zmax = zmax;
+    a.lo = int32_t(lo);
+    a.hi = int32_t(hi);
+    a.E = int32_t(tb.host.size() / 3);
+    a.map = tb.map;
+    a.owner = cache_.owner;
+    a.stamp = cache_.stamp;
+    a.tick = cache_.tick;
+    a.S = int32_t(cache_.slots);
+    a.home = tb.home;
+    a.live = tb.devp;
+    a.slots = cache_.pool;
+    a.layout = cache_.layout;
+    a.zmap = pass_zmap.i32();
+    a.order = cache_.order;
+    a.job_slot = cache_.job_slot;
+    a.job_expert = cache_.job_expert;
+    a.n_jobs = cache_.n_jobs;
+    a.stats = cache_.stats;
+    cuda::expert_cache_fetch(a, s_);
+  }
 
   void make_arena() {
     size_t bytes = opts_.arena_bytes;
@@ -993,6 +1126,17 @@ class CudaBackend final : public Backend {
       if (d.fmt != host[0].fmt || d.scale_f32 != host[0].scale_f32) fail("MoE experts of one layer mix weight formats");
     MoeTables& t = moes_[&m];
     t.host = host;
+    t.cached = host_resident_.count(m.experts[0].w1.weight) > 0;
+    if (t.cached) {
+      check_slot_layout(m);
+      void* p = nullptr;
+      DSV4_CK(cudaMalloc(&p, host.size() * sizeof(cuda::WeightDesc) + m.experts.size() * 4));
+      extra_.push_back(p);
+      t.home = static_cast<cuda::WeightDesc*>(p);
+      t.map = reinterpret_cast<int32_t*>(t.home + host.size());
+      DSV4_CK(cudaMemcpyAsync(t.home, host.data(), host.size() * sizeof(cuda::WeightDesc), cudaMemcpyHostToDevice, s_));
+      DSV4_CK(cudaMemsetAsync(t.map, 0xff, m.experts.size() * 4, s_));
+    }
     if (t.capacity < host.size()) {  // a MoEWeights at a reused address may have more experts
       void* p = nullptr;
       DSV4_CK(cudaMalloc(&p, host.size() * sizeof(cuda::WeightDesc)));
@@ -1025,6 +1169,7 @@ class CudaBackend final : public Backend {
   std::vector<void*> extra_;
   std::unordered_map<const RopeTable*, std::pair<std::vector<float>, float*>> ropes_;
   std::unordered_map<const MoEWeights*, MoeTables> moes_;
+  ExpertCache cache_;
   uint8_t* ring_ = nullptr;
   size_t ring_pos_ = 0;
   std::unordered_map<uint64_t, Graph> graphs_;
@@ -1087,6 +1232,7 @@ double cuda_host_to_device_gbs(size_t bytes) {
   return double(bytes) / (double(ms[ms.size() / 2]) * 1e6);
 }
 CudaGraphStats cuda_graph_stats(Backend& be) { return as_cuda(be).graph_stats(); }
+CudaExpertCacheStats cuda_expert_cache_stats(Backend& be) { return as_cuda(be).expert_cache_stats(); }
 void cuda_set_graphs(Backend& be, bool on) { as_cuda(be).set_graphs(on); }
 
 CudaDeviceInfo cuda_device_info(int device) {

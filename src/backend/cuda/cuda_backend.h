@@ -62,6 +62,15 @@ void cuda_set_graphs(Backend& be, bool on);
 // the calls run back to back as under a CUDA graph.
 double cuda_device_ms(Backend& be, int reps, const std::function<void()>& fn);
 
+// The expert cache of host-resident experts (Backend::set_host_resident): its slots, and since the
+// backend was made, experts a pass found there (hits) or fetched over the bus (misses);
+// overflows count passes that needed more experts than slots (a bug: their outputs are wrong).
+struct CudaExpertCacheStats {
+  int64_t slots = 0, slot_bytes = 0;
+  uint64_t hits = 0, misses = 0, overflows = 0;
+};
+CudaExpertCacheStats cuda_expert_cache_stats(Backend& be);
+
 // GB/s of host-to-device copies from pinned memory (median of a few copies of `bytes`): the bus
 // rate that host-resident weights (Backend::set_host_resident) are read at, at best.
 double cuda_host_to_device_gbs(size_t bytes);

@@ -232,6 +232,44 @@ void swiglu(float* h1, const float* h3, int64_t n, float limit, cudaStream_t s);
 void moe_combine(const float* Y, const int32_t* slot, const float* weights, const float* shared, int64_t T,
                  int64_t k, int64_t D, float* out, cudaStream_t s);
 
+// ---- Expert cache (expert_cache.cu): routed experts in host memory, used from device slots ---
+// A layer's experts live in pinned host memory (--offload-experts); before its expert GEMMs run,
+// the experts they need are copied into slots of a device pool shared by all such layers (LRU),
+// and the layer's descriptor table is pointed at them. Everything is decided on the device: no
+// host synchronisation, so a cached layer still runs inside a CUDA graph.
+// Slot layout: parts w1.w, w1.s, w2.w, w2.s, w3.w, w3.s of one expert at offsets off[] (bytes[]
+// each, 0 for an absent scale), in the order of the layer tables (w1 | w2 | w3, E each).
+struct ExpertSlotLayout {
+  int64_t off[6] = {}, bytes[6] = {};
+  int64_t slot_bytes = 0;
+};
+struct ExpertCacheArgs {
+  const int32_t* active = nullptr;  // moe_group's active experts of the layer (ascending, then -1)
+  int64_t zmax = 0;
+  int32_t lo = 0, hi = 0;            // this pass: experts lo..hi-1 of the layer (at most S of them)
+  int32_t E = 0;                     // experts of the layer
+  int32_t* map = nullptr;            // [E] the layer's slot of each expert, -1 when not cached
+  int32_t** owner = nullptr;         // [S] the map entry of the expert in each slot (null: empty)
+  uint32_t* stamp = nullptr;         // [S] the pass that last used each slot (LRU)
+  uint32_t* tick = nullptr;          // passes so far
+  int32_t S = 0;
+  const WeightDesc* home = nullptr;  // [3E] where the experts live (host memory)
+  WeightDesc* live = nullptr;        // [3E] the table the GEMMs read
+  uint8_t* slots = nullptr;
+  ExpertSlotLayout layout;
+  int32_t* zmap = nullptr;           // out [zmax]: active restricted to lo..hi-1, else -1
+  int32_t* order = nullptr;          // scratch [S]
+  int32_t* job_slot = nullptr;       // out [S]: slots to fill, and the expert for each
+  int32_t* job_expert = nullptr;
+  int32_t* n_jobs = nullptr;
+  unsigned long long* stats = nullptr;  // hits, misses, overflows (a pass needing more than S slots)
+};
+// Most slots one pool may have (the plan kernel sorts them in one block).
+inline constexpr int64_t kExpertCacheMaxSlots = 4096;
+// The plan (one block: hits refresh their stamp, misses take the least recently used slots not
+// needed by this pass) and the copies of the missed experts over the bus (every SM).
+void expert_cache_fetch(const ExpertCacheArgs& a, cudaStream_t s);
+
 // ---- sampling (sample.cu) ------------------------------------------------------------------
 // Backend::sample: one token per row of logits [B, V]; params [B, kSampleParams] (temperature,
 // top_k, top_p, min_p), uniforms [B]. One block per row; no scratch memory.
