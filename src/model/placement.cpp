@@ -146,6 +146,8 @@ ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights
     p.layers.push_back(b->layer);
     const auto ts = routed_tensors(*b);
     p.host_tensors.insert(p.host_tensors.end(), ts.begin(), ts.end());
+    // The MTP block runs once per drafted token, and only when drafting.
+    if (b->layer >= cfg.num_hidden_layers && !spec.drafting) continue;
     const int64_t experts = int64_t(b->ffn.experts.size());
     p.bus_bytes_per_token += double(bytes_of(ts)) / double(experts) * double(std::min(cfg.num_experts_per_tok, experts));
   }

@@ -38,6 +38,7 @@ struct ExpertOffloadPlan {
   int64_t expert_bytes = 0;         // one routed expert of those layers (weights and scales)
   int64_t cache_bytes = 0;          // device cache the host-resident experts are used from
   double bus_bytes_per_token = 0;   // decode without cache hits: routed experts a token selects
+                                    // (in the MTP blocks too when drafting) and an embedding row
   std::vector<const TensorData*> host_tensors;  // the tensors placed in host memory
 };
 // The blocks in model order: layers 0..n-1, then the MTP blocks (n, n + 1, ...).

@@ -107,9 +107,17 @@ TEST(Placement, PlanArithmeticOnGeneratedModels) {
     auto expect_host = experts_of(w, first_out);
     expect_host.push_back(w.embed);
     EXPECT_EQ(host, std::set<const TensorData*>(expect_host.begin(), expect_host.end()));
-    // Bus bytes per decoded token: top-k experts of that layer and an embedding row.
-    EXPECT_DOUBLE_EQ(one.bus_bytes_per_token, double(first_bytes) / double(E) * double(cfg.num_experts_per_tok) +
-                                                  double(embed_row));
+    // Bus bytes per decoded token: top-k experts of that layer (none when it is the MTP block,
+    // which does not run without drafting) and an embedding row.
+    const double topk_bytes = double(first_bytes) / double(E) * double(cfg.num_experts_per_tok);
+    EXPECT_DOUBLE_EQ(one.bus_bytes_per_token, (mtp ? 0.0 : topk_bytes) + double(embed_row));
+    OffloadSpec drafting = autos;
+    drafting.drafting = true;  // the last main layer leaves first, the MTP block last
+    const ExpertOffloadPlan drafted = plan_expert_offload(cfg, w, drafting, total - embed - 1);
+    EXPECT_EQ(drafted.layers, std::vector<int64_t>{last_main}) << preset;
+    EXPECT_DOUBLE_EQ(drafted.bus_bytes_per_token,
+                     double(bytes_of(experts_of(w, last_main))) / double(E) * double(cfg.num_experts_per_tok) +
+                         double(embed_row));
     if (second_out >= 0) {
       const ExpertOffloadPlan two = plan_expert_offload(cfg, w, autos, total - embed - first_bytes - 1);
       EXPECT_EQ(two.layers, (std::vector<int64_t>{second_out, first_out})) << preset;
