@@ -137,8 +137,8 @@ TEST_F(CheckpointTest, InspectPrintsScheduleAndSizes) {
 }
 
 // The placement report (serve --offload-experts): with one byte too few for all weights, the token
-// embedding goes to host memory; one byte too few for the rest, the last layer's routed experts
-// too, with an expert cache; with far too little, a clear error.
+// embedding goes to host memory; one byte too few for the rest, the MTP block's routed experts too
+// (it never runs without drafting), with an expert cache; with far too little, a clear error.
 TEST_F(CheckpointTest, InspectPrintsExpertPlacement) {
   int64_t total = 0, embed = 0;
   {
@@ -152,7 +152,7 @@ TEST_F(CheckpointTest, InspectPrintsExpertPlacement) {
   EXPECT_NE(r.output.find("the token embedding in pinned host memory"), std::string::npos) << r.output;
   r = run(base + " --gpu-memory " + std::to_string(total - embed) + " --offload-reserve 1");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find("the token embedding and routed experts of 1 layer(s) [3] in pinned host memory"),
+  EXPECT_NE(r.output.find("the token embedding and routed experts of 1 layer(s) [4] in pinned host memory"),
             std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("expert cache"), std::string::npos) << r.output;
