@@ -100,7 +100,8 @@ class Arena {
     std::lock_guard<std::mutex> g(mu_);
     const size_t off = free_.allocate(bytes);
     if (off == SIZE_MAX)
-      fail("CUDA activation arena exhausted: {} bytes requested, {} of {} bytes in use (raise DSV4_CUDA_ARENA_MB; with --offload-experts, --offload-reserve sizes it)",
+      fail("CUDA activation arena exhausted: {} bytes requested, {} of {} bytes in use (raise DSV4_CUDA_ARENA_MB; "
+           "with --offload-experts, --offload-reserve sizes it)",
            bytes, used_, size_);
     used_ += bytes;
     peak_ = std::max(peak_, used_);
