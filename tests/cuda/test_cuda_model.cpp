@@ -108,6 +108,36 @@ TEST(CudaModel, HostResidentExpertsMatchDevicePlacement) {
   }
 }
 
+// A plan that moves only the token embedding (--offload-experts 0, or auto a little short of
+// memory): no expert cache, the embedding rows gathered over the bus; the logits must equal the
+// all-device placement's bit for bit (when two all-device runs agree; else the golden tolerance).
+TEST(CudaModel, HostResidentEmbeddingMatchesDevicePlacement) {
+  DSV4_REQUIRE_GPU();
+  GeneratedModel gm(tiny_preset_config("tiny"), 41);
+  const auto& cfg = gm.config();
+  OffloadSpec spec;
+  spec.kind = OffloadSpec::Kind::Count;
+  spec.count = 0;
+  const ExpertOffloadPlan plan = plan_expert_offload(cfg, gm.weights(), spec, -1);
+  ASSERT_TRUE(plan.embedding);
+  ASSERT_TRUE(plan.layers.empty());
+  ASSERT_EQ(plan.cache_bytes, 0);
+  auto dev_be = poisoned_cuda_backend(), dev_again_be = poisoned_cuda_backend(), host_be = poisoned_cuda_backend();
+  host_be->set_host_resident(plan.host_tensors, size_t(plan.cache_bytes));
+  Model md(cfg, gm.weights(), *dev_be), md_again(cfg, gm.weights(), *dev_again_be), mh(cfg, gm.weights(), *host_be);
+  const auto tok = test::rand_ints(40, cfg.vocab_size, 43);
+  const std::vector<int64_t> sched = {7, 1, 13, 1, 1, 17};
+  const auto ref = run_chunked(md, tok, sched, true), again = run_chunked(md_again, tok, sched, true),
+             got = run_chunked(mh, tok, sched, true);
+  ASSERT_EQ(ref.size(), got.size());
+  if (std::memcmp(ref.data(), again.data(), ref.size() * 4) == 0) {
+    EXPECT_EQ(std::memcmp(ref.data(), got.data(), ref.size() * 4), 0);
+  } else {
+    EXPECT_LE(agree(ref, got, cfg.vocab_size).worst_rel, 1e-4f);
+  }
+  EXPECT_EQ(cuda_expert_cache_stats(*host_be).slots, 0);
+}
+
 // --kv fp8 with packed storage (U8 rows, tensor/kv_format.h) on both sides: CUDA vs the CPU
 // reference. Both quantise with identical math, but a 1-ulp difference upstream can move a value
 // across an E4M3 rounding boundary (one FP8 step = 2^-3 relative), so the bound is 2e-2 of the

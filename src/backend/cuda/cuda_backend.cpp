@@ -260,7 +260,7 @@ class CudaBackend final : public Backend {
         fail("CUDA backend: {:.2f} GiB of pinned host memory for the host-resident experts could not be allocated",
              double(host) / double(1 << 30));
       DSV4_CK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_weights_dev_), host_weights_, 0));
-      make_expert_cache();
+      if (cache_.bytes) make_expert_cache();  // none for a plan that moves only the embedding
     }
     size_t at_device = 0, at_host = 0;
     for (const TensorData* t : fresh) {
@@ -948,7 +948,6 @@ class CudaBackend final : public Backend {
   };
   // The pool (its budget, set before the weights are placed) and the LRU state, all empty.
   void make_expert_cache() {
-    if (!cache_.bytes) fail("CUDA backend: experts in host memory need an expert cache (set_host_resident budget 0)");
     DSV4_CK(cudaMalloc(&cache_.pool, cache_.bytes));
     constexpr int64_t S = cuda::kExpertCacheMaxSlots;
     const size_t state = S * (sizeof(int32_t*) + 4 * sizeof(int32_t) + sizeof(uint32_t)) + 4 * 3 + 8 * 3 + 64;
@@ -1129,6 +1128,9 @@ class CudaBackend final : public Backend {
     t.host = host;
     t.cached = host_resident_.count(m.experts[0].w1.weight) > 0;
     if (t.cached) {
+      if (!cache_.pool)
+        fail("CUDA backend: the experts of '{}' are in host memory without an expert cache (set_host_resident budget 0)",
+             m.experts[0].w1.weight->name);
       check_slot_layout(m);
       void* p = nullptr;
       DSV4_CK(cudaMalloc(&p, host.size() * sizeof(cuda::WeightDesc) + m.experts.size() * 4));
