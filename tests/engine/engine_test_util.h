@@ -102,6 +102,25 @@ inline Request greedy(std::string id, std::vector<int32_t> prompt, int32_t max_t
   return r;
 }
 
+// Lengths of random_greedy_requests: min + a draw in [0, spread) (spread 0: exactly min).
+struct LengthRange {
+  int64_t min = 1, spread = 0;
+};
+// n greedy requests "<prefix>0", "<prefix>1", ... with random prompts (request i: seed + i) of
+// `prompt` tokens and `new_tokens` to generate, lengths drawn from rng in request order (the
+// prompt's first).
+inline std::vector<Request> random_greedy_requests(Rng& rng, int n, const std::string& prefix, uint64_t seed,
+                                                   LengthRange prompt, LengthRange new_tokens) {
+  auto draw = [&](LengthRange l) { return l.min + (l.spread > 0 ? int64_t(rng.below(uint64_t(l.spread))) : 0); };
+  std::vector<Request> reqs;
+  for (int i = 0; i < n; ++i) {
+    const int64_t len = draw(prompt);
+    const int64_t max_new = draw(new_tokens);
+    reqs.push_back(greedy(prefix + std::to_string(i), random_prompt(len, seed + uint64_t(i)), int32_t(max_new)));
+  }
+  return reqs;
+}
+
 inline void expect_rows_near(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
                              float tol, const std::string& what) {
   ASSERT_EQ(a.size(), b.size()) << what;

@@ -87,10 +87,8 @@ TEST(Engine, BatchInvariance) {
 }
 
 TEST(Engine, PreemptionUnderTinyPoolKeepsOutputs) {
-  std::vector<Request> reqs;
   Rng r(8);
-  for (int i = 0; i < 5; ++i)
-    reqs.push_back(greedy("p" + std::to_string(i), random_prompt(6 + int64_t(r.below(14)), 200 + i), 4));
+  const std::vector<Request> reqs = random_greedy_requests(r, 5, "p", 200, {6, 14}, {4, 0});
   std::map<std::string, std::vector<int32_t>> ref;
   std::map<std::string, std::vector<std::vector<float>>> ref_logits;
   {
@@ -433,10 +431,8 @@ TEST(Engine, KvFp8MatchesSelfContainedModel) {
   }
 
   // Preemption: 2 blocks of 16 tokens for 5 requests of up to 19 + 4 tokens.
-  std::vector<Request> reqs;
   Rng r(18);
-  for (int i = 0; i < 5; ++i)
-    reqs.push_back(greedy("p" + std::to_string(i), random_prompt(6 + int64_t(r.below(14)), 1400 + uint64_t(i)), 4));
+  const std::vector<Request> reqs = random_greedy_requests(r, 5, "p", 1400, {6, 14}, {4, 0});
   for (const auto& q : reqs) refs[q.id] = reference(fp8, q.prompt, 4);
   for (bool caching : {false, true}) {
     EngineConfig c = small_blocks(2, caching);

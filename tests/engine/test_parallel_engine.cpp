@@ -85,10 +85,7 @@ TEST(ParallelEngine, SameTokensAsOneRank) {
 // so greedy tokens equal the unsharded engine's without speculation, prefix-cache hits included.
 TEST(ParallelEngine, SpeculativeSameTokensAsOneRank) {
   Rng rng(23);
-  std::vector<Request> reqs;
-  for (int i = 0; i < 6; ++i)
-    reqs.push_back(greedy("s" + std::to_string(i), random_prompt(3 + int64_t(rng.below(50)), 700 + uint64_t(i)),
-                          12 + int32_t(rng.below(20))));
+  const std::vector<Request> reqs = random_greedy_requests(rng, 6, "s", 700, {3, 50}, {12, 20});
   EngineConfig c;
   c.block_size = 16;
   c.num_blocks = 64;

@@ -198,10 +198,7 @@ Wave run_wave(EngineConfig cfg, std::shared_ptr<LoadedModel> model, const std::v
 // other (drafts dropped, state recomputed).
 TEST(Speculative, GreedyOutputsIdenticalTinyModel) {
   Rng rng(17);
-  std::vector<Request> reqs;
-  for (int i = 0; i < 12; ++i)
-    reqs.push_back(greedy("r" + std::to_string(i), random_prompt(3 + int64_t(rng.below(60)), 100 + uint64_t(i)),
-                          20 + int32_t(rng.below(40))));
+  const std::vector<Request> reqs = random_greedy_requests(rng, 12, "r", 100, {3, 60}, {20, 40});
   // (F32 KV, FP8 KV, and a pool of 14 blocks: the requests preempt each other.)
   for (const auto& [fp8, blocks] : {std::pair{false, 256}, std::pair{true, 256}, std::pair{false, 14}}) {
     SCOPED_TRACE(testing::Message() << (fp8 ? "fp8 " : "f32 ") << blocks << " blocks");
