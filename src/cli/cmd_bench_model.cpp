@@ -509,7 +509,8 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_option("--offload-experts", o->offload,
                   "Routed experts in pinned host memory, as dsv4 serve: none | auto | N | layer list");
   cmd->add_option("--offload-reserve", o->offload_reserve,
-                  "With --offload-experts auto: device memory kept free for state and activations")->capture_default_str();
+                  "With --offload-experts: device memory kept free for state and activations (the expert cache "
+                  "gets the rest)")->capture_default_str();
   cmd->add_option("--spec-accept", o->spec_accept,
                   "Speculative decoding with this imposed mean acceptance length L (tokens per verify pass, "
                   "1..k+1; e.g. 2.35): decode tok/s with and without speculation at each --ctx and --seqs "

@@ -316,7 +316,8 @@ void register_serve(CLI::App& app, Action& action) {
                   "MoE blocks: the MTP block first unless --speculative-tokens, then the last layers) or a list of "
                   "layer indices (e.g. 40,41,42; the MTP block is 43)");
   cmd->add_option("--offload-reserve", o->offload_reserve,
-                  "With --offload-experts auto: device memory kept free for the state pool and activations")->capture_default_str();
+                  "With --offload-experts: device memory kept free for the state pool and activations (auto "
+                  "offloads until it is; the expert cache gets the rest)")->capture_default_str();
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
   cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) or fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims)")
       ->capture_default_str()

@@ -42,8 +42,8 @@ struct LoadedModel {
   // A model directory (config.json, safetensors, tokenizer.json when present); backend "cpu"
   // (or "cuda" when compiled in); par: the --tp/--ep split (each rank reads only its shard).
   // offload: where routed experts go when the weights do not fit the device (model/placement.h);
-  // with Auto, offload_reserve_bytes of the free device memory stay for the state pool and
-  // activations. The plan is logged.
+  // offload_reserve_bytes of the free device memory stay for the state pool and activations (Auto
+  // offloads until they do; the expert cache gets the rest). The plan is logged.
   static std::shared_ptr<LoadedModel> load(const std::string& dir, const std::string& backend = "cpu",
                                            const ParallelConfig& par = {}, const OffloadSpec& offload = {},
                                            int64_t offload_reserve_bytes = 0);

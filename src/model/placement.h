@@ -13,8 +13,8 @@
 
 namespace dsv4 {
 
-// --offload-experts: none | auto | N (the last N MoE layers) | L1,L2,... (block indices; the MTP
-// block is n_layers).
+// --offload-experts: none | auto | N (the first N MoE blocks of auto's order) | L1,L2,... (block
+// indices; the MTP block is n_layers).
 struct OffloadSpec {
   enum class Kind { None, Auto, Count, Layers } kind = Kind::None;
   int64_t count = 0;
@@ -57,8 +57,8 @@ ExpertOffloadPlan plan_expert_offload(const ModelConfig& cfg, const ModelWeights
 // token.
 std::string describe(const ExpertOffloadPlan& plan);
 // Before the weights are placed on `be`: plans with the device memory free now less `reserve` and
-// marks the planned tensors host-resident (with the plan's expert cache). Nothing (nullopt) for Kind::None or a backend without
-// device memory (its weights are host memory already).
+// marks the planned tensors host-resident (with the plan's expert cache). Nothing (nullopt) for
+// Kind::None or a backend without device memory (its weights are host memory already).
 std::optional<ExpertOffloadPlan> offload_experts(Backend& be, const ModelConfig& cfg, const ModelWeights& w,
                                                  const OffloadSpec& spec, int64_t reserve);
 
