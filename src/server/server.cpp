@@ -1036,8 +1036,7 @@ class Session : public std::enable_shared_from_this<Session> {
         route_->allow, requested.empty() ? "Authorization, Content-Type, X-Request-Id" : requested);
     if (!parser_->is_done()) close_after_ = true;
     ex_.status = 204;
-    send(head(204, "", std::optional<size_t>(0), headers));
-    response_complete();
+    complete_response(head(204, "", std::optional<size_t>(0), headers));
   }
 
   // Access-Control-Allow-Origin for this request's Origin ("" when CORS is off or it is not allowed).
@@ -1074,26 +1073,35 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void respond(int status, std::string body, std::string_view content_type = "application/json", std::string extra_headers = {}) {
     ex_.status = status;
-    send(head(status, content_type, body.size(), extra_headers) + body);
-    response_complete();
+    complete_response(head(status, content_type, body.size(), extra_headers) + body);
   }
 
-  // The last bytes of the response are queued: the request's metrics are recorded now (a client
-  // that reads the response may ask /metrics at once); once written, log and read the next request.
-  void response_complete() {
+  // Queues the response's last bytes. The request's metrics are recorded before any of them can
+  // go out (a client that reads the response may ask /metrics at once); once written, log and
+  // read the next request.
+  void complete_response(std::string last_bytes) {
+    if (!queue(std::move(last_bytes))) return;
     if (gen_) {
       S.finish_generation(*gen_, false);
       gen_.reset();
     }
     complete_ = true;
-    if (!writing_) after_response();
+    if (writing_) return;
+    if (pending_.empty()) return after_response();
+    write_pending();
   }
 
   void send(std::string bytes) {
+    if (queue(std::move(bytes)) && !writing_) write_pending();
+  }
+
+  // False when the client stopped reading (the connection is dropped).
+  bool queue(std::string bytes) {
     ex_.bytes += bytes.size();
     pending_ += bytes;
-    if (pending_.size() > S.cfg.max_stream_buffer_bytes) return drop("it stopped reading (output buffer full)");
-    if (!writing_) write_pending();
+    if (pending_.size() <= S.cfg.max_stream_buffer_bytes) return true;
+    drop("it stopped reading (output buffer full)");
+    return false;
   }
 
   void send_body(std::string_view data) {
@@ -1200,8 +1208,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void finish_body() {
     heartbeat_.cancel();
-    if (ex_.chunked) send("0\r\n\r\n");
-    if (gen_) response_complete();
+    complete_response(ex_.chunked ? "0\r\n\r\n" : "");
   }
 
   // The client went away or stopped reading: abort its request and close the connection.

@@ -13,7 +13,7 @@ if(DSV4_NODE)
   add_test(NAME demo.chat COMMAND ${DSV4_NODE} --test ${CMAKE_CURRENT_LIST_DIR}/demo_chat.test.mjs
            WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
   set_tests_properties(demo.chat PROPERTIES LABELS "server" TIMEOUT 600
-                       ENVIRONMENT "DSV4_BINARY=$<TARGET_FILE:dsv4>")
+                       ENVIRONMENT "DSV4_BINARY=$<TARGET_FILE:dsv4>;OMP_WAIT_POLICY=PASSIVE")
 else()
   message(WARNING "node not found: demo.chat is not registered")
 endif()

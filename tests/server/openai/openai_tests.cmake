@@ -11,4 +11,4 @@ add_test(NAME server.openai_client
                  ${CMAKE_CURRENT_LIST_DIR}/engine.test.mjs ${CMAKE_CURRENT_LIST_DIR}/bench.test.mjs
          WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
 set_tests_properties(server.openai_client PROPERTIES LABELS "server" TIMEOUT 900
-                     ENVIRONMENT "DSV4_BINARY=$<TARGET_FILE:dsv4>;NODE_PATH=${PROJECT_SOURCE_DIR}/node_modules")
+                     ENVIRONMENT "DSV4_BINARY=$<TARGET_FILE:dsv4>;NODE_PATH=${PROJECT_SOURCE_DIR}/node_modules;OMP_WAIT_POLICY=PASSIVE")
