@@ -8,14 +8,18 @@
 #include <cmath>
 #include <deque>
 #include <map>
+#include <unordered_map>
+#include <unordered_set>
 
 #include "cli/args.h"
 #include "cli/bench_spec.h"
 #include "cli/commands.h"
+#include "backend/communicator.h"
 #include "engine/llm_engine.h"
 #include "engine/state_manager.h"
 #include "model/config.h"
 #include "model/forward.h"
+#include "model/parallel.h"
 #include "model/tiny.h"
 #include "util/log.h"
 #include "util/random.h"
@@ -100,10 +104,12 @@ double median(std::vector<double> v) {
 
 size_t linear_bytes(const Linear& l) { return (l.weight ? l.weight->nbytes : 0) + (l.scale ? l.scale->nbytes : 0); }
 
+// Of one GPU: a rank of a --tp/--ep group holds a share of the heads and experts.
 struct LayerCost {
-  size_t fixed = 0;   // attention + shared expert + router + mHC: read once per step
-  size_t expert = 0;  // one routed expert
-  double macs = 0;    // per token, excluding attention scores
+  size_t fixed = 0;         // attention + shared expert + router + mHC: read once per step
+  size_t expert = 0;        // one routed expert (its slice under --tp without --ep)
+  double expert_share = 1;  // the routed experts held here / all routed experts
+  double macs = 0;          // per token, excluding attention scores
 };
 
 LayerCost layer_cost(const BlockWeights& b, const ModelConfig& c) {
@@ -127,8 +133,9 @@ LayerCost layer_cost(const BlockWeights& b, const ModelConfig& c) {
   k.macs += double(b.ffn.gate->shape[0]) * double(c.hidden_size);
   const auto& e = b.ffn.experts.at(0);
   k.expert = linear_bytes(e.w1) + linear_bytes(e.w2) + linear_bytes(e.w3);
+  k.expert_share = double(b.ffn.experts.size()) / double(c.n_routed_experts);
   const double emacs = 3.0 * double(e.w1.out) * double(e.w1.in);
-  k.macs += emacs * double(c.num_experts_per_tok);
+  k.macs += emacs * double(c.num_experts_per_tok) * k.expert_share;
   if (b.ffn.has_shared) {
     k.fixed += linear_bytes(b.ffn.shared.w1) + linear_bytes(b.ffn.shared.w2) + linear_bytes(b.ffn.shared.w3);
     k.macs += emacs;
@@ -145,9 +152,28 @@ double attended_keys(const ModelConfig& c, int64_t layer, double p) {
   return k;
 }
 
+// Rank r's share of the random weights (`full`'s specs, keyed by their position there so that
+// tensors every rank holds get the same values on each).
+std::vector<RandomTensorSpec> rank_specs(const std::vector<RandomTensorSpec>& full, const ModelWeights& shard) {
+  std::unordered_map<std::string, size_t> by_name;
+  for (size_t i = 0; i < full.size(); ++i) by_name.emplace(full[i].t->name, i);
+  std::unordered_set<const TensorData*> seen;
+  std::vector<RandomTensorSpec> specs;
+  for (const TensorData* t : weight_tensors(shard)) {
+    if (!seen.insert(t).second) continue;
+    const auto it = by_name.find(t->name);
+    if (it == by_name.end()) fail("bench: rank tensor '{}' is not in the model", t->name);
+    RandomTensorSpec r = full[it->second];
+    r.t = t;
+    r.key = int64_t(it->second);
+    specs.push_back(r);
+  }
+  return specs;
+}
+
 int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, std::vector<int64_t> seq_counts,
               int steps, bool kv_fp8, bool fp8_act, bool ops, bool graphs, const SpecBenchOptions* spec,
-              const OffloadSpec& offload, int64_t offload_reserve) {
+              const OffloadSpec& offload, int64_t offload_reserve, const ParallelConfig& par) {
   const CudaDeviceInfo dev = cuda_device_info(0);
   const double bw = dev.mem_bandwidth_gbs * 1e9;
   // H200 SXM dense peaks (datasheet): FP8 tensor 1979 TFLOP/s, FP32 (non-tensor) 67 TFLOP/s.
@@ -156,14 +182,35 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
       dev.sms, double(dev.total_bytes) / (1 << 30), dev.mem_bandwidth_gbs);
   auto cj = flash_config(layers);
   ModelConfig cfg = parse_model_config(cj, "bench:flash");
+  check_parallel(cfg, par);
   RandomProvider prov(cfg.n_routed_experts);
   ModelWeights w = bind_weights(cfg, prov);
   out("model: {} layers + MTP block full width (DeepSeek-V4-Flash shapes), random weights: {:.2f} GiB", layers,
       double(prov.bytes) / (1 << 30));
-  CudaOptions opts;
-  opts.arena_bytes = SIZE_MAX;
-  auto be = make_cuda_backend(0, opts);
-  const auto plan = offload_experts(*be, cfg, w, offload, offload_reserve);
+  const int world = par.world();
+  // One GPU: this backend and model. --tp/--ep: the engine's group of ranks (device r each, NCCL),
+  // each rank's shard generated on its device; `be` and `model` are then rank 0's.
+  std::unique_ptr<Backend> single;
+  std::shared_ptr<LoadedModel> group;
+  std::optional<ExpertOffloadPlan> plan;
+  if (world == 1) {
+    CudaOptions opts;
+    opts.arena_bytes = SIZE_MAX;
+    single = make_cuda_backend(0, opts);
+    plan = offload_experts(*single, cfg, w, offload, offload_reserve);
+  } else {
+    if (offload.kind != OffloadSpec::Kind::None) fail("--offload-experts: not with --tp/--ep");
+    double t_gen = now_s();
+    group = LoadedModel::from_weights(cfg, w, "cuda", par, [&](int, Backend& rb, const ModelWeights& shard) {
+      cuda_random_weights(rb, rank_specs(prov.specs, shard), 1234);
+      // Activations and state take what is free, less room for NCCL's lazily allocated buffers.
+      const size_t free_b = rb.device_free_bytes().value_or(0), room = size_t(3) << 30;
+      rb.set_arena_bytes(free_b > 2 * room ? size_t(double(free_b - room) * 0.95) : free_b / 2);
+    });
+    out("{} ranks (--tp {} --ep {}, NCCL): rank 0 holds {:.2f} GiB of weights; generated on the devices in {:.2f} s",
+        world, par.tp, par.ep, double(group->ranks[0].shard->bytes()) / (1 << 30), now_s() - t_gen);
+  }
+  Backend* const be = single ? single.get() : &group->model->backend();
   if (plan) {
     const double gbs = cuda_host_to_device_gbs(size_t(256) << 20);
     out("weights: {}", describe(*plan));
@@ -182,18 +229,29 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     if (now.overflows) fail("expert cache: {} passes needed more experts than slots", now.overflows);
   };
   double t0 = now_s();
-  cuda_random_weights(*be, prov.specs, 1234);
-  out("weights generated on the device in {:.2f} s", now_s() - t0);
-  Model model(cfg, w, *be);
-  model.set_kv_fp8(kv_fp8);
+  std::unique_ptr<Model> single_model;
+  if (single) {
+    cuda_random_weights(*be, prov.specs, 1234);
+    out("weights generated on the device in {:.2f} s", now_s() - t0);
+    single_model = std::make_unique<Model>(cfg, w, *be);
+  }
+  Model& model = single ? *single_model : *group->model;
+  // Per-GPU quantities (roofline, per-op table) come from rank 0's weights.
+  const ModelWeights& w0 = single ? w : group->ranks[0].shard->weights();
+  model.on_every_rank([&](int, Model& m) {
+    m.set_kv_fp8(kv_fp8);
+    m.set_decode_graphs(graphs);
+  });
   model.set_fp8_activations(fp8_act);
-  model.set_decode_graphs(graphs);
+  // Every rank's device work done (rank 0 alone can finish its step before the peers do).
+  auto sync_all = [&] { model.on_every_rank([](int, Model& m) { m.backend().synchronize(); }); };
   out("linears: {}", fp8_act ? "FP8 activations (1x128, ue8m0 scales), tensor-core GEMMs" : "exact (FP32 activations)");
 
   // Roofline inputs.
   std::vector<LayerCost> lc;
-  for (const auto& b : w.layers) lc.push_back(layer_cost(b, cfg));
-  const size_t head_bytes = w.head->nbytes + w.hc_head.fn->nbytes;
+  for (const auto& b : w0.layers) lc.push_back(layer_cost(b, cfg));
+  const size_t head_bytes = w0.head->nbytes + w0.hc_head.fn->nbytes;
+  const double heads = double(cfg.num_attention_heads / par.tp);  // attention heads per GPU
   const double head_macs = double(cfg.vocab_size) * double(cfg.hidden_size);
   const double E = double(cfg.n_routed_experts), K = double(cfg.num_experts_per_tok);
   auto step_roofline = [&](int64_t B, double ctx, double& bytes, double& flops) {
@@ -202,8 +260,9 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     const double distinct = E * (1.0 - std::pow(1.0 - K / E, double(B)));
     for (size_t l = 0; l < lc.size(); ++l) {
       const double keys = attended_keys(cfg, int64_t(l), ctx);
-      bytes += double(lc[l].fixed) + distinct * double(lc[l].expert) + double(B) * keys * double(cfg.head_dim) * 4.0;
-      flops += double(B) * (2.0 * lc[l].macs + 4.0 * double(cfg.num_attention_heads * cfg.head_dim) * keys);
+      bytes += double(lc[l].fixed) + distinct * lc[l].expert_share * double(lc[l].expert) +
+               double(B) * keys * double(cfg.head_dim) * 4.0;
+      flops += double(B) * (2.0 * lc[l].macs + 4.0 * heads * double(cfg.head_dim) * keys);
       if (cfg.compress_ratio(int64_t(l)) == cfg.compress_rate_csa)
         flops += double(B) * 2.0 * double(cfg.index_n_heads * cfg.index_head_dim) * std::floor(ctx / 4);
     }
@@ -212,10 +271,10 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     bytes = double(head_bytes) + double(cfg.vocab_size) * 4.0;  // logits of the last row only, as the engine
     flops = 2.0 * head_macs;
     for (size_t l = 0; l < lc.size(); ++l) {
-      bytes += double(lc[l].fixed) + E * double(lc[l].expert);
+      bytes += double(lc[l].fixed) + E * lc[l].expert_share * double(lc[l].expert);
       for (int64_t p = 0; p < C; p += 64) {
         const double keys = attended_keys(cfg, int64_t(l), double(p));
-        double f = 2.0 * lc[l].macs + 4.0 * double(cfg.num_attention_heads * cfg.head_dim) * keys;
+        double f = 2.0 * lc[l].macs + 4.0 * heads * double(cfg.head_dim) * keys;
         if (cfg.compress_ratio(int64_t(l)) == cfg.compress_rate_csa)
           f += 2.0 * double(cfg.index_n_heads * cfg.index_head_dim) * std::floor(double(p) / 4);
         flops += 64.0 * f;
@@ -228,7 +287,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     SequenceState st = model.new_sequence(64);
     std::vector<int32_t> tok(16, 7);
     model.forward(st, tok);
-    be->synchronize();
+    sync_all();
   }
   if (spec) {
     run_spec_bench(model, *spec);
@@ -252,11 +311,11 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     SequenceState st = model.new_sequence(C + decode_tokens + 8);
     std::vector<int32_t> tok(C);
     for (auto& x : tok) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
-    be->synchronize();
+    sync_all();
     const CudaExpertCacheStats before_prefill = cuda_expert_cache_stats(*be);
     t0 = now_s();
     prefill(st, tok);
-    be->synchronize();
+    sync_all();
     const double pms = (now_s() - t0) * 1e3;
     double by, fl;
     prefill_roofline(C, by, fl);
@@ -270,10 +329,10 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
       for (int s = 0; s <= steps; ++s) {
         std::vector<int32_t> t(B);
         for (auto& x : t) x = int32_t(rng.below(uint64_t(cfg.vocab_size)));
-        be->synchronize();
+        sync_all();
         const double a = now_s();
         model.forward(st, t);
-        be->synchronize();
+        sync_all();
         if (s > 0) v.push_back((now_s() - a) * 1e3);
       }
       const double ms = median(v);
@@ -306,10 +365,10 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
           t[size_t(i)] = int32_t(rng.below(uint64_t(cfg.vocab_size)));
           batch.push_back({&seqs[size_t(i)].st, std::span(t).subspan(size_t(i), 1), 1, 0});
         }
-        be->synchronize();
+        sync_all();
         const double a = now_s();
         model.forward(batch);
-        be->synchronize();
+        sync_all();
         if (s > 0) v.push_back((now_s() - a) * 1e3);
       }
       const double ms = median(v);
@@ -323,6 +382,35 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
                                    : fmt::format(" {:.3f}x the time of decode B={}", ms / same->second, S));
       cache_note(before, steps + 1, ms);
       for (auto& q : seqs) mgr.release(q);
+    }
+  }
+  if (group) {
+    // The step's collectives: all-reduce sums of [T, hidden] F32 rows, every rank at once.
+    const int per_layer = par.tp > 1 ? 2 : 1;  // docs/ENGINE.md, "Collectives per layer"
+    out("");
+    out("| all-reduce [T, {}] F32, {} ranks (NCCL) | us per call (median of 20) | per decode step: {} x {} layers, ms |",
+        cfg.hidden_size, world, per_layer, layers);
+    out("|---|---|---|");
+    for (int64_t T : {int64_t(1), int64_t(16), int64_t(64), int64_t(1024)}) {
+      std::vector<double> us(static_cast<size_t>(world));
+      group->threads->run([&](int r) {
+        Backend& rb = *group->ranks[size_t(r)].backend;
+        Communicator& comm = *group->comms[size_t(r)];
+        Tensor t = rb.alloc({T, cfg.hidden_size});
+        rb.fill(t, 1e-3f);
+        comm.all_reduce_sum(t);  // warm-up
+        rb.synchronize();
+        std::vector<double> v;
+        for (int i = 0; i < 20; ++i) {
+          const double a = now_s();
+          comm.all_reduce_sum(t);
+          rb.synchronize();
+          v.push_back((now_s() - a) * 1e6);
+        }
+        us[size_t(r)] = median(v);
+      });
+      const double call = *std::max_element(us.begin(), us.end());
+      out("| T = {} | {:.1f} | {:.2f} |", T, call, call * per_layer * double(layers) * 1e-3);
     }
   }
   out("");
@@ -348,14 +436,14 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   out("| op | weight | M x N x K | weight MB | R | exact ms | fp8-act ms | cuBLASLt FP8 ms | cuBLASLt BF16 ms | "
       "ours best GB/s | cuBLASLt FP8 GB/s | ours / cuBLASLt FP8 |");
   out("|---|---|---|---|---|---|---|---|---|---|---|---|");
-  const BlockWeights& b = w.layers.at(std::min<int64_t>(2, layers - 1));
+  const BlockWeights& b = w0.layers.at(std::min<int64_t>(2, layers - 1));
   struct Op {
     const char* name;
     std::vector<Linear> copies;
   };
   auto per_layer = [&](auto pick) {
     std::vector<Linear> v;
-    for (const auto& lb : w.layers) v.push_back(pick(lb));
+    for (const auto& lb : w0.layers) v.push_back(pick(lb));
     return v;
   };
   std::vector<Linear> w1s, w2s;
@@ -369,7 +457,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
       {"attn.wq_a", per_layer([](const BlockWeights& lb) { return lb.attn.wq_a; })},
       {"expert.w1", w1s},
       {"expert.w2", w2s},
-      {"head", {Linear{WeightFormat::BF16, w.head, nullptr, cfg.vocab_size, cfg.hidden_size}}}};
+      {"head", {Linear{WeightFormat::BF16, w0.head, nullptr, cfg.vocab_size, cfg.hidden_size}}}};
   const ActQuant mode = be->act_quant();
   for (const auto& op : list) {
     const Linear& l0 = op.copies.front();
@@ -444,7 +532,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     std::vector<float> xv(M * cfg.hidden_size);
     for (auto& v : xv) v = rng.normal();
     be->upload(x, xv.data());
-    const BlockWeights& lb = w.layers.back();
+    const BlockWeights& lb = w0.layers.back();
     be->route(x, lb.ffn, ids, cfg, gw, ge);
     be->set_act_quant(ActQuant::None);
     // More than 64 rows per expert bound: the launcher downloads the counts (a host sync inside).
@@ -452,12 +540,15 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     be->set_act_quant(ActQuant::Fp8Pow2);
     const double fp8 = cuda_device_ms(*be, 5, [&] { be->moe(x, lb.ffn, gw, ge, float(cfg.swiglu_limit), y); });
     be->set_act_quant(mode);
-    const double distinct = E * (1.0 - std::pow(1.0 - K / E, double(M)));
-    const double bytes = distinct * double(lc.back().expert) + double(linear_bytes(lb.ffn.shared.w1)) * 3;
-    out("| moe layer | FP4 + FP8 | {} | {:.4f} | {:.4f} | {:.1f} | {:.0f} |",
-        M, ours, fp8, 2.0 * double(M) * 7.0 * 3.0 * double(cfg.hidden_size) * double(cfg.moe_intermediate_size) /
-                          (std::min(ours, fp8) * 1e-3) / 1e12,
-        bytes / (std::min(ours, fp8) * 1e-3) / 1e9);
+    // This GPU's share: its routed experts (or their slices) and its slice of the shared expert.
+    const LayerCost& last = lc.back();
+    const double distinct = E * (1.0 - std::pow(1.0 - K / E, double(M))) * last.expert_share;
+    const auto& sh = lb.ffn.shared;
+    const double bytes = distinct * double(last.expert) + double(linear_bytes(sh.w1) + linear_bytes(sh.w2) + linear_bytes(sh.w3));
+    const double macs = 3.0 * double(cfg.hidden_size) *
+                        (K * last.expert_share * double(lb.ffn.experts.at(0).w1.out) + double(sh.w1.out));
+    out("| moe layer | FP4 + FP8 | {} | {:.4f} | {:.4f} | {:.1f} | {:.0f} |", M, ours, fp8,
+        2.0 * double(M) * macs / (std::min(ours, fp8) * 1e-3) / 1e12, bytes / (std::min(ours, fp8) * 1e-3) / 1e9);
   }
   return 0;
 }
@@ -467,7 +558,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
 
 void register_bench_model(CLI::App& app, Action& action) {
   struct Opts {
-    int64_t layers = 4, tp = 1;
+    int64_t layers = 4, tp = 1, ep = 1;
     std::string batch = "1,8,64", ctx = "1024,8192", seqs;
     int steps = 5;
     bool random = false, kv_fp8 = false, ops = true;
@@ -495,7 +586,9 @@ void register_bench_model(CLI::App& app, Action& action) {
       ->check(CLI::IsMember({"flash", "tiny", "tiny-fp8", "small"}));
   auto* layers_opt =
       cmd->add_option("--layers", o->layers, "Number of layers N (all 43 fit one H200 only with --offload-experts; without it N <= 30)");
-  cmd->add_option("--tp", o->tp, "Tensor-parallel GPUs (only 1 is implemented)");
+  cmd->add_option("--tp", o->tp, "Tensor-parallel GPUs, as dsv4 serve (heads split; one thread and device per rank, NCCL)")
+      ->check(CLI::Range(1, 64));
+  cmd->add_option("--ep", o->ep, "Expert-parallel GPUs, as dsv4 serve (routed experts split)")->check(CLI::Range(1, 64));
   cmd->add_option("--batch", o->batch, "Decode batch sizes, comma-separated");
   cmd->add_option("--ctx", o->ctx, "Prefill lengths / decode contexts, comma-separated");
   cmd->add_option("--seqs", o->seqs, "Also decode S sequences at each context, one token each (comma-separated S)");
@@ -527,7 +620,7 @@ void register_bench_model(CLI::App& app, Action& action) {
           if (x < 1) fail("{}: {} is not a positive size", flag, x);
         return v;
       };
-      if (o->tp != 1) fail("--tp {}: only --tp 1 is implemented", o->tp);
+      const ParallelConfig par{int(o->tp), int(o->ep)};
       if (o->layers < 1) fail("--layers must be >= 1");
       if (o->steps < 1) fail("--steps must be >= 1");
       [[maybe_unused]] const auto batches = sizes(o->batch, "--batch"), ctxs = sizes(o->ctx, "--ctx");
@@ -550,11 +643,12 @@ void register_bench_model(CLI::App& app, Action& action) {
         if (o->preset == "flash") fail("--backend cpu: the flash preset does not fit a CPU run; use --preset tiny or small");
         if (!speculate) fail("--backend cpu: only the --spec-accept mode runs on the CPU");
         if (layers_given) fail("--layers: the {} preset has its own layers (--layers is for --preset flash)", o->preset);
-        auto lm = LoadedModel::demo(o->preset, 1234);
-        lm->model->set_kv_fp8(o->kv_fp8);
+        auto lm = LoadedModel::demo(o->preset, 1234, par);
+        lm->model->on_every_rank([&](int, Model& m) { m.set_kv_fp8(o->kv_fp8); });
         lm->model->set_fp8_activations(o->gemm == "fp8");
-        fmt::print("model: random {} preset ({} layers + {} MTP), CPU backend\n", o->preset,
-                   lm->config().num_hidden_layers, lm->config().num_nextn_predict_layers);
+        fmt::print("model: random {} preset ({} layers + {} MTP), CPU backend, {} rank(s) (--tp {} --ep {})\n",
+                   o->preset, lm->config().num_hidden_layers, lm->config().num_nextn_predict_layers, par.world(),
+                   par.tp, par.ep);
         run_spec_bench(*lm->model, spec);
         return 0;
       }
@@ -563,7 +657,7 @@ void register_bench_model(CLI::App& app, Action& action) {
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
       return run_bench(o->layers, batches, ctxs, seq_counts, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops,
                        o->cuda_graphs == "on", speculate ? &spec : nullptr, parse_offload_spec(o->offload, speculate),
-                       parse_memory_size(o->offload_reserve, "--offload-reserve"));
+                       parse_memory_size(o->offload_reserve, "--offload-reserve"), par);
 #else
       fail("bench model --backend cuda: built without CUDA (use --backend cpu with a tiny --preset)");
       return 1;

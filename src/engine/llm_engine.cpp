@@ -72,9 +72,12 @@ std::unique_ptr<Backend> make_backend(const std::string& backend, int device) {
 }
 
 // Rank r of the group: its shard of the weights, backend (device r) and model, each built on the
-// rank's own thread (a CUDA device is current per thread); rank 0 then leads the others.
+// rank's own thread (a CUDA device is current per thread); rank 0 then leads the others. Without
+// host data (shard shapes only), `prepare` fills each rank's weights on its backend before its
+// Model is made.
 void build_ranks(LoadedModel& m, const ModelConfig& c, const ModelWeights& full, const std::string& backend,
-                 const ParallelConfig& par, const OffloadSpec& offload = {}, int64_t offload_reserve = 0) {
+                 const ParallelConfig& par, const OffloadSpec& offload = {}, int64_t offload_reserve = 0,
+                 const LoadedModel::PrepareRank& prepare = {}) {
   check_parallel(c, par);
   const int n = par.world();
   m.ranks.resize(size_t(n));
@@ -88,6 +91,7 @@ void build_ranks(LoadedModel& m, const ModelConfig& c, const ModelWeights& full,
                double(offload_reserve) / double(1 << 30));
     else if (offload.kind != OffloadSpec::Kind::None)
       log_info("--offload-experts: nothing to do on the {} backend (its weights are in host memory)", backend);
+    if (prepare) prepare(0, be, full);
     m.ranks[0].model = std::make_unique<Model>(c, full, be);
     m.model = m.ranks[0].model.get();
     return;
@@ -100,11 +104,12 @@ void build_ranks(LoadedModel& m, const ModelConfig& c, const ModelWeights& full,
   m.threads = std::make_unique<RankThreads>(n);
   m.threads->run([&](int r) {
     LoadedModel::Rank& rk = m.ranks[size_t(r)];
-    rk.shard = std::make_unique<WeightShard>(c, full, par, r);
+    rk.shard = std::make_unique<WeightShard>(c, full, par, r, /*materialize=*/!prepare);
     rk.backend = make_backend(backend, r);
 #ifdef DSV4_HAVE_CUDA
     if (backend == "cuda") nccl_bind_stream(*m.comms[size_t(r)], *rk.backend);
 #endif
+    if (prepare) prepare(r, *rk.backend, rk.shard->weights());
     rk.model = std::make_unique<Model>(c, rk.shard->weights(), *rk.backend, ModelRank{par, m.comms[size_t(r)].get()});
   });
   std::vector<Model*> peers;
@@ -124,6 +129,15 @@ std::shared_ptr<LoadedModel> LoadedModel::load(const std::string& dir, const std
   const auto tok = std::filesystem::path(dir) / "tokenizer.json";
   if (std::filesystem::exists(tok)) m->tokenizer = Tokenizer::load(tok.string());
   m->name = model_dir_name(dir);
+  return m;
+}
+
+std::shared_ptr<LoadedModel> LoadedModel::from_weights(const ModelConfig& cfg, const ModelWeights& w,
+                                                       const std::string& backend, const ParallelConfig& par,
+                                                       const PrepareRank& prepare) {
+  auto m = std::make_shared<LoadedModel>();
+  build_ranks(*m, cfg, w, backend, par, {}, 0, prepare);
+  m->name = "dsv4-weights";
   return m;
 }
 

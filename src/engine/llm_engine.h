@@ -47,6 +47,13 @@ struct LoadedModel {
   static std::shared_ptr<LoadedModel> load(const std::string& dir, const std::string& backend = "cpu",
                                            const ParallelConfig& par = {}, const OffloadSpec& offload = {},
                                            int64_t offload_reserve_bytes = 0);
+  // Weights described without host data (random benchmark models): prepare(r, backend, weights
+  // of rank r) fills them on rank r's backend before its Model is made. cfg and w must outlive
+  // the result (it does not own them).
+  using PrepareRank = std::function<void(int, Backend&, const ModelWeights&)>;
+  static std::shared_ptr<LoadedModel> from_weights(const ModelConfig& cfg, const ModelWeights& w,
+                                                   const std::string& backend, const ParallelConfig& par,
+                                                   const PrepareRank& prepare);
   // The built-in demo: a GeneratedModel of a tiny preset with tiny_tokenizer_json.
   static std::shared_ptr<LoadedModel> demo(const std::string& preset = "tiny", uint64_t seed = 1,
                                            const ParallelConfig& par = {});

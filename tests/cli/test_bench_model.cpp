@@ -1,5 +1,6 @@
-// dsv4 bench model --spec-accept on the CPU with the tiny random preset: the table has one row per
-// (context, sequence count) with the imposed acceptance length met, and bad flags are named.
+// dsv4 bench model --spec-accept on the CPU with the tiny random preset (one rank, and a --tp/--ep
+// group): the table has one row per (context, sequence count) with the imposed acceptance length
+// met, and bad flags are named.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -31,11 +32,19 @@ RunResult run(const std::string& args) {
 }  // namespace
 
 TEST(BenchModel, SpeculativeRowsMeetTheImposedAcceptanceLength) {
-  for (const auto& [k, L] : {std::pair{2, 2.35}, std::pair{3, 1.6}}) {
-    SCOPED_TRACE(k);
+  struct Case {
+    int k;
+    double L;
+    const char* group;  // --tp/--ep: the same bench over an in-process group of ranks
+  };
+  for (const auto& [k, L, group] : {Case{2, 2.35, ""}, Case{3, 1.6, ""}, Case{2, 2.35, "--tp 2 --ep 2"}}) {
+    SCOPED_TRACE(testing::Message() << k << " " << group);
     const RunResult r = run(fmt::format(
-        "--backend cpu --preset tiny --spec-accept {} --speculative-tokens {} --ctx 20,45 --seqs 1,3 --steps 60", L, k));
+        "--backend cpu --preset tiny --spec-accept {} --speculative-tokens {} --ctx 20,45 --seqs 1,3 --steps 60 {}", L, k,
+        group));
     ASSERT_EQ(r.status, 0) << r.output;
+    EXPECT_NE(r.output.find(*group ? "2 rank(s) (--tp 2 --ep 2)" : "1 rank(s) (--tp 1 --ep 1)"), std::string::npos)
+        << r.output;
     // The printed acceptance probability a solves 1 + a + ... + a^k = L.
     std::smatch m;
     ASSERT_TRUE(std::regex_search(r.output, m, std::regex(R"(accepted with probability ([0-9.]+))"))) << r.output;
@@ -75,6 +84,8 @@ TEST(BenchModel, BadSpeculativeFlagsAreNamed) {
            Case{"--backend cpu --preset tiny --spec-accept 2 --speculative-tokens 4", "--speculative-tokens: must be 1..3"},
            Case{"--backend cpu --preset tiny", "only the --spec-accept mode runs on the CPU"},
            Case{"--backend cpu --spec-accept 2 --speculative-tokens 2", "--backend cpu: the flash preset"},
+           Case{"--backend cpu --preset tiny --spec-accept 2 --speculative-tokens 2 --tp 2 --ep 4",
+                "--tp 2 with --ep 4: tp must be 1 or equal ep"},
        }) {
     const RunResult r = run(c.args);
     EXPECT_NE(r.status, 0) << c.args;

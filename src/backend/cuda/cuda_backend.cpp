@@ -316,12 +316,12 @@ class CudaBackend final : public Backend {
     std::vector<const TensorData*> all;
     for (const auto& r : ts) all.push_back(r.t);
     DSV4_CHECK(!weights_ && place_weights(all).size() == all.size());
-    uint64_t k = seed;
-    for (const auto& r : ts) {
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const RandomTensorSpec& r = ts[i];
       const TensorData& t = *r.t;
       uint8_t* p = map_.at(&t);  // host-resident ones are written over the bus
       const int64_t n = t.numel();
-      ++k;
+      const uint64_t k = seed + 1 + uint64_t(r.key >= 0 ? r.key : int64_t(i));
       const float dense = std::sqrt(3.f / float(std::max<int64_t>(r.fan_in, 1)));
       int kind = 0;
       float a = dense;

@@ -32,6 +32,9 @@ struct RandomTensorSpec {
   const TensorData* t = nullptr;  // data may be null: only name, dtype and shape are used
   Init init = Init::Dense;
   int64_t fan_in = 1;
+  // The values' stream (with the seed); -1: the tensor's position in the list. The ranks of a
+  // group give a tensor they all hold the same key, so replicated weights are equal on every rank.
+  int64_t key = -1;
 };
 // Allocates one weight arena for these tensors and fills them on the device (no host copy).
 void cuda_random_weights(Backend& be, const std::vector<RandomTensorSpec>& ts, uint64_t seed);
