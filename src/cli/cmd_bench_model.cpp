@@ -12,6 +12,7 @@
 #include <unordered_set>
 
 #include "cli/args.h"
+#include "cli/bench_costs.h"
 #include "cli/bench_spec.h"
 #include "cli/commands.h"
 #include "backend/communicator.h"
@@ -100,47 +101,6 @@ double now_s() {
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.empty() ? 0 : v[v.size() / 2];
-}
-
-size_t linear_bytes(const Linear& l) { return (l.weight ? l.weight->nbytes : 0) + (l.scale ? l.scale->nbytes : 0); }
-
-// Of one GPU: a rank of a --tp/--ep group holds a share of the heads and experts.
-struct LayerCost {
-  size_t fixed = 0;         // attention + shared expert + router + mHC: read once per step
-  size_t expert = 0;        // one routed expert (its slice under --tp without --ep)
-  double expert_share = 1;  // the routed experts held here / all routed experts
-  double macs = 0;          // per token, excluding attention scores
-};
-
-LayerCost layer_cost(const BlockWeights& b, const ModelConfig& c) {
-  LayerCost k;
-  const auto& a = b.attn;
-  for (const Linear* l : {&a.wq_a, &a.wq_b, &a.wkv, &a.wo_a, &a.wo_b}) {
-    k.fixed += linear_bytes(*l);
-    k.macs += double(l->out) * double(l->in);
-  }
-  if (a.has_compressor) {
-    const auto& cw = a.compressor;
-    k.fixed += cw.wkv->nbytes + cw.wgate->nbytes;
-    k.macs += 2.0 * double(cw.wkv->shape[0]) * double(c.hidden_size);
-  }
-  if (a.has_indexer) {
-    const auto& ix = a.indexer;
-    k.fixed += linear_bytes(ix.wq_b) + ix.weights_proj->nbytes + ix.compressor.wkv->nbytes + ix.compressor.wgate->nbytes;
-    k.macs += double(ix.wq_b.out) * double(ix.wq_b.in) + 2.0 * double(ix.compressor.wkv->shape[0]) * double(c.hidden_size);
-  }
-  k.fixed += b.hc_attn.fn->nbytes + b.hc_ffn.fn->nbytes + b.ffn.gate->nbytes;
-  k.macs += double(b.ffn.gate->shape[0]) * double(c.hidden_size);
-  const auto& e = b.ffn.experts.at(0);
-  k.expert = linear_bytes(e.w1) + linear_bytes(e.w2) + linear_bytes(e.w3);
-  k.expert_share = double(b.ffn.experts.size()) / double(c.n_routed_experts);
-  const double emacs = 3.0 * double(e.w1.out) * double(e.w1.in);
-  k.macs += emacs * double(c.num_experts_per_tok) * k.expert_share;
-  if (b.ffn.has_shared) {
-    k.fixed += linear_bytes(b.ffn.shared.w1) + linear_bytes(b.ffn.shared.w2) + linear_bytes(b.ffn.shared.w3);
-    k.macs += emacs;
-  }
-  return k;
 }
 
 // Keys each query attends to at context position p (window + compressed selection).
@@ -257,7 +217,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   auto step_roofline = [&](int64_t B, double ctx, double& bytes, double& flops) {
     bytes = double(head_bytes);
     flops = 2.0 * head_macs * double(B);
-    const double distinct = E * (1.0 - std::pow(1.0 - K / E, double(B)));
+    const double distinct = distinct_experts(cfg, double(B));
     for (size_t l = 0; l < lc.size(); ++l) {
       const double keys = attended_keys(cfg, int64_t(l), ctx);
       bytes += double(lc[l].fixed) + distinct * lc[l].expert_share * double(lc[l].expert) +
@@ -542,7 +502,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     be->set_act_quant(mode);
     // This GPU's share: its routed experts (or their slices) and its slice of the shared expert.
     const LayerCost& last = lc.back();
-    const double distinct = E * (1.0 - std::pow(1.0 - K / E, double(M))) * last.expert_share;
+    const double distinct = distinct_experts(cfg, double(M)) * last.expert_share;
     const auto& sh = lb.ffn.shared;
     const double bytes = distinct * double(last.expert) + double(linear_bytes(sh.w1) + linear_bytes(sh.w2) + linear_bytes(sh.w3));
     const double macs = 3.0 * double(cfg.hidden_size) *

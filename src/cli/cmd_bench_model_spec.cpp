@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "backend/sampling.h"
+#include "cli/bench_costs.h"
 #include "cli/bench_spec.h"
 #include "engine/model_runner.h"
 #include "engine/mtp_drafter.h"
@@ -178,8 +179,19 @@ void run_spec_bench(Model& model, const SpecBenchOptions& o) {
                   o.drafts, o.accept_length, a));
   out("");
   out("| seqs | ctx | k | imposed L | measured L | plain ms/step | plain tok/s | spec ms/step | drafting ms/step | "
-      "spec tok/s | speedup |");
-  out("|---|---|---|---|---|---|---|---|---|---|---|");
+      "spec tok/s | speedup | weight-bytes bound |");
+  out("|---|---|---|---|---|---|---|---|---|---|---|---|");
+  // The speedup if both modes streamed their weight bytes at one rate (decode is bandwidth-bound):
+  // L x plain bytes / spec bytes per step. Spec: the verify pass over S (k + 1) rows and the k
+  // MTP passes (pass 0 catches up ~L positions per sequence, pass j re-runs j + 1 rows), each
+  // reading the head again. Uniform routing (random weights): more rows touch more experts.
+  const ModelWeights& w = model.weights();
+  auto bytes_bound = [&](int64_t S) {
+    const double L = o.accept_length, rows = double(S);
+    double spec = pass_weight_bytes(cfg, w, rows * (o.drafts + 1), false);
+    for (int32_t j = 0; j < o.drafts; ++j) spec += pass_weight_bytes(cfg, w, rows * (j == 0 ? L : j + 1), true);
+    return L * pass_weight_bytes(cfg, w, rows, false) / spec;
+  };
   Rng rng(7);
   for (int64_t C : o.ctxs)
     for (int64_t S : o.seq_counts) {
@@ -210,17 +222,20 @@ void run_spec_bench(Model& model, const SpecBenchOptions& o) {
       stepper.step(lanes, false, warm);
       for (int s = 0; s < o.steps; ++s) stepper.step(lanes, false, plain);
       const double plain_tps = double(plain.tokens) / plain.seconds, spec_tps = double(spec.tokens) / spec.seconds;
-      out(fmt::format("| {} | {} | {} | {:.3f} | {:.3f} | {:.2f} | {:.1f} | {:.2f} | {:.2f} | {:.1f} | **{:.2f}x** |", S,
-                      C, o.drafts, o.accept_length,
+      out(fmt::format("| {} | {} | {} | {:.3f} | {:.3f} | {:.2f} | {:.1f} | {:.2f} | {:.2f} | {:.1f} | **{:.2f}x** | "
+                      "{:.2f}x |",
+                      S, C, o.drafts, o.accept_length,
                       double(spec.accepted + spec.verify_passes) / double(std::max<int64_t>(1, spec.verify_passes)),
                       plain.seconds / plain.steps * 1e3, plain_tps, spec.seconds / spec.steps * 1e3,
-                      spec.draft_seconds / spec.steps * 1e3, spec_tps, spec_tps / plain_tps));
+                      spec.draft_seconds / spec.steps * 1e3, spec_tps, spec_tps / plain_tps, bytes_bound(S)));
       for (Lane& l : lanes) mgr.release(l.seq);
     }
   out("");
   out("plain = one token per sequence per step, sampled on the device, no MTP block; spec = a verify pass over each");
   out("sequence's last token and its drafts, the imposed verdicts, rollback of the rejected drafts (Model::accept_drafts)");
-  out("and the MTP block's catch-up and k chained drafts (drafting ms/step); measured L = tokens per verify pass.");
+  out("and the MTP block's catch-up and k chained drafts (drafting ms/step); measured L = tokens per verify pass;");
+  out("weight-bytes bound = the speedup if both modes read their weights (each once per pass, the distinct experts of");
+  out("uniformly routed rows) at the same rate: L x plain bytes / spec bytes per step.");
 }
 
 }  // namespace dsv4::cli

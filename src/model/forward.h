@@ -181,6 +181,7 @@ class Model {
   bool decode_graphs() const { return decode_graphs_; }
   int64_t fixed_decode_steps() const { return fixed_decode_steps_; }  // steps run in a bucket's fixed shape
   const ModelConfig& config() const { return cfg_; }
+  const ModelWeights& weights() const { return w_; }  // this rank's (its shard in a group)
   Backend& backend() const { return be_; }
   const ModelRank& rank() const { return rank_; }
 

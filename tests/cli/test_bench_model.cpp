@@ -53,8 +53,9 @@ TEST(BenchModel, SpeculativeRowsMeetTheImposedAcceptanceLength) {
     for (int j = 0; j < k; ++j) tokens += (p *= a);
     EXPECT_NEAR(tokens, L, 1e-3);
     // | seqs | ctx | k | imposed L | measured L | plain ms | plain tok/s | spec ms | drafting ms | spec tok/s | speedup |
+    // weight-bytes bound |
     const std::regex row(R"(\| (\d+) \| (\d+) \| (\d) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| )"
-                         R"(([0-9.]+) \| ([0-9.]+) \| \*\*([0-9.]+)x\*\* \|)");
+                         R"(([0-9.]+) \| ([0-9.]+) \| \*\*([0-9.]+)x\*\* \| ([0-9.]+)x \|)");
     std::vector<std::pair<int, int>> seen;
     for (std::sregex_iterator it(r.output.begin(), r.output.end(), row), end; it != end; ++it) {
       const std::smatch& f = *it;
@@ -68,6 +69,11 @@ TEST(BenchModel, SpeculativeRowsMeetTheImposedAcceptanceLength) {
       EXPECT_GT(spec_tps, 0);
       EXPECT_GT(std::stod(f[9]), 0) << "the MTP block drafted";
       EXPECT_NEAR(std::stod(f[11]), spec_tps / plain_tps, 0.01 + 0.01 * spec_tps / plain_tps);
+      // Spec reads more weight bytes per step than plain (more rows, the MTP passes): the bound
+      // is below L.
+      const double bound = std::stod(f[12]);
+      EXPECT_GT(bound, 0) << f[0];
+      EXPECT_LT(bound, L) << f[0];
     }
     EXPECT_EQ(seen, (std::vector<std::pair<int, int>>{{1, 20}, {3, 20}, {1, 45}, {3, 45}})) << r.output;
   }
