@@ -6,7 +6,8 @@
 #   run: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/device/decode-kernels.sh  (carry [".deps"])
 # Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, PDL_AB=1 (the bench again with DSV4_CUDA_PDL=0: without programmatic dependent launch), NCU_BATCHES ("1"; e.g. "1 8"), NCU_ARGS (extra bench
 # arguments of the profiled run; e.g. "--seqs 64": the last step profiled is then 64 sequences), BENCH_LAYERS (30), BENCH_ARGS
-# (extra), GTEST_FILTER.
+# (extra), GTEST_FILTER, NCU_CTX (1024: the profiled run's --ctx) and NCU_PASS (-1: the forward pass
+# summarised, ncu_step_summary.py; NCU_CTX=8192 NCU_PASS=1 profiles a prefill of 8K tokens).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}
@@ -46,7 +47,7 @@ if [ "${SKIP_NCU:-0}" != 1 ]; then
   for nb in ${NCU_BATCHES:-1}; do  # decode batch sizes to profile, e.g. "1 8"
     t0=$(date +%s)
     csv="$OUT/ncu-b$nb.csv"
-    cmd=(./build-gpu/dsv4 bench model --random --layers 4 --batch "$nb" --ctx 1024 --steps 1 --gemm fp8 --kv-fp8 --no-ops
+    cmd=(./build-gpu/dsv4 bench model --random --layers 4 --batch "$nb" --ctx "${NCU_CTX:-1024}" --steps 1 --gemm fp8 --kv-fp8 --no-ops
          ${NCU_ARGS:-})
     # The random-weight kernels (thousands) are left out of the profile.
     timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
@@ -57,7 +58,7 @@ if [ "${SKIP_NCU:-0}" != 1 ]; then
         "${cmd[@]}" >"$csv" 2>>"$OUT/ncu.err" || echo "ncu rc=$?"
     fi
     echo "== ncu decode batch $nb"
-    python3 scripts/device/ncu_step_summary.py "$csv" | tee "$OUT/ncu-step-b$nb.md"
+    python3 scripts/device/ncu_step_summary.py "$csv" "${NCU_PASS:--1}" | tee "$OUT/ncu-step-b$nb.md"
     gzip -f "$csv"
     echo "== ncu: $(( $(date +%s) - t0 )) s"
   done

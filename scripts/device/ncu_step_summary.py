@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Per-kernel table of the last forward pass in an `ncu --csv --metrics gpu__time_duration.sum` log.
+"""Per-kernel table of one forward pass in an `ncu --csv --metrics gpu__time_duration.sum` log.
 
-Forward passes are split at each embed_kernel launch; with `bench model --batch 1 --steps 1`
-the last one is a decode step of one token. Prints a markdown table (kernel, calls, us, share).
+Usage: ncu_step_summary.py LOG [PASS]. Forward passes are split at each embed_kernel launch; PASS
+indexes them (default -1, the last: with `bench model --batch 1 --steps 1` a decode step of one
+token; 1 is the bench's prefill, after its warm-up pass). Prints a markdown table (kernel, calls,
+us, share).
 """
 import csv
 import collections
@@ -18,7 +20,7 @@ def short(name):
     return name
 
 
-def main(path):
+def main(path, which=-1):
     rows = []
     with open(path, newline="") as f:
         lines = [l for l in f if l.startswith('"')]
@@ -30,13 +32,18 @@ def main(path):
     if not starts:
         print("no embed_kernel in the log")
         return
-    step = rows[starts[-1]:]
+    if not -len(starts) <= which < len(starts):
+        print(f"pass {which}: the log has {len(starts)} forward passes")
+        return
+    first = starts[which]
+    later = [i for i in starts if i > first]
+    step = rows[first:later[0] if later else len(rows)]
     total = sum(t for _, t in step)
     agg = collections.OrderedDict()
     for n, t in step:
         c, s = agg.get(n, (0, 0.0))
         agg[n] = (c + 1, s + t)
-    print(f"Last forward pass: {len(step)} kernels, {total:.1f} us (sum of kernel times under ncu)\n")
+    print(f"Forward pass {which}: {len(step)} kernels, {total:.1f} us (sum of kernel times under ncu)\n")
     print("| kernel | calls | us (sum) | share |")
     print("|---|---|---|---|")
     for n, (c, s) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
@@ -44,4 +51,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else -1)
