@@ -133,7 +133,7 @@ std::vector<RandomTensorSpec> rank_specs(const std::vector<RandomTensorSpec>& fu
 
 int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t> ctxs, std::vector<int64_t> seq_counts,
               int steps, bool kv_fp8, bool fp8_act, bool ops, bool graphs, const SpecBenchOptions* spec,
-              const OffloadSpec& offload, int64_t offload_reserve, const ParallelConfig& par) {
+              const OffloadSpec& offload, int64_t offload_reserve, const ParallelConfig& par, int64_t prefill_chunk) {
   const CudaDeviceInfo dev = cuda_device_info(0);
   const double bw = dev.mem_bandwidth_gbs * 1e9;
   // H200 SXM dense peaks (datasheet): FP8 tensor 1979 TFLOP/s, FP32 (non-tensor) 67 TFLOP/s.
@@ -254,10 +254,15 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     out("arena peak: {:.2f} GiB", double(cuda_arena_peak(*be)) / (1 << 30));
     return 0;
   }
-  // A prompt as the engine runs it: logits of its last row only.
+  // A prompt as the engine runs it: in chunks of at most prefill_chunk tokens (a whole long prompt's
+  // activations would not fit), logits of its last row only.
   auto prefill = [&](SequenceState& st, const std::vector<int32_t>& tokens) {
-    const ForwardSeq one{&st, tokens, 1, 0};
-    model.forward(std::span(&one, 1));
+    const std::span<const int32_t> all(tokens);
+    for (size_t at = 0; at < all.size(); at += size_t(prefill_chunk)) {
+      const auto chunk = all.subspan(at, std::min(all.size() - at, size_t(prefill_chunk)));
+      const ForwardSeq one{&st, chunk, at + chunk.size() == all.size() ? 1 : 0, 0};
+      model.forward(std::span(&one, 1));
+    }
   };
   Rng rng(7);
   std::map<std::pair<int64_t, int64_t>, double> one_seq_ms;  // (ctx, B) -> decode step ms
@@ -518,7 +523,7 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
 
 void register_bench_model(CLI::App& app, Action& action) {
   struct Opts {
-    int64_t layers = 4, tp = 1, ep = 1;
+    int64_t layers = 4, tp = 1, ep = 1, prefill_chunk = 8192;
     std::string batch = "1,8,64", ctx = "1024,8192", seqs;
     int steps = 5;
     bool random = false, kv_fp8 = false, ops = true;
@@ -553,6 +558,11 @@ void register_bench_model(CLI::App& app, Action& action) {
   cmd->add_option("--ctx", o->ctx, "Prefill lengths / decode contexts, comma-separated");
   cmd->add_option("--seqs", o->seqs, "Also decode S sequences at each context, one token each (comma-separated S)");
   cmd->add_option("--steps", o->steps, "Timed decode steps per batch size");
+  cmd->add_option("--prefill-chunk", o->prefill_chunk,
+                  "Prefill a --ctx prompt in passes of at most this many tokens, as the engine's chunked prefill "
+                  "(long contexts: 128K, 1M); the prefill row's time is the whole prompt's (TTFT)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_flag("--kv-fp8", o->kv_fp8, "Production KV format (FP8 nope dims, BF16 rope dims)");
   cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (1x128 FP8 activations)")
       ->check(CLI::IsMember({"exact", "fp8"}));
@@ -617,7 +627,7 @@ void register_bench_model(CLI::App& app, Action& action) {
       if (!cuda_device_available()) fail("bench model needs a CUDA device");
       return run_bench(o->layers, batches, ctxs, seq_counts, o->steps, o->kv_fp8, o->gemm == "fp8", o->ops,
                        o->cuda_graphs == "on", speculate ? &spec : nullptr, parse_offload_spec(o->offload, speculate),
-                       parse_memory_size(o->offload_reserve, "--offload-reserve"), par);
+                       parse_memory_size(o->offload_reserve, "--offload-reserve"), par, o->prefill_chunk);
 #else
       fail("bench model --backend cuda: built without CUDA (use --backend cpu with a tiny --preset)");
       return 1;
