@@ -98,23 +98,22 @@ __global__ void count_kernel(const int32_t* experts, int64_t n, int64_t first, i
   }
 }
 
-// One block of kScanThreads: offsets = exclusive scan of counts, active = the experts with
-// tokens in ascending order (at most zmax, then -1), in chunks of kScanThreads experts (a serial
-// loop over the 256 experts cost ~20 us per layer of a decode step).
+// One block of kScanThreads: offsets = exclusive scan of counts, cursor = 0, active = the experts
+// with tokens in ascending order (at most zmax, then -1), in chunks of kScanThreads experts (a
+// serial loop over the 256 experts cost ~20 us per layer of a decode step). counts, offsets and
+// cursor may be global or shared memory.
 constexpr int kScanThreads = 256;
-__global__ void __launch_bounds__(kScanThreads) scan_kernel(const int32_t* counts, int64_t E, int32_t* offsets,
-                                                            int32_t* cursor, int32_t* active, int64_t zmax) {
-  pdl_prologue();
-  using Scan = cub::BlockScan<int32_t, kScanThreads>;
-  __shared__ typename Scan::TempStorage tmp;
+using ScanCounts = cub::BlockScan<int32_t, kScanThreads>;
+__device__ void scan_counts(const int32_t* counts, int64_t E, int32_t* offsets, int32_t* cursor, int32_t* active,
+                            int64_t zmax, ScanCounts::TempStorage& tmp) {
   int32_t rows_before = 0, active_before = 0;
   for (int64_t e0 = 0; e0 < E; e0 += kScanThreads) {
     const int64_t e = e0 + threadIdx.x;
     const int32_t c = e < E ? counts[e] : 0;
     int32_t off, rows, at, n_active;
-    Scan(tmp).ExclusiveSum(c, off, rows);
+    ScanCounts(tmp).ExclusiveSum(c, off, rows);
     __syncthreads();
-    Scan(tmp).ExclusiveSum(c > 0 ? 1 : 0, at, n_active);
+    ScanCounts(tmp).ExclusiveSum(c > 0 ? 1 : 0, at, n_active);
     __syncthreads();
     if (e < E) {
       offsets[e] = rows_before + off;
@@ -127,20 +126,61 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const int32_t* count
   for (int64_t i = active_before + threadIdx.x; i < zmax; i += kScanThreads) active[i] = -1;
 }
 
+__global__ void __launch_bounds__(kScanThreads) scan_kernel(const int32_t* counts, int64_t E, int32_t* offsets,
+                                                            int32_t* cursor, int32_t* active, int64_t zmax) {
+  pdl_prologue();
+  __shared__ ScanCounts::TempStorage tmp;
+  scan_counts(counts, E, offsets, cursor, active, zmax, tmp);
+}
+
+// Assignment i (token i / k, its expert experts[i]): its row in the expert-sorted order (slot) and
+// that row's token (perm). Assignments to another rank's experts get kRemoteSlot, invalid ids -1.
+__device__ __forceinline__ void place_one(const int32_t* experts, int64_t i, int64_t k, int64_t first, int64_t E,
+                                          int64_t total, const int32_t* offsets, int32_t* cursor, int32_t* perm,
+                                          int32_t* slot) {
+  const int32_t id = experts[i];
+  const int64_t e = id - first;
+  if (e < 0 || e >= E) {
+    slot[i] = id >= 0 && id < total ? kRemoteSlot : -1;
+    return;
+  }
+  const int32_t at = offsets[e] + atomicAdd(&cursor[e], 1);
+  perm[at] = int32_t(i / k);
+  slot[i] = at;
+}
+
 __global__ void place_kernel(const int32_t* experts, int64_t n, int64_t k, int64_t first, int64_t E, int64_t total,
                              const int32_t* offsets, int32_t* cursor, int32_t* perm, int32_t* slot) {
   pdl_prologue();
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int32_t id = experts[i];
-    const int64_t e = id - first;
-    if (e < 0 || e >= E) {
-      slot[i] = id >= 0 && id < total ? kRemoteSlot : -1;
-      continue;
-    }
-    const int32_t at = offsets[e] + atomicAdd(&cursor[e], 1);
-    perm[at] = int32_t(i / k);
-    slot[i] = at;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    place_one(experts, i, k, first, E, total, offsets, cursor, perm, slot);
+}
+
+// The whole grouping in one block when it is small (decode: a few hundred assignments): counts,
+// scan and placement with the counts, offsets and cursors in shared memory, instead of a memset
+// and three kernels (each a launch and a tail on a step's critical path).
+constexpr int64_t kGroupOneBlockAssignments = 2048, kGroupOneBlockExperts = 1024;
+__global__ void __launch_bounds__(kScanThreads) group_kernel(const int32_t* experts, int64_t n, int64_t k,
+                                                             int64_t first, int64_t E, int64_t total, int32_t* counts,
+                                                             int32_t* offsets, int32_t* perm, int32_t* slot,
+                                                             int32_t* active, int64_t zmax) {
+  pdl_prologue();
+  __shared__ int32_t cnt[kGroupOneBlockExperts], off[kGroupOneBlockExperts], cur[kGroupOneBlockExperts];
+  __shared__ ScanCounts::TempStorage tmp;
+  for (int64_t e = threadIdx.x; e < E; e += kScanThreads) cnt[e] = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += kScanThreads) {
+    const int64_t e = experts[i] - first;
+    if (e >= 0 && e < E) atomicAdd(&cnt[e], 1);
   }
+  __syncthreads();
+  scan_counts(cnt, E, off, cur, active, zmax, tmp);
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < E; e += kScanThreads) {
+    counts[e] = cnt[e];
+    offsets[e] = off[e];
+  }
+  for (int64_t i = threadIdx.x; i < n; i += kScanThreads) place_one(experts, i, k, first, E, total, off, cur, perm, slot);
 }
 
 __global__ void swiglu_kernel(float* h1, const float* h3, int64_t n, float limit) {
@@ -177,8 +217,14 @@ void route(const RouteArgs& a, cudaStream_t s) {
 void moe_group(const int32_t* experts, int64_t T, int64_t k, int64_t first, int64_t E, int64_t total, int32_t* counts,
                int32_t* offsets, int32_t* cursor, int32_t* perm, int32_t* slot, int32_t* active, int64_t zmax,
                cudaStream_t s) {
-  cudaMemsetAsync(counts, 0, size_t(E) * 4, s);
   const int64_t n = T * k;
+  if (n <= kGroupOneBlockAssignments && E <= kGroupOneBlockExperts) {
+    launch_pdl(group_kernel, 1, kScanThreads, 0, s, experts, n, k, first, E, total, counts, offsets, perm, slot, active,
+               zmax);
+    DSV4_LAUNCH_CHECK();
+    return;
+  }
+  cudaMemsetAsync(counts, 0, size_t(E) * 4, s);
   launch_pdl(count_kernel, blocks_for(n), 256, 0, s, experts, n, first, E, counts);
   launch_pdl(scan_kernel, 1, kScanThreads, 0, s, counts, E, offsets, cursor, active, zmax);
   launch_pdl(place_kernel, blocks_for(n), 256, 0, s, experts, n, k, first, E, total, offsets, cursor, perm, slot);
