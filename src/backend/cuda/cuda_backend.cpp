@@ -693,10 +693,13 @@ class CudaBackend final : public Backend {
       max_rows = E ? *std::max_element(c.begin(), c.end()) : 0;
     }
     Tensor h1 = alloc({n, F}), h3 = alloc({n, F}), y = alloc({n, D});
-    // Experts in host memory: passes over at most one pool of them, each fetched into the cache
-    // first (zmap: the pass's experts). The kernels and their row layout are those of one pass
-    // over device-resident experts, so the results are bit for bit the same.
-    const int64_t pass_experts = tb.cached && zmax > cache_.slots ? cache_.slots : E;
+    // Experts in host memory: passes over at most one pool of the active experts (ranks
+    // [lo, lo + pass_size) of `active`), each fetched into the cache first (zmap: the pass's
+    // experts). The kernels and their row layout are those of one pass over device-resident
+    // experts, so the results are bit for bit the same. zmax bounds the active experts: the host
+    // does not know how many there are, a pass past the last one plans nothing.
+    const int64_t pass_size = tb.cached ? std::min(zmax, cache_.slots) : zmax;
+    const int64_t passes = max_rows > 0 && pass_size > 0 ? (zmax + pass_size - 1) / pass_size : 0;
     Tensor pass_zmap = tb.cached ? alloc({std::max<int64_t>(zmax, 1)}, ElemType::I32) : Tensor{};
     // FP8 activations: E4M3 rows for the tensor-core kernel, or their FP32 round trip for the GEMV.
     const bool force_gemv = n <= 4 * E;  // <= 4 rows per expert on average: stream each expert's weights once
@@ -738,8 +741,9 @@ class CudaBackend final : public Backend {
       a.typical_rows = (n + zmax - 1) / zmax;  // assignments over the active slices
       return a;
     };
-    for (int64_t lo = 0; max_rows > 0 && lo < E; lo += pass_experts) {
-      if (tb.cached) fetch_experts(tb, active, zmax, lo, std::min(E, lo + pass_experts), pass_zmap);
+    for (int64_t pass = 0; pass < passes; ++pass) {
+      const int64_t lo = pass * pass_size;
+      if (tb.cached) fetch_experts(tb, active, zmax, lo, std::min(zmax, lo + pass_size), pass_zmap);
       cuda::GemmArgs up = expert_args(tb.w1, xin, qx, T, perm.i32(), D, h1.f32(), F, D);
       up.descs3 = tb.w3;
       up.wd3 = tb.first;
@@ -748,7 +752,7 @@ class CudaBackend final : public Backend {
       const float* hin = h1.f32();
       if (quant) {
         if (tc || sk) qh = quantize_rows(h1.f32(), n, F, true);
-        else if (pass_experts < E) hin = (qh = quantize_rows(h1.f32(), n, F, false)).roundtrip.f32();  // rows of later passes stay unrounded
+        else if (passes > 1) hin = (qh = quantize_rows(h1.f32(), n, F, false)).roundtrip.f32();  // rows of later passes stay unrounded
         else cuda::act_quant(h1.f32(), n, F, F, pow2_scales(), nullptr, 0, nullptr, h1.f32(), s_);  // in place
       }
       cuda::gemm(expert_args(tb.w2, hin, qh, n, nullptr, F, y.f32(), D, F), s_);
@@ -1008,7 +1012,7 @@ class CudaBackend final : public Backend {
       fail("expert cache: the experts of '{}' differ in size from those of the first cached layer",
            m.experts[0].w1.weight->name);
   }
-  // Fetches this pass's experts (lo..hi-1 of the layer) into the cache; pass_zmap: the pass's
+  // Fetches this pass's experts (active[lo..hi)) into the cache; pass_zmap: the pass's
   // experts for the expert GEMMs.
   void fetch_experts(const MoeTables& tb, const Tensor& active, int64_t zmax, int64_t lo, int64_t hi,
                      const Tensor& pass_zmap) {

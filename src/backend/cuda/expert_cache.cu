@@ -12,13 +12,16 @@ namespace {
 
 constexpr int kPlanThreads = 256;
 
-// One block. Stamps are pass numbers: hits take this pass's, so they sort after every slot a
-// miss may take; the misses take the slots with the oldest stamps (empty slots have 0).
+// One block. Stamps are pass numbers; a slot's LRU key is its age (this pass minus its stamp,
+// modulo 2^32: the 32-bit counter may wrap), inverted so that the oldest sorts first, with empty
+// slots first of all and this pass's hits (a shared bitmap) last: the misses take the first
+// S - hits slots of the sorted order, never one this pass needs.
 template <int kItems>
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(ExpertCacheArgs a) {
   pdl_prologue();
   using Sort = cub::BlockRadixSort<uint32_t, kPlanThreads, kItems, int32_t>;
   __shared__ typename Sort::TempStorage sort_tmp;
+  __shared__ uint32_t hit_bits[kExpertCacheMaxSlots / 32];
   __shared__ uint32_t tick;
   __shared__ int n_miss, n_hit;
   if (threadIdx.x == 0) {
@@ -26,15 +29,17 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(ExpertCacheArgs a) {
     *a.tick = tick;
     n_miss = n_hit = 0;
   }
+  for (int i = threadIdx.x; i < (a.S + 31) / 32; i += kPlanThreads) hit_bits[i] = 0;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < a.zmax; i += kPlanThreads) {
     const int32_t e = a.active[i];
-    const bool mine = e >= a.lo && e < a.hi;
+    const bool mine = e >= 0 && i >= a.lo && i < a.hi;
     a.zmap[i] = mine ? e : -1;
     if (!mine) continue;
     const int32_t s = a.map[e];
     if (s >= 0) {
       a.stamp[s] = tick;
+      atomicOr(&hit_bits[s >> 5], 1u << (s & 31));
       atomicAdd(&n_hit, 1);
     } else {
       a.job_expert[atomicAdd(&n_miss, 1)] = e;
@@ -53,7 +58,9 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(ExpertCacheArgs a) {
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
     const int s = threadIdx.x * kItems + j;
-    keys[j] = s < a.S ? a.stamp[s] : 0xffffffffu;
+    if (s >= a.S || ((hit_bits[s >> 5] >> (s & 31)) & 1u)) keys[j] = 0xffffffffu;  // padding, hits: last
+    else if (!a.owner[s]) keys[j] = 0;                                           // empty: first
+    else keys[j] = min(~(tick - a.stamp[s]), 0xfffffffeu);                      // oldest first
     slots[j] = s;
   }
   Sort(sort_tmp).Sort(keys, slots);  // blocked: thread t holds ranks t*kItems ..
@@ -61,12 +68,13 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(ExpertCacheArgs a) {
   for (int j = 0; j < kItems; ++j)
     if (threadIdx.x * kItems + j < a.S) a.order[threadIdx.x * kItems + j] = slots[j];
   __syncthreads();
+  const int free_slots = a.S - n_hit;
   for (int i = threadIdx.x; i < n_miss; i += kPlanThreads) {
-    const int32_t s = a.order[i], e = a.job_expert[i];
-    if (i >= a.S || a.stamp[s] == tick) {  // more experts than slots: the host sized the pass wrong
+    if (i >= free_slots) {  // more experts than slots: the host sized the pass wrong
       atomicAdd(&a.stats[2], 1ull);
       continue;
     }
+    const int32_t s = a.order[i], e = a.job_expert[i];
     if (int32_t* prev = a.owner[s]) *prev = -1;
     a.owner[s] = a.map + e;
     a.map[e] = s;
@@ -81,7 +89,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(ExpertCacheArgs a) {
     a.job_slot[i] = s;
   }
   if (threadIdx.x == 0) {
-    *a.n_jobs = min(n_miss, a.S);
+    *a.n_jobs = min(n_miss, free_slots);
     atomicAdd(&a.stats[0], (unsigned long long)n_hit);
     atomicAdd(&a.stats[1], (unsigned long long)n_miss);
   }

@@ -246,7 +246,7 @@ struct ExpertSlotLayout {
 struct ExpertCacheArgs {
   const int32_t* active = nullptr;  // moe_group's active experts of the layer (ascending, then -1)
   int64_t zmax = 0;
-  int32_t lo = 0, hi = 0;            // this pass: experts lo..hi-1 of the layer (at most S of them)
+  int32_t lo = 0, hi = 0;            // this pass: active[lo..hi) (at most S experts)
   int32_t E = 0;                     // experts of the layer
   int32_t* map = nullptr;            // [E] the layer's slot of each expert, -1 when not cached
   int32_t** owner = nullptr;         // [S] the map entry of the expert in each slot (null: empty)
@@ -257,7 +257,7 @@ struct ExpertCacheArgs {
   WeightDesc* live = nullptr;        // [3E] the table the GEMMs read
   uint8_t* slots = nullptr;
   ExpertSlotLayout layout;
-  int32_t* zmap = nullptr;           // out [zmax]: active restricted to lo..hi-1, else -1
+  int32_t* zmap = nullptr;           // out [zmax]: active[i] for i in [lo, hi), else -1
   int32_t* order = nullptr;          // scratch [S]
   int32_t* job_slot = nullptr;       // out [S]: slots to fill, and the expert for each
   int32_t* job_expert = nullptr;
