@@ -228,10 +228,11 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     }
   };
   auto prefill_roofline = [&](int64_t C, double& bytes, double& flops) {
+    const double passes = double((C + prefill_chunk - 1) / prefill_chunk);  // each chunk reads the weights again
     bytes = double(head_bytes) + double(cfg.vocab_size) * 4.0;  // logits of the last row only, as the engine
     flops = 2.0 * head_macs;
     for (size_t l = 0; l < lc.size(); ++l) {
-      bytes += double(lc[l].fixed) + E * lc[l].expert_share * double(lc[l].expert);
+      bytes += passes * (double(lc[l].fixed) + E * lc[l].expert_share * double(lc[l].expert));
       for (int64_t p = 0; p < C; p += 64) {
         const double keys = attended_keys(cfg, int64_t(l), double(p));
         double f = 2.0 * lc[l].macs + 4.0 * heads * double(cfg.head_dim) * keys;

@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(ExpertCacheArgs a) {
       atomicOr(&hit_bits[s >> 5], 1u << (s & 31));
       atomicAdd(&n_hit, 1);
     } else {
-      a.job_expert[atomicAdd(&n_miss, 1)] = e;
+      const int m = atomicAdd(&n_miss, 1);
+      if (m < a.S) a.job_expert[m] = e;  // beyond S: counted as overflow below
     }
   }
   __syncthreads();
