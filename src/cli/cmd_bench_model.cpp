@@ -215,13 +215,11 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
   const double head_macs = double(cfg.vocab_size) * double(cfg.hidden_size);
   const double E = double(cfg.n_routed_experts), K = double(cfg.num_experts_per_tok);
   auto step_roofline = [&](int64_t B, double ctx, double& bytes, double& flops) {
-    bytes = double(head_bytes);
+    bytes = pass_weight_bytes(cfg, w0, double(B), false);
     flops = 2.0 * head_macs * double(B);
-    const double distinct = distinct_experts(cfg, double(B));
     for (size_t l = 0; l < lc.size(); ++l) {
       const double keys = attended_keys(cfg, int64_t(l), ctx);
-      bytes += double(lc[l].fixed) + distinct * lc[l].expert_share * double(lc[l].expert) +
-               double(B) * keys * double(cfg.head_dim) * 4.0;
+      bytes += double(B) * keys * double(cfg.head_dim) * 4.0;  // the keys each row attends to
       flops += double(B) * (2.0 * lc[l].macs + 4.0 * heads * double(cfg.head_dim) * keys);
       if (cfg.compress_ratio(int64_t(l)) == cfg.compress_rate_csa)
         flops += double(B) * 2.0 * double(cfg.index_n_heads * cfg.index_head_dim) * std::floor(ctx / 4);
