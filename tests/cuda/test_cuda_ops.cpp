@@ -137,19 +137,31 @@ TEST_F(CudaOps, Linear) {
   }
 }
 
-// Same GEMM argument as Linear.
+// Same GEMM argument as Linear. From 128 rows with BF16-exact weights (FP8 with E8M0 scales, or
+// BF16) the groups run on cuBLASLt BF16 with x split three ways (exact products), in chunks of
+// 1,024 rows; FP8 with F32 scales keeps the FP32 GEMM.
 TEST_F(CudaOps, GroupedLinear) {
   struct C {
     int64_t T, G, in, R;
+    WeightFormat fmt = WeightFormat::FP8;
+    bool f32_scale = false;
   };
   uint64_t seed = 200;
-  for (auto c : std::vector<C>{{1, 8, 4096, 1024}, {20, 8, 4096, 1024}, {5, 2, 144, 48}, {3, 3, 72, 16}}) {
-    Linear w = ws.linear("wo_a", WeightFormat::FP8, c.G * c.R, c.in, ++seed);
-    Pair x = m->f32({c.T, c.G, c.in}, normal(c.T * c.G * c.in, ++seed)), y = m->out({c.T, c.G, c.R});
+  for (auto c : std::vector<C>{{1, 8, 4096, 1024},
+                               {20, 8, 4096, 1024},
+                               {5, 2, 144, 48},
+                               {3, 3, 72, 16},
+                               {130, 8, 4096, 1024},                        // wo_a prefill: BF16 split
+                               {1100, 2, 256, 96},                          // two row chunks, the last partial
+                               {300, 3, 160, 64, WeightFormat::BF16},       // BF16 weight, used as it is
+                               {200, 2, 256, 80, WeightFormat::FP8, true}}) {  // F32 scales: the FP32 GEMM
+    Linear w = ws.linear("wo_a", c.fmt, c.G * c.R, c.in, ++seed, c.f32_scale);
+    Pair x = m->f32({c.T, c.G, c.in}, normal(c.T * c.G * c.in, ++seed, 3.f)), y = m->out({c.T, c.G, c.R});
     cpu->grouped_linear(x.c, w, c.G, y.c);
     gpu->grouped_linear(x.g, w, c.G, y.g);
     expect_close(m->host_c(y.c), m->host_g(y.g), 1e-4f,
-                 fmt::format("grouped_linear T={} G={} in={} R={}", c.T, c.G, c.in, c.R));
+                 fmt::format("grouped_linear T={} G={} in={} R={} fmt={}{}", c.T, c.G, c.in, c.R, int(c.fmt),
+                             c.f32_scale ? " f32scale" : ""));
   }
 }
 

@@ -316,50 +316,108 @@ void launch_attend(const AttendArgs& a, cudaStream_t s) {
 
 // ---- compressor ----------------------------------------------------------------------------
 
-// Thread (sequence s = blockIdx.y, channel n < d): walks the sequence's rows in order, writing
-// columns n (and d + n with overlap) of its slot's pending rows and pooling channel n of every
-// window that completes; the channels of a slot are independent, so no synchronisation.
-__global__ void compress_kernel(CompressArgs a) {
+// The rows of one sequence in a pass, at positions start .. start + rows - 1: a position's
+// gate/kv pair (ape added) comes from the pass's input, from the slot's pending rows (earlier
+// positions of the window open when the pass began) or, for the first halves of the window
+// before that one, from the saved previous-window state.
+struct CompressSeq {
+  const CompressArgs& a;
+  int64_t first, rows, start, base, width, own;
+  __device__ CompressSeq(const CompressArgs& args, int64_t s) : a(args) {
+    const int32_t* seg = a.seqs + s * kSegCols;
+    first = seg[kSegFirstRow], rows = seg[kSegRows], start = seg[kSegStart];
+    base = int64_t(seg[kSegSlot]) * a.ratio;
+    width = (a.overlap ? 2 : 1) * a.d;
+    own = a.overlap ? a.d : 0;
+  }
+  // Column col (< width) of position p >= the open window's first position.
+  __device__ void at(int64_t p, int64_t col, float& kv, float& gate) const {
+    const int64_t r = p % a.ratio;
+    if (p >= start) {
+      const int64_t in = (first + p - start) * width + col;
+      kv = a.kv[in];
+      gate = a.gate[in] + vec_at(a.ape, r * width + col);
+    } else {
+      kv = a.st_kv[(base + r) * width + col];
+      gate = a.st_gate[(base + r) * width + col];
+    }
+  }
+  // First half, channel n, of position p of any window from the one before the open window on.
+  __device__ void first_half(int64_t p, int64_t n, float& kv, float& gate) const {
+    if (p >= (start / a.ratio) * a.ratio) return at(p, n, kv, gate);
+    const int64_t j = (base + p % a.ratio) * a.d + n;
+    kv = a.st_prev_kv[j];
+    gate = a.st_prev_gate[j];
+  }
+};
+
+// Thread (channel n, k-th window completed in the pass, sequence blockIdx.z; windows strided by
+// gridDim.y): pools the window into entries[out_first + k] from the state as the pass found it
+// (compress_state_kernel updates it afterwards). Softmax over [previous window's first halves |
+// own second halves], the same order of operations as the CPU twin.
+__global__ void compress_pool_kernel(CompressArgs a) {
   pdl_prologue();
   const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (n >= a.d) return;
-  const int32_t* seg = a.seqs + int64_t(blockIdx.y) * kSegCols;
-  const int64_t first = seg[kSegFirstRow], rows = seg[kSegRows], start = seg[kSegStart];
-  const int64_t base = int64_t(seg[kSegSlot]) * a.ratio, width = (a.overlap ? 2 : 1) * a.d, own = a.overlap ? a.d : 0;
-  int64_t produced = seg[kSegOutFirst];
-  for (int64_t t = 0; t < rows; ++t) {
-    const int64_t pos = start + t, r = pos % a.ratio, in = (first + t) * width, st = (base + r) * width;
-    a.st_kv[st + n] = a.kv[in + n];
-    a.st_gate[st + n] = a.gate[in + n] + vec_at(a.ape, r * width + n);
-    if (a.overlap) {
-      a.st_kv[st + own + n] = a.kv[in + own + n];
-      a.st_gate[st + own + n] = a.gate[in + own + n] + vec_at(a.ape, r * width + own + n);
-    }
-    if (r != a.ratio - 1) continue;
-    // Window complete: softmax over [previous window's first halves | own second halves].
-    const bool prev = a.overlap && pos / a.ratio > 0;
-    float mx = -INFINITY, den = 0.f, acc = 0.f;
-    if (prev)
-      for (int64_t j = 0; j < a.ratio; ++j) mx = fmaxf(mx, a.st_prev_gate[(base + j) * a.d + n]);
-    for (int64_t j = 0; j < a.ratio; ++j) mx = fmaxf(mx, a.st_gate[(base + j) * width + own + n]);
+  const CompressSeq q(a, blockIdx.z);
+  const int64_t w0 = q.start / a.ratio, windows = (q.start + q.rows) / a.ratio - w0;
+  const int64_t out_first = a.seqs[int64_t(blockIdx.z) * kSegCols + kSegOutFirst];
+  float pk[kCompressMaxRatio], pg[kCompressMaxRatio];  // the previous window's first halves
+  for (int64_t k = blockIdx.y; k < windows; k += gridDim.y) {
+    const int64_t w = w0 + k, p0 = w * a.ratio;
+    const bool prev = a.overlap && w > 0;
+    float mx = -INFINITY, den = 0.f, acc = 0.f, kv, gate;
     if (prev)
       for (int64_t j = 0; j < a.ratio; ++j) {
-        const float p = expf(a.st_prev_gate[(base + j) * a.d + n] - mx);
-        den += p;
-        acc += p * a.st_prev_kv[(base + j) * a.d + n];
+        q.first_half(p0 - a.ratio + j, n, pk[j], pg[j]);
+        mx = fmaxf(mx, pg[j]);
       }
     for (int64_t j = 0; j < a.ratio; ++j) {
-      const float p = expf(a.st_gate[(base + j) * width + own + n] - mx);
-      den += p;
-      acc += p * a.st_kv[(base + j) * width + own + n];
+      q.at(p0 + j, q.own + n, kv, gate);
+      mx = fmaxf(mx, gate);
     }
-    a.entries[produced * a.d + n] = acc / den;
-    if (a.overlap)
+    if (prev)
       for (int64_t j = 0; j < a.ratio; ++j) {
-        a.st_prev_kv[(base + j) * a.d + n] = a.st_kv[(base + j) * width + n];
-        a.st_prev_gate[(base + j) * a.d + n] = a.st_gate[(base + j) * width + n];
+        const float p = expf(pg[j] - mx);
+        den += p;
+        acc += p * pk[j];
       }
-    ++produced;
+    for (int64_t j = 0; j < a.ratio; ++j) {
+      q.at(p0 + j, q.own + n, kv, gate);
+      const float p = expf(gate - mx);
+      den += p;
+      acc += p * kv;
+    }
+    a.entries[(out_first + k) * a.d + n] = acc / den;
+  }
+}
+
+// Thread (channel n, sequence blockIdx.y), after the pooling: the saved first halves become those
+// of the last window the pass completed, and the slot's pending rows those of the pass's last
+// min(rows, ratio) positions (the rows a sequential walk leaves there). Reads precede writes
+// within the thread, which owns its columns.
+__global__ void compress_state_kernel(CompressArgs a) {
+  pdl_prologue();
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= a.d) return;
+  const CompressSeq q(a, blockIdx.y);
+  const int64_t end = q.start + q.rows, last = end / a.ratio - 1;  // last completed window
+  if (a.overlap && last >= q.start / a.ratio) {
+    float kv[kCompressMaxRatio], gate[kCompressMaxRatio];
+    for (int64_t j = 0; j < a.ratio; ++j) q.at(last * a.ratio + j, n, kv[j], gate[j]);
+    for (int64_t j = 0; j < a.ratio; ++j) {
+      a.st_prev_kv[(q.base + j) * a.d + n] = kv[j];
+      a.st_prev_gate[(q.base + j) * a.d + n] = gate[j];
+    }
+  }
+  for (int64_t p = max(q.start, end - a.ratio); p < end; ++p) {
+    const int64_t st = (q.base + p % a.ratio) * q.width;
+    for (int64_t col = n; col < q.width; col += a.d) {
+      float kv, gate;
+      q.at(p, col, kv, gate);
+      a.st_kv[st + col] = kv;
+      a.st_gate[st + col] = gate;
+    }
   }
 }
 
@@ -572,8 +630,18 @@ void attend(const AttendArgs& a, cudaStream_t s) {
 
 void compress(const CompressArgs& a, cudaStream_t s) {
   if (a.S <= 0 || a.d <= 0) return;
-  dim3 grid(unsigned((a.d + 127) / 128), unsigned(a.S));
-  launch_pdl(compress_kernel, grid, 128, 0, s, a);
+  if (a.overlap && a.ratio > kCompressMaxRatio) {
+    std::fprintf(stderr, "compress: an overlapping compressor of ratio %lld exceeds %d\n", (long long)a.ratio,
+                 kCompressMaxRatio);
+    std::abort();
+  }
+  // A sequence completes at most rows / ratio + 1 windows; the pooling strides past 4,096 of them.
+  const unsigned channels = unsigned((a.d + 127) / 128);
+  const int64_t windows = std::min<int64_t>(a.T / a.ratio + 1, 4096);
+  if (a.entries)
+    launch_pdl(compress_pool_kernel, dim3(channels, unsigned(windows), unsigned(a.S)), 128, 0, s, a);
+  DSV4_LAUNCH_CHECK();
+  launch_pdl(compress_state_kernel, dim3(channels, unsigned(a.S)), 128, 0, s, a);
   DSV4_LAUNCH_CHECK();
 }
 

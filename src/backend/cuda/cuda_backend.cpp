@@ -19,7 +19,7 @@
 
 #include <cuda_runtime.h>
 
-#include "backend/cuda/cublaslt_fp8.h"
+#include "backend/cuda/cublaslt_gemm.h"
 #include "backend/cuda/kernels.h"
 #include "tensor/kv_format.h"
 #include "util/error.h"
@@ -522,9 +522,13 @@ class CudaBackend final : public Backend {
     }
     cuda::gemm(a, s_);
   }
+  // From kGroupedSplitMinRows rows (prefill) the groups run as batched cuBLASLt BF16 GEMMs: x
+  // split into three BF16 parts (exact), the weight as BF16 (dequantised into scratch: exact with
+  // E8M0 scales), so the products are exact and only the summation order differs from the CPU.
   void grouped_linear(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) override {
     const int64_t T = x.dim(0), in = w.in, R = w.out / groups;
     DSV4_CHECK(x.numel() == T * groups * in && out.numel() == T * groups * R);
+    if (T >= kGroupedSplitMinRows && grouped_split_bf16(x, w, groups, out)) return;
     cuda::GemmArgs a;
     a.x = x.f32();
     a.ldx = groups * in;
@@ -539,6 +543,34 @@ class CudaBackend final : public Backend {
     a.w_z_row_off = R;
     a.Z = int(groups);
     cuda::gemm(a, s_);
+  }
+  static constexpr int64_t kGroupedSplitMinRows = 128, kGroupedSplitChunkRows = 1024;
+  // False (nothing launched) where the weight is not BF16-exact or cuBLASLt offers no algorithm.
+  bool grouped_split_bf16(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) {
+    const cuda::WeightDesc d = desc(w);
+    const bool exact = d.fmt == cuda::kBF16 || (d.fmt == cuda::kFP8 && !d.scale_f32 && w.in % 16 == 0);
+    if (!exact || sm_ < 80) return false;
+    const int64_t T = x.dim(0), in = w.in, R = w.out / groups, width = groups * in;
+    auto bf16 = [](const Tensor& t) { return reinterpret_cast<uint16_t*>(t.u8()); };
+    Tensor wb;
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(d.w);
+    if (d.fmt == cuda::kFP8) {
+      wb = alloc({w.out * w.in * 2}, ElemType::U8);
+      cuda::fp8_weight_to_bf16(d, bf16(wb), s_);
+      wp = bf16(wb);
+    }
+    // Row chunks bound the scratch of the parts (3 x 2 bytes per value of x).
+    const int64_t chunk = std::min(T, kGroupedSplitChunkRows);
+    Tensor parts = alloc({3 * chunk * width * 2}, ElemType::U8);
+    for (int64_t r0 = 0; r0 < T; r0 += chunk) {
+      const int64_t rows = std::min(chunk, T - r0), n = rows * width;
+      cuda::split_bf16x3(x.f32() + r0 * width, n, bf16(parts), s_);
+      for (int64_t p = 0; p < 3; ++p)
+        if (!lt_.run_bf16(bf16(parts) + p * n, width, in, wp, out.f32() + r0 * groups * R, groups * R, R, rows, R, in,
+                          groups, p > 0, s_))
+          return false;  // the FP32 GEMM then rewrites all of out
+    }
+    return true;
   }
   void rope(const Tensor& x, const Tensor& pos, const RopeTable& table, int64_t rope_dim, bool inverse) override {
     const int64_t T = x.dim(0), heads = x.shape.size() == 3 ? x.dim(1) : 1;
@@ -606,6 +638,7 @@ class CudaBackend final : public Backend {
     a.gate = gate.f32();
     a.ape = vec(ape);
     a.seqs = seqs.i32();
+    a.T = kv.rows();
     a.S = seqs.rows();
     a.ratio = ratio;
     a.d = kv.cols() / (overlap ? 2 : 1);
@@ -920,7 +953,7 @@ class CudaBackend final : public Backend {
       ws = static_cast<float*>(p);
       cuda::padded_block_scales(w.s, w.scale_f32, w.out, w.in, ws, s_);
     }
-    const bool ran = lt_fp8_.run(q.bytes(), q.ldq, q.scales.f32(), w.w, ws, y, w.out, M, w.out, w.in, s_);
+    const bool ran = lt_.run_fp8(q.bytes(), q.ldq, q.scales.f32(), w.w, ws, y, w.out, M, w.out, w.in, s_);
     if (!ran && opts_.fp8_gemm == F::CublasLt)
       fail("cuBLASLt offers no block-scaled FP8 algorithm for {} x {} x {} on sm_{}", M, w.out, w.in, sm_);
     return ran;
@@ -1164,7 +1197,7 @@ class CudaBackend final : public Backend {
   int device_;
   int sm_ = 0;  // compute capability, major * 10 + minor
   CudaOptions opts_;
-  cuda::CublasLtFp8 lt_fp8_;
+  cuda::CublasLtGemm lt_;
   std::unordered_map<const uint8_t*, float*> padded_scales_;  // FP8 weight scales in cuBLASLt's layout
   cudaStream_t s_ = nullptr;
   std::shared_ptr<Arena> arena_;

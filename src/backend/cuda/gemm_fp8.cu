@@ -16,7 +16,7 @@
 #include <nv/target>
 
 #include "backend/cuda/common.cuh"
-#include "backend/cuda/cublaslt_fp8.h"
+#include "backend/cuda/cublaslt_gemm.h"
 #include "backend/cuda/gemm_problem.cuh"
 #include "tensor/quant.h"
 

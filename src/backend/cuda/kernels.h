@@ -91,6 +91,13 @@ constexpr bool skinny_fits(int32_t fmt, int64_t K) { return skinny_stage_k(fmt) 
 // 181 vs 20 us; at 4 rows the 4 MB wq_a is even, 16.2 vs 17.8 us).
 constexpr int64_t kFp8TensorCoreMinRows = 4;
 
+// x [n] as three BF16 planes that sum to it exactly (parts[p * n + i], p = 0 the high part): BF16
+// tensor-core products of the parts with a BF16 weight are exact FP32 products.
+void split_bf16x3(const float* x, int64_t n, uint16_t* parts, cudaStream_t stream);
+// An FP8 weight with E8M0 (power-of-two) block scales dequantised to BF16 bit patterns [out, in]
+// (in % 16 == 0): exact, E4M3 values times powers of two are BF16 values.
+void fp8_weight_to_bf16(const WeightDesc& w, uint16_t* out, cudaStream_t stream);
+
 // Dynamic FP8 activation quantisation (tensor/quant.h fp8_dynamic_quant) of x [M, K] (row stride
 // ldx) in 1x128 blocks: q [M, ldq] E4M3, scales [ceil(K/128), M] (row index fastest, the layout
 // of cuBLASLt's VEC128 scales), roundtrip [M, K] = q * scale. Any output may be null.
@@ -168,13 +175,15 @@ struct AttendArgs {
 int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb);
 int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64_t Kb);
 void attend(const AttendArgs& a, cudaStream_t s);
-// Backend::compress over S sequences (seqs [S, kSegCols] device table); state tensors hold
-// ratio rows per slot (prev_* only with overlap).
+// Backend::compress over S sequences (seqs [S, kSegCols] device table; T rows of kv/gate in
+// all); state tensors hold ratio rows per slot (prev_* only with overlap, whose ratio is at most
+// kCompressMaxRatio: the model's CSA layers use 4).
+inline constexpr int kCompressMaxRatio = 8;
 struct CompressArgs {
   const float *kv = nullptr, *gate = nullptr;
   Vec ape;
   const int32_t* seqs = nullptr;
-  int64_t S = 0, ratio = 0, d = 0;
+  int64_t T = 0, S = 0, ratio = 0, d = 0;
   bool overlap = false;
   float *st_kv = nullptr, *st_gate = nullptr, *st_prev_kv = nullptr, *st_prev_gate = nullptr;
   float* entries = nullptr;

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <cuda_bf16.h>
+
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/gemm_problem.cuh"
 
@@ -442,7 +444,59 @@ bool streams_one_row(const GemmArgs& a, int chunk_elems) {
          (a.K / chunk_elems) % 32 == 0 && a.K <= kGemvTileK<1> && a.Z <= kStreamMaxProblems;
 }
 
+// Each part rounds the remainder to BF16's 8 significant bits; 3 x 8 covers FP32's 24.
+__global__ void split_bf16x3_kernel(const float* x, int64_t n, uint16_t* parts) {
+  pdl_prologue();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float v = x[i];
+#pragma unroll
+    for (int p = 0; p < 3; ++p) {
+      const __nv_bfloat16 h = __float2bfloat16_rn(v);
+      parts[p * n + i] = __bfloat16_as_ushort(h);
+      v -= __bfloat162float(h);
+    }
+  }
+}
+
+// Thread: one 16-byte chunk (16 elements) of the weight.
+__global__ void fp8_weight_to_bf16_kernel(WeightDesc w, uint16_t* out) {
+  pdl_prologue();
+  const int64_t chunks = w.out * w.in / 16;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < chunks; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / (w.in / 16), c = i % (w.in / 16);
+    float v[16];
+    decode_chunk<kFP8>(reinterpret_cast<const uint4*>(w.w)[i], v);
+    const float s = chunk_scale<kFP8, false>(w, r, c);
+    uint32_t packed[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j] * s, v[2 * j + 1] * s);
+      packed[j] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+    uint4* o = reinterpret_cast<uint4*>(out + i * 16);
+    o[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    o[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+  }
+}
+
 }  // namespace
+
+void split_bf16x3(const float* x, int64_t n, uint16_t* parts, cudaStream_t stream) {
+  if (n <= 0) return;
+  launch_pdl(split_bf16x3_kernel, dim3(unsigned(std::min(blocks_for(n), 132 * 16))), 256, 0, stream, x, n, parts);
+  DSV4_LAUNCH_CHECK();
+}
+
+void fp8_weight_to_bf16(const WeightDesc& w, uint16_t* out, cudaStream_t stream) {
+  if (w.fmt != kFP8 || w.scale_f32 || w.in % 16) {
+    std::fprintf(stderr, "fp8_weight_to_bf16: needs an FP8 weight with E8M0 scales and in %% 16 == 0\n");
+    std::abort();
+  }
+  const int64_t chunks = w.out * w.in / 16;
+  if (chunks <= 0) return;
+  launch_pdl(fp8_weight_to_bf16_kernel, dim3(unsigned(std::min(blocks_for(chunks), 132 * 16))), 256, 0, stream, w, out);
+  DSV4_LAUNCH_CHECK();
+}
 
 bool gemm_rounds_x(const GemmArgs& a) {
   bool streams = false;

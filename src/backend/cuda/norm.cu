@@ -126,6 +126,62 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const float*
   }
 }
 
+// Totals of 32 per-lane values across the warp, lane l receiving value l's: a butterfly that
+// hands half of the values to the partner at each step (31 shuffles instead of 32 x 5).
+__device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane) {
+#pragma unroll
+  for (int half = 16; half >= 1; half >>= 1) {
+    const bool upper = lane & half;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float keep = upper ? v[i + half] : v[i], send = upper ? v[i] : v[i + half];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, half);
+    }
+  }
+  return v[0];
+}
+
+// Prefill variant of hc_mix_partial_kernel (the same partials, another summation order): block
+// (chunk, tile of kHcTileTokens tokens) stages its chunk of the MIX x n mixing matrix in shared
+// memory once and its warps take the tile's tokens in turn, lane l the chunk's values 4l..4l+3
+// of each 128. Per token the per-token kernel read all of fn (1.5 MB for m = 4) from L2.
+constexpr int kHcTileTokens = 64;
+template <int MIX>
+__global__ void __launch_bounds__(kHcThreads) hc_mix_tiled_kernel(const float* X, int64_t T, int64_t n,
+                                                                    const float* fn, float* part) {
+  static_assert(MIX + 1 <= 32 && kHcChunk % 128 == 0);
+  pdl_prologue();
+  __shared__ __align__(16) float fs[MIX][kHcChunk];
+  const int64_t c0 = int64_t(blockIdx.x) * kHcChunk, t0 = int64_t(blockIdx.y) * kHcTileTokens;
+  for (int i = threadIdx.x; i < MIX * kHcChunk; i += kHcThreads) {
+    const int j = i / kHcChunk, k = i % kHcChunk;
+    fs[j][k] = fn[j * n + c0 + k];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t_end = t0 + kHcTileTokens < T ? t0 + kHcTileTokens : T;
+  for (int64_t t = t0 + warp; t < t_end; t += kHcThreads / 32) {
+    float acc[32];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) acc[j] = 0.f;
+#pragma unroll
+    for (int h = 0; h < kHcChunk / 128; ++h) {
+      const int k = h * 128 + lane * 4;
+      const float4 v = *reinterpret_cast<const float4*>(X + t * n + c0 + k);
+      acc[MIX] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, acc[MIX]))));
+#pragma unroll
+      for (int j = 0; j < MIX; ++j) {
+        const float4 f = *reinterpret_cast<const float4*>(&fs[j][k]);
+        acc[j] = fmaf(f.x, v.x, fmaf(f.y, v.y, fmaf(f.z, v.z, fmaf(f.w, v.w, acc[j]))));
+      }
+    }
+    const float total = warp_reduce_scatter32(acc, lane);
+    if (lane <= MIX) part[(t * gridDim.x + blockIdx.x) * (MIX + 1) + lane] = total;
+  }
+}
+// Tokens from which hc_pre/hc_head take the tiled kernel (n % kHcChunk == 0 and MIX < 32 only).
+constexpr int64_t kHcTiledMinTokens = 32;
+
 // SINKHORN: hc_pre (pre, post, comb from (2+M)M mixes); otherwise hc_head (pre from M mixes).
 template <int M, bool SINKHORN>
 __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, int64_t D, const float* part,
@@ -284,7 +340,15 @@ void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const floa
                cudaStream_t s) {
   constexpr int MIX = SINKHORN ? (2 + M) * M : M;
   const int64_t n = M * D, chunks = hc_chunks(n);
-  launch_pdl(hc_mix_partial_kernel<MIX>, dim3(unsigned(chunks), unsigned(T)), kHcThreads, 0, s, X, n, fn, scratch);
+  bool tiled = false;
+  if constexpr (MIX < 32) {
+    tiled = T >= kHcTiledMinTokens && n % kHcChunk == 0;
+    if (tiled)
+      launch_pdl(hc_mix_tiled_kernel<MIX>, dim3(unsigned(chunks), unsigned((T + kHcTileTokens - 1) / kHcTileTokens)),
+                 kHcThreads, 0, s, X, T, n, fn, scratch);
+  }
+  if (!tiled)
+    launch_pdl(hc_mix_partial_kernel<MIX>, dim3(unsigned(chunks), unsigned(T)), kHcThreads, 0, s, X, n, fn, scratch);
   DSV4_LAUNCH_CHECK();
   launch_pdl(hc_finish_kernel<M, SINKHORN>, dim3(unsigned(hc_chunks(D)), unsigned(T)), kHcThreads, 0, s, X, D, scratch,
              chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
