@@ -111,8 +111,10 @@ class Backend {
   // an idx_a entry v < window.rows() is row v of `window` (the sequences' window rings), else row
   // v - window.rows() of `fresh` (this step's keys, F32); an idx_b entry is a row of `entries`
   // (the paged compressed entries). Stores are F32 rows or packed U8 rows (tensor/kv_format.h,
-  // decoded with nope_dims); either may be empty when nothing indexes it. One softmax over the
-  // listed rows plus the per-head sink logit (whose value is zero) -> out [T, H, d].
+  // decoded with nope_dims); either may be empty when nothing indexes it. With packed stores the
+  // fresh rows hold what quantize_kv leaves (what they decode to once stored; the CUDA tensor-core
+  // kernel relies on it). One softmax over the listed rows plus the per-head sink logit (whose
+  // value is zero) -> out [T, H, d].
   virtual void attend(const Tensor& q, const Tensor& window, const Tensor& fresh, const Tensor& idx_a,
                       const Tensor& entries, const Tensor& idx_b, int64_t nope_dims, const TensorData& sinks,
                       float scale, const Tensor& out) = 0;

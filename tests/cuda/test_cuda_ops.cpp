@@ -450,7 +450,9 @@ std::vector<int32_t> shuffled(int64_t n, uint64_t seed) {
 // compressed entries reached through the sequence's block table (idx_b). Softmax over up to 640
 // keys + sink and a weighted sum of 512-dim rows: exp/sum order differences ~1e-6 relative;
 // 2e-5 of max |out|. Packed rows decode to the same floats on both sides (KvPackUnpack test), so
-// the same bound holds for them.
+// the same bound holds for them; with packed stores the fresh rows are what quantize_kv leaves,
+// as in the model. From 32 query rows, packed stores of 512-dim rows and 32 or 64 heads run on
+// the tensor-core kernel (exact split products), fewer on the split-K kernel.
 TEST_F(CudaOps, AttendRaggedBatch) {
   struct Seq {
     int64_t rows, start;
@@ -468,6 +470,11 @@ TEST_F(CudaOps, AttendRaggedBatch) {
       {64, 512, 448, 128, 64, 512, {{1, 5000}}},
       // no compressed entries (idx_b empty), window ring only
       {64, 512, 448, 128, 64, 0, {{3, 300}, {1, 7}}},
+      // prefill chunks (tensor cores when packed): crossing the window, from 0, beside a decode
+      // row; 32 heads (tensor parallelism 2); window only
+      {64, 512, 448, 128, 64, 512, {{40, 120}, {33, 0}, {1, 5000}}},
+      {32, 512, 448, 128, 64, 512, {{70, 600}}},
+      {64, 512, 448, 128, 64, 0, {{36, 10}}},
       // small shapes: partial 64-blocks (nope 72), many -1, blocks of 4 entries
       {5, 96, 72, 12, 4, 7, {{4, 30}, {1, 2}, {7, 11}, {1, 0}, {2, 60}}},
   };
@@ -513,6 +520,10 @@ TEST_F(CudaOps, AttendRaggedBatch) {
       Pair qt = m->f32({T, c.H, c.d}, normal(T * c.H * c.d, ++seed, 2.f));
       Pair window = kv_store(*cpu, *gpu, *m, Nw, c.d, c.nope, packed, ++seed);
       Pair fresh = m->f32({T, c.d}, normal(T * c.d, ++seed));
+      if (packed) {
+        cpu->quantize_kv(fresh.c, c.nope);
+        gpu->quantize_kv(fresh.g, c.nope);
+      }
       Pair entries = c.Kb ? kv_store(*cpu, *gpu, *m, NB * c.per_block, c.d, c.nope, packed, ++seed) : Pair{};
       Pair a = m->i32({T, Ka}, ia);
       Pair b = c.Kb ? m->i32({T, c.Kb}, ib) : Pair{};

@@ -3,10 +3,12 @@
 // the gated-pooling compressor (CSA overlap / HCA) over a flattened batch of sequences with
 // slot-indexed state, and the Lightning Indexer's paged scoring plus per-row top-k.
 #include <cub/block/block_scan.cuh>
+#include <cuda_bf16.h>
 
 #include <algorithm>
 
 #include "backend/cuda/kv.cuh"
+#include "backend/cuda/mma.cuh"
 
 namespace dsv4::cuda {
 
@@ -76,6 +78,69 @@ struct KeySources {
   }
 };
 
+// Threads tid < tk resolve keys k0 + tid (tid < nk) of query t into ix (store row, -1 when
+// missing) and src: idx_a lists window ring rows, then this step's fresh rows past the ring; idx_b
+// lists entries. A row past its store sets *bad and counts as missing; tid >= nk writes a missing key.
+template <bool kPacked>
+__device__ __forceinline__ void resolve_keys(const KeySources<kPacked>& ks, const int32_t* idx_a, int64_t Ka,
+                                             const int32_t* idx_b, int64_t Kb, int64_t t, int64_t k0, int nk, int tk,
+                                             int32_t* ix, int8_t* src, int* bad) {
+  const int tid = threadIdx.x;
+  if (tid >= tk) return;
+  int32_t v = -1;
+  int8_t where = kWindow;
+  if (tid < nk) {
+    const int64_t k = k0 + tid;
+    bool outside = false;
+    if (k < Ka) {
+      v = idx_a[t * Ka + k];
+      if (v >= ks.window.n) {
+        where = kFresh;
+        v -= int32_t(ks.window.n);
+        outside = v >= ks.fresh.n;
+      }
+    } else {
+      v = idx_b[t * Kb + (k - Ka)];
+      where = kEntries;
+      outside = v >= ks.entries.n;
+    }
+    if (outside) {
+      *bad = 1;
+      v = -1;
+    }
+  }
+  ix[tid] = v;
+  src[tid] = where;
+}
+
+// Decodes the nk resolved rows of a tile (missing keys as zeros), kU groups of V values per
+// thread in flight at once (the latency paid once per tile), handing each group to
+// put(key, column, values).
+template <bool kPacked, int V, class Put>
+__device__ __forceinline__ void stage_keys(const KeySources<kPacked>& ks, const int32_t* ix, const int8_t* src, int nk,
+                                           int64_t d, Put put) {
+  constexpr int kU = V == 4 ? 4 : 8;
+  const int64_t groups = d / V, slots = int64_t(nk) * groups;
+  for (int64_t s0 = threadIdx.x; s0 < slots; s0 += int64_t(blockDim.x) * kU) {
+    float v[kU][V];
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t slot = s0 + int64_t(u) * blockDim.x;
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[u][e] = 0.f;
+      if (slot < slots) {
+        const int kk = int(slot / groups);
+        if (ix[kk] >= 0) ks.template group<V>(src[kk], ix[kk], (slot % groups) * V, v[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int64_t slot = s0 + int64_t(u) * blockDim.x;
+      if (slot < slots) put(int(slot / groups), (slot % groups) * V, v[u]);
+    }
+  }
+}
+
 // Block (t, head group): keys in tiles of tk with an online softmax that starts from the sink
 // (running max = sink logit, running sum = 1, zero value). Each tile's rows are decoded into
 // shared memory once, every thread issuing its loads together (latency paid once per tile, not
@@ -120,61 +185,15 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
   for (int j = 0; j < kMaxDpt; ++j)
 #pragma unroll
     for (int h = 0; h < kHG; ++h) acc[j][h] = 0.f;
-  const int64_t groups = d / V;  // value groups per row
   for (int64_t k0 = kbeg; k0 < K; k0 += tk) {
     const int nk = int(K - k0 < tk ? K - k0 : tk);
-    if (tid < tk) {
-      int32_t v = -1;
-      int8_t where = kWindow;
-      if (tid < nk) {
-        const int64_t k = k0 + tid;
-        bool outside = false;
-        if (k < Ka) {
-          v = idx_a[t * Ka + k];
-          if (v >= ks.window.n) {
-            where = kFresh;
-            v -= int32_t(ks.window.n);
-            outside = v >= ks.fresh.n;
-          }
-        } else {
-          v = idx_b[t * Kb + (k - Ka)];
-          where = kEntries;
-          outside = v >= ks.entries.n;
-        }
-        if (outside) {
-          bad = 1;
-          v = -1;
-        }
-      }
-      ix[tid] = v;
-      src[tid] = where;
-    }
+    resolve_keys(ks, idx_a, Ka, idx_b, Kb, t, k0, nk, tk, ix, src, &bad);
     __syncthreads();  // also: the previous tile's PV loop is done with kvs
-    // Stage the tile: kU groups per thread in flight at once.
-    constexpr int kU = V == 4 ? 4 : 8;
-    const int64_t slots = int64_t(nk) * groups;
-    for (int64_t s0 = tid; s0 < slots; s0 += int64_t(blockDim.x) * kU) {
-      float v[kU][V];
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int64_t slot = s0 + int64_t(u) * blockDim.x;
-#pragma unroll
-        for (int e = 0; e < V; ++e) v[u][e] = 0.f;
-        if (slot < slots) {
-          const int kk = int(slot / groups);
-          if (ix[kk] >= 0) ks.template group<V>(src[kk], ix[kk], (slot % groups) * V, v[u]);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int64_t slot = s0 + int64_t(u) * blockDim.x;
-        if (slot < slots) {
-          float* dst = kvs + (slot / groups) * d + (slot % groups) * V;
-          if constexpr (V == 4) *reinterpret_cast<float4*>(dst) = make_float4(v[u][0], v[u][1], v[u][2], v[u][3]);
-          else dst[0] = v[u][0];
-        }
-      }
-    }
+    stage_keys<kPacked, V>(ks, ix, src, nk, d, [&](int key, int64_t c, const float* v) {
+      float* dst = kvs + int64_t(key) * d + c;
+      if constexpr (V == 4) *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+      else dst[0] = v[0];
+    });
     __syncthreads();
     for (int kk = warp; kk < nk; kk += nw) {
       const int32_t r = ix[kk];
@@ -283,6 +302,197 @@ __global__ void __launch_bounds__(kCombineThreads) attend_combine_kernel(const f
     for (int64_t z = 0; z < S; ++z) acc = fmaf(ph[z * (d + 3) + i], f[z], acc);
     out[(t * H + h) * d + i] = bad ? __int_as_float(0x7fc00000) : acc / total;
   }
+}
+
+// ---- tensor-core attention for prefill-sized batches ------------------------------------------
+// Block (t, group of kTcHeads heads): the heads share every key, so a tile of kTcKeys keys gives
+// the scores S = Q K^T [heads x keys] and the output update P V with V = K, both on mma.sync
+// m16n8k16 BF16 tensor cores with FP32 accumulation. Packed production rows decode to BF16
+// exactly (E4M3 times a power of two, BF16 RoPE dims) and fresh rows hold what quantize_kv leaves;
+// q and p are split into three BF16 parts that sum to them exactly. So every product is exact and
+// only the summation order differs from the CPU. Online softmax from the sink as attend_kernel.
+// Per tile: QK warps (16 heads x 16 keys each) write S to shared memory, a softmax pass writes P's
+// three parts, PV warps (all heads x 64 dims each) accumulate O in registers.
+constexpr int kTcDim = 512, kTcHeads = 32, kTcKeys = 64, kTcWarps = 8;
+constexpr int kTcRow = kTcDim + 8;   // BF16 row stride of q and k: 16 bytes of skew per row, so the
+constexpr int kTcPRow = kTcKeys + 8;  // fragment loads of 8 rows x 4 words hit 32 distinct banks
+constexpr int kTcSRow = kTcKeys + 4;
+static_assert(kTcHeads == 32 && kTcKeys == 64 && kTcWarps == 8 && kTcDim == kTcWarps * 64,
+              "the warp roles below are laid out for these sizes");
+struct TcSmem {
+  uint16_t q[3][kTcHeads][kTcRow];
+  uint16_t k[kTcKeys][kTcRow];
+  uint16_t p[3][kTcHeads][kTcPRow];
+  float s[kTcHeads][kTcSRow];
+  float m[kTcHeads], l[kTcHeads], corr[kTcHeads];
+  int32_t ix[kTcKeys];
+  int8_t src[kTcKeys];
+  int bad;
+};
+
+__device__ __forceinline__ uint32_t ld_bf16x2(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t bf16x2(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+__device__ __forceinline__ uint16_t to_bf16(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+// v = parts[0] + parts[1] + parts[2] exactly: each part rounds the remainder to 8 significant bits.
+__device__ __forceinline__ void split3(float v, uint16_t (&parts)[3]) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    parts[i] = to_bf16(v);
+    v -= bf16_bits_to_float(parts[i]);
+  }
+}
+
+__global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q, int64_t H, KeySources<true> ks,
+                                                                 const int32_t* idx_a, int64_t Ka,
+                                                                 const int32_t* idx_b, int64_t Kb, Vec sinks,
+                                                                 float scale, float* out) {
+  pdl_prologue();
+  extern __shared__ __align__(16) uint8_t tc_raw[];
+  TcSmem& sm = *reinterpret_cast<TcSmem*>(tc_raw);
+  const int64_t t = blockIdx.x, h0 = int64_t(blockIdx.y) * kTcHeads;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const float4* qt = reinterpret_cast<const float4*>(q + (t * H + h0) * kTcDim);
+  for (int i = tid; i < kTcHeads * kTcDim / 4; i += blockDim.x) {
+    const float4 v = qt[i];
+    const int h = i / (kTcDim / 4), c = (i % (kTcDim / 4)) * 4;
+    uint16_t e[4][3];
+    split3(v.x, e[0]);
+    split3(v.y, e[1]);
+    split3(v.z, e[2]);
+    split3(v.w, e[3]);
+#pragma unroll
+    for (int part = 0; part < 3; ++part)
+      *reinterpret_cast<uint2*>(&sm.q[part][h][c]) =
+          make_uint2(bf16x2(e[0][part], e[1][part]), bf16x2(e[2][part], e[3][part]));
+  }
+  if (tid < kTcHeads) {
+    sm.m[tid] = vec_at(sinks, h0 + tid);
+    sm.l[tid] = 1.f;
+  }
+  if (tid == 0) sm.bad = 0;
+  float o[2][8][4];  // PV role: heads 16 mt + g (+8), dims 64 warp + 8 nt + 2 t4 (+1)
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][nt][e] = 0.f;
+  const int64_t K = Ka + Kb;
+  for (int64_t k0 = 0; k0 < K; k0 += kTcKeys) {
+    const int nk = int(K - k0 < kTcKeys ? K - k0 : kTcKeys);
+    resolve_keys(ks, idx_a, Ka, idx_b, Kb, t, k0, nk, kTcKeys, sm.ix, sm.src, &sm.bad);
+    __syncthreads();  // also: the previous tile's PV is done with k and p
+    stage_keys<true, 4>(ks, sm.ix, sm.src, kTcKeys, kTcDim, [&](int key, int64_t c, const float* v) {
+      *reinterpret_cast<uint2*>(&sm.k[key][c]) =
+          make_uint2(bf16x2(to_bf16(v[0]), to_bf16(v[1])), bf16x2(to_bf16(v[2]), to_bf16(v[3])));
+    });
+    __syncthreads();
+    {  // QK role: heads 16 (warp / 4) .., keys 16 (warp % 4) .. (two n8 tiles)
+      const int mt = warp >> 2, kb = (warp & 3) * 16;
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll 4
+      for (int ks16 = 0; ks16 < kTcDim / 16; ++ks16) {
+        const int c = ks16 * 16 + 2 * t4;
+        uint32_t b[2][2];
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const uint16_t* kr = sm.k[kb + nt * 8 + g];
+          b[nt][0] = ld_bf16x2(kr + c);
+          b[nt][1] = ld_bf16x2(kr + c + 8);
+        }
+#pragma unroll
+        for (int part = 0; part < 3; ++part) {
+          const uint16_t *q0 = sm.q[part][mt * 16 + g], *q1 = sm.q[part][mt * 16 + g + 8];
+          const uint32_t a[4] = {ld_bf16x2(q0 + c), ld_bf16x2(q1 + c), ld_bf16x2(q0 + c + 8), ld_bf16x2(q1 + c + 8)};
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) mma_bf16(acc[nt], a, b[nt]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = mt * 16 + g + (e >= 2 ? 8 : 0), key = kb + nt * 8 + 2 * t4 + (e & 1);
+          sm.s[h][key] = sm.ix[key] >= 0 ? acc[nt][e] * scale : -INFINITY;
+        }
+    }
+    __syncthreads();
+    // Softmax role: warp w the heads 4w .. 4w + 3, lane the keys lane and lane + 32.
+#pragma unroll
+    for (int hh = 0; hh < kTcHeads / kTcWarps; ++hh) {
+      const int h = warp * (kTcHeads / kTcWarps) + hh;
+      const float s0 = sm.s[h][lane], s1 = sm.s[h][lane + 32], mold = sm.m[h];
+      const float mnew = fmaxf(mold, warp_max(fmaxf(s0, s1)));  // finite: the sink is
+      const float p0 = s0 == -INFINITY ? 0.f : expf(s0 - mnew), p1 = s1 == -INFINITY ? 0.f : expf(s1 - mnew);
+      uint16_t e0[3], e1[3];
+      split3(p0, e0);
+      split3(p1, e1);
+#pragma unroll
+      for (int part = 0; part < 3; ++part) {
+        sm.p[part][h][lane] = e0[part];
+        sm.p[part][h][lane + 32] = e1[part];
+      }
+      const float sum = warp_sum(p0 + p1);
+      if (lane == 0) {
+        const float c = expf(mold - mnew);
+        sm.corr[h] = c;
+        sm.l[h] = sm.l[h] * c + sum;
+        sm.m[h] = mnew;
+      }
+    }
+    __syncthreads();
+    // PV role: warp w the dims 64w .. 64w + 63 (eight n8 tiles) of every head (two m16 tiles).
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const float c0 = sm.corr[mt * 16 + g], c1 = sm.corr[mt * 16 + g + 8];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        o[mt][nt][0] *= c0;
+        o[mt][nt][1] *= c0;
+        o[mt][nt][2] *= c1;
+        o[mt][nt][3] *= c1;
+      }
+    }
+#pragma unroll
+    for (int ks16 = 0; ks16 < kTcKeys / 16; ++ks16) {
+      const int kr = ks16 * 16 + 2 * t4;
+      uint32_t a[3][2][4];
+#pragma unroll
+      for (int part = 0; part < 3; ++part)
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const uint16_t *p0 = sm.p[part][mt * 16 + g], *p1 = sm.p[part][mt * 16 + g + 8];
+          a[part][mt][0] = ld_bf16x2(p0 + kr);
+          a[part][mt][1] = ld_bf16x2(p1 + kr);
+          a[part][mt][2] = ld_bf16x2(p0 + kr + 8);
+          a[part][mt][3] = ld_bf16x2(p1 + kr + 8);
+        }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int c = warp * 64 + nt * 8 + g;
+        const uint32_t b[2] = {bf16x2(sm.k[kr][c], sm.k[kr + 1][c]), bf16x2(sm.k[kr + 8][c], sm.k[kr + 9][c])};
+#pragma unroll
+        for (int part = 0; part < 3; ++part)
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) mma_bf16(o[mt][nt], a[part][mt], b);
+      }
+    }
+  }
+  __syncthreads();  // bad and the running sums are final
+  const float nan = __int_as_float(0x7fc00000);
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int h = mt * 16 + g + 8 * half;
+      const float inv = 1.f / sm.l[h];
+      float* row = out + (t * H + h0 + h) * kTcDim + warp * 64 + 2 * t4;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        *reinterpret_cast<float2*>(row + nt * 8) =
+            sm.bad ? make_float2(nan, nan)
+                   : make_float2(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
+    }
 }
 
 // Raises a kernel's dynamic shared memory limit once (a no-op below the 48 KB default).
@@ -616,8 +826,34 @@ int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64
   return S > 1 ? T * H * S * (d + 3) : 1;
 }
 
+namespace {
+
+// Query rows from which packed (production) attention takes the tensor-core kernel: prefill
+// chunks and large decode batches; fewer rows keep the split-K kernel, which spreads few
+// queries' keys over the chip.
+constexpr int64_t kAttendTcMinRows = 32;
+
+bool attend_on_tensor_cores(const AttendArgs& a) {
+  const bool fits = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8 &&
+                           device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>() >= int(sizeof(TcSmem));
+  return fits && a.packed && a.d == kTcDim && a.nope % 4 == 0 && a.H % kTcHeads == 0 && a.T >= kAttendTcMinRows;
+}
+
+void launch_attend_tc(const AttendArgs& a, cudaStream_t s) {
+  const KvRowLayout L = kv_row_layout(a.d, a.nope), F = kv_row_layout(a.d, a.d);
+  KeySources<true> ks{{a.window.p, a.window.n, L}, {a.fresh, a.n_fresh, F}, {a.entries.p, a.entries.n, L}};
+  static const bool allowed = (allow_smem(attend_tc_kernel, sizeof(TcSmem)), true);
+  (void)allowed;
+  launch_pdl(attend_tc_kernel, dim3(unsigned(a.T), unsigned(a.H / kTcHeads)), kTcWarps * 32, sizeof(TcSmem), s, a.q,
+             a.H, ks, a.idx_a, a.Ka, a.idx_b, a.Kb, a.sinks, a.scale, a.out);
+  DSV4_LAUNCH_CHECK();
+}
+
+}  // namespace
+
 void attend(const AttendArgs& a, cudaStream_t s) {
   if (a.T <= 0 || a.H <= 0) return;
+  if (attend_on_tensor_cores(a)) return launch_attend_tc(a, s);
   if (a.d > kMaxDpt * 256) {
     std::fprintf(stderr, "attend: head_dim %lld exceeds %d\n", (long long)a.d, kMaxDpt * 256);
     std::abort();

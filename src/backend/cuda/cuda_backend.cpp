@@ -564,7 +564,7 @@ class CudaBackend final : public Backend {
     Tensor parts = alloc({3 * chunk * width * 2}, ElemType::U8);
     for (int64_t r0 = 0; r0 < T; r0 += chunk) {
       const int64_t rows = std::min(chunk, T - r0), n = rows * width;
-      cuda::split_bf16x3(x.f32() + r0 * width, n, bf16(parts), s_);
+      cuda::split_bf16_planes(x.f32() + r0 * width, n, bf16(parts), s_);
       for (int64_t p = 0; p < 3; ++p)
         if (!lt_.run_bf16(bf16(parts) + p * n, width, in, wp, out.f32() + r0 * groups * R, groups * R, R, rows, R, in,
                           groups, p > 0, s_))

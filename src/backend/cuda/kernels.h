@@ -93,7 +93,7 @@ constexpr int64_t kFp8TensorCoreMinRows = 4;
 
 // x [n] as three BF16 planes that sum to it exactly (parts[p * n + i], p = 0 the high part): BF16
 // tensor-core products of the parts with a BF16 weight are exact FP32 products.
-void split_bf16x3(const float* x, int64_t n, uint16_t* parts, cudaStream_t stream);
+void split_bf16_planes(const float* x, int64_t n, uint16_t* parts, cudaStream_t stream);
 // An FP8 weight with E8M0 (power-of-two) block scales dequantised to BF16 bit patterns [out, in]
 // (in % 16 == 0): exact, E4M3 values times powers of two are BF16 values.
 void fp8_weight_to_bf16(const WeightDesc& w, uint16_t* out, cudaStream_t stream);

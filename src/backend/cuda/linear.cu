@@ -445,7 +445,7 @@ bool streams_one_row(const GemmArgs& a, int chunk_elems) {
 }
 
 // Each part rounds the remainder to BF16's 8 significant bits; 3 x 8 covers FP32's 24.
-__global__ void split_bf16x3_kernel(const float* x, int64_t n, uint16_t* parts) {
+__global__ void split_bf16_planes_kernel(const float* x, int64_t n, uint16_t* parts) {
   pdl_prologue();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     float v = x[i];
@@ -481,9 +481,9 @@ __global__ void fp8_weight_to_bf16_kernel(WeightDesc w, uint16_t* out) {
 
 }  // namespace
 
-void split_bf16x3(const float* x, int64_t n, uint16_t* parts, cudaStream_t stream) {
+void split_bf16_planes(const float* x, int64_t n, uint16_t* parts, cudaStream_t stream) {
   if (n <= 0) return;
-  launch_pdl(split_bf16x3_kernel, dim3(unsigned(std::min(blocks_for(n), 132 * 16))), 256, 0, stream, x, n, parts);
+  launch_pdl(split_bf16_planes_kernel, dim3(unsigned(std::min(blocks_for(n), 132 * 16))), 256, 0, stream, x, n, parts);
   DSV4_LAUNCH_CHECK();
 }
 
