@@ -102,7 +102,9 @@ TEST_F(CudaOps, Linear) {
       {WeightFormat::FP4, 1, 4096, 2048, false, false},    // expert w1 decode
       {WeightFormat::FP4, 70, 2048, 4096, true, false},    // expert w2, tiled, f32 scales
       {WeightFormat::FP4, 300, 512, 256, true, false},     // tiled
-      {WeightFormat::BF16, 300, 256, 512, false, false},   // tiled
+      {WeightFormat::BF16, 300, 256, 512, false, false},   // >= 128 rows: cuBLASLt BF16 on x split three ways
+      {WeightFormat::BF16, 1500, 4096, 1024, false, false}, // compressor wkv prefill: two row chunks
+      {WeightFormat::BF16, 200, 4096, 256, false, true},   // router gate stored as F32: the tiled kernel
       {WeightFormat::BF16, 64, 4096, 512, false, false},   // compressor wkv, 64 sequences: GEMV, 8 rows a pass
       {WeightFormat::FP4, 5, 96, 40, false, false},
       {WeightFormat::BF16, 2, 4096, 129280, false, false}, // lm_head (2-64 rows: the skinny tensor-core kernel)
@@ -195,7 +197,9 @@ TEST_F(CudaOps, Rope) {
 TEST_F(CudaOps, HyperConnections) {
   uint64_t seed = 300;
   for (auto [T, D, iters] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
-           {1, 4096, 20}, {9, 4096, 20}, {4, 192, 7}, {2, 1100, 20} /* partial mix chunks and u slices */}) {
+           {1, 4096, 20}, {9, 4096, 20}, {4, 192, 7}, {2, 1100, 20} /* partial mix chunks and u slices */,
+           {70, 4096, 20} /* many tokens: the tiled mixing kernel, a partial token tile */,
+           {40, 1100, 20} /* many tokens, m * D not a multiple of the chunk: the per-token kernel */}) {
     const int64_t mm = 4, mix = (2 + mm) * mm;
     HyperConn hc{ws.f32("fn", {mix, mm * D}, normal(mix * mm * D, ++seed, 1.f / std::sqrt(float(mm * D)))),
                  ws.f32("base", {mix}, normal(mix, ++seed, 0.5f)), ws.f32("scale", {3}, {0.7f, 1.2f, 0.9f})};

@@ -114,12 +114,11 @@ __device__ __forceinline__ void resolve_keys(const KeySources<kPacked>& ks, cons
 }
 
 // Decodes the nk resolved rows of a tile (missing keys as zeros), kU groups of V values per
-// thread in flight at once (the latency paid once per tile), handing each group to
+// thread in flight at once (the latency paid once per kU groups), handing each group to
 // put(key, column, values).
-template <bool kPacked, int V, class Put>
+template <bool kPacked, int V, int kU, class Put>
 __device__ __forceinline__ void stage_keys(const KeySources<kPacked>& ks, const int32_t* ix, const int8_t* src, int nk,
                                            int64_t d, Put put) {
-  constexpr int kU = V == 4 ? 4 : 8;
   const int64_t groups = d / V, slots = int64_t(nk) * groups;
   for (int64_t s0 = threadIdx.x; s0 < slots; s0 += int64_t(blockDim.x) * kU) {
     float v[kU][V];
@@ -189,7 +188,7 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
     const int nk = int(K - k0 < tk ? K - k0 : tk);
     resolve_keys(ks, idx_a, Ka, idx_b, Kb, t, k0, nk, tk, ix, src, &bad);
     __syncthreads();  // also: the previous tile's PV loop is done with kvs
-    stage_keys<kPacked, V>(ks, ix, src, nk, d, [&](int key, int64_t c, const float* v) {
+    stage_keys<kPacked, V, V == 4 ? 4 : 8>(ks, ix, src, nk, d, [&](int key, int64_t c, const float* v) {
       float* dst = kvs + int64_t(key) * d + c;
       if constexpr (V == 4) *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
       else dst[0] = v[0];
@@ -382,7 +381,8 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
     const int nk = int(K - k0 < kTcKeys ? K - k0 : kTcKeys);
     resolve_keys(ks, idx_a, Ka, idx_b, Kb, t, k0, nk, kTcKeys, sm.ix, sm.src, &sm.bad);
     __syncthreads();  // also: the previous tile's PV is done with k and p
-    stage_keys<true, 4>(ks, sm.ix, sm.src, kTcKeys, kTcDim, [&](int key, int64_t c, const float* v) {
+    // 16 groups per thread: the tile's 8,192 groups in two rounds of loads.
+    stage_keys<true, 4, 16>(ks, sm.ix, sm.src, kTcKeys, kTcDim, [&](int key, int64_t c, const float* v) {
       *reinterpret_cast<uint2*>(&sm.k[key][c]) =
           make_uint2(bf16x2(to_bf16(v[0]), to_bf16(v[1])), bf16x2(to_bf16(v[2]), to_bf16(v[3])));
     });

@@ -491,6 +491,8 @@ class CudaBackend final : public Backend {
   }
   void linear(const Tensor& x, const Linear& w, const Tensor& out) override {
     DSV4_CHECK(x.cols() == w.in && out.cols() == w.out && x.rows() == out.rows());
+    // BF16 weights of prefill (router, compressors, indexer weights): cuBLASLt on split x.
+    if (x.rows() >= kSplitBf16MinRows && w.format == WeightFormat::BF16 && split_bf16_gemm(x, w, 1, out)) return;
     cuda::GemmArgs a;
     a.x = x.f32();
     a.ldx = w.in;
@@ -522,13 +524,13 @@ class CudaBackend final : public Backend {
     }
     cuda::gemm(a, s_);
   }
-  // From kGroupedSplitMinRows rows (prefill) the groups run as batched cuBLASLt BF16 GEMMs: x
-  // split into three BF16 parts (exact), the weight as BF16 (dequantised into scratch: exact with
-  // E8M0 scales), so the products are exact and only the summation order differs from the CPU.
+  // From kSplitBf16MinRows rows (prefill) the groups run as batched cuBLASLt BF16 GEMMs
+  // (split_bf16_gemm: x split into three BF16 parts, the weight as BF16), so the products are
+  // exact and only the summation order differs from the CPU.
   void grouped_linear(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) override {
     const int64_t T = x.dim(0), in = w.in, R = w.out / groups;
     DSV4_CHECK(x.numel() == T * groups * in && out.numel() == T * groups * R);
-    if (T >= kGroupedSplitMinRows && grouped_split_bf16(x, w, groups, out)) return;
+    if (T >= kSplitBf16MinRows && split_bf16_gemm(x, w, groups, out)) return;
     cuda::GemmArgs a;
     a.x = x.f32();
     a.ldx = groups * in;
@@ -544,9 +546,12 @@ class CudaBackend final : public Backend {
     a.Z = int(groups);
     cuda::gemm(a, s_);
   }
-  static constexpr int64_t kGroupedSplitMinRows = 128, kGroupedSplitChunkRows = 1024;
-  // False (nothing launched) where the weight is not BF16-exact or cuBLASLt offers no algorithm.
-  bool grouped_split_bf16(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) {
+  static constexpr int64_t kSplitBf16MinRows = 128, kSplitBf16ChunkRows = 1024;
+  // out [T, groups, R] = x [T, groups, in] . w^T per group on cuBLASLt BF16: x split into three
+  // BF16 parts (exact), an FP8 weight with E8M0 scales dequantised into scratch (exact). False
+  // (out untouched or to be rewritten) where the weight is not BF16-exact or cuBLASLt offers no
+  // algorithm.
+  bool split_bf16_gemm(const Tensor& x, const Linear& w, int64_t groups, const Tensor& out) {
     const cuda::WeightDesc d = desc(w);
     const bool exact = d.fmt == cuda::kBF16 || (d.fmt == cuda::kFP8 && !d.scale_f32 && w.in % 16 == 0);
     if (!exact || sm_ < 80) return false;
@@ -560,7 +565,7 @@ class CudaBackend final : public Backend {
       wp = bf16(wb);
     }
     // Row chunks bound the scratch of the parts (3 x 2 bytes per value of x).
-    const int64_t chunk = std::min(T, kGroupedSplitChunkRows);
+    const int64_t chunk = std::min(T, kSplitBf16ChunkRows);
     Tensor parts = alloc({3 * chunk * width * 2}, ElemType::U8);
     for (int64_t r0 = 0; r0 < T; r0 += chunk) {
       const int64_t rows = std::min(chunk, T - r0), n = rows * width;
