@@ -89,9 +89,10 @@ class WeightStore {
     }
     return add(name, DType::BF16, std::move(shape), std::move(b));
   }
-  // A linear [out, in] in the given format; block factors 2^U(-1.5,1.5) make the scales differ.
+  // A linear [out, in] in the given format; block factors 2^U(-1.5,1.5) make the scales differ
+  // (FP4 groups: 2^U(-fp4_span, fp4_span)).
   Linear linear(const std::string& name, WeightFormat fmt, int64_t out, int64_t in, uint64_t seed,
-                bool f32_scales = false, bool f32_dense = false) {
+                bool f32_scales = false, bool f32_dense = false, float fp4_span = 1.f) {
     std::vector<float> w = normal(out * in, seed, 1.f / std::sqrt(float(in)));
     Rng r(seed + 7);
     Linear l;
@@ -110,7 +111,7 @@ class WeightStore {
       l.scale = scales(name, {sr, sc}, s, f32_scales);
     } else if (fmt == WeightFormat::FP4) {
       for (int64_t i = 0; i < out * in; i += 32) {
-        const float f = std::exp2(r.uniform(-1.f, 1.f));
+        const float f = std::exp2(r.uniform(-fp4_span, fp4_span));
         for (int64_t j = 0; j < 32; ++j) w[i + j] *= f;
       }
       std::vector<uint8_t> q(out * in / 2), s(out * in / 32);

@@ -160,6 +160,8 @@ TEST(CudaFp8, LinearAllPaths) {
     WeightFormat fmt;
     int64_t T, in, out;
     bool f32_scale;
+    float fp4_span = 1.f;  // FP4 group scales 2^U(-span, span): from about 4 some 128-column stages
+                           // span more than 8 octaves and stay unfolded (per-32 promotion)
   };
   const std::vector<C> cases = {
       {WeightFormat::FP8, 1, 4096, 1024, false},     // wq_a decode: GEMV on the round trip
@@ -175,6 +177,9 @@ TEST(CudaFp8, LinearAllPaths) {
       {WeightFormat::FP4, 64, 4096, 2048, false},    // expert w1 shape
       {WeightFormat::FP4, 200, 2048, 4096, true},    // expert w2 shape, f32 scales
       {WeightFormat::FP4, 33, 96, 40, false},        // tiny, partial tiles
+      {WeightFormat::FP4, 64, 4096, 2048, false, 3.5f},  // folded stages with shifts up to 8 (subnormal E4M3)
+      {WeightFormat::FP4, 64, 4096, 2048, false, 7.f},  // wide group scales: mostly unfolded stages
+      {WeightFormat::FP4, 40, 2048, 300, true, 7.f},    // the same with f32 scales, partial N tile
       // Few rows on the weight-streaming tensor-core kernel (FP8 with the Kernel path from 4 rows):
       {WeightFormat::FP8, 2, 8192, 4096, false},     // K split across the block's warps
       {WeightFormat::FP8, 12, 1024, 4096, false},    // two B tiles per pass
@@ -191,7 +196,7 @@ TEST(CudaFp8, LinearAllPaths) {
   WeightStore ws;
   uint64_t seed = 4000;
   for (const auto& c : cases) {
-    Linear w = ws.linear("w", c.fmt, c.out, c.in, ++seed, c.f32_scale);
+    Linear w = ws.linear("w", c.fmt, c.out, c.in, ++seed, c.f32_scale, false, c.fp4_span);
     // Activation scales that differ per row and per 128-block, so a wrong scale layout shows.
     auto xv = normal(c.T * c.in, ++seed, 2.f);
     for (int64_t r = 0; r < c.T; ++r)

@@ -24,9 +24,11 @@ __device__ __forceinline__ float e2m1_to_float(uint8_t nibble) {
 }
 
 // Four E2M1 codes (16 bits, element i in nibble i) -> four E4M3 bytes. Magnitudes by byte
-// permutation from an 8-entry table (0, 0.5, 1, 1.5, 2, 3, 4, 6 as E4M3), signs moved to bit 7.
-__device__ __forceinline__ uint32_t e2m1x4_to_e4m3x4(uint32_t u) {
-  const uint32_t mag = __byte_perm(0x3c383000u, 0x4c484440u, u & 0x7777u);
+// permutation from an 8-entry table, by default (0, 0.5, 1, 1.5, 2, 3, 4, 6) as E4M3 (lo: the
+// first four), signs moved to bit 7.
+__device__ __forceinline__ uint32_t e2m1x4_to_e4m3x4(uint32_t u, uint32_t lo = 0x3c383000u,
+                                                     uint32_t hi = 0x4c484440u) {
+  const uint32_t mag = __byte_perm(lo, hi, u & 0x7777u);
   const uint32_t sg = u & 0x8888u;
   return mag | ((sg & 0x8u) << 4) | ((sg & 0x80u) << 8) | ((sg & 0x800u) << 12) | ((sg & 0x8000u) << 16);
 }

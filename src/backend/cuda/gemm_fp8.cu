@@ -61,8 +61,20 @@ constexpr int kRowBytes = kTK + 16;            // padded shared rows: conflict-f
 struct Smem {
   uint8_t x[2][kTM][kRowBytes];
   uint8_t w[2][kTN][kRowBytes];
-  float wscale[2][kTN][kTK / 32];  // FP4 group scales of the staged tile
+  float wscale[2][kTN][kTK / 32];  // FP4 group scales of the staged tile (folded: [.][.][0] per row)
+  uint32_t shifted[9][2];          // kE2m1Shifted
 };
+
+// FP4 scale folding: a weight row's four 32-groups of a 128-column stage whose power-of-two scales
+// span at most 8 octaves are staged as E4M3 of value x 2^(e_g - e_max), exactly (2^-9 is E4M3's
+// smallest step), with the one scale 2^e_max: partial sums are then promoted once per 128 columns
+// instead of once per 32. Row j: the E4M3 codes of the E2M1 magnitudes (0, 0.5, 1, 1.5, 2, 3, 4,
+// 6) times 2^-j, as the two words e2m1x4_to_e4m3x4 permutes.
+constexpr int kMaxFoldShift = 8;
+__constant__ uint32_t kE2m1Shifted[kMaxFoldShift + 1][2] = {
+    {0x3c383000u, 0x4c484440u}, {0x34302800u, 0x44403c38u}, {0x2c282000u, 0x3c383430u},
+    {0x24201800u, 0x34302c28u}, {0x1c181000u, 0x2c282420u}, {0x14100800u, 0x24201c18u},
+    {0x0c080400u, 0x1c181410u}, {0x06040200u, 0x14100c08u}, {0x03020100u, 0x0c080604u}};
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -168,23 +180,45 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
       }
     }
   };
+  // Stages a fetched FP4 tile; returns (the same for every thread) whether it was folded. The four
+  // threads of a row are adjacent lanes (grp = lane & 3), so the row's largest exponent is a
+  // 4-lane shuffle; the block folds only if every row can (one promotion schedule per stage).
+  int folded = 0;  // bit st: stage st holds folded rows
   auto store_w_fp4 = [&](int st) {
+    // A group of zero codes (also the padding past N or K) adds nothing at any scale: no bound.
+    int shift[2], fits = 1;
+    float row_scale[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const uint32_t bits = __float_as_uint(w4s[i]);
+      const bool zero = (w4[i].x | w4[i].y | w4[i].z | w4[i].w) == 0;
+      const bool pow2 = (bits & 0x807fffffu) == 0 && (bits >> 23) != 0 && (bits >> 23) != 0xff;  // +2^e, e normal
+      const int e = zero ? 0 : pow2 ? int(bits >> 23) : 1000;  // 1000: never fits
+      int emax = max(e, __shfl_xor_sync(0xffffffffu, e, 1));
+      emax = max(emax, __shfl_xor_sync(0xffffffffu, emax, 2));
+      shift[i] = zero ? 0 : emax - e;
+      fits &= zero || (pow2 && shift[i] <= kMaxFoldShift);
+      row_scale[i] = emax > 0 && emax < 0xff ? __uint_as_float(uint32_t(emax) << 23) : 0.f;
+    }
+    const bool fold = __syncthreads_and(fits);
+    folded = fold ? folded | (1 << st) : folded & ~(1 << st);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int c = tid + i * 256, row = c >> 2, grp = c & 3;
+      const uint32_t tlo = sm.shifted[fold ? shift[i] : 0][0], thi = sm.shifted[fold ? shift[i] : 0][1];
       const uint32_t u[4] = {w4[i].x, w4[i].y, w4[i].z, w4[i].w};
       uint4 lo, hi;
-      lo.x = e2m1x4_to_e4m3x4(u[0]);
-      lo.y = e2m1x4_to_e4m3x4(u[0] >> 16);
-      lo.z = e2m1x4_to_e4m3x4(u[1]);
-      lo.w = e2m1x4_to_e4m3x4(u[1] >> 16);
-      hi.x = e2m1x4_to_e4m3x4(u[2]);
-      hi.y = e2m1x4_to_e4m3x4(u[2] >> 16);
-      hi.z = e2m1x4_to_e4m3x4(u[3]);
-      hi.w = e2m1x4_to_e4m3x4(u[3] >> 16);
+      lo.x = e2m1x4_to_e4m3x4(u[0], tlo, thi);
+      lo.y = e2m1x4_to_e4m3x4(u[0] >> 16, tlo, thi);
+      lo.z = e2m1x4_to_e4m3x4(u[1], tlo, thi);
+      lo.w = e2m1x4_to_e4m3x4(u[1] >> 16, tlo, thi);
+      hi.x = e2m1x4_to_e4m3x4(u[2], tlo, thi);
+      hi.y = e2m1x4_to_e4m3x4(u[2] >> 16, tlo, thi);
+      hi.z = e2m1x4_to_e4m3x4(u[3], tlo, thi);
+      hi.w = e2m1x4_to_e4m3x4(u[3] >> 16, tlo, thi);
       *reinterpret_cast<uint4*>(&sm.w[st][row][grp * 32]) = lo;
       *reinterpret_cast<uint4*>(&sm.w[st][row][grp * 32 + 16]) = hi;
-      sm.wscale[st][row][grp] = w4s[i];
+      sm.wscale[st][row][grp] = fold ? row_scale[i] : w4s[i];
     }
   };
 
@@ -196,6 +230,8 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
   if constexpr (FMT == kFP8) stage_w_fp8(0, 0);
   cp_async_commit();
   if constexpr (FMT == kFP4) {
+    if (tid < 2 * (kMaxFoldShift + 1)) sm.shifted[tid / 2][tid % 2] = kE2m1Shifted[tid / 2][tid % 2];
+    __syncthreads();
     fetch_w_fp4(0);
     store_w_fp4(0);
   }
@@ -244,11 +280,22 @@ __global__ void __launch_bounds__(256) mma_kernel(GemmArgs a) {
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) mma_e4m3(part[mt][nt], af[mt], bf[nt]);
-      if constexpr (FMT == kFP4) {  // promote per 32-group: weight scale per column
+      if constexpr (FMT == kFP4) {  // unfolded: promote per 32-group, weight scale per column
+        if (!(folded >> st & 1)) {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            const int cl = wn * 32 + nt * 8 + t4 * 2;
+            promote(acc, part, nt, sx, sm.wscale[st][cl][ks], sm.wscale[st][cl + 1][ks]);
+          }
+        }
+      }
+    }
+    if constexpr (FMT == kFP4) {  // folded: promote once, the row's 2^e_max
+      if (folded >> st & 1) {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
           const int cl = wn * 32 + nt * 8 + t4 * 2;
-          promote(acc, part, nt, sx, sm.wscale[st][cl][ks], sm.wscale[st][cl + 1][ks]);
+          promote(acc, part, nt, sx, sm.wscale[st][cl][0], sm.wscale[st][cl + 1][0]);
         }
       }
     }
