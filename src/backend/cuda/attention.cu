@@ -1,5 +1,6 @@
 // Attention family: sparse shared-KV attention with sinks over stored rows (window ring, this
-// step's fresh keys, paged compressed entries; F32 or packed production rows decoded on the fly),
+// step's fresh keys, paged compressed entries; F32 or packed production rows decoded on the fly;
+// FP32 split-K kernel for decode, BF16 tensor cores for prefill-sized batches of packed rows),
 // the gated-pooling compressor (CSA overlap / HCA) over a flattened batch of sequences with
 // slot-indexed state, and the Lightning Indexer's paged scoring plus per-row top-k.
 #include <cub/block/block_scan.cuh>
