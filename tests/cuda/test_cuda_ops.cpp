@@ -455,7 +455,7 @@ std::vector<int32_t> shuffled(int64_t n, uint64_t seed) {
 // keys + sink and a weighted sum of 512-dim rows: exp/sum order differences ~1e-6 relative;
 // 2e-5 of max |out|. Packed rows decode to the same floats on both sides (KvPackUnpack test), so
 // the same bound holds for them; with packed stores the fresh rows are what quantize_kv leaves,
-// as in the model. From 32 query rows, packed stores of 512-dim rows and 32 or 64 heads run on
+// as in the model. From 128 query rows, packed stores of 512-dim rows and 32 or 64 heads run on
 // the tensor-core kernel (exact split products), fewer on the split-K kernel.
 TEST_F(CudaOps, AttendRaggedBatch) {
   struct Seq {
@@ -476,9 +476,9 @@ TEST_F(CudaOps, AttendRaggedBatch) {
       {64, 512, 448, 128, 64, 0, {{3, 300}, {1, 7}}},
       // prefill chunks (tensor cores when packed): crossing the window, from 0, beside a decode
       // row; 32 heads (tensor parallelism 2); window only
-      {64, 512, 448, 128, 64, 512, {{40, 120}, {33, 0}, {1, 5000}}},
-      {32, 512, 448, 128, 64, 512, {{70, 600}}},
-      {64, 512, 448, 128, 64, 0, {{36, 10}}},
+      {64, 512, 448, 128, 64, 512, {{90, 120}, {40, 0}, {1, 5000}}},
+      {32, 512, 448, 128, 64, 512, {{130, 600}}},
+      {64, 512, 448, 128, 64, 0, {{128, 10}}},
       // small shapes: partial 64-blocks (nope 72), many -1, blocks of 4 entries
       {5, 96, 72, 12, 4, 7, {{4, 30}, {1, 2}, {7, 11}, {1, 0}, {2, 60}}},
   };

@@ -180,6 +180,7 @@ __global__ void __launch_bounds__(256) attend_kernel(const float* q, int64_t H, 
     corr[tid] = 1.f;
   }
   if (tid == 0) bad = 0;
+  __syncthreads();  // bad = 0 before any thread's resolve_keys may set it
   float acc[kMaxDpt][kHG];
 #pragma unroll
   for (int j = 0; j < kMaxDpt; ++j)
@@ -310,7 +311,8 @@ __global__ void __launch_bounds__(kCombineThreads) attend_combine_kernel(const f
 // m16n8k16 BF16 tensor cores with FP32 accumulation. Packed production rows decode to BF16
 // exactly (E4M3 times a power of two, BF16 RoPE dims) and fresh rows hold what quantize_kv leaves;
 // q and p are split into three BF16 parts that sum to them exactly. So every product is exact and
-// only the summation order differs from the CPU. Online softmax from the sink as attend_kernel.
+// only the order (and the tensor cores' FP32 accumulation) of the sums differs from the CPU.
+// Online softmax from the sink as attend_kernel.
 // Per tile: QK warps (16 heads x 16 keys each) write S to shared memory, a softmax pass writes P's
 // three parts, PV warps (all heads x 64 dims each) accumulate O in registers.
 constexpr int kTcDim = 512, kTcHeads = 32, kTcKeys = 64, kTcWarps = 8;
@@ -370,6 +372,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
     sm.l[tid] = 1.f;
   }
   if (tid == 0) sm.bad = 0;
+  __syncthreads();  // bad = 0 before any warp's resolve_keys may set it
   float o[2][8][4];  // PV role: heads 16 mt + g (+8), dims 64 warp + 8 nt + 2 t4 (+1)
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
@@ -486,13 +489,12 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int h = mt * 16 + g + 8 * half;
-      const float inv = 1.f / sm.l[h];
+      const float l = sm.l[h];
       float* row = out + (t * H + h0 + h) * kTcDim + warp * 64 + 2 * t4;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
         *reinterpret_cast<float2*>(row + nt * 8) =
-            sm.bad ? make_float2(nan, nan)
-                   : make_float2(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
+            sm.bad ? make_float2(nan, nan) : make_float2(o[mt][nt][2 * half] / l, o[mt][nt][2 * half + 1] / l);
     }
 }
 
@@ -829,10 +831,10 @@ int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64
 
 namespace {
 
-// Query rows from which packed (production) attention takes the tensor-core kernel: prefill
-// chunks and large decode batches; fewer rows keep the split-K kernel, which spreads few
-// queries' keys over the chip.
-constexpr int64_t kAttendTcMinRows = 32;
+// Query rows from which packed (production) attention takes the tensor-core kernel (prefill
+// chunks); decode batches (up to 64 sequences measured) keep the split-K kernel, which spreads
+// few queries' keys over the chip.
+constexpr int64_t kAttendTcMinRows = 128;
 
 bool attend_on_tensor_cores(const AttendArgs& a) {
   const bool fits = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8 &&
@@ -872,9 +874,11 @@ void compress(const CompressArgs& a, cudaStream_t s) {
                  kCompressMaxRatio);
     std::abort();
   }
-  // A sequence completes at most rows / ratio + 1 windows; the pooling strides past 4,096 of them.
+  // A sequence completes at most T / ratio + 1 windows; blocks stride over them, at most 2,048
+  // blocks per channel slice in all (a decode batch of many one-row sequences launches few
+  // empty blocks; one prefill chunk gets a block per window up to 8K rows at ratio 4).
   const unsigned channels = unsigned((a.d + 127) / 128);
-  const int64_t windows = std::min<int64_t>(a.T / a.ratio + 1, 4096);
+  const int64_t windows = std::clamp<int64_t>(std::min<int64_t>(a.T / a.ratio + 1, 2048 / a.S), 1, 65535);
   if (a.entries)
     launch_pdl(compress_pool_kernel, dim3(channels, unsigned(windows), unsigned(a.S)), 128, 0, s, a);
   DSV4_LAUNCH_CHECK();

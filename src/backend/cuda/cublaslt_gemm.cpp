@@ -1,5 +1,7 @@
 #include "backend/cuda/cublaslt_gemm.h"
 
+#include <cstdint>
+
 #include "util/error.h"
 
 namespace dsv4::cuda {
@@ -93,6 +95,11 @@ bool CublasLtGemm::run_fp8(const uint8_t* xq, int64_t ldq, const float* x_scales
 bool CublasLtGemm::run_bf16(const uint16_t* x, int64_t ldx, int64_t x_stride, const uint16_t* w, float* y,
                             int64_t ldy, int64_t y_stride, int64_t M, int64_t N, int64_t K, int64_t batch,
                             bool accumulate, cudaStream_t stream) {
+  // cuBLASLt's heuristic assumes 16-byte aligned operands (in elements: 8 BF16, 4 FP32).
+  const bool aligned = ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w) |
+                         reinterpret_cast<uintptr_t>(y)) & 15) == 0 &&
+                       (ldx | x_stride | K) % 8 == 0 && (ldy | y_stride) % 4 == 0;
+  if (!aligned) return false;
   Plan& p = plan({true, M, N, K, ldx, ldy, x_stride, y_stride, batch});
   if (!p.ok) return false;
   const float alpha = 1.f, beta = accumulate ? 1.f : 0.f;

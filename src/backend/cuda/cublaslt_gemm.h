@@ -4,8 +4,9 @@
 //  - FP8 with DeepSeek-style block scaling (Hopper: wgmma kernels, cuBLAS >= 12.9): y [M, N] =
 //    (xq [M, K] E4M3, 1x128 FP32 scales) x (W [N, K] E4M3, 128x128 FP32 scales)^T. Used on sm_90
 //    for FP8 weights; the portable tensor-core kernel (gemm_fp8.cu) covers the rest.
-//  - BF16, `batch` problems at fixed strides (the grouped wo_a of prefill): y_b [M, N] (+)=
-//    x_b [M, K] x W_b [N, K]^T. BF16 products are exact in FP32.
+//  - BF16, `batch` problems at fixed strides (from 128 rows: the grouped wo_a, batch 8, and the
+//    BF16-weight linears, batch 1): y_b [M, N] (+)= x_b [M, K] x W_b [N, K]^T. BF16 products are
+//    exact in FP32.
 #include <cstdint>
 #include <map>
 #include <tuple>
@@ -27,7 +28,8 @@ class CublasLtGemm {
   bool run_fp8(const uint8_t* xq, int64_t ldq, const float* x_scales, const uint8_t* w, const float* w_scales,
                float* y, int64_t ldy, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
   // x_b = x + b * x_stride (rows ldx apart), W_b = w + b * N * K (dense), y_b = y + b * y_stride
-  // (rows ldy apart); x and w hold BF16 bit patterns; accumulate: y += instead of y =.
+  // (rows ldy apart); x and w hold BF16 bit patterns; accumulate: y += instead of y =. False also
+  // where a pointer, leading dimension or stride is not 16-byte aligned.
   bool run_bf16(const uint16_t* x, int64_t ldx, int64_t x_stride, const uint16_t* w, float* y, int64_t ldy,
                 int64_t y_stride, int64_t M, int64_t N, int64_t K, int64_t batch, bool accumulate,
                 cudaStream_t stream);

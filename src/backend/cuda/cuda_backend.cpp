@@ -491,7 +491,8 @@ class CudaBackend final : public Backend {
   }
   void linear(const Tensor& x, const Linear& w, const Tensor& out) override {
     DSV4_CHECK(x.cols() == w.in && out.cols() == w.out && x.rows() == out.rows());
-    // BF16 weights of prefill (router, compressors, indexer weights): cuBLASLt on split x.
+    // BF16 weights from 128 rows (prefill: router, compressors, indexer weights, the lm_head of
+    // many rows): cuBLASLt on split x.
     if (x.rows() >= kSplitBf16MinRows && w.format == WeightFormat::BF16 && split_bf16_gemm(x, w, 1, out)) return;
     cuda::GemmArgs a;
     a.x = x.f32();
@@ -555,7 +556,7 @@ class CudaBackend final : public Backend {
     const cuda::WeightDesc d = desc(w);
     const bool exact = d.fmt == cuda::kBF16 || (d.fmt == cuda::kFP8 && !d.scale_f32 && w.in % 16 == 0);
     if (!exact || sm_ < 80) return false;
-    const int64_t T = x.dim(0), in = w.in, R = w.out / groups, width = groups * in;
+    const int64_t in = w.in, R = w.out / groups, width = groups * in, T = x.numel() / width;
     auto bf16 = [](const Tensor& t) { return reinterpret_cast<uint16_t*>(t.u8()); };
     Tensor wb;
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(d.w);

@@ -182,12 +182,13 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
       }
     }
   };
-  // Stages a fetched FP4 tile; returns (the same for every thread) whether it was folded. The four
+  // Stages a fetched FP4 tile, folded or not (bit st of `folded`, the same in every thread). The four
   // threads of a row are adjacent lanes (grp = lane & 3), so the row's largest exponent is a
   // 4-lane shuffle; the block folds only if every row can (one promotion schedule per stage).
   int folded = 0;  // bit st: stage st holds folded rows
   auto store_w_fp4 = [&](int st) {
-    // A group of zero codes (also the padding past N or K) adds nothing at any scale: no bound.
+    // A group of zero codes (also the padding past N or K) adds nothing at any finite scale: no
+    // bound (a non-finite scale never folds: 0 x NaN must stay NaN, as on the CPU).
     int shift[2], fits = 1;
     float row_scale[2];
 #pragma unroll
@@ -195,11 +196,12 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
       const uint32_t bits = __float_as_uint(w4s[i]);
       const bool zero = (w4[i].x | w4[i].y | w4[i].z | w4[i].w) == 0;
       const bool pow2 = (bits & 0x807fffffu) == 0 && (bits >> 23) != 0 && (bits >> 23) != 0xff;  // +2^e, e normal
+      const bool finite = (bits >> 23 & 0xffu) != 0xffu;
       const int e = zero ? 0 : pow2 ? int(bits >> 23) : 1000;  // 1000: never fits
       int emax = max(e, __shfl_xor_sync(0xffffffffu, e, 1));
       emax = max(emax, __shfl_xor_sync(0xffffffffu, emax, 2));
       shift[i] = zero ? 0 : emax - e;
-      fits &= zero || (pow2 && shift[i] <= kMaxFoldShift);
+      fits &= zero ? finite : pow2 && shift[i] <= kMaxFoldShift;
       row_scale[i] = emax > 0 && emax < 0xff ? __uint_as_float(uint32_t(emax) << 23) : 0.f;
     }
     const bool fold = __syncthreads_and(fits);
