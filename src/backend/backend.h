@@ -150,6 +150,9 @@ class Backend {
   // values through E4M3 in blocks of 64 with a power-of-two scale 2^ceil(log2(amax/448))
   // (amax >= 1e-4), the remaining (RoPE) dims through BF16 (RNE).
   virtual void quantize_kv(const Tensor& x, int64_t nope_dims) = 0;
+  // The official indexer QAT (tensor/index_qat.h) in place on every row of x [..., d],
+  // index_qat_applies(d): Walsh-Hadamard rotation, then FP4 in blocks of 32.
+  virtual void index_qat(const Tensor& x) = 0;
   // packed[r] = the production row of x[r]: x F32 [rows, dim], packed U8 [rows, kv_row_layout(dim,
   // nope_dims).bytes] (padding zeroed).
   virtual void pack_kv(const Tensor& x, int64_t nope_dims, const Tensor& packed) = 0;

@@ -8,6 +8,7 @@
 #include <map>
 #include <numeric>
 
+#include "tensor/index_qat.h"
 #include "util/error.h"
 
 namespace dsv4 {
@@ -389,12 +390,17 @@ Tensor Model::attention(const AttentionWeights& a, LayerStore& ls, const Plan& p
     if (pr.n_new) be_.store_rows(fresh, pr.entry_dest, nope, ls.entries);
     if (a.has_indexer) {
       const auto& ix = a.indexer;
-      Tensor fresh_keys = compress(ix.compressor, ls.index_compressor, x, p);
-      if (pr.n_new) be_.store_rows(fresh_keys, pr.entry_dest, cfg_.index_head_dim, ls.index_keys);
+      // With the official activation quantisation (--gemm fp8) index keys and queries go through
+      // the indexer's Hadamard + FP4 simulation (tensor/index_qat.h) where its width allows.
       const int64_t Hi = cfg_.index_n_heads, di = cfg_.index_head_dim;
+      const bool index_qat = be_.act_quant() != ActQuant::None && index_qat_applies(di);
+      Tensor fresh_keys = compress(ix.compressor, ls.index_compressor, x, p);
+      if (index_qat && pr.n_new) be_.index_qat(fresh_keys);
+      if (pr.n_new) be_.store_rows(fresh_keys, pr.entry_dest, cfg_.index_head_dim, ls.index_keys);
       Tensor qi = be_.alloc({T, Hi, di});
       be_.linear(cq, ix.wq_b, qi.reshaped({T, Hi * di}));
       be_.rope(qi, p.pos, rope_compressed_, cfg_.rope_dim(), false);
+      if (index_qat) be_.index_qat(qi);
       Tensor wi = be_.alloc({T, Hi});
       be_.linear(x, dense_linear(*ix.weights_proj), wi);
       compressed_idx = be_.alloc({T, pr.topk}, ElemType::I32);

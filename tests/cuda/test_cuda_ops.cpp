@@ -376,6 +376,29 @@ void expect_same_floats(const std::vector<float>& ref, const std::vector<float>&
 }
 }  // namespace
 
+// The indexer QAT (tensor/index_qat.h, one definition on both sides): bit for bit, on index
+// queries [T, 64, d] and keys [n, d] with magnitudes from 2^-30 to 2^30 per row, zero rows, a NaN
+// and an infinity (their blocks keep them).
+TEST_F(CudaOps, IndexQatBitExact) {
+  uint64_t seed = 900;
+  for (auto [rows, d] : std::vector<std::pair<int64_t, int64_t>>{{70 * 64, 128}, {333, 128}, {40, 64}, {9, 32}}) {
+    auto v = normal(rows * d, ++seed);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < d; ++i) v[size_t(r * d + i)] *= std::ldexp(1.f, int(r % 61) - 30);
+    std::fill(v.begin(), v.begin() + d, 0.f);
+    v[size_t(d + 3)] = NAN;
+    v[size_t(2 * d + 40 % d)] = INFINITY;
+    Pair x = m->f32({rows, d}, v);
+    cpu->index_qat(x.c);
+    gpu->index_qat(x.g);
+    const auto c = m->host_c(x.c), g = m->host_g(x.g);
+    int64_t differ = 0;
+    for (size_t i = 0; i < c.size(); ++i) differ += std::memcmp(&c[i], &g[i], 4) != 0;
+    EXPECT_EQ(differ, 0) << "index_qat rows=" << rows << " d=" << d;
+    EXPECT_NE(std::memcmp(c.data() + d * 5, v.data() + d * 5, size_t(d) * 4), 0) << "index_qat changed nothing";
+  }
+}
+
 TEST_F(CudaOps, KvPackUnpackMatchCpuBytes) {
   struct C {
     int64_t rows, d, nope, gathered;

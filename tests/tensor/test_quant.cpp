@@ -4,6 +4,7 @@
 #include <cmath>
 #include <vector>
 
+#include "tensor/index_qat.h"
 #include "tensor/numeric.h"
 #include "tensor/quant.h"
 #include "util/random.h"
@@ -114,6 +115,66 @@ TEST(Quant, Fp8DynamicMatchesDefinition) {
         std::vector<float> rt2(n);
         fp8_dynamic_quant(rt.data(), n, kActBlock, pow2, nullptr, nullptr, rt2.data());
         EXPECT_EQ(rt, rt2) << "n=" << n;
+      }
+    }
+  }
+}
+
+// The indexer QAT's E2M1 rounding (tensor/index_qat.h, shared with the CUDA kernel) is the
+// checkpoint codec's: every float from 0 to 7 in steps of 2^-12, and each midpoint's neighbours.
+TEST(IndexQat, E2m1NearestMatchesCodec) {
+  auto codec = [](float m) { return e2m1_to_f32(f32_to_e2m1(m)); };
+  for (int k = 0; k <= 7 * 4096; ++k) {
+    const float m = float(k) / 4096.f;
+    ASSERT_EQ(e2m1_nearest(std::min(m, 6.f)), codec(m)) << m;
+  }
+  for (float mid : {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.f})
+    for (float m : {std::nextafter(mid, 0.f), mid, std::nextafter(mid, 7.f)}) ASSERT_EQ(e2m1_nearest(m), codec(m)) << m;
+}
+
+// index_qat_row against an independent construction: the Hadamard product in double from the
+// matrix H[i][j] = (-1)^popcount(i & j) / sqrt(d), then per block of 32 the E2M1 grid of the
+// scale 2^ceil(log2(amax / 6)). The FP32 butterflies differ from the double product by rounding,
+// so each output must be a grid value within half a step (plus that rounding) of the reference;
+// a unit vector's transform is exact (+-d^-1/2), so there the outputs are checked exactly.
+TEST(IndexQat, RowMatchesDefinition) {
+  Rng r(77);
+  for (int d : {32, 64, 128}) {
+    for (int k : {0, 5, d - 1}) {  // unit vectors
+      std::vector<float> x(size_t(d), 0.f);
+      x[size_t(k)] = 1.f;
+      index_qat_row(x.data(), d);
+      const double norm = 1.0 / std::sqrt(double(d));
+      const int e = int(std::ceil(std::log2(norm / 6.0)));
+      const double v = norm / std::ldexp(1.0, e);  // in (3, 6]
+      const double q = v > 5.0 ? 6.0 : v > 3.5 ? 4.0 : 3.0;
+      for (int i = 0; i < d; ++i)
+        ASSERT_EQ(double(x[size_t(i)]), (__builtin_popcount(unsigned(i & k)) % 2 ? -q : q) * std::ldexp(1.0, e))
+            << "d=" << d << " k=" << k << " i=" << i;
+    }
+    for (int rep = 0; rep < 50; ++rep) {
+      std::vector<float> x(static_cast<size_t>(d));
+      const float mag = std::ldexp(1.f, int(r.below(40)) - 20);
+      for (auto& v : x) v = r.normal() * mag;
+      if (rep == 0) std::fill(x.begin(), x.end(), 0.f);
+      std::vector<double> y(size_t(d), 0.0);
+      for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j)
+          y[size_t(i)] += (__builtin_popcount(unsigned(i & j)) % 2 ? -1.0 : 1.0) * double(x[size_t(j)]);
+      for (auto& v : y) v /= std::sqrt(double(d));
+      std::vector<float> z = x;
+      index_qat_row(z.data(), d);
+      for (int b = 0; b < d; b += 32) {
+        double amax = 6.0 * std::ldexp(1.0, -126);
+        for (int i = b; i < b + 32; ++i) amax = std::max(amax, std::fabs(y[size_t(i)]));
+        const double scale = std::ldexp(1.0, int(std::ceil(std::log2(amax / 6.0))));
+        for (int i = b; i < b + 32; ++i) {
+          const double g = double(z[size_t(i)]) / scale, a = std::fabs(g);
+          const bool on_grid = a == 0 || a == 0.5 || a == 1 || a == 1.5 || a == 2 || a == 3 || a == 4 || a == 6;
+          ASSERT_TRUE(on_grid) << "d=" << d << " i=" << i << " z/scale=" << g;
+          const double step = a < 2 ? 0.5 : a < 4 ? 1.0 : 2.0;  // grid spacing around the value
+          EXPECT_LE(std::fabs(g - y[size_t(i)] / scale), step / 2 + 1e-4) << "d=" << d << " i=" << i;
+        }
       }
     }
   }

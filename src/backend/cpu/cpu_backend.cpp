@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "tensor/index_qat.h"
 #include "tensor/kv_format.h"
 #include "tensor/numeric.h"
 #include "tensor/quant.h"
@@ -552,6 +553,13 @@ class CpuBackend final : public Backend {
         unpack_kv_row(row.data(), L, x.f32() + r * d);
       }
     }
+  }
+
+  void index_qat(const Tensor& x) override {
+    const int64_t d = x.cols(), rows = x.rows();
+    DSV4_CHECK(index_qat_applies(d));
+#pragma omp parallel for if (rows * d > kParallelWork)
+    for (int64_t r = 0; r < rows; ++r) index_qat_row(x.f32() + r * d, int(d));
   }
 
   void pack_kv(const Tensor& x, int64_t nope, const Tensor& packed) override {

@@ -131,6 +131,8 @@ void broadcast_streams(const float* v, float* X, int64_t T, int64_t m, int64_t D
 // ---- production KV rows (kv.cu; layout in tensor/kv_format.h) -----------------------------
 // In place x [rows, d] -> the values its packed rows decode to.
 void quantize_kv(float* x, int64_t rows, int64_t d, int64_t nope, cudaStream_t s);
+// Backend::index_qat on x [rows, d] in place (index_qat_applies(d)).
+void index_qat(float* x, int64_t rows, int64_t d, cudaStream_t s);
 // Backend::store_rows: store row rows[i] (rows null: i) gets x[i] for i < n, x [n, d]; F32 values
 // (packed false, store [N, d]) or the packed row (store [N, kv_row_layout(d, nope).bytes]).
 // Indices < 0 or >= N are skipped.

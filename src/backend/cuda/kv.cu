@@ -1,8 +1,10 @@
 // Production KV rows (layout: tensor/kv_format.h): store F32 rows into F32 or packed stores
 // (pack_kv is the identity-row case), gather and decode packed rows, and the in-place round trip
 // (quantize_kv). One set of device codecs (kv.cuh) serves all of them and the attention kernel,
-// so quantize_kv(x) == unpack(pack(x)) bit for bit on the GPU.
+// so quantize_kv(x) == unpack(pack(x)) bit for bit on the GPU. Also the indexer's QAT
+// (index_qat: tensor/index_qat.h, shared with the CPU).
 #include "backend/cuda/kv.cuh"
+#include "tensor/index_qat.h"
 
 namespace dsv4::cuda {
 
@@ -51,7 +53,26 @@ __global__ void quantize_kv_kernel(float* x, KvRowLayout L) {
   for (int64_t i = L.nope + threadIdx.x; i < L.dim; i += blockDim.x) v[i] = bf16_bits_to_float(kv_bf16(v[i]));
 }
 
+// Thread per row: the shared definition (tensor/index_qat.h) on a copy in registers / local
+// memory, so the rounding is the CPU's bit for bit.
+__global__ void index_qat_kernel(float* x, int64_t rows, int d) {
+  pdl_prologue();
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  float v[kIndexQatMaxDim];
+  float* row = x + r * d;
+  for (int i = 0; i < d; ++i) v[i] = row[i];
+  index_qat_row(v, d);
+  for (int i = 0; i < d; ++i) row[i] = v[i];
+}
+
 }  // namespace
+
+void index_qat(float* x, int64_t rows, int64_t d, cudaStream_t s) {
+  if (rows <= 0) return;
+  launch_pdl(index_qat_kernel, blocks_for(rows, 128), 128, 0, s, x, rows, int(d));
+  DSV4_LAUNCH_CHECK();
+}
 
 void quantize_kv(float* x, int64_t rows, int64_t d, int64_t nope, cudaStream_t s) {
   if (rows <= 0) return;
