@@ -4,7 +4,6 @@
 // the gated-pooling compressor (CSA overlap / HCA) over a flattened batch of sequences with
 // slot-indexed state, and the Lightning Indexer's paged scoring plus per-row top-k.
 #include <cub/block/block_scan.cuh>
-#include <cuda_bf16.h>
 
 #include <algorithm>
 
@@ -334,15 +333,6 @@ struct TcSmem {
 
 __device__ __forceinline__ uint32_t ld_bf16x2(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 __device__ __forceinline__ uint32_t bf16x2(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
-__device__ __forceinline__ uint16_t to_bf16(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-// v = parts[0] + parts[1] + parts[2] exactly: each part rounds the remainder to 8 significant bits.
-__device__ __forceinline__ void split3(float v, uint16_t (&parts)[3]) {
-#pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    parts[i] = to_bf16(v);
-    v -= bf16_bits_to_float(parts[i]);
-  }
-}
 
 __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q, int64_t H, KeySources<true> ks,
                                                                  const int32_t* idx_a, int64_t Ka,
@@ -357,15 +347,11 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
   for (int i = tid; i < kTcHeads * kTcDim / 4; i += blockDim.x) {
     const float4 v = qt[i];
     const int h = i / (kTcDim / 4), c = (i % (kTcDim / 4)) * 4;
-    uint16_t e[4][3];
-    split3(v.x, e[0]);
-    split3(v.y, e[1]);
-    split3(v.z, e[2]);
-    split3(v.w, e[3]);
+    uint32_t xy[3], zw[3];
+    split_bf16x3(make_float2(v.x, v.y), xy);
+    split_bf16x3(make_float2(v.z, v.w), zw);
 #pragma unroll
-    for (int part = 0; part < 3; ++part)
-      *reinterpret_cast<uint2*>(&sm.q[part][h][c]) =
-          make_uint2(bf16x2(e[0][part], e[1][part]), bf16x2(e[2][part], e[3][part]));
+    for (int part = 0; part < 3; ++part) *reinterpret_cast<uint2*>(&sm.q[part][h][c]) = make_uint2(xy[part], zw[part]);
   }
   if (tid < kTcHeads) {
     sm.m[tid] = vec_at(sinks, h0 + tid);
@@ -387,8 +373,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
     __syncthreads();  // also: the previous tile's PV is done with k and p
     // 16 groups per thread: the tile's 8,192 groups in two rounds of loads.
     stage_keys<true, 4, 16>(ks, sm.ix, sm.src, kTcKeys, kTcDim, [&](int key, int64_t c, const float* v) {
-      *reinterpret_cast<uint2*>(&sm.k[key][c]) =
-          make_uint2(bf16x2(to_bf16(v[0]), to_bf16(v[1])), bf16x2(to_bf16(v[2]), to_bf16(v[3])));
+      *reinterpret_cast<uint2*>(&sm.k[key][c]) = make_uint2(bf16x2_rn(v[0], v[1]), bf16x2_rn(v[2], v[3]));
     });
     __syncthreads();
     {  // QK role: heads 16 (warp / 4) .., keys 16 (warp % 4) .. (two n8 tiles)
@@ -428,13 +413,12 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
       const float s0 = sm.s[h][lane], s1 = sm.s[h][lane + 32], mold = sm.m[h];
       const float mnew = fmaxf(mold, warp_max(fmaxf(s0, s1)));  // finite: the sink is
       const float p0 = s0 == -INFINITY ? 0.f : expf(s0 - mnew), p1 = s1 == -INFINITY ? 0.f : expf(s1 - mnew);
-      uint16_t e0[3], e1[3];
-      split3(p0, e0);
-      split3(p1, e1);
+      uint32_t e[3];  // low halves: key lane, high halves: key lane + 32
+      split_bf16x3(make_float2(p0, p1), e);
 #pragma unroll
       for (int part = 0; part < 3; ++part) {
-        sm.p[part][h][lane] = e0[part];
-        sm.p[part][h][lane + 32] = e1[part];
+        sm.p[part][h][lane] = uint16_t(e[part]);
+        sm.p[part][h][lane + 32] = uint16_t(e[part] >> 16);
       }
       const float sum = warp_sum(p0 + p1);
       if (lane == 0) {
@@ -505,11 +489,16 @@ void allow_smem(Kernel k, size_t bytes) {
   if (bytes > 48 * 1024) cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
-template <bool kPacked, int V>
-void launch_attend(const AttendArgs& a, cudaStream_t s) {
+template <bool kPacked>
+KeySources<kPacked> key_sources(const AttendArgs& a) {
   const KvRowLayout L = kv_row_layout(a.d, a.nope);
   const KvRowLayout F = kv_row_layout(a.d, a.d);  // F32 rows: only L.dim is read
-  KeySources<kPacked> ks{{a.window.p, a.window.n, L}, {a.fresh, a.n_fresh, F}, {a.entries.p, a.entries.n, L}};
+  return {{a.window.p, a.window.n, L}, {a.fresh, a.n_fresh, F}, {a.entries.p, a.entries.n, L}};
+}
+
+template <bool kPacked, int V>
+void launch_attend(const AttendArgs& a, cudaStream_t s) {
+  const KeySources<kPacked> ks = key_sources<kPacked>(a);
   const int tk = tile_keys(a.d);
   const size_t smem = size_t((kHG + tk) * a.d) * 4;
   // The largest request: d 1024 with 16-key tiles (96 KB; fits sm_89/sm_120's 99 KB).
@@ -843,8 +832,7 @@ bool attend_on_tensor_cores(const AttendArgs& a) {
 }
 
 void launch_attend_tc(const AttendArgs& a, cudaStream_t s) {
-  const KvRowLayout L = kv_row_layout(a.d, a.nope), F = kv_row_layout(a.d, a.d);
-  KeySources<true> ks{{a.window.p, a.window.n, L}, {a.fresh, a.n_fresh, F}, {a.entries.p, a.entries.n, L}};
+  const KeySources<true> ks = key_sources<true>(a);
   static const bool allowed = (allow_smem(attend_tc_kernel, sizeof(TcSmem)), true);
   (void)allowed;
   launch_pdl(attend_tc_kernel, dim3(unsigned(a.T), unsigned(a.H / kTcHeads)), kTcWarps * 32, sizeof(TcSmem), s, a.q,

@@ -20,8 +20,8 @@
 #include <cuda_runtime.h>
 
 #include "backend/cuda/cublaslt_gemm.h"
-#include "tensor/index_qat.h"
 #include "backend/cuda/kernels.h"
+#include "tensor/index_qat.h"
 #include "tensor/kv_format.h"
 #include "util/error.h"
 #include "util/log.h"
@@ -855,11 +855,11 @@ class CudaBackend final : public Backend {
   void quantize_kv(const Tensor& x, int64_t nope) override {
     DSV4_CHECK(nope >= 0 && nope <= x.cols());
     cuda::quantize_kv(x.f32(), x.rows(), x.cols(), nope, s_);
-  }  void index_qat(const Tensor& x) override {
+  }
+  void index_qat(const Tensor& x) override {
     DSV4_CHECK(index_qat_applies(x.cols()));
     cuda::index_qat(x.f32(), x.rows(), x.cols(), s_);
   }
-
   void pack_kv(const Tensor& x, int64_t nope, const Tensor& packed) override {
     DSV4_CHECK(nope >= 0 && nope <= x.cols());
     DSV4_CHECK(packed.cols() == kv_row_layout(x.cols(), nope).bytes && packed.rows() == x.rows());

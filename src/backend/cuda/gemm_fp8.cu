@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <cuda_bf16.h>
 #include <nv/target>
 
 #include "backend/cuda/common.cuh"
@@ -58,13 +57,6 @@ __global__ void act_quant_kernel(const float* x, int64_t M, int64_t K, int64_t l
 constexpr int kTM = 64, kTN = 128, kTK = 128;  // tile; kTK = one activation scale block
 constexpr int kRowBytes = kTK + 16;            // padded shared rows: conflict-free fragment loads
 
-struct Smem {
-  uint8_t x[2][kTM][kRowBytes];
-  uint8_t w[2][kTN][kRowBytes];
-  float wscale[2][kTN][kTK / 32];  // FP4 group scales of the staged tile (folded: [.][.][0] per row)
-  uint32_t shifted[9][2];          // kE2m1Shifted
-};
-
 // FP4 scale folding: a weight row's four 32-groups of a 128-column stage whose power-of-two scales
 // span at most 8 octaves are staged as E4M3 of value x 2^(e_g - e_max), exactly (2^-9 is E4M3's
 // smallest step), with the one scale 2^e_max: partial sums are then promoted once per 128 columns
@@ -76,6 +68,13 @@ __constant__ uint32_t kE2m1Shifted[kMaxFoldShift + 1][2] = {
     {0x24201800u, 0x34302c28u}, {0x1c181000u, 0x2c282420u}, {0x14100800u, 0x24201c18u},
     {0x0c080400u, 0x1c181410u}, {0x06040200u, 0x14100c08u}, {0x03020100u, 0x0c080604u}};
 
+struct Smem {
+  uint8_t x[2][kTM][kRowBytes];
+  uint8_t w[2][kTN][kRowBytes];
+  float wscale[2][kTN][kTK / 32];  // FP4 group scales of the staged tile (folded: [.][.][0] per row)
+  uint32_t shifted[kMaxFoldShift + 1][2];  // kE2m1Shifted
+};
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
@@ -86,19 +85,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Two FP32 values (lower k first) as three BF16 pairs hi + mid + lo that sum to them exactly: each
-// part rounds the remainder to 8 significant bits, and 3 x 8 covers FP32's 24. BF16 weights times
-// each part are exact FP32 products, so only the summation order differs from the FP32 GEMV.
-__device__ __forceinline__ void split_bf16x3(float2 v, uint32_t (&part)[3]) {
-#pragma unroll
-  for (int i = 0; i < 3; ++i) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
-    part[i] = *reinterpret_cast<const uint32_t*>(&h);
-    const float2 back = __bfloat1622float2(h);
-    v.x -= back.x;
-    v.y -= back.y;
-  }
-}
 
 
 // A warp's accumulators: 2 m16 x 4 n8 tiles of the mma C fragment (rows g, g+8; columns 2t, 2t+1).

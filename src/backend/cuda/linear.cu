@@ -7,10 +7,9 @@
 #include <algorithm>
 #include <cstdint>
 
-#include <cuda_bf16.h>
-
 #include "backend/cuda/common.cuh"
 #include "backend/cuda/gemm_problem.cuh"
+#include "backend/cuda/mma.cuh"
 
 namespace dsv4::cuda {
 
@@ -444,16 +443,19 @@ bool streams_one_row(const GemmArgs& a, int chunk_elems) {
          (a.K / chunk_elems) % 32 == 0 && a.K <= kGemvTileK<1> && a.Z <= kStreamMaxProblems;
 }
 
-// Each part rounds the remainder to BF16's 8 significant bits; 3 x 8 covers FP32's 24.
+// Thread: an even-odd pair of values (an odd n's last value alone), split_bf16x3's parts.
 __global__ void split_bf16_planes_kernel(const float* x, int64_t n, uint16_t* parts) {
   pdl_prologue();
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    float v = x[i];
+  const int64_t pairs = (n + 1) / 2;
+  for (int64_t i2 = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i2 < pairs; i2 += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = 2 * i2;
+    const bool second = i + 1 < n;
+    uint32_t part[3];
+    split_bf16x3(make_float2(x[i], second ? x[i + 1] : 0.f), part);
 #pragma unroll
     for (int p = 0; p < 3; ++p) {
-      const __nv_bfloat16 h = __float2bfloat16_rn(v);
-      parts[p * n + i] = __bfloat16_as_ushort(h);
-      v -= __bfloat162float(h);
+      parts[p * n + i] = uint16_t(part[p]);
+      if (second) parts[p * n + i + 1] = uint16_t(part[p] >> 16);
     }
   }
 }
@@ -469,10 +471,7 @@ __global__ void fp8_weight_to_bf16_kernel(WeightDesc w, uint16_t* out) {
     const float s = chunk_scale<kFP8, false>(w, r, c);
     uint32_t packed[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * j] * s, v[2 * j + 1] * s);
-      packed[j] = *reinterpret_cast<const uint32_t*>(&h);
-    }
+    for (int j = 0; j < 8; ++j) packed[j] = bf16x2_rn(v[2 * j] * s, v[2 * j + 1] * s);
     uint4* o = reinterpret_cast<uint4*>(out + i * 16);
     o[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     o[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);

@@ -1,7 +1,9 @@
 #pragma once
-// Warp-level tensor-core products (mma.sync) shared by the GEMM and attention kernels.
+// Warp-level tensor-core products (mma.sync) and their BF16 operand helpers, shared by the GEMM,
+// attention and conversion kernels.
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <nv/target>
 
 namespace dsv4::cuda {
@@ -21,5 +23,24 @@ namespace dsv4::cuda {
 DSV4_MMA_16X8(mma_bf16, NV_PROVIDES_SM_80, "m16n8k16.row.col.f32.bf16.bf16.f32")
 DSV4_MMA_16X8(mma_e4m3, NV_PROVIDES_SM_89, "m16n8k32.row.col.f32.e4m3.e4m3.f32")
 #undef DSV4_MMA_16X8
+
+// The BF16 pair (RNE) of two FP32 values as one 32-bit operand word, lo in the low half.
+__device__ __forceinline__ uint32_t bf16x2_rn(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// Two FP32 values (lower k first) as three BF16 pairs hi + mid + lo that sum to them exactly: each
+// part rounds the remainder to 8 significant bits, and 3 x 8 covers FP32's 24. A BF16 value times
+// each part is an exact FP32 product, so a tensor-core product over the three parts differs from
+// the FP32 one only in the order of the sums.
+__device__ __forceinline__ void split_bf16x3(float2 v, uint32_t (&part)[3]) {
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    part[i] = bf16x2_rn(v.x, v.y);
+    v.x -= __uint_as_float(part[i] << 16);
+    v.y -= __uint_as_float(part[i] & 0xffff0000u);
+  }
+}
 
 }  // namespace dsv4::cuda
