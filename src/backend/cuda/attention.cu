@@ -359,13 +359,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
   }
   if (tid == 0) sm.bad = 0;
   __syncthreads();  // bad = 0 before any warp's resolve_keys may set it
-  float o[2][8][4];  // PV role: heads 16 mt + g (+8), dims 64 warp + 8 nt + 2 t4 (+1)
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[mt][nt][e] = 0.f;
+  float o[2][8][4] = {};  // PV role: heads 16 mt + g (+8), dims 64 warp + 8 nt + 2 t4 (+1)
   const int64_t K = Ka + Kb;
   for (int64_t k0 = 0; k0 < K; k0 += kTcKeys) {
     const int nk = int(K - k0 < kTcKeys ? K - k0 : kTcKeys);
