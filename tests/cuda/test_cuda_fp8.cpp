@@ -26,18 +26,20 @@ namespace {
 
 using Path = CudaOptions::Fp8Gemm;
 
-const char* path_name(Path p) { return p == Path::Auto ? "auto" : p == Path::Kernel ? "mma-kernel" : "cublaslt"; }
+const char* path_name(Path p) {
+  return p == Path::Auto ? "auto" : p == Path::Kernel ? "mma-kernel" : p == Path::CublasLt ? "cublaslt" : "wgmma";
+}
 
 bool is_sm90() {
   cudaDeviceProp p{};
   return cudaGetDeviceProperties(&p, 0) == cudaSuccess && p.major == 9;
 }
 
-// Tensor-core tolerance: Hopper's FP8 wgmma (cuBLASLt) adds products in an accumulator narrower
-// than FP32 (about 14 mantissa bits, the reason DeepGEMM promotes partial sums every 128), so
-// each 128-partial carries up to ~2^-13 relative error: 1e-3 of max |y| bounds it for K up to
-// 8192 (measured 1.4-3.5e-4). Our mma.sync kernel measures ~3e-7 (FP32-like) under the same
-// bound. The GEMV path is plain FP32 FMA on the round trip.
+// Tensor-core tolerance: Hopper's FP8 wgmma (cuBLASLt's and our warpgroup kernel) adds products in
+// an accumulator narrower than FP32 (about 14 mantissa bits, the reason DeepGEMM promotes partial
+// sums every 128), so each 128-partial carries up to ~2^-13 relative error: 1e-3 of max |y|
+// bounds it for K up to 8192 (cuBLASLt measured 1.4-3.5e-4). Our mma.sync kernel measures ~3e-7
+// (FP32-like) under the same bound. The GEMV path is plain FP32 FMA on the round trip.
 constexpr float kTensorCoreTol = 1e-3f, kGemvTol = 1e-4f;
 
 // Where an FP8 quantiser sits downstream of GPU arithmetic (the MoE's w2 input: SwiGLU of the
@@ -191,7 +193,8 @@ TEST(CudaFp8, LinearAllPaths) {
   auto cpu = make_cpu_backend();
   cpu->set_act_quant(ActQuant::Fp8Pow2);
   std::vector<Path> paths = {Path::Kernel, Path::Auto};
-  if (is_sm90()) paths.push_back(Path::CublasLt);
+  if (is_sm90()) paths.insert(paths.end(), {Path::CublasLt, Path::Warpgroup});
+  EXPECT_EQ(is_sm90(), cuda::wgmma_available()) << "an sm_90 build without the warpgroup-MMA kernel";
   int cublaslt_ran = 0;
   WeightStore ws;
   uint64_t seed = 4000;
@@ -218,6 +221,7 @@ TEST(CudaFp8, LinearAllPaths) {
     EXPECT_GT(diff, 0.f) << "FP8 activations did not change the CPU result";
     for (Path p : paths) {
       if (p == Path::CublasLt && c.fmt != WeightFormat::FP8) continue;
+      if (p == Path::Warpgroup && c.fmt != WeightFormat::FP8) continue;  // FP4: Auto is the same
       // FP8 weights leave the GEMV at kFp8TensorCoreMinRows rows, FP4 ones above kGemvMaxRows.
       const bool gemv = c.T < (c.fmt == WeightFormat::FP8 ? cuda::kFp8TensorCoreMinRows : cuda::kGemvMaxRows + 1);
       if (p == Path::CublasLt && gemv) continue;
@@ -255,6 +259,7 @@ TEST(CudaFp8, MoE) {
   DSV4_REQUIRE_GPU();
   struct C {
     int64_t T, D, F, E, k;
+    WeightFormat fmt = WeightFormat::FP4;
   };
   auto cpu = make_cpu_backend();
   cpu->set_act_quant(ActQuant::Fp8Pow2);
@@ -262,23 +267,39 @@ TEST(CudaFp8, MoE) {
   uint64_t seed = 5000;
   // 1, 8 and 64 tokens over 256 experts and 16 over 32 (some experts get more than 8 rows: a second
   // pass) take the weight-streaming kernel; 300 and 512 the tiled one.
+  // The tiled sizes also run the Auto path (sm_90a: the warpgroup-MMA kernel), and FP8 experts.
   for (auto c : std::vector<C>{{1, 4096, 2048, 256, 6}, {8, 4096, 2048, 256, 6}, {64, 4096, 2048, 256, 6},
-                               {16, 1024, 512, 32, 6}, {300, 1024, 512, 32, 6}, {512, 4096, 2048, 16, 6}}) {
-    RandomMoE rm = random_moe(ws, WeightFormat::FP4, c.T, c.D, c.F, c.E, c.k, true, false, seed);
+                               {16, 1024, 512, 32, 6}, {300, 1024, 512, 32, 6}, {512, 4096, 2048, 16, 6},
+                               {300, 1024, 512, 32, 6, WeightFormat::FP8}}) {
+    RandomMoE rm = random_moe(ws, c.fmt, c.T, c.D, c.F, c.E, c.k, true, false, seed);
     auto xv = normal(c.T * c.D, ++seed, 2.f);
     for (int64_t r = 0; r < c.T; ++r)
       for (int64_t k = 0; k < c.D; ++k) xv[r * c.D + k] *= std::exp2(float(r % 5 - 2 + (k / 128) % 3 - 1));
-    CudaOptions o;
-    o.fp8_gemm = Path::Kernel;
-    auto gpu = poisoned_cuda_backend(o);
-    gpu->set_act_quant(ActQuant::Fp8Pow2);
-    Mirror mm(*cpu, *gpu);
-    Pair x = mm.f32({c.T, c.D}, xv), w = mm.f32({c.T, c.k}, rm.gates), e = mm.i32({c.T, c.k}, rm.experts),
-         out = mm.out({c.T, c.D});
-    cpu->moe(x.c, rm.moe, w.c, e.c, 10.f, out.c);
-    gpu->moe(x.g, rm.moe, w.g, e.g, 10.f, out.g);
-    expect_close_up_to_flips(mm.host_c(out.c), mm.host_g(out.g),
-                             fmt::format("fp8-act moe mma-kernel T={} D={} F={} E={} k={}", c.T, c.D, c.F, c.E, c.k));
+    Tensor xc = cpu->alloc({c.T, c.D}), wc = cpu->alloc({c.T, c.k}), ec = cpu->alloc({c.T, c.k}, ElemType::I32),
+           oc = cpu->alloc({c.T, c.D});
+    cpu->upload(xc, xv.data());
+    cpu->upload(wc, rm.gates.data());
+    cpu->upload(ec, rm.experts.data());
+    cpu->moe(xc, rm.moe, wc, ec, 10.f, oc);
+    std::vector<float> ref(c.T * c.D);
+    cpu->download(oc, ref.data());
+    for (Path p : {Path::Kernel, Path::Auto}) {
+      CudaOptions o;
+      o.fp8_gemm = p;
+      auto gpu = poisoned_cuda_backend(o);
+      gpu->set_act_quant(ActQuant::Fp8Pow2);
+      Tensor x = gpu->alloc({c.T, c.D}), w = gpu->alloc({c.T, c.k}), e = gpu->alloc({c.T, c.k}, ElemType::I32),
+             out = gpu->alloc({c.T, c.D});
+      gpu->upload(x, xv.data());
+      gpu->upload(w, rm.gates.data());
+      gpu->upload(e, rm.experts.data());
+      gpu->moe(x, rm.moe, w, e, 10.f, out);
+      std::vector<float> got(c.T * c.D);
+      gpu->download(out, got.data());
+      expect_close_up_to_flips(ref, got,
+                               fmt::format("fp8-act moe {} {} T={} D={} F={} E={} k={}", path_name(p),
+                                           c.fmt == WeightFormat::FP8 ? "fp8" : "fp4", c.T, c.D, c.F, c.E, c.k));
+    }
   }
 }
 

@@ -520,6 +520,7 @@ class CudaBackend final : public Backend {
         a.ldxq = qr.ldq;
         a.xs = qr.scales.f32();
         a.xs_ld = M;
+        a.warpgroup_mma = opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel;
       } else {
         a.x = qr.roundtrip.f32();
       }
@@ -764,6 +765,7 @@ class CudaBackend final : public Backend {
         a.ldxq = q.ldq;
         a.xs = q.scales.f32();
         a.xs_ld = q_rows;
+        a.warpgroup_mma = opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel;
       }
       a.x_rows = rows;
       a.y = yout;
@@ -954,7 +956,8 @@ class CudaBackend final : public Backend {
   // cuBLASLt's block-scaled FP8 GEMM (sm_90 only); false when not chosen or not offered.
   bool cublaslt_fp8(const QuantizedRows& q, const cuda::WeightDesc& w, float* y, int64_t M) {
     using F = CudaOptions::Fp8Gemm;
-    if (opts_.fp8_gemm == F::Kernel || (opts_.fp8_gemm == F::Auto && sm_ / 10 != 9)) return false;
+    if (opts_.fp8_gemm == F::Kernel || opts_.fp8_gemm == F::Warpgroup || (opts_.fp8_gemm == F::Auto && sm_ / 10 != 9))
+      return false;
     float*& ws = padded_scales_[w.s];
     if (!ws) {
       no_capture("a new cuBLASLt scale layout");

@@ -19,9 +19,10 @@ struct CudaOptions {
                            // pay a memset per tensor
   // GEMMs of FP8 activations (Backend::set_act_quant) with more than a GEMV's rows: Auto takes
   // cuBLASLt's block-scaled FP8 GEMM for FP8 weights on sm_90 when it offers an algorithm, else
-  // the portable tensor-core kernel (sm_89+); the other two force one (CublasLt fails when it
-  // cannot run the shape).
-  enum class Fp8Gemm { Auto, Kernel, CublasLt } fp8_gemm = Fp8Gemm::Auto;
+  // our warpgroup-MMA kernel on sm_90a (FP4 experts, grouped FP8), else the portable mma.sync
+  // kernel (sm_89+). Kernel forces the portable kernel, Warpgroup ours on sm_90a (the portable
+  // one elsewhere), CublasLt cuBLASLt (failing when it cannot run the shape).
+  enum class Fp8Gemm { Auto, Kernel, CublasLt, Warpgroup } fp8_gemm = Fp8Gemm::Auto;
   // Backend::run_graph captures fixed-shape steps as CUDA graphs and replays them; off: every
   // step runs its ops eagerly (the same ops: tests compare the two bit for bit).
   bool graphs = true;

@@ -85,6 +85,68 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// FP4 weight staging shared by the tiled kernels: thread tid's item i is chunk c = tid + 256 i of
+// the stage, weight row c / 4 (from n0) and its 32-group c % 4 of the 128-column block kb, so the
+// four groups of a row sit in four adjacent lanes.
+template <int kItems, bool SF32>
+__device__ __forceinline__ void fetch_fp4_stage(const Problem& p, int64_t n0, int64_t N, int64_t K, int64_t kb,
+                                                uint4 (&w4)[kItems], float (&w4s)[kItems]) {
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int c = int(threadIdx.x) + i * 256, row = c >> 2, grp = c & 3;
+    const int64_t n = n0 + row, k = kb * kTK + grp * 32;
+    if (n < N && k < K) {
+      w4[i] = *reinterpret_cast<const uint4*>(p.w.w + ((p.wrow0 + n) * K + k) / 2);
+      w4s[i] = scale_at<SF32>(p.w.s, (p.wrow0 + n) * (K / 32) + k / 32);
+    } else {
+      w4[i] = make_uint4(0, 0, 0, 0);
+      w4s[i] = 0.f;
+    }
+  }
+}
+// Converts the fetched groups to E4M3, folded when every row of the block can be (one promotion
+// schedule per stage; the same answer in every thread, which all must call this):
+// store(i, lo, hi, scale) puts item i's 32 bytes (lo: its first 16 columns) and the scale that
+// multiplies them (folded: the row's 2^e_max; else the group's scale). Returns whether it folded.
+template <int kItems, class Store>
+__device__ __forceinline__ bool convert_fp4_stage(const uint4 (&w4)[kItems], const float (&w4s)[kItems],
+                                                  const uint32_t (&shifted)[kMaxFoldShift + 1][2], Store&& store) {
+  // A group of zero codes (also the padding past N or K) adds nothing at any finite scale: no
+  // bound (a non-finite scale never folds: 0 x NaN must stay NaN, as on the CPU).
+  int shift[kItems], fits = 1;
+  float row_scale[kItems];
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const uint32_t bits = __float_as_uint(w4s[i]);
+    const bool zero = (w4[i].x | w4[i].y | w4[i].z | w4[i].w) == 0;
+    const bool pow2 = (bits & 0x807fffffu) == 0 && (bits >> 23) != 0 && (bits >> 23) != 0xff;  // +2^e, e normal
+    const bool finite = (bits >> 23 & 0xffu) != 0xffu;
+    const int e = zero ? 0 : pow2 ? int(bits >> 23) : 1000;  // 1000: never fits
+    int emax = max(e, __shfl_xor_sync(0xffffffffu, e, 1));
+    emax = max(emax, __shfl_xor_sync(0xffffffffu, emax, 2));
+    shift[i] = zero ? 0 : emax - e;
+    fits &= zero ? finite : pow2 && shift[i] <= kMaxFoldShift;
+    row_scale[i] = emax > 0 && emax < 0xff ? __uint_as_float(uint32_t(emax) << 23) : 0.f;
+  }
+  const bool fold = __syncthreads_and(fits);
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const uint32_t tlo = shifted[fold ? shift[i] : 0][0], thi = shifted[fold ? shift[i] : 0][1];
+    const uint32_t u[4] = {w4[i].x, w4[i].y, w4[i].z, w4[i].w};
+    uint4 lo, hi;
+    lo.x = e2m1x4_to_e4m3x4(u[0], tlo, thi);
+    lo.y = e2m1x4_to_e4m3x4(u[0] >> 16, tlo, thi);
+    lo.z = e2m1x4_to_e4m3x4(u[1], tlo, thi);
+    lo.w = e2m1x4_to_e4m3x4(u[1] >> 16, tlo, thi);
+    hi.x = e2m1x4_to_e4m3x4(u[2], tlo, thi);
+    hi.y = e2m1x4_to_e4m3x4(u[2] >> 16, tlo, thi);
+    hi.z = e2m1x4_to_e4m3x4(u[3], tlo, thi);
+    hi.w = e2m1x4_to_e4m3x4(u[3] >> 16, tlo, thi);
+    store(i, lo, hi, fold ? row_scale[i] : w4s[i]);
+  }
+  return fold;
+}
+
 
 
 // A warp's accumulators: 2 m16 x 4 n8 tiles of the mma C fragment (rows g, g+8; columns 2t, 2t+1).
@@ -154,62 +216,15 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
   };
   uint4 w4[2];
   float w4s[2];
-  auto fetch_w_fp4 = [&](int64_t kb) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = tid + i * 256, row = c >> 2, grp = c & 3;
-      const int64_t n = n0 + row, k = kb * kTK + grp * 32;
-      if (n < N && k < K) {
-        w4[i] = *reinterpret_cast<const uint4*>(p.w.w + ((p.wrow0 + n) * K + k) / 2);
-        w4s[i] = scale_at<SF32>(p.w.s, (p.wrow0 + n) * (K / 32) + k / 32);
-      } else {
-        w4[i] = make_uint4(0, 0, 0, 0);
-        w4s[i] = 0.f;
-      }
-    }
-  };
-  // Stages a fetched FP4 tile, folded or not (bit st of `folded`, the same in every thread). The four
-  // threads of a row are adjacent lanes (grp = lane & 3), so the row's largest exponent is a
-  // 4-lane shuffle; the block folds only if every row can (one promotion schedule per stage).
   int folded = 0;  // bit st: stage st holds folded rows
   auto store_w_fp4 = [&](int st) {
-    // A group of zero codes (also the padding past N or K) adds nothing at any finite scale: no
-    // bound (a non-finite scale never folds: 0 x NaN must stay NaN, as on the CPU).
-    int shift[2], fits = 1;
-    float row_scale[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const uint32_t bits = __float_as_uint(w4s[i]);
-      const bool zero = (w4[i].x | w4[i].y | w4[i].z | w4[i].w) == 0;
-      const bool pow2 = (bits & 0x807fffffu) == 0 && (bits >> 23) != 0 && (bits >> 23) != 0xff;  // +2^e, e normal
-      const bool finite = (bits >> 23 & 0xffu) != 0xffu;
-      const int e = zero ? 0 : pow2 ? int(bits >> 23) : 1000;  // 1000: never fits
-      int emax = max(e, __shfl_xor_sync(0xffffffffu, e, 1));
-      emax = max(emax, __shfl_xor_sync(0xffffffffu, emax, 2));
-      shift[i] = zero ? 0 : emax - e;
-      fits &= zero ? finite : pow2 && shift[i] <= kMaxFoldShift;
-      row_scale[i] = emax > 0 && emax < 0xff ? __uint_as_float(uint32_t(emax) << 23) : 0.f;
-    }
-    const bool fold = __syncthreads_and(fits);
-    folded = fold ? folded | (1 << st) : folded & ~(1 << st);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    const bool fold = convert_fp4_stage(w4, w4s, sm.shifted, [&](int i, uint4 lo, uint4 hi, float scale) {
       const int c = tid + i * 256, row = c >> 2, grp = c & 3;
-      const uint32_t tlo = sm.shifted[fold ? shift[i] : 0][0], thi = sm.shifted[fold ? shift[i] : 0][1];
-      const uint32_t u[4] = {w4[i].x, w4[i].y, w4[i].z, w4[i].w};
-      uint4 lo, hi;
-      lo.x = e2m1x4_to_e4m3x4(u[0], tlo, thi);
-      lo.y = e2m1x4_to_e4m3x4(u[0] >> 16, tlo, thi);
-      lo.z = e2m1x4_to_e4m3x4(u[1], tlo, thi);
-      lo.w = e2m1x4_to_e4m3x4(u[1] >> 16, tlo, thi);
-      hi.x = e2m1x4_to_e4m3x4(u[2], tlo, thi);
-      hi.y = e2m1x4_to_e4m3x4(u[2] >> 16, tlo, thi);
-      hi.z = e2m1x4_to_e4m3x4(u[3], tlo, thi);
-      hi.w = e2m1x4_to_e4m3x4(u[3] >> 16, tlo, thi);
       *reinterpret_cast<uint4*>(&sm.w[st][row][grp * 32]) = lo;
       *reinterpret_cast<uint4*>(&sm.w[st][row][grp * 32 + 16]) = hi;
-      sm.wscale[st][row][grp] = fold ? row_scale[i] : w4s[i];
-    }
+      sm.wscale[st][row][grp] = scale;
+    });
+    folded = fold ? folded | (1 << st) : folded & ~(1 << st);
   };
 
   Frag acc, part;  // promoted FP32 sums; the current scale block's tensor-core partial sums
@@ -222,7 +237,7 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
   if constexpr (FMT == kFP4) {
     if (tid < 2 * (kMaxFoldShift + 1)) sm.shifted[tid / 2][tid % 2] = kE2m1Shifted[tid / 2][tid % 2];
     __syncthreads();
-    fetch_w_fp4(0);
+    fetch_fp4_stage<2, SF32>(p, n0, N, K, 0, w4, w4s);
     store_w_fp4(0);
   }
 
@@ -234,7 +249,7 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
       stage_x(st ^ 1, kb + 1);
       if constexpr (FMT == kFP8) stage_w_fp8(st ^ 1, kb + 1);
       cp_async_commit();
-      if constexpr (FMT == kFP4) fetch_w_fp4(kb + 1);
+      if constexpr (FMT == kFP4) fetch_fp4_stage<2, SF32>(p, n0, N, K, kb + 1, w4, w4s);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -322,6 +337,221 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
           if (n < N) yr[n] = acc[mt][nt][2 * h + j];
         }
     }
+}
+
+// ---- warpgroup tensor-core GEMM (sm_90a) -------------------------------------------------------
+// The prefill-sized GEMMs with FP8 activations on Hopper's asynchronous warpgroup MMA: per block 64
+// activation rows x 256 weight rows, two warpgroups of 64 x 128 (wgmma m64n128k32 E4M3, both
+// operands in shared memory). Staging is mma_kernel's (cp.async, FP4 converted and folded through
+// registers) into the no-swizzle K-major layout the instruction reads: 8-row x 16-byte core
+// matrices of 128 contiguous bytes, the 8 of a row group's 128 columns side by side (K neighbours
+// 128 B apart, row groups 1,024 B). The next stage's FP4 conversion runs while the MMAs of this
+// one do. Partial sums are promoted to FP32 with their scales as in mma_kernel (per 128 columns;
+// unfolded FP4 stages per 32). The tensor cores add a wgmma's FP8 products in an accumulator
+// narrower than FP32 (as cuBLASLt's FP8 GEMM, test_cuda_fp8.cpp): the Auto path takes this kernel,
+// Fp8Gemm::Kernel keeps the FP32-accumulating mma.sync one.
+constexpr int kWgTM = 64, kWgTN = 256;
+
+struct WgSmem {
+  uint8_t x[2][kWgTM * kTK];
+  uint8_t w[2][kWgTN * kTK];
+  float wscale[2][kWgTN][kTK / 32];
+  uint32_t shifted[kMaxFoldShift + 1][2];
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kCoreBytes = 128, kRowGroupBytes = 8 * kCoreBytes;  // one row group of a 128-column stage
+// Byte offset of (row, 16-byte chunk kc) of a stage in the core-matrix layout.
+__device__ __forceinline__ int core_offset(int row, int kc) {
+  return (row >> 3) * kRowGroupBytes + kc * kCoreBytes + (row & 7) * 16;
+}
+// Shared-memory matrix descriptor, no swizzle: start, leading (K) and stride (row-group) offsets.
+__device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return uint64_t((addr & 0x3ffffu) >> 4) | uint64_t(kCoreBytes >> 4) << 16 | uint64_t(kRowGroupBytes >> 4) << 32;
+}
+// d (+)= A[64 x 32] B[128 x 32]^T; d is overwritten when accumulate is false.
+__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t a, uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(int(accumulate)));
+}
+// Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
+__device__ __forceinline__ void fence_registers(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Generic-proxy shared-memory writes (cp.async, st.shared) made visible to the MMAs' async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
+
+template <int FMT, bool SF32>
+__global__ void __launch_bounds__(256, 1) wgmma_kernel(GemmArgs a) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  pdl_prologue();
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  WgSmem& sm = *reinterpret_cast<WgSmem*>(smem_raw);
+  const Problem p = problem(a);
+  const int64_t r0 = int64_t(blockIdx.y) * kWgTM, n0 = int64_t(blockIdx.x) * kWgTN, K = a.K, N = a.N;
+  if (r0 >= p.rows) return;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, wrow = ((tid >> 5) & 3) * 16 + (lane >> 2);
+  const int t4 = lane & 3;
+  const int64_t nkb = (K + kTK - 1) / kTK;
+  auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
+
+  // Chunk c of a stage: rows in 8-row runs (c % 8) so that 8 lanes fill one core matrix.
+  auto chunk_row = [](int c) { return (c >> 6) * 8 + (c & 7); };
+  auto chunk_kc = [](int c) { return (c >> 3) & 7; };
+  int64_t xrow[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = r0 + chunk_row(tid + i * 256);
+    xrow[i] = r < p.rows ? act_row(r) : -1;
+  }
+  auto stage_x = [&](int st, int64_t kb) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 256, kc = chunk_kc(c);
+      const int64_t k = kb * kTK + kc * 16;
+      const bool ok = xrow[i] >= 0 && k < K;
+      cp_async16(&sm.x[st][core_offset(chunk_row(c), kc)], ok ? a.xq + xrow[i] * a.ldxq + k : a.xq, ok);
+    }
+  };
+  const int64_t nkw = (p.w.in + kTK - 1) / kTK;  // FP8 weight scale columns
+  auto stage_w_fp8 = [&](int st, int64_t kb) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int c = tid + i * 256, row = chunk_row(c), kc = chunk_kc(c);
+      const int64_t n = n0 + row, k = kb * kTK + kc * 16;
+      const bool ok = n < N && k < K;
+      cp_async16(&sm.w[st][core_offset(row, kc)], ok ? p.w.w + (p.wrow0 + n) * K + k : p.w.w, ok);
+    }
+    const int64_t n = n0 + tid;  // one weight row's 128 x 128 block scale per thread
+    sm.wscale[st][tid][0] = n < N ? scale_at<SF32>(p.w.s, ((p.wrow0 + n) / kTK) * nkw + kb) : 0.f;
+  };
+  uint4 w4[4];
+  float w4s[4];
+  int folded = 0;  // bit st: stage st holds folded rows (FP8: always, one scale per 128 columns)
+  auto store_w_fp4 = [&](int st) {
+    const bool fold = convert_fp4_stage(w4, w4s, sm.shifted, [&](int i, uint4 lo, uint4 hi, float scale) {
+      const int c = tid + i * 256, row = c >> 2, grp = c & 3;
+      *reinterpret_cast<uint4*>(&sm.w[st][core_offset(row, 2 * grp)]) = lo;
+      *reinterpret_cast<uint4*>(&sm.w[st][core_offset(row, 2 * grp + 1)]) = hi;
+      sm.wscale[st][row][grp] = scale;
+    });
+    folded = fold ? folded | (1 << st) : folded & ~(1 << st);
+  };
+
+  float acc[64], part[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.f;
+  // acc[4j + e] += part[4j + e] x (row scale x column scale); column 8j + 2 t4 + (e & 1) of the
+  // warpgroup's 128, row wrow + 8 (e >> 1). Scale column s of the stage's wscale.
+  auto promote = [&](int st, int s, const float (&sx)[2]) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = wg * 128 + j * 8 + t4 * 2 + (e & 1);
+        acc[4 * j + e] = fmaf(part[4 * j + e], sx[e >> 1] * sm.wscale[st][col][s], acc[4 * j + e]);
+      }
+  };
+
+  stage_x(0, 0);
+  if constexpr (FMT == kFP8) stage_w_fp8(0, 0);
+  cp_async_commit();
+  if constexpr (FMT == kFP4) {
+    if (tid < 2 * (kMaxFoldShift + 1)) sm.shifted[tid / 2][tid % 2] = kE2m1Shifted[tid / 2][tid % 2];
+    __syncthreads();
+    fetch_fp4_stage<4, SF32>(p, n0, N, K, 0, w4, w4s);
+    store_w_fp4(0);
+  } else {
+    folded = 3;
+  }
+
+  for (int64_t kb = 0; kb < nkb; ++kb) {
+    const int st = int(kb & 1);
+    const bool more = kb + 1 < nkb;
+    if (more) {
+      stage_x(st ^ 1, kb + 1);
+      if constexpr (FMT == kFP8) stage_w_fp8(st ^ 1, kb + 1);
+      cp_async_commit();
+      if constexpr (FMT == kFP4) fetch_fp4_stage<4, SF32>(p, n0, N, K, kb + 1, w4, w4s);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    fence_proxy_async();
+    __syncthreads();
+
+    float sx[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = r0 + wrow + 8 * h;
+      sx[h] = r < p.rows ? a.xs[kb * a.xs_ld + act_row(r)] : 0.f;
+    }
+    const uint8_t* xs = sm.x[st];
+    const uint8_t* ws = sm.w[st] + wg * (128 / 8) * kRowGroupBytes;
+    if (folded >> st & 1) {  // one promotion for the 128 columns
+      fence_registers(part);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kTK / 32; ++ks)
+        wgmma_m64n128k32(part, wgmma_desc(xs + ks * 2 * kCoreBytes), wgmma_desc(ws + ks * 2 * kCoreBytes), ks > 0);
+      wgmma_commit();
+      if constexpr (FMT == kFP4) {
+        if (more) store_w_fp4(st ^ 1);  // while the MMAs run
+      }
+      wgmma_wait_all();
+      fence_registers(part);
+      promote(st, 0, sx);
+    } else {  // unfolded FP4: a promotion per 32-group
+#pragma unroll
+      for (int ks = 0; ks < kTK / 32; ++ks) {
+        fence_registers(part);
+        wgmma_fence();
+        wgmma_m64n128k32(part, wgmma_desc(xs + ks * 2 * kCoreBytes), wgmma_desc(ws + ks * 2 * kCoreBytes), false);
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_registers(part);
+        promote(st, ks, sx);
+      }
+      if constexpr (FMT == kFP4) {
+        if (more) store_w_fp4(st ^ 1);
+      }
+    }
+    __syncthreads();  // stage st is refilled next iteration
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t r = r0 + wrow + 8 * h;
+    if (r >= p.rows) continue;
+    float* yr = p.y + (p.base + r) * a.ldy;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t n = n0 + wg * 128 + j * 8 + t4 * 2 + e;
+        if (n < N) yr[n] = acc[4 * j + 2 * h + e];
+      }
+  }
+#else
+  __trap();  // launched only where wgmma_available()
+#endif
 }
 
 // ---- weight-streaming tensor-core GEMM for few rows per problem (decode) ------------------------
@@ -698,7 +928,28 @@ void launch_mma(const GemmArgs& a, cudaStream_t stream) {
   launch_pdl(mma_kernel<FMT, SF32>, grid, 256, sizeof(Smem), stream, a);
 }
 
+template <int FMT, bool SF32>
+void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
+  static const bool configured =
+      (cudaFuncSetAttribute(wgmma_kernel<FMT, SF32>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(WgSmem))),
+       true);
+  (void)configured;
+  dim3 grid(unsigned((a.N + kWgTN - 1) / kWgTN), unsigned((a.max_rows + kWgTM - 1) / kWgTM), unsigned(a.Z));
+  launch_pdl(wgmma_kernel<FMT, SF32>, grid, 256, sizeof(WgSmem), stream, a);
+}
+
 }  // namespace
+
+bool wgmma_available() {
+  // DSV4_CUDA_WGMMA=0: the mma.sync kernel everywhere (A/B measurements).
+  static const bool on = env_flag_default_on("DSV4_CUDA_WGMMA");
+  if (!on || device_attribute<cudaDevAttrComputeCapabilityMajor>() != 9) return false;
+  static const bool compiled = [] {  // this binary holds sm_90a code (asked on an SM 9.x device)
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, wgmma_kernel<kFP4, false>) == cudaSuccess && attr.binaryVersion == 90;
+  }();
+  return compiled;
+}
 
 void act_quant(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uint8_t* q, int64_t ldq, float* scales,
                float* roundtrip, cudaStream_t stream) {
@@ -745,9 +996,16 @@ void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.K % 32 || a.x_z_off || !a.xs)
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
   if (gemm_skinny(a, false, stream)) return;
+  const bool wg = a.warpgroup_mma && wgmma_available();
   switch (a.wd.fmt) {
-    case kFP8: a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream); break;
-    case kFP4: a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream); break;
+    case kFP8:
+      if (wg) a.wd.scale_f32 ? launch_wgmma<kFP8, true>(a, stream) : launch_wgmma<kFP8, false>(a, stream);
+      else a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream);
+      break;
+    case kFP4:
+      if (wg) a.wd.scale_f32 ? launch_wgmma<kFP4, true>(a, stream) : launch_wgmma<kFP4, false>(a, stream);
+      else a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream);
+      break;
     default: std::fprintf(stderr, "gemm_fp8_tensor_core: weights are not FP8 or FP4\n"), std::abort();
   }
   DSV4_LAUNCH_CHECK();

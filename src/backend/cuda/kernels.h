@@ -67,7 +67,12 @@ struct GemmArgs {
   // two) the kernel computes itself while staging x: one launch fewer per FP8 linear of one row.
   // Only where gemm_rounds_x() says so.
   enum class XRoundTrip : int8_t { None, Amax, Pow2 } x_roundtrip = XRoundTrip::None;
+  // With xq: the sm_90a warpgroup-MMA kernel where wgmma_available() (its FP8 products add in an
+  // accumulator narrower than FP32, as cuBLASLt's); else the FP32-accumulating mma.sync kernel.
+  bool warpgroup_mma = false;
 };
+// Whether this device runs the sm_90a warpgroup-MMA GEMM kernel (compiled for sm_90a, an SM 9.x GPU).
+bool wgmma_available();
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Whether gemm() and gemm_swiglu() take the one-row stream GEMV for these arguments, the kernel
 // that applies x_roundtrip (any other path aborts when it is set).
