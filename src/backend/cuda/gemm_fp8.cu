@@ -342,22 +342,35 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 // ---- warpgroup tensor-core GEMM (sm_90a) -------------------------------------------------------
 // The prefill-sized GEMMs with FP8 activations on Hopper's asynchronous warpgroup MMA: per block 64
 // activation rows x 256 weight rows, two warpgroups of 64 x 128 (wgmma m64n128k32 E4M3, both
-// operands in shared memory). Staging is mma_kernel's (cp.async, FP4 converted and folded through
-// registers) into the no-swizzle K-major layout the instruction reads: 8-row x 16-byte core
-// matrices of 128 contiguous bytes, the 8 of a row group's 128 columns side by side (K neighbours
-// 128 B apart, row groups 1,024 B). The next stage's FP4 conversion runs while the MMAs of this
-// one do. Partial sums are promoted to FP32 with their scales as in mma_kernel (per 128 columns;
-// unfolded FP4 stages per 32). The tensor cores add a wgmma's FP8 products in an accumulator
-// narrower than FP32 (as cuBLASLt's FP8 GEMM, test_cuda_fp8.cpp): the Auto path takes this kernel,
-// Fp8Gemm::Kernel keeps the FP32-accumulating mma.sync one.
-constexpr int kWgTM = 64, kWgTN = 256;
+// operands in shared memory, in the no-swizzle K-major layout: 8-row x 16-byte core matrices of
+// 128 contiguous bytes, the 8 of a row group's 128 columns side by side).
+//  - A ring of kWgStages 128-column stages filled by cp.async keeps three stages of loads in
+//    flight while the MMAs run. FP8 weights land as the operand; FP4 weights land packed with
+//    their group scales and are converted (folded where they can be, as in mma_kernel) into one
+//    of two E4M3 buffers a stage ahead, while the MMAs of the current stage run.
+//  - Partial sums are promoted to FP32 with their scales as in mma_kernel: once per 128 columns
+//    (unfolded FP4 stages: per 32).
+//  - The tensor cores add a wgmma's FP8 products in an accumulator narrower than FP32 (as
+//    cuBLASLt's FP8 GEMM, test_cuda_fp8.cpp): the Auto path takes this kernel, Fp8Gemm::Kernel
+//    keeps the FP32-accumulating mma.sync one.
+// Needs K % 128 == 0 and, for FP8, 128-aligned problem row offsets (wgmma_fits).
+constexpr int kWgTM = 64, kWgTN = 256, kWgStages = 4;
 
-struct WgSmem {
-  uint8_t x[2][kWgTM * kTK];
-  uint8_t w[2][kWgTN * kTK];
-  float wscale[2][kWgTN][kTK / 32];
-  uint32_t shifted[kMaxFoldShift + 1][2];
+struct WgSmemFp8 {
+  uint8_t x[kWgStages][kWgTM * kTK];
+  uint8_t w[kWgStages][kWgTN * kTK];
 };
+template <bool SF32>
+struct WgSmemFp4 {
+  uint8_t x[kWgStages][kWgTM * kTK];
+  uint8_t packed[kWgStages][kWgTN * kTK / 2];                   // E2M1 rows of 64 bytes
+  uint8_t packed_scale[kWgStages][kWgTN * (kTK / 32) * (SF32 ? 4 : 1)];  // a row's 4 group scales
+  uint8_t w[2][kWgTN * kTK];                                    // converted to E4M3
+  float wscale[2][kWgTN][kTK / 32];  // folded: [.][.][0] per row
+  uint32_t shifted[kMaxFoldShift + 1][2];  // kE2m1Shifted
+};
+template <int FMT, bool SF32>
+using WgSmem = std::conditional_t<FMT == kFP8, WgSmemFp8, WgSmemFp4<SF32>>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 constexpr int kCoreBytes = 128, kRowGroupBytes = 8 * kCoreBytes;  // one row group of a 128-column stage
@@ -377,13 +390,13 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t a, uin
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-      "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-      "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-      "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-      "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-      "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(a), "l"(b), "r"(int(accumulate)));
 }
 // Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
@@ -396,6 +409,10 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 // Generic-proxy shared-memory writes (cp.async, st.shared) made visible to the MMAs' async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
+}
 #endif
 
 template <int FMT, bool SF32>
@@ -403,121 +420,138 @@ __global__ void __launch_bounds__(256, 1) wgmma_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   pdl_prologue();
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  WgSmem& sm = *reinterpret_cast<WgSmem*>(smem_raw);
+  WgSmem<FMT, SF32>& sm = *reinterpret_cast<WgSmem<FMT, SF32>*>(smem_raw);
   const Problem p = problem(a);
   const int64_t r0 = int64_t(blockIdx.y) * kWgTM, n0 = int64_t(blockIdx.x) * kWgTN, K = a.K, N = a.N;
   if (r0 >= p.rows) return;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, wrow = ((tid >> 5) & 3) * 16 + (lane >> 2);
   const int t4 = lane & 3;
-  const int64_t nkb = (K + kTK - 1) / kTK;
+  const int64_t nkb = K / kTK;
   auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
 
   // Chunk c of a stage: rows in 8-row runs (c % 8) so that 8 lanes fill one core matrix.
   auto chunk_row = [](int c) { return (c >> 6) * 8 + (c & 7); };
   auto chunk_kc = [](int c) { return (c >> 3) & 7; };
-  int64_t xrow[2];
+  int64_t xrow[2], srow[2];  // activation rows of this thread's staged chunks and of its outputs
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t r = r0 + chunk_row(tid + i * 256);
+    const int64_t r = r0 + chunk_row(tid + i * 256), o = r0 + wrow + 8 * i;
     xrow[i] = r < p.rows ? act_row(r) : -1;
+    srow[i] = o < p.rows ? act_row(o) : -1;
   }
-  auto stage_x = [&](int st, int64_t kb) {
+  auto load_stage = [&](int64_t kb) {
+    const int slot = int(kb % kWgStages);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int c = tid + i * 256, kc = chunk_kc(c);
-      const int64_t k = kb * kTK + kc * 16;
-      const bool ok = xrow[i] >= 0 && k < K;
-      cp_async16(&sm.x[st][core_offset(chunk_row(c), kc)], ok ? a.xq + xrow[i] * a.ldxq + k : a.xq, ok);
+      const bool ok = xrow[i] >= 0;
+      cp_async16(&sm.x[slot][core_offset(chunk_row(c), kc)], ok ? a.xq + xrow[i] * a.ldxq + kb * kTK + kc * 16 : a.xq,
+                 ok);
     }
-  };
-  const int64_t nkw = (p.w.in + kTK - 1) / kTK;  // FP8 weight scale columns
-  auto stage_w_fp8 = [&](int st, int64_t kb) {
+    if constexpr (FMT == kFP8) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int c = tid + i * 256, row = chunk_row(c), kc = chunk_kc(c);
-      const int64_t n = n0 + row, k = kb * kTK + kc * 16;
-      const bool ok = n < N && k < K;
-      cp_async16(&sm.w[st][core_offset(row, kc)], ok ? p.w.w + (p.wrow0 + n) * K + k : p.w.w, ok);
+      for (int i = 0; i < 8; ++i) {
+        const int c = tid + i * 256, row = chunk_row(c), kc = chunk_kc(c);
+        const int64_t n = n0 + row;
+        cp_async16(&sm.w[slot][core_offset(row, kc)], n < N ? p.w.w + (p.wrow0 + n) * K + kb * kTK + kc * 16 : p.w.w,
+                   n < N);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // 256 rows x 64 packed bytes
+        const int c = tid + i * 256, row = c >> 2, part = c & 3;
+        const int64_t n = n0 + row;
+        cp_async16(&sm.packed[slot][row * 64 + part * 16],
+                   n < N ? p.w.w + ((p.wrow0 + n) * K + kb * kTK) / 2 + part * 16 : p.w.w, n < N);
+      }
+      const int64_t n = n0 + tid;  // the row's 4 group scales
+      const uint8_t* src = p.w.s + ((p.wrow0 + n) * (K / 32) + kb * 4) * (SF32 ? 4 : 1);
+      if constexpr (SF32) cp_async16(&sm.packed_scale[slot][tid * 16], n < N ? src : p.w.s, n < N);
+      else cp_async4(&sm.packed_scale[slot][tid * 4], n < N ? src : p.w.s, n < N);
     }
-    const int64_t n = n0 + tid;  // one weight row's 128 x 128 block scale per thread
-    sm.wscale[st][tid][0] = n < N ? scale_at<SF32>(p.w.s, ((p.wrow0 + n) / kTK) * nkw + kb) : 0.f;
   };
-  uint4 w4[4];
-  float w4s[4];
-  int folded = 0;  // bit st: stage st holds folded rows (FP8: always, one scale per 128 columns)
-  auto store_w_fp4 = [&](int st) {
-    const bool fold = convert_fp4_stage(w4, w4s, sm.shifted, [&](int i, uint4 lo, uint4 hi, float scale) {
-      const int c = tid + i * 256, row = c >> 2, grp = c & 3;
-      *reinterpret_cast<uint4*>(&sm.w[st][core_offset(row, 2 * grp)]) = lo;
-      *reinterpret_cast<uint4*>(&sm.w[st][core_offset(row, 2 * grp + 1)]) = hi;
-      sm.wscale[st][row][grp] = scale;
-    });
-    folded = fold ? folded | (1 << st) : folded & ~(1 << st);
+  int folded = 3;  // bit b: E4M3 buffer b holds folded rows (FP8: always, one scale per 128 columns)
+  // FP4: the packed stage kb converted into E4M3 buffer kb % 2.
+  auto convert_stage = [&](int64_t kb) {
+    if constexpr (FMT == kFP4) {
+      const int slot = int(kb % kWgStages), buf = int(kb & 1);
+      uint4 w4[4];
+      float w4s[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int c = tid + i * 256, row = c >> 2, grp = c & 3;
+        w4[i] = *reinterpret_cast<const uint4*>(&sm.packed[slot][row * 64 + grp * 16]);
+        w4s[i] = scale_at<SF32>(sm.packed_scale[slot], row * 4 + grp);
+      }
+      const bool fold = convert_fp4_stage(w4, w4s, sm.shifted, [&](int i, uint4 lo, uint4 hi, float scale) {
+        const int c = tid + i * 256, row = c >> 2, grp = c & 3;
+        *reinterpret_cast<uint4*>(&sm.w[buf][core_offset(row, 2 * grp)]) = lo;
+        *reinterpret_cast<uint4*>(&sm.w[buf][core_offset(row, 2 * grp + 1)]) = hi;
+        sm.wscale[buf][row][grp] = scale;
+      });
+      folded = fold ? folded | (1 << buf) : folded & ~(1 << buf);
+    }
   };
 
   float acc[64], part[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.f;
-  // acc[4j + e] += part[4j + e] x (row scale x column scale); column 8j + 2 t4 + (e & 1) of the
-  // warpgroup's 128, row wrow + 8 (e >> 1). Scale column s of the stage's wscale.
-  auto promote = [&](int st, int s, const float (&sx)[2]) {
+  // acc[4j + e] += part[4j + e] x row scale x column scale; column 8j + 2 t4 + (e & 1) of the
+  // warpgroup's 128, row wrow + 8 (e >> 1).
+  auto promote = [&](const float (&sx)[2], auto column_scale) {
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = wg * 128 + j * 8 + t4 * 2 + (e & 1);
-        acc[4 * j + e] = fmaf(part[4 * j + e], sx[e >> 1] * sm.wscale[st][col][s], acc[4 * j + e]);
-      }
+      for (int e = 0; e < 4; ++e)
+        acc[4 * j + e] = fmaf(part[4 * j + e], sx[e >> 1] * column_scale(wg * 128 + j * 8 + t4 * 2 + (e & 1)),
+                              acc[4 * j + e]);
   };
 
-  stage_x(0, 0);
-  if constexpr (FMT == kFP8) stage_w_fp8(0, 0);
-  cp_async_commit();
   if constexpr (FMT == kFP4) {
     if (tid < 2 * (kMaxFoldShift + 1)) sm.shifted[tid / 2][tid % 2] = kE2m1Shifted[tid / 2][tid % 2];
+  }
+#pragma unroll
+  for (int s = 0; s < kWgStages - 1; ++s) {
+    if (s < nkb) load_stage(s);
+    cp_async_commit();
+  }
+  if constexpr (FMT == kFP4) {
+    cp_async_wait<kWgStages - 2>();  // stage 0
     __syncthreads();
-    fetch_fp4_stage<4, SF32>(p, n0, N, K, 0, w4, w4s);
-    store_w_fp4(0);
-  } else {
-    folded = 3;
+    convert_stage(0);
   }
 
+  const int64_t nkw = (p.w.in + kTK - 1) / kTK;  // FP8 weight scale columns
   for (int64_t kb = 0; kb < nkb; ++kb) {
-    const int st = int(kb & 1);
-    const bool more = kb + 1 < nkb;
-    if (more) {
-      stage_x(st ^ 1, kb + 1);
-      if constexpr (FMT == kFP8) stage_w_fp8(st ^ 1, kb + 1);
-      cp_async_commit();
-      if constexpr (FMT == kFP4) fetch_fp4_stage<4, SF32>(p, n0, N, K, kb + 1, w4, w4s);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    cp_async_wait<kWgStages - 3>();  // stages kb and kb + 1 have landed
     fence_proxy_async();
-    __syncthreads();
+    __syncthreads();  // ... for every thread; the slot loaded next was last read in step kb - 1
+    if (kb + kWgStages - 1 < nkb) load_stage(kb + kWgStages - 1);
+    cp_async_commit();
 
-    float sx[2];
+    float sx[2], s8 = 0.f;  // row scales; FP8: the warpgroup's 128 x 128 weight block scale
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t r = r0 + wrow + 8 * h;
-      sx[h] = r < p.rows ? a.xs[kb * a.xs_ld + act_row(r)] : 0.f;
+    for (int h = 0; h < 2; ++h) sx[h] = srow[h] >= 0 ? a.xs[kb * a.xs_ld + srow[h]] : 0.f;
+    if constexpr (FMT == kFP8) {
+      const int64_t n = n0 + wg * 128;
+      if (n < N) s8 = scale_at<SF32>(p.w.s, ((p.wrow0 + n) / kTK) * nkw + kb);
     }
-    const uint8_t* xs = sm.x[st];
-    const uint8_t* ws = sm.w[st] + wg * (128 / 8) * kRowGroupBytes;
-    if (folded >> st & 1) {  // one promotion for the 128 columns
+    const int buf = FMT == kFP8 ? int(kb % kWgStages) : int(kb & 1);
+    const uint8_t* xs = sm.x[kb % kWgStages];
+    const uint8_t* ws = sm.w[buf] + wg * (128 / 8) * kRowGroupBytes;
+    const bool more = kb + 1 < nkb;
+    if (folded >> buf & 1) {  // one promotion for the 128 columns
       fence_registers(part);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kTK / 32; ++ks)
         wgmma_m64n128k32(part, wgmma_desc(xs + ks * 2 * kCoreBytes), wgmma_desc(ws + ks * 2 * kCoreBytes), ks > 0);
       wgmma_commit();
-      if constexpr (FMT == kFP4) {
-        if (more) store_w_fp4(st ^ 1);  // while the MMAs run
-      }
+      if (more) convert_stage(kb + 1);  // while the MMAs run
       wgmma_wait_all();
       fence_registers(part);
-      promote(st, 0, sx);
+      if constexpr (FMT == kFP8) promote(sx, [&](int) { return s8; });
+      else promote(sx, [&](int col) { return sm.wscale[buf][col][0]; });
     } else {  // unfolded FP4: a promotion per 32-group
 #pragma unroll
       for (int ks = 0; ks < kTK / 32; ++ks) {
@@ -527,13 +561,10 @@ __global__ void __launch_bounds__(256, 1) wgmma_kernel(GemmArgs a) {
         wgmma_commit();
         wgmma_wait_all();
         fence_registers(part);
-        promote(st, ks, sx);
+        if constexpr (FMT == kFP4) promote(sx, [&](int col) { return sm.wscale[buf][col][ks]; });
       }
-      if constexpr (FMT == kFP4) {
-        if (more) store_w_fp4(st ^ 1);
-      }
+      if (more) convert_stage(kb + 1);
     }
-    __syncthreads();  // stage st is refilled next iteration
   }
 
 #pragma unroll
@@ -928,14 +959,20 @@ void launch_mma(const GemmArgs& a, cudaStream_t stream) {
   launch_pdl(mma_kernel<FMT, SF32>, grid, 256, sizeof(Smem), stream, a);
 }
 
+// The warpgroup kernel's shape conditions: whole 128-column stages, 16-byte activation rows and,
+// for FP8 weights, problems starting on a 128-row scale block.
+bool wgmma_fits(const GemmArgs& a) {
+  return a.K % kTK == 0 && a.ldxq % 16 == 0 && (a.wd.fmt != kFP8 || a.w_z_row_off % kTK == 0);
+}
+
 template <int FMT, bool SF32>
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
+  constexpr size_t smem = sizeof(WgSmem<FMT, SF32>);
   static const bool configured =
-      (cudaFuncSetAttribute(wgmma_kernel<FMT, SF32>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(WgSmem))),
-       true);
+      (cudaFuncSetAttribute(wgmma_kernel<FMT, SF32>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), true);
   (void)configured;
   dim3 grid(unsigned((a.N + kWgTN - 1) / kWgTN), unsigned((a.max_rows + kWgTM - 1) / kWgTM), unsigned(a.Z));
-  launch_pdl(wgmma_kernel<FMT, SF32>, grid, 256, sizeof(WgSmem), stream, a);
+  launch_pdl(wgmma_kernel<FMT, SF32>, grid, 256, smem, stream, a);
 }
 
 }  // namespace
@@ -996,7 +1033,7 @@ void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.K % 32 || a.x_z_off || !a.xs)
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
   if (gemm_skinny(a, false, stream)) return;
-  const bool wg = a.warpgroup_mma && wgmma_available();
+  const bool wg = a.warpgroup_mma && wgmma_fits(a) && wgmma_available();
   switch (a.wd.fmt) {
     case kFP8:
       if (wg) a.wd.scale_f32 ? launch_wgmma<kFP8, true>(a, stream) : launch_wgmma<kFP8, false>(a, stream);
