@@ -340,12 +340,10 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 }
 
 // ---- warpgroup tensor-core GEMM (sm_90a) -------------------------------------------------------
-// The prefill-sized GEMMs with FP8 activations on Hopper's asynchronous warpgroup MMA: a block is
-// one warpgroup computing 64 activation rows x 128 weight rows (wgmma m64n128k32 E4M3, both
+// The prefill-sized GEMMs with FP8 activations on Hopper's asynchronous warpgroup MMA: per block 64
+// activation rows x 256 weight rows, two warpgroups of 64 x 128 (wgmma m64n128k32 E4M3, both
 // operands in shared memory, in the no-swizzle K-major layout: 8-row x 16-byte core matrices of
-// 128 contiguous bytes, the 8 of a row group's 128 columns side by side). Two blocks share an SM
-// and run out of step, so one's MMAs overlap the other's promotions and conversions (one block
-// of two lock-stepped warpgroups measured 160-210 TFLOP/s on the H200, with or without FP4).
+// 128 contiguous bytes, the 8 of a row group's 128 columns side by side).
 //  - A ring of kWgStages 128-column stages filled by cp.async keeps three stages of loads in
 //    flight while the MMAs run. FP8 weights land as the operand; FP4 weights land packed with
 //    their group scales and are converted (folded where they can be, as in mma_kernel) into one
@@ -356,7 +354,7 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 //    cuBLASLt's FP8 GEMM, test_cuda_fp8.cpp): the Auto path takes this kernel, Fp8Gemm::Kernel
 //    keeps the FP32-accumulating mma.sync one.
 // Needs K % 128 == 0 and, for FP8, 128-aligned problem row offsets (wgmma_fits).
-constexpr int kWgTM = 64, kWgTN = 128, kWgThreads = 128, kWgStages = 4;
+constexpr int kWgTM = 64, kWgTN = 256, kWgStages = 4;
 
 struct WgSmemFp8 {
   uint8_t x[kWgStages][kWgTM * kTK];
@@ -418,7 +416,7 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool val
 #endif
 
 template <int FMT, bool SF32>
-__global__ void __launch_bounds__(kWgThreads, 2) wgmma_kernel(GemmArgs a) {
+__global__ void __launch_bounds__(256, 1) wgmma_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   pdl_prologue();
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -426,7 +424,7 @@ __global__ void __launch_bounds__(kWgThreads, 2) wgmma_kernel(GemmArgs a) {
   const Problem p = problem(a);
   const int64_t r0 = int64_t(blockIdx.y) * kWgTM, n0 = int64_t(blockIdx.x) * kWgTN, K = a.K, N = a.N;
   if (r0 >= p.rows) return;
-  const int tid = threadIdx.x, lane = tid & 31, wrow = (tid >> 5) * 16 + (lane >> 2);
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, wrow = ((tid >> 5) & 3) * 16 + (lane >> 2);
   const int t4 = lane & 3;
   const int64_t nkb = K / kTK;
   auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
@@ -434,38 +432,34 @@ __global__ void __launch_bounds__(kWgThreads, 2) wgmma_kernel(GemmArgs a) {
   // Chunk c of a stage: rows in 8-row runs (c % 8) so that 8 lanes fill one core matrix.
   auto chunk_row = [](int c) { return (c >> 6) * 8 + (c & 7); };
   auto chunk_kc = [](int c) { return (c >> 3) & 7; };
-  int64_t xrow[4], srow[2];  // activation rows of this thread's staged chunks and of its outputs
+  int64_t xrow[2], srow[2];  // activation rows of this thread's staged chunks and of its outputs
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t r = r0 + chunk_row(tid + i * kWgThreads);
+  for (int i = 0; i < 2; ++i) {
+    const int64_t r = r0 + chunk_row(tid + i * 256), o = r0 + wrow + 8 * i;
     xrow[i] = r < p.rows ? act_row(r) : -1;
-  }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t o = r0 + wrow + 8 * h;
-    srow[h] = o < p.rows ? act_row(o) : -1;
+    srow[i] = o < p.rows ? act_row(o) : -1;
   }
   auto load_stage = [&](int64_t kb) {
     const int slot = int(kb % kWgStages);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // 64 rows x 8 chunks
-      const int c = tid + i * kWgThreads, kc = chunk_kc(c);
+    for (int i = 0; i < 2; ++i) {
+      const int c = tid + i * 256, kc = chunk_kc(c);
       const bool ok = xrow[i] >= 0;
       cp_async16(&sm.x[slot][core_offset(chunk_row(c), kc)], ok ? a.xq + xrow[i] * a.ldxq + kb * kTK + kc * 16 : a.xq,
                  ok);
     }
     if constexpr (FMT == kFP8) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {  // 128 rows x 8 chunks
-        const int c = tid + i * kWgThreads, row = chunk_row(c), kc = chunk_kc(c);
+      for (int i = 0; i < 8; ++i) {
+        const int c = tid + i * 256, row = chunk_row(c), kc = chunk_kc(c);
         const int64_t n = n0 + row;
         cp_async16(&sm.w[slot][core_offset(row, kc)], n < N ? p.w.w + (p.wrow0 + n) * K + kb * kTK + kc * 16 : p.w.w,
                    n < N);
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {  // 128 rows x 64 packed bytes
-        const int c = tid + i * kWgThreads, row = c >> 2, part = c & 3;
+      for (int i = 0; i < 4; ++i) {  // 256 rows x 64 packed bytes
+        const int c = tid + i * 256, row = c >> 2, part = c & 3;
         const int64_t n = n0 + row;
         cp_async16(&sm.packed[slot][row * 64 + part * 16],
                    n < N ? p.w.w + ((p.wrow0 + n) * K + kb * kTK) / 2 + part * 16 : p.w.w, n < N);
@@ -485,12 +479,12 @@ __global__ void __launch_bounds__(kWgThreads, 2) wgmma_kernel(GemmArgs a) {
       float w4s[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int c = tid + i * kWgThreads, row = c >> 2, grp = c & 3;
+        const int c = tid + i * 256, row = c >> 2, grp = c & 3;
         w4[i] = *reinterpret_cast<const uint4*>(&sm.packed[slot][row * 64 + grp * 16]);
         w4s[i] = scale_at<SF32>(sm.packed_scale[slot], row * 4 + grp);
       }
       const bool fold = convert_fp4_stage(w4, w4s, sm.shifted, [&](int i, uint4 lo, uint4 hi, float scale) {
-        const int c = tid + i * kWgThreads, row = c >> 2, grp = c & 3;
+        const int c = tid + i * 256, row = c >> 2, grp = c & 3;
         *reinterpret_cast<uint4*>(&sm.w[buf][core_offset(row, 2 * grp)]) = lo;
         *reinterpret_cast<uint4*>(&sm.w[buf][core_offset(row, 2 * grp + 1)]) = hi;
         sm.wscale[buf][row][grp] = scale;
@@ -502,14 +496,14 @@ __global__ void __launch_bounds__(kWgThreads, 2) wgmma_kernel(GemmArgs a) {
   float acc[64], part[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.f;
-  // acc[4j + e] += part[4j + e] x row scale x column scale; column 8j + 2 t4 + (e & 1), row
-  // wrow + 8 (e >> 1).
+  // acc[4j + e] += part[4j + e] x row scale x column scale; column 8j + 2 t4 + (e & 1) of the
+  // warpgroup's 128, row wrow + 8 (e >> 1).
   auto promote = [&](const float (&sx)[2], auto column_scale) {
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        acc[4 * j + e] = fmaf(part[4 * j + e], sx[e >> 1] * column_scale(j * 8 + t4 * 2 + (e & 1)),
+        acc[4 * j + e] = fmaf(part[4 * j + e], sx[e >> 1] * column_scale(wg * 128 + j * 8 + t4 * 2 + (e & 1)),
                               acc[4 * j + e]);
   };
 
@@ -535,18 +529,18 @@ __global__ void __launch_bounds__(kWgThreads, 2) wgmma_kernel(GemmArgs a) {
     if (kb + kWgStages - 1 < nkb) load_stage(kb + kWgStages - 1);
     cp_async_commit();
 
-    float sx[2], s8 = 0.f;  // row scales; FP8: the block's 128 x 128 weight block scale
+    float sx[2], s8 = 0.f;  // row scales; FP8: the warpgroup's 128 x 128 weight block scale
 #pragma unroll
     for (int h = 0; h < 2; ++h) sx[h] = srow[h] >= 0 ? a.xs[kb * a.xs_ld + srow[h]] : 0.f;
     if constexpr (FMT == kFP8) {
-      const int64_t n = n0;
+      const int64_t n = n0 + wg * 128;
       if (n < N) s8 = scale_at<SF32>(p.w.s, ((p.wrow0 + n) / kTK) * nkw + kb);
     }
     const int buf = FMT == kFP8 ? int(kb % kWgStages) : int(kb & 1);
     const uint8_t* xs = sm.x[kb % kWgStages];
-    const uint8_t* ws = sm.w[buf];
+    const uint8_t* ws = sm.w[buf] + wg * (128 / 8) * kRowGroupBytes;
     const bool more = kb + 1 < nkb;
-    if (FMT == kFP8 || (folded >> buf & 1)) {  // one promotion for the 128 columns
+    if (FMT == kFP8 || (folded >> buf & 1)) {  // one promotion for the 128 columns (FP8: always)
       fence_registers(part);
       wgmma_fence();
 #pragma unroll
@@ -582,7 +576,7 @@ __global__ void __launch_bounds__(kWgThreads, 2) wgmma_kernel(GemmArgs a) {
     for (int j = 0; j < 16; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int64_t n = n0 + j * 8 + t4 * 2 + e;
+        const int64_t n = n0 + wg * 128 + j * 8 + t4 * 2 + e;
         if (n < N) yr[n] = acc[4 * j + 2 * h + e];
       }
   }
@@ -978,7 +972,7 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
       (cudaFuncSetAttribute(wgmma_kernel<FMT, SF32>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), true);
   (void)configured;
   dim3 grid(unsigned((a.N + kWgTN - 1) / kWgTN), unsigned((a.max_rows + kWgTM - 1) / kWgTM), unsigned(a.Z));
-  launch_pdl(wgmma_kernel<FMT, SF32>, grid, kWgThreads, smem, stream, a);
+  launch_pdl(wgmma_kernel<FMT, SF32>, grid, 256, smem, stream, a);
 }
 
 }  // namespace
