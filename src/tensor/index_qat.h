@@ -12,6 +12,18 @@
 #else
 #define DSV4_HOST_DEVICE
 #endif
+// Full unrolling on the device: with d a compile-time constant every index is then constant (a
+// row indexed at run time is walked through local memory one dependent access at a time).
+#ifdef __CUDA_ARCH__
+#define DSV4_INDEX_QAT_UNROLL _Pragma("unroll")
+#else
+#define DSV4_INDEX_QAT_UNROLL
+#endif
+#ifdef __CUDACC__
+#define DSV4_INDEX_QAT_INLINE __forceinline__
+#else
+#define DSV4_INDEX_QAT_INLINE inline
+#endif
 
 namespace dsv4 {
 
@@ -34,24 +46,33 @@ DSV4_HOST_DEVICE inline float e2m1_nearest(float m) {
 // (a + b, a - b)), times d^-1/2; then per block of 32: scale = 2^ceil(log2(amax / 6)) with amax
 // floored at 6 * 2^-126, x = E2M1_RNE(x / scale) * scale (NaN kept; a block holding an infinity
 // is left unrounded).
-DSV4_HOST_DEVICE inline void index_qat_row(float* x, int d) {
-  for (int h = 1; h < d; h *= 2)
+DSV4_HOST_DEVICE DSV4_INDEX_QAT_INLINE void index_qat_row(float* x, int d) {
+  DSV4_INDEX_QAT_UNROLL
+  for (int s = 0; (1 << s) < d; ++s) {
+    const int h = 1 << s;
+    DSV4_INDEX_QAT_UNROLL
     for (int i = 0; i < d; i += 2 * h)
+      DSV4_INDEX_QAT_UNROLL
       for (int j = i; j < i + h; ++j) {
         const float a = x[j], b = x[j + h];
         x[j] = a + b;
         x[j + h] = a - b;
       }
+  }
   const float norm = 1.f / sqrtf(float(d));  // d a power of two: 2^-k or 2^-k / sqrt(2), the same on both sides
+  DSV4_INDEX_QAT_UNROLL
   for (int i = 0; i < d; ++i) x[i] *= norm;
+  DSV4_INDEX_QAT_UNROLL
   for (int b = 0; b < d; b += int(kIndexQatBlock)) {
     float amax = 6.f * 0x1p-126f;
+    DSV4_INDEX_QAT_UNROLL
     for (int i = 0; i < kIndexQatBlock; ++i) amax = fmaxf(amax, fabsf(x[b + i]));  // (NaN ignored)
     if (!(amax <= 0x1.fffffep127f)) continue;  // an infinite value: the block stays as it is
     int e = 0;
     const float m = frexpf(amax / 6.f, &e);  // amax / 6 = m 2^e, m in [0.5, 1)
     const int k = m == 0.5f ? e - 1 : e;     // ceil(log2(amax / 6))
     const float scale = ldexpf(1.f, k), inv = ldexpf(1.f, -k);
+    DSV4_INDEX_QAT_UNROLL
     for (int i = 0; i < kIndexQatBlock; ++i) {
       const float v = x[b + i] * inv;
       if (v == v) x[b + i] = copysignf(e2m1_nearest(fabsf(v)), v) * scale;  // NaN stays NaN

@@ -53,24 +53,35 @@ __global__ void quantize_kv_kernel(float* x, KvRowLayout L) {
   for (int64_t i = L.nope + threadIdx.x; i < L.dim; i += blockDim.x) v[i] = bf16_bits_to_float(kv_bf16(v[i]));
 }
 
-// Thread per row: the shared definition (tensor/index_qat.h) on a copy in registers / local
-// memory, so the rounding is the CPU's bit for bit.
-__global__ void index_qat_kernel(float* x, int64_t rows, int d) {
+// Thread per row: the shared definition (tensor/index_qat.h) on a copy in registers (D a
+// compile-time constant, the loops unrolled), so the rounding is the CPU's bit for bit.
+template <int D>
+__global__ void index_qat_kernel(float* x, int64_t rows) {
   pdl_prologue();
   const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (r >= rows) return;
-  float v[kIndexQatMaxDim];
-  float* row = x + r * d;
-  for (int i = 0; i < d; ++i) v[i] = row[i];
-  index_qat_row(v, d);
-  for (int i = 0; i < d; ++i) row[i] = v[i];
+  float v[D];
+  float4* row = reinterpret_cast<float4*>(x + r * D);
+#pragma unroll
+  for (int i = 0; i < D / 4; ++i) {
+    const float4 f = row[i];
+    v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+  }
+  index_qat_row(v, D);
+#pragma unroll
+  for (int i = 0; i < D / 4; ++i) row[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
 }
 
 }  // namespace
 
 void index_qat(float* x, int64_t rows, int64_t d, cudaStream_t s) {
   if (rows <= 0) return;
-  launch_pdl(index_qat_kernel, blocks_for(rows, 128), 128, 0, s, x, rows, int(d));
+  switch (d) {  // index_qat_applies(d)
+    case 32: launch_pdl(index_qat_kernel<32>, blocks_for(rows, 128), 128, 0, s, x, rows); break;
+    case 64: launch_pdl(index_qat_kernel<64>, blocks_for(rows, 128), 128, 0, s, x, rows); break;
+    case 128: launch_pdl(index_qat_kernel<128>, blocks_for(rows, 128), 128, 0, s, x, rows); break;
+    default: std::fprintf(stderr, "index_qat: row width %lld is not 32, 64 or 128\n", (long long)d), std::abort();
+  }
   DSV4_LAUNCH_CHECK();
 }
 
