@@ -35,11 +35,12 @@ bool is_sm90() {
   return cudaGetDeviceProperties(&p, 0) == cudaSuccess && p.major == 9;
 }
 
-// Tensor-core tolerance: Hopper's FP8 wgmma (cuBLASLt's and our warpgroup kernel) adds products in
-// an accumulator narrower than FP32 (about 14 mantissa bits, the reason DeepGEMM promotes partial
-// sums every 128), so each 128-partial carries up to ~2^-13 relative error: 1e-3 of max |y|
-// bounds it for K up to 8192 (cuBLASLt measured 1.4-3.5e-4). Our mma.sync kernel measures ~3e-7
-// (FP32-like) under the same bound. The GEMV path is plain FP32 FMA on the round trip.
+// Tensor-core tolerance: Hopper's FP8 wgmma (cuBLASLt's) adds products in an accumulator narrower
+// than FP32 (about 14 mantissa bits, the reason DeepGEMM promotes partial sums every 128), so
+// each 128-partial carries up to ~2^-13 relative error: 1e-3 of max |y| bounds it for K up to
+// 8192 (cuBLASLt measured 1.4-3.5e-4; an E4M3-operand wgmma kernel of ours 1.1-3.4e-4). Our
+// mma.sync kernel measures ~3e-7 (FP32-like) under the same bound, and so must our BF16-operand
+// warpgroup kernel for FP4 weights. The GEMV path is plain FP32 FMA on the round trip.
 constexpr float kTensorCoreTol = 1e-3f, kGemvTol = 1e-4f;
 
 // Where an FP8 quantiser sits downstream of GPU arithmetic (the MoE's w2 input: SwiGLU of the
@@ -48,10 +49,9 @@ constexpr float kTensorCoreTol = 1e-3f, kGemvTol = 1e-4f;
 // ulp / step ~ 1e-6 of the elements) and each moves an output by far less than 1e-2 of the
 // scale; a wrong kernel moves most outputs. So: >= 99.9 % of outputs within kTensorCoreTol,
 // every output within 1e-2 of max |ref|.
-// every_row_flips: the GEMMs upstream of the quantiser accumulate in less than FP32 (Hopper's FP8
-// wgmma: cuBLASLt's and our warpgroup kernel), so most rows hold a flip and only the bound of a
-// flip (1e-2 of max |ref|) and NaN-freedom apply; a wrong row, expert or scale still moves
-// outputs by O(1) of the scale.
+// every_row_flips: a GEMM upstream of the quantiser accumulates in less than FP32 (Hopper's FP8
+// wgmma: cuBLASLt's), so most rows hold a flip and only the bound of a flip (1e-2 of max |ref|)
+// and NaN-freedom apply; a wrong row, expert or scale still moves outputs by O(1) of the scale.
 void expect_close_up_to_flips(const std::vector<float>& ref, const std::vector<float>& got, const std::string& what,
                               bool every_row_flips = false) {
   ASSERT_EQ(ref.size(), got.size());
@@ -187,6 +187,8 @@ TEST(CudaFp8, LinearAllPaths) {
       {WeightFormat::FP4, 64, 4096, 2048, false, 3.5f},  // folded stages with shifts up to 8 (subnormal E4M3)
       {WeightFormat::FP4, 64, 4096, 2048, false, 7.f},  // wide group scales: mostly unfolded stages
       {WeightFormat::FP4, 40, 2048, 300, true, 7.f},    // the same with f32 scales, partial N tile
+      {WeightFormat::FP4, 300, 4096, 2048, false, 7.f},  // E8M0: the wgmma kernel's row tiles, one partial
+      {WeightFormat::FP4, 200, 1024, 300, false},        // a partial 256-row weight tile, K of 8 load stages
       // Few rows on the weight-streaming tensor-core kernel (FP8 with the Kernel path from 4 rows):
       {WeightFormat::FP8, 2, 8192, 4096, false},     // K split across the block's warps
       {WeightFormat::FP8, 12, 1024, 4096, false},    // two B tiles per pass
@@ -226,7 +228,7 @@ TEST(CudaFp8, LinearAllPaths) {
     EXPECT_GT(diff, 0.f) << "FP8 activations did not change the CPU result";
     for (Path p : paths) {
       if (p == Path::CublasLt && c.fmt != WeightFormat::FP8) continue;
-      if (p == Path::Warpgroup && c.fmt != WeightFormat::FP8) continue;  // FP4: Auto is the same
+      if (p == Path::Warpgroup && c.fmt != WeightFormat::FP4) continue;  // FP8: the portable kernel
       // FP8 weights leave the GEMV at kFp8TensorCoreMinRows rows, FP4 ones above kGemvMaxRows.
       const bool gemv = c.T < (c.fmt == WeightFormat::FP8 ? cuda::kFp8TensorCoreMinRows : cuda::kGemvMaxRows + 1);
       if (p == Path::CublasLt && gemv) continue;
@@ -258,11 +260,11 @@ TEST(CudaFp8, LinearAllPaths) {
 
 // The MoE with FP8 activations: routed FP4 experts through the tensor-core kernel (gathered rows)
 // or the GEMV, FP8 shared expert through linear(). The portable kernel accumulates in FP32 like
-// the CPU. On sm_90 the Auto path's GEMMs (cuBLASLt for the shared expert, the warpgroup kernel
-// for the routed ones, both bound at the linear level by LinearAllPaths) do not: their ~1e-4
-// deviations requantised in the w2 input flip E4M3 roundings in most rows (measured on the H200:
-// 0.1-1.4 % of outputs outside 1e-3, at most 7.2e-3 of max |ref|), so there only the flip bound
-// holds them (expect_close_up_to_flips, every_row_flips).
+// the CPU. On sm_90 the Auto path's shared expert takes cuBLASLt (bound at the linear level by
+// LinearAllPaths), which does not: its ~1e-4 deviations requantised in the w2 input flip E4M3
+// roundings in most rows (measured on the H200, with an FP8-accumulating kernel for the routed
+// experts too: 0.1-1.4 % of outputs outside 1e-3, at most 7.2e-3 of max |ref|), so there only
+// the flip bound holds it (expect_close_up_to_flips, every_row_flips).
 TEST(CudaFp8, MoE) {
   DSV4_REQUIRE_GPU();
   struct C {

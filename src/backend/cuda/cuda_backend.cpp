@@ -520,7 +520,7 @@ class CudaBackend final : public Backend {
         a.ldxq = qr.ldq;
         a.xs = qr.scales.f32();
         a.xs_ld = M;
-        a.warpgroup_mma = opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel;
+        a.warpgroup_mma = opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel && pow2_scales();
       } else {
         a.x = qr.roundtrip.f32();
       }
@@ -765,7 +765,7 @@ class CudaBackend final : public Backend {
         a.ldxq = q.ldq;
         a.xs = q.scales.f32();
         a.xs_ld = q_rows;
-        a.warpgroup_mma = opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel;
+        a.warpgroup_mma = opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel && pow2_scales();
       }
       a.x_rows = rows;
       a.y = yout;

@@ -18,10 +18,11 @@ struct CudaOptions {
                            // the GPU tests turn it on so unwritten outputs show; serving does not
                            // pay a memset per tensor
   // GEMMs of FP8 activations (Backend::set_act_quant) with more than a GEMV's rows: Auto takes
-  // cuBLASLt's block-scaled FP8 GEMM for FP8 weights on sm_90 when it offers an algorithm, else
-  // our warpgroup-MMA kernel on sm_90a (FP4 experts, grouped FP8), else the portable mma.sync
-  // kernel (sm_89+). Kernel forces the portable kernel, Warpgroup ours on sm_90a (the portable
-  // one elsewhere), CublasLt cuBLASLt (failing when it cannot run the shape).
+  // cuBLASLt's block-scaled FP8 GEMM for FP8 weights on sm_90 when it offers an algorithm, our
+  // warpgroup-MMA kernel on sm_90a for FP4 weights (E8M0 scales, power-of-two activation
+  // scales), else the portable mma.sync kernel (sm_89+). Kernel forces the portable kernel,
+  // Warpgroup keeps cuBLASLt out (ours where it fits, the portable one elsewhere), CublasLt
+  // forces cuBLASLt (failing when it cannot run the shape).
   enum class Fp8Gemm { Auto, Kernel, CublasLt, Warpgroup } fp8_gemm = Fp8Gemm::Auto;
   // Backend::run_graph captures fixed-shape steps as CUDA graphs and replays them; off: every
   // step runs its ops eagerly (the same ops: tests compare the two bit for bit).

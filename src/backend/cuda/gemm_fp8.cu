@@ -340,56 +340,51 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
     }
 }
 
-// ---- warpgroup tensor-core GEMM (sm_90a) -------------------------------------------------------
-// The prefill-sized GEMMs with FP8 activations on Hopper's asynchronous warpgroup MMA: per block 64
-// activation rows x 256 weight rows, two warpgroups of 64 x 128 (wgmma m64n128k32 E4M3, both
-// operands in shared memory, in the no-swizzle K-major layout: 8-row x 16-byte core matrices of
-// 128 contiguous bytes, the 8 of a row group's 128 columns side by side).
-//  - A ring of kWgStages 128-column stages filled by cp.async keeps three stages of loads in
-//    flight while the MMAs run. FP8 weights land as the operand; FP4 weights land packed with
-//    their group scales and are converted (folded where they can be, as in mma_kernel) into one
-//    of two E4M3 buffers a stage ahead, while the MMAs of the current stage run.
-//  - Partial sums are promoted to FP32 with their scales as in mma_kernel: once per 128 columns
-//    (unfolded FP4 stages: per 32).
-//  - The tensor cores add a wgmma's FP8 products in an accumulator narrower than FP32 (as
-//    cuBLASLt's FP8 GEMM, test_cuda_fp8.cpp): the Auto path takes this kernel, Fp8Gemm::Kernel
-//    keeps the FP32-accumulating mma.sync one.
-// Needs K % 128 == 0 and, for FP8, 128-aligned problem row offsets (wgmma_fits).
-constexpr int kWgTM = 64, kWgTN = 256, kWgStages = 4;
+// ---- warpgroup tensor-core GEMM for FP4 experts (sm_90a) ---------------------------------------
+// Prefill-sized FP4-weight GEMMs with FP8 activations on Hopper's asynchronous warpgroup MMA, in
+// BF16: an E4M3 activation times its power-of-two block scale, and an E2M1 weight times its E8M0
+// group scale, are both BF16 values exactly, so with the scales folded into the operands there is
+// nothing to promote: one FP32 accumulation over all of K (wgmma m64n256k16 BF16), exact products.
+//  - Block: 128 activation rows x 256 weight rows, two warpgroups of 64 x 256 (128 accumulator
+//    registers a thread). Per 128-column load stage 16 KB of E4M3 and 16 KB of packed E2M1 arrive
+//    by cp.async (two stages in flight), 262 FLOP per byte from L2: the E4M3-operand version of
+//    64 x 256 tiles promoted per 128 columns measured 155-210 TFLOP/s, about 2 TB/s of tile loads.
+//  - Each 64-column MMA stage is converted to BF16 (128-byte swizzled, the layout wgmma reads
+//    without bank conflicts) one stage ahead, into one of three buffers, while the MMAs of the
+//    current stage run; a warpgroup keeps one stage of MMAs in flight.
+// Needs K % 128 == 0, E8M0 weight scales and power-of-two activation scales (wgmma_fits; the
+// backend asks for it only with them).
+constexpr int kWgTM = 64 * 2, kWgTN = 256, kWgThreads = 256;
+constexpr int kWgLoadK = 128;              // columns of a load stage: one activation scale block
+constexpr int kWgXRowBytes = kWgLoadK + 16;  // padded: conflict-free conversion reads
 
-struct WgSmemFp8 {
-  uint8_t x[kWgStages][kWgTM * kTK];
-  uint8_t w[kWgStages][kWgTN * kTK];
+struct WgSmem {
+  // BF16 operands of three MMA stages, rows of 128 bytes (64 columns), 128-byte swizzled.
+  alignas(1024) uint8_t a[3][kWgTM * 128];
+  alignas(1024) uint8_t b[3][kWgTN * 128];
+  // Two load stages as they arrive.
+  uint8_t x[2][kWgTM * kWgXRowBytes];      // E4M3 activation rows
+  uint8_t w[2][kWgTN * kWgLoadK / 2];      // packed E2M1 weight rows of 64 bytes
+  float xs[2][kWgTM];                      // activation scales of the 128-column block
+  uint8_t ws[2][kWgTN * kWgLoadK / 32];    // E8M0 group scales, 4 a row
 };
-template <bool SF32>
-struct WgSmemFp4 {
-  uint8_t x[kWgStages][kWgTM * kTK];
-  uint8_t packed[kWgStages][kWgTN * kTK / 2];                   // E2M1 rows of 64 bytes
-  uint8_t packed_scale[kWgStages][kWgTN * (kTK / 32) * (SF32 ? 4 : 1)];  // a row's 4 group scales
-  uint8_t w[2][kWgTN * kTK];                                    // converted to E4M3
-  float wscale[2][kWgTN][kTK / 32];  // folded: [.][.][0] per row
-  uint32_t shifted[kMaxFoldShift + 1][2];  // kE2m1Shifted
-};
-template <int FMT, bool SF32>
-using WgSmem = std::conditional_t<FMT == kFP8, WgSmemFp8, WgSmemFp4<SF32>>;
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int kCoreBytes = 128, kRowGroupBytes = 8 * kCoreBytes;  // one row group of a 128-column stage
-// Byte offset of (row, 16-byte chunk kc) of a stage in the core-matrix layout.
-__device__ __forceinline__ int core_offset(int row, int kc) {
-  return (row >> 3) * kRowGroupBytes + kc * kCoreBytes + (row & 7) * 16;
-}
-// Shared-memory matrix descriptor, no swizzle: start, leading (K) and stride (row-group) offsets.
+constexpr int kWgMmaK = 64;  // columns of an MMA stage: one 128-byte BF16 row
+// Byte offset of 16-byte chunk c (0..7) of row `row` in a 128-byte-swizzled operand tile (rows of
+// 128 bytes from a 1,024-aligned base; the chunk index is XORed with the row's index mod 8).
+__device__ __forceinline__ int swizzled(int row, int c) { return row * 128 + ((c ^ (row & 7)) << 4); }
+// Shared-memory matrix descriptor, K-major, 128-byte swizzle: start, leading offset (unused),
+// stride between 8-row groups (1,024 bytes).
 __device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  return uint64_t((addr & 0x3ffffu) >> 4) | uint64_t(kCoreBytes >> 4) << 16 | uint64_t(kRowGroupBytes >> 4) << 32;
+  return uint64_t((addr & 0x3ffffu) >> 4) | uint64_t(1) << 16 | uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
 }
-// d (+)= A[64 x 32] B[128 x 32]^T; d is overwritten when accumulate is false.
-__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t a, uint64_t b, bool accumulate) {
+// d += A[64 x 16] B[256 x 16]^T, BF16 operands from shared memory, FP32 accumulators.
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, 1, 1, 1, 0, 0;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -397,176 +392,180 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t a, uin
         "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(a), "l"(b), "r"(int(accumulate)));
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(a), "l"(b));
 }
 // Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
-__device__ __forceinline__ void fence_registers(float (&d)[64]) {
+__device__ __forceinline__ void fence_registers(float (&d)[128]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Generic-proxy shared-memory writes (cp.async, st.shared) made visible to the MMAs' async proxy.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Generic-proxy shared-memory writes (st.shared) made visible to the MMAs' async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
 }
+__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+// Sixteen E4M3 bytes times a power of two s as eight BF16 pairs (exact: hardware E4M3 -> F16,
+// then F32 times s, then BF16 of a value it holds).
+__device__ __forceinline__ void e4m3x16_to_bf16(uint4 q, float s, uint32_t (&out)[8]) {
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const __half2_raw h =
+        __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t((words[i / 2] >> (16 * (i % 2))) & 0xffffu), __NV_E4M3);
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    out[i] = bf16x2_bits(f.x * s, f.y * s);
+  }
+}
+// Thirty-two E2M1 codes (16 bytes, the low nibble first) times their group scale s as sixteen BF16
+// pairs. The eight magnitudes times s are computed once in FP32 (as the CPU: e2m1 x scale, so NaN
+// and infinite scales give what they give there) and rounded to BF16 exactly; then per four codes
+// a byte permutation picks the low and the high bytes, a second one the sign bytes, and two more
+// interleave them.
+__device__ __forceinline__ void e2m1x32_to_bf16(uint4 q, float s, uint32_t (&out)[16]) {
+  const uint32_t t0 = bf16x2_bits(0.f * s, 0.5f * s), t1 = bf16x2_bits(1.f * s, 1.5f * s);
+  const uint32_t t2 = bf16x2_bits(2.f * s, 3.f * s), t3 = bf16x2_bits(4.f * s, 6.f * s);
+  const uint32_t lo0 = __byte_perm(t0, t1, 0x6420), hi0 = __byte_perm(t0, t1, 0x7531);
+  const uint32_t lo1 = __byte_perm(t2, t3, 0x6420), hi1 = __byte_perm(t2, t3, 0x7531);
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {  // codes 4i .. 4i + 3
+    const uint32_t u = words[i / 2] >> (16 * (i % 2));
+    const uint32_t sel = u & 0x7777u;
+    const uint32_t lo = __byte_perm(lo0, lo1, sel);
+    const uint32_t hi = __byte_perm(hi0, hi1, sel) | __byte_perm(0x8000u, 0u, (u >> 3) & 0x1111u);
+    out[2 * i] = __byte_perm(lo, hi, 0x5140);
+    out[2 * i + 1] = __byte_perm(lo, hi, 0x7362);
+  }
+}
 #endif
 
-template <int FMT, bool SF32>
-__global__ void __launch_bounds__(256, 1) wgmma_kernel(GemmArgs a) {
+__global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   pdl_prologue();
-  extern __shared__ __align__(16) uint8_t smem_raw[];
-  WgSmem<FMT, SF32>& sm = *reinterpret_cast<WgSmem<FMT, SF32>*>(smem_raw);
+  extern __shared__ __align__(1024) uint8_t wg_smem[];
+  WgSmem& sm = *reinterpret_cast<WgSmem*>(wg_smem);
   const Problem p = problem(a);
   const int64_t r0 = int64_t(blockIdx.y) * kWgTM, n0 = int64_t(blockIdx.x) * kWgTN, K = a.K, N = a.N;
   if (r0 >= p.rows) return;
-  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, wrow = ((tid >> 5) & 3) * 16 + (lane >> 2);
-  const int t4 = lane & 3;
-  const int64_t nkb = K / kTK;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
+  const int wrow = wg * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2), t4 = lane & 3;  // this thread's first output row
+  const bool wg_live = r0 + wg * 64 < p.rows;  // a warpgroup past the problem's rows skips its MMAs
+  const int64_t nload = K / kWgLoadK, nmma = K / kWgMmaK;
   auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
 
-  // Chunk c of a stage: rows in 8-row runs (c % 8) so that 8 lanes fill one core matrix.
-  auto chunk_row = [](int c) { return (c >> 6) * 8 + (c & 7); };
-  auto chunk_kc = [](int c) { return (c >> 3) & 7; };
-  int64_t xrow[2], srow[2];  // activation rows of this thread's staged chunks and of its outputs
+  // Load stage L (columns 128 L ..) into slot L % 2: thread tid copies activation rows tid / 8 + 32 i
+  // (chunk tid % 8), weight rows tid / 4 + 64 i (chunk tid % 4), the scales of row tid.
+  int64_t xrow[4];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int64_t r = r0 + chunk_row(tid + i * 256), o = r0 + wrow + 8 * i;
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = r0 + (tid >> 3) + 32 * i;
     xrow[i] = r < p.rows ? act_row(r) : -1;
-    srow[i] = o < p.rows ? act_row(o) : -1;
   }
-  auto load_stage = [&](int64_t kb) {
-    const int slot = int(kb % kWgStages);
+  const int64_t srow = tid < kWgTM && r0 + tid < p.rows ? act_row(r0 + tid) : -1;
+  auto load_stage = [&](int64_t L) {
+    const int slot = int(L & 1);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = tid + i * 256, kc = chunk_kc(c);
+    for (int i = 0; i < 4; ++i) {
+      const int row = (tid >> 3) + 32 * i, ch = tid & 7;
       const bool ok = xrow[i] >= 0;
-      cp_async16(&sm.x[slot][core_offset(chunk_row(c), kc)], ok ? a.xq + xrow[i] * a.ldxq + kb * kTK + kc * 16 : a.xq,
+      cp_async16(&sm.x[slot][row * kWgXRowBytes + ch * 16], ok ? a.xq + xrow[i] * a.ldxq + L * kWgLoadK + ch * 16 : a.xq,
                  ok);
     }
-    if constexpr (FMT == kFP8) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int c = tid + i * 256, row = chunk_row(c), kc = chunk_kc(c);
-        const int64_t n = n0 + row;
-        cp_async16(&sm.w[slot][core_offset(row, kc)], n < N ? p.w.w + (p.wrow0 + n) * K + kb * kTK + kc * 16 : p.w.w,
-                   n < N);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {  // 256 rows x 64 packed bytes
-        const int c = tid + i * 256, row = c >> 2, part = c & 3;
-        const int64_t n = n0 + row;
-        cp_async16(&sm.packed[slot][row * 64 + part * 16],
-                   n < N ? p.w.w + ((p.wrow0 + n) * K + kb * kTK) / 2 + part * 16 : p.w.w, n < N);
-      }
-      const int64_t n = n0 + tid;  // the row's 4 group scales
-      const uint8_t* src = p.w.s + ((p.wrow0 + n) * (K / 32) + kb * 4) * (SF32 ? 4 : 1);
-      if constexpr (SF32) cp_async16(&sm.packed_scale[slot][tid * 16], n < N ? src : p.w.s, n < N);
-      else cp_async4(&sm.packed_scale[slot][tid * 4], n < N ? src : p.w.s, n < N);
+    for (int i = 0; i < 4; ++i) {
+      const int row = (tid >> 2) + 64 * i, ch = tid & 3;
+      const int64_t n = n0 + row;
+      cp_async16(&sm.w[slot][row * 64 + ch * 16], n < N ? p.w.w + ((p.wrow0 + n) * K + L * kWgLoadK) / 2 + ch * 16 : p.w.w,
+                 n < N);
     }
+    if (tid < kWgTM) cp_async4(&sm.xs[slot][tid], srow >= 0 ? a.xs + L * a.xs_ld + srow : a.xs, srow >= 0);
+    const int64_t n = n0 + tid;
+    cp_async4(&sm.ws[slot][tid * 4], n < N ? p.w.s + (p.wrow0 + n) * (K / 32) + L * 4 : p.w.s, n < N);
   };
-  int folded = 0;  // FP4, bit b: E4M3 buffer b holds folded rows (FP8: one scale per 128 columns)
-  // FP4: the packed stage kb converted into E4M3 buffer kb % 2.
-  auto convert_stage = [&](int64_t kb) {
-    if constexpr (FMT == kFP4) {
-      const int slot = int(kb % kWgStages), buf = int(kb & 1);
-      uint4 w4[4];
-      float w4s[4];
+  // MMA stage s (columns 64 s ..) to BF16 into buffer s % 3: activation rows tid / 4 + 64 i
+  // (16 columns each), weight rows tid / 2 + 128 i (one 32-group each).
+  auto convert_stage = [&](int64_t s) {
+    const int slot = int((s >> 1) & 1), half = int(s & 1), buf = int(s % 3);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int c = tid + i * 256, row = c >> 2, grp = c & 3;
-        w4[i] = *reinterpret_cast<const uint4*>(&sm.packed[slot][row * 64 + grp * 16]);
-        w4s[i] = scale_at<SF32>(sm.packed_scale[slot], row * 4 + grp);
-      }
-      const bool fold = convert_fp4_stage(w4, w4s, sm.shifted, [&](int i, uint4 lo, uint4 hi, float scale) {
-        const int c = tid + i * 256, row = c >> 2, grp = c & 3;
-        *reinterpret_cast<uint4*>(&sm.w[buf][core_offset(row, 2 * grp)]) = lo;
-        *reinterpret_cast<uint4*>(&sm.w[buf][core_offset(row, 2 * grp + 1)]) = hi;
-        sm.wscale[buf][row][grp] = scale;
-      });
-      folded = fold ? folded | (1 << buf) : folded & ~(1 << buf);
+    for (int i = 0; i < 2; ++i) {
+      const int row = (tid >> 2) + 64 * i, q = tid & 3;
+      uint32_t v[8];
+      e4m3x16_to_bf16(*reinterpret_cast<const uint4*>(&sm.x[slot][row * kWgXRowBytes + half * 64 + q * 16]),
+                      sm.xs[slot][row], v);
+      *reinterpret_cast<uint4*>(&sm.a[buf][swizzled(row, 2 * q)]) = make_uint4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<uint4*>(&sm.a[buf][swizzled(row, 2 * q + 1)]) = make_uint4(v[4], v[5], v[6], v[7]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = (tid >> 1) + 128 * i, g = tid & 1;
+      uint32_t v[16];
+      e2m1x32_to_bf16(*reinterpret_cast<const uint4*>(&sm.w[slot][row * 64 + half * 32 + g * 16]),
+                      e8m0_to_float(sm.ws[slot][row * 4 + half * 2 + g]), v);
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        *reinterpret_cast<uint4*>(&sm.b[buf][swizzled(row, 4 * g + c)]) =
+            make_uint4(v[4 * c], v[4 * c + 1], v[4 * c + 2], v[4 * c + 3]);
     }
   };
 
-  float acc[64], part[64];
+  float acc[128];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.f;
-  // acc[4j + e] += part[4j + e] x row scale x column scale; column 8j + 2 t4 + (e & 1) of the
-  // warpgroup's 128, row wrow + 8 (e >> 1).
-  auto promote = [&](const float (&sx)[2], auto column_scale) {
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        acc[4 * j + e] = fmaf(part[4 * j + e], sx[e >> 1] * column_scale(wg * 128 + j * 8 + t4 * 2 + (e & 1)),
-                              acc[4 * j + e]);
-  };
+  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
 
-  if constexpr (FMT == kFP4) {
-    if (tid < 2 * (kMaxFoldShift + 1)) sm.shifted[tid / 2][tid % 2] = kE2m1Shifted[tid / 2][tid % 2];
-  }
-#pragma unroll
-  for (int s = 0; s < kWgStages - 1; ++s) {
-    if (s < nkb) load_stage(s);
-    cp_async_commit();
-  }
-  if constexpr (FMT == kFP4) {
-    cp_async_wait<kWgStages - 2>();  // stage 0
-    __syncthreads();
-    convert_stage(0);
-  }
+  // cp.async groups: one per load stage, committed in order (empty past the last), so at MMA
+  // stage s the groups of load stages <= s / 2 + 1 have been committed.
+  load_stage(0);
+  cp_async_commit();
+  if (nload > 1) load_stage(1);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+  convert_stage(0);
 
-  const int64_t nkw = (p.w.in + kTK - 1) / kTK;  // FP8 weight scale columns
-  for (int64_t kb = 0; kb < nkb; ++kb) {
-    cp_async_wait<kWgStages - 3>();  // stages kb and kb + 1 have landed
+  for (int64_t s = 0; s < nmma; ++s) {
+    wgmma_wait<1>();  // this warpgroup's MMAs of stage s - 2 are done: their buffer is converted into next
+    if (s & 1) cp_async_wait<0>();  // stage s + 1 converts from load stage (s + 1) / 2, the newest group
+    else cp_async_wait<1>();
     fence_proxy_async();
-    __syncthreads();  // ... for every thread; the slot loaded next was last read in step kb - 1
-    if (kb + kWgStages - 1 < nkb) load_stage(kb + kWgStages - 1);
-    cp_async_commit();
-
-    float sx[2], s8 = 0.f;  // row scales; FP8: the warpgroup's 128 x 128 weight block scale
-#pragma unroll
-    for (int h = 0; h < 2; ++h) sx[h] = srow[h] >= 0 ? a.xs[kb * a.xs_ld + srow[h]] : 0.f;
-    if constexpr (FMT == kFP8) {
-      const int64_t n = n0 + wg * 128;
-      if (n < N) s8 = scale_at<SF32>(p.w.s, ((p.wrow0 + n) / kTK) * nkw + kb);
+    __syncthreads();
+    if (s & 1) {  // load stage (s - 1) / 2 is converted: its slot takes load stage (s - 1) / 2 + 2
+      const int64_t L = (s - 1) / 2 + 2;
+      if (L < nload) load_stage(L);
+      cp_async_commit();
     }
-    const int buf = FMT == kFP8 ? int(kb % kWgStages) : int(kb & 1);
-    const uint8_t* xs = sm.x[kb % kWgStages];
-    const uint8_t* ws = sm.w[buf] + wg * (128 / 8) * kRowGroupBytes;
-    const bool more = kb + 1 < nkb;
-    if (FMT == kFP8 || (folded >> buf & 1)) {  // one promotion for the 128 columns (FP8: always)
-      fence_registers(part);
+    if (wg_live) {
+      const uint8_t* at = sm.a[s % 3] + wg * 64 * 128;
+      const uint8_t* bt = sm.b[s % 3];
+      fence_registers(acc);
       wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kTK / 32; ++ks)
-        wgmma_m64n128k32(part, wgmma_desc(xs + ks * 2 * kCoreBytes), wgmma_desc(ws + ks * 2 * kCoreBytes), ks > 0);
+      for (int k = 0; k < kWgMmaK / 16; ++k) wgmma_m64n256k16(acc, wgmma_desc(at + k * 32), wgmma_desc(bt + k * 32));
       wgmma_commit();
-      if (more) convert_stage(kb + 1);  // while the MMAs run
-      wgmma_wait_all();
-      fence_registers(part);
-      if constexpr (FMT == kFP8) promote(sx, [&](int) { return s8; });
-      else promote(sx, [&](int col) { return sm.wscale[buf][col][0]; });
-    } else {  // unfolded FP4: a promotion per 32-group
-#pragma unroll
-      for (int ks = 0; ks < kTK / 32; ++ks) {
-        fence_registers(part);
-        wgmma_fence();
-        wgmma_m64n128k32(part, wgmma_desc(xs + ks * 2 * kCoreBytes), wgmma_desc(ws + ks * 2 * kCoreBytes), false);
-        wgmma_commit();
-        wgmma_wait_all();
-        fence_registers(part);
-        if constexpr (FMT == kFP4) promote(sx, [&](int col) { return sm.wscale[buf][col][ks]; });
-      }
-      if (more) convert_stage(kb + 1);
     }
+    if (s + 1 < nmma) convert_stage(s + 1);  // while the MMAs run
   }
+  wgmma_wait<0>();
+  fence_registers(acc);
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -574,10 +573,10 @@ __global__ void __launch_bounds__(256, 1) wgmma_kernel(GemmArgs a) {
     if (r >= p.rows) continue;
     float* yr = p.y + (p.base + r) * a.ldy;
 #pragma unroll
-    for (int j = 0; j < 16; ++j)
+    for (int j = 0; j < 32; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int64_t n = n0 + wg * 128 + j * 8 + t4 * 2 + e;
+        const int64_t n = n0 + j * 8 + t4 * 2 + e;
         if (n < N) yr[n] = acc[4 * j + 2 * h + e];
       }
   }
@@ -960,20 +959,20 @@ void launch_mma(const GemmArgs& a, cudaStream_t stream) {
   launch_pdl(mma_kernel<FMT, SF32>, grid, 256, sizeof(Smem), stream, a);
 }
 
-// The warpgroup kernel's shape conditions: whole 128-column stages, 16-byte activation rows and,
-// for FP8 weights, problems starting on a 128-row scale block.
+// The warpgroup kernel's conditions: FP4 weights with E8M0 scales (E2M1 x scale is then a BF16
+// value), whole 128-column load stages, 16-byte activation rows (power-of-two activation scales:
+// GemmArgs::warpgroup_mma).
 bool wgmma_fits(const GemmArgs& a) {
-  return a.K % kTK == 0 && a.ldxq % 16 == 0 && (a.wd.fmt != kFP8 || a.w_z_row_off % kTK == 0);
+  return a.wd.fmt == kFP4 && !a.wd.scale_f32 && a.K % kWgLoadK == 0 && a.ldxq % 16 == 0;
 }
 
-template <int FMT, bool SF32>
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
-  constexpr size_t smem = sizeof(WgSmem<FMT, SF32>);
-  static const bool configured =
-      (cudaFuncSetAttribute(wgmma_kernel<FMT, SF32>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), true);
+  static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                       int(sizeof(WgSmem))),
+                                  true);
   (void)configured;
   dim3 grid(unsigned((a.N + kWgTN - 1) / kWgTN), unsigned((a.max_rows + kWgTM - 1) / kWgTM), unsigned(a.Z));
-  launch_pdl(wgmma_kernel<FMT, SF32>, grid, 256, smem, stream, a);
+  launch_pdl(wgmma_fp4_kernel, grid, kWgThreads, sizeof(WgSmem), stream, a);
 }
 
 }  // namespace
@@ -984,7 +983,7 @@ bool wgmma_available() {
   if (!on || device_attribute<cudaDevAttrComputeCapabilityMajor>() != 9) return false;
   static const bool compiled = [] {  // this binary holds sm_90a code (asked on an SM 9.x device)
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, wgmma_kernel<kFP4, false>) == cudaSuccess && attr.binaryVersion == 90;
+    return cudaFuncGetAttributes(&attr, wgmma_fp4_kernel) == cudaSuccess && attr.binaryVersion == 90;
   }();
   return compiled;
 }
@@ -1034,16 +1033,14 @@ void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.K % 32 || a.x_z_off || !a.xs)
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
   if (gemm_skinny(a, false, stream)) return;
-  const bool wg = a.warpgroup_mma && wgmma_fits(a) && wgmma_available();
+  if (a.warpgroup_mma && wgmma_fits(a) && wgmma_available()) {
+    launch_wgmma(a, stream);
+    DSV4_LAUNCH_CHECK();
+    return;
+  }
   switch (a.wd.fmt) {
-    case kFP8:
-      if (wg) a.wd.scale_f32 ? launch_wgmma<kFP8, true>(a, stream) : launch_wgmma<kFP8, false>(a, stream);
-      else a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream);
-      break;
-    case kFP4:
-      if (wg) a.wd.scale_f32 ? launch_wgmma<kFP4, true>(a, stream) : launch_wgmma<kFP4, false>(a, stream);
-      else a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream);
-      break;
+    case kFP8: a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream); break;
+    case kFP4: a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream); break;
     default: std::fprintf(stderr, "gemm_fp8_tensor_core: weights are not FP8 or FP4\n"), std::abort();
   }
   DSV4_LAUNCH_CHECK();

@@ -67,8 +67,9 @@ struct GemmArgs {
   // two) the kernel computes itself while staging x: one launch fewer per FP8 linear of one row.
   // Only where gemm_rounds_x() says so.
   enum class XRoundTrip : int8_t { None, Amax, Pow2 } x_roundtrip = XRoundTrip::None;
-  // With xq: the sm_90a warpgroup-MMA kernel where wgmma_available() (its FP8 products add in an
-  // accumulator narrower than FP32, as cuBLASLt's); else the FP32-accumulating mma.sync kernel.
+  // With xq and power-of-two activation scales: the sm_90a warpgroup-MMA kernel for FP4 weights
+  // with E8M0 scales where wgmma_available() (BF16 operands with the scales folded in, exact
+  // products, FP32 accumulation); else the mma.sync kernel.
   bool warpgroup_mma = false;
 };
 // Whether this device runs the sm_90a warpgroup-MMA GEMM kernel (compiled for sm_90a, an SM 9.x GPU).
