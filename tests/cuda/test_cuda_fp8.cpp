@@ -68,7 +68,9 @@ void expect_close_up_to_flips(const std::vector<float>& ref, const std::vector<f
   std::printf("[maxerr] %-48s n=%-9zu rel=%.3e outside %.0e: %lld\n", what.c_str(), ref.size(), worst / scale,
               kTensorCoreTol, (long long)loose);
   EXPECT_EQ(nan, 0) << what;
-  if (!every_row_flips) EXPECT_LE(double(loose), 1e-3 * double(ref.size())) << what;
+  if (!every_row_flips) {
+    EXPECT_LE(double(loose), 1e-3 * double(ref.size())) << what;
+  }
   EXPECT_LE(worst, 1e-2f * scale) << what;
 }
 

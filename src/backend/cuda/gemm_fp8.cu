@@ -356,7 +356,9 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 // backend asks for it only with them).
 constexpr int kWgTM = 64 * 2, kWgTN = 256, kWgThreads = 256;
 constexpr int kWgLoadK = 128;              // columns of a load stage: one activation scale block
-constexpr int kWgXRowBytes = kWgLoadK + 16;  // padded: conflict-free conversion reads
+// Padded rows of the arriving stages: the 8 lanes of a conversion read take 8 rows, 16 bytes each,
+// which these strides (16 mod 128, 80 mod 128) spread over all 32 banks.
+constexpr int kWgXRowBytes = kWgLoadK + 16, kWgWRowBytes = kWgLoadK / 2 + 16;
 
 struct WgSmem {
   // BF16 operands of three MMA stages, rows of 128 bytes (64 columns), 128-byte swizzled.
@@ -364,7 +366,7 @@ struct WgSmem {
   alignas(1024) uint8_t b[3][kWgTN * 128];
   // Two load stages as they arrive.
   uint8_t x[2][kWgTM * kWgXRowBytes];      // E4M3 activation rows
-  uint8_t w[2][kWgTN * kWgLoadK / 2];      // packed E2M1 weight rows of 64 bytes
+  uint8_t w[2][kWgTN * kWgWRowBytes];      // packed E2M1 weight rows (64 bytes)
   float xs[2][kWgTM];                      // activation scales of the 128-column block
   uint8_t ws[2][kWgTN * kWgLoadK / 32];    // E8M0 group scales, 4 a row
 };
@@ -495,20 +497,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
     for (int i = 0; i < 4; ++i) {
       const int row = (tid >> 2) + 64 * i, ch = tid & 3;
       const int64_t n = n0 + row;
-      cp_async16(&sm.w[slot][row * 64 + ch * 16], n < N ? p.w.w + ((p.wrow0 + n) * K + L * kWgLoadK) / 2 + ch * 16 : p.w.w,
+      cp_async16(&sm.w[slot][row * kWgWRowBytes + ch * 16], n < N ? p.w.w + ((p.wrow0 + n) * K + L * kWgLoadK) / 2 + ch * 16 : p.w.w,
                  n < N);
     }
     if (tid < kWgTM) cp_async4(&sm.xs[slot][tid], srow >= 0 ? a.xs + L * a.xs_ld + srow : a.xs, srow >= 0);
     const int64_t n = n0 + tid;
     cp_async4(&sm.ws[slot][tid * 4], n < N ? p.w.s + (p.wrow0 + n) * (K / 32) + L * 4 : p.w.s, n < N);
   };
-  // MMA stage s (columns 64 s ..) to BF16 into buffer s % 3: activation rows tid / 4 + 64 i
-  // (16 columns each), weight rows tid / 2 + 128 i (one 32-group each).
+  // MMA stage s (columns 64 s ..) to BF16 into buffer s % 3. Item it = tid + 256 i: activation
+  // row (it % 8) + 8 (it / 32), its 16 columns (it / 8) % 4; weight row (it % 8) + 8 (it / 16),
+  // its 32-group (it / 8) % 2.
   auto convert_stage = [&](int64_t s) {
     const int slot = int((s >> 1) & 1), half = int(s & 1), buf = int(s % 3);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int row = (tid >> 2) + 64 * i, q = tid & 3;
+      const int it = tid + 256 * i, row = (it & 7) | (it >> 5) << 3, q = (it >> 3) & 3;
       uint32_t v[8];
       e4m3x16_to_bf16(*reinterpret_cast<const uint4*>(&sm.x[slot][row * kWgXRowBytes + half * 64 + q * 16]),
                       sm.xs[slot][row], v);
@@ -517,9 +520,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int row = (tid >> 1) + 128 * i, g = tid & 1;
+      const int it = tid + 256 * i, row = (it & 7) | (it >> 4) << 3, g = (it >> 3) & 1;
       uint32_t v[16];
-      e2m1x32_to_bf16(*reinterpret_cast<const uint4*>(&sm.w[slot][row * 64 + half * 32 + g * 16]),
+      e2m1x32_to_bf16(*reinterpret_cast<const uint4*>(&sm.w[slot][row * kWgWRowBytes + half * 32 + g * 16]),
                       e8m0_to_float(sm.ws[slot][row * 4 + half * 2 + g]), v);
 #pragma unroll
       for (int c = 0; c < 4; ++c)
@@ -963,7 +966,7 @@ void launch_mma(const GemmArgs& a, cudaStream_t stream) {
 // value), whole 128-column load stages, 16-byte activation rows (power-of-two activation scales:
 // GemmArgs::warpgroup_mma).
 bool wgmma_fits(const GemmArgs& a) {
-  return a.wd.fmt == kFP4 && !a.wd.scale_f32 && a.K % kWgLoadK == 0 && a.ldxq % 16 == 0;
+  return a.wd.fmt == kFP4 && !a.wd.scale_f32 && a.K > 0 && a.K % kWgLoadK == 0 && a.ldxq % 16 == 0;
 }
 
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
@@ -981,10 +984,16 @@ bool wgmma_available() {
   // DSV4_CUDA_WGMMA=0: the mma.sync kernel everywhere (A/B measurements).
   static const bool on = env_flag_default_on("DSV4_CUDA_WGMMA");
   if (!on || device_attribute<cudaDevAttrComputeCapabilityMajor>() != 9) return false;
-  static const bool compiled = [] {  // this binary holds sm_90a code (asked on an SM 9.x device)
+  // This binary holds sm_90a code, the image an SM 9.x device runs (binaryVersion says 90 for a
+  // plain sm_90 image too, whose kernel body is a trap: the build says which it made).
+#ifdef DSV4_BUILT_FOR_SM90A
+  static const bool compiled = [] {
     cudaFuncAttributes attr{};
     return cudaFuncGetAttributes(&attr, wgmma_fp4_kernel) == cudaSuccess && attr.binaryVersion == 90;
   }();
+#else
+  constexpr bool compiled = false;
+#endif
   return compiled;
 }
 
