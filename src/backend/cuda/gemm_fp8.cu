@@ -87,8 +87,7 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // mma_kernel's FP4 weight fetch into registers: thread tid's item i is chunk c = tid + 256 i of
 // the stage, weight row c / 4 (from n0) and its 32-group c % 4 of the 128-column block kb, so the
-// four groups of a row sit in four adjacent lanes (as convert_fp4_stage, shared with the
-// warpgroup kernel, needs).
+// four groups of a row sit in four adjacent lanes (as convert_fp4_stage needs).
 template <int kItems, bool SF32>
 __device__ __forceinline__ void fetch_fp4_stage(const Problem& p, int64_t n0, int64_t N, int64_t K, int64_t kb,
                                                 uint4 (&w4)[kItems], float (&w4s)[kItems]) {
