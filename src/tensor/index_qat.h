@@ -51,13 +51,12 @@ DSV4_HOST_DEVICE DSV4_INDEX_QAT_INLINE void index_qat_row(float* x, int d) {
   for (int s = 0; (1 << s) < d; ++s) {
     const int h = 1 << s;
     DSV4_INDEX_QAT_UNROLL
-    for (int i = 0; i < d; i += 2 * h)
-      DSV4_INDEX_QAT_UNROLL
-      for (int j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
+    for (int t = 0; t < d / 2; ++t) {  // the stage's d / 2 disjoint pairs (j, j + h), j in order
+      const int j = (t / h) * 2 * h + t % h;
+      const float a = x[j], b = x[j + h];
+      x[j] = a + b;
+      x[j + h] = a - b;
+    }
   }
   const float norm = 1.f / sqrtf(float(d));  // d a power of two: 2^-k or 2^-k / sqrt(2), the same on both sides
   DSV4_INDEX_QAT_UNROLL
