@@ -109,6 +109,35 @@ inline int blocks_for(int64_t n, int threads = 256) {
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
 
+// A 16-byte chunk of weight elements (16 FP8, 32 FP4, 8 BF16 or 4 F32), unscaled (exact: E4M3 and E2M1 values are F16 values).
+template <int FMT>
+__device__ __forceinline__ void decode_chunk(const uint4& q, float* v) {
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  auto fp8x2 = [](uint32_t pair, float* out) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(pair & 0xffffu), __NV_E4M3);
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    out[0] = f.x;
+    out[1] = f.y;
+  };
+  if constexpr (FMT == kFP8) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) fp8x2(words[i / 2] >> (16 * (i % 2)), v + 2 * i);
+  } else if constexpr (FMT == kFP4) {  // E2M1 -> E4M3 by byte permutation, then the hardware F16 path
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t e4 = e2m1x4_to_e4m3x4(words[i / 2] >> (16 * (i % 2)));
+      fp8x2(e4, v + 4 * i);
+      fp8x2(e4 >> 16, v + 4 * i + 2);
+    }
+  } else if constexpr (FMT == kBF16) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = bf16_bits_to_float(uint16_t(words[i / 2] >> (16 * (i % 2))));
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(words[i]);
+  }
+}
+
 __device__ __forceinline__ float vec_at(Vec v, int64_t i) {
   return v.bf16 ? bf16_bits_to_float(static_cast<const uint16_t*>(v.p)[i]) : static_cast<const float*>(v.p)[i];
 }
@@ -159,17 +188,9 @@ __device__ __forceinline__ void wload16(const WeightDesc& w, int64_t r, int64_t 
   if constexpr (FMT == kFP8) {
     const int64_t sc = (w.in + 127) / 128;
     const float s = scale_at<SF32>(w.s, (r / 128) * sc + c0 / 128);
-    const uint4 q = *reinterpret_cast<const uint4*>(w.w + r * w.in + c0);
-    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-    // Hardware E4M3x2 -> F16x2 (exact: every E4M3 value is an F16 value), then to F32.
+    decode_chunk<kFP8>(*reinterpret_cast<const uint4*>(w.w + r * w.in + c0), v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-          __nv_fp8x2_storage_t((words[i / 2] >> (16 * (i % 2))) & 0xffffu), __NV_E4M3);
-      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-      v[2 * i] = f.x * s;
-      v[2 * i + 1] = f.y * s;
-    }
+    for (int i = 0; i < 16; ++i) v[i] *= s;
   } else if constexpr (FMT == kFP4) {
     const float s = scale_at<SF32>(w.s, r * (w.in / 32) + c0 / 32);
     const uint2 q = *reinterpret_cast<const uint2*>(w.w + (r * w.in + c0) / 2);

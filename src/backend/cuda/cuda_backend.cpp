@@ -520,7 +520,7 @@ class CudaBackend final : public Backend {
         a.ldxq = qr.ldq;
         a.xs = qr.scales.f32();
         a.xs_ld = M;
-        a.warpgroup_mma = opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel && pow2_scales();
+        a.warpgroup_mma = warpgroup_mma();
       } else {
         a.x = qr.roundtrip.f32();
       }
@@ -765,7 +765,7 @@ class CudaBackend final : public Backend {
         a.ldxq = q.ldq;
         a.xs = q.scales.f32();
         a.xs_ld = q_rows;
-        a.warpgroup_mma = opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel && pow2_scales();
+        a.warpgroup_mma = warpgroup_mma();
       }
       a.x_rows = rows;
       a.y = yout;
@@ -953,6 +953,8 @@ class CudaBackend final : public Backend {
   bool skinny(int64_t rows, int32_t fmt, int64_t K) const {
     return sm_ >= 89 && (rows >= 2 || fmt == cuda::kFP4) && rows <= cuda::kGemvMaxRows && cuda::skinny_fits(fmt, K);
   }
+  // Whether FP8-activation GEMMs may take the warpgroup-MMA kernel (GemmArgs::warpgroup_mma).
+  bool warpgroup_mma() const { return opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel && pow2_scales(); }
   // cuBLASLt's block-scaled FP8 GEMM (sm_90 only); false when not chosen or not offered.
   bool cublaslt_fp8(const QuantizedRows& q, const cuda::WeightDesc& w, float* y, int64_t M) {
     using F = CudaOptions::Fp8Gemm;

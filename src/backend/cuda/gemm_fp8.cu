@@ -421,21 +421,13 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool val
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
 }
-__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-// Sixteen E4M3 bytes times a power of two s as eight BF16 pairs (exact: hardware E4M3 -> F16,
-// then F32 times s, then BF16 of a value it holds).
+// Sixteen E4M3 bytes times a power of two s as eight BF16 pairs (exact: E4M3 -> F32, times s,
+// then BF16 of a value it holds).
 __device__ __forceinline__ void e4m3x16_to_bf16(uint4 q, float s, uint32_t (&out)[8]) {
-  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  float v[16];
+  decode_chunk<kFP8>(q, v);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const __half2_raw h =
-        __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t((words[i / 2] >> (16 * (i % 2))) & 0xffffu), __NV_E4M3);
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-    out[i] = bf16x2_bits(f.x * s, f.y * s);
-  }
+  for (int i = 0; i < 8; ++i) out[i] = bf16x2_rn(v[2 * i] * s, v[2 * i + 1] * s);
 }
 // Thirty-two E2M1 codes (16 bytes, the low nibble first) times their group scale s as sixteen BF16
 // pairs. The eight magnitudes times s are computed once in FP32 (as the CPU: e2m1 x scale, so NaN
@@ -443,8 +435,8 @@ __device__ __forceinline__ void e4m3x16_to_bf16(uint4 q, float s, uint32_t (&out
 // a byte permutation picks the low and the high bytes, a second one the sign bytes, and two more
 // interleave them.
 __device__ __forceinline__ void e2m1x32_to_bf16(uint4 q, float s, uint32_t (&out)[16]) {
-  const uint32_t t0 = bf16x2_bits(0.f * s, 0.5f * s), t1 = bf16x2_bits(1.f * s, 1.5f * s);
-  const uint32_t t2 = bf16x2_bits(2.f * s, 3.f * s), t3 = bf16x2_bits(4.f * s, 6.f * s);
+  const uint32_t t0 = bf16x2_rn(0.f * s, 0.5f * s), t1 = bf16x2_rn(1.f * s, 1.5f * s);
+  const uint32_t t2 = bf16x2_rn(2.f * s, 3.f * s), t3 = bf16x2_rn(4.f * s, 6.f * s);
   const uint32_t lo0 = __byte_perm(t0, t1, 0x6420), hi0 = __byte_perm(t0, t1, 0x7531);
   const uint32_t lo1 = __byte_perm(t2, t3, 0x6420), hi1 = __byte_perm(t2, t3, 0x7531);
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};

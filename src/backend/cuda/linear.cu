@@ -46,35 +46,6 @@ __device__ __forceinline__ float chunk_scale(const WeightDesc& w, int64_t r, int
   else return 1.f;
 }
 
-// The chunk's elements, unscaled (exact: E4M3 and E2M1 values are F16 values).
-template <int FMT>
-__device__ __forceinline__ void decode_chunk(const uint4& q, float* v) {
-  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-  auto fp8x2 = [](uint32_t pair, float* out) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(pair & 0xffffu), __NV_E4M3);
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-    out[0] = f.x;
-    out[1] = f.y;
-  };
-  if constexpr (FMT == kFP8) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) fp8x2(words[i / 2] >> (16 * (i % 2)), v + 2 * i);
-  } else if constexpr (FMT == kFP4) {  // E2M1 -> E4M3 by byte permutation, then the hardware F16 path
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t e4 = e2m1x4_to_e4m3x4(words[i / 2] >> (16 * (i % 2)));
-      fp8x2(e4, v + 4 * i);
-      fp8x2(e4 >> 16, v + 4 * i + 2);
-    }
-  } else if constexpr (FMT == kBF16) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = bf16_bits_to_float(uint16_t(words[i / 2] >> (16 * (i % 2))));
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(words[i]);
-  }
-}
-
 // Unscaled dot product of a decoded chunk (4Q values) with its x values, stored transposed in
 // shared memory: float4 e of chunk c at xs[e * stride + c] (both GEMV kernels' layout).
 template <int Q>
@@ -482,7 +453,7 @@ __global__ void fp8_weight_to_bf16_kernel(WeightDesc w, uint16_t* out) {
 
 void split_bf16_planes(const float* x, int64_t n, uint16_t* parts, cudaStream_t stream) {
   if (n <= 0) return;
-  launch_pdl(split_bf16_planes_kernel, dim3(unsigned(std::min(blocks_for(n), 132 * 16))), 256, 0, stream, x, n, parts);
+  launch_pdl(split_bf16_planes_kernel, dim3(unsigned(std::min(blocks_for(n), sm_count() * 16))), 256, 0, stream, x, n, parts);
   DSV4_LAUNCH_CHECK();
 }
 
@@ -493,7 +464,7 @@ void fp8_weight_to_bf16(const WeightDesc& w, uint16_t* out, cudaStream_t stream)
   }
   const int64_t chunks = w.out * w.in / 16;
   if (chunks <= 0) return;
-  launch_pdl(fp8_weight_to_bf16_kernel, dim3(unsigned(std::min(blocks_for(chunks), 132 * 16))), 256, 0, stream, w, out);
+  launch_pdl(fp8_weight_to_bf16_kernel, dim3(unsigned(std::min(blocks_for(chunks), sm_count() * 16))), 256, 0, stream, w, out);
   DSV4_LAUNCH_CHECK();
 }
 
