@@ -519,8 +519,9 @@ int run_bench(int64_t layers, std::vector<int64_t> batches, std::vector<int64_t>
     const double bytes = distinct * double(last.expert) + double(linear_bytes(sh.w1) + linear_bytes(sh.w2) + linear_bytes(sh.w3));
     const double macs = 3.0 * double(cfg.hidden_size) *
                         (K * last.expert_share * double(lb.ffn.experts.at(0).w1.out) + double(sh.w1.out));
+    const double best = std::min({ours, fp8, fp8_mma});
     out("| moe layer | FP4 + FP8 | {} | {:.4f} | {:.4f} | {:.4f} | {:.1f} | {:.0f} |", M, ours, fp8, fp8_mma,
-        2.0 * double(M) * macs / (std::min(ours, fp8) * 1e-3) / 1e12, bytes / (std::min(ours, fp8) * 1e-3) / 1e9);
+        2.0 * double(M) * macs / (best * 1e-3) / 1e12, bytes / (best * 1e-3) / 1e9);
   }
   return 0;
 }
