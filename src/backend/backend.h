@@ -130,9 +130,11 @@ class Backend {
   // block_table[seq, j / rows_per_block] * rows_per_block + j % rows_per_block):
   // score[t, j] = w_scale * sum_h w[t, h] * relu(q[t, h] . key_j); idx[t] = the pool rows of
   // the top-k j by score (ties: lower j first), padded with -1. block_table [S, max_blocks] I32.
+  // qat_operands: q and keys are the index QAT's values (E2M1 times powers of two, BF16 exactly),
+  // so a backend may take the products on BF16 tensor cores without loss.
   virtual void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys,
                           const Tensor& block_table, int64_t rows_per_block, const Tensor& query_seq,
-                          const Tensor& usable, const Tensor& idx) = 0;
+                          const Tensor& usable, const Tensor& idx, bool qat_operands) = 0;
   // Router: expert weights [T, k] and ids [T, k] (hash layers read tid2eid[token]).
   virtual void route(const Tensor& x, const MoEWeights& moe, const Tensor& tokens, const ModelConfig& cfg,
                      const Tensor& weights, const Tensor& experts) = 0;

@@ -406,7 +406,7 @@ Tensor Model::attention(const AttentionWeights& a, LayerStore& ls, const Plan& p
       compressed_idx = be_.alloc({T, pr.topk}, ElemType::I32);
       const float w_scale = 1.f / std::sqrt(float(Hi)) / std::sqrt(float(di));
       be_.index_topk(qi, wi, w_scale, ls.index_keys, p.block_table, p.store->block_tokens / a.compressor.ratio,
-                     p.query_seq, pr.usable, compressed_idx);
+                     p.query_seq, pr.usable, compressed_idx, index_qat);
     } else {
       compressed_idx = pr.visible;
     }

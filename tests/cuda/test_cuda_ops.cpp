@@ -17,6 +17,7 @@
 #include "backend/sampling.h"
 #include "cuda_test_util.h"
 #include "model/config.h"
+#include "tensor/index_qat.h"
 #include "tensor/kv_format.h"
 #include "tensor/quant.h"
 
@@ -634,6 +635,8 @@ TEST_F(CudaOps, CompressorRaggedBatch) {
 // picked. Every row's GPU picks must be distinct keys of its own sequence below usable.
 // Sequences' blocks are scattered over the pool; the first two sequences share their first block
 // (a shared prefix); usable varies per query (prefill chunks), down to 1 and below K (-1 padding).
+// The qat cases round q and keys through the index QAT (BF16-exact values), where the GPU scores
+// on tensor cores, at the same bounds.
 TEST_F(CudaOps, IndexTopkPaged) {
   struct Seq {
     std::vector<int64_t> usable;  // one per query row of the sequence
@@ -641,6 +644,12 @@ TEST_F(CudaOps, IndexTopkPaged) {
   struct C {
     int64_t H, d, per_block, max_blocks, K;
     std::vector<Seq> seqs;
+    bool qat = false;  // q and keys through the index QAT: BF16-exact, tensor-core scoring at d = 128
+  };
+  auto rows_from = [](int64_t count, int64_t first) {  // a prefill chunk: usable first, first + 1, ...
+    Seq q;
+    for (int64_t i = 0; i < count; ++i) q.usable.push_back(first + i);
+    return q;
   };
   uint64_t seed = 600;
   // 1M context: 262,144 CSA keys; 70 query rows, more than one scratch tile holds at that width
@@ -655,6 +664,13 @@ TEST_F(CudaOps, IndexTopkPaged) {
       {16, 32, 64, 4096, 512, {million}},
       {64, 128, 16, 40, 512, {{{600, 601}}, {{33}}, {{640}}, {{17, 18, 19}}}},
       {16, 40, 4, 6, 5, {{{20, 3}}, {{5}}, {{1, 2, 3, 4, 5, 6, 7, 8}}, {{24}}}},
+      // Index-QAT operands: the real widths as above (a row or a few per sequence: the SIMT
+      // kernel); tensor cores (from 16 rows per sequence): 40 rows of a chunk at 20K keys (41 key
+      // tiles, a query group shared by two sequences); 32 heads, chunks of 50 and 30 rows, the
+      // second below K.
+      {64, 128, 64, 256, 512, {{{16384}}, {{2047, 2048, 2049, 2050}}, {{300}}, {{1}}}, true},
+      {64, 128, 16, 1300, 512, {rows_from(40, 19961), {{600, 601}}}, true},
+      {32, 128, 16, 80, 100, {rows_from(50, 1000), rows_from(30, 3)}, true},
   };
   for (const C& c : cases) {
     const int64_t S = int64_t(c.seqs.size()), NB = S * c.max_blocks + 5, N = NB * c.per_block;
@@ -669,6 +685,8 @@ TEST_F(CudaOps, IndexTopkPaged) {
       return int64_t(table[size_t(s * c.max_blocks + j / c.per_block)]) * c.per_block + j % c.per_block;
     };
     auto keys_h = normal(N * c.d, ++seed);
+    if (c.qat)
+      for (int64_t r = 0; r < N; ++r) index_qat_row(keys_h.data() + r * c.d, int(c.d));
     for (int64_t s = 0; s < S; ++s)
       for (int64_t j = 1; j < n_max; j += 97)
         std::copy_n(keys_h.begin() + row_of(s, j - 1) * c.d, c.d, keys_h.begin() + row_of(s, j) * c.d);
@@ -679,12 +697,15 @@ TEST_F(CudaOps, IndexTopkPaged) {
         us.push_back(int32_t(u));
       }
     const int64_t T = int64_t(us.size()), K = c.K;
-    Pair q = m->f32({T, c.H, c.d}, normal(T * c.H * c.d, ++seed)), w = m->f32({T, c.H}, normal(T * c.H, ++seed));
+    auto q_h = normal(T * c.H * c.d, ++seed);
+    if (c.qat)
+      for (int64_t r = 0; r < T * c.H; ++r) index_qat_row(q_h.data() + r * c.d, int(c.d));
+    Pair q = m->f32({T, c.H, c.d}, q_h), w = m->f32({T, c.H}, normal(T * c.H, ++seed));
     Pair keys = m->f32({N, c.d}, keys_h), bt = m->i32({S, c.max_blocks}, table), qs = m->i32({T}, qseq),
          usable = m->i32({T}, us), idx = m->out({T, K}, ElemType::I32);
     const float wsc = 1.f / std::sqrt(float(c.H * c.d));
-    cpu->index_topk(q.c, w.c, wsc, keys.c, bt.c, c.per_block, qs.c, usable.c, idx.c);
-    gpu->index_topk(q.g, w.g, wsc, keys.g, bt.g, c.per_block, qs.g, usable.g, idx.g);
+    cpu->index_topk(q.c, w.c, wsc, keys.c, bt.c, c.per_block, qs.c, usable.c, idx.c, c.qat);
+    gpu->index_topk(q.g, w.g, wsc, keys.g, bt.g, c.per_block, qs.g, usable.g, idx.g, c.qat);
     auto ic = m->ints_c(idx.c), ig = m->ints_g(idx.g);
     auto qh = m->host_c(q.c), wh = m->host_c(w.c);
     auto score = [&](int64_t t, int64_t s, int64_t j) {
@@ -750,9 +771,9 @@ TEST_F(CudaOps, IndexTopkPaged) {
         }
       }
     }
-    std::printf("[maxerr] index_topk paged S=%lld T=%lld H=%lld d=%lld blocks=%lldx%lld K=%lld exact=%lld "
+    std::printf("[maxerr] index_topk paged%s S=%lld T=%lld H=%lld d=%lld blocks=%lldx%lld K=%lld exact=%lld "
                 "near_tie_swaps=%lld bad=%lld repeats=%lld copied_tie_mismatch=%lld\n",
-                (long long)S, (long long)T, (long long)c.H, (long long)c.d, (long long)c.max_blocks,
+                c.qat ? " qat" : "", (long long)S, (long long)T, (long long)c.H, (long long)c.d, (long long)c.max_blocks,
                 (long long)c.per_block, (long long)K, (long long)exact, (long long)near_tie, (long long)bad,
                 (long long)repeats, (long long)tie_mismatch);
     EXPECT_EQ(bad, 0);

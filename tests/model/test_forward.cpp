@@ -204,9 +204,10 @@ TEST(CpuOps, IndexerTopKBreaksTiesByLowestIndex) {
   be->upload(bt0, &zero);
   Tensor qs0 = be->alloc({1}, ElemType::I32);
   be->upload(qs0, &zero);
-  be->index_topk(q.rows_view(0, 1), w.rows_view(0, 1), 0.5f, keys, bt0, 10, qs0, u.rows_view(0, 1), idx.rows_view(0, 1));
+  be->index_topk(q.rows_view(0, 1), w.rows_view(0, 1), 0.5f, keys, bt0, 10, qs0, u.rows_view(0, 1), idx.rows_view(0, 1),
+                 false);
   be->index_topk(q.rows_view(1, 2), w.rows_view(1, 2), 0.5f, keys, bt.rows_view(1, 2), 5, qs0, u.rows_view(1, 2),
-                 idx.rows_view(1, 2));
+                 idx.rows_view(1, 2), false);
   std::vector<int32_t> got(T * K);
   be->download(idx, got.data());
   EXPECT_EQ(got, (std::vector<int32_t>{7, 0, 1, 2, 7, 5, 6, -1}));

@@ -399,7 +399,8 @@ class CpuBackend final : public Backend {
   }
 
   void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& block_table,
-                  int64_t per_block, const Tensor& query_seq, const Tensor& usable, const Tensor& idx) override {
+                  int64_t per_block, const Tensor& query_seq, const Tensor& usable, const Tensor& idx,
+                  bool /*qat_operands: FP32 products are exact either way*/) override {
     const int64_t T = q.dim(0), H = q.dim(1), d = q.dim(2), K = idx.cols(), max_blocks = block_table.cols();
 #pragma omp parallel for
     for (int64_t t = 0; t < T; ++t) {

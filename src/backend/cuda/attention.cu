@@ -714,6 +714,155 @@ __global__ void __launch_bounds__(kScoreThreads) index_score_kernel(IndexArgs a)
   }
 }
 
+// Tensor-core scoring of index-QAT operands (a.qat_operands: every q and key value is an E2M1
+// code times a power of two, so a BF16 value exactly and each product exact in FP32). Block (key
+// tile of kTcScoreKeys, group of kTcScoreQueries consecutive query rows): warp w holds keys
+// [32w, 32w + 32) of the tile as mma A fragments in registers (rows = keys; the sequence's keys,
+// reloaded only when a query of another sequence comes), and the queries pass through shared
+// memory as BF16 (q [H][d] padded rows + w [H]), the next one landing by cp.async in an FP32
+// stage while the current one is scored. Per query, n-tile by n-tile (8 heads), S = keys x heads on mma.sync m16n8k16 BF16 with
+// FP32 accumulators; the thread folds w_h * relu(s) of its two heads per n-tile into its keys'
+// sums in head order, and the 4 lanes of a key row add theirs by xor shuffles: the same order for
+// every key, so copies of a key score equal. The MMA's k index i maps to the row's dims
+// {4c, 4c+1} (i = 2c, 2c+1) and {4c+2, 4c+3} (i = 2c+8, 2c+9) of each 16-dim step, alike for
+// keys and queries (a permutation of the dot's terms): each thread's operands are 4 adjacent dims.
+constexpr int kTcScoreWarps = 16;
+constexpr int kTcScoreKeys = kTcScoreWarps * 32;
+constexpr int kTcScoreQueries = 32;
+constexpr int kTcScoreDim = 128;
+constexpr int kTcScoreMaxHeads = 64;
+constexpr int kTcScoreQRow = kTcScoreDim + 16;  // BF16 stride 288 B (72 words = 8 mod 32): a warp's
+                                                // 8-byte fragment loads of 8 heads x 4 lanes hit
+                                                // 32 distinct banks per half-warp
+constexpr int kTcScoreQChunks = kTcScoreMaxHeads * kTcScoreDim / 4 / (kTcScoreWarps * 32);  // float4 per thread
+
+// [2][H][kTcScoreQRow] BF16 queries, [2][H] w, [H * d] FP32 stage.
+size_t index_score_tc_smem(int64_t H) { return size_t(H) * (2 * kTcScoreQRow * 2 + 2 * 4 + kTcScoreDim * 4); }
+
+// From 16 query rows per sequence on average (prefill chunks): a block reloads its keys for each
+// query of another sequence, so decode batches (a row or a few per sequence) keep the SIMT kernel,
+// whose blocks each take one query. DSV4_CUDA_INDEX_TC=0: the SIMT kernel always (A/B).
+bool index_score_on_tensor_cores(const IndexArgs& a) {
+  static const bool on = env_flag_default_on("DSV4_CUDA_INDEX_TC");
+  return on && a.qat_operands && a.d == kTcScoreDim && a.H % 8 == 0 && a.H <= kTcScoreMaxHeads && a.T >= 16 * a.S &&
+         device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
+}
+
+__global__ void __launch_bounds__(kTcScoreWarps * 32, 1) index_score_tc_kernel(IndexArgs a) {
+  pdl_prologue();
+  extern __shared__ __align__(16) uint8_t tc_score_raw[];
+  const int H = int(a.H), tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  // Buffer b: q at qs + b * H * kTcScoreQRow, w at ws + b * H.
+  uint16_t* const qs = reinterpret_cast<uint16_t*>(tc_score_raw);
+  float* const ws = reinterpret_cast<float*>(qs + 2 * H * kTcScoreQRow);
+  float* const stage = ws + 2 * H;
+  const int64_t j0 = int64_t(blockIdx.x) * kTcScoreKeys, jw = j0 + warp * 32;
+  const int64_t t_end = min(a.T, int64_t(blockIdx.y + 1) * kTcScoreQueries);
+  auto keys_of = [&](int64_t t) { return a.usable[t] < a.n_max ? int64_t(a.usable[t]) : a.n_max; };
+  auto next_live = [&](int64_t t) {  // first query row from t that scores a key of this tile
+    while (t < t_end && keys_of(t) <= j0) ++t;
+    return t;
+  };
+  // A thread converts the chunks it copied itself: no barrier between the copy and the convert.
+  float wv = 0.f;
+  auto load_query = [&](int64_t t) {
+    const float* src = a.q + t * H * kTcScoreDim;
+#pragma unroll
+    for (int u = 0; u < kTcScoreQChunks; ++u) {
+      const int i = tid + u * kTcScoreWarps * 32;
+      if (i < H * kTcScoreDim / 4) cp_async16(stage + 4 * i, src + 4 * i);
+    }
+    cp_async_commit();
+    if (tid < H) wv = a.w[t * H + tid];
+  };
+  auto store_query = [&](int b) {
+    cp_async_wait<0>();
+#pragma unroll
+    for (int u = 0; u < kTcScoreQChunks; ++u) {
+      const int i = tid + u * kTcScoreWarps * 32;
+      if (i < H * kTcScoreDim / 4) {
+        const float4 v = *reinterpret_cast<const float4*>(stage + 4 * i);
+        *reinterpret_cast<uint2*>(qs + (b * H + i / (kTcScoreDim / 4)) * kTcScoreQRow + (i % (kTcScoreDim / 4)) * 4) =
+            make_uint2(bf16x2_rn(v.x, v.y), bf16x2_rn(v.z, v.w));
+      }
+    }
+    if (tid < H) ws[b * H + tid] = wv;
+  };
+  // A fragments of the warp's 32 keys: [m-tile][k-step][4]; rows outside the pool score NaN.
+  uint32_t ka[2][kTcScoreDim / 16][4];
+  bool bad[2][2] = {};
+  int32_t loaded_seq = -1;
+  auto load_keys = [&](int64_t t) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t j = jw + mt * 16 + half * 8 + g;
+        int64_t row = -1;
+        if (j < a.n_max) {
+          row = paged_row(a, t, j);
+          if (row < 0 || row >= a.N) row = -2;
+        }
+        bad[mt][half] = row == -2;
+        const float4* kr = reinterpret_cast<const float4*>(a.keys + (row >= 0 ? row : 0) * kTcScoreDim) + c;
+#pragma unroll
+        for (int ks = 0; ks < kTcScoreDim / 16; ++ks) {
+          const float4 v = row >= 0 ? kr[ks * 4] : make_float4(0.f, 0.f, 0.f, 0.f);
+          ka[mt][ks][half] = bf16x2_rn(v.x, v.y);
+          ka[mt][ks][half + 2] = bf16x2_rn(v.z, v.w);
+        }
+      }
+  };
+  int64_t t = next_live(int64_t(blockIdx.y) * kTcScoreQueries);
+  if (t >= t_end) return;  // whole block
+  load_query(t);
+  store_query(0);
+  __syncthreads();
+  for (int b = 0; t < t_end; b ^= 1) {
+    const int64_t next = next_live(t + 1), n = keys_of(t);
+    if (next < t_end) load_query(next);  // in flight while t is scored
+    if (jw < n) {
+      if (a.query_seq[t] != loaded_seq) {
+        load_keys(t);
+        loaded_seq = a.query_seq[t];
+      }
+      float sum[2][2] = {};
+      for (int nt = 0; nt < H / 8; ++nt) {
+        float acc[2][4] = {};
+        const uint16_t* qrow = qs + (b * H + nt * 8 + g) * kTcScoreQRow + 4 * c;
+#pragma unroll
+        for (int ks = 0; ks < kTcScoreDim / 16; ++ks) {
+          const uint2 bv = *reinterpret_cast<const uint2*>(qrow + ks * 16);
+          const uint32_t bq[2] = {bv.x, bv.y};
+          mma_bf16(acc[0], ka[0][ks], bq);
+          mma_bf16(acc[1], ka[1][ks], bq);
+        }
+        const float2 wh = *reinterpret_cast<const float2*>(ws + b * H + nt * 8 + 2 * c);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            sum[mt][half] = fmaf(wh.x, fmaxf(0.f, acc[mt][2 * half]), sum[mt][half]);
+            sum[mt][half] = fmaf(wh.y, fmaxf(0.f, acc[mt][2 * half + 1]), sum[mt][half]);
+          }
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float v = sum[mt][half];
+          v += __shfl_xor_sync(0xffffffffu, v, 1);
+          v += __shfl_xor_sync(0xffffffffu, v, 2);
+          const int64_t j = jw + mt * 16 + half * 8 + g;
+          if (c == 0 && j < n) a.scores[t * a.n_max + j] = bad[mt][half] ? __int_as_float(0x7fc00000) : v * a.w_scale;
+        }
+    }
+    if (next < t_end) store_query(b ^ 1);
+    __syncthreads();
+    t = next;
+  }
+}
+
 __device__ __forceinline__ uint32_t ordered(float f) {
   const uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -874,8 +1023,10 @@ void index_topk(const IndexArgs& a, cudaStream_t s) {
   while (P < a.K) P <<= 1;
   const size_t topk_smem = size_t(P) * 8;
   allow_smem(topk_kernel, topk_smem);
-  const size_t score_smem = index_score_smem(a.H, a.d);
-  allow_smem(index_score_kernel, score_smem);
+  const size_t score_smem = index_score_smem(a.H, a.d), tc_smem = index_score_tc_smem(a.H);
+  const bool tensor_cores = index_score_on_tensor_cores(a);
+  if (tensor_cores) allow_smem(index_score_tc_kernel, tc_smem);
+  else allow_smem(index_score_kernel, score_smem);
   // Query rows in tiles of score_rows: the scores scratch holds one tile.
   for (int64_t t0 = 0; t0 < a.T; t0 += a.score_rows) {
     IndexArgs b = a;
@@ -885,7 +1036,11 @@ void index_topk(const IndexArgs& a, cudaStream_t s) {
     b.query_seq += t0;
     b.usable += t0;
     b.idx += t0 * a.K;
-    if (b.n_max > 0) {
+    if (b.n_max > 0 && tensor_cores) {
+      dim3 grid(unsigned((b.n_max + kTcScoreKeys - 1) / kTcScoreKeys), unsigned((b.T + kTcScoreQueries - 1) / kTcScoreQueries));
+      launch_pdl(index_score_tc_kernel, grid, kTcScoreWarps * 32, tc_smem, s, b);
+      DSV4_LAUNCH_CHECK();
+    } else if (b.n_max > 0) {
       dim3 grid(unsigned((b.n_max + kScoreKeys - 1) / kScoreKeys), unsigned(b.T));
       launch_pdl(index_score_kernel, grid, kScoreThreads, score_smem, s, b);
       DSV4_LAUNCH_CHECK();

@@ -240,6 +240,18 @@ __device__ __forceinline__ float swiglu_value(float g, float u, float limit) {
   return g / (1.f + expf(-g)) * u;
 }
 
+// 16 bytes global -> shared without registers (L2 only); !valid fills zeros. Grouped by commit,
+// awaited by wait<N> (at most N groups still in flight).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid = true) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // dst[0, n) = src[0, n) (global -> shared) by the whole block, kBatch independent loads per
 // thread in flight before their stores (a plain strided loop waits for each load in turn: ~16
 // round trips for 16 KB of queries per attention block). 16-byte vectors when both are aligned.

@@ -661,8 +661,10 @@ class CudaBackend final : public Backend {
     cuda::compress(a, s_);
   }
   void index_topk(const Tensor& q, const Tensor& w, float w_scale, const Tensor& keys, const Tensor& block_table,
-                  int64_t per_block, const Tensor& query_seq, const Tensor& usable, const Tensor& idx) override {
+                  int64_t per_block, const Tensor& query_seq, const Tensor& usable, const Tensor& idx,
+                  bool qat_operands) override {
     cuda::IndexArgs a;
+    a.qat_operands = qat_operands;
     a.q = q.f32();
     a.w = w.f32();
     a.w_scale = w_scale;
@@ -672,6 +674,7 @@ class CudaBackend final : public Backend {
     a.keys = keys.f32();
     a.N = keys.rows();
     a.block_table = block_table.i32();
+    a.S = block_table.rows();
     a.max_blocks = block_table.cols();
     a.per_block = per_block;
     a.n_max = a.max_blocks * per_block;

@@ -75,16 +75,6 @@ struct Smem {
   uint32_t shifted[kMaxFoldShift + 1][2];  // kE2m1Shifted
 };
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // mma_kernel's FP4 weight fetch into registers: thread tid's item i is chunk c = tid + 256 i of
 // the stage, weight row c / 4 (from n0) and its 32-group c % 4 of the 128-column block kb, so the
 // four groups of a row sit in four adjacent lanes (as convert_fp4_stage needs).

@@ -206,13 +206,14 @@ struct IndexArgs {
   int64_t T = 0, H = 0, d = 0;
   const float* keys = nullptr;
   int64_t N = 0;
-  const int32_t* block_table = nullptr;
-  int64_t max_blocks = 0, per_block = 0, n_max = 0;
+  const int32_t* block_table = nullptr;  // [S, max_blocks]
+  int64_t S = 0, max_blocks = 0, per_block = 0, n_max = 0;
   const int32_t *query_seq = nullptr, *usable = nullptr;
   float* scores = nullptr;
   int64_t score_rows = 0;
   int32_t* idx = nullptr;
   int64_t K = 0;
+  bool qat_operands = false;  // q and keys hold index-QAT values (BF16-exact): tensor-core scoring
 };
 void index_topk(const IndexArgs& a, cudaStream_t s);
 constexpr int64_t kTopkMaxK = 4096;                 // selected keys per row (the model: 512)

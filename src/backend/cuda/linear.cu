@@ -207,14 +207,6 @@ constexpr int kStages = 4, kStepsPerStage = 4;
 constexpr int kStreamMaxProblems = 8;
 constexpr int kStreamRing = kGemvThreads / 32 * kStages * kStepsPerStage * 32;  // uint4 slots per block
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
 // Position in a warp's stream: weight row n (of the problem), which weight (W1 or, with
 // SwiGLU, W3), 32-chunk step within the row.
 struct StreamPos {
