@@ -1,6 +1,7 @@
 // Elementwise family: fill, embedding, RMSNorm, RoPE/YaRN, mHC (pre with Sinkhorn, post, head),
 // row gathers and stream broadcast.
 #include <algorithm>
+#include <type_traits>
 
 #include <cuda_fp8.h>
 
@@ -263,15 +264,36 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, i
   }
 }
 
+// Thread (V adjacent channels d, token blockIdx.y + gridDim.y i): y[t, d..] and the M streams
+// X[t, :, d..] are read once and all M outputs written (no per-element index division); each sum
+// in the CPU twin's order: post * y, then the streams j ascending.
+template <int M, int V>
 __global__ void hc_post_kernel(const float* y, const float* X, const float* post, const float* comb, int64_t T,
-                               int64_t m, int64_t D, float* out) {
+                               int64_t D, float* out) {
   pdl_prologue();
-  const int64_t n = T * m * D;
-  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g < n; g += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t d = g % D, k = (g / D) % m, t = g / (m * D);
-    float s = post[t * m + k] * y[t * D + d];
-    for (int64_t j = 0; j < m; ++j) s += comb[(t * m + j) * m + k] * X[(t * m + j) * D + d];
-    out[g] = s;
+  using Vec = std::conditional_t<V == 4, float4, float>;
+  static_assert(sizeof(Vec) == V * sizeof(float));
+  const int64_t d = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (d >= D) return;
+  for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
+    float yv[V], xv[M][V];
+    *reinterpret_cast<Vec*>(yv) = *reinterpret_cast<const Vec*>(y + t * D + d);
+#pragma unroll
+    for (int j = 0; j < M; ++j) *reinterpret_cast<Vec*>(xv[j]) = *reinterpret_cast<const Vec*>(X + (t * M + j) * D + d);
+#pragma unroll
+    for (int k = 0; k < M; ++k) {
+      const float pk = post[t * M + k];
+      float sum[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) sum[e] = pk * yv[e];
+#pragma unroll
+      for (int j = 0; j < M; ++j) {
+        const float c = comb[(t * M + j) * M + k];
+#pragma unroll
+        for (int e = 0; e < V; ++e) sum[e] += c * xv[j][e];
+      }
+      *reinterpret_cast<Vec*>(out + (t * M + k) * D + d) = *reinterpret_cast<const Vec*>(sum);
+    }
   }
 }
 
@@ -384,7 +406,20 @@ void hc_head(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, c
 void hc_post(const float* y, const float* X, const float* post, const float* comb, int64_t T, int64_t m, int64_t D,
              float* out, cudaStream_t s) {
   if (T * m * D <= 0) return;
-  launch_pdl(hc_post_kernel, blocks_for(T * m * D), 256, 0, s, y, X, post, comb, T, m, D, out);
+  const bool by4 = D % 4 == 0 && ((reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(X) |
+                                   reinterpret_cast<uintptr_t>(out)) & 15) == 0;
+  const int64_t per_token = by4 ? D / 4 : D;
+  const dim3 grid(unsigned((per_token + 255) / 256), unsigned(std::min<int64_t>(T, 65535)));
+  switch (m) {
+#define CASE(M)                                                                                         \
+  case M:                                                                                               \
+    by4 ? launch_pdl(hc_post_kernel<M, 4>, grid, 256, 0, s, y, X, post, comb, T, D, out)                \
+        : launch_pdl(hc_post_kernel<M, 1>, grid, 256, 0, s, y, X, post, comb, T, D, out);               \
+    break;
+    DSV4_HC_M_CASES(CASE)
+#undef CASE
+    default: std::fprintf(stderr, "hc_post: hc_mult %lld not compiled\n", (long long)m); std::abort();
+  }
   DSV4_LAUNCH_CHECK();
 }
 
