@@ -18,6 +18,7 @@
 #include "../model/fp8_fixtures.h"
 #include "model/forward.h"
 #include "model/tiny.h"
+#include "tensor/numeric.h"
 
 using namespace dsv4;
 using namespace dsv4::test;
@@ -96,8 +97,15 @@ TEST(CudaFp8, ActQuantBitExact) {
                           rt_ref.data() + m * K);
         for (int64_t b = 0; b < nkb; ++b) s_ref[b * M + m] = srow[b];
       }
+      // BF16 rows (the warpgroup kernel's operand): the round trip's values as BF16 (exact with
+      // power-of-two scales), padding columns untouched.
+      std::vector<uint16_t> b_ref(M * ldq, 0x7fc1), b_got(M * ldq);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) b_ref[m * ldq + k] = f32_to_bf16(rt_ref[m * K + k]);
       float *dx, *ds, *drt;
       uint8_t* dq;
+      uint16_t* db;
+      ASSERT_EQ(cudaMalloc(&db, b_got.size() * 2), cudaSuccess);
       ASSERT_EQ(cudaMalloc(&dx, x.size() * 4), cudaSuccess);
       ASSERT_EQ(cudaMalloc(&ds, s_got.size() * 4), cudaSuccess);
       ASSERT_EQ(cudaMalloc(&drt, rt_got.size() * 4), cudaSuccess);
@@ -106,22 +114,29 @@ TEST(CudaFp8, ActQuantBitExact) {
       cudaMemset(dq, 0, q_got.size());
       cudaMemset(ds, 0xff, s_got.size() * 4);
       cudaMemset(drt, 0xff, rt_got.size() * 4);
-      cuda::act_quant(dx, M, K, K, pow2, dq, ldq, ds, drt, nullptr);
+      cudaMemset(db, 0xff, size_t(M * ldq) * 2);
+      for (int64_t m = 0; m < M; ++m)  // padding columns keep a marker the kernel must not touch
+        if (ldq > K) cudaMemcpy(db + m * ldq + K, b_ref.data() + m * ldq + K, size_t(ldq - K) * 2, cudaMemcpyHostToDevice);
+      cuda::act_quant(dx, M, K, K, pow2, dq, ldq, ds, drt, db, nullptr);
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       cudaMemcpy(q_got.data(), dq, q_got.size(), cudaMemcpyDeviceToHost);
       cudaMemcpy(s_got.data(), ds, s_got.size() * 4, cudaMemcpyDeviceToHost);
       cudaMemcpy(rt_got.data(), drt, rt_got.size() * 4, cudaMemcpyDeviceToHost);
+      cudaMemcpy(b_got.data(), db, b_got.size() * 2, cudaMemcpyDeviceToHost);
+      cudaFree(db);
       cudaFree(dx);
       cudaFree(ds);
       cudaFree(drt);
       cudaFree(dq);
-      int64_t bad_q = 0, bad_s = 0, bad_rt = 0;
+      int64_t bad_q = 0, bad_s = 0, bad_rt = 0, bad_b = 0;
+      for (size_t i = 0; i < b_ref.size(); ++i) bad_b += b_ref[i] != b_got[i];
       for (size_t i = 0; i < q_ref.size(); ++i) bad_q += q_ref[i] != q_got[i];
       for (size_t i = 0; i < s_ref.size(); ++i) bad_s += std::memcmp(&s_ref[i], &s_got[i], 4) != 0;
       for (size_t i = 0; i < rt_ref.size(); ++i) bad_rt += std::memcmp(&rt_ref[i], &rt_got[i], 4) != 0;
       EXPECT_EQ(bad_q, 0) << M << "x" << K << " pow2=" << pow2 << ": E4M3 bytes differ";
       EXPECT_EQ(bad_s, 0) << M << "x" << K << " pow2=" << pow2 << ": scales differ";
       EXPECT_EQ(bad_rt, 0) << M << "x" << K << " pow2=" << pow2 << ": round trip differs";
+      EXPECT_EQ(bad_b, 0) << M << "x" << K << " pow2=" << pow2 << ": BF16 rows differ";
     }
   }
 }

@@ -513,7 +513,7 @@ class CudaBackend final : public Backend {
                           (M >= cuda::kFp8TensorCoreMinRows || opts_.fp8_gemm == CudaOptions::Fp8Gemm::CublasLt);
       const bool for_tensor_cores = tensor_cores(M, K) || fp8_tc || skinny(M, a.wd.fmt, K);
       if (!for_tensor_cores && rounds_x_in_gemm(a)) return cuda::gemm(a, s_);
-      qr = quantize_rows(x.f32(), M, K, for_tensor_cores);
+      qr = quantize_rows(x.f32(), M, K, for_tensor_cores, for_tensor_cores && wants_bf16_rows(a.wd.fmt));
       if (qr.ldq) {
         if (fp8_tc && cublaslt_fp8(qr, a.wd, out.f32(), M)) return;
         a.xq = qr.bytes();
@@ -521,6 +521,8 @@ class CudaBackend final : public Backend {
         a.xs = qr.scales.f32();
         a.xs_ld = M;
         a.warpgroup_mma = warpgroup_mma();
+        a.xb = qr.bf16_rows();
+        a.ldxb = qr.ldq;
       } else {
         a.x = qr.roundtrip.f32();
       }
@@ -755,7 +757,7 @@ class CudaBackend final : public Backend {
     QuantizedRows qx, qh;
     const float* xin = x.f32();
     if (quant) {
-      qx = quantize_rows(x.f32(), T, D, tc || sk);
+      qx = quantize_rows(x.f32(), T, D, tc || sk, tc && wants_bf16_rows(tb.first.fmt));
       if (!tc && !sk) xin = qx.roundtrip.f32();
     }
     auto expert_args = [&](const cuda::WeightDesc* descs, const float* xin, const QuantizedRows& q, int64_t q_rows,
@@ -769,6 +771,8 @@ class CudaBackend final : public Backend {
         a.xs = q.scales.f32();
         a.xs_ld = q_rows;
         a.warpgroup_mma = warpgroup_mma();
+        a.xb = q.bf16_rows();
+        a.ldxb = q.ldq;
       }
       a.x_rows = rows;
       a.y = yout;
@@ -796,9 +800,9 @@ class CudaBackend final : public Backend {
       cuda::gemm_swiglu(up, n, h3.f32(), s_);
       const float* hin = h1.f32();
       if (quant) {
-        if (tc || sk) qh = quantize_rows(h1.f32(), n, F, true);
+        if (tc || sk) qh = quantize_rows(h1.f32(), n, F, true, tc && wants_bf16_rows(tb.first.fmt));
         else if (passes > 1) hin = (qh = quantize_rows(h1.f32(), n, F, false)).roundtrip.f32();  // rows of later passes stay unrounded
-        else cuda::act_quant(h1.f32(), n, F, F, pow2_scales(), nullptr, 0, nullptr, h1.f32(), s_);  // in place
+        else cuda::act_quant(h1.f32(), n, F, F, pow2_scales(), nullptr, 0, nullptr, h1.f32(), nullptr, s_);  // in place
       }
       cuda::gemm(expert_args(tb.w2, hin, qh, n, nullptr, F, y.f32(), D, F), s_);
     }
@@ -919,23 +923,26 @@ class CudaBackend final : public Backend {
   }
 
   // FP8 activation rows (act_quant): E4M3 bytes + scales [K/128][M] for the tensor-core GEMMs
-  // (ldq > 0), or else the FP32 round trip.
+  // (ldq > 0), with their BF16 values where the warpgroup kernel takes them (bf16_rows), or else
+  // the FP32 round trip.
   struct QuantizedRows {
-    Tensor q, scales, roundtrip;
+    Tensor q, scales, roundtrip, bf16;
     int64_t ldq = 0;
     const uint8_t* bytes() const { return reinterpret_cast<const uint8_t*>(q.i32()); }
+    uint16_t* bf16_rows() const { return bf16.empty() ? nullptr : reinterpret_cast<uint16_t*>(bf16.i32()); }
   };
-  QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool for_tensor_cores) {
+  QuantizedRows quantize_rows(const float* x, int64_t M, int64_t K, bool for_tensor_cores, bool bf16_rows = false) {
     QuantizedRows r;
     if (for_tensor_cores) {
       r.ldq = (K + 15) / 16 * 16;
       r.q = alloc({(M * r.ldq + 3) / 4}, ElemType::I32);
       r.scales = alloc({(K + 127) / 128, M});
+      if (bf16_rows) r.bf16 = alloc({(M * r.ldq + 1) / 2}, ElemType::I32);
       cuda::act_quant(x, M, K, K, pow2_scales(), reinterpret_cast<uint8_t*>(r.q.i32()), r.ldq, r.scales.f32(),
-                      nullptr, s_);
+                      nullptr, r.bf16_rows(), s_);
     } else {
       r.roundtrip = alloc({M, K});
-      cuda::act_quant(x, M, K, K, pow2_scales(), nullptr, 0, nullptr, r.roundtrip.f32(), s_);
+      cuda::act_quant(x, M, K, K, pow2_scales(), nullptr, 0, nullptr, r.roundtrip.f32(), nullptr, s_);
     }
     return r;
   }
@@ -958,6 +965,9 @@ class CudaBackend final : public Backend {
   }
   // Whether FP8-activation GEMMs may take the warpgroup-MMA kernel (GemmArgs::warpgroup_mma).
   bool warpgroup_mma() const { return opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel && pow2_scales(); }
+  // Whether FP8 rows for weights of this format should carry their BF16 values (the warpgroup
+  // kernel's operand): FP4 weights where that kernel runs.
+  bool wants_bf16_rows(int fmt) const { return fmt == cuda::kFP4 && warpgroup_mma() && cuda::wgmma_available(); }
   // cuBLASLt's block-scaled FP8 GEMM (sm_90 only); false when not chosen or not offered.
   bool cublaslt_fp8(const QuantizedRows& q, const cuda::WeightDesc& w, float* y, int64_t M) {
     using F = CudaOptions::Fp8Gemm;

@@ -26,7 +26,7 @@ namespace {
 
 // ---- activation quantisation: one warp per (row, 128-block) ----------------------------------
 __global__ void act_quant_kernel(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uint8_t* q,
-                                 int64_t ldq, float* scales, float* rt) {
+                                 int64_t ldq, float* scales, float* rt, uint16_t* bf16) {
   pdl_prologue();
   const int lane = threadIdx.x & 31;
   const int64_t nkb = (K + 127) / 128;
@@ -49,6 +49,7 @@ __global__ void act_quant_kernel(const float* x, int64_t M, int64_t K, int64_t l
     const uint8_t e = fp8_quantise(v[j], s);
     if (q) q[m * ldq + k] = e;
     if (rt) rt[m * K + k] = e4m3_to_float(e) * s;
+    if (bf16) bf16[m * ldq + k] = __bfloat16_as_ushort(__float2bfloat16_rn(e4m3_to_float(e) * s));
   }
   if (lane == 0 && scales) scales[kb * M + m] = s;
 }
@@ -335,33 +336,36 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 // group scale, are both BF16 values exactly, so with the scales folded into the operands there is
 // nothing to promote: one FP32 accumulation over all of K (wgmma m64n256k16 BF16), exact products.
 //  - Block: 128 activation rows x 256 weight rows, two warpgroups of 64 x 256 (128 accumulator
-//    registers a thread). Per 128-column load stage 16 KB of E4M3 and 16 KB of packed E2M1 arrive
-//    by cp.async (two stages in flight), 262 FLOP per byte from L2: the E4M3-operand version of
-//    64 x 256 tiles promoted per 128 columns measured 155-210 TFLOP/s, about 2 TB/s of tile loads.
-//  - Each 64-column MMA stage is converted to BF16 (128-byte swizzled, the layout wgmma reads
-//    without bank conflicts) one stage ahead, into one of three buffers, while the MMAs of the
-//    current stage run; a warpgroup keeps one stage of MMAs in flight.
-// Needs K % 128 == 0, E8M0 weight scales and power-of-two activation scales (wgmma_fits; the
-// backend asks for it only with them).
+//    registers a thread), stages of 64 columns (one 128-byte BF16 row).
+//  - The activations arrive as BF16 rows (GemmArgs::xb, written by act_quant: converted once per
+//    GEMM, not once per block of weight rows) by cp.async straight into the 128-byte-swizzled
+//    operand layout wgmma reads without bank conflicts. Timing probes of the version that
+//    converted E4M3 rows here (docs/PERF.md) found the conversions at 70 % of its time.
+//  - Per stage 16 KB of activations and 8 KB of packed E2M1 (+ E8M0 scales, per 128 columns)
+//    land kWgAhead stages ahead; the weights are converted to BF16 (swizzled) one stage ahead into
+//    one of three buffers while the MMAs of the current stage run; a warpgroup keeps one stage of
+//    MMAs in flight.
+// Needs K % 128 == 0, E8M0 weight scales and BF16 activation rows (wgmma_fits; the backend asks
+// for it only with power-of-two activation scales, which make those rows exact).
 constexpr int kWgTM = 64 * 2, kWgTN = 256, kWgThreads = 256;
-constexpr int kWgLoadK = 128;              // columns of a load stage: one activation scale block
-// Padded rows of the arriving stages: the 8 lanes of a conversion read take 8 rows, 16 bytes each,
-// which these strides (16 mod 128, 80 mod 128) spread over all 32 banks.
-constexpr int kWgXRowBytes = kWgLoadK + 16, kWgWRowBytes = kWgLoadK / 2 + 16;
+constexpr int kWgK = 64;                    // columns of a stage
+constexpr int kWgScaleK = 128;              // columns of one load of weight scales (4 bytes a row)
+constexpr int kWgAhead = 3;                 // stages loaded ahead of the MMAs
+constexpr int kWgABufs = kWgAhead + 2;      // activation stages: loading, landed, in use, one behind
+constexpr int kWgWSlots = 3;                // packed weight stages: loading, landed, being converted
+// Padded packed-weight rows (32 bytes + 16): the 8 lanes of a conversion read take 8 rows, 16
+// bytes each, which a stride of 48 (mod 128) spreads over all 32 banks.
+constexpr int kWgWRowBytes = kWgK / 2 + 16;
 
 struct WgSmem {
-  // BF16 operands of three MMA stages, rows of 128 bytes (64 columns), 128-byte swizzled.
-  alignas(1024) uint8_t a[3][kWgTM * 128];
-  alignas(1024) uint8_t b[3][kWgTN * 128];
-  // Two load stages as they arrive.
-  uint8_t x[2][kWgTM * kWgXRowBytes];      // E4M3 activation rows
-  uint8_t w[2][kWgTN * kWgWRowBytes];      // packed E2M1 weight rows (64 bytes)
-  float xs[2][kWgTM];                      // activation scales of the 128-column block
-  uint8_t ws[2][kWgTN * kWgLoadK / 32];    // E8M0 group scales, 4 a row
+  // BF16 operands, rows of 128 bytes (64 columns), 128-byte swizzled.
+  alignas(1024) uint8_t a[kWgABufs][kWgTM * 128];  // activations, as they arrive
+  alignas(1024) uint8_t b[3][kWgTN * 128];         // weights, converted
+  uint8_t w[kWgWSlots][kWgTN * kWgWRowBytes];      // packed E2M1 weight rows as they arrive
+  uint8_t ws[2][kWgTN * kWgScaleK / 32];           // E8M0 group scales of 128 columns, 4 a row
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int kWgMmaK = 64;  // columns of an MMA stage: one 128-byte BF16 row
 // Byte offset of 16-byte chunk c (0..7) of row `row` in a 128-byte-swizzled operand tile (rows of
 // 128 bytes from a 1,024-aligned base; the chunk index is XORed with the row's index mod 8).
 __device__ __forceinline__ int swizzled(int row, int c) { return row * 128 + ((c ^ (row & 7)) << 4); }
@@ -411,14 +415,6 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool val
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
 }
-// Sixteen E4M3 bytes times a power of two s as eight BF16 pairs (exact: E4M3 -> F32, times s,
-// then BF16 of a value it holds).
-__device__ __forceinline__ void e4m3x16_to_bf16(uint4 q, float s, uint32_t (&out)[8]) {
-  float v[16];
-  decode_chunk<kFP8>(q, v);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) out[i] = bf16x2_rn(v[2 * i] * s, v[2 * i + 1] * s);
-}
 // Thirty-two E2M1 codes (16 bytes, the low nibble first) times their group scale s as sixteen BF16
 // pairs. The eight magnitudes times s are computed once in FP32 (as the CPU: e2m1 x scale, so NaN
 // and infinite scales give what they give there) and rounded to BF16 exactly; then per four codes
@@ -453,61 +449,58 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
   const int wrow = wg * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2), t4 = lane & 3;  // this thread's first output row
   const bool wg_live = r0 + wg * 64 < p.rows;  // a warpgroup past the problem's rows skips its MMAs
-  const int64_t nload = K / kWgLoadK, nmma = K / kWgMmaK;
+  const int64_t nst = K / kWgK;
   auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
 
-  // Load stage L (columns 128 L ..) into slot L % 2: thread tid copies activation rows tid / 8 + 32 i
-  // (chunk tid % 8), weight rows tid / 4 + 64 i (chunk tid % 4), the scales of row tid.
+  // Stage t (columns 64 t ..): thread tid copies the 16-byte chunks tid % 8 of activation rows
+  // tid / 8 + 32 i into A buffer t % kWgABufs (swizzled), chunks tid % 2 of weight rows tid / 2 +
+  // 128 i into slot t % kWgWSlots, and at even t the 128 columns' scales of weight row tid. One
+  // cp.async group per stage, empty past the last.
   int64_t xrow[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t r = r0 + (tid >> 3) + 32 * i;
     xrow[i] = r < p.rows ? act_row(r) : -1;
   }
-  const int64_t srow = tid < kWgTM && r0 + tid < p.rows ? act_row(r0 + tid) : -1;
-  auto load_stage = [&](int64_t L) {
-    const int slot = int(L & 1);
+  auto load_stage = [&](int64_t t) {
+    if (t < nst) {
+      uint8_t* at = sm.a[t % kWgABufs];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = (tid >> 3) + 32 * i, ch = tid & 7;
-      const bool ok = xrow[i] >= 0;
-      cp_async16(&sm.x[slot][row * kWgXRowBytes + ch * 16], ok ? a.xq + xrow[i] * a.ldxq + L * kWgLoadK + ch * 16 : a.xq,
-                 ok);
-    }
+      for (int i = 0; i < 4; ++i) {
+        const int row = (tid >> 3) + 32 * i, ch = tid & 7;
+        const bool ok = xrow[i] >= 0;
+        cp_async16(at + swizzled(row, ch), ok ? a.xb + xrow[i] * a.ldxb + t * kWgK + ch * 8 : a.xb, ok);
+      }
+      uint8_t* wt = sm.w[t % kWgWSlots];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = (tid >> 2) + 64 * i, ch = tid & 3;
-      const int64_t n = n0 + row;
-      cp_async16(&sm.w[slot][row * kWgWRowBytes + ch * 16], n < N ? p.w.w + ((p.wrow0 + n) * K + L * kWgLoadK) / 2 + ch * 16 : p.w.w,
-                 n < N);
+      for (int i = 0; i < 2; ++i) {
+        const int row = (tid >> 1) + 128 * i, ch = tid & 1;
+        const int64_t n = n0 + row;
+        cp_async16(wt + row * kWgWRowBytes + ch * 16, n < N ? p.w.w + ((p.wrow0 + n) * K + t * kWgK) / 2 + ch * 16 : p.w.w,
+                   n < N);
+      }
+      if ((t & 1) == 0) {
+        const int64_t n = n0 + tid;
+        cp_async4(&sm.ws[(t >> 1) & 1][tid * 4], n < N ? p.w.s + (p.wrow0 + n) * (K / 32) + (t >> 1) * 4 : p.w.s, n < N);
+      }
     }
-    if (tid < kWgTM) cp_async4(&sm.xs[slot][tid], srow >= 0 ? a.xs + L * a.xs_ld + srow : a.xs, srow >= 0);
-    const int64_t n = n0 + tid;
-    cp_async4(&sm.ws[slot][tid * 4], n < N ? p.w.s + (p.wrow0 + n) * (K / 32) + L * 4 : p.w.s, n < N);
+    cp_async_commit();
   };
-  // MMA stage s (columns 64 s ..) to BF16 into buffer s % 3. Item it = tid + 256 i: activation
-  // row (it % 8) + 8 (it / 32), its 16 columns (it / 8) % 4; weight row (it % 8) + 8 (it / 16),
-  // its 32-group (it / 8) % 2.
-  auto convert_stage = [&](int64_t s) {
-    const int slot = int((s >> 1) & 1), half = int(s & 1), buf = int(s % 3);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int it = tid + 256 * i, row = (it & 7) | (it >> 5) << 3, q = (it >> 3) & 3;
-      uint32_t v[8];
-      e4m3x16_to_bf16(*reinterpret_cast<const uint4*>(&sm.x[slot][row * kWgXRowBytes + half * 64 + q * 16]),
-                      sm.xs[slot][row], v);
-      *reinterpret_cast<uint4*>(&sm.a[buf][swizzled(row, 2 * q)]) = make_uint4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<uint4*>(&sm.a[buf][swizzled(row, 2 * q + 1)]) = make_uint4(v[4], v[5], v[6], v[7]);
-    }
+  // Weight stage t to BF16 into buffer t % 3. Item it = tid + 256 i: weight row (it % 8) + 8 (it /
+  // 16), its 32-group (it / 8) % 2.
+  auto convert_stage = [&](int64_t t) {
+    const uint8_t* wt = sm.w[t % kWgWSlots];
+    const uint8_t* st = sm.ws[(t >> 1) & 1];
+    uint8_t* bt = sm.b[t % 3];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int it = tid + 256 * i, row = (it & 7) | (it >> 4) << 3, g = (it >> 3) & 1;
       uint32_t v[16];
-      e2m1x32_to_bf16(*reinterpret_cast<const uint4*>(&sm.w[slot][row * kWgWRowBytes + half * 32 + g * 16]),
-                      e8m0_to_float(sm.ws[slot][row * 4 + half * 2 + g]), v);
+      e2m1x32_to_bf16(*reinterpret_cast<const uint4*>(wt + row * kWgWRowBytes + g * 16),
+                      e8m0_to_float(st[row * 4 + (t & 1) * 2 + g]), v);
 #pragma unroll
       for (int c = 0; c < 4; ++c)
-        *reinterpret_cast<uint4*>(&sm.b[buf][swizzled(row, 4 * g + c)]) =
+        *reinterpret_cast<uint4*>(bt + swizzled(row, 4 * g + c)) =
             make_uint4(v[4 * c], v[4 * c + 1], v[4 * c + 2], v[4 * c + 3]);
     }
   };
@@ -516,37 +509,34 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #pragma unroll
   for (int i = 0; i < 128; ++i) acc[i] = 0.f;
 
-  // cp.async groups: one per load stage, committed in order (empty past the last), so at MMA
-  // stage s the groups of load stages <= s / 2 + 1 have been committed.
-  load_stage(0);
-  cp_async_commit();
-  if (nload > 1) load_stage(1);
-  cp_async_commit();
-  cp_async_wait<1>();
+  // At the top of iteration s the groups of stages <= s + kWgAhead - 1 are committed; waiting
+  // until kWgAhead - 2 remain lands stages <= s + 1 (the activations of s, the weights converted
+  // next). Buffers written in iteration s (A of s + kWgAhead, weight slot of s + kWgAhead, B of
+  // s + 1) were last read by the MMAs of s - 2 (done: each warpgroup waits for them before the
+  // barrier) or converted in iteration s - 1.
+  static_assert(kWgAhead == 3 && kWgABufs == kWgAhead + 2 && kWgWSlots == kWgAhead);
+#pragma unroll
+  for (int t = 0; t < kWgAhead; ++t) load_stage(t);
+  cp_async_wait<kWgAhead - 2>();
   __syncthreads();
   convert_stage(0);
 
-  for (int64_t s = 0; s < nmma; ++s) {
-    wgmma_wait<1>();  // this warpgroup's MMAs of stage s - 2 are done: their buffer is converted into next
-    if (s & 1) cp_async_wait<0>();  // stage s + 1 converts from load stage (s + 1) / 2, the newest group
-    else cp_async_wait<1>();
-    fence_proxy_async();
+  for (int64_t s = 0; s < nst; ++s) {
+    wgmma_wait<1>();  // this warpgroup's MMAs of stage s - 2 are done
+    cp_async_wait<kWgAhead - 2>();
+    fence_proxy_async();  // this thread's cp.async and st.shared writes, before the MMAs read them
     __syncthreads();
-    if (s & 1) {  // load stage (s - 1) / 2 is converted: its slot takes load stage (s - 1) / 2 + 2
-      const int64_t L = (s - 1) / 2 + 2;
-      if (L < nload) load_stage(L);
-      cp_async_commit();
-    }
+    load_stage(s + kWgAhead);
     if (wg_live) {
-      const uint8_t* at = sm.a[s % 3] + wg * 64 * 128;
+      const uint8_t* at = sm.a[s % kWgABufs] + wg * 64 * 128;
       const uint8_t* bt = sm.b[s % 3];
       fence_registers(acc);
       wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < kWgMmaK / 16; ++k) wgmma_m64n256k16(acc, wgmma_desc(at + k * 32), wgmma_desc(bt + k * 32));
+      for (int k = 0; k < kWgK / 16; ++k) wgmma_m64n256k16(acc, wgmma_desc(at + k * 32), wgmma_desc(bt + k * 32));
       wgmma_commit();
     }
-    if (s + 1 < nmma) convert_stage(s + 1);  // while the MMAs run
+    if (s + 1 < nst) convert_stage(s + 1);  // while the MMAs run
   }
   wgmma_wait<0>();
   fence_registers(acc);
@@ -944,10 +934,10 @@ void launch_mma(const GemmArgs& a, cudaStream_t stream) {
 }
 
 // The warpgroup kernel's conditions: FP4 weights with E8M0 scales (E2M1 x scale is then a BF16
-// value), whole 128-column load stages, 16-byte activation rows (power-of-two activation scales:
-// GemmArgs::warpgroup_mma).
+// value), whole 128-column scale loads, BF16 activation rows in 16-byte chunks (GemmArgs::xb).
 bool wgmma_fits(const GemmArgs& a) {
-  return a.wd.fmt == kFP4 && !a.wd.scale_f32 && a.K > 0 && a.K % kWgLoadK == 0 && a.ldxq % 16 == 0;
+  return a.wd.fmt == kFP4 && !a.wd.scale_f32 && a.K > 0 && a.K % kWgScaleK == 0 && a.xb && a.ldxb % 8 == 0 &&
+         (reinterpret_cast<uintptr_t>(a.xb) & 15) == 0;
 }
 
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
@@ -979,10 +969,11 @@ bool wgmma_available() {
 }
 
 void act_quant(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uint8_t* q, int64_t ldq, float* scales,
-               float* roundtrip, cudaStream_t stream) {
+               float* roundtrip, uint16_t* bf16, cudaStream_t stream) {
   const int64_t warps = M * ((K + 127) / 128);
   if (warps <= 0) return;
-  launch_pdl(act_quant_kernel, blocks_for(warps * 32), 256, 0, stream, x, M, K, ldx, pow2, q, ldq, scales, roundtrip);
+  launch_pdl(act_quant_kernel, blocks_for(warps * 32), 256, 0, stream, x, M, K, ldx, pow2, q, ldq, scales, roundtrip,
+             bf16);
   DSV4_LAUNCH_CHECK();
 }
 

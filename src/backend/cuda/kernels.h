@@ -68,9 +68,13 @@ struct GemmArgs {
   // Only where gemm_rounds_x() says so.
   enum class XRoundTrip : int8_t { None, Amax, Pow2 } x_roundtrip = XRoundTrip::None;
   // With xq and power-of-two activation scales: the sm_90a warpgroup-MMA kernel for FP4 weights
-  // with E8M0 scales where wgmma_available() (BF16 operands with the scales folded in, exact
-  // products, FP32 accumulation); else the mma.sync kernel.
+  // with E8M0 scales where wgmma_available() and xb is given (BF16 operands with the scales
+  // folded in, exact products, FP32 accumulation); else the mma.sync kernel.
   bool warpgroup_mma = false;
+  // The rows of xq as BF16 values (E4M3 times the power-of-two scale, exact; act_quant's bf16
+  // output), row i at xb + i * ldxb: the warpgroup kernel's activation operand.
+  const uint16_t* xb = nullptr;
+  int64_t ldxb = 0;
 };
 // Whether this device runs the sm_90a warpgroup-MMA GEMM kernel (compiled for sm_90a, an SM 9.x GPU).
 bool wgmma_available();
@@ -106,9 +110,10 @@ void fp8_weight_to_bf16(const WeightDesc& w, uint16_t* out, cudaStream_t stream)
 
 // Dynamic FP8 activation quantisation (tensor/quant.h fp8_dynamic_quant) of x [M, K] (row stride
 // ldx) in 1x128 blocks: q [M, ldq] E4M3, scales [ceil(K/128), M] (row index fastest, the layout
-// of cuBLASLt's VEC128 scales), roundtrip [M, K] = q * scale. Any output may be null.
+// of cuBLASLt's VEC128 scales), roundtrip [M, K] = q * scale, bf16 [M, ldq] = q * scale as BF16
+// bits (exact with pow2 scales). Any output may be null.
 void act_quant(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uint8_t* q, int64_t ldq, float* scales,
-               float* roundtrip, cudaStream_t stream);
+               float* roundtrip, uint16_t* bf16, cudaStream_t stream);
 
 // ---- elementwise / norms / mHC (norm.cu) -------------------------------------------------
 // Small parameter tensors arrive as device pointers with their dtype: 0 = f32, 1 = bf16.
