@@ -130,6 +130,13 @@ TEST(CudaFp8, ActQuantBitExact) {
       cudaFree(dq);
       int64_t bad_q = 0, bad_s = 0, bad_rt = 0, bad_b = 0;
       for (size_t i = 0; i < b_ref.size(); ++i) bad_b += b_ref[i] != b_got[i];
+      int64_t inexact_b = 0;  // with power-of-two scales every BF16 value is the round trip exactly
+      for (int64_t m = 0; pow2 && m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) {
+          const float v = bf16_to_f32(b_got[m * ldq + k]);
+          inexact_b += std::memcmp(&v, &rt_got[m * K + k], 4) != 0;
+        }
+      EXPECT_EQ(inexact_b, 0) << M << "x" << K << ": BF16 rows are not the round trip's values";
       for (size_t i = 0; i < q_ref.size(); ++i) bad_q += q_ref[i] != q_got[i];
       for (size_t i = 0; i < s_ref.size(); ++i) bad_s += std::memcmp(&s_ref[i], &s_got[i], 4) != 0;
       for (size_t i = 0; i < rt_ref.size(); ++i) bad_rt += std::memcmp(&rt_ref[i], &rt_got[i], 4) != 0;
@@ -205,7 +212,8 @@ TEST(CudaFp8, LinearAllPaths) {
       {WeightFormat::FP4, 64, 4096, 2048, false, 7.f},  // wide group scales: mostly unfolded stages
       {WeightFormat::FP4, 40, 2048, 300, true, 7.f},    // the same with f32 scales, partial N tile
       {WeightFormat::FP4, 300, 4096, 2048, false, 7.f},  // E8M0: the wgmma kernel's row tiles, one partial
-      {WeightFormat::FP4, 200, 1024, 300, false},        // a partial 256-row weight tile, K of 8 load stages
+      {WeightFormat::FP4, 200, 1024, 300, false},        // a partial 256-row weight tile, K of 16 stages
+      {WeightFormat::FP4, 150, 128, 256, false},         // K of 2 stages (fewer than the loads ahead)
       // Few rows on the weight-streaming tensor-core kernel (FP8 with the Kernel path from 4 rows):
       {WeightFormat::FP8, 2, 8192, 4096, false},     // K split across the block's warps
       {WeightFormat::FP8, 12, 1024, 4096, false},    // two B tiles per pass
@@ -255,6 +263,7 @@ TEST(CudaFp8, LinearAllPaths) {
       gpu->set_act_quant(ActQuant::Fp8Pow2);
       Tensor xg = gpu->alloc({c.T, c.in}), yg = gpu->alloc({c.T, c.out});
       gpu->upload(xg, xv.data());
+      const uint64_t wgmma_before = cuda::wgmma_launch_count();
       try {
         gpu->linear(xg, w, yg);
       } catch (const Error& e) {  // forced cuBLASLt on a shape it offers no algorithm for
@@ -263,6 +272,12 @@ TEST(CudaFp8, LinearAllPaths) {
         continue;
       }
       cublaslt_ran += p == Path::CublasLt;
+      // The warpgroup kernel runs exactly where it should: FP4 with E8M0 scales, whole 128-column
+      // blocks, past the GEMV rows, on the Auto and Warpgroup paths of an sm_90a build.
+      const bool wgmma_expected = (p == Path::Auto || p == Path::Warpgroup) && cuda::wgmma_available() &&
+                                  c.fmt == WeightFormat::FP4 && !c.f32_scale && c.in % 128 == 0 && !gemv;
+      EXPECT_EQ(cuda::wgmma_launch_count() > wgmma_before, wgmma_expected)
+          << path_name(p) << " T=" << c.T << " in=" << c.in << " out=" << c.out;
       std::vector<float> got(c.T * c.out);
       gpu->download(yg, got.data());
       expect_close(ref, got, gemv ? kGemvTol : kTensorCoreTol,
@@ -292,6 +307,7 @@ TEST(CudaFp8, MoE) {
   cpu->set_act_quant(ActQuant::Fp8Pow2);
   WeightStore ws;
   uint64_t seed = 5000;
+  int64_t wgmma_moe_runs = 0;  // Auto runs of FP4 experts that launched the warpgroup kernel
   // 1, 8 and 64 tokens over 256 experts and 16 over 32 (some experts get more than 8 rows: a second
   // pass) take the weight-streaming kernel; 300 and 512 the tiled one.
   // The tiled sizes also run the Auto path (sm_90a: the warpgroup-MMA kernel), and FP8 experts.
@@ -315,12 +331,14 @@ TEST(CudaFp8, MoE) {
       o.fp8_gemm = p;
       auto gpu = poisoned_cuda_backend(o);
       gpu->set_act_quant(ActQuant::Fp8Pow2);
+      const uint64_t wgmma_before = cuda::wgmma_launch_count();
       Tensor x = gpu->alloc({c.T, c.D}), w = gpu->alloc({c.T, c.k}), e = gpu->alloc({c.T, c.k}, ElemType::I32),
              out = gpu->alloc({c.T, c.D});
       gpu->upload(x, xv.data());
       gpu->upload(w, rm.gates.data());
       gpu->upload(e, rm.experts.data());
       gpu->moe(x, rm.moe, w, e, 10.f, out);
+      wgmma_moe_runs += cuda::wgmma_launch_count() > wgmma_before;
       std::vector<float> got(c.T * c.D);
       gpu->download(out, got.data());
       expect_close_up_to_flips(ref, got,
@@ -329,6 +347,8 @@ TEST(CudaFp8, MoE) {
                                p == Path::Auto && is_sm90());
     }
   }
+  // The tiled FP4 sizes on the Auto path (300 and 512 tokens) take the warpgroup kernel on sm_90a.
+  EXPECT_EQ(wgmma_moe_runs, cuda::wgmma_available() ? 2 : 0);
 }
 
 // Whole models with FP8 activations: CUDA (the portable kernel, FP32 accumulation as the CPU) vs

@@ -513,7 +513,7 @@ class CudaBackend final : public Backend {
                           (M >= cuda::kFp8TensorCoreMinRows || opts_.fp8_gemm == CudaOptions::Fp8Gemm::CublasLt);
       const bool for_tensor_cores = tensor_cores(M, K) || fp8_tc || skinny(M, a.wd.fmt, K);
       if (!for_tensor_cores && rounds_x_in_gemm(a)) return cuda::gemm(a, s_);
-      qr = quantize_rows(x.f32(), M, K, for_tensor_cores, for_tensor_cores && wants_bf16_rows(a.wd.fmt));
+      qr = quantize_rows(x.f32(), M, K, for_tensor_cores, tensor_cores(M, K) && wants_bf16_rows(a.wd, K));
       if (qr.ldq) {
         if (fp8_tc && cublaslt_fp8(qr, a.wd, out.f32(), M)) return;
         a.xq = qr.bytes();
@@ -757,7 +757,7 @@ class CudaBackend final : public Backend {
     QuantizedRows qx, qh;
     const float* xin = x.f32();
     if (quant) {
-      qx = quantize_rows(x.f32(), T, D, tc || sk, tc && wants_bf16_rows(tb.first.fmt));
+      qx = quantize_rows(x.f32(), T, D, tc || sk, tc && wants_bf16_rows(tb.first, D));
       if (!tc && !sk) xin = qx.roundtrip.f32();
     }
     auto expert_args = [&](const cuda::WeightDesc* descs, const float* xin, const QuantizedRows& q, int64_t q_rows,
@@ -800,7 +800,7 @@ class CudaBackend final : public Backend {
       cuda::gemm_swiglu(up, n, h3.f32(), s_);
       const float* hin = h1.f32();
       if (quant) {
-        if (tc || sk) qh = quantize_rows(h1.f32(), n, F, true, tc && wants_bf16_rows(tb.first.fmt));
+        if (tc || sk) qh = quantize_rows(h1.f32(), n, F, true, tc && wants_bf16_rows(tb.first, F));
         else if (passes > 1) hin = (qh = quantize_rows(h1.f32(), n, F, false)).roundtrip.f32();  // rows of later passes stay unrounded
         else cuda::act_quant(h1.f32(), n, F, F, pow2_scales(), nullptr, 0, nullptr, h1.f32(), nullptr, s_);  // in place
       }
@@ -965,9 +965,11 @@ class CudaBackend final : public Backend {
   }
   // Whether FP8-activation GEMMs may take the warpgroup-MMA kernel (GemmArgs::warpgroup_mma).
   bool warpgroup_mma() const { return opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel && pow2_scales(); }
-  // Whether FP8 rows for weights of this format should carry their BF16 values (the warpgroup
-  // kernel's operand): FP4 weights where that kernel runs.
-  bool wants_bf16_rows(int fmt) const { return fmt == cuda::kFP4 && warpgroup_mma() && cuda::wgmma_available(); }
+  // Whether FP8 rows of K columns for this weight should carry their BF16 values (the warpgroup
+  // kernel's operand): FP4 with E8M0 scales and whole 128-column scale loads, where that kernel runs.
+  bool wants_bf16_rows(const cuda::WeightDesc& w, int64_t K) const {
+    return w.fmt == cuda::kFP4 && !w.scale_f32 && K % 128 == 0 && warpgroup_mma() && cuda::wgmma_available();
+  }
   // cuBLASLt's block-scaled FP8 GEMM (sm_90 only); false when not chosen or not offered.
   bool cublaslt_fp8(const QuantizedRows& q, const cuda::WeightDesc& w, float* y, int64_t M) {
     using F = CudaOptions::Fp8Gemm;

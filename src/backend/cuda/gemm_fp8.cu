@@ -351,7 +351,7 @@ constexpr int kWgTM = 64 * 2, kWgTN = 256, kWgThreads = 256;
 constexpr int kWgK = 64;                    // columns of a stage
 constexpr int kWgScaleK = 128;              // columns of one load of weight scales (4 bytes a row)
 constexpr int kWgAhead = 3;                 // stages loaded ahead of the MMAs
-constexpr int kWgABufs = kWgAhead + 2;      // activation stages: loading, landed, in use, one behind
+constexpr int kWgABufs = kWgAhead + 2;      // activation stages: s - 1 (MMAs in flight) .. s + kWgAhead
 constexpr int kWgWSlots = 3;                // packed weight stages: loading, landed, being converted
 // Padded packed-weight rows (32 bytes + 16): the 8 lanes of a conversion read take 8 rows, 16
 // bytes each, which a stride of 48 (mod 128) spreads over all 32 banks.
@@ -940,6 +940,8 @@ bool wgmma_fits(const GemmArgs& a) {
          (reinterpret_cast<uintptr_t>(a.xb) & 15) == 0;
 }
 
+std::atomic<uint64_t> wgmma_launches{0};
+
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
   static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                        int(sizeof(WgSmem))),
@@ -947,9 +949,12 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
   (void)configured;
   dim3 grid(unsigned((a.N + kWgTN - 1) / kWgTN), unsigned((a.max_rows + kWgTM - 1) / kWgTM), unsigned(a.Z));
   launch_pdl(wgmma_fp4_kernel, grid, kWgThreads, sizeof(WgSmem), stream, a);
+  wgmma_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace
+
+uint64_t wgmma_launch_count() { return wgmma_launches.load(std::memory_order_relaxed); }
 
 bool wgmma_available() {
   // DSV4_CUDA_WGMMA=0: the mma.sync kernel everywhere (A/B measurements).

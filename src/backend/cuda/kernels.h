@@ -78,6 +78,8 @@ struct GemmArgs {
 };
 // Whether this device runs the sm_90a warpgroup-MMA GEMM kernel (compiled for sm_90a, an SM 9.x GPU).
 bool wgmma_available();
+// Launches of the warpgroup-MMA kernel so far (tests check that the path they mean ran).
+uint64_t wgmma_launch_count();
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Whether gemm() and gemm_swiglu() take the one-row stream GEMV for these arguments, the kernel
 // that applies x_roundtrip (any other path aborts when it is set).
