@@ -720,9 +720,9 @@ __global__ void __launch_bounds__(kScoreThreads) index_score_kernel(IndexArgs a)
 // [32w, 32w + 32) of the tile as mma A fragments in registers (rows = keys; the sequence's keys,
 // reloaded only when a query of another sequence comes), and the queries pass through shared
 // memory as BF16 (q [H][d] padded rows + w [H]), the next one landing by cp.async in an FP32
-// stage while the current one is scored. Per query, n-tile by n-tile (8 heads), S = keys x heads on mma.sync m16n8k16 BF16 with
-// FP32 accumulators; the thread folds w_h * relu(s) of its two heads per n-tile into its keys'
-// sums in head order, and the 4 lanes of a key row add theirs by xor shuffles: the same order for
+// stage while the current one is scored. Per query, n-tile by n-tile (8 heads), S = keys x heads
+// on mma.sync m16n8k16 BF16 with FP32 accumulators; the thread folds w_h * relu(s) of its two
+// heads per n-tile into its keys' sums in head order, and the 4 lanes of a key row add theirs by xor shuffles: the same order for
 // every key, so copies of a key score equal. The MMA's k index i maps to the row's dims
 // {4c, 4c+1} (i = 2c, 2c+1) and {4c+2, 4c+3} (i = 2c+8, 2c+9) of each 16-dim step, alike for
 // keys and queries (a permutation of the dot's terms): each thread's operands are 4 adjacent dims.
@@ -1037,7 +1037,8 @@ void index_topk(const IndexArgs& a, cudaStream_t s) {
     b.usable += t0;
     b.idx += t0 * a.K;
     if (b.n_max > 0 && tensor_cores) {
-      dim3 grid(unsigned((b.n_max + kTcScoreKeys - 1) / kTcScoreKeys), unsigned((b.T + kTcScoreQueries - 1) / kTcScoreQueries));
+      const dim3 grid(unsigned((b.n_max + kTcScoreKeys - 1) / kTcScoreKeys),
+                      unsigned((b.T + kTcScoreQueries - 1) / kTcScoreQueries));
       launch_pdl(index_score_tc_kernel, grid, kTcScoreWarps * 32, tc_smem, s, b);
       DSV4_LAUNCH_CHECK();
     } else if (b.n_max > 0) {

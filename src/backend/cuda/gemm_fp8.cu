@@ -476,12 +476,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
       for (int i = 0; i < 2; ++i) {
         const int row = (tid >> 1) + 128 * i, ch = tid & 1;
         const int64_t n = n0 + row;
-        cp_async16(wt + row * kWgWRowBytes + ch * 16, n < N ? p.w.w + ((p.wrow0 + n) * K + t * kWgK) / 2 + ch * 16 : p.w.w,
-                   n < N);
+        const uint8_t* src = n < N ? p.w.w + ((p.wrow0 + n) * K + t * kWgK) / 2 + ch * 16 : p.w.w;
+        cp_async16(wt + row * kWgWRowBytes + ch * 16, src, n < N);
       }
       if ((t & 1) == 0) {
         const int64_t n = n0 + tid;
-        cp_async4(&sm.ws[(t >> 1) & 1][tid * 4], n < N ? p.w.s + (p.wrow0 + n) * (K / 32) + (t >> 1) * 4 : p.w.s, n < N);
+        const uint8_t* src = n < N ? p.w.s + (p.wrow0 + n) * (K / 32) + (t >> 1) * 4 : p.w.s;
+        cp_async4(&sm.ws[(t >> 1) & 1][tid * 4], src, n < N);
       }
     }
     cp_async_commit();
