@@ -318,29 +318,26 @@ TEST(CudaFp8, MoE) {
     auto xv = normal(c.T * c.D, ++seed, 2.f);
     for (int64_t r = 0; r < c.T; ++r)
       for (int64_t k = 0; k < c.D; ++k) xv[r * c.D + k] *= std::exp2(float(r % 5 - 2 + (k / 128) % 3 - 1));
-    Tensor xc = cpu->alloc({c.T, c.D}), wc = cpu->alloc({c.T, c.k}), ec = cpu->alloc({c.T, c.k}, ElemType::I32),
-           oc = cpu->alloc({c.T, c.D});
-    cpu->upload(xc, xv.data());
-    cpu->upload(wc, rm.gates.data());
-    cpu->upload(ec, rm.experts.data());
-    cpu->moe(xc, rm.moe, wc, ec, 10.f, oc);
-    std::vector<float> ref(c.T * c.D);
-    cpu->download(oc, ref.data());
+    auto run_moe = [&](Backend& be) {  // the routed layer on x, its output downloaded
+      Tensor x = be.alloc({c.T, c.D}), w = be.alloc({c.T, c.k}), e = be.alloc({c.T, c.k}, ElemType::I32),
+             out = be.alloc({c.T, c.D});
+      be.upload(x, xv.data());
+      be.upload(w, rm.gates.data());
+      be.upload(e, rm.experts.data());
+      be.moe(x, rm.moe, w, e, 10.f, out);
+      std::vector<float> y(c.T * c.D);
+      be.download(out, y.data());
+      return y;
+    };
+    const std::vector<float> ref = run_moe(*cpu);
     for (Path p : {Path::Kernel, Path::Auto}) {
       CudaOptions o;
       o.fp8_gemm = p;
       auto gpu = poisoned_cuda_backend(o);
       gpu->set_act_quant(ActQuant::Fp8Pow2);
       const uint64_t wgmma_before = cuda::wgmma_launch_count();
-      Tensor x = gpu->alloc({c.T, c.D}), w = gpu->alloc({c.T, c.k}), e = gpu->alloc({c.T, c.k}, ElemType::I32),
-             out = gpu->alloc({c.T, c.D});
-      gpu->upload(x, xv.data());
-      gpu->upload(w, rm.gates.data());
-      gpu->upload(e, rm.experts.data());
-      gpu->moe(x, rm.moe, w, e, 10.f, out);
+      const std::vector<float> got = run_moe(*gpu);
       wgmma_moe_runs += cuda::wgmma_launch_count() > wgmma_before;
-      std::vector<float> got(c.T * c.D);
-      gpu->download(out, got.data());
       expect_close_up_to_flips(ref, got,
                                fmt::format("fp8-act moe {} {} T={} D={} F={} E={} k={}", path_name(p),
                                            c.fmt == WeightFormat::FP8 ? "fp8" : "fp4", c.T, c.D, c.F, c.E, c.k),

@@ -177,7 +177,6 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
   const int64_t nkb = (K + kTK - 1) / kTK;
-  auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
 
   // Staging: X 64 rows x 128 B (2 chunks of 16 B per thread), W 128 rows x 128 B (4 chunks) for
   // FP8 via cp.async; FP4 W 128 rows x 64 packed B (2 chunks) through registers, converted.
@@ -185,7 +184,7 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t r = r0 + ((tid + i * 256) >> 3);
-    xrow[i] = r < p.rows ? act_row(r) : -1;
+    xrow[i] = r < p.rows ? activation_row(a, p, r) : -1;
   }
   auto stage_x = [&](int st, int64_t kb) {
 #pragma unroll
@@ -253,7 +252,7 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t r = r0 + wm * 32 + mt * 16 + g + 8 * h;
-        sx[mt][h] = r < p.rows ? a.xs[kb * a.xs_ld + act_row(r)] : 0.f;
+        sx[mt][h] = r < p.rows ? a.xs[kb * a.xs_ld + activation_row(a, p, r)] : 0.f;
       }
 #pragma unroll
     for (int ks = 0; ks < kTK / 32; ++ks) {
@@ -450,7 +449,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
   const int wrow = wg * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2), t4 = lane & 3;  // this thread's first output row
   const bool wg_live = r0 + wg * 64 < p.rows;  // a warpgroup past the problem's rows skips its MMAs
   const int64_t nst = K / kWgK;
-  auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
 
   // Stage t (columns 64 t ..): thread tid copies the 16-byte chunks tid % 8 of activation rows
   // tid / 8 + 32 i into A buffer t % kWgABufs (swizzled), chunks tid % 2 of weight rows tid / 2 +
@@ -460,7 +458,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t r = r0 + (tid >> 3) + 32 * i;
-    xrow[i] = r < p.rows ? act_row(r) : -1;
+    xrow[i] = r < p.rows ? activation_row(a, p, r) : -1;
   }
   auto load_stage = [&](int64_t t) {
     if (t < nst) {
@@ -638,7 +636,6 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
     if (a.zmap) z = a.zmap[z];
     w3 = a.descs3 ? a.descs3[z] : a.wd3;
   }
-  auto act_row = [&](int64_t r) -> int64_t { return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r; };
   const int64_t nkw = (p.w.in + 127) / 128;  // FP8 weight scale columns
   // FP8: the block scales of rows g and g + 8 of the stages in flight, oldest first (a shift
   // register: only constant indices, so it stays in registers).
@@ -693,12 +690,12 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       const int64_t r = t0 + 8 * j + g;
-      if constexpr (FMT == kBF16) xr[j] = r < p.rows ? p.x + act_row(r) * a.ldx : nullptr;
-      else xr[j] = r < p.rows ? a.xq + act_row(r) * a.ldxq : nullptr;
+      if constexpr (FMT == kBF16) xr[j] = r < p.rows ? x_row(a, p, r) : nullptr;
+      else xr[j] = r < p.rows ? a.xq + activation_row(a, p, r) * a.ldxq : nullptr;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t c = t0 + 8 * j + 2 * t4 + h;
-        sr[j][h] = c < p.rows ? act_row(c) : -1;
+        sr[j][h] = c < p.rows ? activation_row(a, p, c) : -1;
       }
     }
     // cur: the part being streamed; first: W1's finished sums (SwiGLU).

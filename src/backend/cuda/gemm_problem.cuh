@@ -40,8 +40,13 @@ __device__ __forceinline__ Problem problem(const GemmArgs& a) {
 // kernel may read its problem and stream its (constant) weights before pdl_wait().
 __device__ __forceinline__ bool problem_known_before_wait(const GemmArgs& a) { return !a.zmap && !a.counts; }
 
+// The activation row of the problem's row r: gathered through x_rows (MoE) or consecutive from base.
+__device__ __forceinline__ int64_t activation_row(const GemmArgs& a, const Problem& p, int64_t r) {
+  return a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r;
+}
+
 __device__ __forceinline__ const float* x_row(const GemmArgs& a, const Problem& p, int64_t r) {
-  return p.x + (a.x_rows ? int64_t(a.x_rows[p.base + r]) : p.base + r) * a.ldx;
+  return p.x + activation_row(a, p, r) * a.ldx;
 }
 
 // The FP8-activation GEMM (a.xq set): tensor cores, FP8 or FP4 weights (gemm_fp8.cu).
