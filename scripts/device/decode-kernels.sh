@@ -8,20 +8,8 @@
 # arguments of the profiled run; e.g. "--seqs 64": the last step profiled is then 64 sequences), BENCH_LAYERS (30), BENCH_ARGS
 # (extra), GTEST_FILTER, NCU_CTX (1024: the profiled run's --ctx) and NCU_PASS (-1: the forward pass
 # summarised, ncu_step_summary.py; NCU_CTX=8192 NCU_PASS=1 profiles a prefill of 8K tokens).
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/decode-kernels.log") 2>&1
-echo "== $(date -u +%FT%TZ) commit ${GIT_COMMIT:-unknown}"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv,noheader || true
-eval "$(bash scripts/device/setup-deps.sh)" || exit 1
-t0=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a -DCMAKE_CUDA_FLAGS=-lineinfo \
-  >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_fp8 test_cuda_model 2>&1 | tail -15
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
-echo "== build: $(( $(date +%s) - t0 )) s"
+source "$(dirname "$0")/start.sh" decode-kernels
+build_gpu dsv4 test_cuda_ops test_cuda_fp8 test_cuda_model
 rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   t0=$(date +%s)

@@ -7,21 +7,8 @@
 #      SERVE_SWEEP=1 (serving throughput at concurrency SWEEP, default 1,32, of the `small` preset on
 #      CUDA: scripts/bench/serve-sweep.sh; log serve-sweep.log),
 #      CTEST_ARGS (extra ctest arguments, e.g. '-R fp8' for a subset).
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-log="$OUT/gpu-tests.log"
-exec > >(tee -a "$log") 2>&1
-echo "== $(date -u +%FT%TZ) commit ${GIT_COMMIT:-unknown}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-eval "$(bash scripts/device/setup-deps.sh)" || exit 1
-t0=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a -DCMAKE_CUDA_FLAGS=-lineinfo >"$OUT/configure.log" 2>&1 \
-  || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_model test_cuda_golden test_cuda_engine test_cuda_fp8 test_nccl 2>&1 | tail -25
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
-echo "== build: $(( $(date +%s) - t0 )) s"
+source "$(dirname "$0")/start.sh" gpu-tests
+build_gpu dsv4 test_cuda_ops test_cuda_model test_cuda_golden test_cuda_engine test_cuda_fp8 test_nccl
 rc=0
 if [ -n "${SANITIZE:-}" ]; then  # e.g. SANITIZE='CudaOps.Route' : memcheck + racecheck, first reports only
   g=tests/data/golden/tiny

@@ -8,19 +8,8 @@
 #      SKIP_OPS=1, SKIP_BENCH=1, BENCH_CTX (8192; e.g. 8192,131072), BENCH_LAYERS (30),
 #      NCU_KERNEL (a kernel name regex, e.g. wgmma_fp4; unset: no ncu), NCU_TEST (test_cuda_fp8),
 #      NCU_FILTER (its gtest filter, '*LinearAllPaths*'), NCU_SKIP (launches skipped first, 2).
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-exec > >(tee -a "$OUT/prefill-kernels.log") 2>&1
-echo "== $(date -u +%FT%TZ) commit ${GIT_COMMIT:-unknown}"
-eval "$(bash scripts/device/setup-deps.sh)" || exit 1
-t0=$(date +%s)
-cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA_ARCHS=90a -DCMAKE_CUDA_FLAGS=-lineinfo \
-  >"$OUT/configure.log" 2>&1 || { tail -40 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j"${JOBS:-16}" --target dsv4 test_cuda_ops test_cuda_fp8 2>&1 | tail -5
-[ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
-echo "== build: $(( $(date +%s) - t0 )) s"
+source "$(dirname "$0")/start.sh" prefill-kernels
+build_gpu dsv4 test_cuda_ops test_cuda_fp8
 rc=0
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   for b in test_cuda_fp8 test_cuda_ops; do
