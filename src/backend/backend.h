@@ -113,7 +113,7 @@ class Backend {
   // (the paged compressed entries). Stores are F32 rows or packed U8 rows (tensor/kv_format.h,
   // decoded with nope_dims); either may be empty when nothing indexes it. With packed stores the
   // fresh rows hold what quantize_kv leaves (what they decode to once stored; the CUDA tensor-core
-  // kernel relies on it). One softmax over the listed rows plus the per-head sink logit (whose
+  // kernel packs them). One softmax over the listed rows plus the per-head sink logit (whose
   // value is zero) -> out [T, H, d].
   virtual void attend(const Tensor& q, const Tensor& window, const Tensor& fresh, const Tensor& idx_a,
                       const Tensor& entries, const Tensor& idx_b, int64_t nope_dims, const TensorData& sinks,

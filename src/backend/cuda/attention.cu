@@ -78,39 +78,48 @@ struct KeySources {
   }
 };
 
-// Threads tid < tk resolve keys k0 + tid (tid < nk) of query t into ix (store row, -1 when
-// missing) and src: idx_a lists window ring rows, then this step's fresh rows past the ring; idx_b
-// lists entries. A row past its store sets *bad and counts as missing; tid >= nk writes a missing key.
+// Entry k of query t's key list: idx_a's k-th (window ring rows, then this step's fresh rows past
+// the ring), idx_b's (k - Ka)-th (entries), -1 past the list.
+__device__ __forceinline__ int32_t key_entry(const int32_t* idx_a, int64_t Ka, const int32_t* idx_b, int64_t Kb,
+                                             int64_t t, int64_t k) {
+  return k < Ka ? idx_a[t * Ka + k] : k < Ka + Kb ? idx_b[t * Kb + (k - Ka)] : -1;
+}
+
+// Key k's list entry v as (store row, -1 when missing) and src; a row past its store sets *bad
+// and counts as missing.
+template <bool kPacked>
+__device__ __forceinline__ void resolve_key(const KeySources<kPacked>& ks, int64_t Ka, int64_t k, int32_t v,
+                                            int32_t& ix, int8_t& src, int* bad) {
+  int8_t where = kWindow;
+  bool outside = false;
+  if (k < Ka) {
+    if (v >= ks.window.n) {
+      where = kFresh;
+      v -= int32_t(ks.window.n);
+      outside = v >= ks.fresh.n;
+    }
+  } else {
+    where = kEntries;
+    outside = v >= ks.entries.n;
+  }
+  if (outside) {
+    *bad = 1;
+    v = -1;
+  }
+  ix = v;
+  src = where;
+}
+
+// Threads tid < tk resolve keys k0 + tid (tid < nk) of query t into ix and src; tid >= nk writes
+// a missing key.
 template <bool kPacked>
 __device__ __forceinline__ void resolve_keys(const KeySources<kPacked>& ks, const int32_t* idx_a, int64_t Ka,
                                              const int32_t* idx_b, int64_t Kb, int64_t t, int64_t k0, int nk, int tk,
                                              int32_t* ix, int8_t* src, int* bad) {
   const int tid = threadIdx.x;
   if (tid >= tk) return;
-  int32_t v = -1;
-  int8_t where = kWindow;
-  if (tid < nk) {
-    const int64_t k = k0 + tid;
-    bool outside = false;
-    if (k < Ka) {
-      v = idx_a[t * Ka + k];
-      if (v >= ks.window.n) {
-        where = kFresh;
-        v -= int32_t(ks.window.n);
-        outside = v >= ks.fresh.n;
-      }
-    } else {
-      v = idx_b[t * Kb + (k - Ka)];
-      where = kEntries;
-      outside = v >= ks.entries.n;
-    }
-    if (outside) {
-      *bad = 1;
-      v = -1;
-    }
-  }
-  ix[tid] = v;
-  src[tid] = where;
+  const int32_t v = tid < nk ? key_entry(idx_a, Ka, idx_b, Kb, t, k0 + tid) : -1;
+  resolve_key(ks, Ka, k0 + tid, v, ix[tid], src[tid], bad);
 }
 
 // Decodes the nk resolved rows of a tile (missing keys as zeros), kU groups of V values per
@@ -308,43 +317,124 @@ __global__ void __launch_bounds__(kCombineThreads) attend_combine_kernel(const f
 // Block (t, group of kTcHeads heads): the heads share every key, so a tile of kTcKeys keys gives
 // the scores S = Q K^T [heads x keys] and the output update P V with V = K, both on mma.sync
 // m16n8k16 BF16 tensor cores with FP32 accumulation. Packed production rows decode to BF16
-// exactly (E4M3 times a power of two, BF16 RoPE dims) and fresh rows hold what quantize_kv leaves;
-// q and p are split into three BF16 parts that sum to them exactly. So every product is exact and
-// only the order (and the tensor cores' FP32 accumulation) of the sums differs from the CPU.
+// exactly (E4M3 times a power of two, BF16 RoPE dims); this step's fresh rows, which hold what
+// quantize_kv leaves, are packed first (launch_attend_tc) and decode to the same values. q and p
+// are split into three BF16 parts that sum to them exactly. So every product is exact and only
+// the order (and the tensor cores' FP32 accumulation) of the sums differs from the CPU.
 // Online softmax from the sink as attend_kernel.
-// Per tile: QK warps (16 heads x 16 keys each) write S to shared memory, a softmax pass writes P's
-// three parts, PV warps (all heads x 64 dims each) accumulate O in registers.
-constexpr int kTcDim = 512, kTcHeads = 32, kTcKeys = 64, kTcWarps = 8;
+// Per tile: the bytes of the next tile's key rows load into registers (8 bytes a load, 18 loads a
+// thread) while this tile's QK, softmax and PV run, and are decoded into the BF16 key buffer at
+// the top of the next iteration. Threads tid < kTcKeys follow key tid of every tile and hold its
+// next list entry in a register, so the index loads stay off the path too. QK warps (16 heads x
+// 16 keys each) write S to shared memory, a softmax pass writes P's three parts, PV warps (all
+// heads x 64 dims each) accumulate O in registers; operand fragments come by ldmatrix.
+constexpr int kTcDim = 512, kTcNope = 448, kTcHeads = 32, kTcKeys = 64, kTcWarps = 8;
 constexpr int kTcRow = kTcDim + 8;   // BF16 row stride of q and k: 16 bytes of skew per row, so the
-constexpr int kTcPRow = kTcKeys + 8;  // fragment loads of 8 rows x 4 words hit 32 distinct banks
+constexpr int kTcPRow = kTcKeys + 8;  // 8 row addresses of an ldmatrix hit 32 distinct banks
 constexpr int kTcSRow = kTcKeys + 4;
 static_assert(kTcHeads == 32 && kTcKeys == 64 && kTcWarps == 8 && kTcDim == kTcWarps * 64,
               "the warp roles below are laid out for these sizes");
+// The packed row (584 bytes, 8-aligned): E4M3 codes of the no-RoPE dims, the RoPE dims in BF16,
+// one E8M0 scale per 64 codes. Its first 576 bytes are 72 loads (56 of codes, 16 of BF16 dims);
+// a tile's 4,608 are 18 a thread.
+constexpr KvRowLayout kTcLayout = kv_row_layout(kTcDim, kTcNope);
+constexpr int kTcRowLoads = int(kTcLayout.scale_offset) / 8, kTcCodeLoads = kTcNope / 8;
+constexpr int kTcLoads = kTcKeys * kTcRowLoads / (kTcWarps * 32);
+static_assert(kTcLayout.rope_offset == kTcNope && kTcLayout.scale_offset % 8 == 0 && kTcLayout.bytes % 8 == 0 &&
+                  kTcLoads * kTcWarps * 32 == kTcKeys * kTcRowLoads && kKvScaleBlock % 8 == 0,
+              "the key loads below are laid out for this row");
 struct TcSmem {
   uint16_t q[3][kTcHeads][kTcRow];
   uint16_t k[kTcKeys][kTcRow];
   uint16_t p[3][kTcHeads][kTcPRow];
   float s[kTcHeads][kTcSRow];
   float m[kTcHeads], l[kTcHeads], corr[kTcHeads];
-  int32_t ix[kTcKeys];
-  int8_t src[kTcKeys];
+  int32_t ix[2][kTcKeys];  // tiles alternate: the next one resolved while this one is read
+  int8_t src[2][kTcKeys];
   int bad;
 };
 
-__device__ __forceinline__ uint32_t ld_bf16x2(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
-__device__ __forceinline__ uint32_t bf16x2(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+// A tile's key bytes in flight, this thread's loads i = 0 .. 17 (load j = tid + 256 i of the
+// tile: key j / 72, 8-byte part j % 72 of its row) and, for E4M3 codes, their block's scale code.
+struct TcKeyLoads {
+  uint2 v[kTcLoads];
+  uint32_t scale[kTcLoads];
+};
+
+// Issues the loads of the tile resolved in ix/src (fresh_rows: this step's keys, packed); a
+// missing key loads zeros.
+__device__ __forceinline__ void tc_load_keys(const KeySources<true>& ks, const uint8_t* fresh_rows,
+                                             const int32_t* ix, const int8_t* src, TcKeyLoads& r) {
+#pragma unroll
+  for (int i = 0; i < kTcLoads; ++i) {
+    const int j = int(threadIdx.x) + i * kTcWarps * 32, key = j / kTcRowLoads, part = j % kTcRowLoads;
+    const int32_t row = ix[key];
+    r.v[i] = make_uint2(0u, 0u);
+    r.scale[i] = 0u;
+    if (row >= 0) {
+      const int8_t where = src[key];
+      const void* store = where == kWindow ? ks.window.p : where == kFresh ? fresh_rows : ks.entries.p;
+      const uint8_t* p = static_cast<const uint8_t*>(store) + int64_t(row) * kTcLayout.bytes;
+      r.v[i] = __ldg(reinterpret_cast<const uint2*>(p) + part);
+      if (part < kTcCodeLoads) r.scale[i] = __ldg(p + kTcLayout.scale_offset + part * 8 / kKvScaleBlock);
+    }
+  }
+}
+
+// The loaded bytes as BF16 key rows: codes times their block's scale (exact: E4M3 -> F16 -> F32
+// are exact, the product is E4M3 x 2^k), BF16 dims as they are; a missing key's zeros stay zeros.
+__device__ __forceinline__ void tc_store_keys(const TcKeyLoads& r, uint16_t (*k)[kTcRow]) {
+#pragma unroll
+  for (int i = 0; i < kTcLoads; ++i) {
+    const int j = int(threadIdx.x) + i * kTcWarps * 32, key = j / kTcRowLoads, part = j % kTcRowLoads;
+    if (part < kTcCodeLoads) {
+      const float scale = e8m0_to_float(uint8_t(r.scale[i]));
+      uint32_t w[4];
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        const uint32_t word = h < 2 ? r.v[i].x : r.v[i].y;
+        const __half2_raw two = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(word >> (16 * (h & 1))), __NV_E4M3);
+        const float2 f = __half22float2(__half2(two));
+        w[h] = bf16x2_rn(f.x * scale, f.y * scale);
+      }
+      *reinterpret_cast<uint4*>(&k[key][part * 8]) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      *reinterpret_cast<uint2*>(&k[key][kTcNope + (part - kTcCodeLoads) * 4]) = r.v[i];
+    }
+  }
+}
+
+// The ldmatrix row address of this lane for a 16 x 16 BF16 block at (r0, c0) of a row-major
+// array: matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15).
+template <int kStride>
+__device__ __forceinline__ const uint16_t* tc_block_row(const uint16_t* base, int r0, int c0, int lane) {
+  return base + (r0 + (lane & 15)) * kStride + c0 + (lane >> 4) * 8;
+}
 
 __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q, int64_t H, KeySources<true> ks,
-                                                                 const int32_t* idx_a, int64_t Ka,
-                                                                 const int32_t* idx_b, int64_t Kb, Vec sinks,
-                                                                 float scale, float* out) {
+                                                                 const uint8_t* fresh_rows, const int32_t* idx_a,
+                                                                 int64_t Ka, const int32_t* idx_b, int64_t Kb,
+                                                                 Vec sinks, float scale, float* out) {
   pdl_prologue();
   extern __shared__ __align__(16) uint8_t tc_raw[];
   TcSmem& sm = *reinterpret_cast<TcSmem*>(tc_raw);
   const int64_t t = blockIdx.x, h0 = int64_t(blockIdx.y) * kTcHeads;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+  const int64_t tiles = (Ka + Kb + kTcKeys - 1) / kTcKeys;
+  const bool follower = tid < kTcKeys;
+  int32_t next = follower ? key_entry(idx_a, Ka, idx_b, Kb, t, tid) : -1;  // its key's list entry, next tile
+  if (tid == 0) sm.bad = 0;
+  __syncthreads();  // bad = 0 before any resolve_key may set it
+  if (follower) {
+    resolve_key(ks, Ka, tid, next, sm.ix[0][tid], sm.src[0][tid], &sm.bad);
+    next = key_entry(idx_a, Ka, idx_b, Kb, t, kTcKeys + tid);
+  }
+  __syncthreads();
+  TcKeyLoads keys;
+  tc_load_keys(ks, fresh_rows, sm.ix[0], sm.src[0], keys);  // in flight while q is staged
   const float4* qt = reinterpret_cast<const float4*>(q + (t * H + h0) * kTcDim);
-  for (int i = tid; i < kTcHeads * kTcDim / 4; i += blockDim.x) {
+#pragma unroll 8
+  for (int i = tid; i < kTcHeads * kTcDim / 4; i += kTcWarps * 32) {
     const float4 v = qt[i];
     const int h = i / (kTcDim / 4), c = (i % (kTcDim / 4)) * 4;
     uint32_t xy[3], zw[3];
@@ -357,38 +447,32 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
     sm.m[tid] = vec_at(sinks, h0 + tid);
     sm.l[tid] = 1.f;
   }
-  if (tid == 0) sm.bad = 0;
-  __syncthreads();  // bad = 0 before any warp's resolve_keys may set it
   float o[2][8][4] = {};  // PV role: heads 16 mt + g (+8), dims 64 warp + 8 nt + 2 t4 (+1)
-  const int64_t K = Ka + Kb;
-  for (int64_t k0 = 0; k0 < K; k0 += kTcKeys) {
-    const int nk = int(K - k0 < kTcKeys ? K - k0 : kTcKeys);
-    resolve_keys(ks, idx_a, Ka, idx_b, Kb, t, k0, nk, kTcKeys, sm.ix, sm.src, &sm.bad);
-    __syncthreads();  // also: the previous tile's PV is done with k and p
-    // 16 groups per thread: the tile's 8,192 groups in two rounds of loads.
-    stage_keys<true, 4, 16>(ks, sm.ix, sm.src, kTcKeys, kTcDim, [&](int key, int64_t c, const float* v) {
-      *reinterpret_cast<uint2*>(&sm.k[key][c]) = make_uint2(bf16x2_rn(v[0], v[1]), bf16x2_rn(v[2], v[3]));
-    });
+  for (int64_t it = 0; it < tiles; ++it) {
+    const int cur = int(it & 1);
+    __syncthreads();  // q staged; the previous tile's QK, softmax and PV are done with k, p and ix[cur ^ 1]
+    tc_store_keys(keys, sm.k);
+    if (follower && it + 1 < tiles) {
+      const int64_t k = (it + 1) * kTcKeys + tid;
+      resolve_key(ks, Ka, k, next, sm.ix[cur ^ 1][tid], sm.src[cur ^ 1][tid], &sm.bad);
+      next = key_entry(idx_a, Ka, idx_b, Kb, t, k + kTcKeys);
+    }
     __syncthreads();
+    if (it + 1 < tiles) tc_load_keys(ks, fresh_rows, sm.ix[cur ^ 1], sm.src[cur ^ 1], keys);
     {  // QK role: heads 16 (warp / 4) .., keys 16 (warp % 4) .. (two n8 tiles)
       const int mt = warp >> 2, kb = (warp & 3) * 16;
       float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll 4
       for (int ks16 = 0; ks16 < kTcDim / 16; ++ks16) {
-        const int c = ks16 * 16 + 2 * t4;
-        uint32_t b[2][2];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          const uint16_t* kr = sm.k[kb + nt * 8 + g];
-          b[nt][0] = ld_bf16x2(kr + c);
-          b[nt][1] = ld_bf16x2(kr + c + 8);
-        }
+        uint32_t b[4];  // n8 tile 0: b[0], b[2]; tile 1: b[1], b[3]
+        ldmatrix_x4<false>(b, tc_block_row<kTcRow>(&sm.k[0][0], kb, ks16 * 16, lane));
+        const uint32_t b0[2] = {b[0], b[2]}, b1[2] = {b[1], b[3]};
 #pragma unroll
         for (int part = 0; part < 3; ++part) {
-          const uint16_t *q0 = sm.q[part][mt * 16 + g], *q1 = sm.q[part][mt * 16 + g + 8];
-          const uint32_t a[4] = {ld_bf16x2(q0 + c), ld_bf16x2(q1 + c), ld_bf16x2(q0 + c + 8), ld_bf16x2(q1 + c + 8)};
-#pragma unroll
-          for (int nt = 0; nt < 2; ++nt) mma_bf16(acc[nt], a, b[nt]);
+          uint32_t a[4];
+          ldmatrix_x4<false>(a, tc_block_row<kTcRow>(&sm.q[part][0][0], mt * 16, ks16 * 16, lane));
+          mma_bf16(acc[0], a, b0);
+          mma_bf16(acc[1], a, b1);
         }
       }
 #pragma unroll
@@ -396,7 +480,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h = mt * 16 + g + (e >= 2 ? 8 : 0), key = kb + nt * 8 + 2 * t4 + (e & 1);
-          sm.s[h][key] = sm.ix[key] >= 0 ? acc[nt][e] * scale : -INFINITY;
+          sm.s[h][key] = sm.ix[cur][key] >= 0 ? acc[nt][e] * scale : -INFINITY;
         }
     }
     __syncthreads();
@@ -437,26 +521,23 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
     }
 #pragma unroll
     for (int ks16 = 0; ks16 < kTcKeys / 16; ++ks16) {
-      const int kr = ks16 * 16 + 2 * t4;
       uint32_t a[3][2][4];
 #pragma unroll
       for (int part = 0; part < 3; ++part)
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          const uint16_t *p0 = sm.p[part][mt * 16 + g], *p1 = sm.p[part][mt * 16 + g + 8];
-          a[part][mt][0] = ld_bf16x2(p0 + kr);
-          a[part][mt][1] = ld_bf16x2(p1 + kr);
-          a[part][mt][2] = ld_bf16x2(p0 + kr + 8);
-          a[part][mt][3] = ld_bf16x2(p1 + kr + 8);
-        }
+        for (int mt = 0; mt < 2; ++mt)
+          ldmatrix_x4<false>(a[part][mt], tc_block_row<kTcPRow>(&sm.p[part][0][0], mt * 16, ks16 * 16, lane));
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int c = warp * 64 + nt * 8 + g;
-        const uint32_t b[2] = {bf16x2(sm.k[kr][c], sm.k[kr + 1][c]), bf16x2(sm.k[kr + 8][c], sm.k[kr + 9][c])};
+      for (int nt = 0; nt < 8; nt += 2) {
+        uint32_t b[4];  // V = K transposed: n8 tile nt: b[0], b[1]; tile nt + 1: b[2], b[3]
+        ldmatrix_x4<true>(b, tc_block_row<kTcRow>(&sm.k[0][0], ks16 * 16, warp * 64 + nt * 8, lane));
 #pragma unroll
         for (int part = 0; part < 3; ++part)
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) mma_bf16(o[mt][nt], a[part][mt], b);
+          for (int mt = 0; mt < 2; ++mt) {
+            mma_bf16(o[mt][nt], a[part][mt], b);
+            mma_bf16(o[mt][nt + 1], a[part][mt], b + 2);
+          }
       }
     }
   }
@@ -948,6 +1029,30 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(IndexArgs a, int64_t
     a.idx[t * K + i] = i < taken ? int32_t(paged_row(a, t, int64_t(0xffffffffu - uint32_t(picked[i] & 0xffffffffu)))) : -1;
 }
 
+// Query rows from which packed (production) attention takes the tensor-core kernel (prefill
+// chunks); decode batches (up to 64 sequences measured) keep the split-K kernel, which spreads
+// few queries' keys over the chip.
+constexpr int64_t kAttendTcMinRows = 128;
+
+bool attend_on_tensor_cores(const AttendArgs& a) {
+  const bool fits = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8 &&
+                    device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>() >= int(sizeof(TcSmem));
+  return fits && a.packed && a.d == kTcDim && a.nope == kTcNope && a.H % kTcHeads == 0 && a.T >= kAttendTcMinRows;
+}
+
+void launch_attend_tc(const AttendArgs& a, cudaStream_t s) {
+  // This step's keys as packed rows (they hold what quantize_kv leaves, so the rows decode to
+  // them exactly): every key of a tile is then gathered and decoded the same way.
+  uint8_t* fresh_rows = reinterpret_cast<uint8_t*>(a.scratch);
+  pack_kv(a.fresh, a.n_fresh, a.d, a.nope, fresh_rows, s);
+  const KeySources<true> ks = key_sources<true>(a);
+  static const bool allowed = (allow_smem(attend_tc_kernel, sizeof(TcSmem)), true);
+  (void)allowed;
+  launch_pdl(attend_tc_kernel, dim3(unsigned(a.T), unsigned(a.H / kTcHeads)), kTcWarps * 32, sizeof(TcSmem), s, a.q,
+             a.H, ks, fresh_rows, a.idx_a, a.Ka, a.idx_b, a.Kb, a.sinks, a.scale, a.out);
+  DSV4_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb) {
@@ -956,34 +1061,11 @@ int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb) {
   const int64_t want = (2 * sm_count() + blocks - 1) / blocks;
   return std::max<int64_t>(1, std::min({want, tiles, int64_t(kMaxSplits)}));
 }
-int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64_t Kb) {
-  const int64_t S = attend_splits(T, H, Ka, Kb);
-  return S > 1 ? T * H * S * (d + 3) : 1;
+int64_t attend_scratch_floats(const AttendArgs& a) {
+  if (attend_on_tensor_cores(a)) return std::max<int64_t>(1, (a.n_fresh * kTcLayout.bytes + 3) / 4);
+  const int64_t S = attend_splits(a.T, a.H, a.Ka, a.Kb);
+  return S > 1 ? a.T * a.H * S * (a.d + 3) : 1;
 }
-
-namespace {
-
-// Query rows from which packed (production) attention takes the tensor-core kernel (prefill
-// chunks); decode batches (up to 64 sequences measured) keep the split-K kernel, which spreads
-// few queries' keys over the chip.
-constexpr int64_t kAttendTcMinRows = 128;
-
-bool attend_on_tensor_cores(const AttendArgs& a) {
-  const bool fits = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8 &&
-                           device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>() >= int(sizeof(TcSmem));
-  return fits && a.packed && a.d == kTcDim && a.nope % 4 == 0 && a.H % kTcHeads == 0 && a.T >= kAttendTcMinRows;
-}
-
-void launch_attend_tc(const AttendArgs& a, cudaStream_t s) {
-  const KeySources<true> ks = key_sources<true>(a);
-  static const bool allowed = (allow_smem(attend_tc_kernel, sizeof(TcSmem)), true);
-  (void)allowed;
-  launch_pdl(attend_tc_kernel, dim3(unsigned(a.T), unsigned(a.H / kTcHeads)), kTcWarps * 32, sizeof(TcSmem), s, a.q,
-             a.H, ks, a.idx_a, a.Ka, a.idx_b, a.Kb, a.sinks, a.scale, a.out);
-  DSV4_LAUNCH_CHECK();
-}
-
-}  // namespace
 
 void attend(const AttendArgs& a, cudaStream_t s) {
   if (a.T <= 0 || a.H <= 0) return;

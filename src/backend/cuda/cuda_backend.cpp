@@ -636,7 +636,7 @@ class CudaBackend final : public Backend {
     a.sinks = vec(sinks);
     a.scale = scale;
     a.out = out.f32();
-    Tensor scratch = alloc({cuda::attend_scratch_floats(a.T, a.H, a.d, a.Ka, a.Kb)});
+    Tensor scratch = alloc({cuda::attend_scratch_floats(a)});
     a.scratch = scratch.f32();
     cuda::attend(a, s_);
   }

@@ -592,12 +592,6 @@ __device__ __forceinline__ void cp_async8(void* smem, const void* gmem, bool val
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 8 : 0));
 }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
 // E2M1 nibbles of a word (elements 2i in the low nibbles, 2i + 1 in the high ones) -> E4M3 bytes
 // of 2^-6 times their values.
 __device__ __forceinline__ uint32_t e2m1_even_to_e4m3_scaled(uint32_t w) {
@@ -758,7 +752,7 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
 #pragma unroll
           for (int m = 0; m < 4; ++m) {  // k16 steps: units 2m, 2m + 1 = the row's two 8-column halves
             uint32_t af[4];
-            ldmatrix_x4(af, slot + (2 * m * 16 + lane) * 16);
+            ldmatrix_x4<false>(af, slot + (2 * m * 16 + lane) * 16);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
               uint32_t lo[3], hi[3];  // zeros for a column without a row (the mma is warp-wide)
@@ -780,7 +774,7 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
 #pragma unroll
           for (int m = 0; m < 4; ++m) {  // k32 steps: units 2m, 2m + 1 = the row's two 16-byte halves
             uint32_t af[4];
-            ldmatrix_x4(af, slot + (2 * m * 16 + lane) * 16);
+            ldmatrix_x4<false>(af, slot + (2 * m * 16 + lane) * 16);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
               const uint32_t bf[2] = {xb[j][2 * m], xb[j][2 * m + 1]};
@@ -813,7 +807,7 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
 #pragma unroll
           for (int m = 0; m < 4; ++m) {  // units 2m, 2m + 1 = groups 2m, 2m + 1
             uint32_t wf[4];              // rows g / g + 8 of group 2m, then of group 2m + 1
-            ldmatrix_x4(wf, slot + (2 * m * 16 + lane) * 16);
+            ldmatrix_x4<false>(wf, slot + (2 * m * 16 + lane) * 16);
 #pragma unroll
             for (int hg = 0; hg < 2; ++hg) {
               const int gi = 2 * m + hg;

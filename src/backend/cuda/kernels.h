@@ -169,9 +169,9 @@ struct KvStore {
   int64_t n = 0;
 };
 // Backend::attend: q [T, H, d]; idx_a [T, Ka] entries v < window.n are window rows, others rows
-// v - window.n of fresh [n_fresh, d] (F32); idx_b [T, Kb] (may be null with Kb 0) rows of
-// entries. packed: window and entries hold packed rows with nope no-RoPE dims. An index past its
-// store makes the query's outputs NaN.
+// v - window.n of fresh [n_fresh, d] (F32; with packed stores on the KV grid, as quantize_kv
+// leaves it); idx_b [T, Kb] (may be null with Kb 0) rows of entries. packed: window and entries
+// hold packed rows with nope no-RoPE dims. An index past its store makes the query's outputs NaN.
 struct AttendArgs {
   const float* q = nullptr;
   int64_t T = 0, H = 0, d = 0, nope = 0;
@@ -184,11 +184,11 @@ struct AttendArgs {
   Vec sinks;
   float scale = 1.f;
   float* out = nullptr;
-  float* scratch = nullptr;  // attend_scratch_floats(T, H, d, Ka, Kb) floats: split-K partials
+  float* scratch = nullptr;  // attend_scratch_floats(*this) floats: split-K partials or packed fresh rows
 };
 // Key splits per (token, head group) block: decode (few rows) spreads the keys over the chip.
 int64_t attend_splits(int64_t T, int64_t H, int64_t Ka, int64_t Kb);
-int64_t attend_scratch_floats(int64_t T, int64_t H, int64_t d, int64_t Ka, int64_t Kb);
+int64_t attend_scratch_floats(const AttendArgs& a);
 void attend(const AttendArgs& a, cudaStream_t s);
 // Backend::compress over S sequences (seqs [S, kSegCols] device table; T rows of kv/gate in
 // all); state tensors hold ratio rows per slot (prev_* only with overlap, whose ratio is at most

@@ -24,6 +24,24 @@ DSV4_MMA_16X8(mma_bf16, NV_PROVIDES_SM_80, "m16n8k16.row.col.f32.bf16.bf16.f32")
 DSV4_MMA_16X8(mma_e4m3, NV_PROVIDES_SM_89, "m16n8k32.row.col.f32.e4m3.e4m3.f32")
 #undef DSV4_MMA_16X8
 
+// Four 8 x 8 matrices of 16-bit values from shared memory, lane l giving the address of row l % 8
+// of matrix l / 8 (16-byte aligned); r[i] is this thread's fragment word of matrix i (row lane / 4,
+// columns 2 (lane % 4) and + 1; kTrans: the transposed matrix's). sm_75 and newer.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a)
+                 : "memory");
+}
+
 // The BF16 pair (RNE) of two FP32 values as one 32-bit operand word, lo in the low half.
 __device__ __forceinline__ uint32_t bf16x2_rn(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
