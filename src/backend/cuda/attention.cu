@@ -325,9 +325,10 @@ __global__ void __launch_bounds__(kCombineThreads) attend_combine_kernel(const f
 // Per tile: the bytes of the next tile's key rows load into registers (8 bytes a load, 18 loads a
 // thread) while this tile's QK, softmax and PV run, and are decoded into the BF16 key buffer at
 // the top of the next iteration. Threads tid < kTcKeys follow key tid of every tile and hold its
-// next list entry in a register, so the index loads stay off the path too. QK warps (16 heads x
-// 16 keys each) write S to shared memory, a softmax pass writes P's three parts, PV warps (all
-// heads x 64 dims each) accumulate O in registers; operand fragments come by ldmatrix.
+// next list entry in a register, so the index loads stay off the path too. QK warps (all heads x
+// 16 keys x half the dims each) write partial S to shared memory, a softmax pass adds the halves
+// and writes P's three parts, PV warps (all heads x 64 dims each) accumulate O in registers;
+// operand fragments come by ldmatrix.
 constexpr int kTcDim = 512, kTcNope = 448, kTcHeads = 32, kTcKeys = 64, kTcWarps = 8;
 constexpr int kTcRow = kTcDim + 8;   // BF16 row stride of q and k: 16 bytes of skew per row, so the
 constexpr int kTcPRow = kTcKeys + 8;  // 8 row addresses of an ldmatrix hit 32 distinct banks
@@ -347,7 +348,7 @@ struct TcSmem {
   uint16_t q[3][kTcHeads][kTcRow];
   uint16_t k[kTcKeys][kTcRow];
   uint16_t p[3][kTcHeads][kTcPRow];
-  float s[kTcHeads][kTcSRow];
+  float s[2][kTcHeads][kTcSRow];  // partial scores of the two halves of the dims
   float m[kTcHeads], l[kTcHeads], corr[kTcHeads];
   int32_t ix[2][kTcKeys];  // tiles alternate: the next one resolved while this one is read
   int8_t src[2][kTcKeys];
@@ -459,36 +460,44 @@ __global__ void __launch_bounds__(kTcWarps * 32) attend_tc_kernel(const float* q
     }
     __syncthreads();
     if (it + 1 < tiles) tc_load_keys(ks, fresh_rows, sm.ix[cur ^ 1], sm.src[cur ^ 1], keys);
-    {  // QK role: heads 16 (warp / 4) .., keys 16 (warp % 4) .. (two n8 tiles)
-      const int mt = warp >> 2, kb = (warp & 3) * 16;
-      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll 4
-      for (int ks16 = 0; ks16 < kTcDim / 16; ++ks16) {
+    {  // QK role: all heads (two m16 tiles) x keys 16 (warp % 4) .. (two n8 tiles) over half warp / 4
+       // of the dims: four independent accumulator chains (two, over all dims, left the tensor
+       // cores waiting on each MMA's result)
+      const int kb = (warp & 3) * 16, half = warp >> 2;
+      float acc[2][2][4] = {};
+#pragma unroll 2
+      for (int ks16 = half * kTcDim / 32; ks16 < (half + 1) * kTcDim / 32; ++ks16) {
         uint32_t b[4];  // n8 tile 0: b[0], b[2]; tile 1: b[1], b[3]
         ldmatrix_x4<false>(b, tc_block_row<kTcRow>(&sm.k[0][0], kb, ks16 * 16, lane));
         const uint32_t b0[2] = {b[0], b[2]}, b1[2] = {b[1], b[3]};
 #pragma unroll
-        for (int part = 0; part < 3; ++part) {
-          uint32_t a[4];
-          ldmatrix_x4<false>(a, tc_block_row<kTcRow>(&sm.q[part][0][0], mt * 16, ks16 * 16, lane));
-          mma_bf16(acc[0], a, b0);
-          mma_bf16(acc[1], a, b1);
-        }
+        for (int part = 0; part < 3; ++part)
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            uint32_t a[4];
+            ldmatrix_x4<false>(a, tc_block_row<kTcRow>(&sm.q[part][0][0], mt * 16, ks16 * 16, lane));
+            mma_bf16(acc[mt][0], a, b0);
+            mma_bf16(acc[mt][1], a, b1);
+          }
       }
+      // Partial scores of the half; the first marks the missing keys (-inf), the softmax adds them.
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = mt * 16 + g + (e >= 2 ? 8 : 0), key = kb + nt * 8 + 2 * t4 + (e & 1);
-          sm.s[h][key] = sm.ix[cur][key] >= 0 ? acc[nt][e] * scale : -INFINITY;
-        }
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = mt * 16 + g + (e >= 2 ? 8 : 0), key = kb + nt * 8 + 2 * t4 + (e & 1);
+            sm.s[half][h][key] = half == 0 && sm.ix[cur][key] < 0 ? -INFINITY : acc[mt][nt][e];
+          }
     }
     __syncthreads();
     // Softmax role: warp w the heads 4w .. 4w + 3, lane the keys lane and lane + 32.
 #pragma unroll
     for (int hh = 0; hh < kTcHeads / kTcWarps; ++hh) {
       const int h = warp * (kTcHeads / kTcWarps) + hh;
-      const float s0 = sm.s[h][lane], s1 = sm.s[h][lane + 32], mold = sm.m[h];
+      const float s0 = (sm.s[0][h][lane] + sm.s[1][h][lane]) * scale;
+      const float s1 = (sm.s[0][h][lane + 32] + sm.s[1][h][lane + 32]) * scale, mold = sm.m[h];
       const float mnew = fmaxf(mold, warp_max(fmaxf(s0, s1)));  // finite: the sink is
       const float p0 = s0 == -INFINITY ? 0.f : expf(s0 - mnew), p1 = s1 == -INFINITY ? 0.f : expf(s1 - mnew);
       uint32_t e[3];  // low halves: key lane, high halves: key lane + 32
