@@ -307,10 +307,14 @@ TEST(CudaFp8, MoE) {
   cpu->set_act_quant(ActQuant::Fp8Pow2);
   WeightStore ws;
   uint64_t seed = 5000;
-  int64_t wgmma_moe_runs = 0;  // Auto runs of FP4 experts that launched the warpgroup kernel
+  // Runs of FP4 experts (Auto and Warpgroup paths) that launched the warpgroup kernel: w2 plain,
+  // w1 and w3 with the SwiGLU fused.
+  int64_t wgmma_moe_runs = 0, fused_moe_runs = 0;
   // 1, 8 and 64 tokens over 256 experts and 16 over 32 (some experts get more than 8 rows: a second
   // pass) take the weight-streaming kernel; 300 and 512 the tiled one.
-  // The tiled sizes also run the Auto path (sm_90a: the warpgroup-MMA kernel), and FP8 experts.
+  // The tiled sizes also run the Auto and Warpgroup paths (sm_90a: the warpgroup-MMA kernel; the
+  // Warpgroup path keeps the FP8 shared expert on the portable kernel, FP32-like, so the tight
+  // bound holds there), and FP8 experts.
   for (auto c : std::vector<C>{{1, 4096, 2048, 256, 6}, {8, 4096, 2048, 256, 6}, {64, 4096, 2048, 256, 6},
                                {16, 1024, 512, 32, 6}, {300, 1024, 512, 32, 6}, {512, 4096, 2048, 16, 6},
                                {300, 1024, 512, 32, 6, WeightFormat::FP8}}) {
@@ -330,22 +334,27 @@ TEST(CudaFp8, MoE) {
       return y;
     };
     const std::vector<float> ref = run_moe(*cpu);
-    for (Path p : {Path::Kernel, Path::Auto}) {
+    std::vector<Path> paths = {Path::Kernel, Path::Auto};
+    if (is_sm90()) paths.push_back(Path::Warpgroup);
+    for (Path p : paths) {
       CudaOptions o;
       o.fp8_gemm = p;
       auto gpu = poisoned_cuda_backend(o);
       gpu->set_act_quant(ActQuant::Fp8Pow2);
-      const uint64_t wgmma_before = cuda::wgmma_launch_count();
+      const uint64_t wgmma_before = cuda::wgmma_launch_count(), fused_before = cuda::wgmma_swiglu_launch_count();
       const std::vector<float> got = run_moe(*gpu);
       wgmma_moe_runs += cuda::wgmma_launch_count() > wgmma_before;
+      fused_moe_runs += cuda::wgmma_swiglu_launch_count() > fused_before;
       expect_close_up_to_flips(ref, got,
                                fmt::format("fp8-act moe {} {} T={} D={} F={} E={} k={}", path_name(p),
                                            c.fmt == WeightFormat::FP8 ? "fp8" : "fp4", c.T, c.D, c.F, c.E, c.k),
                                p == Path::Auto && is_sm90());
     }
   }
-  // The tiled FP4 sizes on the Auto path (300 and 512 tokens) take the warpgroup kernel on sm_90a.
-  EXPECT_EQ(wgmma_moe_runs, cuda::wgmma_available() ? 2 : 0);
+  // The tiled FP4 sizes (300 and 512 tokens) on the Auto and Warpgroup paths take the warpgroup
+  // kernel on sm_90a, for w1/w3 with the SwiGLU fused.
+  EXPECT_EQ(wgmma_moe_runs, cuda::wgmma_available() ? 4 : 0);
+  EXPECT_EQ(fused_moe_runs, cuda::wgmma_available() ? 4 : 0);
 }
 
 // Whole models with FP8 activations: CUDA (the portable kernel, FP32 accumulation as the CPU) vs

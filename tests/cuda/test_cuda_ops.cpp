@@ -291,7 +291,9 @@ TEST_F(CudaOps, MoE) {
                                {100, 192, 96, 6, 3, WeightFormat::FP8, true, true, 2.f},
                                {5, 256, 64, 16, 4, WeightFormat::FP8, false, false, 0.f},
                                // GEMV path with a row loop (T*k <= 4E) and hash repeats: >8 rows per expert
-                               {40, 256, 64, 64, 4, WeightFormat::FP4, true, true, 10.f}}) {
+                               {40, 256, 64, 64, 4, WeightFormat::FP4, true, true, 10.f},
+                               // D % 4 != 0: the combine one channel a thread
+                               {6, 98, 64, 8, 2, WeightFormat::FP8, false, true, 2.f}}) {
     RandomMoE rm = random_moe(ws, c.fmt, c.T, c.D, c.F, c.E, c.k, c.shared, c.hash, seed);
     MoEWeights& moe = rm.moe;
     const auto& ex = rm.experts;

@@ -344,6 +344,9 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 //    land kWgAhead stages ahead; the weights are converted to BF16 (swizzled) one stage ahead into
 //    one of three buffers while the MMAs of the current stage run; a warpgroup keeps one stage of
 //    MMAs in flight.
+//  - kSwiglu (gemm_swiglu): the block's 256 weight rows are 128 channels of W1 and the same 128
+//    of W3, so each thread holds both products of its channels and writes their clamped SwiGLU
+//    (the SwiGLU kernel's function): no W3 product round trip through memory, one launch.
 // Needs K % 128 == 0, E8M0 weight scales and BF16 activation rows (wgmma_fits; the backend asks
 // for it only with power-of-two activation scales, which make those rows exact).
 constexpr int kWgTM = 64 * 2, kWgTN = 256, kWgThreads = 256;
@@ -437,13 +440,21 @@ __device__ __forceinline__ void e2m1x32_to_bf16(uint4 q, float s, uint32_t (&out
 }
 #endif
 
+template <bool kSwiglu>
 __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   pdl_prologue();
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   WgSmem& sm = *reinterpret_cast<WgSmem*>(wg_smem);
   const Problem p = problem(a);
-  const int64_t r0 = int64_t(blockIdx.y) * kWgTM, n0 = int64_t(blockIdx.x) * kWgTN, K = a.K, N = a.N;
+  constexpr int kChannels = kSwiglu ? kWgTN / 2 : kWgTN;  // output channels of the block
+  const int64_t r0 = int64_t(blockIdx.y) * kWgTM, n0 = int64_t(blockIdx.x) * kChannels, K = a.K, N = a.N;
+  // Weight row `row` of the tile: its matrix (W3 for the upper half under kSwiglu) and channel.
+  auto weight_row = [&](int row, const WeightDesc*& w, int64_t& n) {
+    const bool upper = kSwiglu && row >= kChannels;
+    w = upper ? &p.w3 : &p.w;
+    n = n0 + (upper ? row - kChannels : row);
+  };
   if (r0 >= p.rows) return;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
   const int wrow = wg * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2), t4 = lane & 3;  // this thread's first output row
@@ -473,13 +484,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int row = (tid >> 1) + 128 * i, ch = tid & 1;
-        const int64_t n = n0 + row;
-        const uint8_t* src = n < N ? p.w.w + ((p.wrow0 + n) * K + t * kWgK) / 2 + ch * 16 : p.w.w;
+        const WeightDesc* w;
+        int64_t n;
+        weight_row(row, w, n);
+        const uint8_t* src = n < N ? w->w + ((p.wrow0 + n) * K + t * kWgK) / 2 + ch * 16 : w->w;
         cp_async16(wt + row * kWgWRowBytes + ch * 16, src, n < N);
       }
       if ((t & 1) == 0) {
-        const int64_t n = n0 + tid;
-        const uint8_t* src = n < N ? p.w.s + (p.wrow0 + n) * (K / 32) + (t >> 1) * 4 : p.w.s;
+        const WeightDesc* w;
+        int64_t n;
+        weight_row(tid, w, n);
+        const uint8_t* src = n < N ? w->s + (p.wrow0 + n) * (K / 32) + (t >> 1) * 4 : w->s;
         cp_async4(&sm.ws[(t >> 1) & 1][tid * 4], src, n < N);
       }
     }
@@ -540,17 +555,20 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
   wgmma_wait<0>();
   fence_registers(acc);
 
+  // Accumulator 4 j + 2 h + e: row wrow + 8 h, tile column 8 j + 2 t4 + e (under kSwiglu the W3
+  // product of column c sits at j + 16).
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t r = r0 + wrow + 8 * h;
     if (r >= p.rows) continue;
     float* yr = p.y + (p.base + r) * a.ldy;
 #pragma unroll
-    for (int j = 0; j < 32; ++j)
+    for (int j = 0; j < kChannels / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int64_t n = n0 + j * 8 + t4 * 2 + e;
-        if (n < N) yr[n] = acc[4 * j + 2 * h + e];
+        const float v = acc[4 * j + 2 * h + e];
+        if (n < N) yr[n] = kSwiglu ? swiglu_value(v, acc[4 * (j + 16) + 2 * h + e], a.swiglu_limit) : v;
       }
   }
 #else
@@ -932,21 +950,25 @@ bool wgmma_fits(const GemmArgs& a) {
          (reinterpret_cast<uintptr_t>(a.xb) & 15) == 0;
 }
 
-std::atomic<uint64_t> wgmma_launches{0};
+std::atomic<uint64_t> wgmma_launches{0}, wgmma_swiglu_launches{0};
 
+template <bool kSwiglu>
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
-  static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       int(sizeof(WgSmem))),
+  static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel<kSwiglu>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(WgSmem))),
                                   true);
   (void)configured;
-  dim3 grid(unsigned((a.N + kWgTN - 1) / kWgTN), unsigned((a.max_rows + kWgTM - 1) / kWgTM), unsigned(a.Z));
-  launch_pdl(wgmma_fp4_kernel, grid, kWgThreads, sizeof(WgSmem), stream, a);
-  wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+  const int64_t channels = kSwiglu ? kWgTN / 2 : kWgTN;
+  dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + kWgTM - 1) / kWgTM), unsigned(a.Z));
+  launch_pdl(wgmma_fp4_kernel<kSwiglu>, grid, kWgThreads, sizeof(WgSmem), stream, a);
+  (kSwiglu ? wgmma_swiglu_launches : wgmma_launches).fetch_add(1, std::memory_order_relaxed);
+  DSV4_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 uint64_t wgmma_launch_count() { return wgmma_launches.load(std::memory_order_relaxed); }
+uint64_t wgmma_swiglu_launch_count() { return wgmma_swiglu_launches.load(std::memory_order_relaxed); }
 
 bool wgmma_available() {
   // DSV4_CUDA_WGMMA=0: the mma.sync kernel everywhere (A/B measurements).
@@ -957,7 +979,7 @@ bool wgmma_available() {
 #ifdef DSV4_BUILT_FOR_SM90A
   static const bool compiled = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, wgmma_fp4_kernel) == cudaSuccess && attr.binaryVersion == 90;
+    return cudaFuncGetAttributes(&attr, wgmma_fp4_kernel<false>) == cudaSuccess && attr.binaryVersion == 90;
   }();
 #else
   constexpr bool compiled = false;
@@ -1007,15 +1029,18 @@ bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
   return launched;
 }
 
+bool gemm_swiglu_warpgroup(const GemmArgs& a, cudaStream_t stream) {
+  const bool fits = a.xq && a.xs && !a.x_z_off && a.warpgroup_mma && wgmma_fits(a) &&
+                    a.wd3.fmt == a.wd.fmt && a.wd3.scale_f32 == a.wd.scale_f32 && wgmma_available();
+  if (fits) launch_wgmma<true>(a, stream);
+  return fits;
+}
+
 void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.K % 32 || a.x_z_off || !a.xs)
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
   if (gemm_skinny(a, false, stream)) return;
-  if (a.warpgroup_mma && wgmma_fits(a) && wgmma_available()) {
-    launch_wgmma(a, stream);
-    DSV4_LAUNCH_CHECK();
-    return;
-  }
+  if (a.warpgroup_mma && wgmma_fits(a) && wgmma_available()) return launch_wgmma<false>(a, stream);
   switch (a.wd.fmt) {
     case kFP8: a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream); break;
     case kFP4: a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream); break;

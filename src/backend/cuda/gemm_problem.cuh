@@ -6,7 +6,7 @@
 namespace dsv4::cuda {
 
 struct Problem {
-  WeightDesc w;
+  WeightDesc w, w3;  // w3: the gemm_swiglu twin (descs3 / wd3), read only by kernels that fuse it
   const float* x;
   float* y;
   int64_t rows, base, wrow0;
@@ -19,6 +19,7 @@ __device__ __forceinline__ Problem problem(const GemmArgs& a) {
     z = a.zmap[z];
     if (z < 0) {  // no expert for this slice
       p.w = a.wd;
+      p.w3 = a.wd3;
       p.x = a.x;
       p.y = a.y;
       p.rows = 0;
@@ -28,6 +29,7 @@ __device__ __forceinline__ Problem problem(const GemmArgs& a) {
     }
   }
   p.w = a.descs ? a.descs[z] : a.wd;
+  p.w3 = a.descs3 ? a.descs3[z] : a.wd3;
   p.x = a.x + z * a.x_z_off;
   p.y = a.y + z * a.y_z_off;
   p.rows = a.counts ? a.counts[z] : a.M;
@@ -51,6 +53,9 @@ __device__ __forceinline__ const float* x_row(const GemmArgs& a, const Problem& 
 
 // The FP8-activation GEMM (a.xq set): tensor cores, FP8 or FP4 weights (gemm_fp8.cu).
 void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream);
+// gemm_swiglu on the sm_90a warpgroup kernel (both products and the SwiGLU in one launch) where
+// gemm() would take that kernel for W1; false (nothing launched) otherwise.
+bool gemm_swiglu_warpgroup(const GemmArgs& a, cudaStream_t stream);
 // The weight-streaming tensor-core kernel for few rows per problem, with the SwiGLU of
 // gemm_swiglu when swiglu is set: FP8 activations (xq) with FP8/FP4 weights (max_rows <=
 // kGemvMaxRows or force_gemv), or FP32 activations with BF16 weights (2 to kSkinnyBf16MaxRows

@@ -78,16 +78,19 @@ struct GemmArgs {
 };
 // Whether this device runs the sm_90a warpgroup-MMA GEMM kernel (compiled for sm_90a, an SM 9.x GPU).
 bool wgmma_available();
-// Launches of the warpgroup-MMA kernel so far (tests check that the path they mean ran).
+// Launches of the warpgroup-MMA kernel so far, plain and with the SwiGLU of gemm_swiglu fused
+// (tests check that the path they mean ran).
 uint64_t wgmma_launch_count();
+uint64_t wgmma_swiglu_launch_count();
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Whether gemm() and gemm_swiglu() take the one-row stream GEMV for these arguments, the kernel
 // that applies x_roundtrip (any other path aborts when it is set).
 bool gemm_rounds_x(const GemmArgs& a);
 // y = silu(min(x W1^T, L)) * clamp(x W3^T, -L, L) (no clamp when L <= 0), W1 = the problem's
 // weight, W3 = its descs3/wd3 twin; y holds dense rows [y_rows, N] (ldy == N, y_z_off == 0).
-// One pass streaming both weights where the one-row GEMV applies (decode); otherwise two GEMMs
-// and the SwiGLU kernel, with h3 (y_rows x N floats) as the second product's scratch.
+// One pass streaming both weights where the one-row GEMV applies (decode) or the sm_90a warpgroup
+// kernel does (prefill with FP4 weights); otherwise two GEMMs and the SwiGLU kernel, with h3
+// (y_rows x N floats) as the second product's scratch.
 void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stream);
 // Which path gemm() takes: rows per problem <= this use the weight-streaming GEMV kernel, or
 // with FP8 activations (xq) its tensor-core twin when K is a multiple of skinny_stage_k.

@@ -548,6 +548,7 @@ void gemm_swiglu(const GemmArgs& a, int64_t y_rows, float* h3, cudaStream_t stre
     DSV4_LAUNCH_CHECK();
     return;
   }
+  if (gemm_swiglu_warpgroup(a, stream)) return;
   GemmArgs a3 = a;
   a3.descs = a.descs3;
   a3.wd = a.wd3;

@@ -83,14 +83,16 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-
 // one block streaming the whole (2+m)m x m*D mixing matrix (1.5 MB for m = 4, D = 4096):
 //  1. hc_mix_partial_kernel: grid (chunks of kHcChunk values, T); each block writes the partial
 //     sum of squares and the MIX partial dot products fn_j . x over its chunk;
-//  2. hc_finish_kernel: grid (D / kHcChunk, T); each block reduces the partials of its token (in
+//  2. hc_finish_kernel: grid (D / (256 PER), T); each block reduces the partials of its token (in
 //     chunk order: deterministic), recomputes the small mixing (sigmoids, Sinkhorn on M x M
 //     threads) and writes its slice of u; block 0 also writes post and comb.
-// One value per thread: every load of a block is in flight at once (25 for m = 4), and a decode
-// step spreads over m*D/256 blocks (64 for m = 4, D = 4096).
-constexpr int kHcThreads = 256, kHcPerThread = 1, kHcChunk = kHcThreads * kHcPerThread;
+// One value per thread in the mixing: every load of a block is in flight at once (25 for m = 4),
+// and a decode step spreads over m*D/256 blocks (64 for m = 4, D = 4096). Its finish takes one
+// channel a thread (16 blocks for D = 4096); prefill takes PER = 16, one block a token, so the
+// partials are reduced once per token instead of once per 256 channels.
+constexpr int kHcThreads = 256, kHcChunk = kHcThreads;
 
-int64_t hc_chunks(int64_t n) { return (n + kHcChunk - 1) / kHcChunk; }
+int64_t hc_chunks(int64_t n, int64_t per = 1) { return (n + kHcChunk * per - 1) / (kHcChunk * per); }
 
 template <int MIX>
 __global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const float* X, int64_t n, const float* fn,
@@ -102,15 +104,12 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const float*
   float acc[MIX + 1];
 #pragma unroll
   for (int j = 0; j <= MIX; ++j) acc[j] = 0.f;
+  const int64_t i = c0 + threadIdx.x;  // coalesced; MIX independent loads in flight
+  if (i < n) {
+    const float v = x[i];
+    acc[MIX] = fmaf(v, v, acc[MIX]);
 #pragma unroll
-  for (int e = 0; e < kHcPerThread; ++e) {
-    const int64_t i = c0 + e * kHcThreads + threadIdx.x;  // coalesced; MIX independent loads in flight
-    if (i < n) {
-      const float v = x[i];
-      acc[MIX] = fmaf(v, v, acc[MIX]);
-#pragma unroll
-      for (int j = 0; j < MIX; ++j) acc[j] = fmaf(__ldg(fn + j * n + i), v, acc[j]);
-    }
+    for (int j = 0; j < MIX; ++j) acc[j] = fmaf(__ldg(fn + j * n + i), v, acc[j]);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -154,21 +153,37 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_tiled_kernel(const float* X
   pdl_prologue();
   __shared__ __align__(16) float fs[MIX][kHcChunk];
   const int64_t c0 = int64_t(blockIdx.x) * kHcChunk, t0 = int64_t(blockIdx.y) * kHcTileTokens;
-  for (int i = threadIdx.x; i < MIX * kHcChunk; i += kHcThreads) {
-    const int j = i / kHcChunk, k = i % kHcChunk;
-    fs[j][k] = fn[j * n + c0 + k];
-  }
-  __syncthreads();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t t_end = t0 + kHcTileTokens < T ? t0 + kHcTileTokens : T;
+  constexpr int kLoads = kHcChunk / 128;
+  // The next token's values load while this one's are summed (a warp's tokens are consecutive
+  // loads otherwise, each waiting out the memory latency).
+  float4 next[kLoads];
+  auto load = [&](int64_t t) {
+#pragma unroll
+    for (int h = 0; h < kLoads; ++h)
+      next[h] = t < t_end ? *reinterpret_cast<const float4*>(X + t * n + c0 + h * 128 + lane * 4)
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+  };
+  load(t0 + warp);  // in flight while the mixing matrix is staged
+#pragma unroll 2
+  for (int i = threadIdx.x; i < MIX * kHcChunk / 4; i += kHcThreads) {
+    const int j = i / (kHcChunk / 4), k = (i % (kHcChunk / 4)) * 4;
+    *reinterpret_cast<float4*>(&fs[j][k]) = *reinterpret_cast<const float4*>(fn + j * n + c0 + k);
+  }
+  __syncthreads();
   for (int64_t t = t0 + warp; t < t_end; t += kHcThreads / 32) {
+    float4 cur[kLoads];
+#pragma unroll
+    for (int h = 0; h < kLoads; ++h) cur[h] = next[h];
+    load(t + kHcThreads / 32);
     float acc[32];
 #pragma unroll
     for (int j = 0; j < 32; ++j) acc[j] = 0.f;
 #pragma unroll
-    for (int h = 0; h < kHcChunk / 128; ++h) {
+    for (int h = 0; h < kLoads; ++h) {
       const int k = h * 128 + lane * 4;
-      const float4 v = *reinterpret_cast<const float4*>(X + t * n + c0 + k);
+      const float4 v = cur[h];
       acc[MIX] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, acc[MIX]))));
 #pragma unroll
       for (int j = 0; j < MIX; ++j) {
@@ -184,7 +199,7 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_tiled_kernel(const float* X
 constexpr int64_t kHcTiledMinTokens = 32;
 
 // SINKHORN: hc_pre (pre, post, comb from (2+M)M mixes); otherwise hc_head (pre from M mixes).
-template <int M, bool SINKHORN>
+template <int M, bool SINKHORN, int PER>
 __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, int64_t D, const float* part,
                                                                  int64_t chunks, const float* base, const float* scale,
                                                                  int64_t iters, float hc_eps, float norm_eps, float* u,
@@ -209,13 +224,19 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, i
   }
   __syncthreads();
   const float* x = X + t * M * D;
+  const int64_t d0 = int64_t(blockIdx.x) * kHcThreads * PER + tid;
+  float xv[PER][M];  // all of the block's loads in flight before the first sum
 #pragma unroll
-  for (int e = 0; e < kHcPerThread; ++e) {
-    const int64_t d = int64_t(blockIdx.x) * kHcChunk + e * kHcThreads + tid;
+  for (int e = 0; e < PER; ++e)
+#pragma unroll
+    for (int q = 0; q < M; ++q) xv[e][q] = d0 + e * kHcThreads < D ? x[q * D + d0 + e * kHcThreads] : 0.f;
+#pragma unroll
+  for (int e = 0; e < PER; ++e) {
+    const int64_t d = d0 + e * kHcThreads;
     if (d >= D) continue;
     float s = 0.f;
 #pragma unroll
-    for (int q = 0; q < M; ++q) s += pre[q] * x[q * D + d];
+    for (int q = 0; q < M; ++q) s += pre[q] * xv[e][q];
     u[t * D + d] = s;
   }
   // Only block 0 writes comb: the others are done (u does not wait for the Sinkhorn passes).
@@ -372,8 +393,14 @@ void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const floa
   if (!tiled)
     launch_pdl(hc_mix_partial_kernel<MIX>, dim3(unsigned(chunks), unsigned(T)), kHcThreads, 0, s, X, n, fn, scratch);
   DSV4_LAUNCH_CHECK();
-  launch_pdl(hc_finish_kernel<M, SINKHORN>, dim3(unsigned(hc_chunks(D)), unsigned(T)), kHcThreads, 0, s, X, D, scratch,
-             chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
+  if (T >= kHcTiledMinTokens) {
+    constexpr int kPer = 16;
+    launch_pdl(hc_finish_kernel<M, SINKHORN, kPer>, dim3(unsigned(hc_chunks(D, kPer)), unsigned(T)), kHcThreads, 0, s,
+               X, D, scratch, chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
+  } else {
+    launch_pdl(hc_finish_kernel<M, SINKHORN, 1>, dim3(unsigned(hc_chunks(D)), unsigned(T)), kHcThreads, 0, s, X, D,
+               scratch, chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
+  }
   DSV4_LAUNCH_CHECK();
 }
 }  // namespace
