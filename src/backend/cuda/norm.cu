@@ -153,37 +153,21 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_tiled_kernel(const float* X
   pdl_prologue();
   __shared__ __align__(16) float fs[MIX][kHcChunk];
   const int64_t c0 = int64_t(blockIdx.x) * kHcChunk, t0 = int64_t(blockIdx.y) * kHcTileTokens;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t t_end = t0 + kHcTileTokens < T ? t0 + kHcTileTokens : T;
-  constexpr int kLoads = kHcChunk / 128;
-  // The next token's values load while this one's are summed (a warp's tokens are consecutive
-  // loads otherwise, each waiting out the memory latency).
-  float4 next[kLoads];
-  auto load = [&](int64_t t) {
-#pragma unroll
-    for (int h = 0; h < kLoads; ++h)
-      next[h] = t < t_end ? *reinterpret_cast<const float4*>(X + t * n + c0 + h * 128 + lane * 4)
-                          : make_float4(0.f, 0.f, 0.f, 0.f);
-  };
-  load(t0 + warp);  // in flight while the mixing matrix is staged
-#pragma unroll 2
-  for (int i = threadIdx.x; i < MIX * kHcChunk / 4; i += kHcThreads) {
-    const int j = i / (kHcChunk / 4), k = (i % (kHcChunk / 4)) * 4;
-    *reinterpret_cast<float4*>(&fs[j][k]) = *reinterpret_cast<const float4*>(fn + j * n + c0 + k);
+  for (int i = threadIdx.x; i < MIX * kHcChunk; i += kHcThreads) {
+    const int j = i / kHcChunk, k = i % kHcChunk;
+    fs[j][k] = fn[j * n + c0 + k];
   }
   __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t_end = t0 + kHcTileTokens < T ? t0 + kHcTileTokens : T;
   for (int64_t t = t0 + warp; t < t_end; t += kHcThreads / 32) {
-    float4 cur[kLoads];
-#pragma unroll
-    for (int h = 0; h < kLoads; ++h) cur[h] = next[h];
-    load(t + kHcThreads / 32);
     float acc[32];
 #pragma unroll
     for (int j = 0; j < 32; ++j) acc[j] = 0.f;
 #pragma unroll
-    for (int h = 0; h < kLoads; ++h) {
+    for (int h = 0; h < kHcChunk / 128; ++h) {
       const int k = h * 128 + lane * 4;
-      const float4 v = cur[h];
+      const float4 v = *reinterpret_cast<const float4*>(X + t * n + c0 + k);
       acc[MIX] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, acc[MIX]))));
 #pragma unroll
       for (int j = 0; j < MIX; ++j) {
