@@ -7,7 +7,8 @@
 # Env: GTEST_FILTER ('*LinearAllPaths*:*MoE*:*ActQuant*:*IndexTopk*:*Attend*'), SKIP_TESTS=1,
 #      SKIP_OPS=1, SKIP_BENCH=1, BENCH_CTX (8192; e.g. 8192,131072), BENCH_LAYERS (30),
 #      NCU_KERNEL (a kernel name regex, e.g. wgmma_fp4; unset: no ncu), NCU_TEST (test_cuda_fp8),
-#      NCU_FILTER (its gtest filter, '*LinearAllPaths*'), NCU_SKIP (launches skipped first, 2).
+#      NCU_FILTER (its gtest filter, '*LinearAllPaths*'), NCU_SKIP (launches skipped first, 2),
+#      NCU_SASS=1 (also the full set with source: stalls per SASS region, ncu_sass_regions.py).
 source "$(dirname "$0")/start.sh" prefill-kernels
 build_gpu dsv4 test_cuda_ops test_cuda_fp8
 rc=0
@@ -35,6 +36,15 @@ if [ -n "${NCU_KERNEL:-}" ]; then
     ./build-gpu/tests/cuda/"${NCU_TEST:-test_cuda_fp8}" --gtest_filter="${NCU_FILTER:-*LinearAllPaths*}" \
     >"$OUT/ncu-$NCU_KERNEL.txt" 2>&1 || echo "ncu rc=$?"
   grep -E "Duration|Throughput|Issued|Eligible|Active Warps|Stall|ERROR" "$OUT/ncu-$NCU_KERNEL.txt" | head -40
+  if [ "${NCU_SASS:-0}" = 1 ]; then
+    rep="$OUT/ncu-$NCU_KERNEL-full"
+    timeout 200 ncu --clock-control none --set full --import-source yes --kernel-name "regex:$NCU_KERNEL" \
+      --launch-skip "${NCU_SKIP:-2}" --launch-count 1 -o "$rep" ./build-gpu/tests/cuda/"${NCU_TEST:-test_cuda_fp8}" \
+      --gtest_filter="${NCU_FILTER:-*LinearAllPaths*}" >"$rep-run.log" 2>&1 || echo "ncu full rc=$?"
+    ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep-sass.csv" 2>&1 && rm -f "$rep.ncu-rep"
+    python3 scripts/device/ncu_sass_regions.py "$rep-sass.csv" | tee "$rep-regions.md"
+    gzip -f "$rep-sass.csv"
+  fi
 fi
 echo "== rc=$rc"
 exit $rc
