@@ -199,8 +199,8 @@ TEST_F(CudaOps, HyperConnections) {
   uint64_t seed = 300;
   for (auto [T, D, iters] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
            {1, 4096, 20}, {9, 4096, 20}, {4, 192, 7}, {2, 1100, 20} /* partial mix chunks and u slices */,
-           {70, 4096, 20} /* many tokens: the tiled mixing kernel, a partial token tile */,
-           {40, 1100, 20} /* many tokens, m * D not a multiple of the chunk: the per-token kernel */,
+           {70, 4096, 20} /* many tokens: the tensor-core mixing kernel, a partial token tile */,
+           {40, 1100, 20} /* many tokens, m * D not a multiple of its chunk: a partial last chunk */,
            {3, 1102, 20} /* D % 4 != 0: hc_post one channel a thread */}) {
     const int64_t mm = 4, mix = (2 + mm) * mm;
     HyperConn hc{ws.f32("fn", {mix, mm * D}, normal(mix * mm * D, ++seed, 1.f / std::sqrt(float(mm * D)))),

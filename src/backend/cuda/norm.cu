@@ -6,6 +6,7 @@
 #include <cuda_fp8.h>
 
 #include "backend/cuda/common.cuh"
+#include "backend/cuda/mma.cuh"
 
 namespace dsv4::cuda {
 
@@ -82,7 +83,8 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-
 // mHC pre/head in two launches so that a decode step (T = 1) spreads over the chip instead of
 // one block streaming the whole (2+m)m x m*D mixing matrix (1.5 MB for m = 4, D = 4096):
 //  1. hc_mix_partial_kernel: grid (chunks of kHcChunk values, T); each block writes the partial
-//     sum of squares and the MIX partial dot products fn_j . x over its chunk;
+//     sum of squares and the MIX partial dot products fn_j . x over its chunk (prefill:
+//     hc_mix_mma_kernel, the same partials over chunks of 512 on tensor cores);
 //  2. hc_finish_kernel: grid (D / (256 PER), T); each block reduces the partials of its token (in
 //     chunk order: deterministic), recomputes the small mixing (sigmoids, Sinkhorn on M x M
 //     threads) and writes its slice of u; block 0 also writes post and comb.
@@ -126,61 +128,98 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const float*
   }
 }
 
-// Totals of 32 per-lane values across the warp, lane l receiving value l's: a butterfly that
-// hands half of the values to the partner at each step (31 shuffles instead of 32 x 5).
-__device__ __forceinline__ float warp_reduce_scatter32(float (&v)[32], int lane) {
-#pragma unroll
-  for (int half = 16; half >= 1; half >>= 1) {
-    const bool upper = lane & half;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float keep = upper ? v[i + half] : v[i], send = upper ? v[i] : v[i + half];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, half);
-    }
-  }
-  return v[0];
-}
-
-// Prefill variant of hc_mix_partial_kernel (the same partials, another summation order): block
-// (chunk, tile of kHcTileTokens tokens) stages its chunk of the MIX x n mixing matrix in shared
-// memory once and its warps take the tile's tokens in turn, lane l the chunk's values 4l..4l+3
-// of each 128. Per token the per-token kernel read all of fn (1.5 MB for m = 4) from L2.
-constexpr int kHcTileTokens = 64;
+// Prefill variant of hc_mix_partial_kernel on tensor cores (the same partials per chunk of
+// kHcMmaChunk values, another summation order): the mixes are the product [T x n] x [n x MIX].
+// Block (chunk, tile of kHcMmaTokens tokens), warp w the tile's tokens 16w .. 16w + 15 (mma.sync
+// m16n8k16 BF16, fragments loaded straight from global memory as FP32 pairs). x and fn are split
+// into three BF16 parts each (split_bf16x3) and the six part products down to 2^-16 of the whole
+// are summed (x1 f1, x1 f2, x2 f1, x1 f3, x2 f2, x3 f1); the three left out are below 2^-24, so
+// the sums carry FP32-level error like the CPU's FP32 ones. The sums of squares run in FP32
+// alongside. (The SIMT kernel before it took ~1 ms a call at 8K tokens on the H200, against ~0.13
+// ms of bytes.)
+constexpr int kHcMmaChunk = 512, kHcMmaTokens = 64, kHcMmaThreads = kHcMmaTokens / 16 * 32;
 template <int MIX>
-__global__ void __launch_bounds__(kHcThreads) hc_mix_tiled_kernel(const float* X, int64_t T, int64_t n,
+__global__ void __launch_bounds__(kHcMmaThreads) hc_mix_mma_kernel(const float* X, int64_t T, int64_t n,
                                                                     const float* fn, float* part) {
-  static_assert(MIX + 1 <= 32 && kHcChunk % 128 == 0);
+  constexpr int NT = (MIX + 7) / 8;  // n8 tiles of mixes
   pdl_prologue();
-  __shared__ __align__(16) float fs[MIX][kHcChunk];
-  const int64_t c0 = int64_t(blockIdx.x) * kHcChunk, t0 = int64_t(blockIdx.y) * kHcTileTokens;
-  for (int i = threadIdx.x; i < MIX * kHcChunk; i += kHcThreads) {
-    const int j = i / kHcChunk, k = i % kHcChunk;
-    fs[j][k] = fn[j * n + c0 + k];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
+  const int64_t c0 = int64_t(blockIdx.x) * kHcMmaChunk;
+  const int64_t k_end = n - c0 < kHcMmaChunk ? n - c0 : kHcMmaChunk;  // n % 16 == 0
+  int64_t row[2];  // this thread's tokens: fragment rows g and g + 8
+  bool live[2];
+  const float* xr[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row[h] = int64_t(blockIdx.y) * kHcMmaTokens + warp * 16 + g + 8 * h;
+    live[h] = row[h] < T;
+    xr[h] = X + (live[h] ? row[h] : 0) * n + c0 + 2 * t4;
   }
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t t_end = t0 + kHcTileTokens < T ? t0 + kHcTileTokens : T;
-  for (int64_t t = t0 + warp; t < t_end; t += kHcThreads / 32) {
-    float acc[32];
+  const float* fr[NT];  // this thread's mix of each n8 tile: fragment column g
+  bool mix_live[NT];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) acc[j] = 0.f;
+  for (int nt = 0; nt < NT; ++nt) {
+    mix_live[nt] = nt * 8 + g < MIX;
+    fr[nt] = fn + (mix_live[nt] ? nt * 8 + g : 0) * n + c0 + 2 * t4;
+  }
+  float acc[NT][4] = {};
+  float sq[2] = {0.f, 0.f};
+#pragma unroll 2
+  for (int64_t k = 0; k < k_end; k += 16) {
+    uint32_t a[3][4];  // the parts of the A fragment: (g, k lo), (g + 8, k lo), (g, k hi), (g + 8, k hi)
 #pragma unroll
-    for (int h = 0; h < kHcChunk / 128; ++h) {
-      const int k = h * 128 + lane * 4;
-      const float4 v = *reinterpret_cast<const float4*>(X + t * n + c0 + k);
-      acc[MIX] = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, acc[MIX]))));
+    for (int c = 0; c < 2; ++c)
 #pragma unroll
-      for (int j = 0; j < MIX; ++j) {
-        const float4 f = *reinterpret_cast<const float4*>(&fs[j][k]);
-        acc[j] = fmaf(f.x, v.x, fmaf(f.y, v.y, fmaf(f.z, v.z, fmaf(f.w, v.w, acc[j]))));
+      for (int h = 0; h < 2; ++h) {
+        const float2 v = live[h] ? *reinterpret_cast<const float2*>(xr[h] + k + 8 * c) : make_float2(0.f, 0.f);
+        sq[h] = fmaf(v.y, v.y, fmaf(v.x, v.x, sq[h]));
+        uint32_t parts[3];
+        split_bf16x3(v, parts);
+#pragma unroll
+        for (int q = 0; q < 3; ++q) a[q][h + 2 * c] = parts[q];
       }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t b[3][2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float2 f = mix_live[nt] ? __ldg(reinterpret_cast<const float2*>(fr[nt] + k + 8 * c)) : make_float2(0.f, 0.f);
+        uint32_t parts[3];
+        split_bf16x3(f, parts);
+#pragma unroll
+        for (int q = 0; q < 3; ++q) b[q][c] = parts[q];
+      }
+      mma_bf16(acc[nt], a[0], b[0]);
+      mma_bf16(acc[nt], a[0], b[1]);
+      mma_bf16(acc[nt], a[1], b[0]);
+      mma_bf16(acc[nt], a[0], b[2]);
+      mma_bf16(acc[nt], a[1], b[1]);
+      mma_bf16(acc[nt], a[2], b[0]);
     }
-    const float total = warp_reduce_scatter32(acc, lane);
-    if (lane <= MIX) part[(t * gridDim.x + blockIdx.x) * (MIX + 1) + lane] = total;
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // a row's 16 values of a step lie in the four lanes of its quad
+    sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 1);
+    sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 2);
+  }
+  // C fragment element e: row g + 8 (e / 2), mix 8 nt + 2 t4 + e % 2.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (!live[h]) continue;
+    float* out = part + (row[h] * gridDim.x + blockIdx.x) * (MIX + 1);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int mix = nt * 8 + 2 * t4 + e;
+        if (mix < MIX) out[mix] = acc[nt][2 * h + e];
+      }
+    if (t4 == 0) out[MIX] = sq[h];
   }
 }
-// Tokens from which hc_pre/hc_head take the tiled kernel (n % kHcChunk == 0 and MIX < 32 only).
-constexpr int64_t kHcTiledMinTokens = 32;
+// Tokens from which hc_pre/hc_head take the prefill kernels (the tensor-core mixing where n % 16
+// == 0, the finish one block a token).
+constexpr int64_t kHcPrefillMinTokens = 32;
 
 // SINKHORN: hc_pre (pre, post, comb from (2+M)M mixes); otherwise hc_head (pre from M mixes).
 template <int M, bool SINKHORN, int PER>
@@ -366,18 +405,16 @@ void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const floa
                int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, float* scratch,
                cudaStream_t s) {
   constexpr int MIX = SINKHORN ? (2 + M) * M : M;
-  const int64_t n = M * D, chunks = hc_chunks(n);
-  bool tiled = false;
-  if constexpr (MIX < 32) {
-    tiled = T >= kHcTiledMinTokens && n % kHcChunk == 0;
-    if (tiled)
-      launch_pdl(hc_mix_tiled_kernel<MIX>, dim3(unsigned(chunks), unsigned((T + kHcTileTokens - 1) / kHcTileTokens)),
-                 kHcThreads, 0, s, X, T, n, fn, scratch);
-  }
-  if (!tiled)
+  const int64_t n = M * D;
+  const bool mma = T >= kHcPrefillMinTokens && n % 16 == 0;
+  const int64_t chunks = mma ? (n + kHcMmaChunk - 1) / kHcMmaChunk : hc_chunks(n);  // partials per token
+  if (mma)
+    launch_pdl(hc_mix_mma_kernel<MIX>, dim3(unsigned(chunks), unsigned((T + kHcMmaTokens - 1) / kHcMmaTokens)),
+               kHcMmaThreads, 0, s, X, T, n, fn, scratch);
+  else
     launch_pdl(hc_mix_partial_kernel<MIX>, dim3(unsigned(chunks), unsigned(T)), kHcThreads, 0, s, X, n, fn, scratch);
   DSV4_LAUNCH_CHECK();
-  if (T >= kHcTiledMinTokens) {
+  if (T >= kHcPrefillMinTokens) {
     constexpr int kPer = 16;
     launch_pdl(hc_finish_kernel<M, SINKHORN, kPer>, dim3(unsigned(hc_chunks(D, kPer)), unsigned(T)), kHcThreads, 0, s,
                X, D, scratch, chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
