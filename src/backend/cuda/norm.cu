@@ -84,7 +84,7 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-
 // one block streaming the whole (2+m)m x m*D mixing matrix (1.5 MB for m = 4, D = 4096):
 //  1. hc_mix_partial_kernel: grid (chunks of kHcChunk values, T); each block writes the partial
 //     sum of squares and the MIX partial dot products fn_j . x over its chunk (prefill:
-//     hc_mix_mma_kernel, the same partials over chunks of 512 on tensor cores);
+//     hc_mix_mma_kernel, the same partials on tensor cores);
 //  2. hc_finish_kernel: grid (D / (256 PER), T); each block reduces the partials of its token (in
 //     chunk order: deterministic), recomputes the small mixing (sigmoids, Sinkhorn on M x M
 //     threads) and writes its slice of u; block 0 also writes post and comb.
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const float*
 }
 
 // Prefill variant of hc_mix_partial_kernel on tensor cores (the same partials per chunk of
-// kHcMmaChunk values, another summation order): the mixes are the product [T x n] x [n x MIX].
+// kHcChunk values, another summation order): the mixes are the product [T x n] x [n x MIX].
 // Block (chunk, tile of kHcMmaTokens tokens), warp w the tile's tokens 16w .. 16w + 15 (mma.sync
 // m16n8k16 BF16, fragments loaded straight from global memory as FP32 pairs). x and fn are split
 // into three BF16 parts each (split_bf16x3) and the six part products down to 2^-16 of the whole
@@ -137,15 +137,15 @@ __global__ void __launch_bounds__(kHcThreads) hc_mix_partial_kernel(const float*
 // the sums carry FP32-level error like the CPU's FP32 ones. The sums of squares run in FP32
 // alongside. (The SIMT kernel before it took ~1 ms a call at 8K tokens on the H200, against ~0.13
 // ms of bytes.)
-constexpr int kHcMmaChunk = 512, kHcMmaTokens = 64, kHcMmaThreads = kHcMmaTokens / 16 * 32;
+constexpr int kHcMmaTokens = 64, kHcMmaThreads = kHcMmaTokens / 16 * 32;
 template <int MIX>
 __global__ void __launch_bounds__(kHcMmaThreads) hc_mix_mma_kernel(const float* X, int64_t T, int64_t n,
                                                                     const float* fn, float* part) {
   constexpr int NT = (MIX + 7) / 8;  // n8 tiles of mixes
   pdl_prologue();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
-  const int64_t c0 = int64_t(blockIdx.x) * kHcMmaChunk;
-  const int64_t k_end = n - c0 < kHcMmaChunk ? n - c0 : kHcMmaChunk;  // n % 16 == 0
+  const int64_t c0 = int64_t(blockIdx.x) * kHcChunk;
+  const int64_t k_end = n - c0 < kHcChunk ? n - c0 : kHcChunk;  // n % 16 == 0
   int64_t row[2];  // this thread's tokens: fragment rows g and g + 8
   bool live[2];
   const float* xr[2];
@@ -405,10 +405,8 @@ void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const floa
                int64_t iters, float hc_eps, float norm_eps, float* u, float* post, float* comb, float* scratch,
                cudaStream_t s) {
   constexpr int MIX = SINKHORN ? (2 + M) * M : M;
-  const int64_t n = M * D;
-  const bool mma = T >= kHcPrefillMinTokens && n % 16 == 0;
-  const int64_t chunks = mma ? (n + kHcMmaChunk - 1) / kHcMmaChunk : hc_chunks(n);  // partials per token
-  if (mma)
+  const int64_t n = M * D, chunks = hc_chunks(n);
+  if (T >= kHcPrefillMinTokens && n % 16 == 0)
     launch_pdl(hc_mix_mma_kernel<MIX>, dim3(unsigned(chunks), unsigned((T + kHcMmaTokens - 1) / kHcMmaTokens)),
                kHcMmaThreads, 0, s, X, T, n, fn, scratch);
   else
