@@ -162,7 +162,9 @@ __global__ void __launch_bounds__(kHcMmaThreads) hc_mix_mma_kernel(const float* 
     mix_live[nt] = nt * 8 + g < MIX;
     fr[nt] = fn + (mix_live[nt] ? nt * 8 + g : 0) * n + c0 + 2 * t4;
   }
-  float acc[NT][4] = {};
+  // The high parts' products and the five smaller ones in separate sums: two independent MMA
+  // chains, and the small terms do not meet the large sum in every step.
+  float acc[NT][4] = {}, low[NT][4] = {};
   float sq[2] = {0.f, 0.f};
 #pragma unroll 2
   for (int64_t k = 0; k < k_end; k += 16) {
@@ -190,13 +192,17 @@ __global__ void __launch_bounds__(kHcMmaThreads) hc_mix_mma_kernel(const float* 
         for (int q = 0; q < 3; ++q) b[q][c] = parts[q];
       }
       mma_bf16(acc[nt], a[0], b[0]);
-      mma_bf16(acc[nt], a[0], b[1]);
-      mma_bf16(acc[nt], a[1], b[0]);
-      mma_bf16(acc[nt], a[0], b[2]);
-      mma_bf16(acc[nt], a[1], b[1]);
-      mma_bf16(acc[nt], a[2], b[0]);
+      mma_bf16(low[nt], a[0], b[1]);
+      mma_bf16(low[nt], a[1], b[0]);
+      mma_bf16(low[nt], a[0], b[2]);
+      mma_bf16(low[nt], a[1], b[1]);
+      mma_bf16(low[nt], a[2], b[0]);
     }
   }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] += low[nt][e];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {  // a row's 16 values of a step lie in the four lanes of its quad
     sq[h] += __shfl_xor_sync(0xffffffffu, sq[h], 1);
@@ -406,7 +412,10 @@ void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const floa
                cudaStream_t s) {
   constexpr int MIX = SINKHORN ? (2 + M) * M : M;
   const int64_t n = M * D, chunks = hc_chunks(n);
-  if (T >= kHcPrefillMinTokens && n % 16 == 0)
+  // The tensor-core mixing: mma.sync BF16 (sm_80 and newer), 8-byte aligned FP32 pair loads.
+  const bool mma = T >= kHcPrefillMinTokens && n % 16 == 0 && ((reinterpret_cast<uintptr_t>(X) |
+                   reinterpret_cast<uintptr_t>(fn)) & 7) == 0 && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
+  if (mma)
     launch_pdl(hc_mix_mma_kernel<MIX>, dim3(unsigned(chunks), unsigned((T + kHcMmaTokens - 1) / kHcMmaTokens)),
                kHcMmaThreads, 0, s, X, T, n, fn, scratch);
   else
