@@ -642,12 +642,7 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
   const bool live = row0 < N;  // warps past N still meet the block's barriers
   uint8_t* ring = smem_raw + warp * kSkStages * SLOT;
   float* red = reinterpret_cast<float*>(smem_raw + kSkWarps * kSkStages * SLOT);
-  WeightDesc w3 = p.w;
-  if constexpr (kSwiglu) {
-    int z = blockIdx.z;
-    if (a.zmap) z = a.zmap[z];
-    w3 = a.descs3 ? a.descs3[z] : a.wd3;
-  }
+  const WeightDesc& w3 = kSwiglu ? p.w3 : p.w;  // the second part's weight (kSwiglu only)
   const int64_t nkw = (p.w.in + 127) / 128;  // FP8 weight scale columns
   // FP8: the block scales of rows g and g + 8 of the stages in flight, oldest first (a shift
   // register: only constant indices, so it stays in registers).
@@ -1029,9 +1024,12 @@ bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
   return launched;
 }
 
+// Whether gemm() gives these FP8-activation arguments to the warpgroup kernel.
+static bool takes_wgmma(const GemmArgs& a) { return a.warpgroup_mma && wgmma_fits(a) && wgmma_available(); }
+
 bool gemm_swiglu_warpgroup(const GemmArgs& a, cudaStream_t stream) {
-  const bool fits = a.xq && a.xs && !a.x_z_off && a.warpgroup_mma && wgmma_fits(a) &&
-                    a.wd3.fmt == a.wd.fmt && a.wd3.scale_f32 == a.wd.scale_f32 && wgmma_available();
+  const bool fits = a.xq && a.xs && !a.x_z_off && takes_wgmma(a) && a.wd3.fmt == a.wd.fmt &&
+                    a.wd3.scale_f32 == a.wd.scale_f32;
   if (fits) launch_wgmma<true>(a, stream);
   return fits;
 }
@@ -1040,7 +1038,7 @@ void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
   if (a.K % 32 || a.x_z_off || !a.xs)
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
   if (gemm_skinny(a, false, stream)) return;
-  if (a.warpgroup_mma && wgmma_fits(a) && wgmma_available()) return launch_wgmma<false>(a, stream);
+  if (takes_wgmma(a)) return launch_wgmma<false>(a, stream);
   switch (a.wd.fmt) {
     case kFP8: a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream); break;
     case kFP4: a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream); break;

@@ -242,12 +242,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2) stream_gemv_kernel(GemmArgs a
   float4* xs = sm4;  // [Q][ct]: lane L's chunk c reads float4 q at xs[q * ct + c]
   uint4* ring = reinterpret_cast<uint4*>(sm4 + (K + 3) / 4) + warp * kStages * U * 32;  // [stage][u][lane]
   constexpr int kParts = kSwiglu ? 2 : 1;
-  WeightDesc w3 = p.w;
-  if constexpr (kSwiglu) {
-    int z = blockIdx.z;
-    if (a.zmap) z = a.zmap[z] < 0 ? 0 : a.zmap[z];
-    w3 = a.descs3 ? a.descs3[z] : a.wd3;
-  }
+  const WeightDesc& w3 = kSwiglu ? p.w3 : p.w;  // the second part's weight (kSwiglu only)
   StreamPos in{wid, 0, 0}, out{wid, 0, 0};
   float sc[kStages][U];
   auto issue = [&](int slot) {
