@@ -30,17 +30,16 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   grep -E "^\| (prefill|decode)" "$OUT/bench.log"
 fi
 if [ -n "${NCU_KERNEL:-}" ]; then
-  timeout 120 ncu --clock-control none --kernel-name "regex:$NCU_KERNEL" --launch-skip "${NCU_SKIP:-2}" --launch-count 1 \
-    --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-    --section ComputeWorkloadAnalysis --section Occupancy --section SourceCounters \
-    ./build-gpu/tests/cuda/"${NCU_TEST:-test_cuda_fp8}" --gtest_filter="${NCU_FILTER:-*LinearAllPaths*}" \
-    >"$OUT/ncu-$NCU_KERNEL.txt" 2>&1 || echo "ncu rc=$?"
+  pick=(--clock-control none --kernel-name "regex:$NCU_KERNEL" --launch-skip "${NCU_SKIP:-2}" --launch-count 1)
+  run=(./build-gpu/tests/cuda/"${NCU_TEST:-test_cuda_fp8}" --gtest_filter="${NCU_FILTER:-*LinearAllPaths*}")
+  timeout 120 ncu "${pick[@]}" --section SpeedOfLight --section WarpStateStats --section SchedulerStats \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy --section SourceCounters \
+    "${run[@]}" >"$OUT/ncu-$NCU_KERNEL.txt" 2>&1 || echo "ncu rc=$?"
   grep -E "Duration|Throughput|Issued|Eligible|Active Warps|Stall|ERROR" "$OUT/ncu-$NCU_KERNEL.txt" | head -40
   if [ "${NCU_SASS:-0}" = 1 ]; then
     rep="$OUT/ncu-$NCU_KERNEL-full"
-    timeout 200 ncu --clock-control none --set full --import-source yes --kernel-name "regex:$NCU_KERNEL" \
-      --launch-skip "${NCU_SKIP:-2}" --launch-count 1 -o "$rep" ./build-gpu/tests/cuda/"${NCU_TEST:-test_cuda_fp8}" \
-      --gtest_filter="${NCU_FILTER:-*LinearAllPaths*}" >"$rep-run.log" 2>&1 || echo "ncu full rc=$?"
+    timeout 200 ncu "${pick[@]}" --set full --import-source yes -o "$rep" "${run[@]}" >"$rep-run.log" 2>&1 ||
+      echo "ncu full rc=$?"
     ncu -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep-sass.csv" 2>&1 && rm -f "$rep.ncu-rep"
     python3 scripts/device/ncu_sass_regions.py "$rep-sass.csv" | tee "$rep-regions.md"
     gzip -f "$rep-sass.csv"

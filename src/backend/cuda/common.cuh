@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 #include <string_view>
+#include <type_traits>
 #include <utility>
 
 #include <cuda_fp16.h>
@@ -106,6 +108,25 @@ inline int blocks_for(int64_t n, int threads = 256) {
   const int64_t b = (n + threads - 1) / threads;
   return int(b < 1 ? 1 : (b > 1048576 ? 1048576 : b));
 }
+
+// Row-wise elementwise launches over [T, D] with V adjacent channels a thread: V = 4 (float4)
+// where D % 4 == 0 and every row pointer is 16-byte aligned, else 1 (ChannelVec<V>); blocks of
+// 256 threads over a row's channels (blockIdx.x) and the rows (blockIdx.y, a row loop beyond
+// 65,535). A thread per element instead divides its index into row and channel: 64-bit divisions
+// that cost more than the element's bytes (hc_post, the MoE combine; docs/PERF.md).
+struct ChannelLaunch {
+  bool by4;
+  dim3 grid;
+};
+inline ChannelLaunch channel_launch(int64_t T, int64_t D, std::initializer_list<const void*> rows) {
+  uintptr_t bits = 0;
+  for (const void* p : rows) bits |= reinterpret_cast<uintptr_t>(p);
+  const bool by4 = D % 4 == 0 && (bits & 15) == 0;
+  const int64_t per_row = by4 ? D / 4 : D;
+  return {by4, dim3(unsigned((per_row + 255) / 256), unsigned(std::min<int64_t>(T, 65535)))};
+}
+template <int V>
+using ChannelVec = std::conditional_t<V == 4, float4, float>;
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
 

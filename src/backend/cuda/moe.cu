@@ -3,9 +3,6 @@
 // The expert GEMMs themselves run through gemm() (linear.cu) with one problem per expert.
 #include <cub/block/block_scan.cuh>
 
-#include <algorithm>
-#include <type_traits>
-
 #include "backend/cuda/common.cuh"
 
 namespace dsv4::cuda {
@@ -193,15 +190,14 @@ __global__ void swiglu_kernel(float* h1, const float* h3, int64_t n, float limit
   }
 }
 
-// Thread (V adjacent channels c, token blockIdx.y + gridDim.y i): the token's k weighted expert
-// rows summed in the CPU twin's order (assignments ascending), then the shared expert's output.
-// (A thread per element divided two 64-bit indices per element: ~2x its bytes' time at 8K tokens.)
+// Thread (V adjacent channels c, token blockIdx.y + gridDim.y i; channel_launch): the token's k
+// weighted expert rows summed in the CPU twin's order (assignments ascending), then the shared
+// expert's output.
 template <int V>
 __global__ void combine_kernel(const float* Y, const int32_t* slot, const float* w, const float* shared, int64_t T,
                                int64_t k, int64_t D, float* out) {
   pdl_prologue();
-  using Vec = std::conditional_t<V == 4, float4, float>;
-  static_assert(sizeof(Vec) == V * sizeof(float));
+  using Vec = ChannelVec<V>;
   const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c >= D) return;
   for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
@@ -262,12 +258,9 @@ void swiglu(float* h1, const float* h3, int64_t n, float limit, cudaStream_t s) 
 void moe_combine(const float* Y, const int32_t* slot, const float* weights, const float* shared, int64_t T, int64_t k,
                  int64_t D, float* out, cudaStream_t s) {
   if (T * D <= 0) return;
-  const bool by4 = D % 4 == 0 && ((reinterpret_cast<uintptr_t>(Y) | reinterpret_cast<uintptr_t>(shared) |
-                                   reinterpret_cast<uintptr_t>(out)) & 15) == 0;
-  const int64_t per_token = by4 ? D / 4 : D;
-  const dim3 grid(unsigned((per_token + 255) / 256), unsigned(std::min<int64_t>(T, 65535)));
-  by4 ? launch_pdl(combine_kernel<4>, grid, 256, 0, s, Y, slot, weights, shared, T, k, D, out)
-      : launch_pdl(combine_kernel<1>, grid, 256, 0, s, Y, slot, weights, shared, T, k, D, out);
+  const ChannelLaunch l = channel_launch(T, D, {Y, shared, out});
+  l.by4 ? launch_pdl(combine_kernel<4>, l.grid, 256, 0, s, Y, slot, weights, shared, T, k, D, out)
+        : launch_pdl(combine_kernel<1>, l.grid, 256, 0, s, Y, slot, weights, shared, T, k, D, out);
   DSV4_LAUNCH_CHECK();
 }
 

@@ -314,15 +314,14 @@ __global__ void __launch_bounds__(kHcThreads) hc_finish_kernel(const float* X, i
   }
 }
 
-// Thread (V adjacent channels d, token blockIdx.y + gridDim.y i): y[t, d..] and the M streams
-// X[t, :, d..] are read once and all M outputs written (no per-element index division); each sum
+// Thread (V adjacent channels d, token blockIdx.y + gridDim.y i; channel_launch): y[t, d..] and
+// the M streams X[t, :, d..] are read once and all M outputs written; each sum
 // in the CPU twin's order: post * y, then the streams j ascending.
 template <int M, int V>
 __global__ void hc_post_kernel(const float* y, const float* X, const float* post, const float* comb, int64_t T,
                                int64_t D, float* out) {
   pdl_prologue();
-  using Vec = std::conditional_t<V == 4, float4, float>;
-  static_assert(sizeof(Vec) == V * sizeof(float));
+  using Vec = ChannelVec<V>;
   const int64_t d = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (d >= D) return;
   for (int64_t t = blockIdx.y; t < T; t += gridDim.y) {
@@ -461,15 +460,12 @@ void hc_head(const float* X, int64_t T, int64_t m, int64_t D, const float* fn, c
 void hc_post(const float* y, const float* X, const float* post, const float* comb, int64_t T, int64_t m, int64_t D,
              float* out, cudaStream_t s) {
   if (T * m * D <= 0) return;
-  const bool by4 = D % 4 == 0 && ((reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(X) |
-                                   reinterpret_cast<uintptr_t>(out)) & 15) == 0;
-  const int64_t per_token = by4 ? D / 4 : D;
-  const dim3 grid(unsigned((per_token + 255) / 256), unsigned(std::min<int64_t>(T, 65535)));
+  const ChannelLaunch l = channel_launch(T, D, {y, X, out});
   switch (m) {
 #define CASE(M)                                                                                         \
   case M:                                                                                               \
-    by4 ? launch_pdl(hc_post_kernel<M, 4>, grid, 256, 0, s, y, X, post, comb, T, D, out)                \
-        : launch_pdl(hc_post_kernel<M, 1>, grid, 256, 0, s, y, X, post, comb, T, D, out);               \
+    l.by4 ? launch_pdl(hc_post_kernel<M, 4>, l.grid, 256, 0, s, y, X, post, comb, T, D, out)            \
+          : launch_pdl(hc_post_kernel<M, 1>, l.grid, 256, 0, s, y, X, post, comb, T, D, out);           \
     break;
     DSV4_HC_M_CASES(CASE)
 #undef CASE
