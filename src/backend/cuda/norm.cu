@@ -412,7 +412,9 @@ void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const floa
   constexpr int MIX = SINKHORN ? (2 + M) * M : M;
   const int64_t n = M * D, chunks = hc_chunks(n);
   // The tensor-core mixing: mma.sync BF16 (sm_80 and newer), 8-byte aligned FP32 pair loads.
-  const bool mma = T >= kHcPrefillMinTokens && n % 16 == 0 && ((reinterpret_cast<uintptr_t>(X) |
+  // DSV4_CUDA_HC_MMA=0: the FP32 kernel always (A/B).
+  static const bool mma_on = env_flag_default_on("DSV4_CUDA_HC_MMA");
+  const bool mma = mma_on && T >= kHcPrefillMinTokens && n % 16 == 0 && ((reinterpret_cast<uintptr_t>(X) |
                    reinterpret_cast<uintptr_t>(fn)) & 7) == 0 && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
   if (mma)
     launch_pdl(hc_mix_mma_kernel<MIX>, dim3(unsigned(chunks), unsigned((T + kHcMmaTokens - 1) / kHcMmaTokens)),
