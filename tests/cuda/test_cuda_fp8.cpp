@@ -98,10 +98,13 @@ TEST(CudaFp8, ActQuantBitExact) {
         for (int64_t b = 0; b < nkb; ++b) s_ref[b * M + m] = srow[b];
       }
       // BF16 rows (the warpgroup kernel's operand): the round trip's values as BF16 (exact with
-      // power-of-two scales), padding columns untouched.
+      // power-of-two scales) in the kernel's column order, padding columns untouched.
       std::vector<uint16_t> b_ref(M * ldq, 0x7fc1), b_got(M * ldq);
+      std::vector<int> hits(K, 0);  // the order is a permutation of the row's columns
+      for (int64_t k = 0; k < K; ++k) ++hits.at(size_t(cuda::wgmma_bf16_column(k, K)));
+      ASSERT_EQ(std::count(hits.begin(), hits.end(), 1), K) << K;
       for (int64_t m = 0; m < M; ++m)
-        for (int64_t k = 0; k < K; ++k) b_ref[m * ldq + k] = f32_to_bf16(rt_ref[m * K + k]);
+        for (int64_t k = 0; k < K; ++k) b_ref[m * ldq + cuda::wgmma_bf16_column(k, K)] = f32_to_bf16(rt_ref[m * K + k]);
       float *dx, *ds, *drt;
       uint8_t* dq;
       uint16_t* db;
@@ -133,7 +136,7 @@ TEST(CudaFp8, ActQuantBitExact) {
       int64_t inexact_b = 0;  // with power-of-two scales every BF16 value is the round trip exactly
       for (int64_t m = 0; pow2 && m < M; ++m)
         for (int64_t k = 0; k < K; ++k) {
-          const float v = bf16_to_f32(b_got[m * ldq + k]);
+          const float v = bf16_to_f32(b_got[m * ldq + cuda::wgmma_bf16_column(k, K)]);
           inexact_b += std::memcmp(&v, &rt_got[m * K + k], 4) != 0;
         }
       EXPECT_EQ(inexact_b, 0) << M << "x" << K << ": BF16 rows are not the round trip's values";

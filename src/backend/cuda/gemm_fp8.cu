@@ -49,7 +49,7 @@ __global__ void act_quant_kernel(const float* x, int64_t M, int64_t K, int64_t l
     const uint8_t e = fp8_quantise(v[j], s);
     if (q) q[m * ldq + k] = e;
     if (rt) rt[m * K + k] = e4m3_to_float(e) * s;
-    if (bf16) bf16[m * ldq + k] = __bfloat16_as_ushort(__float2bfloat16_rn(e4m3_to_float(e) * s));
+    if (bf16) bf16[m * ldq + wgmma_bf16_column(k, K)] = __bfloat16_as_ushort(__float2bfloat16_rn(e4m3_to_float(e) * s));
   }
   if (lane == 0 && scales) scales[kb * M + m] = s;
 }
@@ -333,38 +333,41 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 // Prefill-sized FP4-weight GEMMs with FP8 activations on Hopper's asynchronous warpgroup MMA, in
 // BF16: an E4M3 activation times its power-of-two block scale, and an E2M1 weight times its E8M0
 // group scale, are both BF16 values exactly, so with the scales folded into the operands there is
-// nothing to promote: one FP32 accumulation over all of K (wgmma m64n256k16 BF16), exact products.
-//  - Block: 128 activation rows x 256 weight rows, two warpgroups of 64 x 256 (128 accumulator
-//    registers a thread), stages of 64 columns (one 128-byte BF16 row).
-//  - The activations arrive as BF16 rows (GemmArgs::xb, written by act_quant: converted once per
-//    GEMM, not once per block of weight rows) by cp.async straight into the 128-byte-swizzled
-//    operand layout wgmma reads without bank conflicts. Timing probes of the version that
-//    converted E4M3 rows here (docs/PERF.md) found the conversions at 70 % of its time.
-//  - Per stage 16 KB of activations and 8 KB of packed E2M1 (+ E8M0 scales, per 128 columns)
-//    land kWgAhead stages ahead; the weights are converted to BF16 (swizzled) one stage ahead into
-//    one of three buffers while the MMAs of the current stage run; a warpgroup keeps one stage of
-//    MMAs in flight.
-//  - kSwiglu (gemm_swiglu): the block's 256 weight rows are 128 channels of W1 and the same 128
-//    of W3, so each thread holds both products of its channels and writes their clamped SwiGLU
-//    (the SwiGLU kernel's function): no W3 product round trip through memory, one launch.
+// nothing to promote: one FP32 accumulation over all of K, exact products.
+//  - The weights are the A operand, in registers: each thread converts its own fragments from the
+//    packed E2M1 bytes (wgmma m64n128k16 with A from registers), so converted weights never pass
+//    through shared memory. The activations (128 rows) are the B operand, read from shared memory.
+//    The version that staged converted weights in shared memory moved about 1.3 bytes of shared
+//    memory per byte its MMAs could take at full rate (docs/PERF.md).
+//  - Block: 256 weight rows x 128 activation rows; warpgroup w takes weight rows 128 w .. + 127 as
+//    two m64 halves (2 x 64 accumulators a thread). kSwiglu (gemm_swiglu): the halves are 64
+//    channels of W1 and the same 64 of W3, so a thread holds both products of its outputs and
+//    writes their clamped SwiGLU (the SwiGLU kernel's function).
+//  - K runs in chunks of 128 columns. A chunk's stage holds the 128 activation rows (BF16 rows,
+//    GemmArgs::xb, as two 128-byte-swizzled tiles of 64 columns), the 256 packed weight rows (64
+//    bytes each) and their E8M0 scales (4 a row), copied by cp.async kWgAhead chunks ahead; one
+//    barrier a chunk.
+//  - Fragment order: in a chunk, thread t of a quad owns bytes 16 t .. 16 t + 15 of its weight
+//    rows (one scale group) and feeds elements 32 t + 4 j + {0, 1, 2, 3} into the fragment slots
+//    k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9 of step j (16 columns). act_quant writes the BF16 rows in
+//    that order (wgmma_bf16_column), so every product pairs the same column of x and W.
 // Needs K % 128 == 0, E8M0 weight scales and BF16 activation rows (wgmma_fits; the backend asks
-// for it only with power-of-two activation scales, which make those rows exact).
-constexpr int kWgTM = 64 * 2, kWgTN = 256, kWgThreads = 256;
-constexpr int kWgK = 64;                    // columns of a stage
-constexpr int kWgScaleK = 128;              // columns of one load of weight scales (4 bytes a row)
-constexpr int kWgAhead = 3;                 // stages loaded ahead of the MMAs
-constexpr int kWgABufs = kWgAhead + 2;      // activation stages: s - 1 (MMAs in flight) .. s + kWgAhead
-constexpr int kWgWSlots = 3;                // packed weight stages: loading, landed, being converted
-// Padded packed-weight rows (32 bytes + 16): the 8 lanes of a conversion read take 8 rows, 16
-// bytes each, which a stride of 48 (mod 128) spreads over all 32 banks.
-constexpr int kWgWRowBytes = kWgK / 2 + 16;
+// for them only with power-of-two activation scales, which make those rows exact).
+constexpr int kWgWeightRows = 256, kWgTokens = 128, kWgThreads = 256;
+constexpr int kWgK = 128;                   // columns of a chunk
+constexpr int kWgStages = 4;                // chunk buffers
+constexpr int kWgAhead = kWgStages - 2;     // chunks loaded ahead (one more is drained by the MMAs)
 
+struct WgStage {
+  alignas(1024) uint8_t x[2][kWgTokens * 128];  // activation rows, BF16, two 64-column swizzled tiles
+  uint8_t w[kWgWeightRows * kWgK / 2];           // packed E2M1 weight rows, 64 bytes a row
+  uint8_t ws[kWgWeightRows * kWgK / 32];         // E8M0 group scales, 4 a row
+};
 struct WgSmem {
-  // BF16 operands, rows of 128 bytes (64 columns), 128-byte swizzled.
-  alignas(1024) uint8_t a[kWgABufs][kWgTM * 128];  // activations, as they arrive
-  alignas(1024) uint8_t b[3][kWgTN * 128];         // weights, converted
-  uint8_t w[kWgWSlots][kWgTN * kWgWRowBytes];      // packed E2M1 weight rows as they arrive
-  uint8_t ws[2][kWgTN * kWgScaleK / 32];           // E8M0 group scales of 128 columns, 4 a row
+  WgStage stage[kWgStages];
+  const uint16_t* xrow[kWgTokens];     // activation row r's BF16 values (null past the problem's rows)
+  const uint8_t* wrow[kWgWeightRows];  // weight row R's packed bytes (null past N)
+  const uint8_t* srow[kWgWeightRows];  // and its E8M0 scales
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -377,33 +380,32 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   return uint64_t((addr & 0x3ffffu) >> 4) | uint64_t(1) << 16 | uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
 }
-// d += A[64 x 16] B[256 x 16]^T, BF16 operands from shared memory, FP32 accumulators.
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
+// d += A[64 x 16] B[128 x 16]^T: A (BF16) from registers (the m16n8k16 A fragment of each warp's
+// 16 rows), B (BF16) from shared memory, FP32 accumulators.
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, 1, 1, 1, 0, 0;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+      :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
         "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(a), "l"(b));
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
-// Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
-__device__ __forceinline__ void fence_registers(float (&d)[128]) {
+// Keep the compiler from moving register operands of the asynchronous MMAs across this point.
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_registers(uint32_t (&a)[2][4]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) asm volatile("" : "+r"(a[i / 4][i % 4])::"memory");
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -411,32 +413,33 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
-// Generic-proxy shared-memory writes (st.shared) made visible to the MMAs' async proxy.
+// Shared-memory writes of the generic proxy (cp.async) made visible to the MMAs' async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 4 : 0));
 }
-// Thirty-two E2M1 codes (16 bytes, the low nibble first) times their group scale s as sixteen BF16
-// pairs. The eight magnitudes times s are computed once in FP32 (as the CPU: e2m1 x scale, so NaN
-// and infinite scales give what they give there) and rounded to BF16 exactly; then per four codes
-// a byte permutation picks the low and the high bytes, a second one the sign bytes, and two more
-// interleave them.
-__device__ __forceinline__ void e2m1x32_to_bf16(uint4 q, float s, uint32_t (&out)[16]) {
+// The E2M1 magnitudes (0, 0.5, 1, 1.5, 2, 3, 4, 6) times a group scale s as BF16, computed in FP32
+// (as the CPU: e2m1 x scale, so NaN and infinite scales give what they give there) and rounded to
+// BF16 exactly; split into low bytes (lo[0]: magnitudes 0-3, lo[1]: 4-7) and high bytes.
+struct E2m1Table {
+  uint32_t lo[2], hi[2];
+};
+__device__ __forceinline__ E2m1Table e2m1_table(float s) {
   const uint32_t t0 = bf16x2_rn(0.f * s, 0.5f * s), t1 = bf16x2_rn(1.f * s, 1.5f * s);
   const uint32_t t2 = bf16x2_rn(2.f * s, 3.f * s), t3 = bf16x2_rn(4.f * s, 6.f * s);
-  const uint32_t lo0 = __byte_perm(t0, t1, 0x6420), hi0 = __byte_perm(t0, t1, 0x7531);
-  const uint32_t lo1 = __byte_perm(t2, t3, 0x6420), hi1 = __byte_perm(t2, t3, 0x7531);
-  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {  // codes 4i .. 4i + 3
-    const uint32_t u = words[i / 2] >> (16 * (i % 2));
-    const uint32_t sel = u & 0x7777u;
-    const uint32_t lo = __byte_perm(lo0, lo1, sel);
-    const uint32_t hi = __byte_perm(hi0, hi1, sel) | __byte_perm(0x8000u, 0u, (u >> 3) & 0x1111u);
-    out[2 * i] = __byte_perm(lo, hi, 0x5140);
-    out[2 * i + 1] = __byte_perm(lo, hi, 0x7362);
-  }
+  return {{__byte_perm(t0, t1, 0x6420), __byte_perm(t2, t3, 0x6420)},
+          {__byte_perm(t0, t1, 0x7531), __byte_perm(t2, t3, 0x7531)}};
+}
+// Four E2M1 codes (the low 16 bits of u, the low nibble first) as two BF16 pairs: a byte
+// permutation of the table picks each code's low and high bytes, a second one the sign bytes, two
+// more interleave them.
+__device__ __forceinline__ void e2m1x4_to_bf16(uint32_t u, const E2m1Table& t, uint32_t& first, uint32_t& second) {
+  const uint32_t sel = u & 0x7777u;
+  const uint32_t lo = __byte_perm(t.lo[0], t.lo[1], sel);
+  const uint32_t hi = __byte_perm(t.hi[0], t.hi[1], sel) | __byte_perm(0x8000u, 0u, (u >> 3) & 0x1111u);
+  first = __byte_perm(lo, hi, 0x5140);
+  second = __byte_perm(lo, hi, 0x7362);
 }
 #endif
 
@@ -447,130 +450,121 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   WgSmem& sm = *reinterpret_cast<WgSmem*>(wg_smem);
   const Problem p = problem(a);
-  constexpr int kChannels = kSwiglu ? kWgTN / 2 : kWgTN;  // output channels of the block
-  const int64_t r0 = int64_t(blockIdx.y) * kWgTM, n0 = int64_t(blockIdx.x) * kChannels, K = a.K, N = a.N;
-  // Weight row `row` of the tile: its matrix (W3 for the upper half under kSwiglu) and channel.
-  auto weight_row = [&](int row, const WeightDesc*& w, int64_t& n) {
-    const bool upper = kSwiglu && row >= kChannels;
-    w = upper ? &p.w3 : &p.w;
-    n = n0 + (upper ? row - kChannels : row);
-  };
+  constexpr int kChannels = kSwiglu ? kWgWeightRows / 2 : kWgWeightRows;  // output channels of the block
+  const int64_t r0 = int64_t(blockIdx.y) * kWgTokens, n0 = int64_t(blockIdx.x) * kChannels, K = a.K, N = a.N;
   if (r0 >= p.rows) return;
-  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31;
-  const int wrow = wg * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2), t4 = lane & 3;  // this thread's first output row
-  const bool wg_live = r0 + wg * 64 < p.rows;  // a warpgroup past the problem's rows skips its MMAs
-  const int64_t nst = K / kWgK;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int wrow = wg * 128 + ((tid >> 5) & 3) * 16 + g;  // this thread's first weight row (half 0)
+  // Output channel of tile weight row R (under kSwiglu the upper half of a warpgroup is W3).
+  auto channel = [&](int R) { return n0 + (kSwiglu ? (R >> 7) * 64 + (R & 63) : R); };
+  const int64_t nch = K / kWgK;
 
-  // Stage t (columns 64 t ..): thread tid copies the 16-byte chunks tid % 8 of activation rows
-  // tid / 8 + 32 i into A buffer t % kWgABufs (swizzled), chunks tid % 2 of weight rows tid / 2 +
-  // 128 i into slot t % kWgWSlots, and at even t the 128 columns' scales of weight row tid. One
-  // cp.async group per stage, empty past the last.
-  int64_t xrow[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int64_t r = r0 + (tid >> 3) + 32 * i;
-    xrow[i] = r < p.rows ? activation_row(a, p, r) : -1;
+  // The rows' sources, once.
+  if (tid < kWgTokens) {
+    const int64_t r = r0 + tid;
+    sm.xrow[tid] = r < p.rows ? a.xb + activation_row(a, p, r) * a.ldxb : nullptr;
   }
-  auto load_stage = [&](int64_t t) {
-    if (t < nst) {
-      uint8_t* at = sm.a[t % kWgABufs];
+  {
+    const int64_t n = channel(tid);
+    const bool w3 = kSwiglu && (tid & 64);
+    sm.wrow[tid] = n < N ? (w3 ? p.w3.w : p.w.w) + (p.wrow0 + n) * (K / 2) : nullptr;
+    sm.srow[tid] = n < N ? (w3 ? p.w3.s : p.w.s) + (p.wrow0 + n) * (K / 32) : nullptr;
+  }
+  __syncthreads();
+
+  // Chunk c into stage c % kWgStages: thread tid copies the 16-byte pieces tid % 16 of activation
+  // rows tid / 16 + 16 i, pieces tid % 4 of weight rows tid / 4 + 64 i, and weight row tid's four
+  // scales. One cp.async group per chunk, empty past the last.
+  auto load_chunk = [&](int64_t c) {
+    if (c < nch) {
+      WgStage& st = sm.stage[c % kWgStages];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int row = (tid >> 4) + 16 * i, piece = tid & 15;
+        const uint16_t* src = sm.xrow[row];
+        cp_async16(st.x[piece >> 3] + swizzled(row, piece & 7), src ? src + c * kWgK + piece * 8 : a.xb, src);
+      }
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int row = (tid >> 3) + 32 * i, ch = tid & 7;
-        const bool ok = xrow[i] >= 0;
-        cp_async16(at + swizzled(row, ch), ok ? a.xb + xrow[i] * a.ldxb + t * kWgK + ch * 8 : a.xb, ok);
+        const int R = (tid >> 2) + 64 * i, piece = tid & 3;
+        const uint8_t* src = sm.wrow[R];
+        cp_async16(st.w + R * 64 + piece * 16, src ? src + c * (kWgK / 2) + piece * 16 : p.w.w, src);
       }
-      uint8_t* wt = sm.w[t % kWgWSlots];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int row = (tid >> 1) + 128 * i, ch = tid & 1;
-        const WeightDesc* w;
-        int64_t n;
-        weight_row(row, w, n);
-        const uint8_t* src = n < N ? w->w + ((p.wrow0 + n) * K + t * kWgK) / 2 + ch * 16 : w->w;
-        cp_async16(wt + row * kWgWRowBytes + ch * 16, src, n < N);
-      }
-      if ((t & 1) == 0) {
-        const WeightDesc* w;
-        int64_t n;
-        weight_row(tid, w, n);
-        const uint8_t* src = n < N ? w->s + (p.wrow0 + n) * (K / 32) + (t >> 1) * 4 : w->s;
-        cp_async4(&sm.ws[(t >> 1) & 1][tid * 4], src, n < N);
-      }
+      const uint8_t* src = sm.srow[tid];
+      cp_async4(st.ws + tid * 4, src ? src + c * (kWgK / 32) : p.w.s, src);
     }
     cp_async_commit();
   };
-  // Weight stage t to BF16 into buffer t % 3. Item it = tid + 256 i: weight row (it % 8) + 8 (it /
-  // 16), its 32-group (it / 8) % 2.
-  auto convert_stage = [&](int64_t t) {
-    const uint8_t* wt = sm.w[t % kWgWSlots];
-    const uint8_t* st = sm.ws[(t >> 1) & 1];
-    uint8_t* bt = sm.b[t % 3];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int it = tid + 256 * i, row = (it & 7) | (it >> 4) << 3, g = (it >> 3) & 1;
-      uint32_t v[16];
-      e2m1x32_to_bf16(*reinterpret_cast<const uint4*>(wt + row * kWgWRowBytes + g * 16),
-                      e8m0_to_float(st[row * 4 + (t & 1) * 2 + g]), v);
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        *reinterpret_cast<uint4*>(bt + swizzled(row, 4 * g + c)) =
-            make_uint4(v[4 * c], v[4 * c + 1], v[4 * c + 2], v[4 * c + 3]);
-    }
-  };
 
-  float acc[128];
+  float acc[2][64];
 #pragma unroll
-  for (int i = 0; i < 128; ++i) acc[i] = 0.f;
+  for (int i = 0; i < 64; ++i) acc[0][i] = acc[1][i] = 0.f;
+  uint32_t frag[2][2][4];  // [step parity][half]: A fragments, one set per MMA group in flight
 
-  // At the top of iteration s the groups of stages <= s + kWgAhead - 1 are committed; waiting
-  // until kWgAhead - 2 remain lands stages <= s + 1 (the activations of s, the weights converted
-  // next). Buffers written in iteration s (A of s + kWgAhead, weight slot of s + kWgAhead, B of
-  // s + 1) were last read by the MMAs of s - 2 (done: each warpgroup waits for them before the
-  // barrier) or converted in iteration s - 1.
-  static_assert(kWgAhead == 3 && kWgABufs == kWgAhead + 2 && kWgWSlots == kWgAhead);
+  // At the top of chunk c the groups of chunks <= c + kWgAhead - 1 are committed; waiting until
+  // kWgAhead - 1 remain lands chunk c. The stage loaded in chunk c, (c + kWgAhead) % kWgStages,
+  // was last read in chunk c - 2: its weight reads came before the previous barrier, and its MMAs
+  // were done before each thread's wgmma_wait<1> at step 1 of chunk c - 1.
 #pragma unroll
-  for (int t = 0; t < kWgAhead; ++t) load_stage(t);
-  cp_async_wait<kWgAhead - 2>();
-  __syncthreads();
-  convert_stage(0);
-
-  for (int64_t s = 0; s < nst; ++s) {
-    wgmma_wait<1>();  // this warpgroup's MMAs of stage s - 2 are done
-    cp_async_wait<kWgAhead - 2>();
-    fence_proxy_async();  // this thread's cp.async and st.shared writes, before the MMAs read them
+  for (int c = 0; c < kWgAhead; ++c) load_chunk(c);
+  for (int64_t c = 0; c < nch; ++c) {
+    cp_async_wait<kWgAhead - 1>();
+    fence_proxy_async();  // this thread's copies, before the MMAs read them
     __syncthreads();
-    load_stage(s + kWgAhead);
-    if (wg_live) {
-      const uint8_t* at = sm.a[s % kWgABufs] + wg * 64 * 128;
-      const uint8_t* bt = sm.b[s % 3];
-      fence_registers(acc);
-      wgmma_fence();
+    load_chunk(c + kWgAhead);
+    const WgStage& st = sm.stage[c % kWgStages];
+    // This thread's 16 bytes (one scale group) of its four weight rows: half q, rows wrow + 64 q + 8 h.
+    uint4 packed[2][2];
+    E2m1Table table[2][2];
 #pragma unroll
-      for (int k = 0; k < kWgK / 16; ++k) wgmma_m64n256k16(acc, wgmma_desc(at + k * 32), wgmma_desc(bt + k * 32));
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int R = wrow + 64 * q + 8 * h;
+        packed[q][h] = *reinterpret_cast<const uint4*>(st.w + R * 64 + t4 * 16);
+        table[q][h] = e2m1_table(e8m0_to_float(st.ws[R * 4 + t4]));
+      }
+#pragma unroll
+    for (int j = 0; j < kWgK / 16; ++j) {
+      uint32_t (&f)[2][4] = frag[j & 1];
+      wgmma_wait<1>();  // the MMAs of step j - 2, which read this fragment set, are done
+      fence_registers(f);
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint4 v = packed[q][h];
+          const uint32_t word = j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w;
+          e2m1x4_to_bf16(word >> (16 * (j & 1)), table[q][h], f[q][h], f[q][2 + h]);
+        }
+      const uint64_t b = wgmma_desc(st.x[j / 4] + (j % 4) * 32);
+      wgmma_fence();
+      wgmma_m64n128k16_rs(acc[0], f[0], b);
+      wgmma_m64n128k16_rs(acc[1], f[1], b);
       wgmma_commit();
     }
-    if (s + 1 < nst) convert_stage(s + 1);  // while the MMAs run
   }
   wgmma_wait<0>();
-  fence_registers(acc);
+  fence_registers(acc[0]);
+  fence_registers(acc[1]);
 
-  // Accumulator 4 j + 2 h + e: row wrow + 8 h, tile column 8 j + 2 t4 + e (under kSwiglu the W3
-  // product of column c sits at j + 16).
+  // Accumulator 4 j + 2 h + e of half q: weight row wrow + 64 q + 8 h, activation row 8 j + 2 t4 + e.
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t r = r0 + wrow + 8 * h;
-    if (r >= p.rows) continue;
-    float* yr = p.y + (p.base + r) * a.ldy;
+  for (int q = 0; q < (kSwiglu ? 1 : 2); ++q)
 #pragma unroll
-    for (int j = 0; j < kChannels / 8; ++j)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = channel(wrow + 64 * q + 8 * h);
+      if (n >= N) continue;
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t n = n0 + j * 8 + t4 * 2 + e;
-        const float v = acc[4 * j + 2 * h + e];
-        if (n < N) yr[n] = kSwiglu ? swiglu_value(v, acc[4 * (j + 16) + 2 * h + e], a.swiglu_limit) : v;
-      }
-  }
+      for (int j = 0; j < kWgTokens / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t r = r0 + j * 8 + t4 * 2 + e;
+          const int i = 4 * j + 2 * h + e;
+          if (r < p.rows)
+            p.y[(p.base + r) * a.ldy + n] = kSwiglu ? swiglu_value(acc[0][i], acc[1][i], a.swiglu_limit) : acc[q][i];
+        }
+    }
 #else
   __trap();  // launched only where wgmma_available()
 #endif
@@ -939,9 +933,9 @@ void launch_mma(const GemmArgs& a, cudaStream_t stream) {
 }
 
 // The warpgroup kernel's conditions: FP4 weights with E8M0 scales (E2M1 x scale is then a BF16
-// value), whole 128-column scale loads, BF16 activation rows in 16-byte chunks (GemmArgs::xb).
+// value), whole 128-column chunks, BF16 activation rows in 16-byte pieces (GemmArgs::xb).
 bool wgmma_fits(const GemmArgs& a) {
-  return a.wd.fmt == kFP4 && !a.wd.scale_f32 && a.K > 0 && a.K % kWgScaleK == 0 && a.xb && a.ldxb % 8 == 0 &&
+  return a.wd.fmt == kFP4 && !a.wd.scale_f32 && a.K > 0 && a.K % kWgK == 0 && a.xb && a.ldxb % 8 == 0 &&
          (reinterpret_cast<uintptr_t>(a.xb) & 15) == 0;
 }
 
@@ -953,8 +947,9 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(WgSmem))),
                                   true);
   (void)configured;
-  const int64_t channels = kSwiglu ? kWgTN / 2 : kWgTN;
-  dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + kWgTM - 1) / kWgTM), unsigned(a.Z));
+  const int64_t channels = kSwiglu ? kWgWeightRows / 2 : kWgWeightRows;
+  dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + kWgTokens - 1) / kWgTokens),
+            unsigned(a.Z));
   launch_pdl(wgmma_fp4_kernel<kSwiglu>, grid, kWgThreads, sizeof(WgSmem), stream, a);
   (kSwiglu ? wgmma_swiglu_launches : wgmma_launches).fetch_add(1, std::memory_order_relaxed);
   DSV4_LAUNCH_CHECK();

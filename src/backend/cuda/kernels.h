@@ -72,7 +72,8 @@ struct GemmArgs {
   // folded in, exact products, FP32 accumulation); else the mma.sync kernel.
   bool warpgroup_mma = false;
   // The rows of xq as BF16 values (E4M3 times the power-of-two scale, exact; act_quant's bf16
-  // output), row i at xb + i * ldxb: the warpgroup kernel's activation operand.
+  // output, columns in wgmma_bf16_column order), row i at xb + i * ldxb: the warpgroup kernel's
+  // activation operand.
   const uint16_t* xb = nullptr;
   int64_t ldxb = 0;
 };
@@ -116,9 +117,19 @@ void fp8_weight_to_bf16(const WeightDesc& w, uint16_t* out, cudaStream_t stream)
 // Dynamic FP8 activation quantisation (tensor/quant.h fp8_dynamic_quant) of x [M, K] (row stride
 // ldx) in 1x128 blocks: q [M, ldq] E4M3, scales [ceil(K/128), M] (row index fastest, the layout
 // of cuBLASLt's VEC128 scales), roundtrip [M, K] = q * scale, bf16 [M, ldq] = q * scale as BF16
-// bits (exact with pow2 scales). Any output may be null.
+// bits (exact with pow2 scales) in the warpgroup kernel's column order (wgmma_bf16_column). Any
+// output may be null.
 void act_quant(const float* x, int64_t M, int64_t K, int64_t ldx, bool pow2, uint8_t* q, int64_t ldq, float* scales,
                float* roundtrip, uint16_t* bf16, cudaStream_t stream);
+// Where column k of a row of K columns sits in act_quant's BF16 rows: in each whole 128-column
+// block, column 32 t + 4 j + 2 h + e moves to 16 j + 8 h + 2 t + e, the order in which the
+// warpgroup kernel's register-held weight fragments meet the columns (gemm_fp8.cu); a partial
+// last block keeps its order.
+__host__ __device__ constexpr int64_t wgmma_bf16_column(int64_t k, int64_t K) {
+  const int64_t block = k - k % 128, c = k % 128;
+  if (block + 128 > K) return k;
+  return block + 16 * ((c >> 2) & 7) + 8 * ((c >> 1) & 1) + 2 * (c >> 5) + (c & 1);
+}
 
 // ---- elementwise / norms / mHC (norm.cu) -------------------------------------------------
 // Small parameter tensors arrive as device pointers with their dtype: 0 = f32, 1 = bf16.
