@@ -357,20 +357,23 @@ constexpr int kWgWeightRows = 256, kWgTokens = 128, kWgThreads = 256;
 constexpr int kWgK = 128;                   // columns of a chunk
 constexpr int kWgStages = 4;                // chunk buffers
 constexpr int kWgAhead = kWgStages - 2;     // chunks loaded ahead (one more is drained by the MMAs)
-static_assert(kWgAhead >= 1);
 
 struct WgStage {
-  // Activation rows, BF16, two 64-column tiles of 128-byte rows from a 1,024-aligned base, 128-byte
-  // swizzled (16-byte piece c of row r at piece c ^ (r % 8)).
-  alignas(1024) uint8_t x[2][kWgTokens * 128];
+  alignas(1024) uint8_t x[2][kWgTokens * 128];  // activation rows, BF16, two 64-column swizzled tiles
   uint8_t w[kWgWeightRows * kWgK / 2];           // packed E2M1 weight rows, 64 bytes a row
   uint8_t ws[kWgWeightRows * kWgK / 32];         // E8M0 group scales, 4 a row
 };
 struct WgSmem {
   WgStage stage[kWgStages];
+  const uint16_t* xrow[kWgTokens];     // activation row r's BF16 values (null past the problem's rows)
+  const uint8_t* wrow[kWgWeightRows];  // weight row R's packed bytes (null past N)
+  const uint8_t* srow[kWgWeightRows];  // and its E8M0 scales
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Byte offset of 16-byte chunk c (0..7) of row `row` in a 128-byte-swizzled operand tile (rows of
+// 128 bytes from a 1,024-aligned base; the chunk index is XORed with the row's index mod 8).
+__device__ __forceinline__ int swizzled(int row, int c) { return row * 128 + ((c ^ (row & 7)) << 4); }
 // Shared-memory matrix descriptor, K-major, 128-byte swizzle: start, leading offset (unused),
 // stride between 8-row groups (1,024 bytes).
 __device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
@@ -456,43 +459,39 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
   auto channel = [&](int R) { return n0 + (kSwiglu ? (R >> 7) * 64 + (R & 63) : R); };
   const int64_t nch = K / kWgK;
 
-  // Chunk c into stage c % kWgStages, one cp.async group per chunk (empty past the last):
-  //  - activation row tid / 2: its 16-byte pieces 2 m + tid % 2 (m = 0..7; a lane pair reads
-  //    32 contiguous bytes), piece p to column piece p % 8 of tile p / 8, swizzled;
-  //  - this thread's own weight pieces (t4 of its four rows), and the four scales of its row t4
-  //    (the quad's four rows; the quad reads them after the barrier).
-  const int xr = tid >> 1, xhalf = tid & 1;
-  const uint16_t* xsrc = a.xb + xhalf * 8;  // row 0 stands in for rows past the problem (zero-filled)
-  const bool xok = r0 + xr < p.rows;
-  if (xok) xsrc += activation_row(a, p, r0 + xr) * a.ldxb;
-  const int xswz = (xhalf ^ (xr & 7)) << 4;
-  const uint8_t* wsrc[2][2];
-  bool wok[2][2];
-#pragma unroll
-  for (int q = 0; q < 2; ++q)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t n = channel(wrow + 64 * q + 8 * h);
-      const uint8_t* base = kSwiglu && q ? p.w3.w : p.w.w;
-      wok[q][h] = n < N;
-      wsrc[q][h] = base + (wok[q][h] ? (p.wrow0 + n) * (K / 2) : 0) + t4 * 16;
-    }
-  const int srow = wrow + 64 * (t4 >> 1) + 8 * (t4 & 1);
-  const int64_t sn = channel(srow);
-  const bool sok = sn < N;
-  const uint8_t* ssrc = (kSwiglu && (t4 >> 1) ? p.w3.s : p.w.s) + (sok ? (p.wrow0 + sn) * (K / 32) : 0);
+  // The rows' sources, once.
+  if (tid < kWgTokens) {
+    const int64_t r = r0 + tid;
+    sm.xrow[tid] = r < p.rows ? a.xb + activation_row(a, p, r) * a.ldxb : nullptr;
+  }
+  {
+    const int64_t n = channel(tid);
+    const bool w3 = kSwiglu && (tid & 64);
+    sm.wrow[tid] = n < N ? (w3 ? p.w3.w : p.w.w) + (p.wrow0 + n) * (K / 2) : nullptr;
+    sm.srow[tid] = n < N ? (w3 ? p.w3.s : p.w.s) + (p.wrow0 + n) * (K / 32) : nullptr;
+  }
+  __syncthreads();
+
+  // Chunk c into stage c % kWgStages: thread tid copies the 16-byte pieces tid % 16 of activation
+  // rows tid / 16 + 16 i, pieces tid % 4 of weight rows tid / 4 + 64 i, and weight row tid's four
+  // scales. One cp.async group per chunk, empty past the last.
   auto load_chunk = [&](int64_t c) {
     if (c < nch) {
       WgStage& st = sm.stage[c % kWgStages];
 #pragma unroll
-      for (int m = 0; m < 8; ++m)
-        cp_async16(st.x[m >> 2] + xr * 128 + (((2 * m & 7) << 4) ^ xswz), xsrc + c * kWgK + 16 * m, xok);
+      for (int i = 0; i < 8; ++i) {
+        const int row = (tid >> 4) + 16 * i, piece = tid & 15;
+        const uint16_t* src = sm.xrow[row];
+        cp_async16(st.x[piece >> 3] + swizzled(row, piece & 7), src ? src + c * kWgK + piece * 8 : a.xb, src);
+      }
 #pragma unroll
-      for (int q = 0; q < 2; ++q)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          cp_async16(st.w + (wrow + 64 * q + 8 * h) * 64 + t4 * 16, wsrc[q][h] + c * (kWgK / 2), wok[q][h]);
-      cp_async4(st.ws + srow * 4, ssrc + c * (kWgK / 32), sok);
+      for (int i = 0; i < 4; ++i) {
+        const int R = (tid >> 2) + 64 * i, piece = tid & 3;
+        const uint8_t* src = sm.wrow[R];
+        cp_async16(st.w + R * 64 + piece * 16, src ? src + c * (kWgK / 2) + piece * 16 : p.w.w, src);
+      }
+      const uint8_t* src = sm.srow[tid];
+      cp_async4(st.ws + tid * 4, src ? src + c * (kWgK / 32) : p.w.s, src);
     }
     cp_async_commit();
   };
