@@ -10,6 +10,7 @@
 // lm_head and the BF16 projections of speculative verification and decode batches): each x is
 // split into three BF16 parts that sum to it exactly, so the tensor-core products are exact too.
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include <nv/target>
@@ -335,44 +336,52 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 // group scale, are both BF16 values exactly, so with the scales folded into the operands there is
 // nothing to promote: one FP32 accumulation over all of K, exact products.
 //  - The weights are the A operand, in registers: each thread converts its own fragments from the
-//    packed E2M1 bytes (wgmma m64n128k16 with A from registers), so converted weights never pass
-//    through shared memory. The activations (128 rows) are the B operand, read from shared memory.
-//    The version that staged converted weights in shared memory moved about 1.3 bytes of shared
-//    memory per byte its MMAs could take at full rate (docs/PERF.md).
-//  - Block: 256 weight rows x 128 activation rows; warpgroup w takes weight rows 128 w .. + 127 as
-//    two m64 halves (2 x 64 accumulators a thread). kSwiglu (gemm_swiglu): the halves are 64
-//    channels of W1 and the same 64 of W3, so a thread holds both products of its outputs and
-//    writes their clamped SwiGLU (the SwiGLU kernel's function).
-//  - K runs in chunks of 128 columns. A chunk's stage holds the 128 activation rows (BF16 rows,
-//    GemmArgs::xb, as two 128-byte-swizzled tiles of 64 columns), the 256 packed weight rows (64
-//    bytes each) and their E8M0 scales (4 a row), copied by cp.async kWgAhead chunks ahead; one
-//    barrier a chunk.
+//    packed E2M1 bytes (wgmma with A from registers), so converted weights never pass through
+//    shared memory. The activations are the B operand, read from shared memory. The version that
+//    staged converted weights in shared memory moved about 1.3 bytes of shared memory per byte its
+//    MMAs could take at full rate (docs/PERF.md).
+//  - A warpgroup's tile is kHalves m64 halves of weight rows x 256 / kHalves activation rows (128
+//    accumulators a thread either way); a block is two warpgroups. Fewer halves convert fewer
+//    weight rows per MMA; more halves waste less on problems of few rows (launch_wgmma picks).
+//  - kSwiglu (gemm_swiglu): in each 16 rows of a half, rows 8-15 are the W3 rows of rows 0-7's W1
+//    channels, so a thread holds both products of its outputs and writes their clamped SwiGLU
+//    (the SwiGLU kernel's function).
+//  - K runs in chunks of 128 columns. A chunk's stage holds the activation rows (BF16 rows,
+//    GemmArgs::xb, as two 128-byte-swizzled tiles of 64 columns), the packed weight rows (64 bytes
+//    each) and their E8M0 scales (4 a row), copied by cp.async kAhead chunks ahead; one barrier a
+//    chunk.
 //  - Fragment order: in a chunk, thread t of a quad owns bytes 16 t .. 16 t + 15 of its weight
 //    rows (one scale group) and feeds elements 32 t + 4 j + {0, 1, 2, 3} into the fragment slots
 //    k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9 of step j (16 columns). act_quant writes the BF16 rows in
 //    that order (wgmma_bf16_column), so every product pairs the same column of x and W.
 // Needs K % 128 == 0, E8M0 weight scales and BF16 activation rows (wgmma_fits; the backend asks
 // for them only with power-of-two activation scales, which make those rows exact).
-constexpr int kWgWeightRows = 256, kWgTokens = 128, kWgThreads = 256;
-constexpr int kWgK = 128;                   // columns of a chunk
-constexpr int kWgStages = 4;                // chunk buffers
-constexpr int kWgAhead = kWgStages - 2;     // chunks loaded ahead (one more is drained by the MMAs)
+constexpr int kWgThreads = 256;
+constexpr int kWgK = 128;  // columns of a chunk
 
-struct WgStage {
-  alignas(1024) uint8_t x[2][kWgTokens * 128];  // activation rows, BF16, two 64-column swizzled tiles
-  uint8_t w[kWgWeightRows * kWgK / 2];           // packed E2M1 weight rows, 64 bytes a row
-  uint8_t ws[kWgWeightRows * kWgK / 32];         // E8M0 group scales, 4 a row
+template <int kHalves>
+struct WgTile {
+  static constexpr int kTokens = 256 / kHalves;      // activation rows of the block
+  static constexpr int kWeightRows = 128 * kHalves;  // weight rows of the block
+  static constexpr int kStages = kHalves == 1 ? 3 : 4;  // as many as fit in shared memory
+  static constexpr int kAhead = kStages - 2;            // chunks loaded ahead; one more is drained by the MMAs
+  static_assert(kAhead >= 1);
+  struct Stage {
+    // Activation rows, BF16, two 64-column tiles of 128-byte rows from a 1,024-aligned base,
+    // 128-byte swizzled (16-byte piece c of row r at piece c ^ (r % 8)).
+    alignas(1024) uint8_t x[2][kTokens * 128];
+    uint8_t w[kWeightRows * kWgK / 2];   // packed E2M1 weight rows, 64 bytes a row
+    uint8_t ws[kWeightRows * kWgK / 32];  // E8M0 group scales, 4 a row
+  };
+  Stage stage[kStages];
+  const uint16_t* xrow[kTokens];    // activation row r's BF16 values (null past the problem's rows)
+  const uint8_t* wrow[kWeightRows];  // weight row R's packed bytes (null past N)
+  const uint8_t* srow[kWeightRows];  // and its E8M0 scales
 };
-struct WgSmem {
-  WgStage stage[kWgStages];
-  const uint16_t* xrow[kWgTokens];     // activation row r's BF16 values (null past the problem's rows)
-  const uint8_t* wrow[kWgWeightRows];  // weight row R's packed bytes (null past N)
-  const uint8_t* srow[kWgWeightRows];  // and its E8M0 scales
-};
+static_assert(sizeof(WgTile<1>) <= 227 * 1024 && sizeof(WgTile<2>) <= 227 * 1024, "the sm_90 shared memory of a block");
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Byte offset of 16-byte chunk c (0..7) of row `row` in a 128-byte-swizzled operand tile (rows of
-// 128 bytes from a 1,024-aligned base; the chunk index is XORed with the row's index mod 8).
+// Byte offset of 16-byte piece c (0..7) of row `row` in a 128-byte-swizzled operand tile.
 __device__ __forceinline__ int swizzled(int row, int c) { return row * 128 + ((c ^ (row & 7)) << 4); }
 // Shared-memory matrix descriptor, K-major, 128-byte swizzle: start, leading offset (unused),
 // stride between 8-row groups (1,024 bytes).
@@ -380,9 +389,36 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   return uint64_t((addr & 0x3ffffu) >> 4) | uint64_t(1) << 16 | uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
 }
-// d += A[64 x 16] B[128 x 16]^T: A (BF16) from registers (the m16n8k16 A fragment of each warp's
-// 16 rows), B (BF16) from shared memory, FP32 accumulators.
-__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+// d += A[64 x 16] B[N x 16]^T: A (BF16) from registers (the m16n8k16 A fragment of each warp's 16
+// rows), B (BF16) from shared memory, FP32 accumulators.
+template <int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b);
+template <>
+__device__ __forceinline__ void wgmma_rs<256>(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
+      :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
       "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
@@ -403,9 +439,10 @@ __device__ __forceinline__ void fence_registers(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-__device__ __forceinline__ void fence_registers(uint32_t (&a)[2][4]) {
+template <int H>
+__device__ __forceinline__ void fence_registers(uint32_t (&a)[H][4]) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) asm volatile("" : "+r"(a[i / 4][i % 4])::"memory");
+  for (int i = 0; i < 4 * H; ++i) asm volatile("" : "+r"(a[i / 4][i % 4])::"memory");
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -443,81 +480,91 @@ __device__ __forceinline__ void e2m1x4_to_bf16(uint32_t u, const E2m1Table& t, u
 }
 #endif
 
-template <bool kSwiglu>
+template <bool kSwiglu, int kHalves>
 __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tile = WgTile<kHalves>;
+  constexpr int kTokens = Tile::kTokens, kRows = Tile::kWeightRows, kStages = Tile::kStages, kAhead = Tile::kAhead;
+  constexpr int kChannels = kSwiglu ? kRows / 2 : kRows;  // output channels of the block
   pdl_prologue();
   extern __shared__ __align__(1024) uint8_t wg_smem[];
-  WgSmem& sm = *reinterpret_cast<WgSmem*>(wg_smem);
+  Tile& sm = *reinterpret_cast<Tile*>(wg_smem);
   const Problem p = problem(a);
-  constexpr int kChannels = kSwiglu ? kWgWeightRows / 2 : kWgWeightRows;  // output channels of the block
-  const int64_t r0 = int64_t(blockIdx.y) * kWgTokens, n0 = int64_t(blockIdx.x) * kChannels, K = a.K, N = a.N;
+  const int64_t r0 = int64_t(blockIdx.y) * kTokens, n0 = int64_t(blockIdx.x) * kChannels, K = a.K, N = a.N;
   if (r0 >= p.rows) return;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int wrow = wg * 128 + ((tid >> 5) & 3) * 16 + g;  // this thread's first weight row (half 0)
-  // Output channel of tile weight row R (under kSwiglu the upper half of a warpgroup is W3).
-  auto channel = [&](int R) { return n0 + (kSwiglu ? (R >> 7) * 64 + (R & 63) : R); };
+  // This thread's first tile row (half 0, row g of its warp's 16); half q, row g + 8 h is
+  // wrow + 64 q + 8 h. (Written as one lambda of wg, warp, q and h, the same rows made ptxas
+  // serialise the MMAs: C7515.)
+  const int wrow = 64 * kHalves * wg + ((tid >> 5) & 3) * 16 + g;
+  // Output channel of tile row R (under kSwiglu rows 8-15 of each 16 are W3).
+  auto channel = [&](int R) { return n0 + (kSwiglu ? (R >> 4) * 8 + (R & 7) : R); };
   const int64_t nch = K / kWgK;
 
   // The rows' sources, once.
-  if (tid < kWgTokens) {
-    const int64_t r = r0 + tid;
-    sm.xrow[tid] = r < p.rows ? a.xb + activation_row(a, p, r) * a.ldxb : nullptr;
-  }
-  {
-    const int64_t n = channel(tid);
-    const bool w3 = kSwiglu && (tid & 64);
-    sm.wrow[tid] = n < N ? (w3 ? p.w3.w : p.w.w) + (p.wrow0 + n) * (K / 2) : nullptr;
-    sm.srow[tid] = n < N ? (w3 ? p.w3.s : p.w.s) + (p.wrow0 + n) * (K / 32) : nullptr;
+  for (int r = tid; r < kTokens; r += kWgThreads)
+    sm.xrow[r] = r0 + r < p.rows ? a.xb + activation_row(a, p, r0 + r) * a.ldxb : nullptr;
+  for (int R = tid; R < kRows; R += kWgThreads) {
+    const int64_t n = channel(R);
+    const bool w3 = kSwiglu && (R & 8);
+    sm.wrow[R] = n < N ? (w3 ? p.w3.w : p.w.w) + (p.wrow0 + n) * (K / 2) : nullptr;
+    sm.srow[R] = n < N ? (w3 ? p.w3.s : p.w.s) + (p.wrow0 + n) * (K / 32) : nullptr;
   }
   __syncthreads();
 
-  // Chunk c into stage c % kWgStages: thread tid copies the 16-byte pieces tid % 16 of activation
-  // rows tid / 16 + 16 i, pieces tid % 4 of weight rows tid / 4 + 64 i, and weight row tid's four
-  // scales. One cp.async group per chunk, empty past the last.
+  // Chunk c into stage c % kStages: thread tid copies the 16-byte pieces tid % 16 of activation
+  // rows tid / 16 + 16 i, pieces tid % 4 of weight rows tid / 4 + 64 i, and the four scales of
+  // weight rows tid + 256 i. One cp.async group per chunk, empty past the last.
   auto load_chunk = [&](int64_t c) {
     if (c < nch) {
-      WgStage& st = sm.stage[c % kWgStages];
+      auto& st = sm.stage[c % kStages];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < kTokens / 16; ++i) {
         const int row = (tid >> 4) + 16 * i, piece = tid & 15;
         const uint16_t* src = sm.xrow[row];
         cp_async16(st.x[piece >> 3] + swizzled(row, piece & 7), src ? src + c * kWgK + piece * 8 : a.xb, src);
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < kRows / 64; ++i) {
         const int R = (tid >> 2) + 64 * i, piece = tid & 3;
         const uint8_t* src = sm.wrow[R];
         cp_async16(st.w + R * 64 + piece * 16, src ? src + c * (kWgK / 2) + piece * 16 : p.w.w, src);
       }
-      const uint8_t* src = sm.srow[tid];
-      cp_async4(st.ws + tid * 4, src ? src + c * (kWgK / 32) : p.w.s, src);
+#pragma unroll
+      for (int i = 0; i < (kRows + kWgThreads - 1) / kWgThreads; ++i) {
+        const int R = tid + kWgThreads * i;
+        if (R >= kRows) break;
+        const uint8_t* src = sm.srow[R];
+        cp_async4(st.ws + R * 4, src ? src + c * (kWgK / 32) : p.w.s, src);
+      }
     }
     cp_async_commit();
   };
 
-  float acc[2][64];
+  float acc[kHalves][128 / kHalves];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[0][i] = acc[1][i] = 0.f;
-  uint32_t frag[2][2][4];  // [step parity][half]: A fragments, one set per MMA group in flight
+  for (int q = 0; q < kHalves; ++q)
+#pragma unroll
+    for (int i = 0; i < 128 / kHalves; ++i) acc[q][i] = 0.f;
+  uint32_t frag[2][kHalves][4];  // [step parity][half]: A fragments, one set per MMA group in flight
 
-  // At the top of chunk c the groups of chunks <= c + kWgAhead - 1 are committed; waiting until
-  // kWgAhead - 1 remain lands chunk c. The stage loaded in chunk c, (c + kWgAhead) % kWgStages,
-  // was last read in chunk c - 2: its weight reads came before the previous barrier, and its MMAs
-  // were done before each thread's wgmma_wait<1> at step 1 of chunk c - 1.
+  // At the top of chunk c the groups of chunks <= c + kAhead - 1 are committed; waiting until
+  // kAhead - 1 remain lands chunk c. The stage loaded in chunk c, (c + kAhead) % kStages, was last
+  // read in chunk c - 2: its weight reads came before the previous barrier, and its MMAs were done
+  // before each thread's wgmma_wait<1> at step 1 of chunk c - 1.
 #pragma unroll
-  for (int c = 0; c < kWgAhead; ++c) load_chunk(c);
+  for (int c = 0; c < kAhead; ++c) load_chunk(c);
   for (int64_t c = 0; c < nch; ++c) {
-    cp_async_wait<kWgAhead - 1>();
+    cp_async_wait<kAhead - 1>();
     fence_proxy_async();  // this thread's copies, before the MMAs read them
     __syncthreads();
-    load_chunk(c + kWgAhead);
-    const WgStage& st = sm.stage[c % kWgStages];
-    // This thread's 16 bytes (one scale group) of its four weight rows: half q, rows wrow + 64 q + 8 h.
-    uint4 packed[2][2];
-    E2m1Table table[2][2];
+    load_chunk(c + kAhead);
+    const auto& st = sm.stage[c % kStages];
+    // This thread's 16 bytes (one scale group) of its weight rows: half q, rows g and g + 8.
+    uint4 packed[kHalves][2];
+    E2m1Table table[kHalves][2];
 #pragma unroll
-    for (int q = 0; q < 2; ++q)
+    for (int q = 0; q < kHalves; ++q)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int R = wrow + 64 * q + 8 * h;
@@ -526,11 +573,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
       }
 #pragma unroll
     for (int j = 0; j < kWgK / 16; ++j) {
-      uint32_t (&f)[2][4] = frag[j & 1];
+      uint32_t (&f)[kHalves][4] = frag[j & 1];
       wgmma_wait<1>();  // the MMAs of step j - 2, which read this fragment set, are done
       fence_registers(f);
 #pragma unroll
-      for (int q = 0; q < 2; ++q)
+      for (int q = 0; q < kHalves; ++q)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint4 v = packed[q][h];
@@ -539,30 +586,30 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
         }
       const uint64_t b = wgmma_desc(st.x[j / 4] + (j % 4) * 32);
       wgmma_fence();
-      wgmma_m64n128k16_rs(acc[0], f[0], b);
-      wgmma_m64n128k16_rs(acc[1], f[1], b);
+#pragma unroll
+      for (int q = 0; q < kHalves; ++q) wgmma_rs<kTokens>(acc[q], f[q], b);
       wgmma_commit();
     }
   }
   wgmma_wait<0>();
-  fence_registers(acc[0]);
-  fence_registers(acc[1]);
+#pragma unroll
+  for (int q = 0; q < kHalves; ++q) fence_registers(acc[q]);
 
-  // Accumulator 4 j + 2 h + e of half q: weight row wrow + 64 q + 8 h, activation row 8 j + 2 t4 + e.
+  // Accumulator 4 j + 2 h + e of half q: tile row wrow + 64 q + 8 h, activation row 8 j + 2 t4 + e.
 #pragma unroll
-  for (int q = 0; q < (kSwiglu ? 1 : 2); ++q)
+  for (int q = 0; q < kHalves; ++q)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < (kSwiglu ? 1 : 2); ++h) {
       const int64_t n = channel(wrow + 64 * q + 8 * h);
       if (n >= N) continue;
 #pragma unroll
-      for (int j = 0; j < kWgTokens / 8; ++j)
+      for (int j = 0; j < kTokens / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int64_t r = r0 + j * 8 + t4 * 2 + e;
           const int i = 4 * j + 2 * h + e;
           if (r < p.rows)
-            p.y[(p.base + r) * a.ldy + n] = kSwiglu ? swiglu_value(acc[0][i], acc[1][i], a.swiglu_limit) : acc[q][i];
+            p.y[(p.base + r) * a.ldy + n] = kSwiglu ? swiglu_value(acc[q][i], acc[q][i + 2], a.swiglu_limit) : acc[q][i];
         }
     }
 #else
@@ -939,19 +986,36 @@ bool wgmma_fits(const GemmArgs& a) {
          (reinterpret_cast<uintptr_t>(a.xb) & 15) == 0;
 }
 
-std::atomic<uint64_t> wgmma_launches{0}, wgmma_swiglu_launches{0};
+std::atomic<uint64_t> wgmma_launches{0}, wgmma_swiglu_launches{0}, wgmma_wide_launches{0};
 
-template <bool kSwiglu>
-void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
-  static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel<kSwiglu>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(WgSmem))),
+template <bool kSwiglu, int kHalves>
+void launch_wgmma_tile(const GemmArgs& a, cudaStream_t stream) {
+  using Tile = WgTile<kHalves>;
+  static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel<kSwiglu, kHalves>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Tile))),
                                   true);
   (void)configured;
-  const int64_t channels = kSwiglu ? kWgWeightRows / 2 : kWgWeightRows;
-  dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + kWgTokens - 1) / kWgTokens),
+  const int64_t channels = kSwiglu ? Tile::kWeightRows / 2 : Tile::kWeightRows;
+  dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + Tile::kTokens - 1) / Tile::kTokens),
             unsigned(a.Z));
-  launch_pdl(wgmma_fp4_kernel<kSwiglu>, grid, kWgThreads, sizeof(WgSmem), stream, a);
+  launch_pdl(wgmma_fp4_kernel<kSwiglu, kHalves>, grid, kWgThreads, sizeof(Tile), stream, a);
+}
+
+// Problems of more than 128 rows (as a rule) take the 256-row tile, which converts half as many
+// weight rows per MMA; fewer rows the 128-row tile, which wastes less on a partial last tile.
+// DSV4_CUDA_WGMMA_TOKENS=128 or 256 forces one (A/B).
+template <bool kSwiglu>
+void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
+  static const int forced = [] {
+    const char* v = std::getenv("DSV4_CUDA_WGMMA_TOKENS");
+    return v ? std::atoi(v) : 0;
+  }();
+  const int64_t rows = a.typical_rows ? a.typical_rows : a.max_rows;
+  const bool wide = forced == 256 || (forced != 128 && rows > 128);
+  if (wide) launch_wgmma_tile<kSwiglu, 1>(a, stream);
+  else launch_wgmma_tile<kSwiglu, 2>(a, stream);
   (kSwiglu ? wgmma_swiglu_launches : wgmma_launches).fetch_add(1, std::memory_order_relaxed);
+  if (wide) wgmma_wide_launches.fetch_add(1, std::memory_order_relaxed);
   DSV4_LAUNCH_CHECK();
 }
 
@@ -959,6 +1023,7 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
 
 uint64_t wgmma_launch_count() { return wgmma_launches.load(std::memory_order_relaxed); }
 uint64_t wgmma_swiglu_launch_count() { return wgmma_swiglu_launches.load(std::memory_order_relaxed); }
+uint64_t wgmma_wide_launch_count() { return wgmma_wide_launches.load(std::memory_order_relaxed); }
 
 bool wgmma_available() {
   // DSV4_CUDA_WGMMA=0: the mma.sync kernel everywhere (A/B measurements).
@@ -969,7 +1034,7 @@ bool wgmma_available() {
 #ifdef DSV4_BUILT_FOR_SM90A
   static const bool compiled = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, wgmma_fp4_kernel<false>) == cudaSuccess && attr.binaryVersion == 90;
+    return cudaFuncGetAttributes(&attr, wgmma_fp4_kernel<false, 2>) == cudaSuccess && attr.binaryVersion == 90;
   }();
 #else
   constexpr bool compiled = false;

@@ -83,6 +83,8 @@ bool wgmma_available();
 // (tests check that the path they mean ran).
 uint64_t wgmma_launch_count();
 uint64_t wgmma_swiglu_launch_count();
+// Of those (plain and fused), the launches of its 256-row tile (problems of more than 128 rows).
+uint64_t wgmma_wide_launch_count();
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Whether gemm() and gemm_swiglu() take the one-row stream GEMV for these arguments, the kernel
 // that applies x_roundtrip (any other path aborts when it is set).
