@@ -10,7 +10,9 @@
 // lm_head and the BF16 projections of speculative verification and decode batches): each x is
 // split into three BF16 parts that sum to it exactly, so the tensor-core products are exact too.
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 #include <nv/target>
@@ -995,7 +997,10 @@ template <bool kSwiglu>
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
   static const int forced = [] {
     const char* v = std::getenv("DSV4_CUDA_WGMMA_TOKENS");
-    return v ? std::atoi(v) : 0;
+    if (!v) return 0;
+    if (std::string_view(v) == "128" || std::string_view(v) == "256") return std::atoi(v);
+    std::fprintf(stderr, "DSV4_CUDA_WGMMA_TOKENS=%s ignored (128 or 256)\n", v);
+    return 0;
   }();
   const int64_t rows = a.typical_rows ? a.typical_rows : a.max_rows;
   const bool wide = forced == 256 || (forced != 128 && rows > 128);
