@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/demo_model.h"
 #include "engine/llm_engine.h"
@@ -40,7 +41,7 @@ std::pair<double, int32_t> score_row(const float* row, int64_t V, int32_t target
 
 void register_perplexity(CLI::App& app, Action& action) {
   struct Opts {
-    std::string model, file, backend = "cpu", kv = "f32", gemm = "exact";
+    std::string model, file, backend = "cpu", kv = "auto", gemm = "auto";
     int64_t ctx = 512, max_tokens = 0;
     bool mtp = false, json = false;
   };
@@ -51,13 +52,18 @@ void register_perplexity(CLI::App& app, Action& action) {
   cmd->add_option("--ctx", o->ctx, "Tokens per sequence, BOS included")->capture_default_str()->check(CLI::Range(int64_t(2), int64_t(1) << 20));
   cmd->add_option("--max-tokens", o->max_tokens, "Score only the first N tokens of the file (0: all)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--backend", o->backend, "cpu | cuda")->capture_default_str();
-  cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) or fp8 (production rows)")->capture_default_str()
-      ->check(CLI::IsMember({"f32", "fp8"}));
-  cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact or fp8 (1x128 FP8 activations)")->capture_default_str()
-      ->check(CLI::IsMember({"exact", "fp8"}));
+  cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) | fp8 (production rows) | auto (fp8 on cuda, f32 on cpu)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "f32", "fp8"}));
+  cmd->add_option("--gemm", o->gemm,
+                  "FP8/FP4-weight linears: exact | fp8 (1x128 FP8 activations) | auto (fp8 on cuda, exact on cpu)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "exact", "fp8"}));
   cmd->add_flag("--mtp", o->mtp, "Also measure the MTP block: top-1 agreement with the main model, perplexity of x_{t+2}");
   cmd->add_flag("--json", o->json, "Print one JSON object instead of text");
   cmd->callback([o, &action] {
+    o->gemm = resolve_numerics(o->gemm, o->backend, "exact");
+    o->kv = resolve_numerics(o->kv, o->backend, "f32");
     action = [o] {
       std::string dir = o->model.empty() ? default_demo_model_dir() : o->model;
       if (dir.empty()) fail("--model: not given and the demo model (models/demo-brown) was not found");

@@ -9,6 +9,7 @@
 #include <optional>
 #include <thread>
 
+#include "cli/args.h"
 #include "cli/commands.h"
 #include "engine/llm_engine.h"
 #include "model/checkpoint.h"
@@ -27,7 +28,7 @@ namespace {
 
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
-  std::string backend = "cpu", kv_memory, gemm = "exact", kv = "f32", cuda_graphs = "on";
+  std::string backend = "cpu", kv_memory, gemm = "auto", kv = "auto", cuda_graphs = "on";
   std::string offload_experts = "none", offload_reserve = kDefaultOffloadReserve;
   int port = 8000;
   int max_running = 64;
@@ -304,8 +305,10 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--engine", o->engine, "auto | model | scripted (deterministic fake tokens, for HTTP-layer tests)")
       ->capture_default_str()->check(CLI::IsMember({"auto", "model", "scripted"}));
   cmd->add_option("--backend", o->backend, "Backend for --model: cpu | cuda")->capture_default_str();
-  cmd->add_option("--gemm", o->gemm, "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations)")
-      ->check(CLI::IsMember({"exact", "fp8"}))
+  cmd->add_option("--gemm", o->gemm,
+                  "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations) | auto "
+                  "(fp8 on cuda, exact on cpu)")
+      ->check(CLI::IsMember({"auto", "exact", "fp8"}))
       ->capture_default_str();
   cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
       ->capture_default_str()
@@ -319,12 +322,16 @@ void register_serve(CLI::App& app, Action& action) {
                   "With --offload-experts: device memory kept free for the state pool and activations (auto "
                   "offloads until it is; the expert cache gets the rest)")->capture_default_str();
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
-  cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) or fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims)")
+  cmd->add_option("--kv", o->kv,
+                  "KV storage: f32 (exact) | fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims) | auto (fp8 on "
+                  "cuda, f32 on cpu)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"f32", "fp8"}));
+      ->check(CLI::IsMember({"auto", "f32", "fp8"}));
   cmd->add_option("--scripted-step-ms", o->step_ms, "Step time of the scripted engine (ms)")->capture_default_str()->check(positive);
   cmd->add_flag("--enable-test-hooks", o->test_hooks, "Honour the test-only request field dsv4_forced_output");
   cmd->callback([o, preset_opt, &action] {
+    o->gemm = resolve_numerics(o->gemm, o->backend, "exact");
+    o->kv = resolve_numerics(o->kv, o->backend, "f32");
     if (o->model.empty() && o->engine != "scripted" && preset_opt->count() == 0) {
       o->model = default_demo_model_dir();
       o->trained_demo = !o->model.empty();
