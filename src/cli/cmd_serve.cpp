@@ -224,8 +224,10 @@ int serve(const ServeOpts& o) {
     }
   });
   std::string shown_host = o.host.find(':') != std::string::npos ? "[" + o.host + "]" : o.host;
-  log_info("dsv4 serve: ready at http://{}:{}/v1 (model '{}', context {} tokens{})", shown_host, port, L.name, L.context,
-           o.api_key.empty() ? "" : ", API key required");
+  const std::string numerics =
+      L.engine_kind == "model" ? fmt::format(", {} backend, --gemm {} --kv {}", o.backend, o.gemm, o.kv) : "";
+  log_info("dsv4 serve: ready at http://{}:{}/v1 (model '{}', context {} tokens{}{})", shown_host, port, L.name,
+           L.context, numerics, o.api_key.empty() ? "" : ", API key required");
   std::fflush(stderr);
   http.run();
   L.engine->shutdown(false);
