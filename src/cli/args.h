@@ -25,13 +25,4 @@ std::vector<T> parse_int_list(const std::string& s, const char* flag) {
   return out;
 }
 
-// --gemm and --kv default to "auto": the production path (FP8 activations, FP8 KV rows, as the
-// official inference code) on CUDA, the exact reference (FP32 activations, F32 KV) on the CPU,
-// which simulates the production path when asked for it. Returns the choice with "auto" resolved
-// for the backend; `exact` is the option's exact value ("exact" or "f32").
-inline std::string resolve_numerics(const std::string& choice, const std::string& backend, const char* exact) {
-  if (choice != "auto") return choice;
-  return backend == "cuda" ? "fp8" : exact;
-}
-
 }  // namespace dsv4::cli

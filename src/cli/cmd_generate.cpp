@@ -3,9 +3,9 @@
 #include <cstdio>
 #include <mutex>
 
-#include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/demo_model.h"
+#include "cli/numerics.h"
 #include "engine/llm_engine.h"
 #include "text/chat_format.h"
 #include "util/error.h"
@@ -14,7 +14,8 @@ namespace dsv4::cli {
 
 void register_generate(CLI::App& app, Action& action) {
   struct Opts {
-    std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny", gemm = "auto", kv = "auto", cuda_graphs = "on";
+    std::string model, prompt, mode = "chat", backend = "cpu", kv_memory, demo_preset = "tiny", cuda_graphs = "on";
+    NumericsOptions numerics;
     bool raw = false, show_usage = false;
     int32_t max_tokens = 64, top_k = 0, n = 1, speculative_tokens = 0;
     float temperature = 0.f, top_p = 1.f, min_p = 0.f;
@@ -39,19 +40,12 @@ void register_generate(CLI::App& app, Action& action) {
   // engine sees it (-n -1 threw std::length_error).
   cmd->add_option("-n", o->n, "Parallel samples")->check(CLI::Range(1, 4096));
   cmd->add_option("--kv-memory", o->kv_memory, "Sequence state memory budget (e.g. 512M, 4G)");
-  cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) | fp8 (production rows) | auto (fp8 on cuda, f32 on cpu)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "f32", "fp8"}));
   cmd->add_option("--block-size", o->block_size, "Tokens per state block (default 256)")
       ->check(CLI::Range(int64_t(0), int64_t(1) << 20));  // as dsv4 serve; negative silently meant 256
   cmd->add_option("--backend", o->backend, "cpu | cuda");
   cmd->add_option("--tp", o->tp, "Tensor-parallel ranks: attention heads split over GPUs (docs/ENGINE.md)")->check(CLI::Range(1, 64));
   cmd->add_option("--ep", o->ep, "Expert-parallel ranks: routed experts split over GPUs (1 or --tp's value, or alone)")->check(CLI::Range(1, 64));
-  cmd->add_option("--gemm", o->gemm,
-                  "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations) | auto "
-                  "(fp8 on cuda, exact on cpu)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "exact", "fp8"}));
+  o->numerics.add_to(cmd);
   cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
       ->check(CLI::IsMember({"on", "off"}));
   cmd->add_option("--speculative-tokens", o->speculative_tokens,
@@ -59,15 +53,14 @@ void register_generate(CLI::App& app, Action& action) {
       ->check(CLI::Range(0, 3));
   cmd->add_flag("--usage", o->show_usage, "Print token usage (and speculative acceptance) to stderr at the end");
   cmd->callback([o, preset_opt, &action] {
-    o->gemm = resolve_numerics(o->gemm, o->backend, "exact");
-    o->kv = resolve_numerics(o->kv, o->backend, "f32");
+    o->numerics.resolve(o->backend);
     const bool random_demo = o->model.empty() && (preset_opt->count() > 0 || default_demo_model_dir().empty());
     action = [o, random_demo] {
       const ParallelConfig par{o->tp, o->ep};
       auto lm = random_demo ? LoadedModel::demo(o->demo_preset, 1, par)
                             : LoadedModel::load(o->model.empty() ? default_demo_model_dir() : o->model, o->backend, par);
       if (!lm->tokenizer) fail("--model: {} has no tokenizer.json", o->model);
-      lm->model->set_fp8_activations(o->gemm == "fp8");
+      lm->model->set_fp8_activations(o->numerics.fp8_activations());
       lm->model->set_decode_graphs(o->cuda_graphs == "on");
       std::vector<int32_t> prompt;
       if (o->raw) {
@@ -79,7 +72,7 @@ void register_generate(CLI::App& app, Action& action) {
       EngineConfig cfg;
       if (!o->kv_memory.empty()) cfg.kv_memory_bytes = parse_memory_size(o->kv_memory, "--kv-memory");
       cfg.block_size = o->block_size;
-      cfg.kv_fp8 = o->kv == "fp8";
+      cfg.kv_fp8 = o->numerics.kv_fp8();
       cfg.max_running_requests = std::max(4, o->n);
       cfg.speculative_tokens = o->speculative_tokens;
       auto engine = make_engine(cfg, lm);

@@ -12,9 +12,9 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/demo_model.h"
+#include "cli/numerics.h"
 #include "engine/llm_engine.h"
 #include "util/error.h"
 #include "util/mapped_file.h"
@@ -41,7 +41,8 @@ std::pair<double, int32_t> score_row(const float* row, int64_t V, int32_t target
 
 void register_perplexity(CLI::App& app, Action& action) {
   struct Opts {
-    std::string model, file, backend = "cpu", kv = "auto", gemm = "auto";
+    std::string model, file, backend = "cpu";
+    NumericsOptions numerics;
     int64_t ctx = 512, max_tokens = 0;
     bool mtp = false, json = false;
   };
@@ -52,26 +53,19 @@ void register_perplexity(CLI::App& app, Action& action) {
   cmd->add_option("--ctx", o->ctx, "Tokens per sequence, BOS included")->capture_default_str()->check(CLI::Range(int64_t(2), int64_t(1) << 20));
   cmd->add_option("--max-tokens", o->max_tokens, "Score only the first N tokens of the file (0: all)")->check(CLI::NonNegativeNumber);
   cmd->add_option("--backend", o->backend, "cpu | cuda")->capture_default_str();
-  cmd->add_option("--kv", o->kv, "KV storage: f32 (exact) | fp8 (production rows) | auto (fp8 on cuda, f32 on cpu)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "f32", "fp8"}));
-  cmd->add_option("--gemm", o->gemm,
-                  "FP8/FP4-weight linears: exact | fp8 (1x128 FP8 activations) | auto (fp8 on cuda, exact on cpu)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "exact", "fp8"}));
+  o->numerics.add_to(cmd);
   cmd->add_flag("--mtp", o->mtp, "Also measure the MTP block: top-1 agreement with the main model, perplexity of x_{t+2}");
   cmd->add_flag("--json", o->json, "Print one JSON object instead of text");
   cmd->callback([o, &action] {
-    o->gemm = resolve_numerics(o->gemm, o->backend, "exact");
-    o->kv = resolve_numerics(o->kv, o->backend, "f32");
+    o->numerics.resolve(o->backend);
     action = [o] {
       std::string dir = o->model.empty() ? default_demo_model_dir() : o->model;
       if (dir.empty()) fail("--model: not given and the demo model (models/demo-brown) was not found");
       auto lm = LoadedModel::load(dir, o->backend);
       if (!lm->tokenizer) fail("--model: {} has no tokenizer.json", dir);
       Model& model = *lm->model;
-      model.set_kv_fp8(o->kv == "fp8");
-      model.set_fp8_activations(o->gemm == "fp8");
+      model.set_kv_fp8(o->numerics.kv_fp8());
+      model.set_fp8_activations(o->numerics.fp8_activations());
       const ModelConfig& cfg = model.config();
       if (o->mtp && cfg.num_nextn_predict_layers < 1) fail("--mtp: {} has no MTP block", dir);
       std::vector<int32_t> ids = lm->tokenizer->encode(read_text_file(o->file), /*allow_special=*/false);
@@ -124,8 +118,8 @@ void register_perplexity(CLI::App& app, Action& action) {
       nlohmann::ordered_json j = {{"model", dir},
                                   {"file", o->file},
                                   {"backend", o->backend},
-                                  {"gemm", o->gemm},
-                                  {"kv", o->kv},
+                                  {"gemm", o->numerics.gemm},
+                                  {"kv", o->numerics.kv},
                                   {"ctx", o->ctx},
                                   {"segments", segments},
                                   {"tokens", n},
@@ -142,7 +136,7 @@ void register_perplexity(CLI::App& app, Action& action) {
         return 0;
       }
       std::printf("%s", fmt::format("model {} | {} tokens of {} in {} segments of <= {} (BOS + text) | backend {}, gemm {}, kv {}\n",
-                                    dir, n, o->file, segments, o->ctx, o->backend, o->gemm, o->kv).c_str());
+                                    dir, n, o->file, segments, o->ctx, o->backend, o->numerics.gemm, o->numerics.kv).c_str());
       std::printf("perplexity          %.3f\n", ppl);
       std::printf("unigram perplexity  %.3f  (the file's own token frequencies; %.2fx the model's)\n", uni, uni / ppl);
       if (o->mtp)

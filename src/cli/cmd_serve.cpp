@@ -9,8 +9,8 @@
 #include <optional>
 #include <thread>
 
-#include "cli/args.h"
 #include "cli/commands.h"
+#include "cli/numerics.h"
 #include "engine/llm_engine.h"
 #include "model/checkpoint.h"
 #include "model/tiny.h"
@@ -28,7 +28,8 @@ namespace {
 
 struct ServeOpts {
   std::string model, host = "127.0.0.1", served_name, api_key, engine = "auto", demo_preset = "tiny";
-  std::string backend = "cpu", kv_memory, gemm = "auto", kv = "auto", cuda_graphs = "on";
+  std::string backend = "cpu", kv_memory, cuda_graphs = "on";
+  NumericsOptions numerics;
   std::string offload_experts = "none", offload_reserve = kDefaultOffloadReserve;
   int port = 8000;
   int max_running = 64;
@@ -100,7 +101,7 @@ Loaded load(const ServeOpts& o) {
                                             parse_memory_size(o.offload_reserve, "--offload-reserve"));
     bar.advance(1);
     if (!lm->tokenizer) fail("--model: {} has no tokenizer.json (the server needs one)", o.model);
-    lm->model->set_fp8_activations(o.gemm == "fp8");
+    lm->model->set_fp8_activations(o.numerics.fp8_activations());
     lm->model->set_decode_graphs(o.cuda_graphs == "on");
     L.tok = *lm->tokenizer;
     EngineConfig ec;
@@ -112,7 +113,7 @@ Loaded load(const ServeOpts& o) {
     ec.enable_prefix_caching = !o.no_prefix_caching;
     ec.max_model_len = o.max_model_len;
     if (!o.kv_memory.empty()) ec.kv_memory_bytes = parse_memory_size(o.kv_memory, "--kv-memory");
-    ec.kv_fp8 = o.kv == "fp8";
+    ec.kv_fp8 = o.numerics.kv_fp8();
     ec.log_startup = true;
     checked_context(o, lm->config().max_position_embeddings);
     L.name = o.model.empty() || o.trained_demo ? "dsv4-demo" : lm->name;
@@ -224,8 +225,9 @@ int serve(const ServeOpts& o) {
     }
   });
   std::string shown_host = o.host.find(':') != std::string::npos ? "[" + o.host + "]" : o.host;
-  const std::string numerics =
-      L.engine_kind == "model" ? fmt::format(", {} backend, --gemm {} --kv {}", o.backend, o.gemm, o.kv) : "";
+  const std::string numerics = L.engine_kind == "model" ? fmt::format(", {} backend, --gemm {} --kv {}", o.backend,
+                                                                        o.numerics.gemm, o.numerics.kv)
+                                                          : "";
   log_info("dsv4 serve: ready at http://{}:{}/v1 (model '{}', context {} tokens{}{})", shown_host, port, L.name,
            L.context, numerics, o.api_key.empty() ? "" : ", API key required");
   std::fflush(stderr);
@@ -307,11 +309,7 @@ void register_serve(CLI::App& app, Action& action) {
   cmd->add_option("--engine", o->engine, "auto | model | scripted (deterministic fake tokens, for HTTP-layer tests)")
       ->capture_default_str()->check(CLI::IsMember({"auto", "model", "scripted"}));
   cmd->add_option("--backend", o->backend, "Backend for --model: cpu | cuda")->capture_default_str();
-  cmd->add_option("--gemm", o->gemm,
-                  "FP8/FP4-weight linears: exact (FP32 activations) | fp8 (official 1x128 FP8 activations) | auto "
-                  "(fp8 on cuda, exact on cpu)")
-      ->check(CLI::IsMember({"auto", "exact", "fp8"}))
-      ->capture_default_str();
+  o->numerics.add_to(cmd);
   cmd->add_option("--cuda-graphs", o->cuda_graphs, "Decode steps: on = fixed-shape steps replayed as CUDA graphs (the CPU runs the same padded plan); off = the plain per-batch plan")
       ->capture_default_str()
       ->check(CLI::IsMember({"on", "off"}));
@@ -324,16 +322,10 @@ void register_serve(CLI::App& app, Action& action) {
                   "With --offload-experts: device memory kept free for the state pool and activations (auto "
                   "offloads until it is; the expert cache gets the rest)")->capture_default_str();
   cmd->add_option("--kv-memory", o->kv_memory, "State memory budget of the engine (e.g. 4G); default: the engine's");
-  cmd->add_option("--kv", o->kv,
-                  "KV storage: f32 (exact) | fp8 (production rows: FP8 no-RoPE dims, BF16 RoPE dims) | auto (fp8 on "
-                  "cuda, f32 on cpu)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "f32", "fp8"}));
   cmd->add_option("--scripted-step-ms", o->step_ms, "Step time of the scripted engine (ms)")->capture_default_str()->check(positive);
   cmd->add_flag("--enable-test-hooks", o->test_hooks, "Honour the test-only request field dsv4_forced_output");
   cmd->callback([o, preset_opt, &action] {
-    o->gemm = resolve_numerics(o->gemm, o->backend, "exact");
-    o->kv = resolve_numerics(o->kv, o->backend, "f32");
+    o->numerics.resolve(o->backend);
     if (o->model.empty() && o->engine != "scripted" && preset_opt->count() == 0) {
       o->model = default_demo_model_dir();
       o->trained_demo = !o->model.empty();

@@ -1,7 +1,8 @@
-// Command-line helpers shared by the commands (src/cli/args.h).
+// Command-line helpers shared by the commands (src/cli/args.h, src/cli/numerics.h).
 #include <gtest/gtest.h>
 
 #include "cli/args.h"
+#include "cli/numerics.h"
 
 namespace dsv4::cli {
 
