@@ -394,8 +394,7 @@ __device__ __forceinline__ void tc_store_keys(const TcKeyLoads& r, uint16_t (*k)
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
         const uint32_t word = h < 2 ? r.v[i].x : r.v[i].y;
-        const __half2_raw two = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(word >> (16 * (h & 1))), __NV_E4M3);
-        const float2 f = __half22float2(__half2(two));
+        const float2 f = e4m3x2_to_float2(word >> (16 * (h & 1)));
         w[h] = bf16x2_rn(f.x * scale, f.y * scale);
       }
       *reinterpret_cast<uint4*>(&k[key][part * 8]) = make_uint4(w[0], w[1], w[2], w[3]);
@@ -835,7 +834,7 @@ size_t index_score_tc_smem(int64_t H) { return size_t(H) * (2 * kTcScoreQRow * 2
 bool index_score_on_tensor_cores(const IndexArgs& a) {
   static const bool on = env_flag_default_on("DSV4_CUDA_INDEX_TC");
   return on && a.qat_operands && a.d == kTcScoreDim && a.H % 8 == 0 && a.H <= kTcScoreMaxHeads && a.T >= 16 * a.S &&
-         device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
+         mma_sync_available();
 }
 
 __global__ void __launch_bounds__(kTcScoreWarps * 32, 1) index_score_tc_kernel(IndexArgs a) {
@@ -1044,8 +1043,8 @@ __global__ void __launch_bounds__(kTopkThreads) topk_kernel(IndexArgs a, int64_t
 constexpr int64_t kAttendTcMinRows = 128;
 
 bool attend_on_tensor_cores(const AttendArgs& a) {
-  const bool fits = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8 &&
-                    device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>() >= int(sizeof(TcSmem));
+  const bool fits =
+      mma_sync_available() && device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>() >= int(sizeof(TcSmem));
   return fits && a.packed && a.d == kTcDim && a.nope == kTcNope && a.H % kTcHeads == 0 && a.T >= kAttendTcMinRows;
 }
 

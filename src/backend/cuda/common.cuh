@@ -80,6 +80,8 @@ int device_attribute() {
 }
 // Streaming multiprocessors of the current device: launch shapes aim at whole waves of them.
 inline int sm_count() { return std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>()); }
+// Whether the current device runs the BF16/E4M3 mma.sync kernels (sm_80 and newer).
+inline bool mma_sync_available() { return device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8; }
 // Whether launch_pdl uses PDL: not DSV4_CUDA_PDL=0, and a current device of sm_90 or newer.
 inline bool pdl_enabled() {
   static const bool on = env_flag_default_on("DSV4_CUDA_PDL");
@@ -129,14 +131,19 @@ template <int V>
 using ChannelVec = std::conditional_t<V == 4, float4, float>;
 
 __device__ __forceinline__ float bf16_bits_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
+// Two E4M3 codes (the low 16 bits, the first in the low byte) as FP32, through the hardware F16
+// path (exact: E4M3 values are F16 values).
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t pair) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(pair & 0xffffu), __NV_E4M3);
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
 
 // A 16-byte chunk of weight elements (16 FP8, 32 FP4, 8 BF16 or 4 F32), unscaled (exact: E4M3 and E2M1 values are F16 values).
 template <int FMT>
 __device__ __forceinline__ void decode_chunk(const uint4& q, float* v) {
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
   auto fp8x2 = [](uint32_t pair, float* out) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(pair & 0xffffu), __NV_E4M3);
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    const float2 f = e4m3x2_to_float2(pair);
     out[0] = f.x;
     out[1] = f.y;
   };

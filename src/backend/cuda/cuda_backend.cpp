@@ -966,9 +966,9 @@ class CudaBackend final : public Backend {
   // Whether FP8-activation GEMMs may take the warpgroup-MMA kernel (GemmArgs::warpgroup_mma).
   bool warpgroup_mma() const { return opts_.fp8_gemm != CudaOptions::Fp8Gemm::Kernel && pow2_scales(); }
   // Whether FP8 rows of K columns for this weight should carry their BF16 values (the warpgroup
-  // kernel's operand): FP4 with E8M0 scales and whole 128-column scale loads, where that kernel runs.
+  // kernel's operand), where that kernel runs.
   bool wants_bf16_rows(const cuda::WeightDesc& w, int64_t K) const {
-    return w.fmt == cuda::kFP4 && !w.scale_f32 && K % 128 == 0 && warpgroup_mma() && cuda::wgmma_available();
+    return cuda::wgmma_weight_fits(w, K) && warpgroup_mma() && cuda::wgmma_available();
   }
   // cuBLASLt's block-scaled FP8 GEMM (sm_90 only); false when not chosen or not offered.
   bool cublaslt_fp8(const QuantizedRows& q, const cuda::WeightDesc& w, float* y, int64_t M) {

@@ -367,7 +367,10 @@ struct WgTile {
   static constexpr int kWeightRows = 128 * kHalves;  // weight rows of the block
   static constexpr int kStages = kHalves == 1 ? 3 : 4;  // as many as fit in shared memory
   static constexpr int kAhead = kStages - 2;            // chunks loaded ahead; one more is drained by the MMAs
+  template <bool kSwiglu>
+  static constexpr int kChannels = kSwiglu ? kWeightRows / 2 : kWeightRows;  // output channels
   static_assert(kAhead >= 1);
+  static_assert(kTokens <= kWgThreads && kWeightRows <= kWgThreads, "one row source per thread");
   struct Stage {
     // Activation rows, BF16, two 64-column tiles of 128-byte rows from a 1,024-aligned base,
     // 128-byte swizzled (16-byte piece c of row r at piece c ^ (r % 8)).
@@ -459,7 +462,8 @@ __device__ __forceinline__ E2m1Table e2m1_table(float s) {
 }
 // Four E2M1 codes (the low 16 bits of u, the low nibble first) as two BF16 pairs: a byte
 // permutation of the table picks each code's low and high bytes, a second one the sign bytes, two
-// more interleave them.
+// more interleave them. (The high bytes are e2m1x4_to_e4m3x4 of dequant.cuh with this table; its
+// sign path costs more instructions here.)
 __device__ __forceinline__ void e2m1x4_to_bf16(uint32_t u, const E2m1Table& t, uint32_t& first, uint32_t& second) {
   const uint32_t sel = u & 0x7777u;
   const uint32_t lo = __byte_perm(t.lo[0], t.lo[1], sel);
@@ -474,7 +478,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tile = WgTile<kHalves>;
   constexpr int kTokens = Tile::kTokens, kRows = Tile::kWeightRows, kStages = Tile::kStages, kAhead = Tile::kAhead;
-  constexpr int kChannels = kSwiglu ? kRows / 2 : kRows;  // output channels of the block
+  constexpr int kChannels = Tile::template kChannels<kSwiglu>;
   pdl_prologue();
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   Tile& sm = *reinterpret_cast<Tile*>(wg_smem);
@@ -491,19 +495,18 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
   const int64_t nch = K / kWgK;
 
   // The rows' sources, once.
-  for (int r = tid; r < kTokens; r += kWgThreads)
-    sm.xrow[r] = r0 + r < p.rows ? a.xb + activation_row(a, p, r0 + r) * a.ldxb : nullptr;
-  for (int R = tid; R < kRows; R += kWgThreads) {
-    const int64_t n = channel(R);
-    const bool w3 = kSwiglu && (R & 8);
-    sm.wrow[R] = n < N ? (w3 ? p.w3.w : p.w.w) + (p.wrow0 + n) * (K / 2) : nullptr;
-    sm.srow[R] = n < N ? (w3 ? p.w3.s : p.w.s) + (p.wrow0 + n) * (K / 32) : nullptr;
+  if (tid < kTokens) sm.xrow[tid] = r0 + tid < p.rows ? a.xb + activation_row(a, p, r0 + tid) * a.ldxb : nullptr;
+  if (tid < kRows) {
+    const int64_t n = channel(tid);
+    const bool w3 = kSwiglu && (tid & 8);
+    sm.wrow[tid] = n < N ? (w3 ? p.w3.w : p.w.w) + (p.wrow0 + n) * (K / 2) : nullptr;
+    sm.srow[tid] = n < N ? (w3 ? p.w3.s : p.w.s) + (p.wrow0 + n) * (K / 32) : nullptr;
   }
   __syncthreads();
 
   // Chunk c into stage c % kStages: thread tid copies the 16-byte pieces tid % 16 of activation
   // rows tid / 16 + 16 i, pieces tid % 4 of weight rows tid / 4 + 64 i, and the four scales of
-  // weight rows tid + 256 i. One cp.async group per chunk, empty past the last.
+  // weight row tid. One cp.async group per chunk, empty past the last.
   auto load_chunk = [&](int64_t c) {
     if (c < nch) {
       auto& st = sm.stage[c % kStages];
@@ -519,12 +522,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
         const uint8_t* src = sm.wrow[R];
         cp_async16(st.w + R * 64 + piece * 16, src ? src + c * (kWgK / 2) + piece * 16 : p.w.w, src);
       }
-#pragma unroll
-      for (int i = 0; i < (kRows + kWgThreads - 1) / kWgThreads; ++i) {
-        const int R = tid + kWgThreads * i;
-        if (R >= kRows) break;
-        const uint8_t* src = sm.srow[R];
-        cp_async4(st.ws + R * 4, src ? src + c * (kWgK / 32) : p.w.s, src);
+      if (tid < kRows) {
+        const uint8_t* src = sm.srow[tid];
+        cp_async4(st.ws + tid * 4, src ? src + c * (kWgK / 32) : p.w.s, src);
       }
     }
     cp_async_commit();
@@ -944,7 +944,7 @@ void launch_skinny(const GemmArgs& a, cudaStream_t stream) {
   const int64_t per_block = kSkWarps / ks;
   const dim3 grid(unsigned((tiles + per_block - 1) / per_block), 1, unsigned(a.Z));
   // Two B column tiles per pass where problems have more than 8 rows (weights streamed once).
-  if ((a.typical_rows ? a.typical_rows : a.max_rows) > 8) launch_skinny_nt<FMT, SF32, 2, kSwiglu>(a, ks, grid, stream);
+  if (a.expected_rows() > 8) launch_skinny_nt<FMT, SF32, 2, kSwiglu>(a, ks, grid, stream);
   else launch_skinny_nt<FMT, SF32, 1, kSwiglu>(a, ks, grid, stream);
 }
 
@@ -968,11 +968,10 @@ void launch_mma(const GemmArgs& a, cudaStream_t stream) {
   launch_pdl(mma_kernel<FMT, SF32>, grid, 256, sizeof(Smem), stream, a);
 }
 
-// The warpgroup kernel's conditions: FP4 weights with E8M0 scales (E2M1 x scale is then a BF16
-// value), whole 128-column chunks, BF16 activation rows in 16-byte pieces (GemmArgs::xb).
+// The warpgroup kernel's conditions: the weight's (wgmma_weight_fits) and BF16 activation rows in
+// 16-byte pieces (GemmArgs::xb).
 bool wgmma_fits(const GemmArgs& a) {
-  return a.wd.fmt == kFP4 && !a.wd.scale_f32 && a.K > 0 && a.K % kWgK == 0 && a.xb && a.ldxb % 8 == 0 &&
-         (reinterpret_cast<uintptr_t>(a.xb) & 15) == 0;
+  return wgmma_weight_fits(a.wd, a.K) && a.xb && a.ldxb % 8 == 0 && (reinterpret_cast<uintptr_t>(a.xb) & 15) == 0;
 }
 
 std::atomic<uint64_t> wgmma_launches{0}, wgmma_swiglu_launches{0}, wgmma_wide_launches{0};
@@ -984,14 +983,14 @@ void launch_wgmma_tile(const GemmArgs& a, cudaStream_t stream) {
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Tile))),
                                   true);
   (void)configured;
-  const int64_t channels = kSwiglu ? Tile::kWeightRows / 2 : Tile::kWeightRows;
+  const int64_t channels = Tile::template kChannels<kSwiglu>;
   dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + Tile::kTokens - 1) / Tile::kTokens),
             unsigned(a.Z));
   launch_pdl(wgmma_fp4_kernel<kSwiglu, kHalves>, grid, kWgThreads, sizeof(Tile), stream, a);
 }
 
-// Problems of more than 128 rows (as a rule) take the 256-row tile, which converts half as many
-// weight rows per MMA; fewer rows the 128-row tile, which wastes less on a partial last tile.
+// Problems of more than 128 rows (as a rule) take the 256-token tile, which converts half as many
+// weight rows per MMA; fewer rows the 128-token tile, which wastes less on a partial last tile.
 // DSV4_CUDA_WGMMA_TOKENS=128 or 256 forces one (A/B).
 template <bool kSwiglu>
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
@@ -1002,7 +1001,7 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
     std::fprintf(stderr, "DSV4_CUDA_WGMMA_TOKENS=%s ignored (128 or 256)\n", v);
     return 0;
   }();
-  const int64_t rows = a.typical_rows ? a.typical_rows : a.max_rows;
+  const int64_t rows = a.expected_rows();
   const bool wide = forced == 256 || (forced != 128 && rows > 128);
   if (wide) launch_wgmma_tile<kSwiglu, 1>(a, stream);
   else launch_wgmma_tile<kSwiglu, 2>(a, stream);
@@ -1012,6 +1011,10 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool wgmma_weight_fits(const WeightDesc& w, int64_t K) {
+  return w.fmt == kFP4 && !w.scale_f32 && K > 0 && K % kWgK == 0;
+}
 
 uint64_t wgmma_launch_count() { return wgmma_launches.load(std::memory_order_relaxed); }
 uint64_t wgmma_swiglu_launch_count() { return wgmma_swiglu_launches.load(std::memory_order_relaxed); }
@@ -1056,7 +1059,7 @@ bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
     // 30 layers 30.8 -> 28.8 ms, docs/PERF.md).
     static const bool on = env_flag_default_on("DSV4_CUDA_SKINNY_BF16");
     if (!on) return false;
-    const int64_t rows = a.typical_rows ? a.typical_rows : a.max_rows;
+    const int64_t rows = a.expected_rows();
     fits = !a.xq && rows >= 2 && a.max_rows <= kSkinnyBf16MaxRows && a.ldx % 2 == 0 && a.x_z_off % 2 == 0 &&
            (reinterpret_cast<uintptr_t>(a.x) & 7) == 0;
   } else {
@@ -1076,12 +1079,14 @@ bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
   return launched;
 }
 
-// Whether gemm() gives these FP8-activation arguments to the warpgroup kernel.
-static bool takes_wgmma(const GemmArgs& a) { return a.warpgroup_mma && wgmma_fits(a) && wgmma_available(); }
+// Whether gemm() and gemm_swiglu_warpgroup() give these FP8-activation arguments to the warpgroup
+// kernel (its BF16 rows never take x_z_off).
+static bool takes_wgmma(const GemmArgs& a) {
+  return a.xq && a.xs && !a.x_z_off && a.warpgroup_mma && wgmma_fits(a) && wgmma_available();
+}
 
 bool gemm_swiglu_warpgroup(const GemmArgs& a, cudaStream_t stream) {
-  const bool fits = a.xq && a.xs && !a.x_z_off && takes_wgmma(a) && a.wd3.fmt == a.wd.fmt &&
-                    a.wd3.scale_f32 == a.wd.scale_f32;
+  const bool fits = takes_wgmma(a) && a.wd3.fmt == a.wd.fmt && a.wd3.scale_f32 == a.wd.scale_f32;
   if (fits) launch_wgmma<true>(a, stream);
   return fits;
 }

@@ -51,6 +51,7 @@ struct GemmArgs {
   // Expected rows per problem (0: max_rows): the GEMV passes one activation row at a time when
   // it is 1 (MoE decode: about one row per active expert although the bound is larger).
   int64_t typical_rows = 0;
+  __host__ __device__ int64_t expected_rows() const { return typical_rows ? typical_rows : max_rows; }
   // FP8 activations (act_quant output). When xq is set, x is unused and the tensor-core kernel
   // runs (FP8 or FP4 weights, K % 32 == 0, x_z_off == 0): activation row i (after x_rows) is
   // xq + i * ldxq with the scale of K-block kb at xs[kb * xs_ld + i].
@@ -79,11 +80,14 @@ struct GemmArgs {
 };
 // Whether this device runs the sm_90a warpgroup-MMA GEMM kernel (compiled for sm_90a, an SM 9.x GPU).
 bool wgmma_available();
-// Launches of the warpgroup-MMA kernel so far, plain and with the SwiGLU of gemm_swiglu fused
-// (tests check that the path they mean ran).
+// Whether the warpgroup kernel takes this weight at K columns: FP4 with E8M0 scales (E2M1 x scale
+// is then a BF16 value), whole 128-column chunks (act_quant's BF16 rows are permuted per chunk).
+bool wgmma_weight_fits(const WeightDesc& w, int64_t K);
+// Launches of the warpgroup-MMA kernel so far (tests check that the path they mean ran): plain,
+// with the SwiGLU of gemm_swiglu fused, and (either) with its 256-token tile (problems of more
+// than 128 rows).
 uint64_t wgmma_launch_count();
 uint64_t wgmma_swiglu_launch_count();
-// Of those (plain and fused), the launches of its 256-row tile (problems of more than 128 rows).
 uint64_t wgmma_wide_launch_count();
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Whether gemm() and gemm_swiglu() take the one-row stream GEMV for these arguments, the kernel

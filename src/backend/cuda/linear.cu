@@ -396,7 +396,7 @@ void launch_stream_gemv(const GemmArgs& a, cudaStream_t stream) {
 // Whether gemm() takes the one-row streaming kernel (vec rows, chunks % 32, K within the tile).
 bool streams_one_row(const GemmArgs& a, int chunk_elems) {
   const bool rows16 = a.ldx % 4 == 0 && a.x_z_off % 4 == 0 && aligned16(a.x) && (a.descs || aligned16(a.wd.w));
-  const bool one = (a.typical_rows ? a.typical_rows : a.max_rows) == 1;
+  const bool one = a.expected_rows() == 1;
   return !a.xq && (a.max_rows <= kGemvMaxRows || a.force_gemv) && one && rows16 && a.K % chunk_elems == 0 &&
          (a.K / chunk_elems) % 32 == 0 && a.K <= kGemvTileK<1> && a.Z <= kStreamMaxProblems;
 }
@@ -495,7 +495,7 @@ void gemm(const GemmArgs& a, cudaStream_t stream) {
       const int64_t gy = a.force_gemv ? 1 : (a.max_rows + kRB - 1) / kRB;
       // One activation row per pass when that is the expected count (one token; MoE slices
       // with about one row per expert); larger counts share each weight pass among kRB rows.
-      const bool one = (a.typical_rows ? a.typical_rows : a.max_rows) == 1;
+      const bool one = a.expected_rows() == 1;
       // Rows per warp: short rows (under 8 KB) are grouped so that a warp streams ~8 KB, while
       // keeping at least 16 warps per SM of work.
       int rpw = 1;

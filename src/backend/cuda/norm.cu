@@ -415,21 +415,18 @@ void launch_hc(const float* X, int64_t T, int64_t D, const float* fn, const floa
   // DSV4_CUDA_HC_MMA=0: the FP32 kernel always (A/B).
   static const bool mma_on = env_flag_default_on("DSV4_CUDA_HC_MMA");
   const bool mma = mma_on && T >= kHcPrefillMinTokens && n % 16 == 0 && ((reinterpret_cast<uintptr_t>(X) |
-                   reinterpret_cast<uintptr_t>(fn)) & 7) == 0 && device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 8;
+                   reinterpret_cast<uintptr_t>(fn)) & 7) == 0 && mma_sync_available();
   if (mma)
     launch_pdl(hc_mix_mma_kernel<MIX>, dim3(unsigned(chunks), unsigned((T + kHcMmaTokens - 1) / kHcMmaTokens)),
                kHcMmaThreads, 0, s, X, T, n, fn, scratch);
   else
     launch_pdl(hc_mix_partial_kernel<MIX>, dim3(unsigned(chunks), unsigned(T)), kHcThreads, 0, s, X, n, fn, scratch);
   DSV4_LAUNCH_CHECK();
-  if (T >= kHcPrefillMinTokens) {
-    constexpr int kPer = 16;
-    launch_pdl(hc_finish_kernel<M, SINKHORN, kPer>, dim3(unsigned(hc_chunks(D, kPer)), unsigned(T)), kHcThreads, 0, s,
-               X, D, scratch, chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
-  } else {
-    launch_pdl(hc_finish_kernel<M, SINKHORN, 1>, dim3(unsigned(hc_chunks(D)), unsigned(T)), kHcThreads, 0, s, X, D,
-               scratch, chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
-  }
+  // Prefill: one block a token, 16 channels a thread; decode spreads a token over D / 256 blocks.
+  const bool prefill = T >= kHcPrefillMinTokens;
+  const auto finish = prefill ? hc_finish_kernel<M, SINKHORN, 16> : hc_finish_kernel<M, SINKHORN, 1>;
+  launch_pdl(finish, dim3(unsigned(hc_chunks(D, prefill ? 16 : 1)), unsigned(T)), kHcThreads, 0, s, X, D, scratch,
+             chunks, base, scale, iters, hc_eps, norm_eps, u, post, comb);
   DSV4_LAUNCH_CHECK();
 }
 }  // namespace
