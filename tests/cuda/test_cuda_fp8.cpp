@@ -214,10 +214,10 @@ TEST(CudaFp8, LinearAllPaths) {
       {WeightFormat::FP4, 64, 4096, 2048, false, 3.5f},  // folded stages with shifts up to 8 (subnormal E4M3)
       {WeightFormat::FP4, 64, 4096, 2048, false, 7.f},  // wide group scales: mostly unfolded stages
       {WeightFormat::FP4, 40, 2048, 300, true, 7.f},    // the same with f32 scales, partial N tile
-      {WeightFormat::FP4, 300, 4096, 2048, false, 7.f},  // E8M0: the wgmma kernel's 256-row tiles, one partial
+      {WeightFormat::FP4, 300, 4096, 2048, false, 7.f},  // E8M0: the wgmma kernel's 256-token tiles, one partial
       {WeightFormat::FP4, 200, 1024, 300, false},        // a partial weight tile, K of 8 chunks
       {WeightFormat::FP4, 150, 128, 256, false},         // K of one chunk
-      {WeightFormat::FP4, 100, 128, 512, false},         // the 128-row tile, one chunk (fewer than loaded ahead)
+      {WeightFormat::FP4, 100, 128, 512, false},         // the 128-token tile, one chunk (fewer than loaded ahead)
       // Few rows on the weight-streaming tensor-core kernel (FP8 with the Kernel path from 4 rows):
       {WeightFormat::FP8, 2, 8192, 4096, false},     // K split across the block's warps
       {WeightFormat::FP8, 12, 1024, 4096, false},    // two B tiles per pass
@@ -282,7 +282,7 @@ TEST(CudaFp8, LinearAllPaths) {
                                   c.fmt == WeightFormat::FP4 && !c.f32_scale && c.in % 128 == 0 && !gemv;
       EXPECT_EQ(cuda::wgmma_launch_count() > wgmma_before, wgmma_expected)
           << path_name(p) << " T=" << c.T << " in=" << c.in << " out=" << c.out;
-      // Its 256-row tile from 129 rows, the 128-row tile below.
+      // Its 256-token tile from 129 rows, the 128-token tile below.
       EXPECT_EQ(cuda::wgmma_wide_launch_count() > wide_before, wgmma_expected && c.T > 128)
           << path_name(p) << " T=" << c.T << " in=" << c.in << " out=" << c.out;
       std::vector<float> got(c.T * c.out);
@@ -324,6 +324,7 @@ TEST(CudaFp8, MoE) {
   // bound holds there), and FP8 experts.
   for (auto c : std::vector<C>{{1, 4096, 2048, 256, 6}, {8, 4096, 2048, 256, 6}, {64, 4096, 2048, 256, 6},
                                {16, 1024, 512, 32, 6}, {300, 1024, 512, 32, 6}, {512, 4096, 2048, 16, 6},
+                               {300, 1024, 320, 32, 6},  // a partial fused w1/w3 channel tile; w2's K of 320 is no wgmma shape
                                {300, 1024, 512, 32, 6, WeightFormat::FP8}}) {
     RandomMoE rm = random_moe(ws, c.fmt, c.T, c.D, c.F, c.E, c.k, true, false, seed);
     auto xv = normal(c.T * c.D, ++seed, 2.f);
@@ -361,10 +362,10 @@ TEST(CudaFp8, MoE) {
     }
   }
   // The tiled FP4 sizes (300 and 512 tokens) on the Auto and Warpgroup paths take the warpgroup
-  // kernel on sm_90a, for w1/w3 with the SwiGLU fused; 512 tokens over 16 experts (192 rows an
-  // expert) its 256-row tile.
+  // kernel on sm_90a, for w1/w3 with the SwiGLU fused (all three sizes) and w2 (F = 512, 2048);
+  // 512 tokens over 16 experts (192 rows an expert) its 256-token tile.
   EXPECT_EQ(wgmma_moe_runs, cuda::wgmma_available() ? 4 : 0);
-  EXPECT_EQ(fused_moe_runs, cuda::wgmma_available() ? 4 : 0);
+  EXPECT_EQ(fused_moe_runs, cuda::wgmma_available() ? 6 : 0);
   EXPECT_EQ(wide_moe_runs, cuda::wgmma_available() ? 2 : 0);
 }
 
