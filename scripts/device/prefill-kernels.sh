@@ -10,7 +10,7 @@
 #      NCU_FILTER (its gtest filter, '*LinearAllPaths*'), NCU_SKIP (launches skipped first, 2;
 #      'largest': the launch with the largest grid among the first 16),
 #      NCU_SASS=1 (also the full set with source: stalls per SASS region, ncu_sass_regions.py),
-#      AB_ENV (environment assignments, e.g. 'DSV4_CUDA_WGMMA_TOKENS=128': the op table and the
+#      AB_ENV (environment assignments, e.g. 'DSV4_CUDA_HC_MMA=0': the op table and the
 #      30-layer prefill run again under them, logs ops-ab.log and bench-ab.log).
 source "$(dirname "$0")/start.sh" prefill-kernels
 build_gpu dsv4 test_cuda_ops test_cuda_fp8

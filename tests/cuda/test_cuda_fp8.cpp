@@ -214,10 +214,10 @@ TEST(CudaFp8, LinearAllPaths) {
       {WeightFormat::FP4, 64, 4096, 2048, false, 3.5f},  // folded stages with shifts up to 8 (subnormal E4M3)
       {WeightFormat::FP4, 64, 4096, 2048, false, 7.f},  // wide group scales: mostly unfolded stages
       {WeightFormat::FP4, 40, 2048, 300, true, 7.f},    // the same with f32 scales, partial N tile
-      {WeightFormat::FP4, 300, 4096, 2048, false, 7.f},  // E8M0: the wgmma kernel's 256-token tiles, one partial
+      {WeightFormat::FP4, 300, 4096, 2048, false, 7.f},  // E8M0: the wgmma kernel's 128-token tiles, one partial
       {WeightFormat::FP4, 200, 1024, 300, false},        // a partial weight tile, K of 8 chunks
       {WeightFormat::FP4, 150, 128, 256, false},         // K of one chunk
-      {WeightFormat::FP4, 100, 128, 512, false},         // the 128-token tile, one chunk (fewer than loaded ahead)
+      {WeightFormat::FP4, 100, 128, 512, false},         // one chunk (fewer than loaded ahead)
       // Few rows on the weight-streaming tensor-core kernel (FP8 with the Kernel path from 4 rows):
       {WeightFormat::FP8, 2, 8192, 4096, false},     // K split across the block's warps
       {WeightFormat::FP8, 12, 1024, 4096, false},    // two B tiles per pass
@@ -267,7 +267,7 @@ TEST(CudaFp8, LinearAllPaths) {
       gpu->set_act_quant(ActQuant::Fp8Pow2);
       Tensor xg = gpu->alloc({c.T, c.in}), yg = gpu->alloc({c.T, c.out});
       gpu->upload(xg, xv.data());
-      const uint64_t wgmma_before = cuda::wgmma_launch_count(), wide_before = cuda::wgmma_wide_launch_count();
+      const uint64_t wgmma_before = cuda::wgmma_launch_count();
       try {
         gpu->linear(xg, w, yg);
       } catch (const Error& e) {  // forced cuBLASLt on a shape it offers no algorithm for
@@ -281,9 +281,6 @@ TEST(CudaFp8, LinearAllPaths) {
       const bool wgmma_expected = (p == Path::Auto || p == Path::Warpgroup) && cuda::wgmma_available() &&
                                   c.fmt == WeightFormat::FP4 && !c.f32_scale && c.in % 128 == 0 && !gemv;
       EXPECT_EQ(cuda::wgmma_launch_count() > wgmma_before, wgmma_expected)
-          << path_name(p) << " T=" << c.T << " in=" << c.in << " out=" << c.out;
-      // Its 256-token tile from 129 rows, the 128-token tile below.
-      EXPECT_EQ(cuda::wgmma_wide_launch_count() > wide_before, wgmma_expected && c.T > 128)
           << path_name(p) << " T=" << c.T << " in=" << c.in << " out=" << c.out;
       std::vector<float> got(c.T * c.out);
       gpu->download(yg, got.data());
@@ -316,7 +313,7 @@ TEST(CudaFp8, MoE) {
   uint64_t seed = 5000;
   // Runs of FP4 experts (Auto and Warpgroup paths) that launched the warpgroup kernel: w2 plain,
   // w1 and w3 with the SwiGLU fused.
-  int64_t wgmma_moe_runs = 0, fused_moe_runs = 0, wide_moe_runs = 0;
+  int64_t wgmma_moe_runs = 0, fused_moe_runs = 0;
   // 1, 8 and 64 tokens over 256 experts and 16 over 32 (some experts get more than 8 rows: a second
   // pass) take the weight-streaming kernel; 300 and 512 the tiled one.
   // The tiled sizes also run the Auto and Warpgroup paths (sm_90a: the warpgroup-MMA kernel; the
@@ -350,11 +347,9 @@ TEST(CudaFp8, MoE) {
       auto gpu = poisoned_cuda_backend(o);
       gpu->set_act_quant(ActQuant::Fp8Pow2);
       const uint64_t wgmma_before = cuda::wgmma_launch_count(), fused_before = cuda::wgmma_swiglu_launch_count();
-      const uint64_t wide_before = cuda::wgmma_wide_launch_count();
       const std::vector<float> got = run_moe(*gpu);
       wgmma_moe_runs += cuda::wgmma_launch_count() > wgmma_before;
       fused_moe_runs += cuda::wgmma_swiglu_launch_count() > fused_before;
-      wide_moe_runs += cuda::wgmma_wide_launch_count() >= wide_before + 2;  // w1/w3 fused and w2
       expect_close_up_to_flips(ref, got,
                                fmt::format("fp8-act moe {} {} T={} D={} F={} E={} k={}", path_name(p),
                                            c.fmt == WeightFormat::FP8 ? "fp8" : "fp4", c.T, c.D, c.F, c.E, c.k),
@@ -362,11 +357,9 @@ TEST(CudaFp8, MoE) {
     }
   }
   // The tiled FP4 sizes (300 and 512 tokens) on the Auto and Warpgroup paths take the warpgroup
-  // kernel on sm_90a, for w1/w3 with the SwiGLU fused (all three sizes) and w2 (F = 512, 2048);
-  // 512 tokens over 16 experts (192 rows an expert) its 256-token tile.
+  // kernel on sm_90a, for w1/w3 with the SwiGLU fused (all three sizes) and w2 (F = 512, 2048).
   EXPECT_EQ(wgmma_moe_runs, cuda::wgmma_available() ? 4 : 0);
   EXPECT_EQ(fused_moe_runs, cuda::wgmma_available() ? 6 : 0);
-  EXPECT_EQ(wide_moe_runs, cuda::wgmma_available() ? 2 : 0);
 }
 
 // Whole models with FP8 activations: CUDA (the portable kernel, FP32 accumulation as the CPU) vs

@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <string_view>
 #include <type_traits>
 
 #include <nv/target>
@@ -342,9 +341,9 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 //    shared memory. The activations are the B operand, read from shared memory. The version that
 //    staged converted weights in shared memory moved about 1.3 bytes of shared memory per byte its
 //    MMAs could take at full rate (docs/PERF.md).
-//  - A warpgroup's tile is kHalves m64 halves of weight rows x 256 / kHalves activation rows (128
-//    accumulators a thread either way); a block is two warpgroups. Fewer halves convert fewer
-//    weight rows per MMA; more halves waste less on problems of few rows (launch_wgmma picks).
+//  - A block is two warpgroups of two m64 halves of weight rows each x 128 activation rows
+//    (m64n128). (A tile of one half x 256 rows, m64n256, converts half the weights per MMA but
+//    measured 8 % slower on the 8K prefill: docs/PERF.md.)
 //  - kSwiglu (gemm_swiglu): in each 16 rows of a half, rows 8-15 are the W3 rows of rows 0-7's W1
 //    channels, so a thread holds both products of its outputs and writes their clamped SwiGLU
 //    (the SwiGLU kernel's function).
@@ -361,15 +360,14 @@ __global__ void __launch_bounds__(256, 2) mma_kernel(GemmArgs a) {
 constexpr int kWgThreads = 256;
 constexpr int kWgK = 128;  // columns of a chunk
 
-template <int kHalves>
 struct WgTile {
-  static constexpr int kTokens = 256 / kHalves;      // activation rows of the block
-  static constexpr int kWeightRows = 128 * kHalves;  // weight rows of the block
-  static constexpr int kStages = kHalves == 1 ? 3 : 4;  // as many as fit in shared memory
-  static constexpr int kAhead = kStages - 2;            // chunks loaded ahead; one more is drained by the MMAs
+  static constexpr int kHalves = 2;      // m64 halves of weight rows a warpgroup
+  static constexpr int kTokens = 128;    // activation rows of the block
+  static constexpr int kWeightRows = 256;  // weight rows of the block: a warpgroup's two halves x 2
+  static constexpr int kStages = 4;      // as many as fit in shared memory
+  static constexpr int kAhead = kStages - 2;  // chunks loaded ahead; one more is drained by the MMAs
   template <bool kSwiglu>
   static constexpr int kChannels = kSwiglu ? kWeightRows / 2 : kWeightRows;  // output channels
-  static_assert(kAhead >= 1);
   static_assert(kTokens <= kWgThreads && kWeightRows <= kWgThreads, "one row source per thread");
   struct Stage {
     // Activation rows, BF16, two 64-column tiles of 128-byte rows from a 1,024-aligned base,
@@ -383,7 +381,7 @@ struct WgTile {
   const uint8_t* wrow[kWeightRows];  // weight row R's packed bytes (null past N)
   const uint8_t* srow[kWeightRows];  // and its E8M0 scales
 };
-static_assert(sizeof(WgTile<1>) <= 227 * 1024 && sizeof(WgTile<2>) <= 227 * 1024, "the sm_90 shared memory of a block");
+static_assert(sizeof(WgTile) <= 227 * 1024, "the sm_90 shared memory of a block");
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Byte offset of 16-byte piece c (0..7) of row `row` in a 128-byte-swizzled operand tile.
@@ -405,15 +403,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 #define DSV4_WG_ACC64(i)                                                                                  \
   DSV4_WG_ACC8(i), DSV4_WG_ACC8(i + 8), DSV4_WG_ACC8(i + 16), DSV4_WG_ACC8(i + 24), DSV4_WG_ACC8(i + 32), \
       DSV4_WG_ACC8(i + 40), DSV4_WG_ACC8(i + 48), DSV4_WG_ACC8(i + 56)
-template <>
-__device__ __forceinline__ void wgmma_rs<256>(float (&d)[128], const uint32_t (&a)[4], uint64_t b) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "{%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
-      : DSV4_WG_ACC64(0), DSV4_WG_ACC64(64)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
-}
 template <>
 __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
   asm volatile(
@@ -473,11 +462,11 @@ __device__ __forceinline__ void e2m1x4_to_bf16(uint32_t u, const E2m1Table& t, u
 }
 #endif
 
-template <bool kSwiglu, int kHalves>
+template <bool kSwiglu>
 __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Tile = WgTile<kHalves>;
-  constexpr int kTokens = Tile::kTokens, kRows = Tile::kWeightRows, kStages = Tile::kStages, kAhead = Tile::kAhead;
+  using Tile = WgTile;
+  constexpr int kHalves = Tile::kHalves, kTokens = Tile::kTokens, kRows = Tile::kWeightRows, kStages = Tile::kStages, kAhead = Tile::kAhead;
   constexpr int kChannels = Tile::template kChannels<kSwiglu>;
   pdl_prologue();
   extern __shared__ __align__(1024) uint8_t wg_smem[];
@@ -530,11 +519,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
     cp_async_commit();
   };
 
-  float acc[kHalves][128 / kHalves];
+  float acc[kHalves][kTokens / 2];
 #pragma unroll
   for (int q = 0; q < kHalves; ++q)
 #pragma unroll
-    for (int i = 0; i < 128 / kHalves; ++i) acc[q][i] = 0.f;
+    for (int i = 0; i < kTokens / 2; ++i) acc[q][i] = 0.f;
   uint32_t frag[2][kHalves][4];  // [step parity][half]: A fragments, one set per MMA group in flight
 
   // At the top of chunk c the groups of chunks <= c + kAhead - 1 are committed; waiting until
@@ -974,39 +963,19 @@ bool wgmma_fits(const GemmArgs& a) {
   return wgmma_weight_fits(a.wd, a.K) && a.xb && a.ldxb % 8 == 0 && (reinterpret_cast<uintptr_t>(a.xb) & 15) == 0;
 }
 
-std::atomic<uint64_t> wgmma_launches{0}, wgmma_swiglu_launches{0}, wgmma_wide_launches{0};
+std::atomic<uint64_t> wgmma_launches{0}, wgmma_swiglu_launches{0};
 
-template <bool kSwiglu, int kHalves>
-void launch_wgmma_tile(const GemmArgs& a, cudaStream_t stream) {
-  using Tile = WgTile<kHalves>;
-  static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel<kSwiglu, kHalves>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Tile))),
-                                  true);
-  (void)configured;
-  const int64_t channels = Tile::template kChannels<kSwiglu>;
-  dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + Tile::kTokens - 1) / Tile::kTokens),
-            unsigned(a.Z));
-  launch_pdl(wgmma_fp4_kernel<kSwiglu, kHalves>, grid, kWgThreads, sizeof(Tile), stream, a);
-}
-
-// Problems of more than 128 rows (as a rule) take the 256-token tile, which converts half as many
-// weight rows per MMA; fewer rows the 128-token tile, which wastes less on a partial last tile.
-// DSV4_CUDA_WGMMA_TOKENS=128 or 256 forces one (A/B).
 template <bool kSwiglu>
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
-  static const int forced = [] {
-    const char* v = std::getenv("DSV4_CUDA_WGMMA_TOKENS");
-    if (!v) return 0;
-    if (std::string_view(v) == "128" || std::string_view(v) == "256") return std::atoi(v);
-    std::fprintf(stderr, "DSV4_CUDA_WGMMA_TOKENS=%s ignored (128 or 256)\n", v);
-    return 0;
-  }();
-  const int64_t rows = a.expected_rows();
-  const bool wide = forced == 256 || (forced != 128 && rows > 128);
-  if (wide) launch_wgmma_tile<kSwiglu, 1>(a, stream);
-  else launch_wgmma_tile<kSwiglu, 2>(a, stream);
+  static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel<kSwiglu>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(WgTile))),
+                                  true);
+  (void)configured;
+  const int64_t channels = WgTile::kChannels<kSwiglu>;
+  dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + WgTile::kTokens - 1) / WgTile::kTokens),
+            unsigned(a.Z));
+  launch_pdl(wgmma_fp4_kernel<kSwiglu>, grid, kWgThreads, sizeof(WgTile), stream, a);
   (kSwiglu ? wgmma_swiglu_launches : wgmma_launches).fetch_add(1, std::memory_order_relaxed);
-  if (wide) wgmma_wide_launches.fetch_add(1, std::memory_order_relaxed);
   DSV4_LAUNCH_CHECK();
 }
 
@@ -1018,7 +987,6 @@ bool wgmma_weight_fits(const WeightDesc& w, int64_t K) {
 
 uint64_t wgmma_launch_count() { return wgmma_launches.load(std::memory_order_relaxed); }
 uint64_t wgmma_swiglu_launch_count() { return wgmma_swiglu_launches.load(std::memory_order_relaxed); }
-uint64_t wgmma_wide_launch_count() { return wgmma_wide_launches.load(std::memory_order_relaxed); }
 
 bool wgmma_available() {
   // DSV4_CUDA_WGMMA=0: the mma.sync kernel everywhere (A/B measurements).
@@ -1029,7 +997,7 @@ bool wgmma_available() {
 #ifdef DSV4_BUILT_FOR_SM90A
   static const bool compiled = [] {
     cudaFuncAttributes attr{};
-    return cudaFuncGetAttributes(&attr, wgmma_fp4_kernel<false, 2>) == cudaSuccess && attr.binaryVersion == 90;
+    return cudaFuncGetAttributes(&attr, wgmma_fp4_kernel<false>) == cudaSuccess && attr.binaryVersion == 90;
   }();
 #else
   constexpr bool compiled = false;

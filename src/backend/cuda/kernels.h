@@ -84,11 +84,9 @@ bool wgmma_available();
 // is then a BF16 value), whole 128-column chunks (act_quant's BF16 rows are permuted per chunk).
 bool wgmma_weight_fits(const WeightDesc& w, int64_t K);
 // Launches of the warpgroup-MMA kernel so far (tests check that the path they mean ran): plain,
-// with the SwiGLU of gemm_swiglu fused, and (either) with its 256-token tile (problems of more
-// than 128 rows).
+// and with the SwiGLU of gemm_swiglu fused.
 uint64_t wgmma_launch_count();
 uint64_t wgmma_swiglu_launch_count();
-uint64_t wgmma_wide_launch_count();
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Whether gemm() and gemm_swiglu() take the one-row stream GEMV for these arguments, the kernel
 // that applies x_roundtrip (any other path aborts when it is set).
