@@ -28,7 +28,7 @@ for variant in "" ${AB_ENV:+ab}; do  # the head's defaults, then (with AB_ENV) t
   if [ "${SKIP_OPS:-0}" != 1 ]; then
     timeout 200 "${run[@]}" ./build-gpu/dsv4 bench model --random --layers 4 --batch 1 --ctx 8192 --steps 3 --gemm fp8 \
       --kv-fp8 >"$OUT/ops${variant:+-ab}.log" 2>&1 || rc=1
-    grep -E "^\| (expert|moe layer|attn.wo_a)" "$OUT/ops${variant:+-ab}.log"
+    grep -E "^\| (expert|moe layer|attn\.w)" "$OUT/ops${variant:+-ab}.log"
   fi
   if [ "${SKIP_BENCH:-0}" != 1 ]; then
     timeout 300 "${run[@]}" ./build-gpu/dsv4 bench model --random --layers "${BENCH_LAYERS:-30}" --batch 1 \
@@ -59,5 +59,6 @@ if [ -n "${NCU_KERNEL:-}" ]; then
     gzip -f "$rep-sass.csv"
   fi
 fi
+pack_logs prefill-kernels
 echo "== rc=$rc"
 exit $rc

@@ -20,3 +20,9 @@ build_gpu() {
   [ "${PIPESTATUS[0]}" = 0 ] || { echo "BUILD FAILED"; exit 1; }
   echo "== build: $(( $(date +%s) - t0 )) s"
 }
+
+# The device tool returns at most 8 files from $OUT: pack_logs NAME puts every *.log but NAME.log
+# (still being written) into $OUT/logs.tgz.
+pack_logs() {
+  (cd "$OUT" && ls *.log | grep -vx "$1.log" | tar czf logs.tgz --remove-files -T -) || true
+}

@@ -208,6 +208,8 @@ TEST(CudaFp8, LinearAllPaths) {
       {WeightFormat::FP8, 64, 4096, 1024, false},    // wq_a, a cuBLASLt-friendly M
       {WeightFormat::FP8, 1024, 8192, 4096, false},  // wo_b prefill
       {WeightFormat::FP8, 100, 192, 200, true},      // partial 128-blocks in K and N, f32 scales
+      {WeightFormat::FP8, 200, 512, 200, false},     // partial row and weight tiles, 4 chunks of K
+      {WeightFormat::FP8, 130, 384, 256, true},      // f32 block scales, 3 chunks (fewer than loaded ahead)
       {WeightFormat::FP4, 64, 4096, 2048, false},    // expert w1 shape
       {WeightFormat::FP4, 200, 2048, 4096, true},    // expert w2 shape, f32 scales
       {WeightFormat::FP4, 33, 96, 40, false},        // tiny, partial tiles
@@ -257,7 +259,6 @@ TEST(CudaFp8, LinearAllPaths) {
     EXPECT_GT(diff, 0.f) << "FP8 activations did not change the CPU result";
     for (Path p : paths) {
       if (p == Path::CublasLt && c.fmt != WeightFormat::FP8) continue;
-      if (p == Path::Warpgroup && c.fmt != WeightFormat::FP4) continue;  // FP8: the portable kernel
       // FP8 weights leave the GEMV at kFp8TensorCoreMinRows rows, FP4 ones above kGemvMaxRows.
       const bool gemv = c.T < (c.fmt == WeightFormat::FP8 ? cuda::kFp8TensorCoreMinRows : cuda::kGemvMaxRows + 1);
       if (p == Path::CublasLt && gemv) continue;
@@ -267,7 +268,7 @@ TEST(CudaFp8, LinearAllPaths) {
       gpu->set_act_quant(ActQuant::Fp8Pow2);
       Tensor xg = gpu->alloc({c.T, c.in}), yg = gpu->alloc({c.T, c.out});
       gpu->upload(xg, xv.data());
-      const uint64_t wgmma_before = cuda::wgmma_launch_count();
+      const uint64_t wgmma_before = cuda::wgmma_launch_count(), wgmma_fp8_before = cuda::wgmma_fp8_launch_count();
       try {
         gpu->linear(xg, w, yg);
       } catch (const Error& e) {  // forced cuBLASLt on a shape it offers no algorithm for
@@ -282,6 +283,13 @@ TEST(CudaFp8, LinearAllPaths) {
                                   c.fmt == WeightFormat::FP4 && !c.f32_scale && c.in % 128 == 0 && !gemv;
       EXPECT_EQ(cuda::wgmma_launch_count() > wgmma_before, wgmma_expected)
           << path_name(p) << " T=" << c.T << " in=" << c.in << " out=" << c.out;
+      // The FP8-weight warpgroup kernel: FP8 weights over whole 128-column blocks past the
+      // weight-streaming rows, on the Warpgroup path (Auto takes cuBLASLt where it offers one).
+      const bool wgmma_fp8_expected = p == Path::Warpgroup && cuda::wgmma_available() && c.fmt == WeightFormat::FP8 &&
+                                      c.in % 128 == 0 && c.T > cuda::kGemvMaxRows;
+      if (p != Path::Auto)
+        EXPECT_EQ(cuda::wgmma_fp8_launch_count() > wgmma_fp8_before, wgmma_fp8_expected)
+            << path_name(p) << " T=" << c.T << " in=" << c.in << " out=" << c.out;
       std::vector<float> got(c.T * c.out);
       gpu->download(yg, got.data());
       expect_close(ref, got, gemv ? kGemvTol : kTensorCoreTol,
@@ -296,11 +304,12 @@ TEST(CudaFp8, LinearAllPaths) {
 
 // The MoE with FP8 activations: routed FP4 experts through the tensor-core kernel (gathered rows)
 // or the GEMV, FP8 shared expert through linear(). The portable kernel accumulates in FP32 like
-// the CPU. On sm_90 the Auto path's shared expert takes cuBLASLt (bound at the linear level by
-// LinearAllPaths), which does not: its ~1e-4 deviations requantised in the w2 input flip E4M3
-// roundings in most rows (measured on the H200, with an FP8-accumulating kernel for the routed
-// experts too: 0.1-1.4 % of outputs outside 1e-3, at most 7.2e-3 of max |ref|), so there only
-// the flip bound holds it (expect_close_up_to_flips, every_row_flips).
+// the CPU. On sm_90 the Auto path's shared expert takes cuBLASLt and the Warpgroup path's our FP8
+// warpgroup kernel (both bound at the linear level by LinearAllPaths), whose FP8 MMAs accumulate
+// narrower than FP32: their ~1e-4 deviations requantised in the w2 input flip E4M3 roundings in
+// most rows (measured on the H200, with an FP8-accumulating kernel for the routed experts too:
+// 0.1-1.4 % of outputs outside 1e-3, at most 7.2e-3 of max |ref|), so there only the flip bound
+// holds it (expect_close_up_to_flips, every_row_flips).
 TEST(CudaFp8, MoE) {
   DSV4_REQUIRE_GPU();
   struct C {
@@ -313,12 +322,11 @@ TEST(CudaFp8, MoE) {
   uint64_t seed = 5000;
   // Runs of FP4 experts (Auto and Warpgroup paths) that launched the warpgroup kernel: w2 plain,
   // w1 and w3 with the SwiGLU fused.
-  int64_t wgmma_moe_runs = 0, fused_moe_runs = 0;
+  int64_t wgmma_moe_runs = 0, fused_moe_runs = 0, wgmma_fp8_moe_runs = 0, wgmma_fp8_moe_expected = 0;
   // 1, 8 and 64 tokens over 256 experts and 16 over 32 (some experts get more than 8 rows: a second
   // pass) take the weight-streaming kernel; 300 and 512 the tiled one.
-  // The tiled sizes also run the Auto and Warpgroup paths (sm_90a: the warpgroup-MMA kernel; the
-  // Warpgroup path keeps the FP8 shared expert on the portable kernel, FP32-like, so the tight
-  // bound holds there), and FP8 experts.
+  // The tiled sizes also run the Auto and Warpgroup paths (sm_90a: the warpgroup-MMA kernels), and
+  // FP8 experts.
   for (auto c : std::vector<C>{{1, 4096, 2048, 256, 6}, {8, 4096, 2048, 256, 6}, {64, 4096, 2048, 256, 6},
                                {16, 1024, 512, 32, 6}, {300, 1024, 512, 32, 6}, {512, 4096, 2048, 16, 6},
                                {300, 1024, 320, 32, 6},  // a partial fused w1/w3 channel tile; w2's K of 320 is no wgmma shape
@@ -347,19 +355,26 @@ TEST(CudaFp8, MoE) {
       auto gpu = poisoned_cuda_backend(o);
       gpu->set_act_quant(ActQuant::Fp8Pow2);
       const uint64_t wgmma_before = cuda::wgmma_launch_count(), fused_before = cuda::wgmma_swiglu_launch_count();
+      const uint64_t wgmma_fp8_before = cuda::wgmma_fp8_launch_count();
       const std::vector<float> got = run_moe(*gpu);
       wgmma_moe_runs += cuda::wgmma_launch_count() > wgmma_before;
       fused_moe_runs += cuda::wgmma_swiglu_launch_count() > fused_before;
+      if (p == Path::Warpgroup) {
+        wgmma_fp8_moe_runs += cuda::wgmma_fp8_launch_count() > wgmma_fp8_before;
+        wgmma_fp8_moe_expected += c.T > cuda::kGemvMaxRows;  // the shared expert's rows
+      }
       expect_close_up_to_flips(ref, got,
                                fmt::format("fp8-act moe {} {} T={} D={} F={} E={} k={}", path_name(p),
                                            c.fmt == WeightFormat::FP8 ? "fp8" : "fp4", c.T, c.D, c.F, c.E, c.k),
-                               p == Path::Auto && is_sm90());
+                               p != Path::Kernel && is_sm90());
     }
   }
   // The tiled FP4 sizes (300 and 512 tokens) on the Auto and Warpgroup paths take the warpgroup
   // kernel on sm_90a, for w1/w3 with the SwiGLU fused (all three sizes) and w2 (F = 512, 2048).
   EXPECT_EQ(wgmma_moe_runs, cuda::wgmma_available() ? 4 : 0);
   EXPECT_EQ(fused_moe_runs, cuda::wgmma_available() ? 6 : 0);
+  // The Warpgroup path's FP8 shared expert (and FP8 experts) on the FP8 warpgroup kernel.
+  EXPECT_EQ(wgmma_fp8_moe_runs, cuda::wgmma_available() ? wgmma_fp8_moe_expected : 0);
 }
 
 // Whole models with FP8 activations: CUDA (the portable kernel, FP32 accumulation as the CPU) vs

@@ -412,6 +412,17 @@ __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a
       : DSV4_WG_ACC64(0)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 }
+// d = (accumulate ? d : 0) + A[64 x 32] B[128 x 32]^T: E4M3 A and B from shared memory (K-major,
+// 128-byte swizzle), FP32 accumulators (the tensor cores' FP8 accumulation is narrower than FP32).
+__device__ __forceinline__ void wgmma_e4m3_ss(float (&d)[64], uint64_t a, uint64_t b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n}\n"
+      : DSV4_WG_ACC64(0)
+      : "l"(a), "l"(b), "r"(int(accumulate)));
+}
 #undef DSV4_WG_ACC64
 #undef DSV4_WG_ACC8
 // Keep the compiler from moving register operands of the asynchronous MMAs across this point.
@@ -590,6 +601,132 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
             p.y[(p.base + r) * a.ldy + n] = kSwiglu ? swiglu_value(acc[q][i], acc[q][i + 2], a.swiglu_limit) : acc[q][i];
         }
     }
+#else
+  __trap();  // launched only where wgmma_available()
+#endif
+}
+
+// ---- warpgroup tensor-core GEMM for FP8 weights (sm_90a) ---------------------------------------
+// FP8 weights (128x128 block scales) x FP8 activations (1x128 scales) on wgmma m64n128k32 E4M3,
+// both operands in shared memory, with the official kernels' promotion: the four MMAs of a
+// 128-column chunk accumulate into a fresh partial (the tensor cores' FP8 accumulation is narrower
+// than FP32), which is then added into the FP32 accumulators times the activation row's scale and
+// the weight block's scale.
+//  - A block is 128 activation rows (two warpgroups of 64: the A operand) x 128 weight rows (one
+//    scale block row: the B operand). K runs in chunks of 128 columns, each a 128-byte row of both
+//    tiles (128-byte swizzled), copied by cp.async kAhead chunks ahead; one barrier a chunk.
+//  - Blocks run along the activation rows first, so the blocks in flight share one weight tile and
+//    a weight is read from memory about once.
+// Needs K % 128 == 0 and problems whose weight rows start on a scale block (w_z_row_off % 128).
+constexpr int kWg8Rows = 128;  // activation rows and weight rows of a block
+
+struct Fp8WgTile {
+  static constexpr int kStages = 6;           // as many as fit in shared memory
+  static constexpr int kAhead = kStages - 1;  // chunks loaded ahead
+  struct Stage {
+    alignas(1024) uint8_t x[kWg8Rows * kWgK];  // activation rows, E4M3, 128-byte swizzled
+    alignas(1024) uint8_t w[kWg8Rows * kWgK];  // weight rows, E4M3, 128-byte swizzled
+  };
+  Stage stage[kStages];
+  const uint8_t* xrow[kWg8Rows];  // activation row r's bytes (null past the problem's rows)
+  const uint8_t* wrow[kWg8Rows];  // weight row R's bytes (null past N)
+};
+static_assert(sizeof(Fp8WgTile) <= 227 * 1024, "the sm_90 shared memory of a block");
+
+template <bool SF32>
+__global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kStages = Fp8WgTile::kStages, kAhead = Fp8WgTile::kAhead;
+  pdl_prologue();
+  extern __shared__ __align__(1024) uint8_t wg_smem[];
+  Fp8WgTile& sm = *reinterpret_cast<Fp8WgTile*>(wg_smem);
+  const Problem p = problem(a);
+  const int64_t r0 = int64_t(blockIdx.x) * kWg8Rows, n0 = int64_t(blockIdx.y) * kWg8Rows, K = a.K, N = a.N;
+  if (r0 >= p.rows || n0 >= N) return;
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t nch = K / kWgK;
+
+  // The rows' sources, once (null: a row past the problem or past N, filled with zeros).
+  if (tid < kWg8Rows) {
+    sm.xrow[tid] = r0 + tid < p.rows ? a.xq + activation_row(a, p, r0 + tid) * a.ldxq : nullptr;
+    sm.wrow[tid] = n0 + tid < N ? p.w.w + (p.wrow0 + n0 + tid) * K : nullptr;
+  }
+  __syncthreads();
+  // Chunk c into stage c % kStages: thread tid copies the 16-byte piece tid % 8 of rows
+  // tid / 8 + 32 i of both tiles. One cp.async group per chunk, empty past the last.
+  auto load_chunk = [&](int64_t c) {
+    if (c < nch) {
+      auto& st = sm.stage[c % kStages];
+      const int piece = tid & 7;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (tid >> 3) + 32 * i;
+        const uint8_t* xsrc = sm.xrow[row];
+        const uint8_t* wsrc = sm.wrow[row];
+        cp_async16(st.x + swizzled(row, piece), xsrc ? xsrc + c * kWgK + piece * 16 : a.xq, xsrc);
+        cp_async16(st.w + swizzled(row, piece), wsrc ? wsrc + c * kWgK + piece * 16 : p.w.w, wsrc);
+      }
+    }
+    cp_async_commit();
+  };
+
+  // Accumulator 4 j + 2 h + e: activation row arow + 8 h, weight row 8 j + 2 t4 + e of the tile.
+  const int arow = 64 * wg + ((tid >> 5) & 3) * 16 + g;
+  int64_t scale_row[2];  // the activation rows' scale columns (-1: past the problem)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) scale_row[h] = r0 + arow + 8 * h < p.rows ? activation_row(a, p, r0 + arow + 8 * h) : -1;
+  const int64_t wscale0 = (p.wrow0 + n0) / kWg8Rows * nch;  // the weight tile's scale row
+
+  float acc[64], part[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  // At the top of chunk c the groups of chunks <= c + kAhead - 1 are committed; waiting until
+  // kAhead - 1 remain lands chunk c. The stage loaded in chunk c, (c + kAhead) % kStages, was last
+  // read by the MMAs of chunk c - 1, which every thread waited for before the barrier.
+#pragma unroll
+  for (int c = 0; c < kAhead; ++c) load_chunk(c);
+  for (int64_t c = 0; c < nch; ++c) {
+    cp_async_wait<kAhead - 1>();
+    fence_proxy_async();  // this thread's copies, before the MMAs read them
+    __syncthreads();
+    load_chunk(c + kAhead);
+    float sx[2];  // loaded while the MMAs run
+#pragma unroll
+    for (int h = 0; h < 2; ++h) sx[h] = scale_row[h] >= 0 ? a.xs[c * a.xs_ld + scale_row[h]] : 0.f;
+    const float sw = scale_at<SF32>(p.w.s, wscale0 + c);
+    const auto& st = sm.stage[c % kStages];
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < kWgK / 32; ++k)
+      wgmma_e4m3_ss(part, wgmma_desc(st.x + 64 * kWgK * wg + 32 * k), wgmma_desc(st.w + 32 * k), k > 0);
+    wgmma_commit();
+    // Promotion. (Reading one partial while the next chunk's MMAs write another, after
+    // wgmma.wait_group 1, makes ptxas serialise the MMAs: C7514.)
+    wgmma_wait<0>();
+    fence_registers(part);
+    const float s0 = sx[0] * sw, s1 = sx[1] * sw;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = fmaf(part[i], (i & 2) ? s1 : s0, acc[i]);
+  }
+
+  const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(p.y) & 7) == 0;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t r = r0 + arow + 8 * h;
+    if (r >= p.rows) continue;
+    float* y = p.y + (p.base + r) * a.ldy;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int64_t n = n0 + 8 * j + 2 * t4;
+      const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+      if (pairs && n + 1 < N) {
+        *reinterpret_cast<float2*>(y + n) = make_float2(v0, v1);
+      } else {
+        if (n < N) y[n] = v0;
+        if (n + 1 < N) y[n + 1] = v1;
+      }
+    }
+  }
 #else
   __trap();  // launched only where wgmma_available()
 #endif
@@ -979,6 +1116,27 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
   DSV4_LAUNCH_CHECK();
 }
 
+// The FP8 warpgroup kernel's conditions: FP8 weights over whole 128-column chunks, problems
+// starting on a scale block, activation rows in 16-byte pieces.
+bool wgmma_fp8_fits(const GemmArgs& a) {
+  return a.wd.fmt == kFP8 && a.K > 0 && a.K % kWgK == 0 && a.w_z_row_off % kWg8Rows == 0 && a.ldxq % 16 == 0 &&
+         (reinterpret_cast<uintptr_t>(a.xq) & 15) == 0;
+}
+
+std::atomic<uint64_t> wgmma_fp8_launches{0};
+
+template <bool SF32>
+void launch_wgmma_fp8(const GemmArgs& a, cudaStream_t stream) {
+  static const bool configured = (cudaFuncSetAttribute(wgmma_fp8_kernel<SF32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                       int(sizeof(Fp8WgTile))),
+                                  true);
+  (void)configured;
+  dim3 grid(unsigned((a.max_rows + kWg8Rows - 1) / kWg8Rows), unsigned((a.N + kWg8Rows - 1) / kWg8Rows), unsigned(a.Z));
+  launch_pdl(wgmma_fp8_kernel<SF32>, grid, kWgThreads, sizeof(Fp8WgTile), stream, a);
+  wgmma_fp8_launches.fetch_add(1, std::memory_order_relaxed);
+  DSV4_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 bool wgmma_weight_fits(const WeightDesc& w, int64_t K) {
@@ -987,6 +1145,7 @@ bool wgmma_weight_fits(const WeightDesc& w, int64_t K) {
 
 uint64_t wgmma_launch_count() { return wgmma_launches.load(std::memory_order_relaxed); }
 uint64_t wgmma_swiglu_launch_count() { return wgmma_swiglu_launches.load(std::memory_order_relaxed); }
+uint64_t wgmma_fp8_launch_count() { return wgmma_fp8_launches.load(std::memory_order_relaxed); }
 
 bool wgmma_available() {
   // DSV4_CUDA_WGMMA=0: the mma.sync kernel everywhere (A/B measurements).
@@ -1064,6 +1223,8 @@ void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
   if (gemm_skinny(a, false, stream)) return;
   if (takes_wgmma(a)) return launch_wgmma<false>(a, stream);
+  if (a.xq && a.xs && !a.x_z_off && a.warpgroup_mma && wgmma_fp8_fits(a) && wgmma_available())
+    return a.wd.scale_f32 ? launch_wgmma_fp8<true>(a, stream) : launch_wgmma_fp8<false>(a, stream);
   switch (a.wd.fmt) {
     case kFP8: a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream); break;
     case kFP4: a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream); break;

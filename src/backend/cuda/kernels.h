@@ -83,10 +83,11 @@ bool wgmma_available();
 // Whether the warpgroup kernel takes this weight at K columns: FP4 with E8M0 scales (E2M1 x scale
 // is then a BF16 value), whole 128-column chunks (act_quant's BF16 rows are permuted per chunk).
 bool wgmma_weight_fits(const WeightDesc& w, int64_t K);
-// Launches of the warpgroup-MMA kernel so far (tests check that the path they mean ran): plain,
-// and with the SwiGLU of gemm_swiglu fused.
+// Launches of the warpgroup-MMA kernels so far (tests check that the path they mean ran): the FP4
+// kernel plain and with the SwiGLU of gemm_swiglu fused, and the FP8-weight kernel.
 uint64_t wgmma_launch_count();
 uint64_t wgmma_swiglu_launch_count();
+uint64_t wgmma_fp8_launch_count();
 void gemm(const GemmArgs& a, cudaStream_t stream);
 // Whether gemm() and gemm_swiglu() take the one-row stream GEMV for these arguments, the kernel
 // that applies x_roundtrip (any other path aborts when it is set).
