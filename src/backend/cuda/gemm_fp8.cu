@@ -618,7 +618,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 //  - Blocks run along the activation rows first, so the blocks in flight share one weight tile and
 //    a weight is read from memory about once.
 // Needs K % 128 == 0 and problems whose weight rows start on a scale block (w_z_row_off % 128).
-constexpr int kWg8Rows = 128;  // activation rows and weight rows of a block
+constexpr int kWg8Rows = 128;   // activation rows and weight rows of a block
+constexpr int kWg8MaxK = 16384;  // the weight scales of a block's rows are held in shared memory
 
 struct Fp8WgTile {
   static constexpr int kStages = 6;           // as many as fit in shared memory
@@ -626,10 +627,10 @@ struct Fp8WgTile {
   struct Stage {
     alignas(1024) uint8_t x[kWg8Rows * kWgK];  // activation rows, E4M3, 128-byte swizzled
     alignas(1024) uint8_t w[kWg8Rows * kWgK];  // weight rows, E4M3, 128-byte swizzled
+    float xs[kWg8Rows];                        // the activation rows' scales
   };
   Stage stage[kStages];
-  const uint8_t* xrow[kWg8Rows];  // activation row r's bytes (null past the problem's rows)
-  const uint8_t* wrow[kWg8Rows];  // weight row R's bytes (null past N)
+  float ws[kWg8MaxK / kWgK];  // the weight block row's scales, one a chunk
 };
 static_assert(sizeof(Fp8WgTile) <= 227 * 1024, "the sm_90 shared memory of a block");
 
@@ -644,67 +645,67 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
   const int64_t r0 = int64_t(blockIdx.x) * kWg8Rows, n0 = int64_t(blockIdx.y) * kWg8Rows, K = a.K, N = a.N;
   if (r0 >= p.rows || n0 >= N) return;
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int64_t nch = K / kWgK;
+  const int nch = int(K / kWgK);
+  for (int c = tid; c < nch; c += kWgThreads) sm.ws[c] = scale_at<SF32>(p.w.s, (p.wrow0 + n0) / kWg8Rows * nch + c);
 
-  // The rows' sources, once (null: a row past the problem or past N, filled with zeros).
-  if (tid < kWg8Rows) {
-    sm.xrow[tid] = r0 + tid < p.rows ? a.xq + activation_row(a, p, r0 + tid) * a.ldxq : nullptr;
-    sm.wrow[tid] = n0 + tid < N ? p.w.w + (p.wrow0 + n0 + tid) * K : nullptr;
+  // Copies of a chunk: thread tid moves the 16-byte piece tid % 8 of rows tid / 8 + 32 i of both
+  // tiles, and threads 0-127 the scale of activation row tid. Sources are fixed per thread (rows
+  // past the problem or past N read row 0 and copy 0 bytes: zeros).
+  const int piece = tid & 7;
+  const uint8_t* xsrc[4];
+  const uint8_t* wsrc[4];
+  uint32_t xbytes = 0, wbytes = 0;  // bit i: row i's copy is 16 bytes
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = (tid >> 3) + 32 * i;
+    const bool xv = r0 + row < p.rows, wv = n0 + row < N;
+    xsrc[i] = a.xq + (xv ? activation_row(a, p, r0 + row) : 0) * a.ldxq + piece * 16;
+    wsrc[i] = p.w.w + (p.wrow0 + (wv ? n0 + row : 0)) * K + piece * 16;
+    xbytes |= uint32_t(xv) << i;
+    wbytes |= uint32_t(wv) << i;
   }
-  __syncthreads();
-  // Chunk c into stage c % kStages: thread tid copies the 16-byte piece tid % 8 of rows
-  // tid / 8 + 32 i of both tiles. One cp.async group per chunk, empty past the last.
-  auto load_chunk = [&](int64_t c) {
+  const bool sv = tid < kWg8Rows && r0 + tid < p.rows;
+  const float* ssrc = a.xs + (sv ? activation_row(a, p, r0 + tid) : 0);
+  auto load_chunk = [&](int c) {
     if (c < nch) {
       auto& st = sm.stage[c % kStages];
-      const int piece = tid & 7;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = (tid >> 3) + 32 * i;
-        const uint8_t* xsrc = sm.xrow[row];
-        const uint8_t* wsrc = sm.wrow[row];
-        cp_async16(st.x + swizzled(row, piece), xsrc ? xsrc + c * kWgK + piece * 16 : a.xq, xsrc);
-        cp_async16(st.w + swizzled(row, piece), wsrc ? wsrc + c * kWgK + piece * 16 : p.w.w, wsrc);
+        cp_async16(st.x + swizzled(row, piece), xsrc[i] + int64_t(c) * kWgK, (xbytes >> i) & 1);
+        cp_async16(st.w + swizzled(row, piece), wsrc[i] + int64_t(c) * kWgK, (wbytes >> i) & 1);
       }
+      if (tid < kWg8Rows) cp_async4(&st.xs[tid], ssrc + int64_t(c) * a.xs_ld, sv);
     }
     cp_async_commit();
   };
 
   // Accumulator 4 j + 2 h + e: activation row arow + 8 h, weight row 8 j + 2 t4 + e of the tile.
   const int arow = 64 * wg + ((tid >> 5) & 3) * 16 + g;
-  int64_t scale_row[2];  // the activation rows' scale columns (-1: past the problem)
-#pragma unroll
-  for (int h = 0; h < 2; ++h) scale_row[h] = r0 + arow + 8 * h < p.rows ? activation_row(a, p, r0 + arow + 8 * h) : -1;
-  const int64_t wscale0 = (p.wrow0 + n0) / kWg8Rows * nch;  // the weight tile's scale row
-
   float acc[64], part[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.f;
   // At the top of chunk c the groups of chunks <= c + kAhead - 1 are committed; waiting until
   // kAhead - 1 remain lands chunk c. The stage loaded in chunk c, (c + kAhead) % kStages, was last
-  // read by the MMAs of chunk c - 1, which every thread waited for before the barrier.
+  // read in chunk c - 1, by MMAs that every thread waited for before the barrier.
 #pragma unroll
   for (int c = 0; c < kAhead; ++c) load_chunk(c);
-  for (int64_t c = 0; c < nch; ++c) {
+  for (int c = 0; c < nch; ++c) {
     cp_async_wait<kAhead - 1>();
     fence_proxy_async();  // this thread's copies, before the MMAs read them
     __syncthreads();
     load_chunk(c + kAhead);
-    float sx[2];  // loaded while the MMAs run
-#pragma unroll
-    for (int h = 0; h < 2; ++h) sx[h] = scale_row[h] >= 0 ? a.xs[c * a.xs_ld + scale_row[h]] : 0.f;
-    const float sw = scale_at<SF32>(p.w.s, wscale0 + c);
     const auto& st = sm.stage[c % kStages];
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < kWgK / 32; ++k)
       wgmma_e4m3_ss(part, wgmma_desc(st.x + 64 * kWgK * wg + 32 * k), wgmma_desc(st.w + 32 * k), k > 0);
     wgmma_commit();
+    const float s0 = st.xs[arow] * sm.ws[c], s1 = st.xs[arow + 8] * sm.ws[c];
     // Promotion. (Reading one partial while the next chunk's MMAs write another, after
     // wgmma.wait_group 1, makes ptxas serialise the MMAs: C7514.)
     wgmma_wait<0>();
     fence_registers(part);
-    const float s0 = sx[0] * sw, s1 = sx[1] * sw;
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = fmaf(part[i], (i & 2) ? s1 : s0, acc[i]);
   }
@@ -1116,10 +1117,11 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
   DSV4_LAUNCH_CHECK();
 }
 
-// The FP8 warpgroup kernel's conditions: FP8 weights over whole 128-column chunks, problems
+// The FP8 warpgroup kernel's conditions: FP8 weights over whole 128-column chunks (K up to
+// kWg8MaxK), problems
 // starting on a scale block, activation rows in 16-byte pieces.
 bool wgmma_fp8_fits(const GemmArgs& a) {
-  return a.wd.fmt == kFP8 && a.K > 0 && a.K % kWgK == 0 && a.w_z_row_off % kWg8Rows == 0 && a.ldxq % 16 == 0 &&
+  return a.wd.fmt == kFP8 && a.K > 0 && a.K % kWgK == 0 && a.K <= kWg8MaxK && a.w_z_row_off % kWg8Rows == 0 && a.ldxq % 16 == 0 &&
          (reinterpret_cast<uintptr_t>(a.xq) & 15) == 0;
 }
 
