@@ -210,6 +210,7 @@ TEST(CudaFp8, LinearAllPaths) {
       {WeightFormat::FP8, 100, 192, 200, true},      // partial 128-blocks in K and N, f32 scales
       {WeightFormat::FP8, 200, 512, 200, false},     // partial row and weight tiles, 4 chunks of K
       {WeightFormat::FP8, 130, 384, 256, true},      // f32 block scales, 3 chunks (fewer than loaded ahead)
+      {WeightFormat::FP8, 200, 256, 8960, false},    // more tiles than blocks, copies running tiles ahead
       {WeightFormat::FP4, 64, 4096, 2048, false},    // expert w1 shape
       {WeightFormat::FP4, 200, 2048, 4096, true},    // expert w2 shape, f32 scales
       {WeightFormat::FP4, 33, 96, 40, false},        // tiny, partial tiles
@@ -287,9 +288,10 @@ TEST(CudaFp8, LinearAllPaths) {
       // weight-streaming rows, on the Warpgroup path (Auto takes cuBLASLt where it offers one).
       const bool wgmma_fp8_expected = p == Path::Warpgroup && cuda::wgmma_available() && c.fmt == WeightFormat::FP8 &&
                                       c.in % 128 == 0 && c.T > cuda::kGemvMaxRows;
-      if (p != Path::Auto)
+      if (p != Path::Auto) {
         EXPECT_EQ(cuda::wgmma_fp8_launch_count() > wgmma_fp8_before, wgmma_fp8_expected)
             << path_name(p) << " T=" << c.T << " in=" << c.in << " out=" << c.out;
+      }
       std::vector<float> got(c.T * c.out);
       gpu->download(yg, got.data());
       expect_close(ref, got, gemv ? kGemvTol : kTensorCoreTol,

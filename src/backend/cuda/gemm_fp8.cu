@@ -612,14 +612,18 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 // 128-column chunk accumulate into a fresh partial (the tensor cores' FP8 accumulation is narrower
 // than FP32), which is then added into the FP32 accumulators times the activation row's scale and
 // the weight block's scale.
-//  - A block is 128 activation rows (two warpgroups of 64: the A operand) x 128 weight rows (one
+//  - A tile is 128 activation rows (two warpgroups of 64: the A operand) x 128 weight rows (one
 //    scale block row: the B operand). K runs in chunks of 128 columns, each a 128-byte row of both
-//    tiles (128-byte swizzled), copied by cp.async kAhead chunks ahead; one barrier a chunk.
-//  - Blocks run along the activation rows first, so the blocks in flight share one weight tile and
-//    a weight is read from memory about once.
+//    operand tiles (128-byte swizzled), copied by cp.async with the rows' activation scales,
+//    kAhead chunks ahead; one barrier a chunk.
+//  - Persistent blocks: block b takes tiles b, b + gridDim.x, ... of its problem, and its copies
+//    run on into the next tile while the last chunks of one are multiplied and stored. (One tile
+//    a block left each block's first copies and its stores exposed: 0.63x cuBLASLt on wq_b's K of
+//    1,024, docs/PERF.md.)
+//  - Tiles run along the activation rows first, so the blocks in flight share a few weight tiles
+//    and a weight is read from memory about once.
 // Needs K % 128 == 0 and problems whose weight rows start on a scale block (w_z_row_off % 128).
-constexpr int kWg8Rows = 128;   // activation rows and weight rows of a block
-constexpr int kWg8MaxK = 16384;  // the weight scales of a block's rows are held in shared memory
+constexpr int kWg8Rows = 128;  // activation rows and weight rows of a tile
 
 struct Fp8WgTile {
   static constexpr int kStages = 6;           // as many as fit in shared memory
@@ -630,7 +634,6 @@ struct Fp8WgTile {
     float xs[kWg8Rows];                        // the activation rows' scales
   };
   Stage stage[kStages];
-  float ws[kWg8MaxK / kWgK];  // the weight block row's scales, one a chunk
 };
 static_assert(sizeof(Fp8WgTile) <= 227 * 1024, "the sm_90 shared memory of a block");
 
@@ -642,42 +645,63 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   Fp8WgTile& sm = *reinterpret_cast<Fp8WgTile*>(wg_smem);
   const Problem p = problem(a);
-  const int64_t r0 = int64_t(blockIdx.x) * kWg8Rows, n0 = int64_t(blockIdx.y) * kWg8Rows, K = a.K, N = a.N;
-  if (r0 >= p.rows || n0 >= N) return;
+  const int64_t K = a.K, N = a.N;
+  const int row_tiles = int((p.rows + kWg8Rows - 1) / kWg8Rows), tiles = row_tiles * int((N + kWg8Rows - 1) / kWg8Rows);
+  if (int(blockIdx.x) >= tiles) return;
+  const int nch = int(K / kWgK), mine = (tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1;
+  const int64_t total = int64_t(mine) * nch;  // chunks of this block
+  // The first activation row and weight row of this block's i-th tile.
+  auto tile_rows = [&](int i, int64_t& r0, int64_t& n0) {
+    const int t = int(blockIdx.x) + i * int(gridDim.x);
+    r0 = int64_t(t % row_tiles) * kWg8Rows;
+    n0 = int64_t(t / row_tiles) * kWg8Rows;
+  };
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int nch = int(K / kWgK);
-  for (int c = tid; c < nch; c += kWgThreads) sm.ws[c] = scale_at<SF32>(p.w.s, (p.wrow0 + n0) / kWg8Rows * nch + c);
 
   // Copies of a chunk: thread tid moves the 16-byte piece tid % 8 of rows tid / 8 + 32 i of both
-  // tiles, and threads 0-127 the scale of activation row tid. Sources are fixed per thread (rows
-  // past the problem or past N read row 0 and copy 0 bytes: zeros).
+  // operand tiles, and threads 0-127 the scale of activation row tid. The sources are set at each
+  // tile's first chunk (rows past the problem or past N read row 0 and copy 0 bytes: zeros).
   const int piece = tid & 7;
   const uint8_t* xsrc[4];
   const uint8_t* wsrc[4];
-  uint32_t xbytes = 0, wbytes = 0;  // bit i: row i's copy is 16 bytes
+  const float* ssrc = a.xs;
+  uint32_t valid = 0;  // bit i: activation row i's piece; bit 4 + i: weight row i's; bit 8: the scale
+  auto set_sources = [&](int i) {
+    int64_t r0, n0;
+    tile_rows(i, r0, n0);
+    valid = 0;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = (tid >> 3) + 32 * i;
-    const bool xv = r0 + row < p.rows, wv = n0 + row < N;
-    xsrc[i] = a.xq + (xv ? activation_row(a, p, r0 + row) : 0) * a.ldxq + piece * 16;
-    wsrc[i] = p.w.w + (p.wrow0 + (wv ? n0 + row : 0)) * K + piece * 16;
-    xbytes |= uint32_t(xv) << i;
-    wbytes |= uint32_t(wv) << i;
-  }
-  const bool sv = tid < kWg8Rows && r0 + tid < p.rows;
-  const float* ssrc = a.xs + (sv ? activation_row(a, p, r0 + tid) : 0);
-  auto load_chunk = [&](int c) {
-    if (c < nch) {
-      auto& st = sm.stage[c % kStages];
+    for (int j = 0; j < 4; ++j) {
+      const int row = (tid >> 3) + 32 * j;
+      const bool xv = r0 + row < p.rows, wv = n0 + row < N;
+      xsrc[j] = a.xq + (xv ? activation_row(a, p, r0 + row) : 0) * a.ldxq + piece * 16;
+      wsrc[j] = p.w.w + (p.wrow0 + (wv ? n0 + row : 0)) * K + piece * 16;
+      valid |= uint32_t(xv) << j | uint32_t(wv) << (4 + j);
+    }
+    const bool sv = tid < kWg8Rows && r0 + tid < p.rows;
+    ssrc = a.xs + (sv ? activation_row(a, p, r0 + tid) : 0);
+    valid |= uint32_t(sv) << 8;
+  };
+  auto load_chunk = [&](int64_t q) {
+    if (q < total) {
+      const int c = int(q % nch);
+      if (c == 0) set_sources(int(q / nch));
+      auto& st = sm.stage[q % kStages];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = (tid >> 3) + 32 * i;
-        cp_async16(st.x + swizzled(row, piece), xsrc[i] + int64_t(c) * kWgK, (xbytes >> i) & 1);
-        cp_async16(st.w + swizzled(row, piece), wsrc[i] + int64_t(c) * kWgK, (wbytes >> i) & 1);
+      for (int j = 0; j < 4; ++j) {
+        const int row = (tid >> 3) + 32 * j;
+        cp_async16(st.x + swizzled(row, piece), xsrc[j] + int64_t(c) * kWgK, (valid >> j) & 1);
+        cp_async16(st.w + swizzled(row, piece), wsrc[j] + int64_t(c) * kWgK, (valid >> (4 + j)) & 1);
       }
-      if (tid < kWg8Rows) cp_async4(&st.xs[tid], ssrc + int64_t(c) * a.xs_ld, sv);
+      if (tid < kWg8Rows) cp_async4(&st.xs[tid], ssrc + int64_t(c) * a.xs_ld, (valid >> 8) & 1);
     }
     cp_async_commit();
+  };
+  // The weight block's scale of chunk q (the same for a tile's 128 rows).
+  auto weight_scale = [&](int64_t q) {
+    int64_t r0, n0;
+    tile_rows(int(q / nch), r0, n0);
+    return scale_at<SF32>(p.w.s, (p.wrow0 + n0) / kWg8Rows * nch + q % nch);
   };
 
   // Accumulator 4 j + 2 h + e: activation row arow + 8 h, weight row 8 j + 2 t4 + e of the tile.
@@ -685,48 +709,56 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
   float acc[64], part[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  // At the top of chunk c the groups of chunks <= c + kAhead - 1 are committed; waiting until
-  // kAhead - 1 remain lands chunk c. The stage loaded in chunk c, (c + kAhead) % kStages, was last
-  // read in chunk c - 1, by MMAs that every thread waited for before the barrier.
+  // At the top of chunk q the groups of chunks <= q + kAhead - 1 are committed; waiting until
+  // kAhead - 1 remain lands chunk q. The stage loaded in chunk q, (q + kAhead) % kStages, was last
+  // read in chunk q - 1, by MMAs that every thread waited for before the barrier.
 #pragma unroll
-  for (int c = 0; c < kAhead; ++c) load_chunk(c);
-  for (int c = 0; c < nch; ++c) {
+  for (int q = 0; q < kAhead; ++q) load_chunk(q);
+  float sw = weight_scale(0);
+  for (int64_t q = 0; q < total; ++q) {
     cp_async_wait<kAhead - 1>();
     fence_proxy_async();  // this thread's copies, before the MMAs read them
     __syncthreads();
-    load_chunk(c + kAhead);
-    const auto& st = sm.stage[c % kStages];
+    load_chunk(q + kAhead);
+    const auto& st = sm.stage[q % kStages];
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < kWgK / 32; ++k)
       wgmma_e4m3_ss(part, wgmma_desc(st.x + 64 * kWgK * wg + 32 * k), wgmma_desc(st.w + 32 * k), k > 0);
     wgmma_commit();
-    const float s0 = st.xs[arow] * sm.ws[c], s1 = st.xs[arow + 8] * sm.ws[c];
+    const float s0 = st.xs[arow] * sw, s1 = st.xs[arow + 8] * sw;
+    if (q + 1 < total) sw = weight_scale(q + 1);  // in flight during the MMAs
     // Promotion. (Reading one partial while the next chunk's MMAs write another, after
     // wgmma.wait_group 1, makes ptxas serialise the MMAs: C7514.)
     wgmma_wait<0>();
     fence_registers(part);
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = fmaf(part[i], (i & 2) ? s1 : s0, acc[i]);
-  }
+    if ((q + 1) % nch) continue;
 
-  const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(p.y) & 7) == 0;
+    // The tile's last chunk: store it and start the next.
+    int64_t r0, n0;
+    tile_rows(int(q / nch), r0, n0);
+    const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(p.y) & 7) == 0;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t r = r0 + arow + 8 * h;
-    if (r >= p.rows) continue;
-    float* y = p.y + (p.base + r) * a.ldy;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = r0 + arow + 8 * h;
+      if (r >= p.rows) continue;
+      float* y = p.y + (p.base + r) * a.ldy;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int64_t n = n0 + 8 * j + 2 * t4;
-      const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
-      if (pairs && n + 1 < N) {
-        *reinterpret_cast<float2*>(y + n) = make_float2(v0, v1);
-      } else {
-        if (n < N) y[n] = v0;
-        if (n + 1 < N) y[n + 1] = v1;
+      for (int j = 0; j < 16; ++j) {
+        const int64_t n = n0 + 8 * j + 2 * t4;
+        const float v0 = acc[4 * j + 2 * h], v1 = acc[4 * j + 2 * h + 1];
+        if (pairs && n + 1 < N) {
+          *reinterpret_cast<float2*>(y + n) = make_float2(v0, v1);
+        } else {
+          if (n < N) y[n] = v0;
+          if (n + 1 < N) y[n + 1] = v1;
+        }
       }
     }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
   }
 #else
   __trap();  // launched only where wgmma_available()
@@ -1117,11 +1149,10 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
   DSV4_LAUNCH_CHECK();
 }
 
-// The FP8 warpgroup kernel's conditions: FP8 weights over whole 128-column chunks (K up to
-// kWg8MaxK), problems
+// The FP8 warpgroup kernel's conditions: FP8 weights over whole 128-column chunks, problems
 // starting on a scale block, activation rows in 16-byte pieces.
 bool wgmma_fp8_fits(const GemmArgs& a) {
-  return a.wd.fmt == kFP8 && a.K > 0 && a.K % kWgK == 0 && a.K <= kWg8MaxK && a.w_z_row_off % kWg8Rows == 0 && a.ldxq % 16 == 0 &&
+  return a.wd.fmt == kFP8 && a.K > 0 && a.K % kWgK == 0 && a.w_z_row_off % kWg8Rows == 0 && a.ldxq % 16 == 0 &&
          (reinterpret_cast<uintptr_t>(a.xq) & 15) == 0;
 }
 
@@ -1133,7 +1164,9 @@ void launch_wgmma_fp8(const GemmArgs& a, cudaStream_t stream) {
                                                        int(sizeof(Fp8WgTile))),
                                   true);
   (void)configured;
-  dim3 grid(unsigned((a.max_rows + kWg8Rows - 1) / kWg8Rows), unsigned((a.N + kWg8Rows - 1) / kWg8Rows), unsigned(a.Z));
+  // Persistent blocks (one an SM, shared memory): about one wave over all problems.
+  const int64_t tiles = (a.max_rows + kWg8Rows - 1) / kWg8Rows * ((a.N + kWg8Rows - 1) / kWg8Rows);
+  const dim3 grid(unsigned(std::clamp<int64_t>(sm_count() / a.Z, 1, tiles)), 1, unsigned(a.Z));
   launch_pdl(wgmma_fp8_kernel<SF32>, grid, kWgThreads, sizeof(Fp8WgTile), stream, a);
   wgmma_fp8_launches.fetch_add(1, std::memory_order_relaxed);
   DSV4_LAUNCH_CHECK();
