@@ -366,8 +366,6 @@ struct WgTile {
   static constexpr int kWeightRows = 256;  // weight rows of the block: a warpgroup's two halves x 2
   static constexpr int kStages = 4;      // as many as fit in shared memory
   static constexpr int kAhead = kStages - 2;  // chunks loaded ahead; one more is drained by the MMAs
-  template <bool kSwiglu>
-  static constexpr int kChannels = kSwiglu ? kWeightRows / 2 : kWeightRows;  // output channels
   static_assert(kTokens <= kWgThreads && kWeightRows <= kWgThreads, "one row source per thread");
   struct Stage {
     // Activation rows, BF16, two 64-column tiles of 128-byte rows from a 1,024-aligned base,
@@ -382,6 +380,8 @@ struct WgTile {
   const uint8_t* srow[kWeightRows];  // and its E8M0 scales
 };
 static_assert(sizeof(WgTile) <= 227 * 1024, "the sm_90 shared memory of a block");
+template <bool kSwiglu>
+constexpr int kWgChannels = kSwiglu ? WgTile::kWeightRows / 2 : WgTile::kWeightRows;  // output channels of a block
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Byte offset of 16-byte piece c (0..7) of row `row` in a 128-byte-swizzled operand tile.
@@ -478,7 +478,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tile = WgTile;
   constexpr int kHalves = Tile::kHalves, kTokens = Tile::kTokens, kRows = Tile::kWeightRows, kStages = Tile::kStages, kAhead = Tile::kAhead;
-  constexpr int kChannels = Tile::template kChannels<kSwiglu>;
+  constexpr int kChannels = kWgChannels<kSwiglu>;
   pdl_prologue();
   extern __shared__ __align__(1024) uint8_t wg_smem[];
   Tile& sm = *reinterpret_cast<Tile*>(wg_smem);
@@ -1141,7 +1141,7 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(WgTile))),
                                   true);
   (void)configured;
-  const int64_t channels = WgTile::kChannels<kSwiglu>;
+  const int64_t channels = kWgChannels<kSwiglu>;
   dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + WgTile::kTokens - 1) / WgTile::kTokens),
             unsigned(a.Z));
   launch_pdl(wgmma_fp4_kernel<kSwiglu>, grid, kWgThreads, sizeof(WgTile), stream, a);
