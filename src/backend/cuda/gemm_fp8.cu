@@ -649,7 +649,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
   const int row_tiles = int((p.rows + kWg8Rows - 1) / kWg8Rows), tiles = row_tiles * int((N + kWg8Rows - 1) / kWg8Rows);
   if (int(blockIdx.x) >= tiles) return;
   const int nch = int(K / kWgK), mine = (tiles - 1 - int(blockIdx.x)) / int(gridDim.x) + 1;
-  const int64_t total = int64_t(mine) * nch;  // chunks of this block
   // The first activation row and weight row of this block's i-th tile.
   auto tile_rows = [&](int i, int64_t& r0, int64_t& n0) {
     const int t = int(blockIdx.x) + i * int(gridDim.x);
@@ -661,84 +660,84 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
   // Copies of a chunk: thread tid moves the 16-byte piece tid % 8 of rows tid / 8 + 32 i of both
   // operand tiles, and threads 0-127 the scale of activation row tid. The sources are set at each
   // tile's first chunk (rows past the problem or past N read row 0 and copy 0 bytes: zeros).
+  // Copies walk the block's chunks in order (tile lt, chunk lc, stage ls), kAhead ahead of the MMAs.
   const int piece = tid & 7;
   const uint8_t* xsrc[4];
   const uint8_t* wsrc[4];
   const float* ssrc = a.xs;
   uint32_t valid = 0;  // bit i: activation row i's piece; bit 4 + i: weight row i's; bit 8: the scale
-  auto set_sources = [&](int i) {
-    int64_t r0, n0;
-    tile_rows(i, r0, n0);
-    valid = 0;
+  int lt = 0, lc = 0, ls = 0;
+  auto load_next = [&] {
+    if (lt < mine) {
+      if (lc == 0) {
+        int64_t r0, n0;
+        tile_rows(lt, r0, n0);
+        valid = 0;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = (tid >> 3) + 32 * j;
-      const bool xv = r0 + row < p.rows, wv = n0 + row < N;
-      xsrc[j] = a.xq + (xv ? activation_row(a, p, r0 + row) : 0) * a.ldxq + piece * 16;
-      wsrc[j] = p.w.w + (p.wrow0 + (wv ? n0 + row : 0)) * K + piece * 16;
-      valid |= uint32_t(xv) << j | uint32_t(wv) << (4 + j);
-    }
-    const bool sv = tid < kWg8Rows && r0 + tid < p.rows;
-    ssrc = a.xs + (sv ? activation_row(a, p, r0 + tid) : 0);
-    valid |= uint32_t(sv) << 8;
-  };
-  auto load_chunk = [&](int64_t q) {
-    if (q < total) {
-      const int c = int(q % nch);
-      if (c == 0) set_sources(int(q / nch));
-      auto& st = sm.stage[q % kStages];
+        for (int j = 0; j < 4; ++j) {
+          const int row = (tid >> 3) + 32 * j;
+          const bool xv = r0 + row < p.rows, wv = n0 + row < N;
+          xsrc[j] = a.xq + (xv ? activation_row(a, p, r0 + row) : 0) * a.ldxq + piece * 16;
+          wsrc[j] = p.w.w + (p.wrow0 + (wv ? n0 + row : 0)) * K + piece * 16;
+          valid |= uint32_t(xv) << j | uint32_t(wv) << (4 + j);
+        }
+        const bool sv = tid < kWg8Rows && r0 + tid < p.rows;
+        ssrc = a.xs + (sv ? activation_row(a, p, r0 + tid) : 0);
+        valid |= uint32_t(sv) << 8;
+      }
+      auto& st = sm.stage[ls];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int row = (tid >> 3) + 32 * j;
-        cp_async16(st.x + swizzled(row, piece), xsrc[j] + int64_t(c) * kWgK, (valid >> j) & 1);
-        cp_async16(st.w + swizzled(row, piece), wsrc[j] + int64_t(c) * kWgK, (valid >> (4 + j)) & 1);
+        cp_async16(st.x + swizzled(row, piece), xsrc[j] + int64_t(lc) * kWgK, (valid >> j) & 1);
+        cp_async16(st.w + swizzled(row, piece), wsrc[j] + int64_t(lc) * kWgK, (valid >> (4 + j)) & 1);
       }
-      if (tid < kWg8Rows) cp_async4(&st.xs[tid], ssrc + int64_t(c) * a.xs_ld, (valid >> 8) & 1);
+      if (tid < kWg8Rows) cp_async4(&st.xs[tid], ssrc + int64_t(lc) * a.xs_ld, (valid >> 8) & 1);
+      ls = ls + 1 == kStages ? 0 : ls + 1;
+      if (++lc == nch) lc = 0, ++lt;
     }
     cp_async_commit();
-  };
-  // The weight block's scale of chunk q (the same for a tile's 128 rows).
-  auto weight_scale = [&](int64_t q) {
-    int64_t r0, n0;
-    tile_rows(int(q / nch), r0, n0);
-    return scale_at<SF32>(p.w.s, (p.wrow0 + n0) / kWg8Rows * nch + q % nch);
   };
 
   // Accumulator 4 j + 2 h + e: activation row arow + 8 h, weight row 8 j + 2 t4 + e of the tile.
   const int arow = 64 * wg + ((tid >> 5) & 3) * 16 + g;
   float acc[64], part[64];
+  // At the top of each chunk the groups of the next kAhead chunks are committed; waiting until
+  // kAhead - 1 remain lands this one. The stage loaded then was last read by the previous chunk's
+  // MMAs, which every thread waited for before the barrier.
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  // At the top of chunk q the groups of chunks <= q + kAhead - 1 are committed; waiting until
-  // kAhead - 1 remain lands chunk q. The stage loaded in chunk q, (q + kAhead) % kStages, was last
-  // read in chunk q - 1, by MMAs that every thread waited for before the barrier.
-#pragma unroll
-  for (int q = 0; q < kAhead; ++q) load_chunk(q);
-  float sw = weight_scale(0);
-  for (int64_t q = 0; q < total; ++q) {
-    cp_async_wait<kAhead - 1>();
-    fence_proxy_async();  // this thread's copies, before the MMAs read them
-    __syncthreads();
-    load_chunk(q + kAhead);
-    const auto& st = sm.stage[q % kStages];
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < kWgK / 32; ++k)
-      wgmma_e4m3_ss(part, wgmma_desc(st.x + 64 * kWgK * wg + 32 * k), wgmma_desc(st.w + 32 * k), k > 0);
-    wgmma_commit();
-    const float s0 = st.xs[arow] * sw, s1 = st.xs[arow + 8] * sw;
-    if (q + 1 < total) sw = weight_scale(q + 1);  // in flight during the MMAs
-    // Promotion. (Reading one partial while the next chunk's MMAs write another, after
-    // wgmma.wait_group 1, makes ptxas serialise the MMAs: C7514.)
-    wgmma_wait<0>();
-    fence_registers(part);
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = fmaf(part[i], (i & 2) ? s1 : s0, acc[i]);
-    if ((q + 1) % nch) continue;
-
-    // The tile's last chunk: store it and start the next.
+  for (int q = 0; q < kAhead; ++q) load_next();
+  int cs = 0;  // the stage of the chunk being multiplied
+  for (int i = 0; i < mine; ++i) {
     int64_t r0, n0;
-    tile_rows(int(q / nch), r0, n0);
+    tile_rows(i, r0, n0);
+    const uint8_t* wscale = p.w.s + ((p.wrow0 + n0) / kWg8Rows * nch) * (SF32 ? 4 : 1);  // the block row's scales
+#pragma unroll
+    for (int j = 0; j < 64; ++j) acc[j] = 0.f;
+    for (int c = 0; c < nch; ++c) {
+      cp_async_wait<kAhead - 1>();
+      fence_proxy_async();  // this thread's copies, before the MMAs read them
+      __syncthreads();
+      load_next();
+      const float sw = scale_at<SF32>(wscale, c);  // in flight during the MMAs
+      const auto& st = sm.stage[cs];
+      cs = cs + 1 == kStages ? 0 : cs + 1;
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kWgK / 32; ++k)
+        wgmma_e4m3_ss(part, wgmma_desc(st.x + 64 * kWgK * wg + 32 * k), wgmma_desc(st.w + 32 * k), k > 0);
+      wgmma_commit();
+      const float sx0 = st.xs[arow], sx1 = st.xs[arow + 8];
+      // Promotion. (Reading one partial while the next chunk's MMAs write another, after
+      // wgmma.wait_group 1, makes ptxas serialise the MMAs: C7514.)
+      wgmma_wait<0>();
+      fence_registers(part);
+      const float s0 = sx0 * sw, s1 = sx1 * sw;
+#pragma unroll
+      for (int j = 0; j < 64; ++j) acc[j] = fmaf(part[j], (j & 2) ? s1 : s0, acc[j]);
+    }
+
+    // The tile's stores, while the copies of the next are in flight.
     const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(p.y) & 7) == 0;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -757,8 +756,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
         }
       }
     }
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
   }
 #else
   __trap();  // launched only where wgmma_available()
