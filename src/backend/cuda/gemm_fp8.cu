@@ -623,7 +623,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp4_kernel(GemmArgs a) {
 //  - Tiles run along the activation rows first, so the blocks in flight share a few weight tiles
 //    and a weight is read from memory about once.
 // Needs K % 128 == 0 and problems whose weight rows start on a scale block (w_z_row_off % 128).
-constexpr int kWg8Rows = 128;  // activation rows and weight rows of a tile
+constexpr int kWg8Rows = 128;   // activation rows and weight rows of a tile
+constexpr int kWg8MaxK = 32768;  // a tile's weight scales (one a chunk) are held in shared memory
 
 struct Fp8WgTile {
   static constexpr int kStages = 6;           // as many as fit in shared memory
@@ -634,8 +635,10 @@ struct Fp8WgTile {
     float xs[kWg8Rows];                        // the activation rows' scales
   };
   Stage stage[kStages];
+  float ws[2][kWg8MaxK / kWgK];  // [tile parity]: the weight block row's scales
 };
 static_assert(sizeof(Fp8WgTile) <= 227 * 1024, "the sm_90 shared memory of a block");
+static_assert(kWg8MaxK / kWgK <= kWgThreads, "one weight scale a thread");
 
 template <bool SF32>
 __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
@@ -702,6 +705,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
   // Accumulator 4 j + 2 h + e: activation row arow + 8 h, weight row 8 j + 2 t4 + e of the tile.
   const int arow = 64 * wg + ((tid >> 5) & 3) * 16 + g;
   float acc[64], part[64];
+  // Thread c < nch holds the scale of chunk c of the next tile's weight block row, loaded a tile
+  // ahead and stored at the end of the tile (a global load waited for at a tile's start cost more
+  // than it saved).
+  auto weight_scale = [&](int i) {
+    int64_t r0, n0;
+    tile_rows(i, r0, n0);
+    return scale_at<SF32>(p.w.s, (p.wrow0 + n0) / kWg8Rows * nch + tid);
+  };
+  if (tid < nch) sm.ws[0][tid] = weight_scale(0);
+  float next_ws = tid < nch && mine > 1 ? weight_scale(1) : 0.f;
   // At the top of each chunk the groups of the next kAhead chunks are committed; waiting until
   // kAhead - 1 remain lands this one. The stage loaded then was last read by the previous chunk's
   // MMAs, which every thread waited for before the barrier.
@@ -711,7 +724,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
   for (int i = 0; i < mine; ++i) {
     int64_t r0, n0;
     tile_rows(i, r0, n0);
-    const uint8_t* wscale = p.w.s + ((p.wrow0 + n0) / kWg8Rows * nch) * (SF32 ? 4 : 1);  // the block row's scales
+    const float* ws = sm.ws[i & 1];
 #pragma unroll
     for (int j = 0; j < 64; ++j) acc[j] = 0.f;
     for (int c = 0; c < nch; ++c) {
@@ -719,7 +732,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
       fence_proxy_async();  // this thread's copies, before the MMAs read them
       __syncthreads();
       load_next();
-      const float sw = scale_at<SF32>(wscale, c);  // in flight during the MMAs
       const auto& st = sm.stage[cs];
       cs = cs + 1 == kStages ? 0 : cs + 1;
       wgmma_fence();
@@ -727,7 +739,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
       for (int k = 0; k < kWgK / 32; ++k)
         wgmma_e4m3_ss(part, wgmma_desc(st.x + 64 * kWgK * wg + 32 * k), wgmma_desc(st.w + 32 * k), k > 0);
       wgmma_commit();
-      const float sx0 = st.xs[arow], sx1 = st.xs[arow + 8];
+      const float sx0 = st.xs[arow], sx1 = st.xs[arow + 8], sw = ws[c];
       // Promotion. (Reading one partial while the next chunk's MMAs write another, after
       // wgmma.wait_group 1, makes ptxas serialise the MMAs: C7514.)
       wgmma_wait<0>();
@@ -737,7 +749,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
       for (int j = 0; j < 64; ++j) acc[j] = fmaf(part[j], (j & 2) ? s1 : s0, acc[j]);
     }
 
-    // The tile's stores, while the copies of the next are in flight.
+    // The next tile's weight scales (read after the next barrier; this buffer was last read in
+    // tile i - 1), and this tile's stores, while the copies of the next are in flight.
+    if (tid < nch && i + 1 < mine) {
+      sm.ws[(i + 1) & 1][tid] = next_ws;
+      if (i + 2 < mine) next_ws = weight_scale(i + 2);
+    }
     const bool pairs = a.ldy % 2 == 0 && (reinterpret_cast<uintptr_t>(p.y) & 7) == 0;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -1146,10 +1163,12 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
   DSV4_LAUNCH_CHECK();
 }
 
-// The FP8 warpgroup kernel's conditions: FP8 weights over whole 128-column chunks, problems
+// The FP8 warpgroup kernel's conditions: FP8 weights over whole 128-column chunks (K up to
+// kWg8MaxK), problems
 // starting on a scale block, activation rows in 16-byte pieces.
 bool wgmma_fp8_fits(const GemmArgs& a) {
-  return a.wd.fmt == kFP8 && a.K > 0 && a.K % kWgK == 0 && a.w_z_row_off % kWg8Rows == 0 && a.ldxq % 16 == 0 &&
+  return a.wd.fmt == kFP8 && a.K > 0 && a.K % kWgK == 0 && a.K <= kWg8MaxK && a.w_z_row_off % kWg8Rows == 0 &&
+         a.ldxq % 16 == 0 &&
          (reinterpret_cast<uintptr_t>(a.xq) & 15) == 0;
 }
 
