@@ -78,6 +78,17 @@ int device_attribute() {
   }
   return v;
 }
+// Raises a kernel's dynamic shared memory limit to `bytes` on the current device. The limit is an
+// attribute per device and rank threads drive one device each, so the caller keeps one bit per
+// device in `raised` (a static of its own) rather than raising the limit once per process.
+template <class... P>
+void allow_dynamic_smem(std::atomic<uint64_t>& raised, void (*kernel)(P...), size_t bytes) {
+  int dev = 0;
+  const uint64_t bit = cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < 64 ? uint64_t(1) << dev : 0;
+  if (bit && (raised.load(std::memory_order_relaxed) & bit)) return;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  raised.fetch_or(bit, std::memory_order_relaxed);
+}
 // Streaming multiprocessors of the current device: launch shapes aim at whole waves of them.
 inline int sm_count() { return std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>()); }
 // Whether the current device runs the BF16/E4M3 mma.sync kernels (sm_80 and newer).

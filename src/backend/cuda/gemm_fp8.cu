@@ -711,7 +711,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_fp8_kernel(GemmArgs a) {
   auto weight_scale = [&](int i) {
     int64_t r0, n0;
     tile_rows(i, r0, n0);
-    return scale_at<SF32>(p.w.s, (p.wrow0 + n0) / kWg8Rows * nch + tid);
+    return scale_at<SF32>(p.w.s, (p.wrow0 + n0) / kWg8Rows * ((p.w.in + 127) / 128) + tid);
   };
   if (tid < nch) sm.ws[0][tid] = weight_scale(0);
   float next_ws = tid < nch && mine > 1 ? weight_scale(1) : 0.f;
@@ -1099,11 +1099,8 @@ __global__ void __launch_bounds__(kSkWarps * 32, 2) skinny_kernel(GemmArgs a, in
 template <int FMT, bool SF32, int NT, bool kSwiglu>
 void launch_skinny_nt(const GemmArgs& a, int ks, dim3 grid, cudaStream_t stream) {
   constexpr size_t smem = skinny_smem<FMT, SF32, NT, kSwiglu>();
-  static const bool configured =
-      (cudaFuncSetAttribute(skinny_kernel<FMT, SF32, NT, kSwiglu>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                            int(smem)),
-       true);
-  (void)configured;
+  static std::atomic<uint64_t> raised{0};
+  allow_dynamic_smem(raised, skinny_kernel<FMT, SF32, NT, kSwiglu>, smem);
   launch_pdl(skinny_kernel<FMT, SF32, NT, kSwiglu>, grid, kSkWarps * 32, smem, stream, a, ks);
 }
 
@@ -1132,11 +1129,8 @@ __global__ void padded_scales_kernel(const uint8_t* s, bool f32, int64_t rows, i
 
 template <int FMT, bool SF32>
 void launch_mma(const GemmArgs& a, cudaStream_t stream) {
-  static bool configured = false;  // per instantiation: raise the dynamic shared memory limit once
-  if (!configured) {
-    cudaFuncSetAttribute(mma_kernel<FMT, SF32>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(Smem)));
-    configured = true;
-  }
+  static std::atomic<uint64_t> raised{0};
+  allow_dynamic_smem(raised, mma_kernel<FMT, SF32>, sizeof(Smem));
   dim3 grid(unsigned((a.N + kTN - 1) / kTN), unsigned((a.max_rows + kTM - 1) / kTM), unsigned(a.Z));
   launch_pdl(mma_kernel<FMT, SF32>, grid, 256, sizeof(Smem), stream, a);
 }
@@ -1151,10 +1145,8 @@ std::atomic<uint64_t> wgmma_launches{0}, wgmma_swiglu_launches{0};
 
 template <bool kSwiglu>
 void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
-  static const bool configured = (cudaFuncSetAttribute(wgmma_fp4_kernel<kSwiglu>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(sizeof(WgTile))),
-                                  true);
-  (void)configured;
+  static std::atomic<uint64_t> raised{0};
+  allow_dynamic_smem(raised, wgmma_fp4_kernel<kSwiglu>, sizeof(WgTile));
   const int64_t channels = kWgChannels<kSwiglu>;
   dim3 grid(unsigned((a.N + channels - 1) / channels), unsigned((a.max_rows + WgTile::kTokens - 1) / WgTile::kTokens),
             unsigned(a.Z));
@@ -1164,11 +1156,12 @@ void launch_wgmma(const GemmArgs& a, cudaStream_t stream) {
 }
 
 // The FP8 warpgroup kernel's conditions: FP8 weights over whole 128-column chunks (K up to
-// kWg8MaxK), problems
-// starting on a scale block, activation rows in 16-byte pieces.
+// kWg8MaxK), problems starting on a scale block, weight and activation rows in 16-byte pieces
+// (the weight arena aligns every weight; expert descriptors stay on the device, so only a.wd is
+// checked here).
 bool wgmma_fp8_fits(const GemmArgs& a) {
   return a.wd.fmt == kFP8 && a.K > 0 && a.K % kWgK == 0 && a.K <= kWg8MaxK && a.w_z_row_off % kWg8Rows == 0 &&
-         a.ldxq % 16 == 0 &&
+         (reinterpret_cast<uintptr_t>(a.wd.w) & 15) == 0 && a.ldxq % 16 == 0 &&
          (reinterpret_cast<uintptr_t>(a.xq) & 15) == 0;
 }
 
@@ -1176,10 +1169,8 @@ std::atomic<uint64_t> wgmma_fp8_launches{0};
 
 template <bool SF32>
 void launch_wgmma_fp8(const GemmArgs& a, cudaStream_t stream) {
-  static const bool configured = (cudaFuncSetAttribute(wgmma_fp8_kernel<SF32>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       int(sizeof(Fp8WgTile))),
-                                  true);
-  (void)configured;
+  static std::atomic<uint64_t> raised{0};
+  allow_dynamic_smem(raised, wgmma_fp8_kernel<SF32>, sizeof(Fp8WgTile));
   // Persistent blocks (one an SM, shared memory): about one wave over all problems.
   const int64_t tiles = (a.max_rows + kWg8Rows - 1) / kWg8Rows * ((a.N + kWg8Rows - 1) / kWg8Rows);
   const dim3 grid(unsigned(std::clamp<int64_t>(sm_count() / a.Z, 1, tiles)), 1, unsigned(a.Z));

@@ -385,10 +385,8 @@ void launch_stream_gemv(const GemmArgs& a, cudaStream_t stream) {
   // Persistent: about two blocks per SM in all, shared among the problems.
   constexpr int64_t warps = kGemvThreads / 32;
   const int64_t want = std::max<int64_t>(1, 2 * sm_count() / a.Z), need = (a.N + warps - 1) / warps;
-  static const bool allowed = (cudaFuncSetAttribute(stream_gemv_kernel<F, S, kSwiglu>,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                    int(stream_gemv_smem(kGemvTileK<1>))), true);
-  (void)allowed;
+  static std::atomic<uint64_t> raised{0};
+  allow_dynamic_smem(raised, stream_gemv_kernel<F, S, kSwiglu>, stream_gemv_smem(kGemvTileK<1>));
   launch_pdl(stream_gemv_kernel<F, S, kSwiglu>, dim3(unsigned(std::min(want, need)), 1, unsigned(a.Z)), kGemvThreads,
              stream_gemv_smem(a.K), stream, a);
 }
