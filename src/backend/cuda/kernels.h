@@ -68,9 +68,10 @@ struct GemmArgs {
   // two) the kernel computes itself while staging x: one launch fewer per FP8 linear of one row.
   // Only where gemm_rounds_x() says so.
   enum class XRoundTrip : int8_t { None, Amax, Pow2 } x_roundtrip = XRoundTrip::None;
-  // With xq and power-of-two activation scales: the sm_90a warpgroup-MMA kernel for FP4 weights
-  // with E8M0 scales where wgmma_available() and xb is given (BF16 operands with the scales
-  // folded in, exact products, FP32 accumulation); else the mma.sync kernel.
+  // With xq and power-of-two activation scales: the sm_90a warpgroup-MMA kernels where
+  // wgmma_available(): for FP4 weights with E8M0 scales where xb is given (BF16 operands with the
+  // scales folded in, exact products, FP32 accumulation), for FP8 weights where K % 128 == 0 (E4M3
+  // operands, partials promoted every 128 columns); else the mma.sync kernel.
   bool warpgroup_mma = false;
   // The rows of xq as BF16 values (E4M3 times the power-of-two scale, exact; act_quant's bf16
   // output, columns in wgmma_bf16_column order), row i at xb + i * ldxb: the warpgroup kernel's
