@@ -1,11 +1,13 @@
 // The NCCL communicator and the sharded forward pass on GPUs: one rank per device, one thread per
 // rank (docs/ENGINE.md, "Several GPUs"). A single GPU runs the group of one; the sharded forward
-// needs two devices or more (skipped otherwise).
+// needs two devices or more (skipped otherwise). The one-shot all-reduce over peer memory runs its
+// protocol on a group emulated on one device.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
 
 #include "backend/cuda/nccl_communicator.h"
+#include "backend/cuda/peer_allreduce.h"
 #include "../model/collectives_check.h"
 #include "cuda_test_util.h"
 #include "model/forward.h"
@@ -78,5 +80,69 @@ TEST(Nccl, ShardedForwardMatchesUnsharded) {
         EXPECT_LE(a.worst_rel, 1e-4f) << "tp " << par.tp << " ep " << par.ep << " rank " << r;
       }
     }
+  }
+}
+
+// The one-shot all-reduce's protocol (flags, alternating buffers, slices per block, rank-order
+// sums) for groups of 2..4 ranks emulated on one device, one stream a rank: every rank's result
+// must equal the rank-order float sum bit for bit, over calls whose sizes, and so whose slicing,
+// change from call to call (a buffer reused before every peer has read it shows as a wrong sum).
+TEST(PeerAllReduce, EmulatedGroupSumsInRankOrder) {
+  DSV4_REQUIRE_GPU();
+  const std::vector<int64_t> sizes{1, 4096, 4097, 131072, 3, 20000, 131072, 777, 65536, 5000, 1, 131071};
+  for (int n = 2; n <= 4; ++n) {
+    auto group = PeerAllReduce::make_group(std::vector<int>(size_t(n), 0));
+    if (group.empty()) GTEST_SKIP() << "DSV4_CUDA_PEER_ALLREDUCE=0";
+    ASSERT_EQ(group.size(), size_t(n));
+    std::vector<cudaStream_t> streams(static_cast<size_t>(n));
+    std::vector<float*> data(static_cast<size_t>(n));
+    for (int r = 0; r < n; ++r) {
+      ASSERT_EQ(cudaStreamCreateWithFlags(&streams[size_t(r)], cudaStreamNonBlocking), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&data[size_t(r)], PeerAllReduce::kMaxBytes), cudaSuccess);
+    }
+    uint64_t seed = 700 + uint64_t(n);
+    for (int round = 0; round < 2; ++round)
+      for (int64_t len : sizes) {
+        std::vector<std::vector<float>> in(static_cast<size_t>(n));
+        for (int r = 0; r < n; ++r) {
+          in[size_t(r)] = normal(len, ++seed);
+          ASSERT_EQ(cudaMemcpy(data[size_t(r)], in[size_t(r)].data(), size_t(len) * 4, cudaMemcpyHostToDevice), cudaSuccess);
+        }
+        // Every rank's kernel in flight at once: each waits on the device for the others.
+        for (int r = 0; r < n; ++r) group[size_t(r)]->all_reduce_sum(data[size_t(r)], len, streams[size_t(r)]);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        std::vector<float> want(static_cast<size_t>(len));
+        for (int64_t i = 0; i < len; ++i) {
+          float s = in[0][size_t(i)];
+          for (int r = 1; r < n; ++r) s += in[size_t(r)][size_t(i)];
+          want[size_t(i)] = s;
+        }
+        for (int r = 0; r < n; ++r) {
+          std::vector<float> got(static_cast<size_t>(len));
+          ASSERT_EQ(cudaMemcpy(got.data(), data[size_t(r)], size_t(len) * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+          int64_t wrong = 0;
+          for (int64_t i = 0; i < len; ++i) wrong += got[size_t(i)] != want[size_t(i)];
+          EXPECT_EQ(wrong, 0) << "ranks " << n << " rank " << r << " round " << round << " len " << len;
+        }
+      }
+    for (int r = 0; r < n; ++r) {
+      cudaFree(data[size_t(r)]);
+      cudaStreamDestroy(streams[size_t(r)]);
+    }
+  }
+}
+
+// Calls beyond the one-shot buffers are refused with the sizes named (the communicator sends
+// them to NCCL instead).
+TEST(PeerAllReduce, OversizedCallIsRefused) {
+  DSV4_REQUIRE_GPU();
+  auto group = PeerAllReduce::make_group({0, 0});
+  if (group.empty()) GTEST_SKIP() << "DSV4_CUDA_PEER_ALLREDUCE=0";
+  const int64_t n = int64_t(PeerAllReduce::kMaxBytes / 4) + 1;
+  try {
+    group[0]->all_reduce_sum(nullptr, n, nullptr);
+    FAIL() << "an oversized call ran";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(std::to_string(n)), std::string::npos) << e.what();
   }
 }

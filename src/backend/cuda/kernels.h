@@ -331,4 +331,16 @@ void random_ids(void* x, int64_t n, bool i64, int64_t below, uint64_t seed, cuda
 // Holds the stream for `cycles` SM clocks (benchmarks queue timed work behind it).
 void spin(int64_t cycles, cudaStream_t s);
 
+// One call of the one-shot all-reduce (PeerAllReduce, peer_allreduce.h) on one rank: data[0, n)
+// = the sum over ranks of their data, in rank order, through the ranks' buffers.
+constexpr int kPeerMaxRanks = 8;
+constexpr int kPeerMaxBlocks = 32;  // blocks of a call: each copies, flags and sums its own slice
+struct PeerAllReduceArgs {
+  float* buf[kPeerMaxRanks][2];   // rank q's buffers (two: calls alternate between them)
+  uint64_t* flag[kPeerMaxRanks];  // rank q's flags, one a block: the last epoch its slice was copied
+  int rank = 0, size = 0;
+  uint64_t epoch = 0;  // this call's number (from 1), the same on every rank
+};
+void peer_all_reduce(const PeerAllReduceArgs& a, float* data, int64_t n, cudaStream_t s);
+
 }  // namespace dsv4::cuda

@@ -7,6 +7,7 @@
 #include <nccl.h>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/peer_allreduce.h"
 #include "util/error.h"
 
 namespace dsv4 {
@@ -19,13 +20,20 @@ void check_nccl(ncclResult_t r, const char* what) {
 
 class NcclCommunicator final : public Communicator {
  public:
-  NcclCommunicator(ncclComm_t comm, int rank, int size) : comm_(comm), rank_(rank), size_(size) {}
+  NcclCommunicator(ncclComm_t comm, int rank, int size, std::unique_ptr<PeerAllReduce> peer)
+      : comm_(comm), rank_(rank), size_(size), peer_(std::move(peer)) {}
   ~NcclCommunicator() override { ncclCommDestroy(comm_); }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
   void bind(cudaStream_t s) { stream_ = s; }
 
+  // Small messages (decode) take the one-shot kernel over peer memory where the group has one;
+  // every rank decides from the same size, so all take the same path.
   void all_reduce_sum(const Tensor& t) override {
+    if (peer_ && size_t(t.numel()) * sizeof(float) <= PeerAllReduce::kMaxBytes) {
+      peer_->all_reduce_sum(t.f32(), t.numel(), stream());
+      return;
+    }
     check_nccl(ncclAllReduce(t.f32(), t.f32(), size_t(t.numel()), ncclFloat, ncclSum, comm_, stream()), "all-reduce");
   }
   void all_gather(const Tensor& in, const Tensor& out) override {
@@ -45,6 +53,7 @@ class NcclCommunicator final : public Communicator {
   }
   ncclComm_t comm_;
   int rank_, size_;
+  std::unique_ptr<PeerAllReduce> peer_;  // null: NCCL for every size
   cudaStream_t stream_ = nullptr;
 };
 
@@ -60,8 +69,11 @@ std::vector<std::unique_ptr<Communicator>> make_nccl_group(int n) {
   std::vector<int> devs(static_cast<size_t>(n));
   std::iota(devs.begin(), devs.end(), 0);
   check_nccl(ncclCommInitAll(comms.data(), n, devs.data()), "init");
+  auto peers = PeerAllReduce::make_group(devs);  // empty without peer access between every pair
   std::vector<std::unique_ptr<Communicator>> v;
-  for (int r = 0; r < n; ++r) v.push_back(std::make_unique<NcclCommunicator>(comms[size_t(r)], r, n));
+  for (int r = 0; r < n; ++r)
+    v.push_back(std::make_unique<NcclCommunicator>(comms[size_t(r)], r, n,
+                                                   peers.empty() ? nullptr : std::move(peers[size_t(r)])));
   return v;
 }
 

@@ -1,7 +1,9 @@
 #pragma once
 // NCCL collectives for an in-process tensor/expert-parallel group: one GPU and one thread per
 // rank (docs/ENGINE.md, "Several GPUs"). NCCL's own environment variables apply; NVLink
-// multicast (NVLS) is off unless NCCL_NVLS_ENABLE is set.
+// multicast (NVLS) is off unless NCCL_NVLS_ENABLE is set. All-reduces up to
+// PeerAllReduce::kMaxBytes take the one-shot kernel over peer memory where every pair of the
+// group's GPUs has peer access (DSV4_CUDA_PEER_ALLREDUCE=0: NCCL always).
 #include <memory>
 #include <vector>
 
