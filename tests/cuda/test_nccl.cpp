@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "backend/cuda/nccl_communicator.h"
+#include "backend/cuda/kernels.h"
 #include "backend/cuda/peer_allreduce.h"
 #include "../model/collectives_check.h"
 #include "cuda_test_util.h"
@@ -84,51 +85,62 @@ TEST(Nccl, ShardedForwardMatchesUnsharded) {
 }
 
 // The one-shot all-reduce's protocol (flags, alternating buffers, slices per block, rank-order
-// sums) for groups of 2..4 ranks emulated on one device, one stream a rank: every rank's result
-// must equal the rank-order float sum bit for bit, over calls whose sizes, and so whose slicing,
-// change from call to call (a buffer reused before every peer has read it shows as a wrong sum).
+// sums) for groups of 2..4 ranks emulated on one device, one stream a rank. All calls are queued
+// back to back (one input buffer a call), so ranks run up to a call apart and a buffer reused
+// before every peer has read it, a wrong parity or a missing wait shows as a wrong sum: every
+// rank's result must equal the rank-order float sum bit for bit, over sizes that change the
+// slicing from call to call.
 TEST(PeerAllReduce, EmulatedGroupSumsInRankOrder) {
   DSV4_REQUIRE_GPU();
   const std::vector<int64_t> sizes{1, 4096, 4097, 131072, 3, 20000, 131072, 777, 65536, 5000, 1, 131071};
+  int sms = 0, threads_per_sm = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, 0);
   for (int n = 2; n <= 4; ++n) {
-    auto group = PeerAllReduce::make_group(std::vector<int>(size_t(n), 0));
+    // Every rank's kernel of a call must be resident at once (32 blocks of 512 threads each).
+    if (int64_t(sms) * (threads_per_sm / 512) < int64_t(n) * cuda::kPeerMaxBlocks)
+      GTEST_SKIP() << "too few SMs to hold " << n << " emulated ranks' kernels at once";
+    auto group = PeerAllReduce::make_group(std::vector<int>(static_cast<size_t>(n), 0));
     if (group.empty()) GTEST_SKIP() << "DSV4_CUDA_PEER_ALLREDUCE=0";
     ASSERT_EQ(group.size(), size_t(n));
     std::vector<cudaStream_t> streams(static_cast<size_t>(n));
-    std::vector<float*> data(static_cast<size_t>(n));
-    for (int r = 0; r < n; ++r) {
-      ASSERT_EQ(cudaStreamCreateWithFlags(&streams[size_t(r)], cudaStreamNonBlocking), cudaSuccess);
-      ASSERT_EQ(cudaMalloc(&data[size_t(r)], PeerAllReduce::kMaxBytes), cudaSuccess);
-    }
+    for (auto& st : streams) ASSERT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+    const size_t calls = 2 * sizes.size();
+    std::vector<std::vector<std::vector<float>>> in(calls);  // [call][rank]
+    std::vector<std::vector<float*>> data(calls, std::vector<float*>(static_cast<size_t>(n)));
     uint64_t seed = 700 + uint64_t(n);
-    for (int round = 0; round < 2; ++round)
-      for (int64_t len : sizes) {
-        std::vector<std::vector<float>> in(static_cast<size_t>(n));
-        for (int r = 0; r < n; ++r) {
-          in[size_t(r)] = normal(len, ++seed);
-          ASSERT_EQ(cudaMemcpy(data[size_t(r)], in[size_t(r)].data(), size_t(len) * 4, cudaMemcpyHostToDevice), cudaSuccess);
-        }
-        // Every rank's kernel in flight at once: each waits on the device for the others.
-        for (int r = 0; r < n; ++r) group[size_t(r)]->all_reduce_sum(data[size_t(r)], len, streams[size_t(r)]);
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        std::vector<float> want(static_cast<size_t>(len));
-        for (int64_t i = 0; i < len; ++i) {
-          float s = in[0][size_t(i)];
-          for (int r = 1; r < n; ++r) s += in[size_t(r)][size_t(i)];
-          want[size_t(i)] = s;
-        }
-        for (int r = 0; r < n; ++r) {
-          std::vector<float> got(static_cast<size_t>(len));
-          ASSERT_EQ(cudaMemcpy(got.data(), data[size_t(r)], size_t(len) * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-          int64_t wrong = 0;
-          for (int64_t i = 0; i < len; ++i) wrong += got[size_t(i)] != want[size_t(i)];
-          EXPECT_EQ(wrong, 0) << "ranks " << n << " rank " << r << " round " << round << " len " << len;
-        }
+    for (size_t c = 0; c < calls; ++c) {
+      const int64_t len = sizes[c % sizes.size()];
+      for (int r = 0; r < n; ++r) {
+        in[c].push_back(normal(len, ++seed));
+        ASSERT_EQ(cudaMalloc(&data[c][size_t(r)], size_t(len) * 4), cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(data[c][size_t(r)], in[c][size_t(r)].data(), size_t(len) * 4, cudaMemcpyHostToDevice),
+                  cudaSuccess);
       }
-    for (int r = 0; r < n; ++r) {
-      cudaFree(data[size_t(r)]);
-      cudaStreamDestroy(streams[size_t(r)]);
     }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // inputs landed before any rank's stream starts
+    for (size_t c = 0; c < calls; ++c)
+      for (int r = 0; r < n; ++r)
+        group[size_t(r)]->all_reduce_sum(data[c][size_t(r)], sizes[c % sizes.size()], streams[size_t(r)]);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    for (size_t c = 0; c < calls; ++c) {
+      const int64_t len = sizes[c % sizes.size()];
+      std::vector<float> want(static_cast<size_t>(len));
+      for (int64_t i = 0; i < len; ++i) {
+        float s = in[c][0][size_t(i)];
+        for (int r = 1; r < n; ++r) s += in[c][size_t(r)][size_t(i)];
+        want[size_t(i)] = s;
+      }
+      for (int r = 0; r < n; ++r) {
+        std::vector<float> got(static_cast<size_t>(len));
+        ASSERT_EQ(cudaMemcpy(got.data(), data[c][size_t(r)], size_t(len) * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+        int64_t wrong = 0;
+        for (int64_t i = 0; i < len; ++i) wrong += got[size_t(i)] != want[size_t(i)];
+        EXPECT_EQ(wrong, 0) << "ranks " << n << " rank " << r << " call " << c << " len " << len;
+        cudaFree(data[c][size_t(r)]);
+      }
+    }
+    for (auto st : streams) cudaStreamDestroy(st);
   }
 }
 

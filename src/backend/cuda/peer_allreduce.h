@@ -21,15 +21,16 @@ class PeerAllReduce {
 
   // A group of ranks on devices devs[r] (rank r is element r). Ranks may share a device: the tests
   // emulate a group on one GPU with one stream a rank. Empty when some pair of distinct devices has
-  // no peer access, or DSV4_CUDA_PEER_ALLREDUCE=0.
+  // no peer access, a setup step fails (logged), or DSV4_CUDA_PEER_ALLREDUCE=0.
   static std::vector<std::unique_ptr<PeerAllReduce>> make_group(const std::vector<int>& devs);
   ~PeerAllReduce();
   PeerAllReduce(const PeerAllReduce&) = delete;
   PeerAllReduce& operator=(const PeerAllReduce&) = delete;
 
   // data[0, n) = the sum over ranks of their data[0, n), in rank order, on `stream` of this rank's
-  // device. Every rank makes the same calls in the same order (n * 4 <= kMaxBytes); a call's
-  // kernel waits on the device until every rank's kernel of that call has copied its rows.
+  // device. Every rank makes the same calls in the same order (n * 4 <= kMaxBytes; not inside
+  // graph capture); a call's kernel waits on the device until every rank's kernel of that call
+  // has copied its rows (a rank missing for 20 s traps the kernel rather than hang).
   void all_reduce_sum(float* data, int64_t n, cudaStream_t stream);
 
  private:
