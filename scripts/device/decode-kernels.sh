@@ -3,7 +3,8 @@
 # touches (against the CPU twins), the full-width benchmark with its per-op table (our kernels
 # next to cuBLASLt, same run), and an Nsight Compute per-kernel profile of one decode step of 4
 # layers (the command of /work/shared/measurements/2026-12-01-decode-profile.md).
-#   run: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/device/decode-kernels.sh  (carry [".deps"])
+#   run: GIT_COMMIT=<sha> bash scripts/device/decode-kernels.sh  (carry [".deps"]; the sha written out here:
+#   git rev-parse on the device machine can name an older commit than the tree it was sent)
 # Env: SKIP_TESTS=1, SKIP_BENCH=1, SKIP_NCU=1, PDL_AB=1 (the bench again with DSV4_CUDA_PDL=0: without programmatic dependent launch), NCU_BATCHES ("1"; e.g. "1 8"), NCU_ARGS (extra bench
 # arguments of the profiled run; e.g. "--seqs 64": the last step profiled is then 64 sequences), BENCH_LAYERS (30), BENCH_ARGS
 # (extra), GTEST_FILTER, NCU_CTX (1024: the profiled run's --ctx) and NCU_PASS (-1: the forward pass

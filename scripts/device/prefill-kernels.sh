@@ -3,7 +3,8 @@
 # against their CPU twins (GTEST_FILTER), the per-op table of a 4-layer 8K prefill (our GEMMs next
 # to cuBLASLt, same run), the 30-layer prefill, and Nsight Compute stall sections of one kernel
 # launched by an op-test binary (ncu fails with rc 9 on the bench process, but works there).
-#   run: GIT_COMMIT=$(git rev-parse --short HEAD) bash scripts/device/prefill-kernels.sh  (carry [".deps"])
+#   run: GIT_COMMIT=<sha> bash scripts/device/prefill-kernels.sh  (carry [".deps"]; the sha written out here:
+#   git rev-parse on the device machine can name an older commit than the tree it was sent)
 # Env: GTEST_FILTER ('*LinearAllPaths*:*MoE*:*ActQuant*:*IndexTopk*:*Attend*'), SKIP_TESTS=1,
 #      SKIP_OPS=1, SKIP_BENCH=1, BENCH_CTX (8192; e.g. 8192,131072), BENCH_LAYERS (30),
 #      NCU_KERNEL (a kernel name regex, e.g. wgmma_fp4; unset: no ncu), NCU_TEST (test_cuda_fp8),
