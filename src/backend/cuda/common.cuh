@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <initializer_list>
-#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -17,6 +16,7 @@
 #include "backend/cuda/dequant.cuh"
 #include "tensor/quant.h"
 #include "backend/cuda/kernels.h"
+#include "util/env.h"
 
 namespace dsv4::cuda {
 
@@ -56,12 +56,6 @@ __device__ __forceinline__ void pdl_trigger() {
 __device__ __forceinline__ void pdl_prologue() {
   pdl_wait();
   pdl_trigger();
-}
-// A switch of a fast path that is on by default: environment variable `name` set to "0" turns it
-// off (for A/B measurements and bisecting).
-inline bool env_flag_default_on(const char* name) {
-  const char* v = std::getenv(name);
-  return !(v && std::string_view(v) == "0");
 }
 // Attribute A of the current device, read once per device (GPUs may differ, and rank threads
 // ask concurrently); 0 when there is no current device.

@@ -1249,11 +1249,14 @@ bool gemm_skinny(const GemmArgs& a, bool swiglu, cudaStream_t stream) {
   return launched;
 }
 
-// Whether gemm() and gemm_swiglu_warpgroup() give these FP8-activation arguments to the warpgroup
-// kernel (its BF16 rows never take x_z_off).
-static bool takes_wgmma(const GemmArgs& a) {
-  return a.xq && a.xs && !a.x_z_off && a.warpgroup_mma && wgmma_fits(a) && wgmma_available();
+// Whether FP8-activation arguments may go to a warpgroup kernel at all (their operand rows never
+// take x_z_off), then whether gemm() and gemm_swiglu_warpgroup() give them to the FP4 one and
+// gemm() to the FP8 one.
+static bool warpgroup_allowed(const GemmArgs& a) {
+  return a.xq && a.xs && !a.x_z_off && a.warpgroup_mma && wgmma_available();
 }
+static bool takes_wgmma(const GemmArgs& a) { return warpgroup_allowed(a) && wgmma_fits(a); }
+static bool takes_wgmma_fp8(const GemmArgs& a) { return warpgroup_allowed(a) && wgmma_fp8_fits(a); }
 
 bool gemm_swiglu_warpgroup(const GemmArgs& a, cudaStream_t stream) {
   const bool fits = takes_wgmma(a) && a.wd3.fmt == a.wd.fmt && a.wd3.scale_f32 == a.wd.scale_f32;
@@ -1266,8 +1269,7 @@ void gemm_fp8_tensor_core(const GemmArgs& a, cudaStream_t stream) {
     std::fprintf(stderr, "gemm_fp8_tensor_core: unsupported arguments (K %% 32, x_z_off, scales)\n"), std::abort();
   if (gemm_skinny(a, false, stream)) return;
   if (takes_wgmma(a)) return launch_wgmma<false>(a, stream);
-  if (a.xq && a.xs && !a.x_z_off && a.warpgroup_mma && wgmma_fp8_fits(a) && wgmma_available())
-    return a.wd.scale_f32 ? launch_wgmma_fp8<true>(a, stream) : launch_wgmma_fp8<false>(a, stream);
+  if (takes_wgmma_fp8(a)) return a.wd.scale_f32 ? launch_wgmma_fp8<true>(a, stream) : launch_wgmma_fp8<false>(a, stream);
   switch (a.wd.fmt) {
     case kFP8: a.wd.scale_f32 ? launch_mma<kFP8, true>(a, stream) : launch_mma<kFP8, false>(a, stream); break;
     case kFP4: a.wd.scale_f32 ? launch_mma<kFP4, true>(a, stream) : launch_mma<kFP4, false>(a, stream); break;

@@ -1,10 +1,9 @@
 #include "backend/cuda/peer_allreduce.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <string_view>
 
 #include "backend/cuda/kernels.h"
+#include "util/env.h"
 #include "util/error.h"
 #include "util/log.h"
 
@@ -43,8 +42,7 @@ struct PeerAllReduce::Shared {
 
 std::vector<std::unique_ptr<PeerAllReduce>> PeerAllReduce::make_group(const std::vector<int>& devs) {
   const int n = int(devs.size());
-  const char* env = std::getenv("DSV4_CUDA_PEER_ALLREDUCE");
-  if (n < 2 || n > kMaxRanks || (env && std::string_view(env) == "0")) return {};
+  if (n < 2 || n > kMaxRanks || !env_flag_default_on("DSV4_CUDA_PEER_ALLREDUCE")) return {};
   DeviceGuard guard;
   // Any failure leaves NCCL for every size: the group is an optimisation, never a requirement.
   auto fallback = [](const char* what, cudaError_t e) {
